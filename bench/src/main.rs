@@ -1,0 +1,257 @@
+//! `berth-bench engine`: the block store alone (no network), 4 KiB random read and
+//! write at a fixed queue depth on a pool file, beside fio's io_uring engine with
+//! O_DIRECT on a plain file on the same disk, in the same run.
+//!
+//! The Berth volume is filled first (reads of thin, unwritten space would never
+//! touch the disk), a snapshot is taken, and checksums are on, so the write run
+//! pays for copy-on-write of shared blocks and every read verifies its CRC.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_store::{Op, Outcome, Reply, Store, StoreConfig, Submitter, Target, BLOCK_SIZE};
+use clap::{Parser, Subcommand};
+use parking_lot::Mutex;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+#[derive(Parser, Debug)]
+#[command(name = "berth-bench", about = "Berth's benchmark harness")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The engine alone beside fio on the same disk.
+    Engine(EngineArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct EngineArgs {
+    /// Scratch directory on the disk to measure (removed afterwards).
+    #[arg(long, default_value = "/var/tmp/berth-bench")]
+    dir: PathBuf,
+    /// Volume and fio file size.
+    #[arg(long, default_value_t = 1 << 30)]
+    size_bytes: u64,
+    #[arg(long, default_value_t = 32)]
+    queue_depth: u32,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Where to write the JSON result.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Serialize, Clone)]
+struct Measure {
+    target: String,
+    workload: String,
+    iops: f64,
+    mb_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Keeps `depth` requests in flight: each completion, on the store's I/O
+/// thread, submits the next one (no extra thread, no polling).
+struct Driver {
+    sub: Submitter,
+    target: Target,
+    blocks: u64,
+    write: bool,
+    stop: AtomicBool,
+    done: AtomicU64,
+    errors: AtomicU64,
+    inflight: AtomicU64,
+    rng: Mutex<rand::rngs::SmallRng>,
+    started: Mutex<Vec<Instant>>,
+    lat_ns: Mutex<Vec<u64>>,
+    payload: Vec<u8>,
+    /// The reply handed with every request: a `Pump` pointing back here (the
+    /// cycle is broken when the run ends).
+    pump: Mutex<Option<Arc<dyn Reply>>>,
+}
+
+impl Driver {
+    fn issue(&self, slot: u64) {
+        let offset = self.rng.lock().random_range(0..self.blocks) * BLOCK_SIZE;
+        self.started.lock()[slot as usize] = Instant::now();
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        let op = if self.write {
+            let (mut buf, at) = self.sub.write_buffer(offset, BLOCK_SIZE as usize);
+            buf.as_mut_slice()[at..at + BLOCK_SIZE as usize].copy_from_slice(&self.payload);
+            Op::Write { target: self.target, offset, len: BLOCK_SIZE as usize, buf, fua: false }
+        } else {
+            Op::Read { target: self.target, offset, len: BLOCK_SIZE as usize }
+        };
+        let Some(pump) = self.pump.lock().clone() else { return };
+        self.sub.submit(op, slot, pump);
+    }
+}
+
+struct Pump(Arc<Driver>);
+
+impl Reply for Pump {
+    fn reply(&self, tag: u64, outcome: Outcome) {
+        finish(&self.0, tag, outcome);
+    }
+}
+
+fn finish(d: &Driver, tag: u64, outcome: Outcome) {
+    if !matches!(outcome, Outcome::Read(Ok(_)) | Outcome::Done(Ok(()))) {
+        d.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    let t0 = d.started.lock()[tag as usize];
+    d.lat_ns.lock().push(t0.elapsed().as_nanos() as u64);
+    d.done.fetch_add(1, Ordering::Relaxed);
+    d.inflight.fetch_sub(1, Ordering::SeqCst);
+    if !d.stop.load(Ordering::Relaxed) {
+        d.issue(tag);
+    }
+}
+
+fn run_berth(store: &Store, target: Target, blocks: u64, write: bool, depth: u32, secs: u64) -> Measure {
+    let d = Arc::new(Driver {
+        sub: store.submitter(),
+        target,
+        blocks,
+        write,
+        stop: AtomicBool::new(false),
+        done: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        inflight: AtomicU64::new(0),
+        rng: Mutex::new(rand::rngs::SmallRng::seed_from_u64(42)),
+        started: Mutex::new(vec![Instant::now(); depth as usize]),
+        lat_ns: Mutex::new(Vec::with_capacity(1 << 20)),
+        payload: (0..BLOCK_SIZE).map(|i| (i % 251) as u8 + 1).collect(),
+        pump: Mutex::new(None),
+    });
+    *d.pump.lock() = Some(Arc::new(Pump(d.clone())));
+    let start = Instant::now();
+    for slot in 0..u64::from(depth) {
+        d.issue(slot);
+    }
+    std::thread::sleep(Duration::from_secs(secs));
+    d.stop.store(true, Ordering::SeqCst);
+    let elapsed = start.elapsed().as_secs_f64();
+    let n = d.done.load(Ordering::Relaxed);
+    while d.inflight.load(Ordering::SeqCst) > 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    *d.pump.lock() = None;
+    assert_eq!(d.errors.load(Ordering::Relaxed), 0, "I/O errors during the benchmark");
+    let mut lat = std::mem::take(&mut *d.lat_ns.lock());
+    lat.sort_unstable();
+    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
+    Measure {
+        target: "berth engine".into(),
+        workload: format!("4k rand{} qd{depth}", if write { "write" } else { "read" }),
+        iops: n as f64 / elapsed,
+        mb_per_s: n as f64 * BLOCK_SIZE as f64 / elapsed / 1e6,
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+    }
+}
+
+fn run_fio(file: &Path, size: u64, write: bool, depth: u32, secs: u64) -> Result<Measure, String> {
+    let rw = if write { "randwrite" } else { "randread" };
+    let out = Command::new("fio")
+        .args(["--name=raw", "--ioengine=io_uring", "--direct=1", "--bs=4k", "--numjobs=1", "--time_based", "--output-format=json", "--randrepeat=0"])
+        .arg(format!("--filename={}", file.display()))
+        .arg(format!("--size={size}"))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--iodepth={depth}"))
+        .arg(format!("--runtime={secs}"))
+        .output()
+        .map_err(|e| format!("cannot run fio: {e} (apt-get install fio)"))?;
+    if !out.status.success() {
+        return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("fio output: {e}"))?;
+    let side = &v["jobs"][0][if write { "write" } else { "read" }];
+    let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(Measure {
+        target: "fio io_uring O_DIRECT file".into(),
+        workload: format!("4k {rw} qd{depth}"),
+        iops: side["iops"].as_f64().unwrap_or(0.0),
+        mb_per_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        p50_us: pct("50.000000"),
+        p99_us: pct("99.000000"),
+    })
+}
+
+fn engine(a: EngineArgs) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(&a.dir);
+    std::fs::create_dir_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
+    let blocks = a.size_bytes / BLOCK_SIZE;
+    // Pool with room for the volume, its snapshot's copy-on-write and slack.
+    let cfg = StoreConfig::new(a.dir.join("store"), a.size_bytes * 3 + (64 << 20));
+    let store = Store::create(&cfg).map_err(|e| e.to_string())?;
+    eprintln!("engine: {}; filling {} MiB...", store.engine_name(), a.size_bytes >> 20);
+    let t = store.volume_target(&store.create_volume("bench", a.size_bytes).map_err(|e| e.to_string())?.name).map_err(|e| e.to_string())?;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let chunk = 1 << 20;
+    let mut data = vec![0u8; chunk];
+    for off in (0..a.size_bytes).step_by(chunk) {
+        rng.fill(&mut data[..]);
+        store.write(t, off, &data, false).map_err(|e| e.to_string())?;
+    }
+    store.flush().map_err(|e| e.to_string())?;
+    store.create_snapshot("bench", "bench-snap").map_err(|e| e.to_string())?;
+
+    let fio_file = a.dir.join("fio.img");
+    let mut results = Vec::new();
+    for write in [false, true] {
+        eprintln!("measuring 4k rand{} qd{} ...", if write { "write" } else { "read" }, a.queue_depth);
+        let b = run_berth(&store, t, blocks, write, a.queue_depth, a.seconds);
+        let f = run_fio(&fio_file, a.size_bytes, write, a.queue_depth, a.seconds)?;
+        results.push((b, f));
+    }
+    drop(store);
+    let _ = std::fs::remove_dir_all(&a.dir);
+
+    println!("{:<32} {:<20} {:>10} {:>9} {:>9} {:>9}", "target", "workload", "IOPS", "MB/s", "p50 us", "p99 us");
+    let mut json = Vec::new();
+    for (b, f) in &results {
+        for m in [b, f] {
+            println!("{:<32} {:<20} {:>10.0} {:>9.1} {:>9.1} {:>9.1}", m.target, m.workload, m.iops, m.mb_per_s, m.p50_us, m.p99_us);
+        }
+        let ratio = b.iops / f.iops.max(1.0);
+        println!("{:<32} {:<20} {:>9.0}%", "berth / fio", b.workload, ratio * 100.0);
+        json.push(serde_json::json!({ "berth": b, "fio": f, "ratio": ratio }));
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let path = a.out.join(format!("engine-{stamp}.json"));
+    let doc = serde_json::json!({
+        "kind": "engine",
+        "size_bytes": a.size_bytes,
+        "queue_depth": a.queue_depth,
+        "seconds": a.seconds,
+        "snapshot_taken": true,
+        "checksums": true,
+        "results": json,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into())).init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Engine(a) => engine(a),
+    };
+    if let Err(e) = r {
+        eprintln!("berth-bench: {e}");
+        std::process::exit(1);
+    }
+}

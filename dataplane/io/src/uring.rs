@@ -1,0 +1,283 @@
+//! The io_uring engine: registered files, the arena registered as fixed buffer 0,
+//! batched submission, and an eventfd read kept armed in the ring so one
+//! `io_uring_enter` sleeps on both completions and wake-ups.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types, IoUring};
+
+use crate::buf::{Arena, IoBuf};
+use crate::engine::{FileId, IoCompletion, IoEngine, IoOp, OpKind, Wake, Waker};
+
+const WAKE_TAG: u64 = u64::MAX;
+
+struct EventFd(RawFd);
+
+impl Wake for EventFd {
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes from a valid u64 to an eventfd we own; a failure
+        // (counter saturated) still leaves the reader woken.
+        unsafe {
+            libc::write(self.0, (&one as *const u64).cast(), 8);
+        }
+    }
+}
+
+impl Drop for EventFd {
+    fn drop(&mut self) {
+        // SAFETY: closing the eventfd this struct owns, once.
+        unsafe {
+            libc::close(self.0);
+        }
+    }
+}
+
+struct Slot {
+    user_data: u64,
+    buf: Option<IoBuf>,
+}
+
+pub struct UringEngine {
+    ring: IoUring,
+    /// In-flight operations; the SQE's user_data is the slot index.
+    slots: Vec<Option<Slot>>,
+    free_slots: Vec<u32>,
+    in_flight: usize,
+    /// Arena range registered as buffer 0, when registration succeeded.
+    fixed: Option<(usize, usize)>,
+    eventfd: Arc<EventFd>,
+    /// Target of the armed eventfd read; boxed so its address is stable.
+    wake_buf: Box<u64>,
+    wake_armed: bool,
+    /// Operations that failed before reaching the kernel, reported on the next reap.
+    failed: Vec<IoCompletion>,
+}
+
+impl std::fmt::Debug for UringEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringEngine")
+            .field("in_flight", &self.in_flight)
+            .field("fixed_buffers", &self.fixed.is_some())
+            .finish()
+    }
+}
+
+impl UringEngine {
+    pub fn new(files: &[RawFd], arena: &Arc<Arena>, depth: u32) -> io::Result<Self> {
+        let entries = depth.clamp(8, 4096).next_power_of_two();
+        let ring = IoUring::builder().setup_cqsize(entries * 2).build(entries)?;
+        if !files.is_empty() {
+            ring.submitter().register_files(files)?;
+        }
+        let iov = arena.iovec();
+        // SAFETY: the arena outlives the registration: the caller keeps the Arc for
+        // the engine's life (buffers from it hold it too), and the kernel only uses
+        // the region for ops whose IoBuf we own until completion.
+        let fixed = match unsafe { ring.submitter().register_buffers(&[iov]) } {
+            Ok(()) => Some((iov.iov_base as usize, iov.iov_len)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register the buffer arena (RLIMIT_MEMLOCK?); using unregistered buffers");
+                None
+            }
+        };
+        // SAFETY: plain syscall; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(UringEngine {
+            ring,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            in_flight: 0,
+            fixed,
+            eventfd: Arc::new(EventFd(efd)),
+            wake_buf: Box::new(0),
+            wake_armed: false,
+            failed: Vec::new(),
+        })
+    }
+
+    fn fixed_index(&self, buf: &IoBuf) -> Option<u16> {
+        let (base, len) = self.fixed?;
+        let p = buf.as_ptr() as usize;
+        (buf.is_fixed() && p >= base && p + buf.len() <= base + len).then_some(0)
+    }
+
+    fn push_sqe(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every buffer an SQE points at is owned by `self.slots` (or is
+            // `wake_buf`) until its CQE is reaped.
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                return Ok(());
+            }
+            // The submission queue is full: hand what is there to the kernel.
+            self.ring.submit()?;
+        }
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        if self.wake_armed {
+            return Ok(());
+        }
+        let ptr: *mut u64 = &mut *self.wake_buf;
+        let sqe = opcode::Read::new(types::Fd(self.eventfd.0), ptr.cast(), 8)
+            .build()
+            .user_data(WAKE_TAG);
+        self.push_sqe(&sqe)?;
+        self.wake_armed = true;
+        Ok(())
+    }
+
+    fn reap(&mut self, out: &mut Vec<IoCompletion>) {
+        out.append(&mut self.failed);
+        for cqe in self.ring.completion() {
+            if cqe.user_data() == WAKE_TAG {
+                self.wake_armed = false;
+                continue;
+            }
+            let idx = cqe.user_data() as usize;
+            let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) else {
+                tracing::error!(idx, "completion for an unknown io_uring slot");
+                continue;
+            };
+            self.free_slots.push(idx as u32);
+            self.in_flight -= 1;
+            let res = cqe.result();
+            out.push(IoCompletion {
+                user_data: slot.user_data,
+                result: if res < 0 {
+                    Err(io::Error::from_raw_os_error(-res))
+                } else {
+                    Ok(res as usize)
+                },
+                buf: slot.buf,
+            });
+        }
+    }
+
+    fn enter(&mut self, want: usize) -> io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The completion queue is full: the caller reaps, then comes back.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl IoEngine for UringEngine {
+    fn push(&mut self, mut op: IoOp) {
+        let fd = types::Fixed(op.file as FileId);
+        let sqe = match (op.kind, op.buf.as_mut()) {
+            (OpKind::DataSync, _) => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            (OpKind::Read, Some(buf)) => {
+                let (ptr, len) = (buf.as_mut_ptr(), buf.len() as u32);
+                match self.fixed_index(buf) {
+                    Some(i) => opcode::ReadFixed::new(fd, ptr, len, i)
+                        .offset(op.offset)
+                        .build(),
+                    None => opcode::Read::new(fd, ptr, len).offset(op.offset).build(),
+                }
+            }
+            (OpKind::Write, Some(buf)) => {
+                let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
+                match self.fixed_index(buf) {
+                    Some(i) => opcode::WriteFixed::new(fd, ptr, len, i)
+                        .offset(op.offset)
+                        .build(),
+                    None => opcode::Write::new(fd, ptr, len).offset(op.offset).build(),
+                }
+            }
+            (_, None) => {
+                self.failed.push(IoCompletion {
+                    user_data: op.user_data,
+                    result: Err(io::Error::from_raw_os_error(libc::EINVAL)),
+                    buf: None,
+                });
+                return;
+            }
+        };
+        let idx = match self.free_slots.pop() {
+            Some(i) => i as usize,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let sqe = sqe.user_data(idx as u64);
+        self.slots[idx] = Some(Slot {
+            user_data: op.user_data,
+            buf: op.buf,
+        });
+        self.in_flight += 1;
+        if let Err(e) = self.push_sqe(&sqe) {
+            // The kernel refused the batch: complete this op with the error; the
+            // buffer was never handed over.
+            tracing::error!(error = %e, "io_uring submit failed");
+            if let Some(slot) = self.slots[idx].take() {
+                self.free_slots.push(idx as u32);
+                self.in_flight -= 1;
+                self.failed.push(IoCompletion {
+                    user_data: slot.user_data,
+                    result: Err(e),
+                    buf: slot.buf,
+                });
+            }
+        }
+    }
+
+    fn submit_and_wait(&mut self, wait: bool, out: &mut Vec<IoCompletion>) -> io::Result<()> {
+        let before = out.len();
+        if wait {
+            self.arm_wake()?;
+        }
+        // Completions may already be waiting: then there is no reason to sleep.
+        self.reap(out);
+        let want = usize::from(wait && out.len() == before);
+        if want == 0 && self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        self.enter(want)?;
+        self.reap(out);
+        Ok(())
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn waker(&self) -> Waker {
+        self.eventfd.clone()
+    }
+
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        // Buffers must not be freed while the kernel may still write into them:
+        // wake the armed eventfd read and drain everything in flight.
+        if self.wake_armed {
+            self.eventfd.wake();
+        }
+        let mut sink = Vec::new();
+        while self.in_flight > 0 || self.wake_armed {
+            if self.enter(1).is_err() {
+                break;
+            }
+            self.reap(&mut sink);
+            sink.clear();
+        }
+    }
+}

@@ -1,0 +1,1039 @@
+//! The I/O thread: owns the engine (one ring), turns requests into pool I/O, and
+//! commits block maps in groups.
+//!
+//! Each loop turn: take new requests, submit their I/O in one batch, sleep until
+//! completions or a new request arrive, verify read checksums, then commit every
+//! write that finished in this turn with a single RocksDB batch, and answer.
+//! Flushes sync the pool, then the WAL, once for all flushes of the turn.
+//!
+//! Writes overlapping an unfinished write or zeroing of the same volume wait for
+//! it, so concurrent overlapping writes resolve to one of them whole per 4 KiB
+//! block, and the read-modify-write of a partial block cannot lose a neighbour's
+//! bytes.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use berth_io::{open_engine, EngineChoice, IoBuf, IoCompletion, IoEngine, IoOp, OpKind};
+use rocksdb::WriteBatch;
+
+use crate::error::{Result, StoreError};
+use crate::map::{self, HeadUpdate, Layer};
+use crate::meta::{BlockValue, MapEntry};
+use crate::pool::BLOCK_SIZE;
+use crate::store::{block_crc, Inner, Shared, Target};
+
+const BS: usize = BLOCK_SIZE as usize;
+/// Largest single request (the NBD maximum payload).
+pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
+/// Freed blocks waiting for a WAL sync before the loop syncs on its own.
+const PENDING_FREE_SYNC: u64 = 8192;
+const PIECE_BITS: u32 = 20;
+
+#[derive(Debug)]
+pub enum Op {
+    Read {
+        target: Target,
+        offset: u64,
+        len: usize,
+    },
+    /// `buf` comes from `Store::write_buffer`: the payload starts at
+    /// `offset % 4096` and the buffer covers whole blocks.
+    Write {
+        target: Target,
+        offset: u64,
+        len: usize,
+        buf: IoBuf,
+        fua: bool,
+    },
+    Zero {
+        target: Target,
+        offset: u64,
+        len: u64,
+        trim: bool,
+        fua: bool,
+    },
+    Flush,
+}
+
+/// A finished read: `bytes()` is the data asked for.
+#[derive(Debug)]
+pub struct ReadDone {
+    pub buf: IoBuf,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl ReadDone {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf.as_slice()[self.start..self.start + self.len]
+    }
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Read(Result<ReadDone>),
+    Done(Result<()>),
+}
+
+/// Receives outcomes on the I/O thread; must not block.
+pub trait Reply: Send + Sync {
+    fn reply(&self, tag: u64, outcome: Outcome);
+}
+
+pub struct Request {
+    pub op: Op,
+    pub tag: u64,
+    pub reply: Arc<dyn Reply>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request").field("op", &self.op).field("tag", &self.tag).finish()
+    }
+}
+
+pub(crate) fn submit(sh: &Shared, req: Request) {
+    if sh.shutdown.load(Ordering::SeqCst) {
+        req.reply.reply(req.tag, fail(&req.op, StoreError::ShuttingDown));
+        return;
+    }
+    sh.queue.lock().push(req);
+    if sh.parked.swap(false, Ordering::SeqCst) {
+        if let Some(w) = sh.waker.get() {
+            w.wake();
+        }
+    }
+}
+
+fn fail(op: &Op, e: StoreError) -> Outcome {
+    match op {
+        Op::Read { .. } => Outcome::Read(Err(e)),
+        _ => Outcome::Done(Err(e)),
+    }
+}
+
+pub(crate) fn spawn(
+    sh: Arc<Shared>,
+    choice: EngineChoice,
+    depth: u32,
+) -> Result<(std::thread::JoinHandle<()>, &'static str)> {
+    use std::os::fd::AsRawFd;
+    let io = |source| StoreError::Io {
+        op: "start I/O engine",
+        offset: 0,
+        source,
+    };
+    let engine = open_engine(choice, &[sh.pool.file.as_raw_fd()], &sh.arena, depth).map_err(io)?;
+    let name = engine.name();
+    let _ = sh.waker.set(engine.waker());
+    tracing::info!(engine = name, depth, "I/O engine ready");
+    let thread = std::thread::Builder::new()
+        .name("berth-io".into())
+        .spawn(move || Loop::new(sh, engine).run())
+        .map_err(io)?;
+    Ok((thread, name))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Phase {
+    /// Reading the old contents of partially written edge blocks.
+    Edges,
+    Writing,
+    Reading,
+    /// Data written (or nothing to write); the map commit is next.
+    Commit,
+    /// Waiting for a pool fdatasync (flush, or a FUA write after its commit).
+    Sync,
+}
+
+/// A request in flight. Slots are reused, so their vectors keep their capacity.
+struct Slot {
+    tag: u64,
+    reply: Arc<dyn Reply>,
+    phase: Phase,
+    kind: Kind,
+    target: Target,
+    tree: u64,
+    offset: u64,
+    len: u64,
+    first_lba: u64,
+    blocks: u64,
+    fua: bool,
+    trim: bool,
+    ops_left: u32,
+    error: Option<StoreError>,
+    read_seq: Option<u64>,
+    busy: bool,
+    /// Buffer pieces by index (reads and writes split their buffer per disk run).
+    pieces: Vec<Option<IoBuf>>,
+    /// First block (relative) of each piece.
+    piece_start: Vec<u64>,
+    /// Per block: the mapping read (reads) or the value to commit (writes).
+    values: Vec<Option<BlockValue>>,
+    /// Pool runs allocated for a write, returned if it fails.
+    runs: Vec<(u64, u64)>,
+    layers: Vec<Layer>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Read,
+    Write,
+    Zero,
+    Flush,
+}
+
+pub(crate) struct Loop {
+    sh: Arc<Shared>,
+    engine: Box<dyn IoEngine>,
+    slots: Vec<Option<Slot>>,
+    free_slots: Vec<usize>,
+    spare: Vec<Slot>,
+    /// Writes waiting for an overlapping one to finish, in arrival order.
+    waiting: VecDeque<Request>,
+    commit: Vec<usize>,
+    /// Flushes and FUA writes waiting for the next sync.
+    syncing: Vec<usize>,
+    /// Those the sync in flight answers (it started after their writes).
+    sync_batch: Vec<usize>,
+    completions: Vec<IoCompletion>,
+}
+
+impl Loop {
+    fn new(sh: Arc<Shared>, engine: Box<dyn IoEngine>) -> Self {
+        Loop {
+            sh,
+            engine,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            spare: Vec::new(),
+            waiting: VecDeque::new(),
+            commit: Vec::new(),
+            syncing: Vec::new(),
+            sync_batch: Vec::new(),
+            completions: Vec::new(),
+        }
+    }
+
+    fn live(&self) -> usize {
+        self.slots.len() - self.free_slots.len()
+    }
+
+    fn run(mut self) {
+        let mut incoming = Vec::new();
+        loop {
+            std::mem::swap(&mut incoming, &mut *self.sh.queue.lock());
+            let stopping = self.sh.shutdown.load(Ordering::SeqCst);
+            for req in incoming.drain(..) {
+                if stopping {
+                    let out = fail(&req.op, StoreError::ShuttingDown);
+                    req.reply.reply(req.tag, out);
+                } else {
+                    self.accept(req);
+                }
+            }
+            if stopping && self.live() == 0 && self.waiting.is_empty() {
+                return;
+            }
+            self.commit_group();
+            self.start_sync();
+            let idle = self.commit.is_empty();
+            if idle {
+                self.sh.parked.store(true, Ordering::SeqCst);
+                if !self.sh.queue.lock().is_empty() || self.sh.shutdown.load(Ordering::SeqCst) {
+                    self.sh.parked.store(false, Ordering::SeqCst);
+                }
+            }
+            let wait = idle && self.sh.parked.load(Ordering::SeqCst);
+            let mut done = std::mem::take(&mut self.completions);
+            if let Err(e) = self.engine.submit_and_wait(wait, &mut done) {
+                tracing::error!(error = %e, "I/O engine failed");
+            }
+            self.sh.parked.store(false, Ordering::SeqCst);
+            for c in done.drain(..) {
+                self.complete(c);
+            }
+            self.completions = done;
+        }
+    }
+
+    fn new_slot(&mut self, req: Request, kind: Kind) -> usize {
+        let mut s = self.spare.pop().unwrap_or_else(|| Slot {
+            tag: 0,
+            reply: req.reply.clone(),
+            phase: Phase::Commit,
+            kind,
+            target: Target::Volume(0),
+            tree: 0,
+            offset: 0,
+            len: 0,
+            first_lba: 0,
+            blocks: 0,
+            fua: false,
+            trim: false,
+            ops_left: 0,
+            error: None,
+            read_seq: None,
+            busy: false,
+            pieces: Vec::new(),
+            piece_start: Vec::new(),
+            values: Vec::new(),
+            runs: Vec::new(),
+            layers: Vec::new(),
+        });
+        s.tag = req.tag;
+        s.reply = req.reply;
+        s.kind = kind;
+        s.ops_left = 0;
+        s.error = None;
+        s.read_seq = None;
+        s.busy = false;
+        s.fua = false;
+        s.trim = false;
+        s.pieces.clear();
+        s.piece_start.clear();
+        s.values.clear();
+        s.runs.clear();
+        s.layers.clear();
+        match self.free_slots.pop() {
+            Some(i) => {
+                self.slots[i] = Some(s);
+                i
+            }
+            None => {
+                self.slots.push(Some(s));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn slot(&mut self, i: usize) -> &mut Slot {
+        self.slots[i].as_mut().expect("live slot")
+    }
+
+    /// Validates the target and range; returns (tree, size) and layers.
+    fn resolve(
+        inner: &Inner,
+        target: Target,
+        offset: u64,
+        len: u64,
+        write: bool,
+        op: &'static str,
+        layers: &mut Vec<Layer>,
+    ) -> Result<u64> {
+        let (l, size) = inner.layers(target)?;
+        if write {
+            if let Target::Snapshot(_) = target {
+                return Err(StoreError::ReadOnly {
+                    what: "a snapshot".into(),
+                });
+            }
+        }
+        let end = offset.checked_add(len);
+        if len == 0 || end.is_none_or(|e| e > size) {
+            let volume = match target {
+                Target::Volume(id) => inner.volumes.get(&id).map(|v| v.name.clone()),
+                Target::Snapshot(id) => inner.snaps.get(&id).map(|s| s.rec.name.clone()),
+            };
+            return Err(StoreError::OutOfRange {
+                op,
+                volume: volume.unwrap_or_default(),
+                offset,
+                len,
+                size_bytes: size,
+            });
+        }
+        if len > MAX_REQUEST_BYTES && op != "zero" {
+            return Err(StoreError::InvalidArgument(format!(
+                "{op} of {len} bytes is larger than the {MAX_REQUEST_BYTES}-byte maximum"
+            )));
+        }
+        *layers = l;
+        Ok(layers[0].tree)
+    }
+
+    fn accept(&mut self, req: Request) {
+        match req.op {
+            Op::Flush => {
+                let i = self.new_slot(req, Kind::Flush);
+                self.slot(i).phase = Phase::Sync;
+                self.syncing.push(i);
+            }
+            Op::Read { target, offset, len } => self.accept_read(req.tag, req.reply, target, offset, len),
+            Op::Write { .. } | Op::Zero { .. } => self.accept_write(req),
+        }
+    }
+
+    fn accept_read(&mut self, tag: u64, reply: Arc<dyn Reply>, target: Target, offset: u64, len: usize) {
+        let mut layers = Vec::new();
+        let seq = {
+            let mut inner = self.sh.inner.lock();
+            match Self::resolve(&inner, target, offset, len as u64, false, "read", &mut layers) {
+                Ok(_) => inner.read_start(),
+                Err(e) => return reply.reply(tag, Outcome::Read(Err(e))),
+            }
+        };
+        let req = Request {
+            op: Op::Flush,
+            tag,
+            reply,
+        };
+        let i = self.new_slot(req, Kind::Read);
+        let first_lba = offset / BLOCK_SIZE;
+        let blocks = (offset + len as u64).div_ceil(BLOCK_SIZE) - first_lba;
+        {
+            let s = self.slot(i);
+            s.phase = Phase::Reading;
+            s.target = target;
+            s.tree = layers[0].tree;
+            s.offset = offset;
+            s.len = len as u64;
+            s.first_lba = first_lba;
+            s.blocks = blocks;
+            s.read_seq = Some(seq);
+            s.layers = layers;
+        }
+        self.sh.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.sh.counters.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        let mut values = std::mem::take(&mut self.slot(i).values);
+        let lookups: Result<()> = (|| {
+            let s = self.slots[i].as_ref().expect("live slot");
+            for lba in first_lba..first_lba + blocks {
+                values.push(map::lookup(&self.sh.db, &s.layers, lba)?);
+            }
+            Ok(())
+        })();
+        self.slot(i).values = values;
+        if let Err(e) = lookups {
+            self.slot(i).error = Some(e);
+            return self.finish(i);
+        }
+        let buf = self.sh.arena.alloc_uninit(blocks as usize * BS);
+        self.submit_runs(i, buf, OpKind::Read);
+        if self.slot(i).ops_left == 0 {
+            self.finish(i);
+        }
+    }
+
+    /// Splits `buf` into runs of blocks that are contiguous in the pool (or holes)
+    /// and submits one read or write per data run; holes are zero-filled reads or
+    /// skipped writes.
+    fn submit_runs(&mut self, i: usize, mut buf: IoBuf, kind: OpKind) {
+        let pool_offset = self.sh.pool.sb.data_offset;
+        let s = self.slots[i].as_mut().expect("live slot");
+        let n = s.values.len();
+        let mut start = 0;
+        while start < n {
+            let first = s.values[start];
+            let mut end = start + 1;
+            while end < n {
+                let contiguous = match (first, s.values[end]) {
+                    (Some(BlockValue::Data { block: a, .. }), Some(BlockValue::Data { block: b, .. })) => {
+                        b == a + (end - start) as u64
+                    }
+                    (Some(BlockValue::Data { .. }), _) | (_, Some(BlockValue::Data { .. })) => false,
+                    _ => true,
+                };
+                if !contiguous {
+                    break;
+                }
+                end += 1;
+            }
+            let rest = if end < n { Some(buf.split_off((end - start) * BS)) } else { None };
+            let mut piece = buf;
+            let idx = s.pieces.len();
+            s.piece_start.push(start as u64);
+            match first {
+                Some(BlockValue::Data { block, .. }) => {
+                    s.ops_left += 1;
+                    s.pieces.push(None);
+                    self.engine.push(IoOp {
+                        kind,
+                        file: 0,
+                        offset: pool_offset + block * BLOCK_SIZE,
+                        buf: Some(piece),
+                        user_data: ((i as u64) << PIECE_BITS) | idx as u64,
+                    });
+                }
+                _ => {
+                    if kind == OpKind::Read {
+                        piece.as_mut_slice().fill(0);
+                    }
+                    s.pieces.push(Some(piece));
+                }
+            }
+            match rest {
+                Some(r) => buf = r,
+                None => break,
+            }
+            start = end;
+        }
+    }
+
+    fn accept_write(&mut self, mut req: Request) {
+        if let Op::Zero { target, offset, len, trim, fua } = req.op {
+            let end = offset.saturating_add(len);
+            let (lo, hi) = (offset.next_multiple_of(BLOCK_SIZE), end / BLOCK_SIZE * BLOCK_SIZE);
+            if offset % BLOCK_SIZE != 0 || end % BLOCK_SIZE != 0 {
+                if trim {
+                    // A trim is advisory: free the whole blocks inside the range.
+                    if hi <= lo || len == 0 || end > u64::MAX - BLOCK_SIZE {
+                        return req.reply.reply(req.tag, Outcome::Done(Ok(())));
+                    }
+                    req.op = Op::Zero { target, offset: lo, len: hi - lo, trim, fua };
+                } else if len <= MAX_REQUEST_BYTES {
+                    // Zeroing part of a block: a write of zeros (whole zero blocks
+                    // inside it still become map entries only).
+                    let (mut buf, _) = write_buffer(&self.sh.arena, offset, len as usize);
+                    buf.as_mut_slice().fill(0);
+                    req.op = Op::Write { target, offset, len: len as usize, buf, fua };
+                } else {
+                    let e = StoreError::InvalidArgument(format!(
+                        "write-zeroes of {len} bytes at {offset} is not 4096-byte aligned; unaligned zeroing is limited to {MAX_REQUEST_BYTES} bytes"
+                    ));
+                    return req.reply.reply(req.tag, Outcome::Done(Err(e)));
+                }
+            }
+        }
+        let (target, offset, len, fua, trim) = match &req.op {
+            Op::Write { target, offset, len, fua, .. } => (*target, *offset, *len as u64, *fua, false),
+            Op::Zero { target, offset, len, trim, fua } => (*target, *offset, *len, *fua, *trim),
+            _ => return,
+        };
+        let mut layers = Vec::new();
+        let first_lba = offset / BLOCK_SIZE;
+        {
+            let mut inner = self.sh.inner.lock();
+            let op = if matches!(req.op, Op::Write { .. }) { "write" } else { "zero" };
+            let tree = match Self::resolve(&inner, target, offset, len, true, op, &mut layers) {
+                Ok(t) => t,
+                Err(e) => return req.reply.reply(req.tag, Outcome::Done(Err(e))),
+            };
+            let end_lba = (offset + len).div_ceil(BLOCK_SIZE);
+            let t = inner.trees.get_mut(&tree).expect("resolved tree");
+            if t.busy.iter().any(|&(a, b)| a < end_lba && first_lba < b) {
+                drop(inner);
+                self.waiting.push_back(req);
+                return;
+            }
+            t.busy.push((first_lba, end_lba));
+        }
+        let blocks = (offset + len).div_ceil(BLOCK_SIZE) - first_lba;
+        let (kind, buf) = match req.op {
+            Op::Write { buf, .. } => (Kind::Write, Some(buf)),
+            _ => (Kind::Zero, None),
+        };
+        let r = Request {
+            op: Op::Flush,
+            tag: req.tag,
+            reply: req.reply,
+        };
+        let i = self.new_slot(r, kind);
+        {
+            let s = self.slot(i);
+            s.target = target;
+            s.tree = layers[0].tree;
+            s.offset = offset;
+            s.len = len;
+            s.first_lba = first_lba;
+            s.blocks = blocks;
+            s.fua = fua;
+            s.trim = trim;
+            s.busy = true;
+            s.layers = layers;
+        }
+        let Some(mut buf) = buf else {
+            self.slot(i).phase = Phase::Commit;
+            self.commit.push(i);
+            return;
+        };
+        self.sh.counters.writes.fetch_add(1, Ordering::Relaxed);
+        self.sh.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
+        if buf.len() < blocks as usize * BS {
+            self.slot(i).error = Some(StoreError::InvalidArgument(format!(
+                "write buffer of {} bytes cannot hold {blocks} blocks",
+                buf.len()
+            )));
+            return self.finish(i);
+        }
+        // Partial first or last block: read the old contents first.
+        let head_partial = offset % BLOCK_SIZE != 0;
+        let tail_partial = (offset + len) % BLOCK_SIZE != 0;
+        let mut edges = Vec::new();
+        if head_partial {
+            edges.push(0u64);
+        }
+        if tail_partial && (blocks > 1 || !head_partial) {
+            edges.push(blocks - 1);
+        }
+        if edges.is_empty() {
+            return self.start_writes(i, buf);
+        }
+        self.slot(i).phase = Phase::Edges;
+        let pool_offset = self.sh.pool.sb.data_offset;
+        for rel in edges {
+            let lba = first_lba + rel;
+            let found = map::lookup(&self.sh.db, &self.slot(i).layers, lba);
+            match found {
+                Ok(Some(BlockValue::Data { block, .. })) => {
+                    let s = self.slot(i);
+                    let idx = s.pieces.len();
+                    s.pieces.push(None);
+                    s.piece_start.push(rel);
+                    s.values.push(found.ok().flatten());
+                    s.ops_left += 1;
+                    let tmp = self.sh.arena.alloc_uninit(BS);
+                    self.engine.push(IoOp {
+                        kind: OpKind::Read,
+                        file: 0,
+                        offset: pool_offset + block * BLOCK_SIZE,
+                        buf: Some(tmp),
+                        user_data: ((i as u64) << PIECE_BITS) | idx as u64,
+                    });
+                }
+                Ok(_) => {
+                    // Never written or zero: the untouched bytes are zeros.
+                    let (lo, hi) = edge_gap(offset, len, first_lba + rel);
+                    let at = rel as usize * BS;
+                    buf.as_mut_slice()[at..at + lo].fill(0);
+                    buf.as_mut_slice()[at + hi..at + BS].fill(0);
+                }
+                Err(e) => {
+                    self.slot(i).error = Some(e);
+                }
+            }
+        }
+        // Park the payload until the edge reads are merged into it.
+        self.slot(i).pieces.push(Some(buf));
+        if self.slot(i).ops_left == 0 {
+            let buf = self.slot(i).pieces.pop().flatten().expect("payload");
+            self.slot(i).pieces.clear();
+            self.slot(i).piece_start.clear();
+            self.slot(i).values.clear();
+            if self.slot(i).error.is_some() {
+                return self.finish(i);
+            }
+            self.start_writes(i, buf);
+        }
+    }
+
+    /// Allocates pool blocks for the non-zero blocks of `buf`, stamps checksums
+    /// and submits the writes.
+    fn start_writes(&mut self, i: usize, buf: IoBuf) {
+        let s = self.slots[i].as_mut().expect("live slot");
+        s.phase = Phase::Writing;
+        s.pieces.clear();
+        s.piece_start.clear();
+        s.values.clear();
+        let blocks = s.blocks as usize;
+        let data = buf.as_slice();
+        let nonzero: Vec<bool> = (0..blocks)
+            .map(|b| data[b * BS..(b + 1) * BS].iter().any(|&x| x != 0))
+            .collect();
+        let need = nonzero.iter().filter(|&&z| z).count() as u64;
+        let mut runs = std::mem::take(&mut s.runs);
+        let ok = need == 0 || self.allocate(need, &mut runs);
+        if !ok {
+            let free = self.sh.inner.lock().alloc.free_blocks();
+            let s = self.slot(i);
+            s.runs = runs;
+            s.error = Some(StoreError::NoSpace {
+                needed_blocks: need,
+                free_blocks: free,
+            });
+            return self.finish(i);
+        }
+        let s = self.slots[i].as_mut().expect("live slot");
+        let mut next = runs.iter().flat_map(|&(f, l)| f..f + l);
+        for (b, nz) in nonzero.iter().enumerate() {
+            s.values.push(Some(if *nz {
+                let block = next.next().expect("allocated enough");
+                BlockValue::Data {
+                    block,
+                    crc: block_crc(block, &data[b * BS..(b + 1) * BS]),
+                }
+            } else {
+                BlockValue::Zero
+            }));
+        }
+        s.runs = runs;
+        self.submit_runs(i, buf, OpKind::Write);
+        let s = self.slot(i);
+        // Zero pieces were not written; only their buffers remain.
+        s.pieces.clear();
+        if s.ops_left == 0 {
+            s.phase = Phase::Commit;
+            self.commit.push(i);
+        }
+    }
+
+    fn allocate(&mut self, need: u64, runs: &mut Vec<(u64, u64)>) -> bool {
+        let mut inner = self.sh.inner.lock();
+        if inner.alloc.alloc(need, runs) {
+            return true;
+        }
+        if inner.alloc.pending_blocks() == 0 {
+            return false;
+        }
+        // Space is waiting for a durable commit: sync the WAL and retry.
+        let seq = inner.seq;
+        drop(inner);
+        if let Err(e) = self.sh.db.flush_wal(true) {
+            tracing::error!(error = %e, "WAL sync failed");
+            return false;
+        }
+        let mut inner = self.sh.inner.lock();
+        inner.synced(seq);
+        inner.alloc.alloc(need, runs)
+    }
+
+    fn complete(&mut self, c: IoCompletion) {
+        let i = (c.user_data >> PIECE_BITS) as usize;
+        let piece = (c.user_data & ((1 << PIECE_BITS) - 1)) as usize;
+        let Some(Some(s)) = self.slots.get_mut(i) else {
+            tracing::error!(user_data = c.user_data, "completion for no request");
+            return;
+        };
+        s.ops_left -= 1;
+        let want = c.buf.as_ref().map_or(0, |b| b.len());
+        let res = match c.result {
+            Ok(n) if n == want => Ok(()),
+            Ok(n) => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("short transfer: {n} of {want} bytes"),
+            )),
+            Err(e) => Err(e),
+        };
+        if let Err(source) = res {
+            self.sh.counters.io_errors.fetch_add(1, Ordering::Relaxed);
+            let op = match s.phase {
+                Phase::Writing => "write",
+                Phase::Sync => "fdatasync",
+                _ => "read",
+            };
+            tracing::error!(op, error = %source, "pool I/O failed");
+            if s.error.is_none() {
+                s.error = Some(StoreError::Io { op, offset: s.offset, source });
+            }
+        }
+        match s.phase {
+            Phase::Reading | Phase::Edges => {
+                if let Some(buf) = c.buf {
+                    self.verify_piece(i, piece, &buf);
+                    let s = self.slot(i);
+                    if s.phase == Phase::Edges {
+                        let rel = s.piece_start[piece];
+                        let (offset, len, first) = (s.offset, s.len, s.first_lba);
+                        if let Some(Some(payload)) = s.pieces.last_mut() {
+                            let (lo, hi) = edge_gap(offset, len, first + rel);
+                            let at = rel as usize * BS;
+                            let old = buf.as_slice();
+                            payload.as_mut_slice()[at..at + lo].copy_from_slice(&old[..lo]);
+                            payload.as_mut_slice()[at + hi..at + BS].copy_from_slice(&old[hi..]);
+                        }
+                    } else {
+                        s.pieces[piece] = Some(buf);
+                    }
+                }
+                if self.slot(i).ops_left == 0 {
+                    if self.slot(i).phase == Phase::Edges && self.slot(i).error.is_none() {
+                        let s = self.slot(i);
+                        let payload = s.pieces.pop().flatten().expect("payload");
+                        self.start_writes(i, payload);
+                    } else {
+                        self.finish(i);
+                    }
+                }
+            }
+            Phase::Writing => {
+                if s.ops_left == 0 {
+                    s.phase = Phase::Commit;
+                    self.commit.push(i);
+                }
+            }
+            Phase::Sync => self.sync_done(),
+            Phase::Commit => {}
+        }
+    }
+
+    /// Checks the checksum of every block in a completed read piece.
+    fn verify_piece(&mut self, i: usize, piece: usize, buf: &IoBuf) {
+        let s = self.slots[i].as_mut().expect("live slot");
+        if s.error.is_some() {
+            return;
+        }
+        let start = s.piece_start[piece] as usize;
+        let values: &[Option<BlockValue>] = if s.phase == Phase::Edges {
+            std::slice::from_ref(&s.values[piece])
+        } else {
+            &s.values[start..start + buf.len() / BS]
+        };
+        for (k, v) in values.iter().enumerate() {
+            if let Some(BlockValue::Data { block, crc }) = *v {
+                if block_crc(block, &buf.as_slice()[k * BS..(k + 1) * BS]) != crc {
+                    let offset = (s.first_lba + (start + k) as u64) * BLOCK_SIZE;
+                    let volume = describe(&self.sh.inner.lock(), s.target);
+                    self.sh.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(volume, offset, pool_block = block, "checksum mismatch on read");
+                    s.error = Some(StoreError::Integrity { volume, offset, pool_block: block });
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Commits every write and zeroing ready in this turn as one batch.
+    fn commit_group(&mut self) {
+        if self.commit.is_empty() {
+            return;
+        }
+        let ready = std::mem::take(&mut self.commit);
+        let mut batch = WriteBatch::default();
+        let mut freed = Vec::new();
+        let mut inner = self.sh.inner.lock();
+        for &i in &ready {
+            let s = self.slots[i].as_mut().expect("live slot");
+            if s.error.is_none() {
+                if let Err(e) = stage(&self.sh, &inner, s, &mut batch, &mut freed) {
+                    s.error = Some(e);
+                }
+            }
+        }
+        let result = self.sh.db.write(batch);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "block map commit failed");
+        }
+        for &i in &ready {
+            let s = self.slots[i].as_mut().expect("live slot");
+            if let Err(e) = &result {
+                s.error.get_or_insert_with(|| StoreError::FailedPrecondition(format!("block map commit failed: {e}")));
+            }
+            if s.error.is_some() {
+                for (f, l) in s.runs.drain(..) {
+                    inner.alloc.unalloc(f, l);
+                }
+            }
+            s.runs.clear();
+            release_busy(&mut inner, s);
+        }
+        if result.is_ok() {
+            inner.free_blocks(&freed);
+        }
+        let sync_needed = inner.alloc.pending_blocks() > PENDING_FREE_SYNC;
+        drop(inner);
+        for i in ready {
+            let s = self.slot(i);
+            if s.fua && s.error.is_none() {
+                s.phase = Phase::Sync;
+                self.syncing.push(i);
+            } else {
+                self.finish(i);
+            }
+        }
+        if sync_needed && self.syncing.is_empty() {
+            let seq = self.sh.inner.lock().seq;
+            match self.sh.db.flush_wal(true) {
+                Ok(()) => self.sh.inner.lock().synced(seq),
+                Err(e) => tracing::error!(error = %e, "WAL sync failed"),
+            }
+        }
+        // Writes that waited for these may go now.
+        let waiting = std::mem::take(&mut self.waiting);
+        for req in waiting {
+            self.accept_write(req);
+        }
+    }
+
+    /// Starts one pool fdatasync for every flush (and FUA write) waiting.
+    fn start_sync(&mut self) {
+        if self.syncing.is_empty() || !self.sync_batch.is_empty() {
+            return;
+        }
+        self.sync_batch = std::mem::take(&mut self.syncing);
+        let first = self.sync_batch[0];
+        self.slot(first).ops_left += 1;
+        self.engine.push(IoOp {
+            kind: OpKind::DataSync,
+            file: 0,
+            offset: 0,
+            buf: None,
+            user_data: (first as u64) << PIECE_BITS,
+        });
+    }
+
+    /// The pool is synced: sync the WAL, then answer every waiter that was
+    /// there when the sync started.
+    fn sync_done(&mut self) {
+        let waiters = std::mem::take(&mut self.sync_batch);
+        let first = waiters.first().copied();
+        let pool_err = first.and_then(|i| self.slot(i).error.take());
+        let seq = self.sh.inner.lock().seq;
+        let wal = self.sh.db.flush_wal(true);
+        if wal.is_ok() && pool_err.is_none() {
+            self.sh.inner.lock().synced(seq);
+        }
+        self.sh.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        for i in waiters {
+            let s = self.slot(i);
+            if let Some(e) = &pool_err {
+                s.error.get_or_insert_with(|| StoreError::Io {
+                    op: "fdatasync",
+                    offset: 0,
+                    source: std::io::Error::other(e.to_string()),
+                });
+            }
+            if let Err(e) = &wal {
+                s.error.get_or_insert_with(|| StoreError::FailedPrecondition(format!("WAL sync failed: {e}")));
+            }
+            self.finish(i);
+        }
+    }
+
+    /// Answers a request and recycles its slot.
+    fn finish(&mut self, i: usize) {
+        let Some(mut s) = self.slots[i].take() else { return };
+        self.free_slots.push(i);
+        if s.busy {
+            let mut inner = self.sh.inner.lock();
+            for (f, l) in s.runs.drain(..) {
+                inner.alloc.unalloc(f, l);
+            }
+            release_busy(&mut inner, &mut s);
+            drop(inner);
+            let waiting = std::mem::take(&mut self.waiting);
+            for req in waiting {
+                self.accept_write(req);
+            }
+        }
+        let outcome = match s.kind {
+            Kind::Read => {
+                if let Some(seq) = s.read_seq.take() {
+                    self.sh.inner.lock().read_end(seq);
+                }
+                match s.error.take() {
+                    Some(e) => Outcome::Read(Err(e)),
+                    None => {
+                        let mut pieces = s.pieces.drain(..).flatten();
+                        let mut buf = pieces.next().expect("a read has a buffer");
+                        for p in pieces {
+                            if let Err(p) = buf.unsplit(p) {
+                                // Cannot happen for pieces of one buffer; copy to be safe.
+                                let mut joined = self.sh.arena.alloc_uninit(buf.len() + p.len());
+                                joined.as_mut_slice()[..buf.len()].copy_from_slice(buf.as_slice());
+                                joined.as_mut_slice()[buf.len()..].copy_from_slice(p.as_slice());
+                                buf = joined;
+                            }
+                        }
+                        Outcome::Read(Ok(ReadDone {
+                            buf,
+                            start: (s.offset % BLOCK_SIZE) as usize,
+                            len: s.len as usize,
+                        }))
+                    }
+                }
+            }
+            _ => Outcome::Done(s.error.take().map_or(Ok(()), Err)),
+        };
+        s.pieces.clear();
+        let reply = s.reply.clone();
+        let tag = s.tag;
+        self.spare.push(s);
+        reply.reply(tag, outcome);
+    }
+}
+
+/// A buffer for a write of `len` bytes at `offset`: whole blocks, the payload
+/// at the returned position.
+pub(crate) fn write_buffer(arena: &std::sync::Arc<berth_io::Arena>, offset: u64, len: usize) -> (IoBuf, usize) {
+    let start = (offset % BLOCK_SIZE) as usize;
+    let span = (start + len).div_ceil(BS) * BS;
+    (arena.alloc_uninit(span.max(BS)), start)
+}
+
+fn release_busy(inner: &mut Inner, s: &mut Slot) {
+    if !s.busy {
+        return;
+    }
+    s.busy = false;
+    let end = s.first_lba + s.blocks;
+    if let Some(t) = inner.trees.get_mut(&s.tree) {
+        if let Some(p) = t.busy.iter().position(|&r| r == (s.first_lba, end)) {
+            t.busy.swap_remove(p);
+        }
+    }
+}
+
+/// Byte range `[lo, hi)` of block `lba` that a write of `len` at `offset`
+/// covers; the rest of the block keeps its old contents.
+fn edge_gap(offset: u64, len: u64, lba: u64) -> (usize, usize) {
+    let b0 = lba * BLOCK_SIZE;
+    let lo = offset.max(b0) - b0;
+    let hi = (offset + len).min(b0 + BLOCK_SIZE) - b0;
+    (lo as usize, hi as usize)
+}
+
+fn describe(inner: &Inner, target: Target) -> String {
+    match target {
+        Target::Volume(id) => inner.volumes.get(&id).map_or(format!("#{id}"), |v| v.name.clone()),
+        Target::Snapshot(id) => inner
+            .snaps
+            .get(&id)
+            .map_or(format!("#{id}"), |s| format!("snapshot {}", s.rec.name)),
+    }
+}
+
+/// Stages one finished write or zeroing into the group's batch.
+fn stage(sh: &Shared, inner: &Inner, s: &Slot, batch: &mut WriteBatch, freed: &mut Vec<u64>) -> Result<()> {
+    let volume_alive = matches!(s.target, Target::Volume(id) if inner.volumes.contains_key(&id));
+    let tree = inner.trees.get(&s.tree).filter(|_| volume_alive).ok_or_else(|| StoreError::NotFound {
+        kind: "volume",
+        name: format!("#{}", s.tree),
+    })?;
+    let upd = HeadUpdate {
+        db: &sh.db,
+        tree: s.tree,
+        head_epoch: tree.rec.head_epoch,
+        newest_reader: tree.readers.keys().next_back().copied(),
+        parents: &s.layers[1..],
+    };
+    let old = map::heads_in(&sh.db, s.tree, s.first_lba, s.blocks)?;
+    match s.kind {
+        Kind::Write => {
+            let mut old = old.into_iter().peekable();
+            for (k, v) in s.values.iter().enumerate() {
+                let lba = s.first_lba + k as u64;
+                let prev = match old.peek() {
+                    Some(&(x, e)) if x == lba => {
+                        old.next();
+                        Some(e)
+                    }
+                    _ => None,
+                };
+                let new = v.unwrap_or(BlockValue::Zero);
+                if prev.is_none() && new == BlockValue::Zero && upd.parents.is_empty() {
+                    continue; // zeros over a never-written block: nothing to record
+                }
+                upd.stage(batch, lba, prev, new, freed)?;
+            }
+        }
+        Kind::Zero => {
+            // Only blocks that hold something (here or in a parent) need work, so
+            // trimming a huge, mostly empty range is cheap.
+            let mut lbas: Vec<(u64, Option<MapEntry>)> = old.into_iter().map(|(x, e)| (x, Some(e))).collect();
+            if !upd.parents.is_empty() {
+                for x in map::ancestor_lbas(&sh.db, upd.parents, s.first_lba, s.blocks)? {
+                    if !lbas.iter().any(|&(y, _)| y == x) {
+                        lbas.push((x, None));
+                    }
+                }
+            }
+            for (lba, prev) in lbas {
+                upd.stage(batch, lba, prev, BlockValue::Zero, freed)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}

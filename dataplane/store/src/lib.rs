@@ -1,0 +1,60 @@
+//! Berth's block store: thin volumes on a pool, O(1) snapshots and clones,
+//! per-block checksums, and block maps in RocksDB that survive crashes.
+//!
+//! # Fault model
+//!
+//! What the store assumes of the world, and what it promises in return.
+//!
+//! **Process crash (kill -9, panic, OOM kill)** at any moment:
+//! - Data reaches the pool before the map that points at it: a write allocates
+//!   fresh pool blocks (redirect-on-write, never in place), writes them with
+//!   `O_DIRECT`, and only after that I/O completes commits the new mappings in one
+//!   RocksDB batch through its write-ahead log. A crash before the commit leaves
+//!   the old mapping and the old data untouched; the fresh blocks were never
+//!   referenced and are free again at open (the allocator is rebuilt from the maps).
+//! - A block freed by a commit is not reused until that commit is durable and no
+//!   read that could still see it is in flight, so a map can never point at a
+//!   block that was overwritten with other data.
+//! - The WAL is written (not synced) at every group commit, so every
+//!   *acknowledged* write survives a process crash; a FLUSH (or a FUA write) also
+//!   survives a power loss.
+//! - Therefore every block reads as its last flushed content or a later
+//!   acknowledged write: never a checksum error, never another volume's data.
+//!
+//! **Power loss / kernel crash**: FLUSH = `fdatasync` of the pool, then a synced
+//! WAL; after it returns, everything acknowledged before it survives. Writes
+//! acknowledged after the last FLUSH may be lost. If the device lost data it had
+//! acknowledged without the map commit being lost, that block fails its checksum
+//! (EIO), never returns wrong bytes.
+//!
+//! **Torn writes**: a 4 KiB block written partially by a crash is never mapped
+//! (fresh space), so it cannot be read.
+//!
+//! **Misdirected writes and reads, bit rot, latent sector errors**: every 4 KiB
+//! block has a CRC32 seeded with its pool block number, stored in its map entry
+//! and verified on every read and by [`Store::scrub`]. A mismatch is an
+//! [`StoreError::Integrity`] error (EIO on the wire), a log line and a counter.
+//!
+//! **Metadata corruption** (RocksDB checks its own blocks): a record that does not
+//! decode, or two map entries claiming one pool block, stop the open with
+//! [`StoreError::Corrupt`] rather than serving wrong data.
+//!
+//! **Foreign or shared pools**: a wrong magic, version or superblock checksum, a
+//! pool UUID that is not the one the metadata belongs to, or another process
+//! holding the pool's lock refuse the open and change nothing.
+
+pub mod alloc;
+pub mod error;
+mod io_loop;
+pub mod map;
+pub mod meta;
+pub mod pool;
+mod store;
+
+pub use error::{Result, StoreError};
+pub use io_loop::{Op, Outcome, ReadDone, Reply, MAX_REQUEST_BYTES};
+pub use pool::BLOCK_SIZE;
+pub use store::{
+    block_crc, validate_name, Counters, PoolStats, ScrubError, ScrubReport, SnapshotInfo, Store,
+    StoreConfig, Submitter, Target, VolumeInfo, MAX_NAME_BYTES, MAX_VOLUME_BYTES,
+};

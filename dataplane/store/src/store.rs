@@ -1,0 +1,1151 @@
+//! The store: one pool, its metadata database, its catalog of volumes and
+//! snapshots, and the I/O thread that serves reads and writes.
+//!
+//! Control operations (create, snapshot, clone, delete, resize, scrub) run on the
+//! caller's thread under the catalog lock; data operations go to the I/O thread
+//! (`io_loop`). Both change block maps only under that lock, so a snapshot sees
+//! every write acknowledged before it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use berth_io::{Arena, EngineChoice, IoBuf, Waker};
+use parking_lot::{Condvar, Mutex};
+use rocksdb::{WriteBatch, WriteOptions, DB};
+
+use crate::alloc::Allocator;
+use crate::error::{Result, StoreError};
+use crate::io_loop::{self, Op, Outcome, Reply, Request};
+use crate::map::{self, Layer};
+use crate::meta::{
+    self, cf, BlockValue, SnapshotRec, TreeRec, VolumeRec, CF_HEAD, CF_HISTORY, CF_META,
+    CF_SNAPSHOTS, CF_TREES, CF_VOLUMES,
+};
+use crate::pool::{Pool, BLOCK_SIZE};
+
+/// Longest volume or snapshot name accepted.
+pub const MAX_NAME_BYTES: usize = 253;
+/// Largest volume: 2^60 bytes (1 EiB) keeps every block and byte offset in range.
+pub const MAX_VOLUME_BYTES: u64 = 1 << 60;
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Holds `meta/` (RocksDB) and, unless `pool_path` says otherwise, `pool.img`.
+    pub data_dir: PathBuf,
+    /// A block device or file for the pool; default `data_dir/pool.img`.
+    pub pool_path: Option<PathBuf>,
+    /// Size of a new pool file (ignored for block devices and existing pools).
+    pub pool_size_bytes: u64,
+    pub engine: EngineChoice,
+    /// Registered buffer memory shared by all requests.
+    pub arena_bytes: usize,
+    /// Operations in flight in the ring.
+    pub queue_depth: u32,
+}
+
+impl StoreConfig {
+    pub fn new(data_dir: impl Into<PathBuf>, pool_size_bytes: u64) -> Self {
+        StoreConfig {
+            data_dir: data_dir.into(),
+            pool_path: None,
+            pool_size_bytes,
+            engine: EngineChoice::Auto,
+            arena_bytes: 64 << 20,
+            queue_depth: 256,
+        }
+    }
+
+    pub fn pool_path(&self) -> PathBuf {
+        self.pool_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("pool.img"))
+    }
+
+    fn meta_dir(&self) -> PathBuf {
+        self.data_dir.join("meta")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub created_unix: u64,
+    /// The snapshot this volume was cloned from, if it still has a name.
+    pub source_snapshot: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: u64,
+    pub name: String,
+    pub volume: Option<String>,
+    pub size_bytes: u64,
+    pub created_unix: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub block_size: u64,
+    pub total_blocks: u64,
+    /// Blocks referenced by some volume or snapshot.
+    pub used_blocks: u64,
+    /// Freed blocks waiting for a durable commit before reuse.
+    pub pending_free_blocks: u64,
+    pub volumes: u64,
+    pub snapshots: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScrubError {
+    /// Volume or snapshot names that read this block.
+    pub owner: String,
+    pub offset: u64,
+    pub pool_block: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    pub blocks_checked: u64,
+    pub errors: Vec<ScrubError>,
+}
+
+/// What a data request addresses: a volume's head, or a snapshot (read-only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Target {
+    Volume(u64),
+    Snapshot(u64),
+}
+
+/// Counters the volume server exports as metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub checksum_errors: AtomicU64,
+    pub io_errors: AtomicU64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Tree {
+    pub rec: TreeRec,
+    /// Snapshot epoch -> snapshot id.
+    pub readers: BTreeMap<u64, u64>,
+    /// Block ranges `[start, end)` with a write or zeroing in progress.
+    pub busy: Vec<(u64, u64)>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Snap {
+    pub rec: SnapshotRec,
+    pub clones: u32,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub trees: HashMap<u64, Tree>,
+    pub volumes: HashMap<u64, VolumeRec>,
+    pub volume_names: HashMap<String, u64>,
+    pub snaps: HashMap<u64, Snap>,
+    pub snap_names: HashMap<String, u64>,
+    pub next_id: u64,
+    pub alloc: Allocator,
+    /// Orders frees against reads and WAL syncs (see `alloc`).
+    pub seq: u64,
+    pub active_reads: BTreeMap<u64, u32>,
+    /// Frees with a sequence below this are durable.
+    pub synced_seq: u64,
+}
+
+impl Inner {
+    /// The layers a read of `target` walks, and the size it may address.
+    pub fn layers(&self, target: Target) -> Result<(Vec<Layer>, u64)> {
+        let (tree, view, size) = match target {
+            Target::Volume(id) => {
+                let v = self.volumes.get(&id).ok_or_else(|| not_found("volume", id))?;
+                (id, None, v.size_bytes)
+            }
+            Target::Snapshot(id) => {
+                let s = self.snaps.get(&id).ok_or_else(|| not_found("snapshot", id))?;
+                (s.rec.tree, Some(s.rec.epoch), s.rec.size_bytes)
+            }
+        };
+        let mut layers = vec![Layer {
+            tree,
+            view,
+            limit_blocks: u64::MAX,
+        }];
+        self.push_ancestors(tree, &mut layers);
+        Ok((layers, size))
+    }
+
+    pub fn push_ancestors(&self, mut tree: u64, layers: &mut Vec<Layer>) {
+        while let Some((pt, pe, pb)) = self.trees.get(&tree).and_then(|t| t.rec.parent) {
+            let limit = layers.last().map_or(u64::MAX, |l| l.limit_blocks).min(pb);
+            layers.push(Layer {
+                tree: pt,
+                view: Some(pe),
+                limit_blocks: limit,
+            });
+            tree = pt;
+        }
+    }
+
+    pub fn read_start(&mut self) -> u64 {
+        self.seq += 1;
+        *self.active_reads.entry(self.seq).or_default() += 1;
+        self.seq
+    }
+
+    pub fn read_end(&mut self, seq: u64) {
+        if let Some(n) = self.active_reads.get_mut(&seq) {
+            *n -= 1;
+            if *n == 0 {
+                self.active_reads.remove(&seq);
+            }
+        }
+        self.release_frees();
+    }
+
+    /// Queues blocks freed by a commit that is now in the WAL.
+    pub fn free_blocks(&mut self, blocks: &[u64]) {
+        if blocks.is_empty() {
+            return;
+        }
+        self.seq += 1;
+        for &b in blocks {
+            self.alloc.free_later(self.seq, b);
+        }
+    }
+
+    /// A WAL sync that started when `seq` was current has finished.
+    pub fn synced(&mut self, seq: u64) {
+        self.synced_seq = self.synced_seq.max(seq + 1);
+        self.release_frees();
+    }
+
+    pub fn release_frees(&mut self) {
+        if self.alloc.pending_blocks() == 0 {
+            return;
+        }
+        let oldest_read = self.active_reads.keys().next().copied().unwrap_or(u64::MAX);
+        self.alloc.release(self.synced_seq.min(oldest_read));
+    }
+
+    fn volume_info(&self, id: u64) -> Option<VolumeInfo> {
+        let v = self.volumes.get(&id)?;
+        let source_snapshot = self
+            .trees
+            .get(&id)
+            .and_then(|t| t.rec.parent)
+            .and_then(|(pt, pe, _)| {
+                self.snaps
+                    .values()
+                    .find(|s| s.rec.tree == pt && s.rec.epoch == pe && !s.rec.hidden)
+            })
+            .map(|s| s.rec.name.clone());
+        Some(VolumeInfo {
+            id,
+            name: v.name.clone(),
+            size_bytes: v.size_bytes,
+            created_unix: v.created_unix,
+            source_snapshot,
+        })
+    }
+
+    fn snapshot_info(&self, id: u64) -> Option<SnapshotInfo> {
+        let s = self.snaps.get(&id)?;
+        Some(SnapshotInfo {
+            id,
+            name: s.rec.name.clone(),
+            volume: self.volumes.get(&s.rec.tree).map(|v| v.name.clone()),
+            size_bytes: s.rec.size_bytes,
+            created_unix: s.rec.created_unix,
+        })
+    }
+}
+
+fn not_found(kind: &'static str, id: u64) -> StoreError {
+    StoreError::NotFound {
+        kind,
+        name: format!("#{id}"),
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Checks a user-given name: non-empty, bounded, printable, no path separators.
+pub fn validate_name(kind: &str, name: &str) -> Result<()> {
+    let bad = |why: &str| Err(StoreError::InvalidArgument(format!("{kind} name {name:?} {why}")));
+    if name.is_empty() {
+        return bad("is empty");
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return bad(&format!("is longer than {MAX_NAME_BYTES} bytes"));
+    }
+    if name.chars().any(|c| c.is_control() || c == '/' || c == '\\') {
+        return bad("contains a control character or a path separator");
+    }
+    if name == "." || name == ".." {
+        return bad("is reserved");
+    }
+    Ok(())
+}
+
+fn validate_size(size_bytes: u64) -> Result<()> {
+    if size_bytes == 0 || size_bytes > MAX_VOLUME_BYTES {
+        return Err(StoreError::InvalidArgument(format!(
+            "volume size {size_bytes} must be between 1 byte and {MAX_VOLUME_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) struct Shared {
+    pub db: DB,
+    pub pool: Pool,
+    pub arena: Arc<Arena>,
+    pub inner: Mutex<Inner>,
+    pub queue: Mutex<Vec<Request>>,
+    pub parked: AtomicBool,
+    pub waker: OnceLock<Waker>,
+    pub shutdown: AtomicBool,
+    pub counters: Counters,
+}
+
+impl Shared {
+    /// A metadata batch made durable at once (control operations).
+    pub fn write_synced(&self, inner: &mut Inner, batch: WriteBatch) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo)?;
+        let seq = inner.seq;
+        inner.synced(seq);
+        Ok(())
+    }
+
+    /// Data of acknowledged writes on stable storage: pool first, then the WAL, so
+    /// a durable map never points at data that is not.
+    pub fn sync_pool(&self) -> Result<()> {
+        self.pool.file.sync_data().map_err(|source| StoreError::Io {
+            op: "fdatasync",
+            offset: 0,
+            source,
+        })
+    }
+}
+
+/// Submits data requests to a store's I/O thread; see [`Store::submitter`].
+#[derive(Clone)]
+pub struct Submitter {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Submitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submitter").finish()
+    }
+}
+
+impl Submitter {
+    pub fn submit(&self, op: Op, tag: u64, reply: Arc<dyn Reply>) {
+        io_loop::submit(&self.shared, Request { op, tag, reply });
+    }
+
+    /// A buffer for a write of `len` bytes at `offset`; the payload goes at the
+    /// returned position.
+    pub fn write_buffer(&self, offset: u64, len: usize) -> (IoBuf, usize) {
+        io_loop::write_buffer(&self.shared.arena, offset, len)
+    }
+}
+
+/// A Berth block store over one pool.
+pub struct Store {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    engine_name: &'static str,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("pool", &self.shared.pool.path)
+            .field("engine", &self.engine_name)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Formats a new pool and metadata database in `cfg.data_dir`.
+    pub fn create(cfg: &StoreConfig) -> Result<Store> {
+        let meta_dir = cfg.meta_dir();
+        if meta_dir.exists() {
+            return Err(StoreError::FailedPrecondition(format!(
+                "{} already holds a store; open it instead",
+                cfg.data_dir.display()
+            )));
+        }
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| StoreError::PoolFile {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        let pool_path = cfg.pool_path();
+        let pool = Pool::create(&pool_path, Some(cfg.pool_size_bytes))?;
+        let db = match meta::open_db(&meta_dir, true) {
+            Ok(db) => db,
+            Err(e) => {
+                if cfg.pool_path.is_none() {
+                    let _ = std::fs::remove_file(&pool_path);
+                }
+                return Err(e);
+            }
+        };
+        let mut rec = pool.sb.uuid.as_bytes().to_vec();
+        rec.extend_from_slice(&pool.sb.blocks.to_le_bytes());
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf(&db, CF_META), b"pool", rec);
+        batch.put_cf(cf(&db, CF_META), b"next_id", 1u64.to_le_bytes());
+        db.write_opt(batch, &wo)?;
+        tracing::info!(pool = %pool_path.display(), uuid = %pool.sb.uuid, blocks = pool.sb.blocks, "created pool");
+        Self::start(cfg, pool, db)
+    }
+
+    /// Opens an existing store.
+    pub fn open(cfg: &StoreConfig) -> Result<Store> {
+        let meta_dir = cfg.meta_dir();
+        if !meta_dir.exists() {
+            return Err(StoreError::NotFound {
+                kind: "store",
+                name: cfg.data_dir.display().to_string(),
+            });
+        }
+        let pool = Pool::open(&cfg.pool_path())?;
+        let db = meta::open_db(&meta_dir, false)?;
+        let rec = db.get_cf(cf(&db, CF_META), b"pool")?.unwrap_or_default();
+        if rec.len() < 16 || rec[..16] != pool.sb.uuid.as_bytes()[..] {
+            return Err(StoreError::BadPool {
+                path: pool.path.clone(),
+                reason: format!(
+                    "pool {} is not the pool this metadata belongs to",
+                    pool.sb.uuid
+                ),
+            });
+        }
+        Self::start(cfg, pool, db)
+    }
+
+    /// Opens the store in `cfg.data_dir`, creating it if there is none.
+    pub fn open_or_create(cfg: &StoreConfig) -> Result<Store> {
+        if cfg.meta_dir().exists() {
+            Self::open(cfg)
+        } else {
+            Self::create(cfg)
+        }
+    }
+
+    fn start(cfg: &StoreConfig, pool: Pool, db: DB) -> Result<Store> {
+        let inner = load(&db, &pool)?;
+        let arena = Arena::new(cfg.arena_bytes).map_err(|source| StoreError::Io {
+            op: "allocate buffers",
+            offset: 0,
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            db,
+            pool,
+            arena,
+            inner: Mutex::new(inner),
+            queue: Mutex::new(Vec::new()),
+            parked: AtomicBool::new(false),
+            waker: OnceLock::new(),
+            shutdown: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        let (thread, engine_name) = io_loop::spawn(shared.clone(), cfg.engine, cfg.queue_depth)?;
+        Ok(Store {
+            shared,
+            thread: Some(thread),
+            engine_name,
+        })
+    }
+
+    /// `"io_uring"` or `"sync"`.
+    pub fn engine_name(&self) -> &'static str {
+        self.engine_name
+    }
+
+    pub fn arena(&self) -> &Arc<Arena> {
+        &self.shared.arena
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.shared.counters
+    }
+
+    pub fn pool_uuid(&self) -> uuid::Uuid {
+        self.shared.pool.sb.uuid
+    }
+
+    // ---- control ----------------------------------------------------------
+
+    /// Creates a thin volume; the same name and size again returns the existing
+    /// volume, a different size is `AlreadyExists`.
+    pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        validate_name("volume", name)?;
+        validate_size(size_bytes)?;
+        let sh = &self.shared;
+        let mut inner = sh.inner.lock();
+        if let Some(&id) = inner.volume_names.get(name) {
+            return existing_volume(&inner, id, size_bytes, None);
+        }
+        let id = inner.next_id;
+        let tree = TreeRec {
+            parent: None,
+            head_epoch: 1,
+            live: true,
+        };
+        let vol = VolumeRec {
+            name: name.to_string(),
+            size_bytes,
+            created_unix: now_unix(),
+        };
+        let mut b = WriteBatch::default();
+        b.put_cf(cf(&sh.db, CF_TREES), meta::id_key(id), tree.encode());
+        b.put_cf(cf(&sh.db, CF_VOLUMES), meta::id_key(id), vol.encode());
+        b.put_cf(cf(&sh.db, CF_META), b"next_id", (id + 1).to_le_bytes());
+        sh.write_synced(&mut inner, b)?;
+        inner.next_id = id + 1;
+        inner.trees.insert(
+            id,
+            Tree {
+                rec: tree,
+                readers: BTreeMap::new(),
+                busy: Vec::new(),
+            },
+        );
+        inner.volumes.insert(id, vol);
+        inner.volume_names.insert(name.to_string(), id);
+        tracing::info!(volume = name, id, size_bytes, "created volume");
+        Ok(inner.volume_info(id).expect("just inserted"))
+    }
+
+    pub fn volume(&self, name: &str) -> Result<VolumeInfo> {
+        let inner = self.shared.inner.lock();
+        let id = *inner.volume_names.get(name).ok_or_else(|| StoreError::NotFound {
+            kind: "volume",
+            name: name.to_string(),
+        })?;
+        Ok(inner.volume_info(id).expect("named volume exists"))
+    }
+
+    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
+        let inner = self.shared.inner.lock();
+        let mut v: Vec<_> = inner.volumes.keys().filter_map(|&id| inner.volume_info(id)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Grows a volume online; shrinking is refused.
+    pub fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        validate_size(size_bytes)?;
+        let sh = &self.shared;
+        let mut inner = sh.inner.lock();
+        let id = *inner.volume_names.get(name).ok_or_else(|| StoreError::NotFound {
+            kind: "volume",
+            name: name.to_string(),
+        })?;
+        let mut rec = inner.volumes[&id].clone();
+        if size_bytes < rec.size_bytes {
+            return Err(StoreError::ShrinkRefused {
+                volume: name.to_string(),
+                size_bytes: rec.size_bytes,
+                requested_bytes: size_bytes,
+            });
+        }
+        if size_bytes > rec.size_bytes {
+            rec.size_bytes = size_bytes;
+            let mut b = WriteBatch::default();
+            b.put_cf(cf(&sh.db, CF_VOLUMES), meta::id_key(id), rec.encode());
+            sh.write_synced(&mut inner, b)?;
+            inner.volumes.insert(id, rec);
+            tracing::info!(volume = name, size_bytes, "resized volume");
+        }
+        Ok(inner.volume_info(id).expect("named volume exists"))
+    }
+
+    /// Deletes a volume. Blocks its snapshots (or clones through them) still read
+    /// stay; the rest go back to the pool.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let sh = &self.shared;
+        let mut inner = sh.inner.lock();
+        let id = *inner.volume_names.get(name).ok_or_else(|| StoreError::NotFound {
+            kind: "volume",
+            name: name.to_string(),
+        })?;
+        if !inner.trees[&id].busy.is_empty() {
+            return Err(StoreError::FailedPrecondition(format!(
+                "volume {name:?} has writes in flight; retry when they finish"
+            )));
+        }
+        let mut b = WriteBatch::default();
+        let mut freed = Vec::new();
+        b.delete_cf(cf(&sh.db, CF_VOLUMES), meta::id_key(id));
+        inner.volumes.remove(&id);
+        inner.volume_names.remove(name);
+        if let Some(t) = inner.trees.get_mut(&id) {
+            t.rec.live = false;
+        }
+        settle_tree(sh, &mut inner, &mut b, id, &mut freed)?;
+        sh.write_synced(&mut inner, b)?;
+        inner.free_blocks(&freed);
+        inner.synced(inner.seq);
+        tracing::info!(volume = name, freed_blocks = freed.len(), "deleted volume");
+        Ok(())
+    }
+
+    /// Takes a point-in-time, read-only snapshot of a volume (O(1)). The same
+    /// name for the same volume again returns the existing snapshot.
+    pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<SnapshotInfo> {
+        validate_name("snapshot", name)?;
+        let sh = &self.shared;
+        let mut inner = sh.inner.lock();
+        let vid = *inner.volume_names.get(volume).ok_or_else(|| StoreError::NotFound {
+            kind: "volume",
+            name: volume.to_string(),
+        })?;
+        if let Some(&sid) = inner.snap_names.get(name) {
+            let s = &inner.snaps[&sid];
+            if s.rec.tree == vid {
+                return Ok(inner.snapshot_info(sid).expect("named snapshot exists"));
+            }
+            return Err(StoreError::AlreadyExists {
+                kind: "snapshot",
+                name: name.to_string(),
+                detail: "it is a snapshot of another volume".into(),
+            });
+        }
+        // Acknowledged writes are in the pool; make them durable before the
+        // snapshot that captures them is.
+        sh.sync_pool()?;
+        let sid = inner.next_id;
+        let tree = inner.trees.get(&vid).expect("volume has a tree");
+        let epoch = tree.rec.head_epoch;
+        let mut trec = tree.rec.clone();
+        trec.head_epoch += 1;
+        let srec = SnapshotRec {
+            name: name.to_string(),
+            tree: vid,
+            epoch,
+            size_bytes: inner.volumes[&vid].size_bytes,
+            created_unix: now_unix(),
+            hidden: false,
+        };
+        let mut b = WriteBatch::default();
+        b.put_cf(cf(&sh.db, CF_TREES), meta::id_key(vid), trec.encode());
+        b.put_cf(cf(&sh.db, CF_SNAPSHOTS), meta::id_key(sid), srec.encode());
+        b.put_cf(cf(&sh.db, CF_META), b"next_id", (sid + 1).to_le_bytes());
+        sh.write_synced(&mut inner, b)?;
+        inner.next_id = sid + 1;
+        let t = inner.trees.get_mut(&vid).expect("volume has a tree");
+        t.rec = trec;
+        t.readers.insert(epoch, sid);
+        inner.snaps.insert(sid, Snap { rec: srec, clones: 0 });
+        inner.snap_names.insert(name.to_string(), sid);
+        tracing::info!(volume, snapshot = name, epoch, "created snapshot");
+        Ok(inner.snapshot_info(sid).expect("just inserted"))
+    }
+
+    pub fn snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        let inner = self.shared.inner.lock();
+        let id = *inner.snap_names.get(name).ok_or_else(|| StoreError::NotFound {
+            kind: "snapshot",
+            name: name.to_string(),
+        })?;
+        Ok(inner.snapshot_info(id).expect("named snapshot exists"))
+    }
+
+    pub fn list_snapshots(&self) -> Vec<SnapshotInfo> {
+        let inner = self.shared.inner.lock();
+        let mut v: Vec<_> = inner
+            .snap_names
+            .values()
+            .filter_map(|&id| inner.snapshot_info(id))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Deletes a snapshot. While clones still read through it, it is only hidden
+    /// (its name is free again); its blocks go back when the last clone does.
+    pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        let sh = &self.shared;
+        let mut inner = sh.inner.lock();
+        let sid = *inner.snap_names.get(name).ok_or_else(|| StoreError::NotFound {
+            kind: "snapshot",
+            name: name.to_string(),
+        })?;
+        inner.snap_names.remove(name);
+        let mut b = WriteBatch::default();
+        let mut freed = Vec::new();
+        drop_snapshot(sh, &mut inner, &mut b, sid, &mut freed)?;
+        sh.write_synced(&mut inner, b)?;
+        inner.free_blocks(&freed);
+        inner.synced(inner.seq);
+        tracing::info!(snapshot = name, freed_blocks = freed.len(), "deleted snapshot");
+        Ok(())
+    }
+
+    /// Creates a writable volume from a snapshot (O(1)). `size_bytes` defaults to
+    /// the snapshot's size and may be larger, never smaller.
+    pub fn clone_snapshot(
+        &self,
+        snapshot: &str,
+        name: &str,
+        size_bytes: Option<u64>,
+    ) -> Result<VolumeInfo> {
+        validate_name("volume", name)?;
+        let sh = &self.shared;
+        let mut inner = sh.inner.lock();
+        let sid = *inner.snap_names.get(snapshot).ok_or_else(|| StoreError::NotFound {
+            kind: "snapshot",
+            name: snapshot.to_string(),
+        })?;
+        let src = inner.snaps[&sid].rec.clone();
+        let size_bytes = size_bytes.unwrap_or(src.size_bytes);
+        validate_size(size_bytes)?;
+        if size_bytes < src.size_bytes {
+            return Err(StoreError::InvalidArgument(format!(
+                "clone size {size_bytes} is smaller than snapshot {snapshot:?} ({} bytes)",
+                src.size_bytes
+            )));
+        }
+        let parent = (src.tree, src.epoch, src.size_bytes.div_ceil(BLOCK_SIZE));
+        if let Some(&id) = inner.volume_names.get(name) {
+            return existing_volume(&inner, id, size_bytes, Some(parent));
+        }
+        let id = inner.next_id;
+        let tree = TreeRec {
+            parent: Some(parent),
+            head_epoch: 1,
+            live: true,
+        };
+        let vol = VolumeRec {
+            name: name.to_string(),
+            size_bytes,
+            created_unix: now_unix(),
+        };
+        let mut b = WriteBatch::default();
+        b.put_cf(cf(&sh.db, CF_TREES), meta::id_key(id), tree.encode());
+        b.put_cf(cf(&sh.db, CF_VOLUMES), meta::id_key(id), vol.encode());
+        b.put_cf(cf(&sh.db, CF_META), b"next_id", (id + 1).to_le_bytes());
+        sh.write_synced(&mut inner, b)?;
+        inner.next_id = id + 1;
+        inner.trees.insert(
+            id,
+            Tree {
+                rec: tree,
+                readers: BTreeMap::new(),
+                busy: Vec::new(),
+            },
+        );
+        inner.volumes.insert(id, vol);
+        inner.volume_names.insert(name.to_string(), id);
+        if let Some(s) = inner.snaps.get_mut(&sid) {
+            s.clones += 1;
+        }
+        tracing::info!(snapshot, volume = name, "cloned snapshot");
+        Ok(inner.volume_info(id).expect("just inserted"))
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let inner = self.shared.inner.lock();
+        let a = &inner.alloc;
+        PoolStats {
+            block_size: BLOCK_SIZE,
+            total_blocks: a.blocks(),
+            used_blocks: a.blocks() - a.free_blocks() - a.pending_blocks(),
+            pending_free_blocks: a.pending_blocks(),
+            volumes: inner.volumes.len() as u64,
+            snapshots: inner.snap_names.len() as u64,
+        }
+    }
+
+    /// Makes every acknowledged write durable and returns freed space to the
+    /// allocator (the same as an NBD FLUSH, from a control thread).
+    pub fn sync(&self) -> Result<()> {
+        self.flush()
+    }
+
+    /// Reads every allocated block of the pool and checks its checksum.
+    pub fn scrub(&self) -> Result<ScrubReport> {
+        use std::os::unix::fs::FileExt;
+        let sh = &self.shared;
+        // Blocks freed while we scan are not reused until we finish.
+        let seq = sh.inner.lock().read_start();
+        let result = (|| {
+            let mut report = ScrubReport::default();
+            let mut buf = IoBuf::heap(BLOCK_SIZE as usize);
+            for family in [CF_HEAD, CF_HISTORY] {
+                let mut it = sh.db.raw_iterator_cf(cf(&sh.db, family));
+                it.seek_to_first();
+                while let (Some(k), Some(v)) = (it.key(), it.value()) {
+                    let entry = meta::MapEntry::decode(v)?;
+                    if let BlockValue::Data { block, crc } = entry.value {
+                        report.blocks_checked += 1;
+                        let off = sh.pool.block_offset(block);
+                        let ok = match sh.pool.file.read_exact_at(buf.as_mut_slice(), off) {
+                            Ok(()) => block_crc(block, buf.as_slice()) == crc,
+                            Err(_) => false,
+                        };
+                        if !ok {
+                            let (tree, lba, epoch) = meta::parse_key(k).unwrap_or((0, 0, None));
+                            let owner = owner_names(&sh.inner.lock(), tree, epoch);
+                            sh.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(owner, offset = lba * BLOCK_SIZE, pool_block = block, "scrub: checksum mismatch");
+                            report.errors.push(ScrubError {
+                                owner,
+                                offset: lba * BLOCK_SIZE,
+                                pool_block: block,
+                            });
+                        }
+                    }
+                    it.next();
+                }
+                it.status()?;
+            }
+            Ok(report)
+        })();
+        sh.inner.lock().read_end(seq);
+        result
+    }
+
+    // ---- data -------------------------------------------------------------
+
+    /// The data-path handle of a volume.
+    pub fn volume_target(&self, name: &str) -> Result<Target> {
+        Ok(Target::Volume(self.volume(name)?.id))
+    }
+
+    /// The read-only data-path handle of a snapshot.
+    pub fn snapshot_target(&self, name: &str) -> Result<Target> {
+        Ok(Target::Snapshot(self.snapshot(name)?.id))
+    }
+
+    /// Hands a request to the I/O thread; `reply` is called from it with `tag`.
+    pub fn submit(&self, op: Op, tag: u64, reply: Arc<dyn Reply>) {
+        io_loop::submit(&self.shared, Request { op, tag, reply });
+    }
+
+    /// A handle that submits requests (from any thread, including inside a
+    /// `Reply`) without owning the store.
+    pub fn submitter(&self) -> Submitter {
+        Submitter {
+            shared: self.shared.clone(),
+        }
+    }
+
+    fn call(&self, op: Op) -> Outcome {
+        let waiter = Arc::new(Waiter::default());
+        self.submit(op, 0, waiter.clone());
+        let mut slot = waiter.result.lock();
+        loop {
+            if let Some(o) = slot.take() {
+                return o;
+            }
+            waiter.cond.wait(&mut slot);
+        }
+    }
+
+    /// Reads `len` bytes at `offset` (blocking).
+    pub fn read(&self, target: Target, offset: u64, len: usize) -> Result<Vec<u8>> {
+        match self.call(Op::Read { target, offset, len }) {
+            Outcome::Read(r) => r.map(|d| d.bytes().to_vec()),
+            Outcome::Done(Err(e)) => Err(e),
+            other => unreachable_outcome(other),
+        }
+    }
+
+    /// Writes `data` at `offset` (blocking); with `fua` it is durable on return.
+    pub fn write(&self, target: Target, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let (buf, start) = self.write_buffer(offset, data.len());
+        let mut buf = buf;
+        buf.as_mut_slice()[start..start + data.len()].copy_from_slice(data);
+        self.write_buf(target, offset, data.len(), buf, fua)
+    }
+
+    /// A buffer laid out for a write of `len` bytes at `offset`: the payload goes
+    /// at the returned position (so the NBD frontend can receive straight into it).
+    pub fn write_buffer(&self, offset: u64, len: usize) -> (IoBuf, usize) {
+        io_loop::write_buffer(&self.shared.arena, offset, len)
+    }
+
+    /// Writes a buffer from [`Store::write_buffer`] (blocking).
+    pub fn write_buf(&self, target: Target, offset: u64, len: usize, buf: IoBuf, fua: bool) -> Result<()> {
+        self.done(self.call(Op::Write { target, offset, len, buf, fua }))
+    }
+
+    /// Zeroes a range; `trim` frees the space (both read back as zeros).
+    pub fn write_zeroes(&self, target: Target, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.done(self.call(Op::Zero { target, offset, len, trim: false, fua }))
+    }
+
+    pub fn trim(&self, target: Target, offset: u64, len: u64) -> Result<()> {
+        self.done(self.call(Op::Zero { target, offset, len, trim: true, fua: false }))
+    }
+
+    /// Makes every write acknowledged so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.done(self.call(Op::Flush))
+    }
+
+    fn done(&self, o: Outcome) -> Result<()> {
+        match o {
+            Outcome::Done(r) => r,
+            other => unreachable_outcome(other),
+        }
+    }
+}
+
+fn unreachable_outcome<T>(o: Outcome) -> Result<T> {
+    Err(StoreError::FailedPrecondition(format!(
+        "unexpected outcome {o:?}"
+    )))
+}
+
+#[derive(Default)]
+struct Waiter {
+    result: Mutex<Option<Outcome>>,
+    cond: Condvar,
+}
+
+impl Reply for Waiter {
+    fn reply(&self, _tag: u64, outcome: Outcome) {
+        *self.result.lock() = Some(outcome);
+        self.cond.notify_one();
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        if let Some(w) = self.shared.waker.get() {
+            w.wake();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The checksum of a pool block: CRC32 seeded with the block's number, so data
+/// that lands in (or is read from) the wrong place does not verify.
+pub fn block_crc(block: u64, data: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&block.to_le_bytes());
+    h.update(data);
+    h.finalize()
+}
+
+fn existing_volume(
+    inner: &Inner,
+    id: u64,
+    size_bytes: u64,
+    parent: Option<(u64, u64, u64)>,
+) -> Result<VolumeInfo> {
+    let info = inner.volume_info(id).expect("named volume exists");
+    let same_parent = inner.trees.get(&id).map(|t| t.rec.parent) == Some(parent);
+    if info.size_bytes == size_bytes && same_parent {
+        return Ok(info);
+    }
+    Err(StoreError::AlreadyExists {
+        kind: "volume",
+        name: info.name.clone(),
+        detail: format!(
+            "existing volume has {} bytes{}",
+            info.size_bytes,
+            if same_parent { "" } else { " and another source" }
+        ),
+    })
+}
+
+fn owner_names(inner: &Inner, tree: u64, epoch: Option<u64>) -> String {
+    let mut names = Vec::new();
+    if let Some(v) = inner.volumes.get(&tree) {
+        names.push(format!("volume {}", v.name));
+    }
+    if let Some(t) = inner.trees.get(&tree) {
+        for (&e, sid) in &t.readers {
+            if epoch.is_none_or(|x| e >= x) {
+                if let Some(s) = inner.snaps.get(sid) {
+                    names.push(format!("snapshot {}", s.rec.name));
+                }
+            }
+        }
+    }
+    if names.is_empty() {
+        format!("tree #{tree}")
+    } else {
+        names.join(", ")
+    }
+}
+
+/// Removes a snapshot (or hides it while clones read through it) and collects
+/// what no one sees any more.
+fn drop_snapshot(
+    sh: &Shared,
+    inner: &mut Inner,
+    b: &mut WriteBatch,
+    sid: u64,
+    freed: &mut Vec<u64>,
+) -> Result<()> {
+    let Some(s) = inner.snaps.get_mut(&sid) else {
+        return Ok(());
+    };
+    if s.clones > 0 {
+        s.rec.hidden = true;
+        b.put_cf(cf(&sh.db, CF_SNAPSHOTS), meta::id_key(sid), s.rec.encode());
+        return Ok(());
+    }
+    let rec = s.rec.clone();
+    inner.snaps.remove(&sid);
+    b.delete_cf(cf(&sh.db, CF_SNAPSHOTS), meta::id_key(sid));
+    if let Some(t) = inner.trees.get_mut(&rec.tree) {
+        t.readers.remove(&rec.epoch);
+    }
+    settle_tree(sh, inner, b, rec.tree, freed)
+}
+
+/// After a tree lost its volume or a reader: collect its garbage, and drop it
+/// entirely when no one reads it (which may release its parent snapshot).
+fn settle_tree(
+    sh: &Shared,
+    inner: &mut Inner,
+    b: &mut WriteBatch,
+    tree: u64,
+    freed: &mut Vec<u64>,
+) -> Result<()> {
+    let Some(t) = inner.trees.get(&tree) else {
+        return Ok(());
+    };
+    let (live, parent) = (t.rec.live, t.rec.parent);
+    map::collect_garbage(&sh.db, b, tree, live, &t.readers, freed)?;
+    if live || !t.readers.is_empty() {
+        return Ok(());
+    }
+    inner.trees.remove(&tree);
+    b.delete_cf(cf(&sh.db, CF_TREES), meta::id_key(tree));
+    if let Some((pt, pe, _)) = parent {
+        let pin = inner.trees.get(&pt).and_then(|t| t.readers.get(&pe)).copied();
+        if let Some(psid) = pin {
+            let release = match inner.snaps.get_mut(&psid) {
+                Some(s) => {
+                    s.clones = s.clones.saturating_sub(1);
+                    s.clones == 0 && s.rec.hidden
+                }
+                None => false,
+            };
+            if release {
+                drop_snapshot(sh, inner, b, psid, freed)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the catalog and rebuilds the allocator from the block maps.
+fn load(db: &DB, pool: &Pool) -> Result<Inner> {
+    let corrupt = |what: &str, detail: String| StoreError::Corrupt {
+        what: what.into(),
+        detail,
+    };
+    let be = |k: &[u8]| -> Result<u64> {
+        let a: [u8; 8] = k.try_into().map_err(|_| corrupt("key", format!("{k:?}")))?;
+        Ok(u64::from_be_bytes(a))
+    };
+    let next_id = db
+        .get_cf(cf(db, CF_META), b"next_id")?
+        .and_then(|v| v.try_into().ok().map(u64::from_le_bytes))
+        .ok_or_else(|| corrupt("next_id", "missing".into()))?;
+    let mut inner = Inner {
+        trees: HashMap::new(),
+        volumes: HashMap::new(),
+        volume_names: HashMap::new(),
+        snaps: HashMap::new(),
+        snap_names: HashMap::new(),
+        next_id,
+        alloc: Allocator::new(pool.sb.blocks),
+        seq: 0,
+        active_reads: BTreeMap::new(),
+        synced_seq: 0,
+    };
+    for item in db.iterator_cf(cf(db, CF_TREES), rocksdb::IteratorMode::Start) {
+        let (k, v) = item?;
+        inner.trees.insert(
+            be(&k)?,
+            Tree {
+                rec: TreeRec::decode(&v)?,
+                readers: BTreeMap::new(),
+                busy: Vec::new(),
+            },
+        );
+    }
+    for item in db.iterator_cf(cf(db, CF_VOLUMES), rocksdb::IteratorMode::Start) {
+        let (k, v) = item?;
+        let id = be(&k)?;
+        let rec = VolumeRec::decode(&v)?;
+        inner.volume_names.insert(rec.name.clone(), id);
+        inner.volumes.insert(id, rec);
+    }
+    for item in db.iterator_cf(cf(db, CF_SNAPSHOTS), rocksdb::IteratorMode::Start) {
+        let (k, v) = item?;
+        let id = be(&k)?;
+        let rec = SnapshotRec::decode(&v)?;
+        let t = inner
+            .trees
+            .get_mut(&rec.tree)
+            .ok_or_else(|| corrupt("snapshot", format!("{} has no tree", rec.name)))?;
+        t.readers.insert(rec.epoch, id);
+        if !rec.hidden {
+            inner.snap_names.insert(rec.name.clone(), id);
+        }
+        inner.snaps.insert(id, Snap { rec, clones: 0 });
+    }
+    let parents: Vec<(u64, u64)> = inner
+        .trees
+        .values()
+        .filter_map(|t| t.rec.parent.map(|(pt, pe, _)| (pt, pe)))
+        .collect();
+    for (pt, pe) in parents {
+        let sid = inner.trees.get(&pt).and_then(|t| t.readers.get(&pe)).copied();
+        match sid.and_then(|sid| inner.snaps.get_mut(&sid)) {
+            Some(s) => s.clones += 1,
+            None => return Err(corrupt("tree", format!("clone of missing snapshot {pt}@{pe}"))),
+        }
+    }
+    for family in [CF_HEAD, CF_HISTORY] {
+        for item in db.iterator_cf(cf(db, family), rocksdb::IteratorMode::Start) {
+            let (k, v) = item?;
+            if let BlockValue::Data { block, .. } = meta::MapEntry::decode(&v)?.value {
+                if !inner.alloc.mark_used(block) {
+                    return Err(corrupt(
+                        "block map",
+                        format!("pool block {block} claimed twice or out of range (key {k:?})"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(inner)
+}

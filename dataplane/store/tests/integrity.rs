@@ -1,0 +1,246 @@
+//! Corruption, full pools, concurrency and bad input against a real store.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use berth_store::{Store, StoreConfig, StoreError, Target, BLOCK_SIZE};
+
+const BS: usize = BLOCK_SIZE as usize;
+
+fn block(tag: &str) -> Vec<u8> {
+    let mut b = vec![0u8; BS];
+    for (i, chunk) in b.chunks_mut(64).enumerate() {
+        let s = format!("{tag}:{i:04}:");
+        chunk[..s.len()].copy_from_slice(s.as_bytes());
+    }
+    b
+}
+
+/// Pool byte offset where `data` is stored (found by content).
+fn find_in_pool(path: &std::path::Path, data: &[u8]) -> u64 {
+    let pool = std::fs::read(path).expect("read pool");
+    let pos = pool
+        .chunks(BS)
+        .position(|c| c == data)
+        .expect("block is in the pool");
+    (pos * BS) as u64
+}
+
+fn flip_bit(path: &std::path::Path, offset: u64) {
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open pool");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).expect("read");
+    b[0] ^= 0x10;
+    f.write_all_at(&b, offset).expect("write");
+    f.sync_all().expect("sync");
+}
+
+#[test]
+fn flipped_bits_fail_reads_loudly_and_scrub_names_exactly_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig::new(dir.path(), 16 << 20);
+    let store = Store::create(&cfg).expect("create");
+    let v = store.volume_target(&store.create_volume("db", 1 << 20).expect("volume").name).expect("t");
+    for i in 0..8u64 {
+        store.write(v, i * BLOCK_SIZE, &block(&format!("live{i}")), false).expect("write");
+    }
+    store.create_snapshot("db", "snap").expect("snapshot");
+    // Overwrite block 2 after the snapshot: the old version now belongs to it.
+    store.write(v, 2 * BLOCK_SIZE, &block("new2"), false).expect("write");
+    store.clone_snapshot("snap", "clone", None).expect("clone");
+    store.flush().expect("flush");
+    assert!(store.scrub().expect("scrub").errors.is_empty());
+
+    // Corrupt block 5 (shared by volume, snapshot and clone) and the snapshot's
+    // old block 2.
+    let pool = cfg.pool_path();
+    flip_bit(&pool, find_in_pool(&pool, &block("live5")) + 100);
+    flip_bit(&pool, find_in_pool(&pool, &block("live2")) + 4000);
+
+    let snap = store.snapshot_target("snap").expect("snap");
+    let clone = store.volume_target("clone").expect("clone");
+    for t in [v, snap, clone] {
+        match store.read(t, 5 * BLOCK_SIZE, BS) {
+            Err(StoreError::Integrity { offset, .. }) => assert_eq!(offset, 5 * BLOCK_SIZE),
+            other => panic!("corrupt block read as {other:?}"),
+        }
+        // A read spanning good and bad blocks fails as a whole, never returns bytes.
+        assert!(store.read(t, 4 * BLOCK_SIZE, 2 * BS).is_err());
+        assert_eq!(store.read(t, 6 * BLOCK_SIZE, BS).expect("good block"), block("live6"));
+    }
+    assert!(matches!(store.read(snap, 2 * BLOCK_SIZE, 10), Err(StoreError::Integrity { .. })));
+    assert_eq!(store.read(v, 2 * BLOCK_SIZE, BS).expect("volume's new block 2"), block("new2"));
+    assert!(store.counters().checksum_errors.load(std::sync::atomic::Ordering::Relaxed) >= 4);
+
+    let report = store.scrub().expect("scrub");
+    assert_eq!(report.errors.len(), 2, "{report:?}");
+    let mut offsets: Vec<u64> = report.errors.iter().map(|e| e.offset).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, vec![2 * BLOCK_SIZE, 5 * BLOCK_SIZE]);
+    assert!(report.errors.iter().any(|e| e.owner.contains("snapshot snap")), "{report:?}");
+    assert_eq!(report.blocks_checked, 9);
+
+    // Rewriting the corrupt block heals the volume.
+    store.write(v, 5 * BLOCK_SIZE, &block("fixed5"), false).expect("write");
+    assert_eq!(store.read(v, 5 * BLOCK_SIZE, BS).expect("read"), block("fixed5"));
+}
+
+#[test]
+fn a_full_pool_refuses_writes_loses_nothing_and_recovers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 2 MiB pool file: 1 MiB header area, 256 data blocks.
+    let store = Store::create(&StoreConfig::new(dir.path(), 2 << 20)).expect("create");
+    let total = store.stats().total_blocks;
+    assert_eq!(total, 256);
+    let a = store.volume_target(&store.create_volume("a", 8 << 20).expect("a").name).expect("t");
+    let b = store.volume_target(&store.create_volume("b", 8 << 20).expect("b").name).expect("t");
+    for i in 0..200u64 {
+        store.write(a, i * BLOCK_SIZE, &block(&format!("a{i}")), false).expect("fill a");
+    }
+    let mut written = 0;
+    let err = loop {
+        match store.write(b, written * BLOCK_SIZE, &block(&format!("b{written}")), false) {
+            Ok(()) => written += 1,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(written, 56);
+    assert!(matches!(err, StoreError::NoSpace { .. }), "{err}");
+    assert_eq!(err.errno(), libc::ENOSPC);
+    // Overwriting needs fresh space too (redirect-on-write): refused, old data kept.
+    assert!(store.write(a, 0, &block("over"), false).is_err());
+    for i in [0u64, 100, 199] {
+        assert_eq!(store.read(a, i * BLOCK_SIZE, BS).expect("read"), block(&format!("a{i}")));
+    }
+    // Trimming frees space; writes work again.
+    store.trim(a, 0, 100 * BLOCK_SIZE).expect("trim");
+    store.flush().expect("flush");
+    for i in 0..50u64 {
+        store.write(b, (written + i) * BLOCK_SIZE, &block(&format!("b{}", written + i)), false).expect("write after trim");
+    }
+    assert_eq!(store.read(b, 3 * BLOCK_SIZE, BS).expect("read"), block("b3"));
+    store.delete_volume("a").expect("delete");
+    store.sync().expect("sync");
+    assert_eq!(store.stats().used_blocks, 106);
+}
+
+#[test]
+fn concurrent_overlapping_writes_never_mix_within_a_block() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(Store::create(&StoreConfig::new(dir.path(), 64 << 20)).expect("create"));
+    let t = store.volume_target(&store.create_volume("v", 64 * BLOCK_SIZE).expect("v").name).expect("t");
+    let threads: Vec<_> = (0..4u8)
+        .map(|w| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for round in 0..50u64 {
+                    // Whole, overlapping 3-block writes of one byte value.
+                    let start = (round * 7 + u64::from(w)) % 60;
+                    store.write(t, start * BLOCK_SIZE, &vec![w + 1; 3 * BS], false).expect("write");
+                    // Sub-block writes into distinct quarters of block 63.
+                    let off = 63 * BLOCK_SIZE + u64::from(w) * 1024;
+                    store.write(t, off, &vec![0x10 + w; 1024], round % 10 == 0).expect("partial");
+                }
+            })
+        })
+        .collect();
+    for th in threads {
+        th.join().expect("writer");
+    }
+    let all = store.read(t, 0, 64 * BS).expect("read");
+    for (i, b) in all.chunks(BS).take(63).enumerate() {
+        assert!(b.iter().all(|&x| x == b[0]), "block {i} mixes writes");
+    }
+    // No quarter was lost to a racing read-modify-write.
+    for w in 0..4u8 {
+        let q = &all[63 * BS + usize::from(w) * 1024..][..1024];
+        assert!(q.iter().all(|&x| x == 0x10 + w), "quarter {w} lost");
+    }
+}
+
+#[test]
+fn bad_names_sizes_and_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::create(&StoreConfig::new(dir.path(), 16 << 20)).expect("create");
+    for name in ["", "a/b", "..", "x\ny", &"n".repeat(300)] {
+        assert!(matches!(store.create_volume(name, 4096), Err(StoreError::InvalidArgument(_))), "{name:?}");
+    }
+    assert!(matches!(store.create_volume("v", 0), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(store.create_volume("v", u64::MAX), Err(StoreError::InvalidArgument(_))));
+    store.create_volume("v", 1 << 20).expect("create");
+    store.create_volume("v", 1 << 20).expect("same request again is idempotent");
+    assert!(matches!(store.create_volume("v", 2 << 20), Err(StoreError::AlreadyExists { .. })));
+    assert!(matches!(store.resize_volume("v", 4096), Err(StoreError::ShrinkRefused { .. })));
+    assert!(matches!(store.delete_volume("nope"), Err(StoreError::NotFound { .. })));
+    assert!(matches!(store.create_snapshot("nope", "s"), Err(StoreError::NotFound { .. })));
+    store.create_snapshot("v", "s").expect("snapshot");
+    store.create_volume("w", 1 << 20).expect("w");
+    assert!(matches!(store.create_snapshot("w", "s"), Err(StoreError::AlreadyExists { .. })));
+    assert!(matches!(store.clone_snapshot("s", "c", Some(4096)), Err(StoreError::InvalidArgument(_))));
+    let snap = store.snapshot_target("s").expect("snap");
+    assert!(matches!(store.write(snap, 0, b"x", false), Err(StoreError::ReadOnly { .. })));
+    let t = store.volume_target("v").expect("v");
+    let e = store.write(t, (1 << 20) - 1, b"xy", false).expect_err("past the end");
+    assert!(e.to_string().contains("outside volume \"v\""), "{e}");
+    assert!(store.write(t, 0, &[], false).is_err(), "zero-length write");
+    store.resize_volume("v", 2 << 20).expect("grow online");
+    store.write(t, (1 << 20) - 1, b"xy", false).expect("write across the old end");
+    assert_eq!(store.read(t, (1 << 20) - 1, 2).expect("read"), b"xy");
+}
+
+#[test]
+fn a_second_opener_a_foreign_pool_and_missing_files_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig::new(dir.path().join("one"), 16 << 20);
+    let store = Store::create(&cfg).expect("create");
+    match Store::open(&cfg) {
+        Err(StoreError::PoolLocked { .. }) => {}
+        other => panic!("second opener got {other:?}"),
+    }
+    assert!(Store::create(&cfg).is_err(), "formatting over a live store");
+    drop(store);
+
+    let other = StoreConfig::new(dir.path().join("two"), 16 << 20);
+    drop(Store::create(&other).expect("create two"));
+    // Metadata of one with the pool of the other.
+    let swapped = StoreConfig {
+        pool_path: Some(other.pool_path()),
+        ..cfg.clone()
+    };
+    let before = std::fs::read(other.pool_path()).expect("read");
+    match Store::open(&swapped) {
+        Err(StoreError::BadPool { reason, .. }) => assert!(reason.contains("not the pool"), "{reason}"),
+        other => panic!("foreign pool got {other:?}"),
+    }
+    assert_eq!(std::fs::read(other.pool_path()).expect("read"), before, "nothing written");
+
+    std::fs::remove_file(cfg.pool_path()).expect("rm");
+    assert!(matches!(Store::open(&cfg), Err(StoreError::PoolFile { .. })));
+    assert!(matches!(
+        Store::open(&StoreConfig::new(dir.path().join("none"), 0)),
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn snapshots_and_clones_are_metadata_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::create(&StoreConfig::new(dir.path(), 64 << 20)).expect("create");
+    // A 64 GiB thin volume with a few blocks: snapshot and clone copy nothing.
+    let t = store.volume_target(&store.create_volume("big", 64 << 30).expect("v").name).expect("t");
+    for i in 0..16u64 {
+        store.write(t, i << 30, &block(&format!("g{i}")), false).expect("write");
+    }
+    let used = store.stats().used_blocks;
+    store.create_snapshot("big", "s").expect("snapshot");
+    let c = store.clone_snapshot("s", "c", None).expect("clone");
+    assert_eq!(store.stats().used_blocks, used);
+    // A 4 KiB write after the snapshot costs exactly one block.
+    store.write(t, 0, &block("after"), false).expect("write");
+    assert_eq!(store.stats().used_blocks, used + 1);
+    let ct = Target::Volume(c.id);
+    assert_eq!(store.read(ct, 0, BS).expect("clone read"), block("g0"));
+    store.write(ct, 5 << 30, &block("clone5"), false).expect("clone write");
+    assert_eq!(store.read(t, 5 << 30, BS).expect("volume untouched"), block("g5"));
+    assert_eq!(store.stats().used_blocks, used + 2);
+}

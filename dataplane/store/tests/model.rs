@@ -1,0 +1,284 @@
+//! Random sequences of writes, zeroing, trims, snapshots, clones, deletes,
+//! resizes and reads against a plain in-memory model, on a real pool file with
+//! real RocksDB and the real I/O engine. Every read is compared; space accounting
+//! is checked as objects come and go, and again after a reopen.
+
+use std::collections::BTreeMap;
+
+use berth_store::{Store, StoreConfig, Target, BLOCK_SIZE};
+use proptest::prelude::*;
+
+const BS: usize = BLOCK_SIZE as usize;
+const VOL_BLOCKS: u64 = 24;
+
+#[derive(Debug, Clone)]
+enum Step {
+    Write { vol: usize, offset: u64, len: usize, seed: u8 },
+    WriteZeroes { vol: usize, offset: u64, len: u64 },
+    Trim { vol: usize, offset: u64, len: u64 },
+    Read { obj: usize, offset: u64, len: usize },
+    Snapshot { vol: usize },
+    Clone { snap: usize, grow_blocks: u64 },
+    DeleteVolume { vol: usize },
+    DeleteSnapshot { snap: usize },
+    Resize { vol: usize, grow: u64 },
+    Flush,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let span = VOL_BLOCKS * BLOCK_SIZE;
+    prop_oneof![
+        6 => (0..8usize, 0..span, 1..3 * BS, any::<u8>()).prop_map(|(vol, offset, len, seed)| Step::Write { vol, offset, len, seed }),
+        // Block-aligned writes: the fast path, and contiguous runs.
+        4 => (0..8usize, 0..VOL_BLOCKS, 1..6usize, any::<u8>()).prop_map(|(vol, b, n, seed)| Step::Write { vol, offset: b * BLOCK_SIZE, len: n * BS, seed }),
+        1 => (0..8usize, 0..span, 1..4 * BLOCK_SIZE).prop_map(|(vol, offset, len)| Step::WriteZeroes { vol, offset, len }),
+        1 => (0..8usize, 0..span, 1..6 * BLOCK_SIZE).prop_map(|(vol, offset, len)| Step::Trim { vol, offset, len }),
+        5 => (0..16usize, 0..span, 1..3 * BS).prop_map(|(obj, offset, len)| Step::Read { obj, offset, len }),
+        2 => (0..8usize).prop_map(|vol| Step::Snapshot { vol }),
+        2 => (0..8usize, 0..3u64).prop_map(|(snap, grow_blocks)| Step::Clone { snap, grow_blocks }),
+        1 => (0..8usize).prop_map(|vol| Step::DeleteVolume { vol }),
+        1 => (0..8usize).prop_map(|snap| Step::DeleteSnapshot { snap }),
+        1 => (0..8usize, 0..3 * BLOCK_SIZE).prop_map(|(vol, grow)| Step::Resize { vol, grow }),
+        1 => Just(Step::Flush),
+    ]
+}
+
+#[derive(Debug, Clone)]
+struct ModelSnap {
+    data: Vec<u8>,
+    /// Clones created from it that still exist; a deleted snapshot with clones
+    /// stays (hidden) and still holds its blocks.
+    clones: u32,
+    hidden: bool,
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    volumes: BTreeMap<String, (Vec<u8>, Option<String>)>,
+    snaps: BTreeMap<String, ModelSnap>,
+    counter: u32,
+}
+
+impl Model {
+    fn nth_volume(&self, i: usize) -> Option<String> {
+        let n = self.volumes.len();
+        (n > 0).then(|| self.volumes.keys().nth(i % n).cloned()).flatten()
+    }
+
+    fn nth_snap(&self, i: usize) -> Option<String> {
+        let names: Vec<_> = self.snaps.iter().filter(|(_, s)| !s.hidden).map(|(k, _)| k.clone()).collect();
+        (!names.is_empty()).then(|| names[i % names.len()].clone())
+    }
+
+    /// Blocks holding a non-zero byte, summed over every reader: an upper bound
+    /// on pool blocks in use when nothing leaks.
+    fn nonzero_blocks(&self) -> u64 {
+        let count = |d: &Vec<u8>| d.chunks(BS).filter(|c| c.iter().any(|&x| x != 0)).count() as u64;
+        self.volumes.values().map(|(d, _)| count(d)).sum::<u64>() + self.snaps.values().map(|s| count(&s.data)).sum::<u64>()
+    }
+
+    fn release_snapshot(&mut self, name: &str) {
+        if let Some(s) = self.snaps.get_mut(name) {
+            s.clones -= 1;
+            if s.clones == 0 && s.hidden {
+                self.snaps.remove(name);
+            }
+        }
+    }
+}
+
+fn fill(seed: u8, offset: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| seed.wrapping_add(((offset as usize + i) / 7) as u8) | 1).collect()
+}
+
+fn check_space(store: &Store, model: &Model) -> Result<(), TestCaseError> {
+    store.sync().expect("sync");
+    let st = store.stats();
+    prop_assert!(
+        st.used_blocks <= model.nonzero_blocks(),
+        "pool uses {} blocks, but readers see only {} non-zero blocks",
+        st.used_blocks,
+        model.nonzero_blocks()
+    );
+    Ok(())
+}
+
+fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig {
+        arena_bytes: 4 << 20,
+        ..StoreConfig::new(dir.path(), 16 << 20)
+    };
+    let mut store = Store::create(&cfg).expect("create store");
+    let mut m = Model::default();
+    for i in 0..2 {
+        let name = format!("v{i}");
+        store.create_volume(&name, VOL_BLOCKS * BLOCK_SIZE).expect("create");
+        m.volumes.insert(name, (vec![0; (VOL_BLOCKS * BLOCK_SIZE) as usize], None));
+    }
+    for step in steps {
+        match step {
+            Step::Write { vol, offset, len, seed } => {
+                let Some(v) = m.nth_volume(vol) else { continue };
+                let t = store.volume_target(&v).expect("target");
+                let data = &mut m.volumes.get_mut(&v).expect("model").0;
+                let res = store.write(t, offset, &fill(seed, offset, len), seed % 5 == 0);
+                if offset as usize + len > data.len() {
+                    prop_assert!(res.is_err(), "write past the end succeeded");
+                } else {
+                    res.expect("write");
+                    data[offset as usize..offset as usize + len].copy_from_slice(&fill(seed, offset, len));
+                }
+            }
+            Step::WriteZeroes { vol, offset, len } | Step::Trim { vol, offset, len } => {
+                let trim = matches!(step, Step::Trim { .. });
+                let Some(v) = m.nth_volume(vol) else { continue };
+                let t = store.volume_target(&v).expect("target");
+                let data = &mut m.volumes.get_mut(&v).expect("model").0;
+                let res = if trim { store.trim(t, offset, len) } else { store.write_zeroes(t, offset, len, false) };
+                if offset + len > data.len() as u64 {
+                    prop_assert!(res.is_err(), "zeroing past the end succeeded");
+                    continue;
+                }
+                res.expect("zero");
+                let (lo, hi) = if trim {
+                    // Trim frees whole blocks inside the range.
+                    (offset.next_multiple_of(BLOCK_SIZE), (offset + len) / BLOCK_SIZE * BLOCK_SIZE)
+                } else {
+                    (offset, offset + len)
+                };
+                if hi > lo {
+                    data[lo as usize..hi as usize].fill(0);
+                }
+            }
+            Step::Read { obj, offset, len } => {
+                let nv = m.volumes.len();
+                let (t, data) = if obj % 2 == 0 || m.nth_snap(obj).is_none() {
+                    let Some(v) = m.nth_volume(obj / 2) else { continue };
+                    let _ = nv;
+                    (store.volume_target(&v).expect("target"), m.volumes[&v].0.clone())
+                } else {
+                    let s = m.nth_snap(obj).expect("some snapshot");
+                    (store.snapshot_target(&s).expect("target"), m.snaps[&s].data.clone())
+                };
+                let res = store.read(t, offset, len);
+                if offset as usize + len > data.len() {
+                    prop_assert!(res.is_err());
+                } else {
+                    let got = res.expect("read");
+                    prop_assert!(got == data[offset as usize..offset as usize + len], "read of {:?} at {} len {} differs", t, offset, len);
+                }
+            }
+            Step::Snapshot { vol } => {
+                let Some(v) = m.nth_volume(vol) else { continue };
+                m.counter += 1;
+                let name = format!("s{}", m.counter);
+                store.create_snapshot(&v, &name).expect("snapshot");
+                // Idempotent: the same request again returns the same snapshot.
+                store.create_snapshot(&v, &name).expect("snapshot again");
+                m.snaps.insert(name, ModelSnap { data: m.volumes[&v].0.clone(), clones: 0, hidden: false });
+            }
+            Step::Clone { snap, grow_blocks } => {
+                let Some(s) = m.nth_snap(snap) else { continue };
+                m.counter += 1;
+                let name = format!("c{}", m.counter);
+                let mut data = m.snaps[&s].data.clone();
+                let size = data.len() as u64 + grow_blocks * BLOCK_SIZE;
+                store.clone_snapshot(&s, &name, Some(size)).expect("clone");
+                data.resize(size as usize, 0);
+                m.snaps.get_mut(&s).expect("model").clones += 1;
+                m.volumes.insert(name, (data, Some(s)));
+            }
+            Step::DeleteVolume { vol } => {
+                if m.volumes.len() <= 1 {
+                    continue;
+                }
+                let Some(v) = m.nth_volume(vol) else { continue };
+                store.delete_volume(&v).expect("delete volume");
+                prop_assert!(store.volume(&v).is_err());
+                if let Some((_, Some(src))) = m.volumes.remove(&v) {
+                    m.release_snapshot(&src);
+                }
+                check_space(&store, &m)?;
+            }
+            Step::DeleteSnapshot { snap } => {
+                let Some(s) = m.nth_snap(snap) else { continue };
+                store.delete_snapshot(&s).expect("delete snapshot");
+                let ms = m.snaps.get_mut(&s).expect("model");
+                if ms.clones > 0 {
+                    // Hidden: keep it under a name no one can use.
+                    let mut ms = m.snaps.remove(&s).expect("model");
+                    ms.hidden = true;
+                    m.counter += 1;
+                    let hidden = format!("hidden{}", m.counter);
+                    for (_, src) in m.volumes.values_mut() {
+                        if src.as_deref() == Some(s.as_str()) {
+                            *src = Some(hidden.clone());
+                        }
+                    }
+                    m.snaps.insert(hidden, ms);
+                } else {
+                    m.snaps.remove(&s);
+                }
+                check_space(&store, &m)?;
+            }
+            Step::Resize { vol, grow } => {
+                let Some(v) = m.nth_volume(vol) else { continue };
+                let data = &mut m.volumes.get_mut(&v).expect("model").0;
+                let size = data.len() as u64 + grow;
+                store.resize_volume(&v, size).expect("grow");
+                data.resize(size as usize, 0);
+                prop_assert!(store.resize_volume(&v, 1).is_err(), "shrink accepted");
+            }
+            Step::Flush => store.flush().expect("flush"),
+        }
+    }
+    check_space(&store, &m)?;
+
+    // Everything survives a clean reopen.
+    drop(store);
+    store = Store::open(&cfg).expect("reopen");
+    for (name, (data, _)) in &m.volumes {
+        let t = store.volume_target(name).expect("volume after reopen");
+        prop_assert!(store.read(t, 0, data.len()).expect("read") == *data, "volume {} after reopen", name);
+    }
+    for (name, s) in m.snaps.iter().filter(|(_, s)| !s.hidden) {
+        let t = store.snapshot_target(name).expect("snapshot after reopen");
+        prop_assert!(store.read(t, 0, s.data.len()).expect("read") == s.data, "snapshot {} after reopen", name);
+    }
+    check_space(&store, &m)?;
+
+    // Deleting everything, in any order, gives every block back.
+    for s in store.list_snapshots() {
+        store.delete_snapshot(&s.name).expect("delete snapshot");
+    }
+    for v in store.list_volumes() {
+        store.delete_volume(&v.name).expect("delete volume");
+    }
+    store.sync().expect("sync");
+    let st = store.stats();
+    prop_assert_eq!(st.used_blocks, 0, "blocks leaked: {:?}", st);
+    prop_assert_eq!(st.pending_free_blocks, 0);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, max_shrink_iters: 200, ..ProptestConfig::default() })]
+    #[test]
+    fn store_matches_model(steps in prop::collection::vec(step(), 1..60)) {
+        run(steps)?;
+    }
+}
+
+#[test]
+fn read_of_unwritten_space_is_zeros_and_out_of_range_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::create(&StoreConfig::new(dir.path(), 16 << 20)).expect("create");
+    let v = store.create_volume("v", 1 << 30).expect("create volume");
+    let t = Target::Volume(v.id);
+    assert_eq!(store.read(t, (1 << 30) - 8192, 8192).expect("read"), vec![0; 8192]);
+    assert!(store.read(t, (1 << 30) - 4096, 8192).is_err());
+    assert!(store.read(t, 0, 0).is_err(), "zero-length read");
+    assert!(store.write(t, u64::MAX - 10, b"x", false).is_err());
+    assert_eq!(store.stats().used_blocks, 0, "thin: nothing allocated");
+}
