@@ -279,5 +279,9 @@ impl Drop for UringEngine {
             self.reap(&mut sink);
             sink.clear();
         }
+        // Ring teardown is asynchronous in the kernel and would keep the files
+        // (and their flock) alive for a while: let go of them synchronously.
+        let _ = self.ring.submitter().unregister_files();
+        let _ = self.ring.submitter().unregister_buffers();
     }
 }

@@ -92,8 +92,9 @@ impl Allocator {
                 self.set(b, true);
                 self.free -= 1;
                 need -= 1;
+                let extends = out.len() > start_len && out.last().is_some_and(|&(f, l)| f + l == b);
                 match out.last_mut() {
-                    Some((first, len)) if out.len() > start_len && *first + *len == b => *len += 1,
+                    Some((_, len)) if extends => *len += 1,
                     _ => out.push((b, 1)),
                 }
             }

@@ -477,6 +477,15 @@ impl Loop {
             let end = offset.saturating_add(len);
             let (lo, hi) = (offset.next_multiple_of(BLOCK_SIZE), end / BLOCK_SIZE * BLOCK_SIZE);
             if offset % BLOCK_SIZE != 0 || end % BLOCK_SIZE != 0 {
+                // Validate the range as asked, before it is narrowed or rewritten.
+                let mut layers = Vec::new();
+                let checked = {
+                    let inner = self.sh.inner.lock();
+                    Self::resolve(&inner, target, offset, len, true, "zero", &mut layers)
+                };
+                if let Err(e) = checked {
+                    return req.reply.reply(req.tag, Outcome::Done(Err(e)));
+                }
                 if trim {
                     // A trim is advisory: free the whole blocks inside the range.
                     if hi <= lo || len == 0 || end > u64::MAX - BLOCK_SIZE {
@@ -575,7 +584,7 @@ impl Loop {
         let pool_offset = self.sh.pool.sb.data_offset;
         for rel in edges {
             let lba = first_lba + rel;
-            let found = map::lookup(&self.sh.db, &self.slot(i).layers, lba);
+            let found = map::lookup(&self.sh.db, &self.slots[i].as_ref().expect("live slot").layers, lba);
             match found {
                 Ok(Some(BlockValue::Data { block, .. })) => {
                     let s = self.slot(i);

@@ -43,11 +43,11 @@
 //! pool UUID that is not the one the metadata belongs to, or another process
 //! holding the pool's lock refuse the open and change nothing.
 
-pub mod alloc;
+mod alloc;
 pub mod error;
 mod io_loop;
-pub mod map;
-pub mod meta;
+mod map;
+mod meta;
 pub mod pool;
 mod store;
 

@@ -105,18 +105,34 @@ fn pool_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-fn lock(path: &Path, file: &File) -> Result<()> {
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+/// Takes the pool's exclusive lock, waiting up to `wait` for a previous owner.
+///
+/// The lock lives on the descriptor the ring registers, so after a crash it is
+/// released only when the kernel has finished (or cancelled) the dead process's
+/// in-flight I/O: waiting for it guarantees no stale write lands after we start.
+fn lock(path: &Path, file: &File, wait: std::time::Duration) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut logged = false;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
         let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(pool_err(path)(e));
+        }
+        if start.elapsed() >= wait {
             return Err(StoreError::PoolLocked {
                 path: path.to_path_buf(),
             });
         }
-        return Err(pool_err(path)(e));
+        if !logged {
+            tracing::info!(path = %path.display(), "pool is locked; waiting for its previous owner's I/O to drain");
+            logged = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    Ok(())
 }
 
 fn read_exact_at(file: &File, buf: &mut IoBuf, offset: u64) -> std::io::Result<()> {
@@ -129,7 +145,7 @@ impl Pool {
     /// `size_bytes` (allocated up front, so the filesystem cannot run out under
     /// a volume); a block device is used whole. Anything already holding a Berth
     /// superblock, or a non-empty regular file, is refused.
-    pub fn create(path: &Path, size_bytes: Option<u64>) -> Result<Pool> {
+    pub fn create(path: &Path, size_bytes: Option<u64>, lock_wait: std::time::Duration) -> Result<Pool> {
         let existing = std::fs::metadata(path).ok();
         let is_dev = existing
             .as_ref()
@@ -143,7 +159,7 @@ impl Pool {
             }
         }
         let mut file = berth_io::open_direct(path, !is_dev).map_err(pool_err(path))?;
-        lock(path, &file)?;
+        lock(path, &file, lock_wait)?;
         let len = if is_dev {
             let len = file.seek(SeekFrom::End(0)).map_err(pool_err(path))?;
             let mut head = IoBuf::heap(PAGE);
@@ -201,14 +217,14 @@ impl Pool {
     }
 
     /// Opens and locks an existing pool, checking its superblock.
-    pub fn open(path: &Path) -> Result<Pool> {
+    pub fn open(path: &Path, lock_wait: std::time::Duration) -> Result<Pool> {
         if !path.exists() {
             return Err(pool_err(path)(std::io::Error::from_raw_os_error(
                 libc::ENOENT,
             )));
         }
         let file = berth_io::open_direct(path, false).map_err(pool_err(path))?;
-        lock(path, &file)?;
+        lock(path, &file, lock_wait)?;
         let mut buf = IoBuf::heap(PAGE);
         read_exact_at(&file, &mut buf, 0).map_err(|e| StoreError::BadPool {
             path: path.to_path_buf(),
@@ -234,6 +250,8 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NO_WAIT: std::time::Duration = std::time::Duration::ZERO;
 
     #[test]
     fn superblock_round_trips_and_rejects_damage() {
@@ -263,28 +281,28 @@ mod tests {
     fn second_opener_and_foreign_files_are_refused_without_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("pool.img");
-        let pool = Pool::create(&path, Some(8 << 20)).expect("create");
-        assert!(matches!(Pool::open(&path), Err(StoreError::PoolLocked { .. })));
+        let pool = Pool::create(&path, Some(8 << 20), NO_WAIT).expect("create");
+        assert!(matches!(Pool::open(&path, NO_WAIT), Err(StoreError::PoolLocked { .. })));
         drop(pool);
-        let pool = Pool::open(&path).expect("reopen after close");
+        let pool = Pool::open(&path, NO_WAIT).expect("reopen after close");
         assert_eq!(pool.sb.blocks, (8 << 20) / 4096 - 256);
         drop(pool);
         // Formatting over an existing pool is refused.
         assert!(matches!(
-            Pool::create(&path, Some(8 << 20)),
+            Pool::create(&path, Some(8 << 20), NO_WAIT),
             Err(StoreError::BadPool { .. })
         ));
 
         let foreign = dir.path().join("foreign.img");
         std::fs::write(&foreign, vec![0xabu8; 1 << 20]).expect("write");
         let before = std::fs::read(&foreign).expect("read");
-        match Pool::open(&foreign) {
+        match Pool::open(&foreign, NO_WAIT) {
             Err(StoreError::BadPool { reason, .. }) => assert!(reason.contains("magic"), "{reason}"),
             other => panic!("expected BadPool, got {other:?}"),
         }
         assert_eq!(std::fs::read(&foreign).expect("read"), before);
         assert!(matches!(
-            Pool::open(&dir.path().join("missing.img")),
+            Pool::open(&dir.path().join("missing.img"), NO_WAIT),
             Err(StoreError::PoolFile { .. })
         ));
     }

@@ -7,7 +7,7 @@
 //! every write acknowledged before it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -43,6 +43,9 @@ pub struct StoreConfig {
     pub arena_bytes: usize,
     /// Operations in flight in the ring.
     pub queue_depth: u32,
+    /// How long to wait for the pool's lock: a crashed previous owner holds it
+    /// until the kernel has drained its in-flight I/O.
+    pub lock_wait: std::time::Duration,
 }
 
 impl StoreConfig {
@@ -54,6 +57,7 @@ impl StoreConfig {
             engine: EngineChoice::Auto,
             arena_bytes: 64 << 20,
             queue_depth: 256,
+            lock_wait: std::time::Duration::from_secs(10),
         }
     }
 
@@ -400,7 +404,7 @@ impl Store {
             source,
         })?;
         let pool_path = cfg.pool_path();
-        let pool = Pool::create(&pool_path, Some(cfg.pool_size_bytes))?;
+        let pool = Pool::create(&pool_path, Some(cfg.pool_size_bytes), cfg.lock_wait)?;
         let db = match meta::open_db(&meta_dir, true) {
             Ok(db) => db,
             Err(e) => {
@@ -431,7 +435,7 @@ impl Store {
                 name: cfg.data_dir.display().to_string(),
             });
         }
-        let pool = Pool::open(&cfg.pool_path())?;
+        let pool = Pool::open(&cfg.pool_path(), cfg.lock_wait)?;
         let db = meta::open_db(&meta_dir, false)?;
         let rec = db.get_cf(cf(&db, CF_META), b"pool")?.unwrap_or_default();
         if rec.len() < 16 || rec[..16] != pool.sb.uuid.as_bytes()[..] {
@@ -606,11 +610,13 @@ impl Store {
         inner.volume_names.remove(name);
         if let Some(t) = inner.trees.get_mut(&id) {
             t.rec.live = false;
+            b.put_cf(cf(&sh.db, CF_TREES), meta::id_key(id), t.rec.encode());
         }
         settle_tree(sh, &mut inner, &mut b, id, &mut freed)?;
         sh.write_synced(&mut inner, b)?;
         inner.free_blocks(&freed);
-        inner.synced(inner.seq);
+        let seq = inner.seq;
+        inner.synced(seq);
         tracing::info!(volume = name, freed_blocks = freed.len(), "deleted volume");
         Ok(())
     }
@@ -702,7 +708,8 @@ impl Store {
         drop_snapshot(sh, &mut inner, &mut b, sid, &mut freed)?;
         sh.write_synced(&mut inner, b)?;
         inner.free_blocks(&freed);
-        inner.synced(inner.seq);
+        let seq = inner.seq;
+        inner.synced(seq);
         tracing::info!(snapshot = name, freed_blocks = freed.len(), "deleted snapshot");
         Ok(())
     }

@@ -191,7 +191,10 @@ fn bad_names_sizes_and_requests_get_clear_errors() {
 #[test]
 fn a_second_opener_a_foreign_pool_and_missing_files_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = StoreConfig::new(dir.path().join("one"), 16 << 20);
+    let cfg = StoreConfig {
+        lock_wait: std::time::Duration::from_millis(100),
+        ..StoreConfig::new(dir.path().join("one"), 16 << 20)
+    };
     let store = Store::create(&cfg).expect("create");
     match Store::open(&cfg) {
         Err(StoreError::PoolLocked { .. }) => {}

@@ -45,17 +45,25 @@ fn step() -> impl Strategy<Value = Step> {
 
 #[derive(Debug, Clone)]
 struct ModelSnap {
+    name: String,
     data: Vec<u8>,
-    /// Clones created from it that still exist; a deleted snapshot with clones
+    tree: u32,
+    /// Trees cloned from it that still exist; a deleted snapshot with clones
     /// stays (hidden) and still holds its blocks.
     clones: u32,
     hidden: bool,
 }
 
+/// Mirrors the store's sharing rules: a volume writes to a tree; a tree lives
+/// while its volume or any of its snapshots does; a clone's tree pins the
+/// snapshot it came from.
 #[derive(Debug, Default)]
 struct Model {
-    volumes: BTreeMap<String, (Vec<u8>, Option<String>)>,
-    snaps: BTreeMap<String, ModelSnap>,
+    /// name -> (contents, tree)
+    volumes: BTreeMap<String, (Vec<u8>, u32)>,
+    snaps: BTreeMap<u32, ModelSnap>,
+    /// tree -> the snapshot it was cloned from
+    parents: BTreeMap<u32, Option<u32>>,
     counter: u32,
 }
 
@@ -65,9 +73,15 @@ impl Model {
         (n > 0).then(|| self.volumes.keys().nth(i % n).cloned()).flatten()
     }
 
-    fn nth_snap(&self, i: usize) -> Option<String> {
-        let names: Vec<_> = self.snaps.iter().filter(|(_, s)| !s.hidden).map(|(k, _)| k.clone()).collect();
-        (!names.is_empty()).then(|| names[i % names.len()].clone())
+    fn nth_snap(&self, i: usize) -> Option<u32> {
+        let ids: Vec<u32> = self.snaps.iter().filter(|(_, s)| !s.hidden).map(|(&k, _)| k).collect();
+        (!ids.is_empty()).then(|| ids[i % ids.len()])
+    }
+
+    fn new_tree(&mut self, parent: Option<u32>) -> u32 {
+        self.counter += 1;
+        self.parents.insert(self.counter, parent);
+        self.counter
     }
 
     /// Blocks holding a non-zero byte, summed over every reader: an upper bound
@@ -77,11 +91,19 @@ impl Model {
         self.volumes.values().map(|(d, _)| count(d)).sum::<u64>() + self.snaps.values().map(|s| count(&s.data)).sum::<u64>()
     }
 
-    fn release_snapshot(&mut self, name: &str) {
-        if let Some(s) = self.snaps.get_mut(name) {
+    /// Drops a tree no one uses any more, releasing the snapshot it was cloned
+    /// from (and so on up the chain).
+    fn settle(&mut self, tree: u32) {
+        let used = self.volumes.values().any(|(_, t)| *t == tree) || self.snaps.values().any(|s| s.tree == tree);
+        if used {
+            return;
+        }
+        if let Some(Some(p)) = self.parents.remove(&tree) {
+            let s = self.snaps.get_mut(&p).expect("parent snapshot");
             s.clones -= 1;
             if s.clones == 0 && s.hidden {
-                self.snaps.remove(name);
+                let s = self.snaps.remove(&p).expect("parent snapshot");
+                self.settle(s.tree);
             }
         }
     }
@@ -114,7 +136,8 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     for i in 0..2 {
         let name = format!("v{i}");
         store.create_volume(&name, VOL_BLOCKS * BLOCK_SIZE).expect("create");
-        m.volumes.insert(name, (vec![0; (VOL_BLOCKS * BLOCK_SIZE) as usize], None));
+        let tree = m.new_tree(None);
+        m.volumes.insert(name, (vec![0; (VOL_BLOCKS * BLOCK_SIZE) as usize], tree));
     }
     for step in steps {
         match step {
@@ -158,8 +181,8 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                     let _ = nv;
                     (store.volume_target(&v).expect("target"), m.volumes[&v].0.clone())
                 } else {
-                    let s = m.nth_snap(obj).expect("some snapshot");
-                    (store.snapshot_target(&s).expect("target"), m.snaps[&s].data.clone())
+                    let s = &m.snaps[&m.nth_snap(obj).expect("some snapshot")];
+                    (store.snapshot_target(&s.name).expect("target"), s.data.clone())
                 };
                 let res = store.read(t, offset, len);
                 if offset as usize + len > data.len() {
@@ -176,18 +199,19 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 store.create_snapshot(&v, &name).expect("snapshot");
                 // Idempotent: the same request again returns the same snapshot.
                 store.create_snapshot(&v, &name).expect("snapshot again");
-                m.snaps.insert(name, ModelSnap { data: m.volumes[&v].0.clone(), clones: 0, hidden: false });
+                let (data, tree) = m.volumes[&v].clone();
+                m.snaps.insert(m.counter, ModelSnap { name, data, tree, clones: 0, hidden: false });
             }
             Step::Clone { snap, grow_blocks } => {
                 let Some(s) = m.nth_snap(snap) else { continue };
-                m.counter += 1;
-                let name = format!("c{}", m.counter);
+                let tree = m.new_tree(Some(s));
+                let name = format!("c{tree}");
                 let mut data = m.snaps[&s].data.clone();
                 let size = data.len() as u64 + grow_blocks * BLOCK_SIZE;
-                store.clone_snapshot(&s, &name, Some(size)).expect("clone");
+                store.clone_snapshot(&m.snaps[&s].name, &name, Some(size)).expect("clone");
                 data.resize(size as usize, 0);
                 m.snaps.get_mut(&s).expect("model").clones += 1;
-                m.volumes.insert(name, (data, Some(s)));
+                m.volumes.insert(name, (data, tree));
             }
             Step::DeleteVolume { vol } => {
                 if m.volumes.len() <= 1 {
@@ -196,29 +220,19 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 let Some(v) = m.nth_volume(vol) else { continue };
                 store.delete_volume(&v).expect("delete volume");
                 prop_assert!(store.volume(&v).is_err());
-                if let Some((_, Some(src))) = m.volumes.remove(&v) {
-                    m.release_snapshot(&src);
-                }
+                let (_, tree) = m.volumes.remove(&v).expect("model");
+                m.settle(tree);
                 check_space(&store, &m)?;
             }
             Step::DeleteSnapshot { snap } => {
-                let Some(s) = m.nth_snap(snap) else { continue };
-                store.delete_snapshot(&s).expect("delete snapshot");
-                let ms = m.snaps.get_mut(&s).expect("model");
-                if ms.clones > 0 {
-                    // Hidden: keep it under a name no one can use.
-                    let mut ms = m.snaps.remove(&s).expect("model");
-                    ms.hidden = true;
-                    m.counter += 1;
-                    let hidden = format!("hidden{}", m.counter);
-                    for (_, src) in m.volumes.values_mut() {
-                        if src.as_deref() == Some(s.as_str()) {
-                            *src = Some(hidden.clone());
-                        }
-                    }
-                    m.snaps.insert(hidden, ms);
+                let Some(id) = m.nth_snap(snap) else { continue };
+                store.delete_snapshot(&m.snaps[&id].name).expect("delete snapshot");
+                prop_assert!(store.snapshot(&m.snaps[&id].name).is_err());
+                if m.snaps[&id].clones > 0 {
+                    m.snaps.get_mut(&id).expect("model").hidden = true;
                 } else {
-                    m.snaps.remove(&s);
+                    let s = m.snaps.remove(&id).expect("model");
+                    m.settle(s.tree);
                 }
                 check_space(&store, &m)?;
             }
@@ -242,9 +256,9 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
         let t = store.volume_target(name).expect("volume after reopen");
         prop_assert!(store.read(t, 0, data.len()).expect("read") == *data, "volume {} after reopen", name);
     }
-    for (name, s) in m.snaps.iter().filter(|(_, s)| !s.hidden) {
-        let t = store.snapshot_target(name).expect("snapshot after reopen");
-        prop_assert!(store.read(t, 0, s.data.len()).expect("read") == s.data, "snapshot {} after reopen", name);
+    for s in m.snaps.values().filter(|s| !s.hidden) {
+        let t = store.snapshot_target(&s.name).expect("snapshot after reopen");
+        prop_assert!(store.read(t, 0, s.data.len()).expect("read") == s.data, "snapshot {} after reopen", s.name);
     }
     check_space(&store, &m)?;
 
