@@ -61,6 +61,9 @@ pub trait IoEngine: Send {
     /// Operations pushed and not yet returned as completions.
     fn in_flight(&self) -> usize;
 
+    /// Whether completions are waiting to be reaped (no system call).
+    fn has_completions(&mut self) -> bool;
+
     fn waker(&self) -> Waker;
 
     /// `"io_uring"` or `"sync"`, for logs and metrics.

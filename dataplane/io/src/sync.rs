@@ -148,6 +148,10 @@ impl IoEngine for SyncEngine {
         self.in_flight
     }
 
+    fn has_completions(&mut self) -> bool {
+        !self.shared.state.lock().done.is_empty()
+    }
+
     fn waker(&self) -> Waker {
         self.shared.clone()
     }

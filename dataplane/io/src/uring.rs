@@ -12,6 +12,9 @@ use crate::buf::{Arena, IoBuf};
 use crate::engine::{FileId, IoCompletion, IoEngine, IoOp, OpKind, Wake, Waker};
 
 const WAKE_TAG: u64 = u64::MAX;
+/// Completions handed out per call: the caller resubmits between batches, so
+/// the device is fed steadily instead of in bursts.
+const REAP_MAX: usize = 4;
 
 struct EventFd(RawFd);
 
@@ -134,7 +137,7 @@ impl UringEngine {
 
     fn reap(&mut self, out: &mut Vec<IoCompletion>) {
         out.append(&mut self.failed);
-        for cqe in self.ring.completion() {
+        for cqe in self.ring.completion().take(REAP_MAX) {
             if cqe.user_data() == WAKE_TAG {
                 self.wake_armed = false;
                 continue;
@@ -253,6 +256,10 @@ impl IoEngine for UringEngine {
 
     fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    fn has_completions(&mut self) -> bool {
+        !self.failed.is_empty() || !self.ring.completion().is_empty()
     }
 
     fn waker(&self) -> Waker {

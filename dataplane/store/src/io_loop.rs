@@ -30,6 +30,8 @@ pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
 /// Freed blocks waiting for a WAL sync before the loop syncs on its own.
 const PENDING_FREE_SYNC: u64 = 8192;
 const PIECE_BITS: u32 = 20;
+/// Most writes committed in one metadata batch.
+const GROUP_MAX: usize = 64;
 
 #[derive(Debug)]
 pub enum Op {
@@ -237,7 +239,11 @@ impl Loop {
             if stopping && self.live() == 0 && self.waiting.is_empty() {
                 return;
             }
-            self.commit_group();
+            // Group commit: while more completions are ready, let the group grow
+            // (up to a bound) rather than writing a RocksDB batch per few writes.
+            if self.commit.len() >= GROUP_MAX || !self.engine.has_completions() {
+                self.commit_group();
+            }
             self.start_sync();
             let idle = self.commit.is_empty();
             if idle {
@@ -367,14 +373,6 @@ impl Loop {
     }
 
     fn accept_read(&mut self, tag: u64, reply: Arc<dyn Reply>, target: Target, offset: u64, len: usize) {
-        let mut layers = Vec::new();
-        let seq = {
-            let mut inner = self.sh.inner.lock();
-            match Self::resolve(&inner, target, offset, len as u64, false, "read", &mut layers) {
-                Ok(_) => inner.read_start(),
-                Err(e) => return reply.reply(tag, Outcome::Read(Err(e))),
-            }
-        };
         let req = Request {
             op: Op::Flush,
             tag,
@@ -382,34 +380,33 @@ impl Loop {
         };
         let i = self.new_slot(req, Kind::Read);
         let first_lba = offset / BLOCK_SIZE;
-        let blocks = (offset + len as u64).div_ceil(BLOCK_SIZE) - first_lba;
-        {
-            let s = self.slot(i);
-            s.phase = Phase::Reading;
-            s.target = target;
-            s.tree = layers[0].tree;
-            s.offset = offset;
-            s.len = len as u64;
-            s.first_lba = first_lba;
-            s.blocks = blocks;
-            s.read_seq = Some(seq);
-            s.layers = layers;
-        }
-        self.sh.counters.reads.fetch_add(1, Ordering::Relaxed);
-        self.sh.counters.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
-        let mut values = std::mem::take(&mut self.slot(i).values);
-        let lookups: Result<()> = (|| {
-            let s = self.slots[i].as_ref().expect("live slot");
+        let blocks = (offset + len as u64).div_ceil(BLOCK_SIZE).saturating_sub(first_lba);
+        let s = self.slots[i].as_mut().expect("live slot");
+        s.phase = Phase::Reading;
+        s.target = target;
+        s.offset = offset;
+        s.len = len as u64;
+        s.first_lba = first_lba;
+        s.blocks = blocks;
+        // Resolve, register the read and map every block in one go under the
+        // catalog lock: no commit or free can slip in between.
+        let mapped: Result<()> = (|| {
+            let mut inner = self.sh.inner.lock();
+            Self::resolve(&inner, target, offset, len as u64, false, "read", &mut s.layers)?;
+            s.tree = s.layers[0].tree;
+            s.read_seq = Some(inner.read_start());
+            let inner = &mut *inner;
             for lba in first_lba..first_lba + blocks {
-                values.push(map::lookup(&self.sh.db, &s.layers, lba)?);
+                s.values.push(map::lookup(&self.sh.db, &mut inner.cache, &s.layers, lba)?);
             }
             Ok(())
         })();
-        self.slot(i).values = values;
-        if let Err(e) = lookups {
-            self.slot(i).error = Some(e);
+        if let Err(e) = mapped {
+            s.error = Some(e);
             return self.finish(i);
         }
+        self.sh.counters.reads.fetch_add(1, Ordering::Relaxed);
+        self.sh.counters.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
         let buf = self.sh.arena.alloc_uninit(blocks as usize * BS);
         self.submit_runs(i, buf, OpKind::Read);
         if self.slot(i).ops_left == 0 {
@@ -584,7 +581,11 @@ impl Loop {
         let pool_offset = self.sh.pool.sb.data_offset;
         for rel in edges {
             let lba = first_lba + rel;
-            let found = map::lookup(&self.sh.db, &self.slots[i].as_ref().expect("live slot").layers, lba);
+            let found = {
+                let mut inner = self.sh.inner.lock();
+                let layers = &self.slots[i].as_ref().expect("live slot").layers;
+                map::lookup(&self.sh.db, &mut inner.cache, layers, lba)
+            };
             match found {
                 Ok(Some(BlockValue::Data { block, .. })) => {
                     let s = self.slot(i);
@@ -801,16 +802,22 @@ impl Loop {
         let ready = std::mem::take(&mut self.commit);
         let mut batch = WriteBatch::default();
         let mut freed = Vec::new();
+        let mut staged = Vec::new();
         let mut inner = self.sh.inner.lock();
         for &i in &ready {
             let s = self.slots[i].as_mut().expect("live slot");
             if s.error.is_none() {
-                if let Err(e) = stage(&self.sh, &inner, s, &mut batch, &mut freed) {
+                if let Err(e) = stage(&self.sh, &mut inner, s, &mut batch, &mut freed, &mut staged) {
                     s.error = Some(e);
                 }
             }
         }
         let result = self.sh.db.write(batch);
+        if result.is_ok() {
+            for (tree, lba, e) in staged {
+                inner.cache.set(tree, lba, e);
+            }
+        }
         if let Err(e) = &result {
             tracing::error!(error = %e, "block map commit failed");
         }
@@ -994,9 +1001,17 @@ fn describe(inner: &Inner, target: Target) -> String {
 }
 
 /// Stages one finished write or zeroing into the group's batch.
-fn stage(sh: &Shared, inner: &Inner, s: &Slot, batch: &mut WriteBatch, freed: &mut Vec<u64>) -> Result<()> {
+fn stage(
+    sh: &Shared,
+    inner: &mut Inner,
+    s: &Slot,
+    batch: &mut WriteBatch,
+    freed: &mut Vec<u64>,
+    staged: &mut Vec<(u64, u64, Option<MapEntry>)>,
+) -> Result<()> {
     let volume_alive = matches!(s.target, Target::Volume(id) if inner.volumes.contains_key(&id));
-    let tree = inner.trees.get(&s.tree).filter(|_| volume_alive).ok_or_else(|| StoreError::NotFound {
+    let Inner { trees, cache, .. } = inner;
+    let tree = trees.get(&s.tree).filter(|_| volume_alive).ok_or_else(|| StoreError::NotFound {
         kind: "volume",
         name: format!("#{}", s.tree),
     })?;
@@ -1007,7 +1022,7 @@ fn stage(sh: &Shared, inner: &Inner, s: &Slot, batch: &mut WriteBatch, freed: &m
         newest_reader: tree.readers.keys().next_back().copied(),
         parents: &s.layers[1..],
     };
-    let old = map::heads_in(&sh.db, s.tree, s.first_lba, s.blocks)?;
+    let old = map::heads_in(&sh.db, cache, s.tree, s.first_lba, s.blocks)?;
     match s.kind {
         Kind::Write => {
             let mut old = old.into_iter().peekable();
@@ -1024,7 +1039,7 @@ fn stage(sh: &Shared, inner: &Inner, s: &Slot, batch: &mut WriteBatch, freed: &m
                 if prev.is_none() && new == BlockValue::Zero && upd.parents.is_empty() {
                     continue; // zeros over a never-written block: nothing to record
                 }
-                upd.stage(batch, lba, prev, new, freed)?;
+                upd.stage(cache, batch, lba, prev, new, freed, staged)?;
             }
         }
         Kind::Zero => {
@@ -1039,7 +1054,7 @@ fn stage(sh: &Shared, inner: &Inner, s: &Slot, batch: &mut WriteBatch, freed: &m
                 }
             }
             for (lba, prev) in lbas {
-                upd.stage(batch, lba, prev, BlockValue::Zero, freed)?;
+                upd.stage(cache, batch, lba, prev, BlockValue::Zero, freed, staged)?;
             }
         }
         _ => {}

@@ -23,6 +23,7 @@
 //! either (a trim over history leaves a `Zero` head entry instead of a hole).
 
 use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
 
 use rocksdb::{WriteBatch, DB};
 
@@ -36,6 +37,58 @@ pub struct Layer {
     pub tree: u64,
     pub view: Option<u64>,
     pub limit_blocks: u64,
+}
+
+/// Recently used `head` entries (and known holes), in front of RocksDB: the read
+/// path's lookups are then a hash probe instead of a memtable or SST search.
+///
+/// Write-through: every change to `head` is applied here after its batch is
+/// written (the I/O thread's commits) or invalidated as it is staged (garbage
+/// collection), always under the store's catalog lock.
+pub struct HeadCache {
+    lru: lru::LruCache<(u64, u64), Option<MapEntry>>,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl std::fmt::Debug for HeadCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadCache")
+            .field("len", &self.lru.len())
+            .field("hits", &self.hits)
+            .field("misses", &self.misses)
+            .finish()
+    }
+}
+
+impl HeadCache {
+    pub fn new(entries: usize) -> Self {
+        HeadCache {
+            lru: lru::LruCache::new(NonZeroUsize::new(entries.max(1)).unwrap_or(NonZeroUsize::MIN)),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    pub fn get(&mut self, db: &DB, tree: u64, lba: u64) -> Result<Option<MapEntry>> {
+        if let Some(e) = self.lru.get(&(tree, lba)) {
+            self.hits += 1;
+            return Ok(*e);
+        }
+        self.misses += 1;
+        let e = get_head(db, tree, lba)?;
+        self.lru.put((tree, lba), e);
+        Ok(e)
+    }
+
+    /// Records the value a committed batch gave `head[tree, lba]`.
+    pub fn set(&mut self, tree: u64, lba: u64, e: Option<MapEntry>) {
+        self.lru.put((tree, lba), e);
+    }
+
+    pub fn invalidate(&mut self, tree: u64, lba: u64) {
+        self.lru.pop(&(tree, lba));
+    }
 }
 
 pub fn get_head(db: &DB, tree: u64, lba: u64) -> Result<Option<MapEntry>> {
@@ -64,12 +117,12 @@ pub fn has_history(db: &DB, tree: u64, lba: u64) -> Result<bool> {
 
 /// What a read of `lba` through `layers` returns: `None` means never written
 /// (reads as zeros).
-pub fn lookup(db: &DB, layers: &[Layer], lba: u64) -> Result<Option<BlockValue>> {
+pub fn lookup(db: &DB, cache: &mut HeadCache, layers: &[Layer], lba: u64) -> Result<Option<BlockValue>> {
     for l in layers {
         if lba >= l.limit_blocks {
             return Ok(None);
         }
-        let head = get_head(db, l.tree, lba)?;
+        let head = cache.get(db, l.tree, lba)?;
         match l.view {
             None => {
                 if let Some(h) = head {
@@ -92,11 +145,11 @@ pub fn lookup(db: &DB, layers: &[Layer], lba: u64) -> Result<Option<BlockValue>>
 }
 
 /// Head entries of `tree` in `[lba, lba + n)`, in LBA order.
-pub fn heads_in(db: &DB, tree: u64, lba: u64, n: u64) -> Result<Vec<(u64, MapEntry)>> {
+pub fn heads_in(db: &DB, cache: &mut HeadCache, tree: u64, lba: u64, n: u64) -> Result<Vec<(u64, MapEntry)>> {
     let mut out = Vec::new();
-    if n <= 2 {
+    if n <= 16 {
         for x in lba..lba + n {
-            if let Some(e) = get_head(db, tree, x)? {
+            if let Some(e) = cache.get(db, tree, x)? {
                 out.push((x, e));
             }
         }
@@ -156,13 +209,18 @@ pub struct HeadUpdate<'a> {
 impl HeadUpdate<'_> {
     /// Stages `new` for `lba` whose current head entry is `old`; pool blocks that
     /// no one references any more are pushed to `freed`.
+    /// The resulting head entry is pushed to `staged`, for the cache once the
+    /// batch is written.
+    #[allow(clippy::too_many_arguments)]
     pub fn stage(
         &self,
+        cache: &mut HeadCache,
         batch: &mut WriteBatch,
         lba: u64,
         old: Option<MapEntry>,
         new: BlockValue,
         freed: &mut Vec<u64>,
+        staged: &mut Vec<(u64, u64, Option<MapEntry>)>,
     ) -> Result<()> {
         let shared = match (old, self.newest_reader) {
             (Some(o), Some(r)) => r >= o.epoch,
@@ -184,9 +242,10 @@ impl HeadUpdate<'_> {
         {
             freed.push(block);
         }
-        if new == BlockValue::Zero && !shared && !self.zero_needs_entry(lba)? {
+        if new == BlockValue::Zero && !shared && !self.zero_needs_entry(cache, lba)? {
             if old.is_some() {
                 batch.delete_cf(head_cf, meta::head_key(self.tree, lba));
+                staged.push((self.tree, lba, None));
             }
             return Ok(());
         }
@@ -195,17 +254,18 @@ impl HeadUpdate<'_> {
             value: new,
         };
         batch.put_cf(head_cf, meta::head_key(self.tree, lba), entry.encode());
+        staged.push((self.tree, lba, Some(entry)));
         Ok(())
     }
 
     /// Whether zeroing `lba` must leave an explicit entry: older history exists,
     /// or a parent would otherwise show through with data.
-    fn zero_needs_entry(&self, lba: u64) -> Result<bool> {
+    fn zero_needs_entry(&self, cache: &mut HeadCache, lba: u64) -> Result<bool> {
         if has_history(self.db, self.tree, lba)? {
             return Ok(true);
         }
         Ok(matches!(
-            lookup(self.db, self.parents, lba)?,
+            lookup(self.db, cache, self.parents, lba)?,
             Some(BlockValue::Data { .. })
         ))
     }
@@ -216,6 +276,7 @@ impl HeadUpdate<'_> {
 /// Returns the number of entries removed.
 pub fn collect_garbage(
     db: &DB,
+    cache: &mut HeadCache,
     batch: &mut WriteBatch,
     tree: u64,
     live: bool,
@@ -238,6 +299,9 @@ pub fn collect_garbage(
         }
         let e = MapEntry::decode(v)?;
         if !live && !sees(e.epoch, u64::MAX) {
+            if let Some((_, lba, None)) = meta::parse_key(k) {
+                cache.invalidate(tree, lba);
+            }
             batch.delete_cf(cf(db, CF_HEAD), k);
             free(&e, freed);
             removed += 1;

@@ -40,6 +40,10 @@ pub fn open_db(dir: &Path, create: bool) -> Result<DB> {
     let mut map_opts = opts.clone();
     map_opts.set_block_based_table_factory(&block);
     map_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    // Small memtables: an insert into a big skiplist of random LBAs is a chain of
+    // cache misses on the write path; flushing more often costs a background core.
+    map_opts.set_write_buffer_size(8 << 20);
+    map_opts.set_max_write_buffer_number(4);
     let cfs = ALL_CFS.iter().map(|name| {
         let o = if *name == CF_HEAD || *name == CF_HISTORY {
             map_opts.clone()

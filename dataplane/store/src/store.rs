@@ -46,6 +46,8 @@ pub struct StoreConfig {
     /// How long to wait for the pool's lock: a crashed previous owner holds it
     /// until the kernel has drained its in-flight I/O.
     pub lock_wait: std::time::Duration,
+    /// Block-map entries kept in memory in front of RocksDB (about 90 bytes each).
+    pub map_cache_entries: usize,
 }
 
 impl StoreConfig {
@@ -58,6 +60,7 @@ impl StoreConfig {
             arena_bytes: 64 << 20,
             queue_depth: 256,
             lock_wait: std::time::Duration::from_secs(10),
+            map_cache_entries: 512 << 10,
         }
     }
 
@@ -165,6 +168,7 @@ pub(crate) struct Inner {
     pub active_reads: BTreeMap<u64, u32>,
     /// Frees with a sequence below this are durable.
     pub synced_seq: u64,
+    pub cache: map::HeadCache,
 }
 
 impl Inner {
@@ -460,7 +464,7 @@ impl Store {
     }
 
     fn start(cfg: &StoreConfig, pool: Pool, db: DB) -> Result<Store> {
-        let inner = load(&db, &pool)?;
+        let inner = load(&db, &pool, cfg.map_cache_entries)?;
         let arena = Arena::new(cfg.arena_bytes).map_err(|source| StoreError::Io {
             op: "allocate buffers",
             offset: 0,
@@ -1043,11 +1047,12 @@ fn settle_tree(
     tree: u64,
     freed: &mut Vec<u64>,
 ) -> Result<()> {
-    let Some(t) = inner.trees.get(&tree) else {
+    let Inner { trees, cache, .. } = &mut *inner;
+    let Some(t) = trees.get(&tree) else {
         return Ok(());
     };
     let (live, parent) = (t.rec.live, t.rec.parent);
-    map::collect_garbage(&sh.db, b, tree, live, &t.readers, freed)?;
+    map::collect_garbage(&sh.db, cache, b, tree, live, &t.readers, freed)?;
     if live || !t.readers.is_empty() {
         return Ok(());
     }
@@ -1072,7 +1077,7 @@ fn settle_tree(
 }
 
 /// Reads the catalog and rebuilds the allocator from the block maps.
-fn load(db: &DB, pool: &Pool) -> Result<Inner> {
+fn load(db: &DB, pool: &Pool, cache_entries: usize) -> Result<Inner> {
     let corrupt = |what: &str, detail: String| StoreError::Corrupt {
         what: what.into(),
         detail,
@@ -1096,6 +1101,7 @@ fn load(db: &DB, pool: &Pool) -> Result<Inner> {
         seq: 0,
         active_reads: BTreeMap::new(),
         synced_seq: 0,
+        cache: map::HeadCache::new(cache_entries),
     };
     for item in db.iterator_cf(cf(db, CF_TREES), rocksdb::IteratorMode::Start) {
         let (k, v) = item?;
