@@ -90,11 +90,23 @@ impl Driver {
         let op = if self.write {
             let (mut buf, at) = self.sub.write_buffer(offset, BLOCK_SIZE as usize);
             buf.as_mut_slice()[at..at + BLOCK_SIZE as usize].copy_from_slice(&self.payload);
-            Op::Write { target: self.target, offset, len: BLOCK_SIZE as usize, buf, fua: false }
+            Op::Write {
+                target: self.target,
+                offset,
+                len: BLOCK_SIZE as usize,
+                buf,
+                fua: false,
+            }
         } else {
-            Op::Read { target: self.target, offset, len: BLOCK_SIZE as usize }
+            Op::Read {
+                target: self.target,
+                offset,
+                len: BLOCK_SIZE as usize,
+            }
         };
-        let Some(pump) = self.pump.lock().clone() else { return };
+        let Some(pump) = self.pump.lock().clone() else {
+            return;
+        };
         self.sub.submit(op, slot, pump);
     }
 }
@@ -120,7 +132,14 @@ fn finish(d: &Driver, tag: u64, outcome: Outcome) {
     }
 }
 
-fn run_berth(store: &Store, target: Target, blocks: u64, write: bool, depth: u32, secs: u64) -> Measure {
+fn run_berth(
+    store: &Store,
+    target: Target,
+    blocks: u64,
+    write: bool,
+    depth: u32,
+    secs: u64,
+) -> Measure {
     let d = Arc::new(Driver {
         sub: store.submitter(),
         target,
@@ -149,10 +168,19 @@ fn run_berth(store: &Store, target: Target, blocks: u64, write: bool, depth: u32
         std::thread::sleep(Duration::from_millis(1));
     }
     *d.pump.lock() = None;
-    assert_eq!(d.errors.load(Ordering::Relaxed), 0, "I/O errors during the benchmark");
+    assert_eq!(
+        d.errors.load(Ordering::Relaxed),
+        0,
+        "I/O errors during the benchmark"
+    );
     let mut lat = std::mem::take(&mut *d.lat_ns.lock());
     lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
     Measure {
         target: "berth engine".into(),
         workload: format!("4k rand{} qd{depth}", if write { "write" } else { "read" }),
@@ -164,10 +192,26 @@ fn run_berth(store: &Store, target: Target, blocks: u64, write: bool, depth: u32
 }
 
 /// fio on `file`, `size` bytes from byte `offset`.
-fn run_fio(file: &Path, offset: u64, size: u64, write: bool, depth: u32, secs: u64) -> Result<Measure, String> {
+fn run_fio(
+    file: &Path,
+    offset: u64,
+    size: u64,
+    write: bool,
+    depth: u32,
+    secs: u64,
+) -> Result<Measure, String> {
     let rw = if write { "randwrite" } else { "randread" };
     let out = Command::new("fio")
-        .args(["--name=raw", "--ioengine=io_uring", "--direct=1", "--bs=4k", "--numjobs=1", "--time_based", "--output-format=json", "--randrepeat=0"])
+        .args([
+            "--name=raw",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--bs=4k",
+            "--numjobs=1",
+            "--time_based",
+            "--output-format=json",
+            "--randrepeat=0",
+        ])
         .arg(format!("--filename={}", file.display()))
         .arg(format!("--offset={offset}"))
         .arg(format!("--size={size}"))
@@ -177,9 +221,13 @@ fn run_fio(file: &Path, offset: u64, size: u64, write: bool, depth: u32, secs: u
         .output()
         .map_err(|e| format!("cannot run fio: {e} (apt-get install fio)"))?;
     if !out.status.success() {
-        return Err(format!("fio failed: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "fio failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("fio output: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("fio output: {e}"))?;
     let side = &v["jobs"][0][if write { "write" } else { "read" }];
     let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
     Ok(Measure {
@@ -205,17 +253,32 @@ fn engine(a: EngineArgs) -> Result<(), String> {
     // Pool with room for the volume, its snapshot's copy-on-write and slack.
     let cfg = StoreConfig::new(a.dir.join("store"), a.size_bytes * 3 + (64 << 20));
     let store = Store::create(&cfg).map_err(|e| e.to_string())?;
-    eprintln!("engine: {}; filling {} MiB...", store.engine_name(), a.size_bytes >> 20);
-    let t = store.volume_target(&store.create_volume("bench", a.size_bytes).map_err(|e| e.to_string())?.name).map_err(|e| e.to_string())?;
+    eprintln!(
+        "engine: {}; filling {} MiB...",
+        store.engine_name(),
+        a.size_bytes >> 20
+    );
+    let t = store
+        .volume_target(
+            &store
+                .create_volume("bench", a.size_bytes)
+                .map_err(|e| e.to_string())?
+                .name,
+        )
+        .map_err(|e| e.to_string())?;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     let chunk = 1 << 20;
     let mut data = vec![0u8; chunk];
     for off in (0..a.size_bytes).step_by(chunk) {
         rng.fill(&mut data[..]);
-        store.write(t, off, &data, false).map_err(|e| e.to_string())?;
+        store
+            .write(t, off, &data, false)
+            .map_err(|e| e.to_string())?;
     }
     store.flush().map_err(|e| e.to_string())?;
-    store.create_snapshot("bench", "bench-snap").map_err(|e| e.to_string())?;
+    store
+        .create_snapshot("bench", "bench-snap")
+        .map_err(|e| e.to_string())?;
 
     // The raw-disk baseline reads the very blocks the volume's data occupies
     // (the fill allocated them contiguously after the pool's 1 MiB header), so
@@ -225,7 +288,11 @@ fn engine(a: EngineArgs) -> Result<(), String> {
     let pool_file = cfg.pool_path();
     let mut results = Vec::new();
     for write in [false, true] {
-        eprintln!("measuring 4k rand{} qd{} ...", if write { "write" } else { "read" }, a.queue_depth);
+        eprintln!(
+            "measuring 4k rand{} qd{} ...",
+            if write { "write" } else { "read" },
+            a.queue_depth
+        );
         // Alternate the order over the repeats: the host's caches warm up as a
         // run goes, and that must not favour either side.
         let mut bs = Vec::new();
@@ -237,10 +304,24 @@ fn engine(a: EngineArgs) -> Result<(), String> {
                 } else if write {
                     run_fio(&fio_file, 0, a.size_bytes, true, a.queue_depth, a.seconds)?
                 } else {
-                    run_fio(&pool_file, 1 << 20, a.size_bytes, false, a.queue_depth, a.seconds)?
+                    run_fio(
+                        &pool_file,
+                        1 << 20,
+                        a.size_bytes,
+                        false,
+                        a.queue_depth,
+                        a.seconds,
+                    )?
                 };
-                eprintln!("  {:<28} {:>9.0} IOPS  p99 {:>7.1} us", m.target, m.iops, m.p99_us);
-                if berth_first { bs.push(m) } else { fs.push(m) }
+                eprintln!(
+                    "  {:<28} {:>9.0} IOPS  p99 {:>7.1} us",
+                    m.target, m.iops, m.p99_us
+                );
+                if berth_first {
+                    bs.push(m)
+                } else {
+                    fs.push(m)
+                }
             }
         }
         results.push((median(bs), median(fs)));
@@ -248,18 +329,31 @@ fn engine(a: EngineArgs) -> Result<(), String> {
     drop(store);
     let _ = std::fs::remove_dir_all(&a.dir);
 
-    println!("{:<32} {:<20} {:>10} {:>9} {:>9} {:>9}", "target", "workload", "IOPS", "MB/s", "p50 us", "p99 us");
+    println!(
+        "{:<32} {:<20} {:>10} {:>9} {:>9} {:>9}",
+        "target", "workload", "IOPS", "MB/s", "p50 us", "p99 us"
+    );
     let mut json = Vec::new();
     for (b, f) in &results {
         for m in [b, f] {
-            println!("{:<32} {:<20} {:>10.0} {:>9.1} {:>9.1} {:>9.1}", m.target, m.workload, m.iops, m.mb_per_s, m.p50_us, m.p99_us);
+            println!(
+                "{:<32} {:<20} {:>10.0} {:>9.1} {:>9.1} {:>9.1}",
+                m.target, m.workload, m.iops, m.mb_per_s, m.p50_us, m.p99_us
+            );
         }
         let ratio = b.iops / f.iops.max(1.0);
-        println!("{:<32} {:<20} {:>9.0}%", "berth / fio", b.workload, ratio * 100.0);
+        println!(
+            "{:<32} {:<20} {:>9.0}%",
+            "berth / fio",
+            b.workload,
+            ratio * 100.0
+        );
         json.push(serde_json::json!({ "berth": b, "fio": f, "ratio": ratio }));
     }
     std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let path = a.out.join(format!("engine-{stamp}.json"));
     let doc = serde_json::json!({
         "kind": "engine",
@@ -270,13 +364,22 @@ fn engine(a: EngineArgs) -> Result<(), String> {
         "checksums": true,
         "results": json,
     });
-    std::fs::write(&path, serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }
 
 fn main() {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into())).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Engine(a) => engine(a),

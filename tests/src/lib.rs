@@ -43,7 +43,10 @@ pub fn decode(block: &[u8]) -> Result<Seen, String> {
     if u(0) != MAGIC || u(24) != u(8) ^ u(16).rotate_left(17) ^ MAGIC {
         return Err("garbage: not a stamp".into());
     }
-    Ok(Seen::Stamp { lba: u(8), gen: u(16) })
+    Ok(Seen::Stamp {
+        lba: u(8),
+        gen: u(16),
+    })
 }
 
 #[cfg(test)]

@@ -80,7 +80,8 @@ impl Ledger {
     /// Checks one recovered block; returns the new floor.
     fn check(&self, lba: usize, data: &[u8]) -> Result<Option<u64>, String> {
         let b = &self.blocks[lba];
-        let ok_gen = |g: u64, zero: bool| b.issued.get(&g) == Some(&zero) && b.floor.is_none_or(|f| g >= f);
+        let ok_gen =
+            |g: u64, zero: bool| b.issued.get(&g) == Some(&zero) && b.floor.is_none_or(|f| g >= f);
         match decode(data).map_err(|e| format!("lba {lba}: {e}"))? {
             Seen::Zero => {
                 if b.floor.is_none() {
@@ -89,12 +90,17 @@ impl Ledger {
                 // A trim at or after the floor explains zeros.
                 match b.issued.iter().find(|&(&g, &z)| z && ok_gen(g, true)) {
                     Some((&g, _)) => Ok(Some(g)),
-                    None => Err(format!("lba {lba}: reads zeros, but generation {:?} was flushed", b.floor)),
+                    None => Err(format!(
+                        "lba {lba}: reads zeros, but generation {:?} was flushed",
+                        b.floor
+                    )),
                 }
             }
             Seen::Stamp { lba: l, gen } => {
                 if l != lba as u64 {
-                    return Err(format!("lba {lba}: holds the block of lba {l} (misdirected)"));
+                    return Err(format!(
+                        "lba {lba}: holds the block of lba {l} (misdirected)"
+                    ));
                 }
                 if !ok_gen(gen, false) {
                     return Err(format!(
@@ -110,7 +116,10 @@ impl Ledger {
 
 #[test]
 fn kill_9_under_write_load_loses_no_flushed_write() {
-    let cycles: u64 = std::env::var("BERTH_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let cycles: u64 = std::env::var("BERTH_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("store");
     let worker = env!("CARGO_BIN_EXE_berth-crash-worker");
@@ -124,8 +133,18 @@ fn kill_9_under_write_load_loses_no_flushed_write() {
     for cycle in 0..cycles {
         let mut child = Command::new(worker)
             .args(["--data", data.to_str().expect("utf-8 path")])
-            .args(["--gen-base", &gen_base.to_string(), "--seed", &cycle.to_string()])
-            .args(["--threads", &THREADS.to_string(), "--blocks-per-writer", &PER.to_string()])
+            .args([
+                "--gen-base",
+                &gen_base.to_string(),
+                "--seed",
+                &cycle.to_string(),
+            ])
+            .args([
+                "--threads",
+                &THREADS.to_string(),
+                "--blocks-per-writer",
+                &PER.to_string(),
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -142,10 +161,11 @@ fn kill_9_under_write_load_loses_no_flushed_write() {
                 l.lock().expect("ledger").apply(&line);
             }
         });
-        rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("cycle {cycle}: worker never became ready");
-        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!("cycle {cycle}: worker never became ready");
+            });
         std::thread::sleep(Duration::from_millis(rng.random_range(5..120)));
         // SIGKILL: no destructor, no flush, no goodbye.
         child.kill().expect("kill -9");
@@ -163,19 +183,28 @@ fn kill_9_under_write_load_loses_no_flushed_write() {
         let mut l = ledger.lock().expect("ledger");
         blocks_with_data = 0;
         for (lba, block) in all.chunks(BLOCK).enumerate() {
-            let floor = l.check(lba, block).unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
+            let floor = l
+                .check(lba, block)
+                .unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
             blocks_with_data += usize::from(floor.is_some());
             l.blocks[lba].floor = floor;
             l.blocks[lba].acked = floor;
         }
         total_lines = l.lines;
         let scrub = store.scrub().expect("scrub");
-        assert!(scrub.errors.is_empty(), "cycle {cycle}: scrub found {:?}", scrub.errors);
+        assert!(
+            scrub.errors.is_empty(),
+            "cycle {cycle}: scrub found {:?}",
+            scrub.errors
+        );
         drop(store);
     }
     eprintln!(
         "crash harness: {cycles} kill -9 cycles, {total_lines} logged operations, {blocks_with_data} of {} blocks holding data at the end, 0 lost flushed writes, 0 checksum errors",
         THREADS * PER
     );
-    assert!(total_lines > cycles * 10, "the workers did too little work to test anything");
+    assert!(
+        total_lines > cycles * 10,
+        "the workers did too little work to test anything"
+    );
 }

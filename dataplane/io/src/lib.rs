@@ -75,22 +75,46 @@ mod tests {
             for i in 0..32u64 {
                 let mut b = arena.alloc(PAGE);
                 b.as_mut_slice().fill(i as u8 + 1);
-                e.push(IoOp { kind: OpKind::Write, file: 0, offset: i * PAGE as u64, buf: Some(b), user_data: i });
+                e.push(IoOp {
+                    kind: OpKind::Write,
+                    file: 0,
+                    offset: i * PAGE as u64,
+                    buf: Some(b),
+                    user_data: i,
+                });
             }
             let done = wait_all(e.as_mut(), 32);
-            assert!(done.iter().all(|c| matches!(c.result, Ok(n) if n == PAGE)), "{choice:?}");
-            e.push(IoOp { kind: OpKind::DataSync, file: 0, offset: 0, buf: None, user_data: 99 });
+            assert!(
+                done.iter().all(|c| matches!(c.result, Ok(n) if n == PAGE)),
+                "{choice:?}"
+            );
+            e.push(IoOp {
+                kind: OpKind::DataSync,
+                file: 0,
+                offset: 0,
+                buf: None,
+                user_data: 99,
+            });
             let done = wait_all(e.as_mut(), 1);
             assert_eq!(done[0].user_data, 99);
             assert!(done[0].result.is_ok());
             for i in 0..32u64 {
-                e.push(IoOp { kind: OpKind::Read, file: 0, offset: i * PAGE as u64, buf: Some(arena.alloc_uninit(PAGE)), user_data: 1000 + i });
+                e.push(IoOp {
+                    kind: OpKind::Read,
+                    file: 0,
+                    offset: i * PAGE as u64,
+                    buf: Some(arena.alloc_uninit(PAGE)),
+                    user_data: 1000 + i,
+                });
             }
             let mut done = wait_all(e.as_mut(), 32);
             done.sort_by_key(|c| c.user_data);
             for (i, c) in done.iter().enumerate() {
                 let buf = c.buf.as_ref().expect("buffer comes back");
-                assert!(buf.as_slice().iter().all(|&x| x == i as u8 + 1), "{choice:?} block {i}");
+                assert!(
+                    buf.as_slice().iter().all(|&x| x == i as u8 + 1),
+                    "{choice:?} block {i}"
+                );
             }
             assert_eq!(e.in_flight(), 0);
         }
@@ -104,7 +128,13 @@ mod tests {
             let arena = Arena::new(1 << 16).expect("arena");
             let mut e = open_engine(choice, &[file.as_raw_fd()], &arena, 8).expect("engine");
             // Misaligned O_DIRECT offset: EINVAL from the kernel.
-            e.push(IoOp { kind: OpKind::Write, file: 0, offset: 1, buf: Some(arena.alloc(PAGE)), user_data: 5 });
+            e.push(IoOp {
+                kind: OpKind::Write,
+                file: 0,
+                offset: 1,
+                buf: Some(arena.alloc(PAGE)),
+                user_data: 5,
+            });
             let done = wait_all(e.as_mut(), 1);
             assert_eq!(done[0].user_data, 5);
             assert!(done[0].result.is_err(), "{choice:?}: {:?}", done[0].result);
@@ -126,7 +156,10 @@ mod tests {
             let mut out = Vec::new();
             e.submit_and_wait(true, &mut out).expect("wait");
             assert!(out.is_empty());
-            assert!(start.elapsed() >= Duration::from_millis(90), "{choice:?} returned early");
+            assert!(
+                start.elapsed() >= Duration::from_millis(90),
+                "{choice:?} returned early"
+            );
             t.join().expect("waker thread");
             let _ = Arc::strong_count(&arena);
         }

@@ -71,7 +71,9 @@ impl std::fmt::Debug for UringEngine {
 impl UringEngine {
     pub fn new(files: &[RawFd], arena: &Arc<Arena>, depth: u32) -> io::Result<Self> {
         let entries = depth.clamp(8, 4096).next_power_of_two();
-        let ring = IoUring::builder().setup_cqsize(entries * 2).build(entries)?;
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 2)
+            .build(entries)?;
         if !files.is_empty() {
             ring.submitter().register_files(files)?;
         }

@@ -82,7 +82,7 @@ impl Allocator {
                 b = 0;
             }
             // Skip full words.
-            if b % 64 == 0 && self.used[(b / 64) as usize] == u64::MAX {
+            if b.is_multiple_of(64) && self.used[(b / 64) as usize] == u64::MAX {
                 let step = 64.min(self.blocks - b);
                 b += step;
                 scanned += step;

@@ -18,7 +18,9 @@ pub enum StoreError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    #[error("{op} of {len} bytes at offset {offset} is outside volume {volume:?} ({size_bytes} bytes)")]
+    #[error(
+        "{op} of {len} bytes at offset {offset} is outside volume {volume:?} ({size_bytes} bytes)"
+    )]
     OutOfRange {
         op: &'static str,
         volume: String,

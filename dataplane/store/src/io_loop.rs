@@ -92,13 +92,17 @@ pub struct Request {
 
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Request").field("op", &self.op).field("tag", &self.tag).finish()
+        f.debug_struct("Request")
+            .field("op", &self.op)
+            .field("tag", &self.tag)
+            .finish()
     }
 }
 
 pub(crate) fn submit(sh: &Shared, req: Request) {
     if sh.shutdown.load(Ordering::SeqCst) {
-        req.reply.reply(req.tag, fail(&req.op, StoreError::ShuttingDown));
+        req.reply
+            .reply(req.tag, fail(&req.op, StoreError::ShuttingDown));
         return;
     }
     sh.queue.lock().push(req);
@@ -367,12 +371,23 @@ impl Loop {
                 self.slot(i).phase = Phase::Sync;
                 self.syncing.push(i);
             }
-            Op::Read { target, offset, len } => self.accept_read(req.tag, req.reply, target, offset, len),
+            Op::Read {
+                target,
+                offset,
+                len,
+            } => self.accept_read(req.tag, req.reply, target, offset, len),
             Op::Write { .. } | Op::Zero { .. } => self.accept_write(req),
         }
     }
 
-    fn accept_read(&mut self, tag: u64, reply: Arc<dyn Reply>, target: Target, offset: u64, len: usize) {
+    fn accept_read(
+        &mut self,
+        tag: u64,
+        reply: Arc<dyn Reply>,
+        target: Target,
+        offset: u64,
+        len: usize,
+    ) {
         let req = Request {
             op: Op::Flush,
             tag,
@@ -380,7 +395,9 @@ impl Loop {
         };
         let i = self.new_slot(req, Kind::Read);
         let first_lba = offset / BLOCK_SIZE;
-        let blocks = (offset + len as u64).div_ceil(BLOCK_SIZE).saturating_sub(first_lba);
+        let blocks = (offset + len as u64)
+            .div_ceil(BLOCK_SIZE)
+            .saturating_sub(first_lba);
         let s = self.slots[i].as_mut().expect("live slot");
         s.phase = Phase::Reading;
         s.target = target;
@@ -392,12 +409,21 @@ impl Loop {
         // catalog lock: no commit or free can slip in between.
         let mapped: Result<()> = (|| {
             let mut inner = self.sh.inner.lock();
-            Self::resolve(&inner, target, offset, len as u64, false, "read", &mut s.layers)?;
+            Self::resolve(
+                &inner,
+                target,
+                offset,
+                len as u64,
+                false,
+                "read",
+                &mut s.layers,
+            )?;
             s.tree = s.layers[0].tree;
             s.read_seq = Some(inner.read_start());
             let inner = &mut *inner;
             for lba in first_lba..first_lba + blocks {
-                s.values.push(map::lookup(&self.sh.db, &mut inner.cache, &s.layers, lba)?);
+                s.values
+                    .push(map::lookup(&self.sh.db, &mut inner.cache, &s.layers, lba)?);
             }
             Ok(())
         })();
@@ -406,7 +432,10 @@ impl Loop {
             return self.finish(i);
         }
         self.sh.counters.reads.fetch_add(1, Ordering::Relaxed);
-        self.sh.counters.read_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.sh
+            .counters
+            .read_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
         let buf = self.sh.arena.alloc_uninit(blocks as usize * BS);
         self.submit_runs(i, buf, OpKind::Read);
         if self.slot(i).ops_left == 0 {
@@ -427,10 +456,13 @@ impl Loop {
             let mut end = start + 1;
             while end < n {
                 let contiguous = match (first, s.values[end]) {
-                    (Some(BlockValue::Data { block: a, .. }), Some(BlockValue::Data { block: b, .. })) => {
-                        b == a + (end - start) as u64
+                    (
+                        Some(BlockValue::Data { block: a, .. }),
+                        Some(BlockValue::Data { block: b, .. }),
+                    ) => b == a + (end - start) as u64,
+                    (Some(BlockValue::Data { .. }), _) | (_, Some(BlockValue::Data { .. })) => {
+                        false
                     }
-                    (Some(BlockValue::Data { .. }), _) | (_, Some(BlockValue::Data { .. })) => false,
                     _ => true,
                 };
                 if !contiguous {
@@ -438,7 +470,11 @@ impl Loop {
                 }
                 end += 1;
             }
-            let rest = if end < n { Some(buf.split_off((end - start) * BS)) } else { None };
+            let rest = if end < n {
+                Some(buf.split_off((end - start) * BS))
+            } else {
+                None
+            };
             let mut piece = buf;
             let idx = s.pieces.len();
             s.piece_start.push(start as u64);
@@ -470,9 +506,19 @@ impl Loop {
     }
 
     fn accept_write(&mut self, mut req: Request) {
-        if let Op::Zero { target, offset, len, trim, fua } = req.op {
+        if let Op::Zero {
+            target,
+            offset,
+            len,
+            trim,
+            fua,
+        } = req.op
+        {
             let end = offset.saturating_add(len);
-            let (lo, hi) = (offset.next_multiple_of(BLOCK_SIZE), end / BLOCK_SIZE * BLOCK_SIZE);
+            let (lo, hi) = (
+                offset.next_multiple_of(BLOCK_SIZE),
+                end / BLOCK_SIZE * BLOCK_SIZE,
+            );
             if offset % BLOCK_SIZE != 0 || end % BLOCK_SIZE != 0 {
                 // Validate the range as asked, before it is narrowed or rewritten.
                 let mut layers = Vec::new();
@@ -488,13 +534,25 @@ impl Loop {
                     if hi <= lo || len == 0 || end > u64::MAX - BLOCK_SIZE {
                         return req.reply.reply(req.tag, Outcome::Done(Ok(())));
                     }
-                    req.op = Op::Zero { target, offset: lo, len: hi - lo, trim, fua };
+                    req.op = Op::Zero {
+                        target,
+                        offset: lo,
+                        len: hi - lo,
+                        trim,
+                        fua,
+                    };
                 } else if len <= MAX_REQUEST_BYTES {
                     // Zeroing part of a block: a write of zeros (whole zero blocks
                     // inside it still become map entries only).
                     let (mut buf, _) = write_buffer(&self.sh.arena, offset, len as usize);
                     buf.as_mut_slice().fill(0);
-                    req.op = Op::Write { target, offset, len: len as usize, buf, fua };
+                    req.op = Op::Write {
+                        target,
+                        offset,
+                        len: len as usize,
+                        buf,
+                        fua,
+                    };
                 } else {
                     let e = StoreError::InvalidArgument(format!(
                         "write-zeroes of {len} bytes at {offset} is not 4096-byte aligned; unaligned zeroing is limited to {MAX_REQUEST_BYTES} bytes"
@@ -504,15 +562,31 @@ impl Loop {
             }
         }
         let (target, offset, len, fua, trim) = match &req.op {
-            Op::Write { target, offset, len, fua, .. } => (*target, *offset, *len as u64, *fua, false),
-            Op::Zero { target, offset, len, trim, fua } => (*target, *offset, *len, *fua, *trim),
+            Op::Write {
+                target,
+                offset,
+                len,
+                fua,
+                ..
+            } => (*target, *offset, *len as u64, *fua, false),
+            Op::Zero {
+                target,
+                offset,
+                len,
+                trim,
+                fua,
+            } => (*target, *offset, *len, *fua, *trim),
             _ => return,
         };
         let mut layers = Vec::new();
         let first_lba = offset / BLOCK_SIZE;
         {
             let mut inner = self.sh.inner.lock();
-            let op = if matches!(req.op, Op::Write { .. }) { "write" } else { "zero" };
+            let op = if matches!(req.op, Op::Write { .. }) {
+                "write"
+            } else {
+                "zero"
+            };
             let tree = match Self::resolve(&inner, target, offset, len, true, op, &mut layers) {
                 Ok(t) => t,
                 Err(e) => return req.reply.reply(req.tag, Outcome::Done(Err(e))),
@@ -556,7 +630,10 @@ impl Loop {
             return;
         };
         self.sh.counters.writes.fetch_add(1, Ordering::Relaxed);
-        self.sh.counters.write_bytes.fetch_add(len, Ordering::Relaxed);
+        self.sh
+            .counters
+            .write_bytes
+            .fetch_add(len, Ordering::Relaxed);
         if buf.len() < blocks as usize * BS {
             self.slot(i).error = Some(StoreError::InvalidArgument(format!(
                 "write buffer of {} bytes cannot hold {blocks} blocks",
@@ -725,7 +802,11 @@ impl Loop {
             };
             tracing::error!(op, error = %source, "pool I/O failed");
             if s.error.is_none() {
-                s.error = Some(StoreError::Io { op, offset: s.offset, source });
+                s.error = Some(StoreError::Io {
+                    op,
+                    offset: s.offset,
+                    source,
+                });
             }
         }
         match s.phase {
@@ -785,9 +866,21 @@ impl Loop {
                 if block_crc(block, &buf.as_slice()[k * BS..(k + 1) * BS]) != crc {
                     let offset = (s.first_lba + (start + k) as u64) * BLOCK_SIZE;
                     let volume = describe(&self.sh.inner.lock(), s.target);
-                    self.sh.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(volume, offset, pool_block = block, "checksum mismatch on read");
-                    s.error = Some(StoreError::Integrity { volume, offset, pool_block: block });
+                    self.sh
+                        .counters
+                        .checksum_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(
+                        volume,
+                        offset,
+                        pool_block = block,
+                        "checksum mismatch on read"
+                    );
+                    s.error = Some(StoreError::Integrity {
+                        volume,
+                        offset,
+                        pool_block: block,
+                    });
                     return;
                 }
             }
@@ -807,7 +900,8 @@ impl Loop {
         for &i in &ready {
             let s = self.slots[i].as_mut().expect("live slot");
             if s.error.is_none() {
-                if let Err(e) = stage(&self.sh, &mut inner, s, &mut batch, &mut freed, &mut staged) {
+                if let Err(e) = stage(&self.sh, &mut inner, s, &mut batch, &mut freed, &mut staged)
+                {
                     s.error = Some(e);
                 }
             }
@@ -824,7 +918,9 @@ impl Loop {
         for &i in &ready {
             let s = self.slots[i].as_mut().expect("live slot");
             if let Err(e) = &result {
-                s.error.get_or_insert_with(|| StoreError::FailedPrecondition(format!("block map commit failed: {e}")));
+                s.error.get_or_insert_with(|| {
+                    StoreError::FailedPrecondition(format!("block map commit failed: {e}"))
+                });
             }
             if s.error.is_some() {
                 for (f, l) in s.runs.drain(..) {
@@ -901,7 +997,9 @@ impl Loop {
                 });
             }
             if let Err(e) = &wal {
-                s.error.get_or_insert_with(|| StoreError::FailedPrecondition(format!("WAL sync failed: {e}")));
+                s.error.get_or_insert_with(|| {
+                    StoreError::FailedPrecondition(format!("WAL sync failed: {e}"))
+                });
             }
             self.finish(i);
         }
@@ -909,7 +1007,9 @@ impl Loop {
 
     /// Answers a request and recycles its slot.
     fn finish(&mut self, i: usize) {
-        let Some(mut s) = self.slots[i].take() else { return };
+        let Some(mut s) = self.slots[i].take() else {
+            return;
+        };
         self.free_slots.push(i);
         if s.busy {
             let mut inner = self.sh.inner.lock();
@@ -962,7 +1062,11 @@ impl Loop {
 
 /// A buffer for a write of `len` bytes at `offset`: whole blocks, the payload
 /// at the returned position.
-pub(crate) fn write_buffer(arena: &std::sync::Arc<berth_io::Arena>, offset: u64, len: usize) -> (IoBuf, usize) {
+pub(crate) fn write_buffer(
+    arena: &std::sync::Arc<berth_io::Arena>,
+    offset: u64,
+    len: usize,
+) -> (IoBuf, usize) {
     let start = (offset % BLOCK_SIZE) as usize;
     let span = (start + len).div_ceil(BS) * BS;
     (arena.alloc_uninit(span.max(BS)), start)
@@ -992,7 +1096,10 @@ fn edge_gap(offset: u64, len: u64, lba: u64) -> (usize, usize) {
 
 fn describe(inner: &Inner, target: Target) -> String {
     match target {
-        Target::Volume(id) => inner.volumes.get(&id).map_or(format!("#{id}"), |v| v.name.clone()),
+        Target::Volume(id) => inner
+            .volumes
+            .get(&id)
+            .map_or(format!("#{id}"), |v| v.name.clone()),
         Target::Snapshot(id) => inner
             .snaps
             .get(&id)
@@ -1011,10 +1118,13 @@ fn stage(
 ) -> Result<()> {
     let volume_alive = matches!(s.target, Target::Volume(id) if inner.volumes.contains_key(&id));
     let Inner { trees, cache, .. } = inner;
-    let tree = trees.get(&s.tree).filter(|_| volume_alive).ok_or_else(|| StoreError::NotFound {
-        kind: "volume",
-        name: format!("#{}", s.tree),
-    })?;
+    let tree = trees
+        .get(&s.tree)
+        .filter(|_| volume_alive)
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "volume",
+            name: format!("#{}", s.tree),
+        })?;
     let upd = HeadUpdate {
         db: &sh.db,
         tree: s.tree,
@@ -1045,7 +1155,8 @@ fn stage(
         Kind::Zero => {
             // Only blocks that hold something (here or in a parent) need work, so
             // trimming a huge, mostly empty range is cheap.
-            let mut lbas: Vec<(u64, Option<MapEntry>)> = old.into_iter().map(|(x, e)| (x, Some(e))).collect();
+            let mut lbas: Vec<(u64, Option<MapEntry>)> =
+                old.into_iter().map(|(x, e)| (x, Some(e))).collect();
             if !upd.parents.is_empty() {
                 for x in map::ancestor_lbas(&sh.db, upd.parents, s.first_lba, s.blocks)? {
                     if !lbas.iter().any(|&(y, _)| y == x) {

@@ -117,7 +117,12 @@ pub fn has_history(db: &DB, tree: u64, lba: u64) -> Result<bool> {
 
 /// What a read of `lba` through `layers` returns: `None` means never written
 /// (reads as zeros).
-pub fn lookup(db: &DB, cache: &mut HeadCache, layers: &[Layer], lba: u64) -> Result<Option<BlockValue>> {
+pub fn lookup(
+    db: &DB,
+    cache: &mut HeadCache,
+    layers: &[Layer],
+    lba: u64,
+) -> Result<Option<BlockValue>> {
     for l in layers {
         if lba >= l.limit_blocks {
             return Ok(None);
@@ -145,7 +150,13 @@ pub fn lookup(db: &DB, cache: &mut HeadCache, layers: &[Layer], lba: u64) -> Res
 }
 
 /// Head entries of `tree` in `[lba, lba + n)`, in LBA order.
-pub fn heads_in(db: &DB, cache: &mut HeadCache, tree: u64, lba: u64, n: u64) -> Result<Vec<(u64, MapEntry)>> {
+pub fn heads_in(
+    db: &DB,
+    cache: &mut HeadCache,
+    tree: u64,
+    lba: u64,
+    n: u64,
+) -> Result<Vec<(u64, MapEntry)>> {
     let mut out = Vec::new();
     if n <= 16 {
         for x in lba..lba + n {

@@ -24,7 +24,14 @@ pub const CF_VOLUMES: &str = "volumes";
 pub const CF_SNAPSHOTS: &str = "snapshots";
 pub const CF_HEAD: &str = "head";
 pub const CF_HISTORY: &str = "history";
-const ALL_CFS: [&str; 6] = [CF_META, CF_TREES, CF_VOLUMES, CF_SNAPSHOTS, CF_HEAD, CF_HISTORY];
+const ALL_CFS: [&str; 6] = [
+    CF_META,
+    CF_TREES,
+    CF_VOLUMES,
+    CF_SNAPSHOTS,
+    CF_HEAD,
+    CF_HISTORY,
+];
 
 const VERSION: u8 = 1;
 
@@ -299,18 +306,46 @@ mod tests {
     #[test]
     fn records_round_trip() {
         for e in [
-            MapEntry { epoch: 7, value: BlockValue::Zero },
-            MapEntry { epoch: u64::MAX, value: BlockValue::Data { block: 1 << 40, crc: 0xdead_beef } },
+            MapEntry {
+                epoch: 7,
+                value: BlockValue::Zero,
+            },
+            MapEntry {
+                epoch: u64::MAX,
+                value: BlockValue::Data {
+                    block: 1 << 40,
+                    crc: 0xdead_beef,
+                },
+            },
         ] {
             assert_eq!(MapEntry::decode(&e.encode()).expect("decode"), e);
         }
-        let t = TreeRec { parent: Some((3, 4, 5)), head_epoch: 9, live: true };
+        let t = TreeRec {
+            parent: Some((3, 4, 5)),
+            head_epoch: 9,
+            live: true,
+        };
         assert_eq!(TreeRec::decode(&t.encode()).expect("decode"), t);
-        let t = TreeRec { parent: None, head_epoch: 1, live: false };
+        let t = TreeRec {
+            parent: None,
+            head_epoch: 1,
+            live: false,
+        };
         assert_eq!(TreeRec::decode(&t.encode()).expect("decode"), t);
-        let v = VolumeRec { name: "pg-data".into(), size_bytes: 1 << 30, created_unix: 1 };
+        let v = VolumeRec {
+            name: "pg-data".into(),
+            size_bytes: 1 << 30,
+            created_unix: 1,
+        };
         assert_eq!(VolumeRec::decode(&v.encode()).expect("decode"), v);
-        let s = SnapshotRec { name: "s1".into(), tree: 1, epoch: 2, size_bytes: 3, created_unix: 4, hidden: true };
+        let s = SnapshotRec {
+            name: "s1".into(),
+            tree: 1,
+            epoch: 2,
+            size_bytes: 3,
+            created_unix: 4,
+            hidden: true,
+        };
         assert_eq!(SnapshotRec::decode(&s.encode()).expect("decode"), s);
         assert!(MapEntry::decode(&[2; 22]).is_err());
         assert!(VolumeRec::decode(&[1, 2]).is_err());

@@ -80,7 +80,7 @@ impl Superblock {
             blocks: u64_at(48),
             created_unix: u64_at(56),
         };
-        if u64::from(sb.block_size) != BLOCK_SIZE || sb.data_offset % BLOCK_SIZE != 0 {
+        if u64::from(sb.block_size) != BLOCK_SIZE || !sb.data_offset.is_multiple_of(BLOCK_SIZE) {
             return Err(format!(
                 "unsupported geometry: block size {}, data offset {}",
                 sb.block_size, sb.data_offset
@@ -167,7 +167,11 @@ impl Pool {
     /// `size_bytes` (allocated up front, so the filesystem cannot run out under
     /// a volume); a block device is used whole. Anything already holding a Berth
     /// superblock, or a non-empty regular file, is refused.
-    pub fn create(path: &Path, size_bytes: Option<u64>, lock_wait: std::time::Duration) -> Result<Pool> {
+    pub fn create(
+        path: &Path,
+        size_bytes: Option<u64>,
+        lock_wait: std::time::Duration,
+    ) -> Result<Pool> {
         let existing = std::fs::metadata(path).ok();
         let is_dev = existing
             .as_ref()
@@ -194,9 +198,8 @@ impl Pool {
             }
             len
         } else {
-            let len = size_bytes.ok_or_else(|| {
-                StoreError::InvalidArgument("a pool file needs a size".into())
-            })?;
+            let len = size_bytes
+                .ok_or_else(|| StoreError::InvalidArgument("a pool file needs a size".into()))?;
             let len = len / BLOCK_SIZE * BLOCK_SIZE;
             if let Err(e) = preallocate(&file, len) {
                 let _ = std::fs::remove_file(path);
@@ -287,13 +290,19 @@ mod tests {
         assert_eq!(Superblock::decode(&b), Ok(sb.clone()));
         let mut bad = b.clone();
         bad[0] ^= 1;
-        assert!(Superblock::decode(&bad).unwrap_err().contains("magic"));
+        assert!(Superblock::decode(&bad)
+            .expect_err("damaged superblock")
+            .contains("magic"));
         let mut bad = b.clone();
         bad[16] = 9;
-        assert!(Superblock::decode(&bad).unwrap_err().contains("version 9"));
+        assert!(Superblock::decode(&bad)
+            .expect_err("damaged superblock")
+            .contains("version 9"));
         let mut bad = b;
         bad[50] ^= 1;
-        assert!(Superblock::decode(&bad).unwrap_err().contains("checksum"));
+        assert!(Superblock::decode(&bad)
+            .expect_err("damaged superblock")
+            .contains("checksum"));
     }
 
     #[test]
@@ -301,7 +310,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("pool.img");
         let pool = Pool::create(&path, Some(8 << 20), NO_WAIT).expect("create");
-        assert!(matches!(Pool::open(&path, NO_WAIT), Err(StoreError::PoolLocked { .. })));
+        assert!(matches!(
+            Pool::open(&path, NO_WAIT),
+            Err(StoreError::PoolLocked { .. })
+        ));
         drop(pool);
         let pool = Pool::open(&path, NO_WAIT).expect("reopen after close");
         assert_eq!(pool.sb.blocks, (8 << 20) / 4096 - 256);
@@ -316,7 +328,9 @@ mod tests {
         std::fs::write(&foreign, vec![0xabu8; 1 << 20]).expect("write");
         let before = std::fs::read(&foreign).expect("read");
         match Pool::open(&foreign, NO_WAIT) {
-            Err(StoreError::BadPool { reason, .. }) => assert!(reason.contains("magic"), "{reason}"),
+            Err(StoreError::BadPool { reason, .. }) => {
+                assert!(reason.contains("magic"), "{reason}")
+            }
             other => panic!("expected BadPool, got {other:?}"),
         }
         assert_eq!(std::fs::read(&foreign).expect("read"), before);

@@ -176,11 +176,17 @@ impl Inner {
     pub fn layers(&self, target: Target) -> Result<(Vec<Layer>, u64)> {
         let (tree, view, size) = match target {
             Target::Volume(id) => {
-                let v = self.volumes.get(&id).ok_or_else(|| not_found("volume", id))?;
+                let v = self
+                    .volumes
+                    .get(&id)
+                    .ok_or_else(|| not_found("volume", id))?;
                 (id, None, v.size_bytes)
             }
             Target::Snapshot(id) => {
-                let s = self.snaps.get(&id).ok_or_else(|| not_found("snapshot", id))?;
+                let s = self
+                    .snaps
+                    .get(&id)
+                    .ok_or_else(|| not_found("snapshot", id))?;
                 (s.rec.tree, Some(s.rec.epoch), s.rec.size_bytes)
             }
         };
@@ -294,14 +300,21 @@ fn now_unix() -> u64 {
 
 /// Checks a user-given name: non-empty, bounded, printable, no path separators.
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
-    let bad = |why: &str| Err(StoreError::InvalidArgument(format!("{kind} name {name:?} {why}")));
+    let bad = |why: &str| {
+        Err(StoreError::InvalidArgument(format!(
+            "{kind} name {name:?} {why}"
+        )))
+    };
     if name.is_empty() {
         return bad("is empty");
     }
     if name.len() > MAX_NAME_BYTES {
         return bad(&format!("is longer than {MAX_NAME_BYTES} bytes"));
     }
-    if name.chars().any(|c| c.is_control() || c == '/' || c == '\\') {
+    if name
+        .chars()
+        .any(|c| c.is_control() || c == '/' || c == '\\')
+    {
         return bad("contains a control character or a path separator");
     }
     if name == "." || name == ".." {
@@ -551,16 +564,23 @@ impl Store {
 
     pub fn volume(&self, name: &str) -> Result<VolumeInfo> {
         let inner = self.shared.inner.lock();
-        let id = *inner.volume_names.get(name).ok_or_else(|| StoreError::NotFound {
-            kind: "volume",
-            name: name.to_string(),
-        })?;
+        let id = *inner
+            .volume_names
+            .get(name)
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "volume",
+                name: name.to_string(),
+            })?;
         Ok(inner.volume_info(id).expect("named volume exists"))
     }
 
     pub fn list_volumes(&self) -> Vec<VolumeInfo> {
         let inner = self.shared.inner.lock();
-        let mut v: Vec<_> = inner.volumes.keys().filter_map(|&id| inner.volume_info(id)).collect();
+        let mut v: Vec<_> = inner
+            .volumes
+            .keys()
+            .filter_map(|&id| inner.volume_info(id))
+            .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -570,10 +590,13 @@ impl Store {
         validate_size(size_bytes)?;
         let sh = &self.shared;
         let mut inner = sh.inner.lock();
-        let id = *inner.volume_names.get(name).ok_or_else(|| StoreError::NotFound {
-            kind: "volume",
-            name: name.to_string(),
-        })?;
+        let id = *inner
+            .volume_names
+            .get(name)
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "volume",
+                name: name.to_string(),
+            })?;
         let mut rec = inner.volumes[&id].clone();
         if size_bytes < rec.size_bytes {
             return Err(StoreError::ShrinkRefused {
@@ -598,10 +621,13 @@ impl Store {
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let sh = &self.shared;
         let mut inner = sh.inner.lock();
-        let id = *inner.volume_names.get(name).ok_or_else(|| StoreError::NotFound {
-            kind: "volume",
-            name: name.to_string(),
-        })?;
+        let id = *inner
+            .volume_names
+            .get(name)
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "volume",
+                name: name.to_string(),
+            })?;
         if !inner.trees[&id].busy.is_empty() {
             return Err(StoreError::FailedPrecondition(format!(
                 "volume {name:?} has writes in flight; retry when they finish"
@@ -631,10 +657,13 @@ impl Store {
         validate_name("snapshot", name)?;
         let sh = &self.shared;
         let mut inner = sh.inner.lock();
-        let vid = *inner.volume_names.get(volume).ok_or_else(|| StoreError::NotFound {
-            kind: "volume",
-            name: volume.to_string(),
-        })?;
+        let vid = *inner
+            .volume_names
+            .get(volume)
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "volume",
+                name: volume.to_string(),
+            })?;
         if let Some(&sid) = inner.snap_names.get(name) {
             let s = &inner.snaps[&sid];
             if s.rec.tree == vid {
@@ -671,7 +700,13 @@ impl Store {
         let t = inner.trees.get_mut(&vid).expect("volume has a tree");
         t.rec = trec;
         t.readers.insert(epoch, sid);
-        inner.snaps.insert(sid, Snap { rec: srec, clones: 0 });
+        inner.snaps.insert(
+            sid,
+            Snap {
+                rec: srec,
+                clones: 0,
+            },
+        );
         inner.snap_names.insert(name.to_string(), sid);
         tracing::info!(volume, snapshot = name, epoch, "created snapshot");
         Ok(inner.snapshot_info(sid).expect("just inserted"))
@@ -679,10 +714,13 @@ impl Store {
 
     pub fn snapshot(&self, name: &str) -> Result<SnapshotInfo> {
         let inner = self.shared.inner.lock();
-        let id = *inner.snap_names.get(name).ok_or_else(|| StoreError::NotFound {
-            kind: "snapshot",
-            name: name.to_string(),
-        })?;
+        let id = *inner
+            .snap_names
+            .get(name)
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "snapshot",
+                name: name.to_string(),
+            })?;
         Ok(inner.snapshot_info(id).expect("named snapshot exists"))
     }
 
@@ -702,10 +740,13 @@ impl Store {
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
         let sh = &self.shared;
         let mut inner = sh.inner.lock();
-        let sid = *inner.snap_names.get(name).ok_or_else(|| StoreError::NotFound {
-            kind: "snapshot",
-            name: name.to_string(),
-        })?;
+        let sid = *inner
+            .snap_names
+            .get(name)
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "snapshot",
+                name: name.to_string(),
+            })?;
         inner.snap_names.remove(name);
         let mut b = WriteBatch::default();
         let mut freed = Vec::new();
@@ -714,7 +755,11 @@ impl Store {
         inner.free_blocks(&freed);
         let seq = inner.seq;
         inner.synced(seq);
-        tracing::info!(snapshot = name, freed_blocks = freed.len(), "deleted snapshot");
+        tracing::info!(
+            snapshot = name,
+            freed_blocks = freed.len(),
+            "deleted snapshot"
+        );
         Ok(())
     }
 
@@ -729,10 +774,13 @@ impl Store {
         validate_name("volume", name)?;
         let sh = &self.shared;
         let mut inner = sh.inner.lock();
-        let sid = *inner.snap_names.get(snapshot).ok_or_else(|| StoreError::NotFound {
-            kind: "snapshot",
-            name: snapshot.to_string(),
-        })?;
+        let sid = *inner
+            .snap_names
+            .get(snapshot)
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "snapshot",
+                name: snapshot.to_string(),
+            })?;
         let src = inner.snaps[&sid].rec.clone();
         let size_bytes = size_bytes.unwrap_or(src.size_bytes);
         validate_size(size_bytes)?;
@@ -824,7 +872,12 @@ impl Store {
                             let (tree, lba, epoch) = meta::parse_key(k).unwrap_or((0, 0, None));
                             let owner = owner_names(&sh.inner.lock(), tree, epoch);
                             sh.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::error!(owner, offset = lba * BLOCK_SIZE, pool_block = block, "scrub: checksum mismatch");
+                            tracing::error!(
+                                owner,
+                                offset = lba * BLOCK_SIZE,
+                                pool_block = block,
+                                "scrub: checksum mismatch"
+                            );
                             report.errors.push(ScrubError {
                                 owner,
                                 offset: lba * BLOCK_SIZE,
@@ -881,7 +934,11 @@ impl Store {
 
     /// Reads `len` bytes at `offset` (blocking).
     pub fn read(&self, target: Target, offset: u64, len: usize) -> Result<Vec<u8>> {
-        match self.call(Op::Read { target, offset, len }) {
+        match self.call(Op::Read {
+            target,
+            offset,
+            len,
+        }) {
             Outcome::Read(r) => r.map(|d| d.bytes().to_vec()),
             Outcome::Done(Err(e)) => Err(e),
             other => unreachable_outcome(other),
@@ -903,17 +960,42 @@ impl Store {
     }
 
     /// Writes a buffer from [`Store::write_buffer`] (blocking).
-    pub fn write_buf(&self, target: Target, offset: u64, len: usize, buf: IoBuf, fua: bool) -> Result<()> {
-        self.done(self.call(Op::Write { target, offset, len, buf, fua }))
+    pub fn write_buf(
+        &self,
+        target: Target,
+        offset: u64,
+        len: usize,
+        buf: IoBuf,
+        fua: bool,
+    ) -> Result<()> {
+        self.done(self.call(Op::Write {
+            target,
+            offset,
+            len,
+            buf,
+            fua,
+        }))
     }
 
     /// Zeroes a range; `trim` frees the space (both read back as zeros).
     pub fn write_zeroes(&self, target: Target, offset: u64, len: u64, fua: bool) -> Result<()> {
-        self.done(self.call(Op::Zero { target, offset, len, trim: false, fua }))
+        self.done(self.call(Op::Zero {
+            target,
+            offset,
+            len,
+            trim: false,
+            fua,
+        }))
     }
 
     pub fn trim(&self, target: Target, offset: u64, len: u64) -> Result<()> {
-        self.done(self.call(Op::Zero { target, offset, len, trim: true, fua: false }))
+        self.done(self.call(Op::Zero {
+            target,
+            offset,
+            len,
+            trim: true,
+            fua: false,
+        }))
     }
 
     /// Makes every write acknowledged so far durable.
@@ -986,7 +1068,11 @@ fn existing_volume(
         detail: format!(
             "existing volume has {} bytes{}",
             info.size_bytes,
-            if same_parent { "" } else { " and another source" }
+            if same_parent {
+                ""
+            } else {
+                " and another source"
+            }
         ),
     })
 }
@@ -1059,7 +1145,11 @@ fn settle_tree(
     inner.trees.remove(&tree);
     b.delete_cf(cf(&sh.db, CF_TREES), meta::id_key(tree));
     if let Some((pt, pe, _)) = parent {
-        let pin = inner.trees.get(&pt).and_then(|t| t.readers.get(&pe)).copied();
+        let pin = inner
+            .trees
+            .get(&pt)
+            .and_then(|t| t.readers.get(&pe))
+            .copied();
         if let Some(psid) = pin {
             let release = match inner.snaps.get_mut(&psid) {
                 Some(s) => {
@@ -1141,10 +1231,19 @@ fn load(db: &DB, pool: &Pool, cache_entries: usize) -> Result<Inner> {
         .filter_map(|t| t.rec.parent.map(|(pt, pe, _)| (pt, pe)))
         .collect();
     for (pt, pe) in parents {
-        let sid = inner.trees.get(&pt).and_then(|t| t.readers.get(&pe)).copied();
+        let sid = inner
+            .trees
+            .get(&pt)
+            .and_then(|t| t.readers.get(&pe))
+            .copied();
         match sid.and_then(|sid| inner.snaps.get_mut(&sid)) {
             Some(s) => s.clones += 1,
-            None => return Err(corrupt("tree", format!("clone of missing snapshot {pt}@{pe}"))),
+            None => {
+                return Err(corrupt(
+                    "tree",
+                    format!("clone of missing snapshot {pt}@{pe}"),
+                ))
+            }
         }
     }
     for family in [CF_HEAD, CF_HISTORY] {

@@ -27,7 +27,11 @@ fn find_in_pool(path: &std::path::Path, data: &[u8]) -> u64 {
 }
 
 fn flip_bit(path: &std::path::Path, offset: u64) {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).expect("open pool");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open pool");
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, offset).expect("read");
     b[0] ^= 0x10;
@@ -40,13 +44,19 @@ fn flipped_bits_fail_reads_loudly_and_scrub_names_exactly_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = StoreConfig::new(dir.path(), 16 << 20);
     let store = Store::create(&cfg).expect("create");
-    let v = store.volume_target(&store.create_volume("db", 1 << 20).expect("volume").name).expect("t");
+    let v = store
+        .volume_target(&store.create_volume("db", 1 << 20).expect("volume").name)
+        .expect("t");
     for i in 0..8u64 {
-        store.write(v, i * BLOCK_SIZE, &block(&format!("live{i}")), false).expect("write");
+        store
+            .write(v, i * BLOCK_SIZE, &block(&format!("live{i}")), false)
+            .expect("write");
     }
     store.create_snapshot("db", "snap").expect("snapshot");
     // Overwrite block 2 after the snapshot: the old version now belongs to it.
-    store.write(v, 2 * BLOCK_SIZE, &block("new2"), false).expect("write");
+    store
+        .write(v, 2 * BLOCK_SIZE, &block("new2"), false)
+        .expect("write");
     store.clone_snapshot("snap", "clone", None).expect("clone");
     store.flush().expect("flush");
     assert!(store.scrub().expect("scrub").errors.is_empty());
@@ -66,23 +76,51 @@ fn flipped_bits_fail_reads_loudly_and_scrub_names_exactly_them() {
         }
         // A read spanning good and bad blocks fails as a whole, never returns bytes.
         assert!(store.read(t, 4 * BLOCK_SIZE, 2 * BS).is_err());
-        assert_eq!(store.read(t, 6 * BLOCK_SIZE, BS).expect("good block"), block("live6"));
+        assert_eq!(
+            store.read(t, 6 * BLOCK_SIZE, BS).expect("good block"),
+            block("live6")
+        );
     }
-    assert!(matches!(store.read(snap, 2 * BLOCK_SIZE, 10), Err(StoreError::Integrity { .. })));
-    assert_eq!(store.read(v, 2 * BLOCK_SIZE, BS).expect("volume's new block 2"), block("new2"));
-    assert!(store.counters().checksum_errors.load(std::sync::atomic::Ordering::Relaxed) >= 4);
+    assert!(matches!(
+        store.read(snap, 2 * BLOCK_SIZE, 10),
+        Err(StoreError::Integrity { .. })
+    ));
+    assert_eq!(
+        store
+            .read(v, 2 * BLOCK_SIZE, BS)
+            .expect("volume's new block 2"),
+        block("new2")
+    );
+    assert!(
+        store
+            .counters()
+            .checksum_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 4
+    );
 
     let report = store.scrub().expect("scrub");
     assert_eq!(report.errors.len(), 2, "{report:?}");
     let mut offsets: Vec<u64> = report.errors.iter().map(|e| e.offset).collect();
     offsets.sort_unstable();
     assert_eq!(offsets, vec![2 * BLOCK_SIZE, 5 * BLOCK_SIZE]);
-    assert!(report.errors.iter().any(|e| e.owner.contains("snapshot snap")), "{report:?}");
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.owner.contains("snapshot snap")),
+        "{report:?}"
+    );
     assert_eq!(report.blocks_checked, 9);
 
     // Rewriting the corrupt block heals the volume.
-    store.write(v, 5 * BLOCK_SIZE, &block("fixed5"), false).expect("write");
-    assert_eq!(store.read(v, 5 * BLOCK_SIZE, BS).expect("read"), block("fixed5"));
+    store
+        .write(v, 5 * BLOCK_SIZE, &block("fixed5"), false)
+        .expect("write");
+    assert_eq!(
+        store.read(v, 5 * BLOCK_SIZE, BS).expect("read"),
+        block("fixed5")
+    );
 }
 
 #[test]
@@ -92,14 +130,25 @@ fn a_full_pool_refuses_writes_loses_nothing_and_recovers() {
     let store = Store::create(&StoreConfig::new(dir.path(), 2 << 20)).expect("create");
     let total = store.stats().total_blocks;
     assert_eq!(total, 256);
-    let a = store.volume_target(&store.create_volume("a", 8 << 20).expect("a").name).expect("t");
-    let b = store.volume_target(&store.create_volume("b", 8 << 20).expect("b").name).expect("t");
+    let a = store
+        .volume_target(&store.create_volume("a", 8 << 20).expect("a").name)
+        .expect("t");
+    let b = store
+        .volume_target(&store.create_volume("b", 8 << 20).expect("b").name)
+        .expect("t");
     for i in 0..200u64 {
-        store.write(a, i * BLOCK_SIZE, &block(&format!("a{i}")), false).expect("fill a");
+        store
+            .write(a, i * BLOCK_SIZE, &block(&format!("a{i}")), false)
+            .expect("fill a");
     }
     let mut written = 0;
     let err = loop {
-        match store.write(b, written * BLOCK_SIZE, &block(&format!("b{written}")), false) {
+        match store.write(
+            b,
+            written * BLOCK_SIZE,
+            &block(&format!("b{written}")),
+            false,
+        ) {
             Ok(()) => written += 1,
             Err(e) => break e,
         }
@@ -110,15 +159,28 @@ fn a_full_pool_refuses_writes_loses_nothing_and_recovers() {
     // Overwriting needs fresh space too (redirect-on-write): refused, old data kept.
     assert!(store.write(a, 0, &block("over"), false).is_err());
     for i in [0u64, 100, 199] {
-        assert_eq!(store.read(a, i * BLOCK_SIZE, BS).expect("read"), block(&format!("a{i}")));
+        assert_eq!(
+            store.read(a, i * BLOCK_SIZE, BS).expect("read"),
+            block(&format!("a{i}"))
+        );
     }
     // Trimming frees space; writes work again.
     store.trim(a, 0, 100 * BLOCK_SIZE).expect("trim");
     store.flush().expect("flush");
     for i in 0..50u64 {
-        store.write(b, (written + i) * BLOCK_SIZE, &block(&format!("b{}", written + i)), false).expect("write after trim");
+        store
+            .write(
+                b,
+                (written + i) * BLOCK_SIZE,
+                &block(&format!("b{}", written + i)),
+                false,
+            )
+            .expect("write after trim");
     }
-    assert_eq!(store.read(b, 3 * BLOCK_SIZE, BS).expect("read"), block("b3"));
+    assert_eq!(
+        store.read(b, 3 * BLOCK_SIZE, BS).expect("read"),
+        block("b3")
+    );
     store.delete_volume("a").expect("delete");
     store.sync().expect("sync");
     assert_eq!(store.stats().used_blocks, 106);
@@ -128,7 +190,9 @@ fn a_full_pool_refuses_writes_loses_nothing_and_recovers() {
 fn concurrent_overlapping_writes_never_mix_within_a_block() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(Store::create(&StoreConfig::new(dir.path(), 64 << 20)).expect("create"));
-    let t = store.volume_target(&store.create_volume("v", 64 * BLOCK_SIZE).expect("v").name).expect("t");
+    let t = store
+        .volume_target(&store.create_volume("v", 64 * BLOCK_SIZE).expect("v").name)
+        .expect("t");
     let threads: Vec<_> = (0..4u8)
         .map(|w| {
             let store = store.clone();
@@ -136,10 +200,14 @@ fn concurrent_overlapping_writes_never_mix_within_a_block() {
                 for round in 0..50u64 {
                     // Whole, overlapping 3-block writes of one byte value.
                     let start = (round * 7 + u64::from(w)) % 60;
-                    store.write(t, start * BLOCK_SIZE, &vec![w + 1; 3 * BS], false).expect("write");
+                    store
+                        .write(t, start * BLOCK_SIZE, &vec![w + 1; 3 * BS], false)
+                        .expect("write");
                     // Sub-block writes into distinct quarters of block 63.
                     let off = 63 * BLOCK_SIZE + u64::from(w) * 1024;
-                    store.write(t, off, &vec![0x10 + w; 1024], round % 10 == 0).expect("partial");
+                    store
+                        .write(t, off, &vec![0x10 + w; 1024], round % 10 == 0)
+                        .expect("partial");
                 }
             })
         })
@@ -163,28 +231,67 @@ fn bad_names_sizes_and_requests_get_clear_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::create(&StoreConfig::new(dir.path(), 16 << 20)).expect("create");
     for name in ["", "a/b", "..", "x\ny", &"n".repeat(300)] {
-        assert!(matches!(store.create_volume(name, 4096), Err(StoreError::InvalidArgument(_))), "{name:?}");
+        assert!(
+            matches!(
+                store.create_volume(name, 4096),
+                Err(StoreError::InvalidArgument(_))
+            ),
+            "{name:?}"
+        );
     }
-    assert!(matches!(store.create_volume("v", 0), Err(StoreError::InvalidArgument(_))));
-    assert!(matches!(store.create_volume("v", u64::MAX), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(
+        store.create_volume("v", 0),
+        Err(StoreError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        store.create_volume("v", u64::MAX),
+        Err(StoreError::InvalidArgument(_))
+    ));
     store.create_volume("v", 1 << 20).expect("create");
-    store.create_volume("v", 1 << 20).expect("same request again is idempotent");
-    assert!(matches!(store.create_volume("v", 2 << 20), Err(StoreError::AlreadyExists { .. })));
-    assert!(matches!(store.resize_volume("v", 4096), Err(StoreError::ShrinkRefused { .. })));
-    assert!(matches!(store.delete_volume("nope"), Err(StoreError::NotFound { .. })));
-    assert!(matches!(store.create_snapshot("nope", "s"), Err(StoreError::NotFound { .. })));
+    store
+        .create_volume("v", 1 << 20)
+        .expect("same request again is idempotent");
+    assert!(matches!(
+        store.create_volume("v", 2 << 20),
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        store.resize_volume("v", 4096),
+        Err(StoreError::ShrinkRefused { .. })
+    ));
+    assert!(matches!(
+        store.delete_volume("nope"),
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.create_snapshot("nope", "s"),
+        Err(StoreError::NotFound { .. })
+    ));
     store.create_snapshot("v", "s").expect("snapshot");
     store.create_volume("w", 1 << 20).expect("w");
-    assert!(matches!(store.create_snapshot("w", "s"), Err(StoreError::AlreadyExists { .. })));
-    assert!(matches!(store.clone_snapshot("s", "c", Some(4096)), Err(StoreError::InvalidArgument(_))));
+    assert!(matches!(
+        store.create_snapshot("w", "s"),
+        Err(StoreError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        store.clone_snapshot("s", "c", Some(4096)),
+        Err(StoreError::InvalidArgument(_))
+    ));
     let snap = store.snapshot_target("s").expect("snap");
-    assert!(matches!(store.write(snap, 0, b"x", false), Err(StoreError::ReadOnly { .. })));
+    assert!(matches!(
+        store.write(snap, 0, b"x", false),
+        Err(StoreError::ReadOnly { .. })
+    ));
     let t = store.volume_target("v").expect("v");
-    let e = store.write(t, (1 << 20) - 1, b"xy", false).expect_err("past the end");
+    let e = store
+        .write(t, (1 << 20) - 1, b"xy", false)
+        .expect_err("past the end");
     assert!(e.to_string().contains("outside volume \"v\""), "{e}");
     assert!(store.write(t, 0, &[], false).is_err(), "zero-length write");
     store.resize_volume("v", 2 << 20).expect("grow online");
-    store.write(t, (1 << 20) - 1, b"xy", false).expect("write across the old end");
+    store
+        .write(t, (1 << 20) - 1, b"xy", false)
+        .expect("write across the old end");
     assert_eq!(store.read(t, (1 << 20) - 1, 2).expect("read"), b"xy");
 }
 
@@ -212,13 +319,22 @@ fn a_second_opener_a_foreign_pool_and_missing_files_are_refused() {
     };
     let before = std::fs::read(other.pool_path()).expect("read");
     match Store::open(&swapped) {
-        Err(StoreError::BadPool { reason, .. }) => assert!(reason.contains("not the pool"), "{reason}"),
+        Err(StoreError::BadPool { reason, .. }) => {
+            assert!(reason.contains("not the pool"), "{reason}")
+        }
         other => panic!("foreign pool got {other:?}"),
     }
-    assert_eq!(std::fs::read(other.pool_path()).expect("read"), before, "nothing written");
+    assert_eq!(
+        std::fs::read(other.pool_path()).expect("read"),
+        before,
+        "nothing written"
+    );
 
     std::fs::remove_file(cfg.pool_path()).expect("rm");
-    assert!(matches!(Store::open(&cfg), Err(StoreError::PoolFile { .. })));
+    assert!(matches!(
+        Store::open(&cfg),
+        Err(StoreError::PoolFile { .. })
+    ));
     assert!(matches!(
         Store::open(&StoreConfig::new(dir.path().join("none"), 0)),
         Err(StoreError::NotFound { .. })
@@ -230,9 +346,13 @@ fn snapshots_and_clones_are_metadata_only() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::create(&StoreConfig::new(dir.path(), 64 << 20)).expect("create");
     // A 64 GiB thin volume with a few blocks: snapshot and clone copy nothing.
-    let t = store.volume_target(&store.create_volume("big", 64 << 30).expect("v").name).expect("t");
+    let t = store
+        .volume_target(&store.create_volume("big", 64 << 30).expect("v").name)
+        .expect("t");
     for i in 0..16u64 {
-        store.write(t, i << 30, &block(&format!("g{i}")), false).expect("write");
+        store
+            .write(t, i << 30, &block(&format!("g{i}")), false)
+            .expect("write");
     }
     let used = store.stats().used_blocks;
     store.create_snapshot("big", "s").expect("snapshot");
@@ -243,7 +363,12 @@ fn snapshots_and_clones_are_metadata_only() {
     assert_eq!(store.stats().used_blocks, used + 1);
     let ct = Target::Volume(c.id);
     assert_eq!(store.read(ct, 0, BS).expect("clone read"), block("g0"));
-    store.write(ct, 5 << 30, &block("clone5"), false).expect("clone write");
-    assert_eq!(store.read(t, 5 << 30, BS).expect("volume untouched"), block("g5"));
+    store
+        .write(ct, 5 << 30, &block("clone5"), false)
+        .expect("clone write");
+    assert_eq!(
+        store.read(t, 5 << 30, BS).expect("volume untouched"),
+        block("g5")
+    );
     assert_eq!(store.stats().used_blocks, used + 2);
 }

@@ -13,15 +13,44 @@ const VOL_BLOCKS: u64 = 24;
 
 #[derive(Debug, Clone)]
 enum Step {
-    Write { vol: usize, offset: u64, len: usize, seed: u8 },
-    WriteZeroes { vol: usize, offset: u64, len: u64 },
-    Trim { vol: usize, offset: u64, len: u64 },
-    Read { obj: usize, offset: u64, len: usize },
-    Snapshot { vol: usize },
-    Clone { snap: usize, grow_blocks: u64 },
-    DeleteVolume { vol: usize },
-    DeleteSnapshot { snap: usize },
-    Resize { vol: usize, grow: u64 },
+    Write {
+        vol: usize,
+        offset: u64,
+        len: usize,
+        seed: u8,
+    },
+    WriteZeroes {
+        vol: usize,
+        offset: u64,
+        len: u64,
+    },
+    Trim {
+        vol: usize,
+        offset: u64,
+        len: u64,
+    },
+    Read {
+        obj: usize,
+        offset: u64,
+        len: usize,
+    },
+    Snapshot {
+        vol: usize,
+    },
+    Clone {
+        snap: usize,
+        grow_blocks: u64,
+    },
+    DeleteVolume {
+        vol: usize,
+    },
+    DeleteSnapshot {
+        snap: usize,
+    },
+    Resize {
+        vol: usize,
+        grow: u64,
+    },
     Flush,
 }
 
@@ -70,11 +99,18 @@ struct Model {
 impl Model {
     fn nth_volume(&self, i: usize) -> Option<String> {
         let n = self.volumes.len();
-        (n > 0).then(|| self.volumes.keys().nth(i % n).cloned()).flatten()
+        (n > 0)
+            .then(|| self.volumes.keys().nth(i % n).cloned())
+            .flatten()
     }
 
     fn nth_snap(&self, i: usize) -> Option<u32> {
-        let ids: Vec<u32> = self.snaps.iter().filter(|(_, s)| !s.hidden).map(|(&k, _)| k).collect();
+        let ids: Vec<u32> = self
+            .snaps
+            .iter()
+            .filter(|(_, s)| !s.hidden)
+            .map(|(&k, _)| k)
+            .collect();
         (!ids.is_empty()).then(|| ids[i % ids.len()])
     }
 
@@ -88,13 +124,15 @@ impl Model {
     /// on pool blocks in use when nothing leaks.
     fn nonzero_blocks(&self) -> u64 {
         let count = |d: &Vec<u8>| d.chunks(BS).filter(|c| c.iter().any(|&x| x != 0)).count() as u64;
-        self.volumes.values().map(|(d, _)| count(d)).sum::<u64>() + self.snaps.values().map(|s| count(&s.data)).sum::<u64>()
+        self.volumes.values().map(|(d, _)| count(d)).sum::<u64>()
+            + self.snaps.values().map(|s| count(&s.data)).sum::<u64>()
     }
 
     /// Drops a tree no one uses any more, releasing the snapshot it was cloned
     /// from (and so on up the chain).
     fn settle(&mut self, tree: u32) {
-        let used = self.volumes.values().any(|(_, t)| *t == tree) || self.snaps.values().any(|s| s.tree == tree);
+        let used = self.volumes.values().any(|(_, t)| *t == tree)
+            || self.snaps.values().any(|s| s.tree == tree);
         if used {
             return;
         }
@@ -110,7 +148,9 @@ impl Model {
 }
 
 fn fill(seed: u8, offset: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|i| seed.wrapping_add(((offset as usize + i) / 7) as u8) | 1).collect()
+    (0..len)
+        .map(|i| seed.wrapping_add(((offset as usize + i) / 7) as u8) | 1)
+        .collect()
 }
 
 fn check_space(store: &Store, model: &Model) -> Result<(), TestCaseError> {
@@ -135,13 +175,21 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     let mut m = Model::default();
     for i in 0..2 {
         let name = format!("v{i}");
-        store.create_volume(&name, VOL_BLOCKS * BLOCK_SIZE).expect("create");
+        store
+            .create_volume(&name, VOL_BLOCKS * BLOCK_SIZE)
+            .expect("create");
         let tree = m.new_tree(None);
-        m.volumes.insert(name, (vec![0; (VOL_BLOCKS * BLOCK_SIZE) as usize], tree));
+        m.volumes
+            .insert(name, (vec![0; (VOL_BLOCKS * BLOCK_SIZE) as usize], tree));
     }
     for step in steps {
         match step {
-            Step::Write { vol, offset, len, seed } => {
+            Step::Write {
+                vol,
+                offset,
+                len,
+                seed,
+            } => {
                 let Some(v) = m.nth_volume(vol) else { continue };
                 let t = store.volume_target(&v).expect("target");
                 let data = &mut m.volumes.get_mut(&v).expect("model").0;
@@ -150,7 +198,8 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                     prop_assert!(res.is_err(), "write past the end succeeded");
                 } else {
                     res.expect("write");
-                    data[offset as usize..offset as usize + len].copy_from_slice(&fill(seed, offset, len));
+                    data[offset as usize..offset as usize + len]
+                        .copy_from_slice(&fill(seed, offset, len));
                 }
             }
             Step::WriteZeroes { vol, offset, len } | Step::Trim { vol, offset, len } => {
@@ -158,7 +207,11 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 let Some(v) = m.nth_volume(vol) else { continue };
                 let t = store.volume_target(&v).expect("target");
                 let data = &mut m.volumes.get_mut(&v).expect("model").0;
-                let res = if trim { store.trim(t, offset, len) } else { store.write_zeroes(t, offset, len, false) };
+                let res = if trim {
+                    store.trim(t, offset, len)
+                } else {
+                    store.write_zeroes(t, offset, len, false)
+                };
                 if offset + len > data.len() as u64 {
                     prop_assert!(res.is_err(), "zeroing past the end succeeded");
                     continue;
@@ -166,7 +219,10 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 res.expect("zero");
                 let (lo, hi) = if trim {
                     // Trim frees whole blocks inside the range.
-                    (offset.next_multiple_of(BLOCK_SIZE), (offset + len) / BLOCK_SIZE * BLOCK_SIZE)
+                    (
+                        offset.next_multiple_of(BLOCK_SIZE),
+                        (offset + len) / BLOCK_SIZE * BLOCK_SIZE,
+                    )
                 } else {
                     (offset, offset + len)
                 };
@@ -177,19 +233,33 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
             Step::Read { obj, offset, len } => {
                 let nv = m.volumes.len();
                 let (t, data) = if obj % 2 == 0 || m.nth_snap(obj).is_none() {
-                    let Some(v) = m.nth_volume(obj / 2) else { continue };
+                    let Some(v) = m.nth_volume(obj / 2) else {
+                        continue;
+                    };
                     let _ = nv;
-                    (store.volume_target(&v).expect("target"), m.volumes[&v].0.clone())
+                    (
+                        store.volume_target(&v).expect("target"),
+                        m.volumes[&v].0.clone(),
+                    )
                 } else {
                     let s = &m.snaps[&m.nth_snap(obj).expect("some snapshot")];
-                    (store.snapshot_target(&s.name).expect("target"), s.data.clone())
+                    (
+                        store.snapshot_target(&s.name).expect("target"),
+                        s.data.clone(),
+                    )
                 };
                 let res = store.read(t, offset, len);
                 if offset as usize + len > data.len() {
                     prop_assert!(res.is_err());
                 } else {
                     let got = res.expect("read");
-                    prop_assert!(got == data[offset as usize..offset as usize + len], "read of {:?} at {} len {} differs", t, offset, len);
+                    prop_assert!(
+                        got == data[offset as usize..offset as usize + len],
+                        "read of {:?} at {} len {} differs",
+                        t,
+                        offset,
+                        len
+                    );
                 }
             }
             Step::Snapshot { vol } => {
@@ -200,7 +270,16 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 // Idempotent: the same request again returns the same snapshot.
                 store.create_snapshot(&v, &name).expect("snapshot again");
                 let (data, tree) = m.volumes[&v].clone();
-                m.snaps.insert(m.counter, ModelSnap { name, data, tree, clones: 0, hidden: false });
+                m.snaps.insert(
+                    m.counter,
+                    ModelSnap {
+                        name,
+                        data,
+                        tree,
+                        clones: 0,
+                        hidden: false,
+                    },
+                );
             }
             Step::Clone { snap, grow_blocks } => {
                 let Some(s) = m.nth_snap(snap) else { continue };
@@ -208,7 +287,9 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 let name = format!("c{tree}");
                 let mut data = m.snaps[&s].data.clone();
                 let size = data.len() as u64 + grow_blocks * BLOCK_SIZE;
-                store.clone_snapshot(&m.snaps[&s].name, &name, Some(size)).expect("clone");
+                store
+                    .clone_snapshot(&m.snaps[&s].name, &name, Some(size))
+                    .expect("clone");
                 data.resize(size as usize, 0);
                 m.snaps.get_mut(&s).expect("model").clones += 1;
                 m.volumes.insert(name, (data, tree));
@@ -226,7 +307,9 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
             }
             Step::DeleteSnapshot { snap } => {
                 let Some(id) = m.nth_snap(snap) else { continue };
-                store.delete_snapshot(&m.snaps[&id].name).expect("delete snapshot");
+                store
+                    .delete_snapshot(&m.snaps[&id].name)
+                    .expect("delete snapshot");
                 prop_assert!(store.snapshot(&m.snaps[&id].name).is_err());
                 if m.snaps[&id].clones > 0 {
                     m.snaps.get_mut(&id).expect("model").hidden = true;
@@ -254,11 +337,21 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     store = Store::open(&cfg).expect("reopen");
     for (name, (data, _)) in &m.volumes {
         let t = store.volume_target(name).expect("volume after reopen");
-        prop_assert!(store.read(t, 0, data.len()).expect("read") == *data, "volume {} after reopen", name);
+        prop_assert!(
+            store.read(t, 0, data.len()).expect("read") == *data,
+            "volume {} after reopen",
+            name
+        );
     }
     for s in m.snaps.values().filter(|s| !s.hidden) {
-        let t = store.snapshot_target(&s.name).expect("snapshot after reopen");
-        prop_assert!(store.read(t, 0, s.data.len()).expect("read") == s.data, "snapshot {} after reopen", s.name);
+        let t = store
+            .snapshot_target(&s.name)
+            .expect("snapshot after reopen");
+        prop_assert!(
+            store.read(t, 0, s.data.len()).expect("read") == s.data,
+            "snapshot {} after reopen",
+            s.name
+        );
     }
     check_space(&store, &m)?;
 
@@ -290,7 +383,10 @@ fn read_of_unwritten_space_is_zeros_and_out_of_range_is_refused() {
     let store = Store::create(&StoreConfig::new(dir.path(), 16 << 20)).expect("create");
     let v = store.create_volume("v", 1 << 30).expect("create volume");
     let t = Target::Volume(v.id);
-    assert_eq!(store.read(t, (1 << 30) - 8192, 8192).expect("read"), vec![0; 8192]);
+    assert_eq!(
+        store.read(t, (1 << 30) - 8192, 8192).expect("read"),
+        vec![0; 8192]
+    );
     assert!(store.read(t, (1 << 30) - 4096, 8192).is_err());
     assert!(store.read(t, 0, 0).is_err(), "zero-length read");
     assert!(store.write(t, u64::MAX - 10, b"x", false).is_err());

@@ -42,7 +42,9 @@ mod out {
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn num(name: &str, default: u64) -> u64 {
@@ -89,19 +91,28 @@ fn main() {
                 let g = gen.fetch_add(1, Ordering::Relaxed);
                 if rng.random_range(0..20) == 0 {
                     out.line(format_args!("Z {lba} {n} {g}"));
-                    store.trim(t, lba * BLOCK_SIZE, n * BLOCK_SIZE).expect("trim");
+                    store
+                        .trim(t, lba * BLOCK_SIZE, n * BLOCK_SIZE)
+                        .expect("trim");
                     out.line(format_args!("A {lba} {n} {g}"));
                     continue;
                 }
                 for k in 0..n {
-                    stamp(lba + k, g, &mut buf[k as usize * BLOCK..(k as usize + 1) * BLOCK]);
+                    stamp(
+                        lba + k,
+                        g,
+                        &mut buf[k as usize * BLOCK..(k as usize + 1) * BLOCK],
+                    );
                 }
                 let fua = rng.random_range(0..10) == 0;
                 out.line(format_args!("W {lba} {n} {g}"));
                 store
                     .write(t, lba * BLOCK_SIZE, &buf[..n as usize * BLOCK], fua)
                     .expect("write");
-                out.line(format_args!("{} {lba} {n} {g}", if fua { "AF" } else { "A" }));
+                out.line(format_args!(
+                    "{} {lba} {n} {g}",
+                    if fua { "AF" } else { "A" }
+                ));
             }
         }));
     }
