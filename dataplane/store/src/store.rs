@@ -211,6 +211,26 @@ impl Inner {
         }
     }
 
+    pub fn volume_id(&self, name: &str) -> Result<u64> {
+        self.volume_names
+            .get(name)
+            .copied()
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "volume",
+                name: name.to_string(),
+            })
+    }
+
+    pub fn snapshot_id(&self, name: &str) -> Result<u64> {
+        self.snap_names
+            .get(name)
+            .copied()
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "snapshot",
+                name: name.to_string(),
+            })
+    }
+
     pub fn read_start(&mut self) -> u64 {
         self.seq += 1;
         *self.active_reads.entry(self.seq).or_default() += 1;
@@ -531,46 +551,14 @@ impl Store {
         if let Some(&id) = inner.volume_names.get(name) {
             return existing_volume(&inner, id, size_bytes, None);
         }
-        let id = inner.next_id;
-        let tree = TreeRec {
-            parent: None,
-            head_epoch: 1,
-            live: true,
-        };
-        let vol = VolumeRec {
-            name: name.to_string(),
-            size_bytes,
-            created_unix: now_unix(),
-        };
-        let mut b = WriteBatch::default();
-        b.put_cf(cf(&sh.db, CF_TREES), meta::id_key(id), tree.encode());
-        b.put_cf(cf(&sh.db, CF_VOLUMES), meta::id_key(id), vol.encode());
-        b.put_cf(cf(&sh.db, CF_META), b"next_id", (id + 1).to_le_bytes());
-        sh.write_synced(&mut inner, b)?;
-        inner.next_id = id + 1;
-        inner.trees.insert(
-            id,
-            Tree {
-                rec: tree,
-                readers: BTreeMap::new(),
-                busy: Vec::new(),
-            },
-        );
-        inner.volumes.insert(id, vol);
-        inner.volume_names.insert(name.to_string(), id);
+        let id = new_volume(sh, &mut inner, name, size_bytes, None)?;
         tracing::info!(volume = name, id, size_bytes, "created volume");
         Ok(inner.volume_info(id).expect("just inserted"))
     }
 
     pub fn volume(&self, name: &str) -> Result<VolumeInfo> {
         let inner = self.shared.inner.lock();
-        let id = *inner
-            .volume_names
-            .get(name)
-            .ok_or_else(|| StoreError::NotFound {
-                kind: "volume",
-                name: name.to_string(),
-            })?;
+        let id = inner.volume_id(name)?;
         Ok(inner.volume_info(id).expect("named volume exists"))
     }
 
@@ -590,13 +578,7 @@ impl Store {
         validate_size(size_bytes)?;
         let sh = &self.shared;
         let mut inner = sh.inner.lock();
-        let id = *inner
-            .volume_names
-            .get(name)
-            .ok_or_else(|| StoreError::NotFound {
-                kind: "volume",
-                name: name.to_string(),
-            })?;
+        let id = inner.volume_id(name)?;
         let mut rec = inner.volumes[&id].clone();
         if size_bytes < rec.size_bytes {
             return Err(StoreError::ShrinkRefused {
@@ -621,13 +603,7 @@ impl Store {
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let sh = &self.shared;
         let mut inner = sh.inner.lock();
-        let id = *inner
-            .volume_names
-            .get(name)
-            .ok_or_else(|| StoreError::NotFound {
-                kind: "volume",
-                name: name.to_string(),
-            })?;
+        let id = inner.volume_id(name)?;
         if !inner.trees[&id].busy.is_empty() {
             return Err(StoreError::FailedPrecondition(format!(
                 "volume {name:?} has writes in flight; retry when they finish"
@@ -657,13 +633,7 @@ impl Store {
         validate_name("snapshot", name)?;
         let sh = &self.shared;
         let mut inner = sh.inner.lock();
-        let vid = *inner
-            .volume_names
-            .get(volume)
-            .ok_or_else(|| StoreError::NotFound {
-                kind: "volume",
-                name: volume.to_string(),
-            })?;
+        let vid = inner.volume_id(volume)?;
         if let Some(&sid) = inner.snap_names.get(name) {
             let s = &inner.snaps[&sid];
             if s.rec.tree == vid {
@@ -714,13 +684,7 @@ impl Store {
 
     pub fn snapshot(&self, name: &str) -> Result<SnapshotInfo> {
         let inner = self.shared.inner.lock();
-        let id = *inner
-            .snap_names
-            .get(name)
-            .ok_or_else(|| StoreError::NotFound {
-                kind: "snapshot",
-                name: name.to_string(),
-            })?;
+        let id = inner.snapshot_id(name)?;
         Ok(inner.snapshot_info(id).expect("named snapshot exists"))
     }
 
@@ -740,13 +704,7 @@ impl Store {
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
         let sh = &self.shared;
         let mut inner = sh.inner.lock();
-        let sid = *inner
-            .snap_names
-            .get(name)
-            .ok_or_else(|| StoreError::NotFound {
-                kind: "snapshot",
-                name: name.to_string(),
-            })?;
+        let sid = inner.snapshot_id(name)?;
         inner.snap_names.remove(name);
         let mut b = WriteBatch::default();
         let mut freed = Vec::new();
@@ -774,13 +732,7 @@ impl Store {
         validate_name("volume", name)?;
         let sh = &self.shared;
         let mut inner = sh.inner.lock();
-        let sid = *inner
-            .snap_names
-            .get(snapshot)
-            .ok_or_else(|| StoreError::NotFound {
-                kind: "snapshot",
-                name: snapshot.to_string(),
-            })?;
+        let sid = inner.snapshot_id(snapshot)?;
         let src = inner.snaps[&sid].rec.clone();
         let size_bytes = size_bytes.unwrap_or(src.size_bytes);
         validate_size(size_bytes)?;
@@ -794,33 +746,7 @@ impl Store {
         if let Some(&id) = inner.volume_names.get(name) {
             return existing_volume(&inner, id, size_bytes, Some(parent));
         }
-        let id = inner.next_id;
-        let tree = TreeRec {
-            parent: Some(parent),
-            head_epoch: 1,
-            live: true,
-        };
-        let vol = VolumeRec {
-            name: name.to_string(),
-            size_bytes,
-            created_unix: now_unix(),
-        };
-        let mut b = WriteBatch::default();
-        b.put_cf(cf(&sh.db, CF_TREES), meta::id_key(id), tree.encode());
-        b.put_cf(cf(&sh.db, CF_VOLUMES), meta::id_key(id), vol.encode());
-        b.put_cf(cf(&sh.db, CF_META), b"next_id", (id + 1).to_le_bytes());
-        sh.write_synced(&mut inner, b)?;
-        inner.next_id = id + 1;
-        inner.trees.insert(
-            id,
-            Tree {
-                rec: tree,
-                readers: BTreeMap::new(),
-                busy: Vec::new(),
-            },
-        );
-        inner.volumes.insert(id, vol);
-        inner.volume_names.insert(name.to_string(), id);
+        let id = new_volume(sh, &mut inner, name, size_bytes, Some(parent))?;
         if let Some(s) = inner.snaps.get_mut(&sid) {
             s.clones += 1;
         }
@@ -1049,6 +975,44 @@ pub fn block_crc(block: u64, data: &[u8]) -> u32 {
     h.update(&block.to_le_bytes());
     h.update(data);
     h.finalize()
+}
+
+/// Records a new volume (and its tree) durably and in the catalog.
+fn new_volume(
+    sh: &Shared,
+    inner: &mut Inner,
+    name: &str,
+    size_bytes: u64,
+    parent: Option<(u64, u64, u64)>,
+) -> Result<u64> {
+    let id = inner.next_id;
+    let tree = TreeRec {
+        parent,
+        head_epoch: 1,
+        live: true,
+    };
+    let vol = VolumeRec {
+        name: name.to_string(),
+        size_bytes,
+        created_unix: now_unix(),
+    };
+    let mut b = WriteBatch::default();
+    b.put_cf(cf(&sh.db, CF_TREES), meta::id_key(id), tree.encode());
+    b.put_cf(cf(&sh.db, CF_VOLUMES), meta::id_key(id), vol.encode());
+    b.put_cf(cf(&sh.db, CF_META), b"next_id", (id + 1).to_le_bytes());
+    sh.write_synced(inner, b)?;
+    inner.next_id = id + 1;
+    inner.trees.insert(
+        id,
+        Tree {
+            rec: tree,
+            readers: BTreeMap::new(),
+            busy: Vec::new(),
+        },
+    );
+    inner.volumes.insert(id, vol);
+    inner.volume_names.insert(name.to_string(), id);
+    Ok(id)
 }
 
 fn existing_volume(
