@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Berth's tests need (Debian 12) and runs every test:
 # formatting, clippy with warnings as errors, and the whole workspace's tests
-# (unit, property, corruption, concurrency, and the 200-cycle kill -9 harness).
+# (unit, property, corruption, concurrency, and the 200-cycle kill -9 harness),
+# then the block store's tests once more on the fallback I/O engine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,3 +29,5 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/berth-target}"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The block store again on the pread/pwrite fallback engine (no io_uring).
+BERTH_IO_ENGINE=sync cargo test -p berth-store --locked

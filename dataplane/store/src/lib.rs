@@ -51,6 +51,7 @@ mod meta;
 pub mod pool;
 mod store;
 
+pub use berth_io::EngineChoice;
 pub use error::{Result, StoreError};
 pub use io_loop::{Op, Outcome, ReadDone, Reply, MAX_REQUEST_BYTES};
 pub use pool::BLOCK_SIZE;

@@ -56,7 +56,11 @@ impl StoreConfig {
             data_dir: data_dir.into(),
             pool_path: None,
             pool_size_bytes,
-            engine: EngineChoice::Auto,
+            // BERTH_IO_ENGINE=sync|io_uring|auto picks the engine (tests run on both).
+            engine: EngineChoice::from_env().unwrap_or_else(|e| {
+                tracing::warn!("{e}; using auto");
+                EngineChoice::Auto
+            }),
             arena_bytes: 64 << 20,
             queue_depth: 256,
             lock_wait: std::time::Duration::from_secs(10),

@@ -372,3 +372,51 @@ fn snapshots_and_clones_are_metadata_only() {
     );
     assert_eq!(store.stats().used_blocks, used + 2);
 }
+
+#[test]
+fn the_fallback_engine_serves_the_same_store() {
+    use berth_store::EngineChoice;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sync_cfg = StoreConfig {
+        engine: EngineChoice::Sync,
+        ..StoreConfig::new(dir.path(), 16 << 20)
+    };
+    let store = Store::create(&sync_cfg).expect("create on the thread-pool engine");
+    assert_eq!(store.engine_name(), "sync");
+    let t = store
+        .volume_target(&store.create_volume("v", 1 << 20).expect("v").name)
+        .expect("t");
+    for i in 0..16u64 {
+        store
+            .write(
+                t,
+                i * BLOCK_SIZE + 100,
+                &block(&format!("s{i}"))[..1000],
+                i % 4 == 0,
+            )
+            .expect("write");
+    }
+    store.create_snapshot("v", "snap").expect("snapshot");
+    store.write(t, 0, &block("after"), false).expect("write");
+    store.flush().expect("flush");
+    drop(store);
+
+    // Reopened on io_uring: the same bytes.
+    let uring_cfg = StoreConfig {
+        engine: EngineChoice::Uring,
+        ..StoreConfig::new(dir.path(), 0)
+    };
+    let store = Store::open(&uring_cfg).expect("reopen");
+    assert_eq!(store.engine_name(), "io_uring");
+    let t = store.volume_target("v").expect("v");
+    let snap = store.snapshot_target("snap").expect("snap");
+    assert_eq!(store.read(t, 0, BS).expect("read"), block("after"));
+    for i in 0..16u64 {
+        let want = &block(&format!("s{i}"))[..1000];
+        assert_eq!(
+            store.read(snap, i * BLOCK_SIZE + 100, 1000).expect("read"),
+            want
+        );
+    }
+    assert!(store.scrub().expect("scrub").errors.is_empty());
+}
