@@ -167,7 +167,6 @@ struct Slot {
     first_lba: u64,
     blocks: u64,
     fua: bool,
-    trim: bool,
     ops_left: u32,
     error: Option<StoreError>,
     read_seq: Option<u64>,
@@ -269,10 +268,10 @@ impl Loop {
         }
     }
 
-    fn new_slot(&mut self, req: Request, kind: Kind) -> usize {
+    fn new_slot(&mut self, tag: u64, reply: Arc<dyn Reply>, kind: Kind) -> usize {
         let mut s = self.spare.pop().unwrap_or_else(|| Slot {
             tag: 0,
-            reply: req.reply.clone(),
+            reply: reply.clone(),
             phase: Phase::Commit,
             kind,
             target: Target::Volume(0),
@@ -282,7 +281,6 @@ impl Loop {
             first_lba: 0,
             blocks: 0,
             fua: false,
-            trim: false,
             ops_left: 0,
             error: None,
             read_seq: None,
@@ -293,15 +291,14 @@ impl Loop {
             runs: Vec::new(),
             layers: Vec::new(),
         });
-        s.tag = req.tag;
-        s.reply = req.reply;
+        s.tag = tag;
+        s.reply = reply;
         s.kind = kind;
         s.ops_left = 0;
         s.error = None;
         s.read_seq = None;
         s.busy = false;
         s.fua = false;
-        s.trim = false;
         s.pieces.clear();
         s.piece_start.clear();
         s.values.clear();
@@ -367,7 +364,7 @@ impl Loop {
     fn accept(&mut self, req: Request) {
         match req.op {
             Op::Flush => {
-                let i = self.new_slot(req, Kind::Flush);
+                let i = self.new_slot(req.tag, req.reply, Kind::Flush);
                 self.slot(i).phase = Phase::Sync;
                 self.syncing.push(i);
             }
@@ -388,12 +385,7 @@ impl Loop {
         offset: u64,
         len: usize,
     ) {
-        let req = Request {
-            op: Op::Flush,
-            tag,
-            reply,
-        };
-        let i = self.new_slot(req, Kind::Read);
+        let i = self.new_slot(tag, reply, Kind::Read);
         let first_lba = offset / BLOCK_SIZE;
         let blocks = (offset + len as u64)
             .div_ceil(BLOCK_SIZE)
@@ -561,21 +553,21 @@ impl Loop {
                 }
             }
         }
-        let (target, offset, len, fua, trim) = match &req.op {
+        let (target, offset, len, fua) = match &req.op {
             Op::Write {
                 target,
                 offset,
                 len,
                 fua,
                 ..
-            } => (*target, *offset, *len as u64, *fua, false),
+            } => (*target, *offset, *len as u64, *fua),
             Op::Zero {
                 target,
                 offset,
                 len,
-                trim,
                 fua,
-            } => (*target, *offset, *len, *fua, *trim),
+                ..
+            } => (*target, *offset, *len, *fua),
             _ => return,
         };
         let mut layers = Vec::new();
@@ -605,12 +597,7 @@ impl Loop {
             Op::Write { buf, .. } => (Kind::Write, Some(buf)),
             _ => (Kind::Zero, None),
         };
-        let r = Request {
-            op: Op::Flush,
-            tag: req.tag,
-            reply: req.reply,
-        };
-        let i = self.new_slot(r, kind);
+        let i = self.new_slot(req.tag, req.reply, kind);
         {
             let s = self.slot(i);
             s.target = target;
@@ -620,7 +607,6 @@ impl Loop {
             s.first_lba = first_lba;
             s.blocks = blocks;
             s.fua = fua;
-            s.trim = trim;
             s.busy = true;
             s.layers = layers;
         }
