@@ -883,16 +883,30 @@ impl Loop {
         let mut freed = Vec::new();
         let mut staged = Vec::new();
         let mut inner = self.sh.inner.lock();
+        let mut staging: Result<()> = Ok(());
         for &i in &ready {
             let s = self.slots[i].as_mut().expect("live slot");
+            if s.error.is_none() && !writable(&inner, s) {
+                // Deleted while the write was in flight: nothing to publish.
+                s.error = Some(StoreError::NotFound {
+                    kind: "volume",
+                    name: format!("#{}", s.tree),
+                });
+            }
             if s.error.is_none() {
-                if let Err(e) = stage(&self.sh, &mut inner, s, &mut batch, &mut freed, &mut staged)
-                {
-                    s.error = Some(e);
+                staging = stage(&self.sh, &mut inner, s, &mut batch, &mut freed, &mut staged);
+                if staging.is_err() {
+                    break;
                 }
             }
         }
-        let result = self.sh.db.write(batch);
+        // A failure while staging (metadata unreadable) may leave part of one
+        // write in the batch: publish none of the group rather than a map that
+        // points at blocks about to be given back.
+        let result = match staging {
+            Ok(()) => self.sh.db.write(batch).map_err(StoreError::from),
+            Err(e) => Err(e),
+        };
         if result.is_ok() {
             for (tree, lba, e) in staged {
                 inner.cache.set(tree, lba, e);
@@ -904,8 +918,9 @@ impl Loop {
         for &i in &ready {
             let s = self.slots[i].as_mut().expect("live slot");
             if let Err(e) = &result {
-                s.error.get_or_insert_with(|| {
-                    StoreError::FailedPrecondition(format!("block map commit failed: {e}"))
+                s.error.get_or_insert_with(|| StoreError::Corrupt {
+                    what: "block map commit".into(),
+                    detail: e.to_string(),
                 });
             }
             if s.error.is_some() {
@@ -1093,6 +1108,12 @@ fn describe(inner: &Inner, target: Target) -> String {
     }
 }
 
+/// Whether the volume a write targets still exists.
+fn writable(inner: &Inner, s: &Slot) -> bool {
+    matches!(s.target, Target::Volume(id) if inner.volumes.contains_key(&id))
+        && inner.trees.contains_key(&s.tree)
+}
+
 /// Stages one finished write or zeroing into the group's batch.
 fn stage(
     sh: &Shared,
@@ -1102,15 +1123,11 @@ fn stage(
     freed: &mut Vec<u64>,
     staged: &mut Vec<(u64, u64, Option<MapEntry>)>,
 ) -> Result<()> {
-    let volume_alive = matches!(s.target, Target::Volume(id) if inner.volumes.contains_key(&id));
     let Inner { trees, cache, .. } = inner;
-    let tree = trees
-        .get(&s.tree)
-        .filter(|_| volume_alive)
-        .ok_or_else(|| StoreError::NotFound {
-            kind: "volume",
-            name: format!("#{}", s.tree),
-        })?;
+    let tree = trees.get(&s.tree).ok_or_else(|| StoreError::NotFound {
+        kind: "volume",
+        name: format!("#{}", s.tree),
+    })?;
     let upd = HeadUpdate {
         db: &sh.db,
         tree: s.tree,
