@@ -204,6 +204,8 @@ pub(crate) struct Loop {
     /// Those the sync in flight answers (it started after their writes).
     sync_batch: Vec<usize>,
     completions: Vec<IoCompletion>,
+    /// Reused for resolving writes, so the data path does not allocate it.
+    scratch_layers: Vec<Layer>,
 }
 
 impl Loop {
@@ -219,6 +221,7 @@ impl Loop {
             syncing: Vec::new(),
             sync_batch: Vec::new(),
             completions: Vec::new(),
+            scratch_layers: Vec::new(),
         }
     }
 
@@ -330,7 +333,7 @@ impl Loop {
         op: &'static str,
         layers: &mut Vec<Layer>,
     ) -> Result<u64> {
-        let (l, size) = inner.layers(target)?;
+        let size = inner.layers(target, layers)?;
         if write {
             if let Target::Snapshot(_) = target {
                 return Err(StoreError::ReadOnly {
@@ -357,7 +360,6 @@ impl Loop {
                 "{op} of {len} bytes is larger than the {MAX_REQUEST_BYTES}-byte maximum"
             )));
         }
-        *layers = l;
         Ok(layers[0].tree)
     }
 
@@ -570,7 +572,7 @@ impl Loop {
             } => (*target, *offset, *len, *fua),
             _ => return,
         };
-        let mut layers = Vec::new();
+        let mut layers = std::mem::take(&mut self.scratch_layers);
         let first_lba = offset / BLOCK_SIZE;
         {
             let mut inner = self.sh.inner.lock();
@@ -581,12 +583,16 @@ impl Loop {
             };
             let tree = match Self::resolve(&inner, target, offset, len, true, op, &mut layers) {
                 Ok(t) => t,
-                Err(e) => return req.reply.reply(req.tag, Outcome::Done(Err(e))),
+                Err(e) => {
+                    self.scratch_layers = layers;
+                    return req.reply.reply(req.tag, Outcome::Done(Err(e)));
+                }
             };
             let end_lba = (offset + len).div_ceil(BLOCK_SIZE);
             let t = inner.trees.get_mut(&tree).expect("resolved tree");
             if t.busy.iter().any(|&(a, b)| a < end_lba && first_lba < b) {
                 drop(inner);
+                self.scratch_layers = layers;
                 self.waiting.push_back(req);
                 return;
             }
@@ -608,8 +614,10 @@ impl Loop {
             s.blocks = blocks;
             s.fua = fua;
             s.busy = true;
-            s.layers = layers;
+            // Swap rather than move: the slot's old vector becomes the scratch.
+            std::mem::swap(&mut s.layers, &mut layers);
         }
+        self.scratch_layers = layers;
         let Some(mut buf) = buf else {
             self.slot(i).phase = Phase::Commit;
             self.commit.push(i);
@@ -702,10 +710,12 @@ impl Loop {
         s.values.clear();
         let blocks = s.blocks as usize;
         let data = buf.as_slice();
-        let nonzero: Vec<bool> = (0..blocks)
-            .map(|b| data[b * BS..(b + 1) * BS].iter().any(|&x| x != 0))
-            .collect();
-        let need = nonzero.iter().filter(|&&z| z).count() as u64;
+        // All-zero blocks become Zero entries (no pool space, no I/O); the rest
+        // are marked None until their pool block is known.
+        s.values.extend((0..blocks).map(|b| {
+            (!data[b * BS..(b + 1) * BS].iter().any(|&x| x != 0)).then_some(BlockValue::Zero)
+        }));
+        let need = s.values.iter().filter(|v| v.is_none()).count() as u64;
         let mut runs = std::mem::take(&mut s.runs);
         let ok = need == 0 || self.allocate(need, &mut runs);
         if !ok {
@@ -720,16 +730,14 @@ impl Loop {
         }
         let s = self.slots[i].as_mut().expect("live slot");
         let mut next = runs.iter().flat_map(|&(f, l)| f..f + l);
-        for (b, nz) in nonzero.iter().enumerate() {
-            s.values.push(Some(if *nz {
+        for (b, v) in s.values.iter_mut().enumerate() {
+            if v.is_none() {
                 let block = next.next().expect("allocated enough");
-                BlockValue::Data {
+                *v = Some(BlockValue::Data {
                     block,
                     crc: block_crc(block, &data[b * BS..(b + 1) * BS]),
-                }
-            } else {
-                BlockValue::Zero
-            }));
+                });
+            }
         }
         s.runs = runs;
         self.submit_runs(i, buf, OpKind::Write);

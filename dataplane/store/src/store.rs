@@ -176,8 +176,9 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    /// The layers a read of `target` walks, and the size it may address.
-    pub fn layers(&self, target: Target) -> Result<(Vec<Layer>, u64)> {
+    /// Fills `layers` with what a read of `target` walks; returns the size it
+    /// may address.
+    pub fn layers(&self, target: Target, layers: &mut Vec<Layer>) -> Result<u64> {
         let (tree, view, size) = match target {
             Target::Volume(id) => {
                 let v = self
@@ -194,16 +195,13 @@ impl Inner {
                 (s.rec.tree, Some(s.rec.epoch), s.rec.size_bytes)
             }
         };
-        let mut layers = vec![Layer {
+        layers.clear();
+        layers.push(Layer {
             tree,
             view,
             limit_blocks: u64::MAX,
-        }];
-        self.push_ancestors(tree, &mut layers);
-        Ok((layers, size))
-    }
-
-    pub fn push_ancestors(&self, mut tree: u64, layers: &mut Vec<Layer>) {
+        });
+        let mut tree = tree;
         while let Some((pt, pe, pb)) = self.trees.get(&tree).and_then(|t| t.rec.parent) {
             let limit = layers.last().map_or(u64::MAX, |l| l.limit_blocks).min(pb);
             layers.push(Layer {
@@ -213,6 +211,7 @@ impl Inner {
             });
             tree = pt;
         }
+        Ok(size)
     }
 
     pub fn volume_id(&self, name: &str) -> Result<u64> {
