@@ -84,6 +84,9 @@ struct Driver {
 
 impl Driver {
     fn issue(&self, slot: u64) {
+        let Some(pump) = self.pump.lock().clone() else {
+            return;
+        };
         let offset = self.rng.lock().random_range(0..self.blocks) * BLOCK_SIZE;
         self.started.lock()[slot as usize] = Instant::now();
         self.inflight.fetch_add(1, Ordering::SeqCst);
@@ -104,9 +107,6 @@ impl Driver {
                 len: BLOCK_SIZE as usize,
             }
         };
-        let Some(pump) = self.pump.lock().clone() else {
-            return;
-        };
         self.sub.submit(op, slot, pump);
     }
 }
@@ -126,10 +126,12 @@ fn finish(d: &Driver, tag: u64, outcome: Outcome) {
     let t0 = d.started.lock()[tag as usize];
     d.lat_ns.lock().push(t0.elapsed().as_nanos() as u64);
     d.done.fetch_add(1, Ordering::Relaxed);
-    d.inflight.fetch_sub(1, Ordering::SeqCst);
-    if !d.stop.load(Ordering::Relaxed) {
+    // Reissue before counting this one out, so `inflight` reaches zero only
+    // when the run has really drained.
+    if !d.stop.load(Ordering::SeqCst) {
         d.issue(tag);
     }
+    d.inflight.fetch_sub(1, Ordering::SeqCst);
 }
 
 fn run_berth(
