@@ -30,4 +30,4 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 # The block store again on the pread/pwrite fallback engine (no io_uring).
-BERTH_IO_ENGINE=sync cargo test -p berth-store --locked
+BERTH_IO_ENGINE=sync cargo test -p berth-store --locked --lib --tests
