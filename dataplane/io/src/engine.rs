@@ -54,9 +54,15 @@ pub trait IoEngine: Send {
     fn push(&mut self, op: IoOp);
 
     /// Submits everything queued, then waits until at least one completion is ready
-    /// (if `wait` and anything is in flight) or a wake-up arrives, and moves every
-    /// ready completion into `out`. With `wait == false` it only reaps.
-    fn submit_and_wait(&mut self, wait: bool, out: &mut Vec<IoCompletion>) -> io::Result<()>;
+    /// (if `wait`) or a wake-up arrives, and moves up to `max` ready completions
+    /// into `out` (the rest stay for the next call). With `wait == false` it only
+    /// reaps.
+    fn submit_and_wait(
+        &mut self,
+        wait: bool,
+        max: usize,
+        out: &mut Vec<IoCompletion>,
+    ) -> io::Result<()>;
 
     /// Operations pushed and not yet returned as completions.
     fn in_flight(&self) -> usize;

@@ -59,7 +59,8 @@ mod tests {
     fn wait_all(e: &mut dyn IoEngine, n: usize) -> Vec<IoCompletion> {
         let mut out = Vec::new();
         while out.len() < n {
-            e.submit_and_wait(true, &mut out).expect("submit");
+            e.submit_and_wait(true, usize::MAX, &mut out)
+                .expect("submit");
         }
         out
     }
@@ -121,6 +122,34 @@ mod tests {
     }
 
     #[test]
+    fn completions_are_handed_out_at_most_max_at_a_time() {
+        for choice in engines() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let file = open_direct(&dir.path().join("pool"), true).expect("open");
+            file.set_len(1 << 20).expect("size");
+            let arena = Arena::new(1 << 20).expect("arena");
+            let mut e = open_engine(choice, &[file.as_raw_fd()], &arena, 64).expect("engine");
+            for i in 0..16u64 {
+                e.push(IoOp {
+                    kind: OpKind::Read,
+                    file: 0,
+                    offset: i * PAGE as u64,
+                    buf: Some(arena.alloc_uninit(PAGE)),
+                    user_data: i,
+                });
+            }
+            let mut seen = 0;
+            while seen < 16 {
+                let mut out = Vec::new();
+                e.submit_and_wait(true, 3, &mut out).expect("submit");
+                assert!(out.len() <= 3, "{choice:?}: {} completions", out.len());
+                seen += out.len();
+            }
+            assert_eq!(e.in_flight(), 0);
+        }
+    }
+
+    #[test]
     fn errors_come_back_as_completions() {
         for choice in engines() {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -154,7 +183,7 @@ mod tests {
             });
             let start = std::time::Instant::now();
             let mut out = Vec::new();
-            e.submit_and_wait(true, &mut out).expect("wait");
+            e.submit_and_wait(true, usize::MAX, &mut out).expect("wait");
             assert!(out.is_empty());
             assert!(
                 start.elapsed() >= Duration::from_millis(90),

@@ -126,7 +126,12 @@ impl IoEngine for SyncEngine {
         self.pending.push(op);
     }
 
-    fn submit_and_wait(&mut self, wait: bool, out: &mut Vec<IoCompletion>) -> io::Result<()> {
+    fn submit_and_wait(
+        &mut self,
+        wait: bool,
+        max: usize,
+        out: &mut Vec<IoCompletion>,
+    ) -> io::Result<()> {
         let mut st = self.shared.state.lock();
         let n = self.pending.len();
         st.queue.extend(self.pending.drain(..));
@@ -139,8 +144,9 @@ impl IoEngine for SyncEngine {
             }
         }
         st.woken = false;
-        self.in_flight -= st.done.len();
-        out.append(&mut st.done);
+        let n = st.done.len().min(max);
+        self.in_flight -= n;
+        out.extend(st.done.drain(..n));
         Ok(())
     }
 

@@ -12,9 +12,6 @@ use crate::buf::{Arena, IoBuf};
 use crate::engine::{FileId, IoCompletion, IoEngine, IoOp, OpKind, Wake, Waker};
 
 const WAKE_TAG: u64 = u64::MAX;
-/// Completions handed out per call: the caller resubmits between batches, so
-/// the device is fed steadily instead of in bursts.
-const REAP_MAX: usize = 4;
 
 struct EventFd(RawFd);
 
@@ -137,9 +134,9 @@ impl UringEngine {
         Ok(())
     }
 
-    fn reap(&mut self, out: &mut Vec<IoCompletion>) {
+    fn reap(&mut self, max: usize, out: &mut Vec<IoCompletion>) {
         out.append(&mut self.failed);
-        for cqe in self.ring.completion().take(REAP_MAX) {
+        for cqe in self.ring.completion().take(max) {
             if cqe.user_data() == WAKE_TAG {
                 self.wake_armed = false;
                 continue;
@@ -240,19 +237,25 @@ impl IoEngine for UringEngine {
         }
     }
 
-    fn submit_and_wait(&mut self, wait: bool, out: &mut Vec<IoCompletion>) -> io::Result<()> {
+    fn submit_and_wait(
+        &mut self,
+        wait: bool,
+        max: usize,
+        out: &mut Vec<IoCompletion>,
+    ) -> io::Result<()> {
         let before = out.len();
         if wait {
             self.arm_wake()?;
         }
         // Completions may already be waiting: then there is no reason to sleep.
-        self.reap(out);
+        self.reap(max, out);
         let want = usize::from(wait && out.len() == before);
         if want == 0 && self.ring.submission().is_empty() {
             return Ok(());
         }
         self.enter(want)?;
-        self.reap(out);
+        let room = max.saturating_sub(out.len() - before);
+        self.reap(room, out);
         Ok(())
     }
 
@@ -285,7 +288,7 @@ impl Drop for UringEngine {
             if self.enter(1).is_err() {
                 break;
             }
-            self.reap(&mut sink);
+            self.reap(usize::MAX, &mut sink);
             sink.clear();
         }
         // Ring teardown is asynchronous in the kernel and would keep the files
