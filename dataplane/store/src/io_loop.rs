@@ -139,11 +139,57 @@ pub(crate) fn spawn(
     let name = engine.name();
     let _ = sh.waker.set(engine.waker());
     tracing::info!(engine = name, depth, "I/O engine ready");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let csh = sh.clone();
+    let committer = std::thread::Builder::new()
+        .name("berth-commit".into())
+        .spawn(move || commit_groups(&csh, &rx))
+        .map_err(io)?;
     let thread = std::thread::Builder::new()
         .name("berth-io".into())
-        .spawn(move || Loop::new(sh, engine).run())
+        .spawn(move || {
+            Loop::new(sh, engine, tx).run();
+            // The loop dropped its sender: the committer ends after its last group.
+            let _ = committer.join();
+        })
         .map_err(io)?;
     Ok((thread, name))
+}
+
+/// One group commit on its way to RocksDB.
+pub(crate) struct Group {
+    batch: WriteBatch,
+    /// Head entries as the batch leaves them, for the cache.
+    staged: Vec<(u64, u64, Option<MapEntry>)>,
+    /// Pool blocks the batch stops referencing.
+    freed: Vec<u64>,
+}
+
+/// The committer thread: writes each group's batch (WAL append and memtable
+/// inserts, a good part of a write's CPU) on the second core while the I/O
+/// thread keeps the ring busy, then publishes the result: cache, frees, and
+/// the outcome the I/O thread picks up to answer the writes.
+fn commit_groups(sh: &Shared, rx: &std::sync::mpsc::Receiver<Group>) {
+    for g in rx {
+        let result = sh.db.write(g.batch).map_err(StoreError::from);
+        {
+            let mut inner = sh.inner.lock();
+            if result.is_ok() {
+                for (tree, lba, e) in g.staged {
+                    inner.cache.set(tree, lba, e);
+                }
+                inner.free_blocks(&g.freed);
+            }
+            inner.groups_in_flight -= 1;
+        }
+        sh.commit_idle.notify_all();
+        *sh.committed.lock() = Some(result);
+        if sh.parked.swap(false, Ordering::SeqCst) {
+            if let Some(w) = sh.waker.get() {
+                w.wake();
+            }
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -210,10 +256,17 @@ pub(crate) struct Loop {
     completions: Vec<IoCompletion>,
     /// Reused for resolving writes, so the data path does not allocate it.
     scratch_layers: Vec<Layer>,
+    /// Slots of the group the committer is writing.
+    committing: Vec<usize>,
+    committer: std::sync::mpsc::Sender<Group>,
 }
 
 impl Loop {
-    fn new(sh: Arc<Shared>, engine: Box<dyn IoEngine>) -> Self {
+    fn new(
+        sh: Arc<Shared>,
+        engine: Box<dyn IoEngine>,
+        committer: std::sync::mpsc::Sender<Group>,
+    ) -> Self {
         Loop {
             sh,
             engine,
@@ -226,6 +279,8 @@ impl Loop {
             sync_batch: Vec::new(),
             completions: Vec::new(),
             scratch_layers: Vec::new(),
+            committing: Vec::new(),
+            committer,
         }
     }
 
@@ -246,19 +301,28 @@ impl Loop {
                     self.accept(req);
                 }
             }
+            let landed = self.sh.committed.lock().take();
+            if let Some(result) = landed {
+                let ready = std::mem::take(&mut self.committing);
+                self.end_group(ready, result);
+            }
             if stopping && self.live() == 0 && self.waiting.is_empty() {
                 return;
             }
             // Group commit: while more completions are ready, let the group grow
             // (up to a bound) rather than writing a RocksDB batch per few writes.
             if self.commit.len() >= GROUP_MAX || !self.engine.has_completions() {
-                self.commit_group();
+                self.start_group();
             }
             self.start_sync();
-            let idle = self.commit.is_empty();
+            // Sleep only with nothing to stage, or while the committer has a group.
+            let idle = self.commit.is_empty() || !self.committing.is_empty();
             if idle {
                 self.sh.parked.store(true, Ordering::SeqCst);
-                if !self.sh.queue.lock().is_empty() || self.sh.shutdown.load(Ordering::SeqCst) {
+                if !self.sh.queue.lock().is_empty()
+                    || self.sh.committed.lock().is_some()
+                    || self.sh.shutdown.load(Ordering::SeqCst)
+                {
                     self.sh.parked.store(false, Ordering::SeqCst);
                 }
             }
@@ -882,9 +946,11 @@ impl Loop {
         }
     }
 
-    /// Commits every write and zeroing ready in this turn as one batch.
-    fn commit_group(&mut self) {
-        if self.commit.is_empty() {
+    /// Stages every write and zeroing ready so far as one batch and hands it to
+    /// the committer thread; one group is in flight at a time, and the next one
+    /// grows meanwhile.
+    fn start_group(&mut self) {
+        if self.commit.is_empty() || !self.committing.is_empty() {
             return;
         }
         let ready = std::mem::take(&mut self.commit);
@@ -909,21 +975,42 @@ impl Loop {
                 }
             }
         }
-        // A failure while staging (metadata unreadable) may leave part of one
-        // write in the batch: publish none of the group rather than a map that
-        // points at blocks about to be given back.
-        let result = match staging {
-            Ok(()) => self.sh.db.write(batch).map_err(StoreError::from),
-            Err(e) => Err(e),
-        };
-        if result.is_ok() {
-            for (tree, lba, e) in staged {
-                inner.cache.set(tree, lba, e);
+        match staging {
+            Ok(()) => {
+                // Control operations that read or change the maps wait for this
+                // group to land (see `Shared::lock_quiesced`).
+                inner.groups_in_flight += 1;
+                drop(inner);
+                self.committing = ready;
+                let group = Group {
+                    batch,
+                    staged,
+                    freed,
+                };
+                if let Err(std::sync::mpsc::SendError(group)) = self.committer.send(group) {
+                    // The committer is gone (it never exits before the loop).
+                    drop(group);
+                    self.sh.inner.lock().groups_in_flight -= 1;
+                    let ready = std::mem::take(&mut self.committing);
+                    self.end_group(ready, Err(StoreError::ShuttingDown));
+                }
+            }
+            // A failure while staging (metadata unreadable) may leave part of one
+            // write in the batch: publish none of the group rather than a map that
+            // points at blocks about to be given back.
+            Err(e) => {
+                drop(inner);
+                self.end_group(ready, Err(e));
             }
         }
+    }
+
+    /// The committer finished the group in flight (or it never left).
+    fn end_group(&mut self, ready: Vec<usize>, result: Result<()>) {
         if let Err(e) = &result {
             tracing::error!(error = %e, "block map commit failed");
         }
+        let mut inner = self.sh.inner.lock();
         for &i in &ready {
             let s = self.slots[i].as_mut().expect("live slot");
             if let Err(e) = &result {
@@ -939,9 +1026,6 @@ impl Loop {
             }
             s.runs.clear();
             release_busy(&mut inner, s);
-        }
-        if result.is_ok() {
-            inner.free_blocks(&freed);
         }
         let sync_needed = inner.alloc.pending_blocks() > PENDING_FREE_SYNC;
         drop(inner);

@@ -173,6 +173,8 @@ pub(crate) struct Inner {
     /// Frees with a sequence below this are durable.
     pub synced_seq: u64,
     pub cache: map::HeadCache,
+    /// Group commits staged and not yet written (0 or 1).
+    pub groups_in_flight: u32,
 }
 
 impl Inner {
@@ -365,9 +367,25 @@ pub(crate) struct Shared {
     pub waker: OnceLock<Waker>,
     pub shutdown: AtomicBool,
     pub counters: Counters,
+    /// The committer's result for the group in flight, for the I/O thread.
+    pub committed: Mutex<Option<Result<()>>>,
+    /// Signalled when a group commit has landed.
+    pub commit_idle: Condvar,
 }
 
 impl Shared {
+    /// The catalog lock, taken when no group commit is between staging and
+    /// landing: for control operations that read or change the block maps
+    /// (snapshots, deletes), so a staged batch never acts on a reader set that
+    /// changed under it.
+    pub fn lock_quiesced(&self) -> parking_lot::MutexGuard<'_, Inner> {
+        let mut inner = self.inner.lock();
+        while inner.groups_in_flight > 0 {
+            self.commit_idle.wait(&mut inner);
+        }
+        inner
+    }
+
     /// A metadata batch made durable at once (control operations).
     pub fn write_synced(&self, inner: &mut Inner, batch: WriteBatch) -> Result<()> {
         let mut wo = WriteOptions::default();
@@ -516,6 +534,8 @@ impl Store {
             waker: OnceLock::new(),
             shutdown: AtomicBool::new(false),
             counters: Counters::default(),
+            committed: Mutex::new(None),
+            commit_idle: Condvar::new(),
         });
         let (thread, engine_name) = io_loop::spawn(shared.clone(), cfg.engine, cfg.queue_depth)?;
         Ok(Store {
@@ -605,7 +625,7 @@ impl Store {
     /// stay; the rest go back to the pool.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let sh = &self.shared;
-        let mut inner = sh.inner.lock();
+        let mut inner = sh.lock_quiesced();
         let id = inner.volume_id(name)?;
         if !inner.trees[&id].busy.is_empty() {
             return Err(StoreError::FailedPrecondition(format!(
@@ -635,7 +655,7 @@ impl Store {
     pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<SnapshotInfo> {
         validate_name("snapshot", name)?;
         let sh = &self.shared;
-        let mut inner = sh.inner.lock();
+        let mut inner = sh.lock_quiesced();
         let vid = inner.volume_id(volume)?;
         if let Some(&sid) = inner.snap_names.get(name) {
             let s = &inner.snaps[&sid];
@@ -706,7 +726,7 @@ impl Store {
     /// (its name is free again); its blocks go back when the last clone does.
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
         let sh = &self.shared;
-        let mut inner = sh.inner.lock();
+        let mut inner = sh.lock_quiesced();
         let sid = inner.snapshot_id(name)?;
         inner.snap_names.remove(name);
         let mut b = WriteBatch::default();
@@ -1159,6 +1179,7 @@ fn load(db: &DB, pool: &Pool, cache_entries: usize) -> Result<Inner> {
         active_reads: BTreeMap::new(),
         synced_seq: 0,
         cache: map::HeadCache::new(cache_entries),
+        groups_in_flight: 0,
     };
     for item in db.iterator_cf(cf(db, CF_TREES), rocksdb::IteratorMode::Start) {
         let (k, v) = item?;
