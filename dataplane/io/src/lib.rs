@@ -150,6 +150,39 @@ mod tests {
     }
 
     #[test]
+    fn a_wake_up_that_arrives_between_waits_is_not_lost() {
+        for choice in engines() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let file = open_direct(&dir.path().join("pool"), true).expect("open");
+            file.set_len(1 << 20).expect("size");
+            let arena = Arena::new(1 << 20).expect("arena");
+            let mut e = open_engine(choice, &[file.as_raw_fd()], &arena, 8).expect("engine");
+            // A wait that returns for an I/O completion leaves the wake-up armed.
+            e.push(IoOp {
+                kind: OpKind::Read,
+                file: 0,
+                offset: 0,
+                buf: Some(arena.alloc_uninit(PAGE)),
+                user_data: 1,
+            });
+            wait_all(e.as_mut(), 1);
+            // Woken while not waiting; the next wait must return, not sleep.
+            e.waker().wake();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let t = std::thread::spawn(move || {
+                let mut out = Vec::new();
+                e.submit_and_wait(true, usize::MAX, &mut out).expect("wait");
+                let _ = tx.send(out.len());
+            });
+            let n = rx
+                .recv_timeout(Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("{choice:?}: slept through a wake-up"));
+            assert_eq!(n, 0);
+            t.join().expect("waiter");
+        }
+    }
+
+    #[test]
     fn errors_come_back_as_completions() {
         for choice in engines() {
             let dir = tempfile::tempdir().expect("tempdir");

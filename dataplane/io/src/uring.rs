@@ -134,11 +134,14 @@ impl UringEngine {
         Ok(())
     }
 
-    fn reap(&mut self, max: usize, out: &mut Vec<IoCompletion>) {
+    /// Moves up to `max` completions to `out`; true if a wake-up was among them.
+    fn reap(&mut self, max: usize, out: &mut Vec<IoCompletion>) -> bool {
         out.append(&mut self.failed);
+        let mut woke = false;
         for cqe in self.ring.completion().take(max) {
             if cqe.user_data() == WAKE_TAG {
                 self.wake_armed = false;
+                woke = true;
                 continue;
             }
             let idx = cqe.user_data() as usize;
@@ -159,6 +162,7 @@ impl UringEngine {
                 buf: slot.buf,
             });
         }
+        woke
     }
 
     fn enter(&mut self, want: usize) -> io::Result<()> {
@@ -247,9 +251,10 @@ impl IoEngine for UringEngine {
         if wait {
             self.arm_wake()?;
         }
-        // Completions may already be waiting: then there is no reason to sleep.
-        self.reap(max, out);
-        let want = usize::from(wait && out.len() == before);
+        // Completions, or a wake-up, may already be waiting: then there is no
+        // reason to sleep (a consumed wake-up must not be slept through).
+        let woke = self.reap(max, out);
+        let want = usize::from(wait && !woke && out.len() == before);
         if want == 0 && self.ring.submission().is_empty() {
             return Ok(());
         }
