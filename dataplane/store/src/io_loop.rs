@@ -2,9 +2,11 @@
 //! commits block maps in groups.
 //!
 //! Each loop turn: take new requests, submit their I/O in one batch, sleep until
-//! completions or a new request arrive, verify read checksums, then commit every
-//! write that finished in this turn with a single RocksDB batch, and answer.
-//! Flushes sync the pool, then the WAL, once for all flushes of the turn.
+//! completions, a new request or a landed commit arrive, verify read checksums
+//! and answer reads. Writes whose data is on disk are staged as one RocksDB batch
+//! (a group) and handed to the committer thread; while it writes, the next group
+//! grows; when it lands, the loop answers that group's writes. Flushes sync the
+//! pool, then the WAL, once for all flushes waiting.
 //!
 //! Writes overlapping an unfinished write or zeroing of the same volume wait for
 //! it, so concurrent overlapping writes resolve to one of them whole per 4 KiB
