@@ -56,6 +56,22 @@ mod tests {
         vec![EngineChoice::Uring, EngineChoice::Sync]
     }
 
+    /// A 1 MiB file opened for direct I/O, an arena, and an engine over them.
+    fn fixture(
+        choice: EngineChoice,
+    ) -> (
+        (tempfile::TempDir, std::fs::File),
+        Arc<Arena>,
+        Box<dyn IoEngine>,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = open_direct(&dir.path().join("pool"), true).expect("open");
+        file.set_len(1 << 20).expect("size");
+        let arena = Arena::new(1 << 20).expect("arena");
+        let e = open_engine(choice, &[file.as_raw_fd()], &arena, 64).expect("engine");
+        ((dir, file), arena, e)
+    }
+
     fn wait_all(e: &mut dyn IoEngine, n: usize) -> Vec<IoCompletion> {
         let mut out = Vec::new();
         while out.len() < n {
@@ -68,11 +84,7 @@ mod tests {
     #[test]
     fn batched_writes_then_reads_round_trip_on_both_engines() {
         for choice in engines() {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let file = open_direct(&dir.path().join("pool"), true).expect("open");
-            file.set_len(1 << 20).expect("size");
-            let arena = Arena::new(1 << 20).expect("arena");
-            let mut e = open_engine(choice, &[file.as_raw_fd()], &arena, 64).expect("engine");
+            let (_dir, arena, mut e) = fixture(choice);
             for i in 0..32u64 {
                 let mut b = arena.alloc(PAGE);
                 b.as_mut_slice().fill(i as u8 + 1);
@@ -124,11 +136,7 @@ mod tests {
     #[test]
     fn completions_are_handed_out_at_most_max_at_a_time() {
         for choice in engines() {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let file = open_direct(&dir.path().join("pool"), true).expect("open");
-            file.set_len(1 << 20).expect("size");
-            let arena = Arena::new(1 << 20).expect("arena");
-            let mut e = open_engine(choice, &[file.as_raw_fd()], &arena, 64).expect("engine");
+            let (_dir, arena, mut e) = fixture(choice);
             for i in 0..16u64 {
                 e.push(IoOp {
                     kind: OpKind::Read,
@@ -152,11 +160,7 @@ mod tests {
     #[test]
     fn a_wake_up_that_arrives_between_waits_is_not_lost() {
         for choice in engines() {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let file = open_direct(&dir.path().join("pool"), true).expect("open");
-            file.set_len(1 << 20).expect("size");
-            let arena = Arena::new(1 << 20).expect("arena");
-            let mut e = open_engine(choice, &[file.as_raw_fd()], &arena, 8).expect("engine");
+            let (_dir, arena, mut e) = fixture(choice);
             // A wait that returns for an I/O completion leaves the wake-up armed.
             e.push(IoOp {
                 kind: OpKind::Read,
@@ -185,10 +189,7 @@ mod tests {
     #[test]
     fn errors_come_back_as_completions() {
         for choice in engines() {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let file = open_direct(&dir.path().join("pool"), true).expect("open");
-            let arena = Arena::new(1 << 16).expect("arena");
-            let mut e = open_engine(choice, &[file.as_raw_fd()], &arena, 8).expect("engine");
+            let (_dir, arena, mut e) = fixture(choice);
             // Misaligned O_DIRECT offset: EINVAL from the kernel.
             e.push(IoOp {
                 kind: OpKind::Write,
