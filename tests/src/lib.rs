@@ -4,6 +4,8 @@
 //! generation, repeated across the block, so that after a crash a reader can tell
 //! exactly which write a block holds, or that it is torn or misplaced.
 
+pub mod server;
+
 pub const BLOCK: usize = 4096;
 const STAMP: usize = 32;
 const MAGIC: u64 = 0xbe27_c7a5_4b10_c4ed;

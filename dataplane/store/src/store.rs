@@ -29,6 +29,16 @@ use crate::pool::{Pool, BLOCK_SIZE};
 pub const MAX_NAME_BYTES: usize = 253;
 /// Largest volume: 2^60 bytes (1 EiB) keeps every block and byte offset in range.
 pub const MAX_VOLUME_BYTES: u64 = 1 << 60;
+/// Most blocks one [`Store::block_status`] call looks at (1 GiB of address space).
+pub const BLOCK_STATUS_MAX_BLOCKS: u64 = 1 << 18;
+
+/// A run of a target's address space: `data` is backed by pool blocks; otherwise
+/// it reads as zeros and holds no space (never written, trimmed or zeroed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len_bytes: u64,
+    pub data: bool,
+}
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -842,6 +852,61 @@ impl Store {
         })();
         sh.inner.lock().read_end(seq);
         result
+    }
+
+    /// How `[offset, offset + len)` of a target is backed, as runs of extents in
+    /// order from `offset` (what NBD's `base:allocation` reports, so sparse-aware
+    /// clients skip holes). Stops early after [`BLOCK_STATUS_MAX_BLOCKS`]: the
+    /// caller asks again from where the answer ends. O(mapped blocks in range).
+    pub fn block_status(&self, target: Target, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let sh = &self.shared;
+        let mut inner = sh.inner.lock();
+        let mut layers = Vec::new();
+        let size = inner.layers(target, &mut layers)?;
+        let end = offset.checked_add(len).filter(|&e| e <= size && len > 0);
+        let Some(end) = end else {
+            return Err(StoreError::OutOfRange {
+                op: "block status",
+                volume: format!("{target:?}"),
+                offset,
+                len,
+                size_bytes: size,
+            });
+        };
+        let first = offset / BLOCK_SIZE;
+        let last = end
+            .div_ceil(BLOCK_SIZE)
+            .min(first + BLOCK_STATUS_MAX_BLOCKS);
+        let end = end.min(last * BLOCK_SIZE);
+        let mapped = map::ancestor_lbas(&sh.db, &layers, first, last - first)?;
+        let mut out: Vec<Extent> = Vec::new();
+        let push = |out: &mut Vec<Extent>, from: u64, to: u64, data: bool| {
+            if to <= from {
+                return;
+            }
+            match out.last_mut() {
+                Some(e) if e.data == data => e.len_bytes += to - from,
+                _ => out.push(Extent {
+                    len_bytes: to - from,
+                    data,
+                }),
+            }
+        };
+        let mut at = offset;
+        for lba in mapped {
+            let value = map::lookup(&sh.db, &mut inner.cache, &layers, lba)?;
+            if matches!(value, Some(BlockValue::Data { .. })) {
+                let (b0, b1) = (
+                    (lba * BLOCK_SIZE).max(offset),
+                    ((lba + 1) * BLOCK_SIZE).min(end),
+                );
+                push(&mut out, at, b0, false);
+                push(&mut out, b0, b1, true);
+                at = b1;
+            }
+        }
+        push(&mut out, at, end, false);
+        Ok(out)
     }
 
     // ---- data -------------------------------------------------------------

@@ -1,0 +1,650 @@
+//! `berthctl`: the command line for Berth's control APIs.
+//!
+//! Today it talks to a volume server (`--endpoint unix:///DATA/control.sock`, or
+//! `--data DIR`); the metadata service issue points it at the cluster's
+//! metadata service instead.
+//!
+//! Output: tables for people, `--output json` for scripts. Exit codes: 0 done;
+//! 1 other error; 2 bad usage; 3 not found; 4 already exists; 5 invalid
+//! argument or out of range; 6 failed precondition; 7 unavailable (cannot
+//! connect, shutting down); 8 resource exhausted (pool full); 9 data loss
+//! (checksum errors found).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use berth_proto::volume::v1 as pb;
+use berth_proto::volume::v1::volume_service_client::VolumeServiceClient;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "berthctl",
+    version,
+    about = "Control Berth: volumes, snapshots, clones, exports, QoS, audit",
+    after_help = "Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 already exists, \
+5 invalid argument, 6 failed precondition, 7 unavailable, 8 pool full, 9 data loss"
+)]
+struct Cli {
+    /// Control endpoint: unix:///path/control.sock or http://host:port.
+    #[arg(long, env = "BERTH_ENDPOINT", conflicts_with = "data")]
+    endpoint: Option<String>,
+    /// Data directory of a local server (uses DATA/control.sock).
+    #[arg(long, env = "BERTH_DATA")]
+    data: Option<PathBuf>,
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Volumes: create, delete, resize, get, list.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Snapshots: create, delete, list.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// A new volume from a snapshot or from a volume as it is now (O(1)).
+    Clone {
+        name: String,
+        #[arg(
+            long,
+            conflicts_with = "from_volume",
+            required_unless_present = "from_volume"
+        )]
+        from_snapshot: Option<String>,
+        #[arg(long)]
+        from_volume: Option<String>,
+        #[arg(long, value_parser = berth_cli::parse_size)]
+        size: Option<u64>,
+        #[arg(long, default_value = "")]
+        tier: String,
+    },
+    /// NBD exports: grant, revoke, list.
+    #[command(subcommand)]
+    Export(ExportCmd),
+    /// Change a volume's tier or limits while it is served.
+    Qos {
+        volume: String,
+        #[arg(long, default_value = "")]
+        tier: String,
+        #[command(flatten)]
+        limits: Limits,
+        /// Drop explicit limits first (back to the tier's).
+        #[arg(long)]
+        clear: bool,
+    },
+    /// Read every allocated block and check its checksum.
+    Scrub,
+    /// Pool use and per-volume counters.
+    Stats,
+    /// Is the server up, and what is it running.
+    Health,
+    /// Audit events: who connected to what, and every control call.
+    Audit {
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long)]
+        client: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Limits {
+    /// IOPS limit (0 = unlimited).
+    #[arg(long)]
+    iops: Option<u64>,
+    /// Throughput limit in bytes per second, e.g. 200M (0 = unlimited).
+    #[arg(long, value_parser = berth_cli::parse_size)]
+    bandwidth: Option<u64>,
+    /// Seconds of the limit a volume may use at once after idling.
+    #[arg(long)]
+    burst: Option<f64>,
+}
+
+impl Limits {
+    fn pb(&self) -> Option<pb::QosOverrides> {
+        Some(pb::QosOverrides {
+            iops_limit: self.iops,
+            bytes_per_second_limit: self.bandwidth,
+            burst_seconds: self.burst,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCmd {
+    Create {
+        name: String,
+        #[arg(long, value_parser = berth_cli::parse_size)]
+        size: u64,
+        /// standard, premium or extreme.
+        #[arg(long, default_value = "standard")]
+        tier: String,
+        #[command(flatten)]
+        limits: Limits,
+    },
+    Delete {
+        name: String,
+    },
+    Resize {
+        name: String,
+        #[arg(long, value_parser = berth_cli::parse_size)]
+        size: u64,
+    },
+    Get {
+        name: String,
+    },
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCmd {
+    Create {
+        volume: String,
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+    List {
+        #[arg(long)]
+        volume: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ExportCmd {
+    /// Let a client reach a volume or snapshot; prints the NBD URIs.
+    Grant {
+        #[arg(
+            long,
+            conflicts_with = "snapshot",
+            required_unless_present = "snapshot"
+        )]
+        volume: Option<String>,
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Who the grant is for (node, pod, person): recorded in the audit log.
+        #[arg(long)]
+        client: String,
+        #[arg(long)]
+        read_only: bool,
+        /// Only TCP connections from this IP may use it.
+        #[arg(long, default_value = "")]
+        peer_address: String,
+    },
+    /// Remove a grant (by its export name) and close its connections.
+    Revoke {
+        export_name: String,
+    },
+    List,
+}
+
+fn exit_code(s: &tonic::Status) -> u8 {
+    use tonic::Code::*;
+    match s.code() {
+        NotFound => 3,
+        AlreadyExists => 4,
+        InvalidArgument | OutOfRange => 5,
+        FailedPrecondition => 6,
+        Unavailable => 7,
+        ResourceExhausted => 8,
+        DataLoss => 9,
+        _ => 1,
+    }
+}
+
+fn volume_json(v: &pb::Volume) -> Value {
+    let q = v.qos.clone().unwrap_or_default();
+    json!({
+        "name": v.name, "size_bytes": v.size_bytes, "allocated_bytes": v.allocated_bytes,
+        "created_unix": v.created_unix, "source_snapshot": v.source_snapshot,
+        "tier": q.tier, "iops_limit": q.iops_limit,
+        "bytes_per_second_limit": q.bytes_per_second_limit, "burst_seconds": q.burst_seconds,
+        "priority": q.priority, "connections": v.connections,
+    })
+}
+
+fn snapshot_json(s: &pb::Snapshot) -> Value {
+    json!({"name": s.name, "volume": s.volume, "size_bytes": s.size_bytes, "created_unix": s.created_unix})
+}
+
+fn export_json(e: &pb::Export) -> Value {
+    let kind = if e.kind == pb::TargetKind::Snapshot as i32 {
+        "snapshot"
+    } else {
+        "volume"
+    };
+    json!({
+        "kind": kind, "name": e.name, "client": e.client, "read_only": e.read_only,
+        "peer_address": e.peer_address, "export_name": e.export_name,
+        "unix_uri": e.unix_uri, "tcp_uri": e.tcp_uri, "connections": e.connections,
+        "granted_unix": e.granted_unix,
+    })
+}
+
+/// Prints rows of JSON objects as an aligned table of the given columns.
+fn table(rows: &[Value], cols: &[&str]) {
+    let cell = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let mut widths: Vec<usize> = cols.iter().map(|c| c.len()).collect();
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| cols.iter().map(|c| cell(&r[*c])).collect())
+        .collect();
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |vals: Vec<String>| {
+        let s: Vec<String> = vals
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(cols.iter().map(|c| c.to_uppercase()).collect());
+    for row in cells {
+        line(row);
+    }
+}
+
+struct Out {
+    mode: Output,
+}
+
+impl Out {
+    fn rows(&self, rows: Vec<Value>, cols: &[&str]) {
+        match self.mode {
+            Output::Json => println!("{}", Value::Array(rows)),
+            Output::Table => table(&rows, cols),
+        }
+    }
+    fn one(&self, v: Value, cols: &[&str]) {
+        match self.mode {
+            Output::Json => println!("{v}"),
+            Output::Table => table(&[v], cols),
+        }
+    }
+    fn done(&self, msg: &str) {
+        match self.mode {
+            Output::Json => println!("{}", json!({"result": msg})),
+            Output::Table => println!("{msg}"),
+        }
+    }
+}
+
+const VOL_COLS: &[&str] = &[
+    "name",
+    "size_bytes",
+    "allocated_bytes",
+    "tier",
+    "iops_limit",
+    "bytes_per_second_limit",
+    "connections",
+    "source_snapshot",
+];
+const SNAP_COLS: &[&str] = &["name", "volume", "size_bytes", "created_unix"];
+const EXPORT_COLS: &[&str] = &[
+    "kind",
+    "name",
+    "client",
+    "read_only",
+    "connections",
+    "export_name",
+];
+
+fn req<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    let who = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    if let Ok(v) = format!("berthctl:{who}").parse() {
+        r.metadata_mut().insert("x-berth-client", v);
+    }
+    r
+}
+
+async fn run(cli: Cli, mut c: VolumeServiceClient<Channel>) -> Result<(), tonic::Status> {
+    let out = Out { mode: cli.output };
+    match cli.command {
+        Cmd::Volume(v) => match v {
+            VolumeCmd::Create {
+                name,
+                size,
+                tier,
+                limits,
+            } => {
+                let v = c
+                    .create_volume(req(pb::CreateVolumeRequest {
+                        name,
+                        size_bytes: size,
+                        tier,
+                        overrides: limits.pb(),
+                    }))
+                    .await?
+                    .into_inner();
+                out.one(volume_json(&v), VOL_COLS);
+            }
+            VolumeCmd::Delete { name } => {
+                c.delete_volume(req(pb::DeleteVolumeRequest { name: name.clone() }))
+                    .await?;
+                out.done(&format!("deleted volume {name}"));
+            }
+            VolumeCmd::Resize { name, size } => {
+                let v = c
+                    .resize_volume(req(pb::ResizeVolumeRequest {
+                        name,
+                        size_bytes: size,
+                    }))
+                    .await?
+                    .into_inner();
+                out.one(volume_json(&v), VOL_COLS);
+            }
+            VolumeCmd::Get { name } => {
+                let v = c
+                    .get_volume(req(pb::GetVolumeRequest { name }))
+                    .await?
+                    .into_inner();
+                out.one(volume_json(&v), VOL_COLS);
+            }
+            VolumeCmd::List => {
+                let l = c
+                    .list_volumes(req(pb::ListVolumesRequest {}))
+                    .await?
+                    .into_inner();
+                out.rows(l.volumes.iter().map(volume_json).collect(), VOL_COLS);
+            }
+        },
+        Cmd::Snapshot(s) => match s {
+            SnapshotCmd::Create { volume, name } => {
+                let s = c
+                    .create_snapshot(req(pb::CreateSnapshotRequest { volume, name }))
+                    .await?
+                    .into_inner();
+                out.one(snapshot_json(&s), SNAP_COLS);
+            }
+            SnapshotCmd::Delete { name } => {
+                c.delete_snapshot(req(pb::DeleteSnapshotRequest { name: name.clone() }))
+                    .await?;
+                out.done(&format!("deleted snapshot {name}"));
+            }
+            SnapshotCmd::List { volume } => {
+                let l = c
+                    .list_snapshots(req(pb::ListSnapshotsRequest {
+                        volume: volume.unwrap_or_default(),
+                    }))
+                    .await?
+                    .into_inner();
+                out.rows(l.snapshots.iter().map(snapshot_json).collect(), SNAP_COLS);
+            }
+        },
+        Cmd::Clone {
+            name,
+            from_snapshot,
+            from_volume,
+            size,
+            tier,
+        } => {
+            use pb::clone_volume_request::Source;
+            let source = match (from_snapshot, from_volume) {
+                (Some(s), _) => Source::Snapshot(s),
+                (None, Some(v)) => Source::Volume(v),
+                (None, None) => {
+                    return Err(tonic::Status::invalid_argument(
+                        "--from-snapshot or --from-volume is required",
+                    ))
+                }
+            };
+            let v = c
+                .clone_volume(req(pb::CloneVolumeRequest {
+                    name,
+                    source: Some(source),
+                    size_bytes: size.unwrap_or(0),
+                    tier,
+                    overrides: None,
+                }))
+                .await?
+                .into_inner();
+            out.one(volume_json(&v), VOL_COLS);
+        }
+        Cmd::Export(e) => match e {
+            ExportCmd::Grant {
+                volume,
+                snapshot,
+                client,
+                read_only,
+                peer_address,
+            } => {
+                let (kind, name) = match (volume, snapshot) {
+                    (Some(v), _) => (pb::TargetKind::Volume, v),
+                    (None, Some(s)) => (pb::TargetKind::Snapshot, s),
+                    (None, None) => {
+                        return Err(tonic::Status::invalid_argument(
+                            "--volume or --snapshot is required",
+                        ))
+                    }
+                };
+                let e = c
+                    .grant_export(req(pb::GrantExportRequest {
+                        kind: kind as i32,
+                        name,
+                        client,
+                        read_only,
+                        peer_address,
+                    }))
+                    .await?
+                    .into_inner();
+                match out.mode {
+                    Output::Json => println!("{}", export_json(&e)),
+                    Output::Table => {
+                        println!("export name: {}", e.export_name);
+                        println!("unix:        {}", e.unix_uri);
+                        if !e.tcp_uri.is_empty() {
+                            println!("tcp:         {}", e.tcp_uri);
+                        }
+                    }
+                }
+            }
+            ExportCmd::Revoke { export_name } => {
+                let r = c
+                    .revoke_export(req(pb::RevokeExportRequest { export_name }))
+                    .await?
+                    .into_inner();
+                out.done(&format!(
+                    "revoked; {} connection(s) closed",
+                    r.closed_connections
+                ));
+            }
+            ExportCmd::List => {
+                let l = c
+                    .list_exports(req(pb::ListExportsRequest {}))
+                    .await?
+                    .into_inner();
+                out.rows(l.exports.iter().map(export_json).collect(), EXPORT_COLS);
+            }
+        },
+        Cmd::Qos {
+            volume,
+            tier,
+            limits,
+            clear,
+        } => {
+            let v = c
+                .set_qos(req(pb::SetQosRequest {
+                    volume,
+                    tier,
+                    overrides: limits.pb(),
+                    clear_overrides: clear,
+                }))
+                .await?
+                .into_inner();
+            out.one(volume_json(&v), VOL_COLS);
+        }
+        Cmd::Scrub => {
+            let r = c.scrub(req(pb::ScrubRequest {})).await?.into_inner();
+            let errors: Vec<Value> = r
+                .errors
+                .iter()
+                .map(|e| json!({"owner": e.owner, "offset": e.offset, "pool_block": e.pool_block}))
+                .collect();
+            match out.mode {
+                Output::Json => println!(
+                    "{}",
+                    json!({"blocks_checked": r.blocks_checked, "errors": errors})
+                ),
+                Output::Table => {
+                    println!(
+                        "{} blocks checked, {} checksum errors",
+                        r.blocks_checked,
+                        errors.len()
+                    );
+                    if !errors.is_empty() {
+                        table(&errors, &["owner", "offset", "pool_block"]);
+                    }
+                }
+            }
+            if !r.errors.is_empty() {
+                return Err(tonic::Status::data_loss(format!(
+                    "{} blocks failed their checksum",
+                    r.errors.len()
+                )));
+            }
+        }
+        Cmd::Stats => {
+            let s = c.stats(req(pb::StatsRequest {})).await?.into_inner();
+            let vols: Vec<Value> = s
+                .volume_stats
+                .iter()
+                .map(|v| json!({"name": v.name, "read_ops": v.read_ops, "write_ops": v.write_ops, "read_bytes": v.read_bytes, "write_bytes": v.write_bytes, "errors": v.errors, "throttled_micros": v.throttled_micros}))
+                .collect();
+            let pool = json!({"total_bytes": s.total_bytes, "used_bytes": s.used_bytes, "pending_free_bytes": s.pending_free_bytes, "volumes": s.volumes, "snapshots": s.snapshots, "checksum_errors": s.checksum_errors, "engine": s.engine});
+            match out.mode {
+                Output::Json => println!("{}", json!({"pool": pool, "volumes": vols})),
+                Output::Table => {
+                    table(
+                        &[pool],
+                        &[
+                            "total_bytes",
+                            "used_bytes",
+                            "pending_free_bytes",
+                            "volumes",
+                            "snapshots",
+                            "checksum_errors",
+                            "engine",
+                        ],
+                    );
+                    println!();
+                    table(
+                        &vols,
+                        &[
+                            "name",
+                            "read_ops",
+                            "write_ops",
+                            "read_bytes",
+                            "write_bytes",
+                            "errors",
+                            "throttled_micros",
+                        ],
+                    );
+                }
+            }
+        }
+        Cmd::Health => {
+            let h = c.health(req(pb::HealthRequest {})).await?.into_inner();
+            out.one(
+                json!({"serving": h.serving, "version": h.version, "engine": h.engine, "pool_uuid": h.pool_uuid, "uptime_seconds": h.uptime_seconds, "connections": h.connections}),
+                &["serving", "version", "engine", "pool_uuid", "uptime_seconds", "connections"],
+            );
+        }
+        Cmd::Audit {
+            target,
+            client,
+            after,
+            limit,
+        } => {
+            let l = c
+                .list_audit_events(req(pb::ListAuditEventsRequest {
+                    target: target.unwrap_or_default(),
+                    client: client.unwrap_or_default(),
+                    after_seq: after,
+                    limit,
+                }))
+                .await?
+                .into_inner();
+            let rows = l
+                .events
+                .iter()
+                .map(|e| json!({"seq": e.seq, "time_unix_ms": e.time_unix_ms, "action": e.action, "client": e.client, "target": e.target, "result": e.result, "peer": e.peer, "read_bytes": e.read_bytes, "write_bytes": e.write_bytes, "detail": e.detail}))
+                .collect();
+            out.rows(
+                rows,
+                &[
+                    "seq",
+                    "time_unix_ms",
+                    "action",
+                    "client",
+                    "target",
+                    "result",
+                    "peer",
+                    "read_bytes",
+                    "write_bytes",
+                ],
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let endpoint = match (&cli.endpoint, &cli.data) {
+        (Some(e), _) => e.clone(),
+        (None, Some(d)) => format!("unix://{}", d.join("control.sock").display()),
+        (None, None) => "unix:///var/lib/berth/control.sock".to_string(),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("berthctl: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let channel = match berth_proto::channel(&endpoint).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("berthctl: cannot reach {endpoint}: {e} (is the server running? set --endpoint, --data or BERTH_ENDPOINT)");
+                return ExitCode::from(7);
+            }
+        };
+        match run(cli, VolumeServiceClient::new(channel)).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(s) => {
+                eprintln!("berthctl: {}", s.message());
+                ExitCode::from(exit_code(&s))
+            }
+        }
+    })
+}

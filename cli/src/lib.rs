@@ -1,0 +1,38 @@
+//! Shared pieces of Berth's programs: logging setup and size parsing.
+
+/// Parses a size such as `4096`, `10G`, `10GiB`, `1.5T` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    parse_size::Config::new()
+        .with_binary()
+        .parse_size(s)
+        .map_err(|e| format!("{s:?} is not a size (examples: 4096, 512M, 10G): {e}"))
+}
+
+/// `tracing` to stderr, human-readable or JSON; `RUST_LOG` filters (default info).
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_units_and_garbage_is_refused() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert!(parse_size("ten gigs").is_err());
+        assert!(parse_size("-1").is_err());
+    }
+}

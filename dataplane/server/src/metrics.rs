@@ -1,0 +1,298 @@
+//! Prometheus metrics (the `prometheus` crate's registry and text encoder),
+//! served as text on HTTP `GET /metrics`.
+//!
+//! Per volume and operation: requests, bytes, errors, and a latency histogram;
+//! checksum errors and QoS throttling time per volume; connections; pool
+//! capacity and use. Connections fetch their label handles once, so the data
+//! path only touches atomics.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The operations metrics are kept for.
+pub const OPS: [&str; 6] = [
+    "read",
+    "write",
+    "flush",
+    "trim",
+    "write_zeroes",
+    "block_status",
+];
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    ops: IntCounterVec,
+    bytes: IntCounterVec,
+    errors: IntCounterVec,
+    latency: HistogramVec,
+    checksum_errors: IntCounterVec,
+    throttled: IntCounterVec,
+    connections: IntGaugeVec,
+    pub pool_total_bytes: IntGauge,
+    pub pool_used_bytes: IntGauge,
+    pub pool_pending_free_bytes: IntGauge,
+    pub volumes: IntGauge,
+    pub snapshots: IntGauge,
+    pub pool_checksum_errors: IntGauge,
+}
+
+/// One operation's handles for one volume.
+#[derive(Debug, Clone)]
+pub struct OpMetrics {
+    pub ops: IntCounter,
+    pub bytes: IntCounter,
+    pub errors: IntCounter,
+    pub latency: Histogram,
+}
+
+/// A volume's handles, indexed like [`OPS`].
+#[derive(Debug, Clone)]
+pub struct VolumeMetrics {
+    pub op: [OpMetrics; 6],
+    pub checksum_errors: IntCounter,
+    pub throttled_micros: IntCounter,
+    pub connections: IntGauge,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // The metric definitions below are static and valid; an error here is a
+    // programming mistake caught by the unit test.
+    r.unwrap_or_else(|e| panic!("metric definition: {e}"))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("berth".into()), None).unwrap_or_default();
+        let vol_op = &["volume", "op"];
+        let ops = must(IntCounterVec::new(
+            Opts::new("volume_requests_total", "NBD requests answered"),
+            vol_op,
+        ));
+        let bytes = must(IntCounterVec::new(
+            Opts::new(
+                "volume_bytes_total",
+                "Bytes read, written, trimmed or zeroed",
+            ),
+            vol_op,
+        ));
+        let errors = must(IntCounterVec::new(
+            Opts::new("volume_errors_total", "NBD requests answered with an error"),
+            vol_op,
+        ));
+        let latency = must(HistogramVec::new(
+            HistogramOpts::new(
+                "volume_request_seconds",
+                "Time from a request's header read to its reply queued",
+            )
+            .buckets(must(prometheus::exponential_buckets(10e-6, 2.0, 20))),
+            vol_op,
+        ));
+        let checksum_errors = must(IntCounterVec::new(
+            Opts::new(
+                "volume_checksum_errors_total",
+                "Reads refused because a block failed its checksum",
+            ),
+            &["volume"],
+        ));
+        let throttled = must(IntCounterVec::new(
+            Opts::new(
+                "volume_qos_throttled_microseconds_total",
+                "Time requests waited for the volume's QoS limits",
+            ),
+            &["volume"],
+        ));
+        let connections = must(IntGaugeVec::new(
+            Opts::new("volume_connections", "Open NBD connections"),
+            &["volume"],
+        ));
+        let g = |n: &str, h: &str| must(IntGauge::new(n, h));
+        let m = Metrics {
+            registry,
+            ops,
+            bytes,
+            errors,
+            latency,
+            checksum_errors,
+            throttled,
+            connections,
+            pool_total_bytes: g("pool_capacity_bytes", "Pool size"),
+            pool_used_bytes: g(
+                "pool_used_bytes",
+                "Pool bytes referenced by volumes and snapshots",
+            ),
+            pool_pending_free_bytes: g(
+                "pool_pending_free_bytes",
+                "Freed pool bytes waiting for a durable commit",
+            ),
+            volumes: g("volumes", "Volumes on this node"),
+            snapshots: g("snapshots", "Snapshots on this node"),
+            pool_checksum_errors: g(
+                "pool_checksum_errors",
+                "Checksum mismatches seen by reads and scrubs since start",
+            ),
+        };
+        let r = &m.registry;
+        must(r.register(Box::new(m.ops.clone())));
+        must(r.register(Box::new(m.bytes.clone())));
+        must(r.register(Box::new(m.errors.clone())));
+        must(r.register(Box::new(m.latency.clone())));
+        must(r.register(Box::new(m.checksum_errors.clone())));
+        must(r.register(Box::new(m.throttled.clone())));
+        must(r.register(Box::new(m.connections.clone())));
+        for gauge in [
+            &m.pool_total_bytes,
+            &m.pool_used_bytes,
+            &m.pool_pending_free_bytes,
+            &m.volumes,
+            &m.snapshots,
+            &m.pool_checksum_errors,
+        ] {
+            must(r.register(Box::new(gauge.clone())));
+        }
+        m
+    }
+
+    pub fn volume(&self, volume: &str) -> VolumeMetrics {
+        let op = OPS.map(|op| OpMetrics {
+            ops: self.ops.with_label_values(&[volume, op]),
+            bytes: self.bytes.with_label_values(&[volume, op]),
+            errors: self.errors.with_label_values(&[volume, op]),
+            latency: self.latency.with_label_values(&[volume, op]),
+        });
+        VolumeMetrics {
+            op,
+            checksum_errors: self.checksum_errors.with_label_values(&[volume]),
+            throttled_micros: self.throttled.with_label_values(&[volume]),
+            connections: self.connections.with_label_values(&[volume]),
+        }
+    }
+
+    /// Drops a deleted volume's series.
+    pub fn forget(&self, volume: &str) {
+        for op in OPS {
+            let _ = self.ops.remove_label_values(&[volume, op]);
+            let _ = self.bytes.remove_label_values(&[volume, op]);
+            let _ = self.errors.remove_label_values(&[volume, op]);
+            let _ = self.latency.remove_label_values(&[volume, op]);
+        }
+        let _ = self.checksum_errors.remove_label_values(&[volume]);
+        let _ = self.throttled.remove_label_values(&[volume]);
+        let _ = self.connections.remove_label_values(&[volume]);
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `GET /metrics` until `stop` fires. `refresh` runs before each scrape
+/// (it updates the pool gauges). One request per connection, bounded headers.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    refresh: Arc<dyn Fn() + Send + Sync>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let (mut sock, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let refresh = refresh.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut n = 0;
+            let head = loop {
+                let r = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut buf[n..]),
+                )
+                .await;
+                match r {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                    Ok(Ok(k)) => n += k,
+                }
+                if let Some(end) = buf[..n].windows(4).position(|w| w == b"\r\n\r\n") {
+                    break String::from_utf8_lossy(&buf[..end]).to_string();
+                }
+                if n == buf.len() {
+                    return;
+                }
+            };
+            let line = head.lines().next().unwrap_or("");
+            let mut parts = line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, ctype, body) =
+                if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+                    refresh();
+                    ("200 OK", "text/plain; version=0.0.4", metrics.encode())
+                } else if method == "GET" && path == "/healthz" {
+                    ("200 OK", "text/plain", b"ok\n".to_vec())
+                } else {
+                    (
+                        "404 Not Found",
+                        "text/plain",
+                        b"try GET /metrics\n".to_vec(),
+                    )
+                };
+            let hdr = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(hdr.as_bytes()).await;
+            let _ = sock.write_all(&body).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_volume_series_appear_in_the_text_format_and_go_with_the_volume() {
+        let m = Metrics::new();
+        let v = m.volume("db");
+        v.op[0].ops.inc();
+        v.op[0].bytes.inc_by(4096);
+        v.op[0].latency.observe(0.0002);
+        v.checksum_errors.inc();
+        m.pool_total_bytes.set(1 << 30);
+        let text = String::from_utf8(m.encode()).expect("utf8");
+        assert!(
+            text.contains("berth_volume_requests_total{op=\"read\",volume=\"db\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("berth_volume_bytes_total{op=\"read\",volume=\"db\"} 4096"));
+        assert!(text.contains("berth_volume_checksum_errors_total{volume=\"db\"} 1"));
+        assert!(text.contains("berth_pool_capacity_bytes 1073741824"));
+        assert!(text.contains("berth_volume_request_seconds_bucket"));
+        m.forget("db");
+        let text = String::from_utf8(m.encode()).expect("utf8");
+        assert!(!text.contains("volume=\"db\""));
+    }
+}

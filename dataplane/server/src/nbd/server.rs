@@ -1,0 +1,963 @@
+//! Serving NBD connections: the fixed newstyle handshake, then the
+//! transmission phase with many requests in flight and out-of-order replies.
+//!
+//! Each connection has a reader task and a writer task. The reader parses
+//! request headers, receives WRITE payloads straight into the store's aligned
+//! (registered) buffers, admits the request against the volume's QoS and the
+//! pool's tier priority, and submits it to the store's I/O thread. The I/O
+//! thread hands outcomes back through the connection's [`Completions`] queue;
+//! the writer takes everything queued at once and sends the replies with one
+//! vectored write (headers and read payloads from the store's buffers, no
+//! copies). Steady state allocates nothing per request: the in-flight table,
+//! the queues and the header buffer are reused.
+//!
+//! Bad input never takes the server down: a malformed option gets the
+//! protocol's error, a bad request magic or an oversized WRITE closes that
+//! connection, anything else is answered with an errno. A client that vanishes
+//! mid-request is noticed by the reader; requests already in the store finish
+//! and their buffers are returned before the connection is gone.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_store::{Extent, Op, Outcome, ReadDone, Reply, StoreError, MAX_REQUEST_BYTES};
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Notify, Semaphore};
+
+use super::proto::*;
+use crate::audit::AuditEvent;
+use crate::node::{ConnCounters, Node, Peer, Refusal, Resolved};
+
+/// Requests one connection may have in flight.
+pub const MAX_INFLIGHT: usize = 512;
+/// Payload bytes (reads and writes) one connection may have in flight, in 4 KiB units.
+const MAX_INFLIGHT_UNITS: usize = (128 << 20) / 4096;
+/// Time a client has to finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a reply batch may wait for the client to read it.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Option payloads up to this size are read and refused with ERR_TOO_BIG;
+/// larger ones close the connection (a denial of service, per the spec).
+const SKIP_OPTION_BYTES: u32 = 1 << 20;
+
+/// What the handshake settled.
+#[derive(Debug)]
+pub struct Session {
+    pub export: Resolved,
+    pub structured: bool,
+    pub meta_context: bool,
+}
+
+#[derive(Debug)]
+enum HandshakeEnd {
+    Go(Session),
+    /// The client aborted or went away; nothing to serve.
+    Closed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("handshake timed out")]
+    Timeout,
+}
+
+fn export_flags(read_only: bool) -> u16 {
+    let mut f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA;
+    if read_only {
+        f |= TF_READ_ONLY;
+    } else {
+        f |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
+    }
+    // A FLUSH syncs the whole pool and WAL: every write acknowledged on any
+    // connection is durable when it returns, which is what multi-conn requires.
+    f | TF_CAN_MULTI_CONN
+}
+
+/// Serves one accepted connection to its end.
+pub async fn serve<R, W>(node: Arc<Node>, mut rd: R, mut wr: W, peer: Peer)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let hs =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&node, &mut rd, &mut wr, &peer)).await;
+    let session = match hs {
+        Ok(Ok(HandshakeEnd::Go(s))) => s,
+        Ok(Ok(HandshakeEnd::Closed)) => return,
+        Ok(Err(e)) => {
+            tracing::info!(peer = %peer, error = %e, "nbd handshake ended");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(peer = %peer, "nbd handshake timed out");
+            return;
+        }
+    };
+    transmission(node, session, rd, wr, peer).await;
+}
+
+async fn send_reply<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    option: u32,
+    reply: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut out = Vec::with_capacity(20 + data.len());
+    put_option_reply(&mut out, option, reply, data);
+    wr.write_all(&out).await
+}
+
+fn audit_refusal(node: &Node, export: &str, peer: &Peer, why: &str) {
+    let (name, _) = crate::node::split_export_name(export);
+    node.audit.record(AuditEvent {
+        action: "refused".into(),
+        client: String::new(),
+        target: name.to_string(),
+        result: why.to_string(),
+        peer: peer.to_string(),
+        ..Default::default()
+    });
+}
+
+fn refusal_reply(r: Refusal) -> (u32, String) {
+    match r {
+        Refusal::Unknown(w) => (REP_ERR_UNKNOWN, w),
+        Refusal::Policy(w) => (REP_ERR_POLICY, w),
+    }
+}
+
+async fn handshake<R, W>(
+    node: &Node,
+    rd: &mut R,
+    wr: &mut W,
+    peer: &Peer,
+) -> Result<HandshakeEnd, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut greet = [0u8; 18];
+    greet[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    greet[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    greet[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    wr.write_all(&greet).await?;
+    wr.flush().await?;
+    let cflags = rd.read_u32().await?;
+    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(ConnError::Protocol(format!(
+            "unknown client flags {cflags:#x}"
+        )));
+    }
+    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+    // SET_META_CONTEXT's selection: (export name it was for, base:allocation chosen).
+    let mut meta: Option<(String, bool)> = None;
+    loop {
+        let mut h = [0u8; 16];
+        rd.read_exact(&mut h).await?;
+        let opt = parse_option_header(&h).map_err(|e| ConnError::Protocol(e.to_string()))?;
+        if opt.len > MAX_OPTION_BYTES {
+            if opt.len > SKIP_OPTION_BYTES {
+                return Err(ConnError::Protocol(format!(
+                    "option {} of {} bytes",
+                    opt.option, opt.len
+                )));
+            }
+            tokio::io::copy(&mut (&mut *rd).take(opt.len as u64), &mut tokio::io::sink()).await?;
+            send_reply(wr, opt.option, REP_ERR_TOO_BIG, b"option data too large").await?;
+            continue;
+        }
+        let mut data = vec![0u8; opt.len as usize];
+        rd.read_exact(&mut data).await?;
+        if node.shutdown.is_cancelled() && opt.option != OPT_ABORT {
+            send_reply(wr, opt.option, REP_ERR_SHUTDOWN, b"server is shutting down").await?;
+            continue;
+        }
+        match opt.option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).to_string();
+                match node.resolve(&name, peer) {
+                    Ok(export) => {
+                        let mut out = Vec::with_capacity(134);
+                        out.extend_from_slice(&export.size_bytes.to_be_bytes());
+                        out.extend_from_slice(&export_flags(export.read_only).to_be_bytes());
+                        if !no_zeroes {
+                            out.extend_from_slice(&[0u8; 124]);
+                        }
+                        wr.write_all(&out).await?;
+                        wr.flush().await?;
+                        // EXPORT_NAME has no way to negotiate meta contexts' export.
+                        return Ok(HandshakeEnd::Go(Session {
+                            export,
+                            structured,
+                            meta_context: false,
+                        }));
+                    }
+                    Err(Refusal::Unknown(why) | Refusal::Policy(why)) => {
+                        audit_refusal(node, &name, peer, &why);
+                        // The only way to refuse EXPORT_NAME is to close.
+                        return Err(ConnError::Protocol(format!("refused export: {why}")));
+                    }
+                }
+            }
+            OPT_ABORT => {
+                let _ = send_reply(wr, opt.option, REP_ACK, &[]).await;
+                let _ = wr.flush().await;
+                return Ok(HandshakeEnd::Closed);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    send_reply(wr, opt.option, REP_ERR_INVALID, b"LIST takes no data").await?;
+                } else if *peer != Peer::Unix {
+                    // Over TCP the export names are the secrets: nothing is listed.
+                    send_reply(
+                        wr,
+                        opt.option,
+                        REP_ERR_POLICY,
+                        b"exports are listed on the node's unix socket only",
+                    )
+                    .await?;
+                } else {
+                    for g in node.grants() {
+                        let name = g.export_name();
+                        let desc = format!("{} {} for {}", g.kind.as_str(), g.name, g.client);
+                        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                        d.extend_from_slice(name.as_bytes());
+                        d.extend_from_slice(desc.as_bytes());
+                        send_reply(wr, opt.option, REP_SERVER, &d).await?;
+                    }
+                    send_reply(wr, opt.option, REP_ACK, &[]).await?;
+                }
+            }
+            OPT_STARTTLS => {
+                send_reply(
+                    wr,
+                    opt.option,
+                    REP_ERR_POLICY,
+                    b"TLS is not configured on this server",
+                )
+                .await?;
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    send_reply(
+                        wr,
+                        opt.option,
+                        REP_ERR_INVALID,
+                        b"STRUCTURED_REPLY takes no data",
+                    )
+                    .await?;
+                } else {
+                    structured = true;
+                    send_reply(wr, opt.option, REP_ACK, &[]).await?;
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = opt.option == OPT_SET_META_CONTEXT;
+                if set {
+                    meta = None;
+                }
+                let req = match parse_meta_context_request(&data) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        send_reply(wr, opt.option, REP_ERR_INVALID, e.to_string().as_bytes())
+                            .await?;
+                        continue;
+                    }
+                };
+                if !structured {
+                    send_reply(
+                        wr,
+                        opt.option,
+                        REP_ERR_INVALID,
+                        b"negotiate structured replies first",
+                    )
+                    .await?;
+                    continue;
+                }
+                if let Err(r) = node.resolve(&req.name, peer) {
+                    let (code, why) = refusal_reply(r);
+                    audit_refusal(node, &req.name, peer, &why);
+                    send_reply(wr, opt.option, code, why.as_bytes()).await?;
+                    continue;
+                }
+                let chosen = if set {
+                    req.queries.iter().any(|q| q == BASE_ALLOCATION)
+                } else {
+                    req.queries.is_empty()
+                        || req
+                            .queries
+                            .iter()
+                            .any(|q| q == BASE_ALLOCATION || q == "base:")
+                };
+                if chosen {
+                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                    let mut d = id.to_be_bytes().to_vec();
+                    d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                    send_reply(wr, opt.option, REP_META_CONTEXT, &d).await?;
+                }
+                if set {
+                    meta = Some((req.name, chosen));
+                }
+                send_reply(wr, opt.option, REP_ACK, &[]).await?;
+            }
+            OPT_INFO | OPT_GO => {
+                let req = match parse_info_request(&data) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        send_reply(wr, opt.option, REP_ERR_INVALID, e.to_string().as_bytes())
+                            .await?;
+                        continue;
+                    }
+                };
+                let export = match node.resolve(&req.name, peer) {
+                    Ok(x) => x,
+                    Err(r) => {
+                        let (code, why) = refusal_reply(r);
+                        audit_refusal(node, &req.name, peer, &why);
+                        send_reply(wr, opt.option, code, why.as_bytes()).await?;
+                        continue;
+                    }
+                };
+                let mut out = Vec::new();
+                put_option_reply(
+                    &mut out,
+                    opt.option,
+                    REP_INFO,
+                    &info_export(export.size_bytes, export_flags(export.read_only)),
+                );
+                // Any byte range works (partial blocks are read-modify-written);
+                // 4 KiB is what the pool stores; 32 MiB is the largest request.
+                put_option_reply(
+                    &mut out,
+                    opt.option,
+                    REP_INFO,
+                    &info_block_size(1, 4096, MAX_REQUEST_BYTES as u32),
+                );
+                for r in &req.requests {
+                    match *r {
+                        INFO_NAME => {
+                            let mut d = INFO_NAME.to_be_bytes().to_vec();
+                            d.extend_from_slice(req.name.as_bytes());
+                            put_option_reply(&mut out, opt.option, REP_INFO, &d);
+                        }
+                        INFO_DESCRIPTION => {
+                            let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+                            d.extend_from_slice(
+                                format!(
+                                    "berth {} {} for {}",
+                                    export.grant.kind.as_str(),
+                                    export.grant.name,
+                                    export.grant.client
+                                )
+                                .as_bytes(),
+                            );
+                            put_option_reply(&mut out, opt.option, REP_INFO, &d);
+                        }
+                        _ => {}
+                    }
+                }
+                put_option_reply(&mut out, opt.option, REP_ACK, &[]);
+                wr.write_all(&out).await?;
+                wr.flush().await?;
+                if opt.option == OPT_GO {
+                    let meta_context = matches!(&meta, Some((n, true)) if *n == req.name);
+                    return Ok(HandshakeEnd::Go(Session {
+                        export,
+                        structured,
+                        meta_context,
+                    }));
+                }
+            }
+            other => {
+                send_reply(wr, other, REP_ERR_UNSUP, b"option not supported").await?;
+            }
+        }
+        wr.flush().await?;
+    }
+}
+
+// ---- transmission ---------------------------------------------------------
+
+/// A request between its header and its reply.
+#[derive(Debug)]
+struct Pending {
+    handle: u64,
+    command: u16,
+    offset: u64,
+    len: u32,
+    flags: u16,
+    started: Instant,
+    /// Payload units (4 KiB) held against the connection's byte budget.
+    units: u32,
+    /// The priority it was counted under in the pool's gate, if it was.
+    gated: Option<usize>,
+}
+
+#[derive(Debug)]
+enum Completion {
+    Store(u64, Outcome),
+    Status(u64, Result<Vec<Extent>, StoreError>),
+    /// Answered without the store: (tag, errno, message).
+    Refused(u64, u32, &'static str),
+}
+
+/// The queue of finished requests the writer drains; the store's I/O thread
+/// pushes into it through [`Reply`].
+#[derive(Debug)]
+struct Completions {
+    queue: Mutex<VecDeque<Completion>>,
+    ready: Notify,
+    pending: Mutex<slab::Slab<Pending>>,
+}
+
+impl Completions {
+    fn push(&self, c: Completion) {
+        self.queue.lock().push_back(c);
+        self.ready.notify_one();
+    }
+}
+
+impl Reply for Completions {
+    fn reply(&self, tag: u64, outcome: Outcome) {
+        self.push(Completion::Store(tag, outcome));
+    }
+}
+
+struct Conn {
+    node: Arc<Node>,
+    export: Resolved,
+    done: Arc<Completions>,
+    slots: Semaphore,
+    units: Semaphore,
+    counters: Arc<ConnCounters>,
+    structured: bool,
+    meta_context: bool,
+    /// The reader has stopped: no new requests will come.
+    reader_done: std::sync::atomic::AtomicBool,
+    /// The writer could not send replies: the reader stops too.
+    broken: tokio_util::sync::CancellationToken,
+}
+
+fn op_index(command: u16) -> usize {
+    match command {
+        CMD_READ => 0,
+        CMD_WRITE => 1,
+        CMD_FLUSH => 2,
+        CMD_TRIM => 3,
+        CMD_WRITE_ZEROES => 4,
+        _ => 5,
+    }
+}
+
+async fn transmission<R, W>(node: Arc<Node>, s: Session, rd: R, wr: W, peer: Peer)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (conn_id, cancel, counters) = node.register_conn(&s.export, peer.clone());
+    let g = &s.export.grant;
+    let span = tracing::info_span!("nbd", volume = %g.name, client = %g.client, peer = %peer);
+    tracing::info!(parent: &span, kind = g.kind.as_str(), read_only = s.export.read_only, "export connected");
+    node.audit.record(AuditEvent {
+        action: "connect".into(),
+        client: g.client.clone(),
+        target: g.name.clone(),
+        result: "ok".into(),
+        peer: peer.to_string(),
+        detail: format!(
+            "{} {}",
+            g.kind.as_str(),
+            if s.export.read_only {
+                "read-only"
+            } else {
+                "read-write"
+            }
+        ),
+        ..Default::default()
+    });
+    let conn = Arc::new(Conn {
+        node: node.clone(),
+        export: s.export,
+        done: Arc::new(Completions {
+            queue: Mutex::new(VecDeque::with_capacity(MAX_INFLIGHT)),
+            ready: Notify::new(),
+            pending: Mutex::new(slab::Slab::with_capacity(MAX_INFLIGHT)),
+        }),
+        slots: Semaphore::new(MAX_INFLIGHT),
+        units: Semaphore::new(MAX_INFLIGHT_UNITS),
+        counters,
+        structured: s.structured,
+        meta_context: s.meta_context,
+        reader_done: false.into(),
+        broken: tokio_util::sync::CancellationToken::new(),
+    });
+    let writer = tokio::spawn(writer(conn.clone(), wr));
+    let mut rd = rd;
+    let why = tokio::select! {
+        r = reader(&conn, &mut rd) => r,
+        _ = conn.broken.cancelled() => "client stopped reading replies".to_string(),
+        _ = cancel.cancelled() => {
+            if node.shutdown.is_cancelled() {
+                // Requests the client already sent get ESHUTDOWN rather than
+                // silence, so it knows to retry elsewhere or later.
+                refuse_remaining(&conn, &mut rd).await;
+                "server shutting down".to_string()
+            } else {
+                "export revoked".to_string()
+            }
+        }
+    };
+    conn.reader_done.store(true, Ordering::SeqCst);
+    conn.done.ready.notify_one();
+    let _ = writer.await;
+    node.unregister_conn(conn_id, &conn.export);
+    let c = &conn.counters;
+    let ev = AuditEvent {
+        action: "disconnect".into(),
+        client: conn.export.grant.client.clone(),
+        target: conn.export.grant.name.clone(),
+        result: why.clone(),
+        peer: peer.to_string(),
+        read_ops: c.read_ops.load(Ordering::Relaxed),
+        read_bytes: c.read_bytes.load(Ordering::Relaxed),
+        write_ops: c.write_ops.load(Ordering::Relaxed),
+        write_bytes: c.write_bytes.load(Ordering::Relaxed),
+        ..Default::default()
+    };
+    tracing::info!(parent: &span, reason = %why, read_bytes = ev.read_bytes, write_bytes = ev.write_bytes, "export disconnected");
+    node.audit.record(ev);
+}
+
+/// Reads and submits requests until the client disconnects or breaks the
+/// protocol; returns why it stopped.
+async fn reader<R: AsyncRead + Unpin>(conn: &Arc<Conn>, mut rd: R) -> String {
+    let mut hdr = [0u8; REQUEST_BYTES];
+    loop {
+        match rd.read_exact(&mut hdr).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return "client closed the connection".into()
+            }
+            Err(e) => return format!("read failed: {e}"),
+        }
+        let req = match parse_request(&hdr) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "closing connection: bad request");
+                return format!("protocol violation: {e}");
+            }
+        };
+        if req.command == CMD_DISC {
+            return "client disconnected".into();
+        }
+        if let Err(why) = handle(conn, &mut rd, req).await {
+            return why;
+        }
+    }
+}
+
+/// During shutdown: answers whatever requests arrive within a short grace
+/// period with ESHUTDOWN (reading WRITE payloads off the wire), then stops.
+async fn refuse_remaining<R: AsyncRead + Unpin>(conn: &Arc<Conn>, rd: &mut R) {
+    let mut hdr = [0u8; REQUEST_BYTES];
+    let grace = Duration::from_millis(200);
+    while let Ok(Ok(_)) = tokio::time::timeout(grace, rd.read_exact(&mut hdr)).await {
+        let Ok(req) = parse_request(&hdr) else { return };
+        if req.command == CMD_DISC {
+            return;
+        }
+        if req.command == CMD_WRITE {
+            if req.len as u64 > MAX_REQUEST_BYTES {
+                return;
+            }
+            let mut sink = (&mut *rd).take(req.len as u64);
+            match tokio::time::timeout(grace, tokio::io::copy(&mut sink, &mut tokio::io::sink()))
+                .await
+            {
+                Ok(Ok(n)) if n == req.len as u64 => {}
+                _ => return,
+            }
+        }
+        let Ok(slot) = conn.slots.acquire().await else {
+            return;
+        };
+        slot.forget();
+        let tag = conn.done.pending.lock().insert(Pending {
+            handle: req.handle,
+            command: req.command,
+            offset: req.offset,
+            len: req.len,
+            flags: req.flags,
+            started: Instant::now(),
+            units: 0,
+            gated: None,
+        }) as u64;
+        conn.done.push(Completion::Refused(
+            tag,
+            ESHUTDOWN,
+            "server is shutting down",
+        ));
+    }
+}
+
+/// Flags each command accepts (FUA is accepted on every command).
+fn allowed_flags(command: u16) -> u16 {
+    CMD_FLAG_FUA
+        | match command {
+            CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        }
+}
+
+async fn handle<R: AsyncRead + Unpin>(
+    conn: &Arc<Conn>,
+    rd: &mut R,
+    req: Request,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let len = req.len as u64;
+    if req.command == CMD_WRITE && len > MAX_REQUEST_BYTES {
+        // Reading a payload this large would be a denial of service (spec).
+        return Err(format!("write of {len} bytes exceeds the 32 MiB maximum"));
+    }
+    let payload_units = if matches!(req.command, CMD_READ | CMD_WRITE) && len <= MAX_REQUEST_BYTES {
+        len.div_ceil(4096).max(1) as u32
+    } else {
+        0
+    };
+    // Backpressure: bounded requests and payload bytes in flight.
+    let slot = conn
+        .slots
+        .acquire()
+        .await
+        .map_err(|_| "closing".to_string())?;
+    slot.forget();
+    if payload_units > 0 {
+        let u = conn
+            .units
+            .acquire_many(payload_units)
+            .await
+            .map_err(|_| "closing".to_string())?;
+        u.forget();
+    }
+    let mut pending = Pending {
+        handle: req.handle,
+        command: req.command,
+        offset: req.offset,
+        len: req.len,
+        flags: req.flags,
+        started,
+        units: payload_units,
+        gated: None,
+    };
+    let ex = &conn.export;
+    let store = &conn.node.store;
+    // The payload of a WRITE is on the wire whatever we answer: read it first.
+    let mut payload = None;
+    if req.command == CMD_WRITE {
+        let (mut buf, start) = store.write_buffer(req.offset, req.len as usize);
+        rd.read_exact(&mut buf.as_mut_slice()[start..start + req.len as usize])
+            .await
+            .map_err(|e| format!("client vanished mid-write: {e}"))?;
+        payload = Some(buf);
+    }
+    let refuse = |pending: Pending, errno: u32, msg: &'static str| {
+        let tag = conn.done.pending.lock().insert(pending) as u64;
+        conn.done.push(Completion::Refused(tag, errno, msg));
+    };
+    if req.flags & !allowed_flags(req.command) != 0 {
+        refuse(pending, EINVAL, "flag not valid for this command");
+        return Ok(());
+    }
+    let write_kind = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if write_kind && ex.read_only {
+        refuse(pending, EPERM, "export is read-only");
+        return Ok(());
+    }
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    let op = match req.command {
+        CMD_READ => {
+            if len > MAX_REQUEST_BYTES {
+                refuse(pending, EINVAL, "read longer than the 32 MiB maximum");
+                return Ok(());
+            }
+            Op::Read {
+                target: ex.target,
+                offset: req.offset,
+                len: req.len as usize,
+            }
+        }
+        CMD_WRITE => Op::Write {
+            target: ex.target,
+            offset: req.offset,
+            len: req.len as usize,
+            buf: payload.take().ok_or("write without payload")?,
+            fua,
+        },
+        CMD_FLUSH => Op::Flush,
+        CMD_TRIM | CMD_WRITE_ZEROES => Op::Zero {
+            target: ex.target,
+            offset: req.offset,
+            len,
+            trim: req.command == CMD_TRIM,
+            fua,
+        },
+        CMD_BLOCK_STATUS => {
+            if !conn.meta_context {
+                refuse(pending, EINVAL, "no metadata context was negotiated");
+                return Ok(());
+            }
+            let tag = conn.done.pending.lock().insert(pending) as u64;
+            let (store, done, target) = (store.clone(), conn.done.clone(), ex.target);
+            tokio::task::spawn_blocking(move || {
+                let r = store.block_status(target, req.offset, len);
+                done.push(Completion::Status(tag, r));
+            });
+            return Ok(());
+        }
+        _ => {
+            refuse(pending, EINVAL, "unknown command");
+            return Ok(());
+        }
+    };
+    if len == 0 && req.command != CMD_FLUSH {
+        // Zero-length requests succeed and touch nothing.
+        let tag = conn.done.pending.lock().insert(pending) as u64;
+        conn.done.push(Completion::Refused(tag, 0, ""));
+        return Ok(());
+    }
+    let rt = &ex.runtime;
+    rt.limiter
+        .admit(if matches!(req.command, CMD_READ | CMD_WRITE) {
+            len
+        } else {
+            0
+        })
+        .await;
+    let prio = rt.limiter.priority();
+    conn.node.gate.enter(prio).await;
+    pending.gated = Some(prio);
+    let tag = conn.done.pending.lock().insert(pending) as u64;
+    store.submit(op, tag, conn.done.clone());
+    Ok(())
+}
+
+/// Per-batch scratch: reply headers, and which parts of the batch carry data.
+struct Batch {
+    headers: Vec<u8>,
+    /// (header range end, index into `reads` of the payload after it)
+    parts: Vec<(usize, Option<usize>)>,
+    reads: Vec<ReadDone>,
+    local: VecDeque<Completion>,
+    /// Finished requests: (units, gated, priority handled at end of batch).
+    release_units: u32,
+    release_slots: u32,
+}
+
+async fn writer<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut wr: W) {
+    let mut b = Batch {
+        headers: Vec::with_capacity(64 << 10),
+        parts: Vec::with_capacity(MAX_INFLIGHT),
+        reads: Vec::with_capacity(MAX_INFLIGHT),
+        local: VecDeque::with_capacity(MAX_INFLIGHT),
+        release_units: 0,
+        release_slots: 0,
+    };
+    let mut broken = false;
+    loop {
+        {
+            let mut q = conn.done.queue.lock();
+            std::mem::swap(&mut *q, &mut b.local);
+        }
+        if b.local.is_empty() {
+            if conn.reader_done.load(Ordering::SeqCst) && conn.done.pending.lock().is_empty() {
+                break;
+            }
+            conn.done.ready.notified().await;
+            continue;
+        }
+        b.headers.clear();
+        b.parts.clear();
+        while let Some(c) = b.local.pop_front() {
+            encode(&conn, c, &mut b);
+        }
+        if !broken {
+            // A client that stops reading its replies must not hold the
+            // connection (and a shutdown) forever.
+            match tokio::time::timeout(REPLY_TIMEOUT, write_batch(&mut wr, &b)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::info!(error = %e, "reply write failed; client gone");
+                    broken = true;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "client has not read its replies for {REPLY_TIMEOUT:?}; dropping them"
+                    );
+                    broken = true;
+                }
+            }
+            if broken {
+                conn.broken.cancel();
+            }
+        }
+        b.reads.clear();
+        if b.release_units > 0 {
+            conn.units.add_permits(b.release_units as usize);
+        }
+        conn.slots.add_permits(b.release_slots as usize);
+        b.release_units = 0;
+        b.release_slots = 0;
+    }
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
+}
+
+async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, b: &Batch) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(b.parts.len() * 2);
+    let mut start = 0;
+    for &(end, data) in &b.parts {
+        if let Some(i) = data {
+            slices.push(IoSlice::new(&b.headers[start..end]));
+            slices.push(IoSlice::new(b.reads[i].bytes()));
+            start = end;
+        }
+    }
+    if start < b.headers.len() {
+        slices.push(IoSlice::new(&b.headers[start..]));
+    }
+    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    while !rest.is_empty() {
+        let n = wr.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    wr.flush().await
+}
+
+/// Turns one completion into reply bytes (and a payload part), and does its
+/// bookkeeping: metrics, counters, budgets, the priority gate.
+fn encode(conn: &Conn, c: Completion, b: &mut Batch) {
+    let tag = match &c {
+        Completion::Store(t, _) | Completion::Status(t, _) | Completion::Refused(t, _, _) => *t,
+    };
+    let Some(p) = conn.done.pending.lock().try_remove(tag as usize) else {
+        tracing::error!(tag, "completion for an unknown request");
+        return;
+    };
+    b.release_slots += 1;
+    b.release_units += p.units;
+    let rt = &conn.export.runtime;
+    if let Some(prio) = p.gated {
+        conn.node.gate.exit(prio);
+    }
+    let m = &rt.metrics.op[op_index(p.command)];
+    let (errno, msg): (u32, String) = match c {
+        Completion::Refused(_, errno, msg) => (errno, msg.to_string()),
+        Completion::Store(_, Outcome::Read(Ok(data))) => {
+            if conn.structured {
+                put_chunk_header(
+                    &mut b.headers,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    p.handle,
+                    8 + p.len,
+                );
+                b.headers.extend_from_slice(&p.offset.to_be_bytes());
+            } else {
+                put_simple_reply(&mut b.headers, 0, p.handle);
+            }
+            b.parts.push((b.headers.len(), Some(b.reads.len())));
+            b.reads.push(data);
+            conn.counters.read_ops.fetch_add(1, Ordering::Relaxed);
+            conn.counters
+                .read_bytes
+                .fetch_add(p.len as u64, Ordering::Relaxed);
+            m.ops.inc();
+            m.bytes.inc_by(p.len as u64);
+            m.latency.observe(p.started.elapsed().as_secs_f64());
+            return;
+        }
+        Completion::Store(_, Outcome::Read(Err(e)) | Outcome::Done(Err(e)))
+        | Completion::Status(_, Err(e)) => {
+            if matches!(e, StoreError::Integrity { .. }) {
+                rt.metrics.checksum_errors.inc();
+            }
+            tracing::warn!(volume = %rt.name, op = crate::metrics::OPS[op_index(p.command)], offset = p.offset, len = p.len, error = %e, "request failed");
+            let errno = match (&e, p.command) {
+                // Past the end: ENOSPC for writes, EINVAL otherwise (the spec).
+                (StoreError::OutOfRange { .. }, CMD_WRITE | CMD_WRITE_ZEROES) => ENOSPC,
+                _ => nbd_errno(e.errno()),
+            };
+            (errno, e.to_string())
+        }
+        Completion::Store(_, Outcome::Done(Ok(()))) => (0, String::new()),
+        Completion::Status(_, Ok(extents)) => {
+            let req_one = p.flags & CMD_FLAG_REQ_ONE != 0;
+            let n = if req_one {
+                1
+            } else {
+                extents.len().min(1 << 16)
+            };
+            put_chunk_header(
+                &mut b.headers,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS,
+                p.handle,
+                4 + 8 * n as u32,
+            );
+            b.headers
+                .extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+            for e in extents.iter().take(n) {
+                let mut len = e.len_bytes.min(u32::MAX as u64 & !4095);
+                if req_one {
+                    len = len.min(p.len as u64);
+                }
+                let flags = if e.data { 0 } else { STATE_HOLE | STATE_ZERO };
+                b.headers.extend_from_slice(&(len as u32).to_be_bytes());
+                b.headers.extend_from_slice(&flags.to_be_bytes());
+            }
+            b.parts.push((b.headers.len(), None));
+            m.ops.inc();
+            m.latency.observe(p.started.elapsed().as_secs_f64());
+            return;
+        }
+    };
+    if errno == 0 {
+        match p.command {
+            CMD_WRITE => {
+                conn.counters.write_ops.fetch_add(1, Ordering::Relaxed);
+                conn.counters
+                    .write_bytes
+                    .fetch_add(p.len as u64, Ordering::Relaxed);
+            }
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                conn.counters.write_ops.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        m.ops.inc();
+        m.bytes.inc_by(p.len as u64);
+    } else {
+        m.errors.inc();
+    }
+    m.latency.observe(p.started.elapsed().as_secs_f64());
+    if errno != 0 && conn.structured && matches!(p.command, CMD_READ | CMD_BLOCK_STATUS) {
+        put_error_chunk(&mut b.headers, p.handle, errno, &msg);
+    } else {
+        put_simple_reply(&mut b.headers, errno, p.handle);
+    }
+    b.parts.push((b.headers.len(), None));
+}

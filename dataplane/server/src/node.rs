@@ -1,0 +1,728 @@
+//! The volume server's shared state: the block store, each volume's QoS and
+//! metrics, the export grants, the live NBD connections, and the audit log.
+//!
+//! Control operations live here (the gRPC layer only converts types), each one
+//! audited. They block (RocksDB syncs, fsync), so callers run them on blocking
+//! threads.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use berth_store::{Store, StoreError, Target};
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::error::{Result, ServerError};
+use crate::metrics::{Metrics, VolumeMetrics};
+use crate::qos::{self, Limiter, Limits, Overrides, PoolGate, TierPolicy};
+use crate::state::{new_token, Grant, ServerState, StateFile, TargetKind, VolumeQos};
+
+/// Where an NBD client came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    Unix,
+    Tcp(std::net::SocketAddr),
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Unix => write!(f, "unix"),
+            Peer::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// What the data path needs of a volume (or exported snapshot): its limits and
+/// metric handles, shared by its connections.
+#[derive(Debug)]
+pub struct VolumeRuntime {
+    pub name: String,
+    pub limiter: Limiter,
+    pub metrics: VolumeMetrics,
+}
+
+/// Per-connection counters, reported in the disconnect audit event.
+#[derive(Debug, Default)]
+pub struct ConnCounters {
+    pub read_ops: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_ops: AtomicU64,
+    pub write_bytes: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub token: String,
+    pub kind: TargetKind,
+    pub name: String,
+    pub client: String,
+    pub peer: Peer,
+    pub cancel: CancellationToken,
+    pub counters: Arc<ConnCounters>,
+}
+
+/// A granted export resolved for a connecting client.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub grant: Grant,
+    pub target: Target,
+    pub size_bytes: u64,
+    pub read_only: bool,
+    pub runtime: Arc<VolumeRuntime>,
+}
+
+/// Why an export was refused, mapped to NBD's option errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No grant with that token, or the name does not match it.
+    Unknown(String),
+    /// A grant exists but this peer may not use it.
+    Policy(String),
+}
+
+/// How clients reach this node's exports (for the URIs in grants).
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints {
+    pub nbd_socket: PathBuf,
+    pub nbd_tcp: Option<std::net::SocketAddr>,
+    /// The host name or address put in TCP URIs.
+    pub advertise_host: String,
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub store: Arc<Store>,
+    pub audit: AuditLog,
+    pub metrics: Arc<Metrics>,
+    pub gate: PoolGate,
+    pub tiers: Vec<TierPolicy>,
+    pub endpoints: Mutex<Endpoints>,
+    pub started: std::time::Instant,
+    /// Fires when the server shuts down: connections stop reading requests.
+    pub shutdown: CancellationToken,
+    state: Mutex<ServerState>,
+    state_file: StateFile,
+    runtimes: Mutex<HashMap<(TargetKind, String), Arc<VolumeRuntime>>>,
+    conns: Mutex<HashMap<u64, ConnInfo>>,
+    next_conn: AtomicU64,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The caller of a control operation, for the audit log.
+#[derive(Debug, Clone, Default)]
+pub struct Caller(pub String);
+
+impl Node {
+    pub fn new(
+        store: Arc<Store>,
+        data_dir: &std::path::Path,
+        tiers: Vec<TierPolicy>,
+    ) -> Result<Node> {
+        let audit = AuditLog::open(&data_dir.join("audit.log"))
+            .map_err(ServerError::io("open audit log"))?;
+        let state_file = StateFile::new(data_dir);
+        let mut state = state_file
+            .load()
+            .map_err(ServerError::io("load server state"))?;
+        // Volumes created before any QoS record (or by another tool) run as standard.
+        let names: Vec<String> = store.list_volumes().into_iter().map(|v| v.name).collect();
+        state.volumes.retain(|n, _| names.contains(n));
+        for n in names {
+            state.volumes.entry(n).or_insert_with(|| VolumeQos {
+                tier: "standard".into(),
+                overrides: Overrides::default(),
+            });
+        }
+        Ok(Node {
+            store,
+            audit,
+            metrics: Arc::new(Metrics::new()),
+            gate: PoolGate::default(),
+            tiers,
+            endpoints: Mutex::new(Endpoints::default()),
+            started: std::time::Instant::now(),
+            shutdown: CancellationToken::new(),
+            state: Mutex::new(state),
+            state_file,
+            runtimes: Mutex::new(HashMap::new()),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+        })
+    }
+
+    fn tier(&self, name: &str) -> Result<&TierPolicy> {
+        let name = if name.is_empty() { "standard" } else { name };
+        self.tiers.iter().find(|t| t.name == name).ok_or_else(|| {
+            ServerError::InvalidArgument(format!(
+                "unknown tier {name:?}; the tiers are {}",
+                self.tiers
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    }
+
+    /// The limits a volume runs under now.
+    pub fn limits(&self, volume: &str) -> Result<(Limits, VolumeQos)> {
+        let size = self.store.volume(volume)?.size_bytes;
+        let q = self
+            .state
+            .lock()
+            .volumes
+            .get(volume)
+            .cloned()
+            .unwrap_or(VolumeQos {
+                tier: "standard".into(),
+                overrides: Overrides::default(),
+            });
+        Ok((self.tier(&q.tier)?.limits(size, &q.overrides), q))
+    }
+
+    fn save(&self, st: &ServerState) -> Result<()> {
+        self.state_file
+            .save(st)
+            .map_err(ServerError::io("save server state"))
+    }
+
+    /// The runtime of a volume or snapshot, made on first use. A snapshot runs
+    /// under its volume's limits (standard once the volume is gone).
+    pub fn runtime(&self, kind: TargetKind, name: &str) -> Result<Arc<VolumeRuntime>> {
+        if let Some(r) = self.runtimes.lock().get(&(kind, name.to_string())) {
+            return Ok(r.clone());
+        }
+        let limits = match kind {
+            TargetKind::Volume => self.limits(name)?.0,
+            TargetKind::Snapshot => {
+                let s = self.store.snapshot(name)?;
+                match s.volume.as_deref().map(|v| self.limits(v)) {
+                    Some(Ok((l, _))) => l,
+                    _ => self
+                        .tier("standard")?
+                        .limits(s.size_bytes, &Overrides::default()),
+                }
+            }
+        };
+        let label = match kind {
+            TargetKind::Volume => name.to_string(),
+            TargetKind::Snapshot => format!("snapshot:{name}"),
+        };
+        let rt = Arc::new(VolumeRuntime {
+            metrics: self.metrics.volume(&label),
+            name: label,
+            limiter: Limiter::new(limits),
+        });
+        Ok(self
+            .runtimes
+            .lock()
+            .entry((kind, name.to_string()))
+            .or_insert(rt)
+            .clone())
+    }
+
+    fn forget_runtime(&self, kind: TargetKind, name: &str) {
+        if let Some(rt) = self.runtimes.lock().remove(&(kind, name.to_string())) {
+            self.metrics.forget(&rt.name);
+        }
+    }
+
+    /// Records a control call's outcome in the audit log and passes it on.
+    fn audited<T>(&self, caller: &Caller, action: &str, target: &str, r: Result<T>) -> Result<T> {
+        self.audit.record(AuditEvent {
+            action: action.into(),
+            client: caller.0.clone(),
+            target: target.into(),
+            result: match &r {
+                Ok(_) => "ok".into(),
+                Err(e) => e.to_string(),
+            },
+            ..Default::default()
+        });
+        r
+    }
+
+    fn check_running(&self) -> Result<()> {
+        if self.shutdown.is_cancelled() {
+            return Err(ServerError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    // ---- volumes ------------------------------------------------------------
+
+    pub fn create_volume(
+        &self,
+        caller: &Caller,
+        name: &str,
+        size_bytes: u64,
+        tier: &str,
+        overrides: Overrides,
+    ) -> Result<berth_store::VolumeInfo> {
+        let r = (|| {
+            self.check_running()?;
+            let tier = self.tier(tier)?.name.clone();
+            qos::validate_overrides(&overrides).map_err(ServerError::InvalidArgument)?;
+            let mut st = self.state.lock();
+            if let (Ok(v), Some(q)) = (self.store.volume(name), st.volumes.get(name)) {
+                if v.size_bytes == size_bytes && (q.tier != tier || q.overrides != overrides) {
+                    return Err(StoreError::AlreadyExists {
+                        kind: "volume",
+                        name: name.into(),
+                        detail: format!("it has tier {:?} and other QoS overrides", q.tier),
+                    }
+                    .into());
+                }
+            }
+            let v = self.store.create_volume(name, size_bytes)?;
+            st.volumes
+                .insert(name.to_string(), VolumeQos { tier, overrides });
+            self.save(&st)?;
+            Ok(v)
+        })();
+        self.audited(caller, "CreateVolume", name, r)
+    }
+
+    pub fn clone_volume(
+        &self,
+        caller: &Caller,
+        name: &str,
+        source: (TargetKind, &str),
+        size_bytes: Option<u64>,
+        tier: &str,
+        overrides: Overrides,
+    ) -> Result<berth_store::VolumeInfo> {
+        let r = (|| {
+            self.check_running()?;
+            let tier = self.tier(tier)?.name.clone();
+            qos::validate_overrides(&overrides).map_err(ServerError::InvalidArgument)?;
+            let mut st = self.state.lock();
+            let v = match source {
+                (TargetKind::Snapshot, snap) => {
+                    self.store.clone_snapshot(snap, name, size_bytes)?
+                }
+                (TargetKind::Volume, vol) => {
+                    if let Ok(v) = self.store.volume(name) {
+                        // Idempotent retry: the clone exists already.
+                        return Ok(v);
+                    }
+                    // A volume clone is a clone of a snapshot taken now, which is
+                    // then deleted (it stays, hidden, while the clone reads it).
+                    let tmp = format!(".clone-{}", new_token().map_err(ServerError::io("token"))?);
+                    self.store.create_snapshot(vol, &tmp)?;
+                    let r = self.store.clone_snapshot(&tmp, name, size_bytes);
+                    self.store.delete_snapshot(&tmp)?;
+                    r?
+                }
+            };
+            st.volumes
+                .insert(name.to_string(), VolumeQos { tier, overrides });
+            self.save(&st)?;
+            Ok(v)
+        })();
+        self.audited(caller, "CloneVolume", name, r)
+    }
+
+    pub fn delete_volume(&self, caller: &Caller, name: &str) -> Result<()> {
+        let r = (|| {
+            self.check_running()?;
+            let users = self.connections_to(TargetKind::Volume, name);
+            if !users.is_empty() {
+                return Err(ServerError::FailedPrecondition(format!(
+                    "volume {name:?} is in use by {}; revoke its exports first",
+                    users.join(", ")
+                )));
+            }
+            match self.store.delete_volume(name) {
+                Ok(()) => {}
+                // Deleting what is gone is success (CSI's DeleteVolume).
+                Err(StoreError::NotFound { .. }) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            let mut st = self.state.lock();
+            st.volumes.remove(name);
+            st.grants
+                .retain(|_, g| !(g.kind == TargetKind::Volume && g.name == name));
+            self.save(&st)?;
+            drop(st);
+            self.forget_runtime(TargetKind::Volume, name);
+            Ok(())
+        })();
+        self.audited(caller, "DeleteVolume", name, r)
+    }
+
+    pub fn resize_volume(
+        &self,
+        caller: &Caller,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<berth_store::VolumeInfo> {
+        let r = (|| {
+            self.check_running()?;
+            let v = self.store.resize_volume(name, size_bytes)?;
+            // Per-GiB limits follow the new size.
+            self.refresh_limits(name)?;
+            Ok(v)
+        })();
+        self.audited(caller, "ResizeVolume", name, r)
+    }
+
+    fn refresh_limits(&self, volume: &str) -> Result<()> {
+        let rt = self
+            .runtimes
+            .lock()
+            .get(&(TargetKind::Volume, volume.to_string()))
+            .cloned();
+        if let Some(rt) = rt {
+            rt.limiter.set(self.limits(volume)?.0);
+        }
+        Ok(())
+    }
+
+    pub fn set_qos(
+        &self,
+        caller: &Caller,
+        volume: &str,
+        tier: &str,
+        overrides: Overrides,
+        clear: bool,
+    ) -> Result<()> {
+        let r = (|| {
+            self.check_running()?;
+            self.store.volume(volume)?;
+            qos::validate_overrides(&overrides).map_err(ServerError::InvalidArgument)?;
+            let mut st = self.state.lock();
+            let cur = st.volumes.entry(volume.to_string()).or_insert(VolumeQos {
+                tier: "standard".into(),
+                overrides: Overrides::default(),
+            });
+            let mut next = cur.clone();
+            if !tier.is_empty() {
+                next.tier = self.tier(tier)?.name.clone();
+            }
+            if clear {
+                next.overrides = Overrides::default();
+            }
+            let o = &mut next.overrides;
+            o.iops_limit = overrides.iops_limit.or(o.iops_limit);
+            o.bytes_per_second_limit = overrides
+                .bytes_per_second_limit
+                .or(o.bytes_per_second_limit);
+            o.burst_seconds = overrides.burst_seconds.or(o.burst_seconds);
+            *cur = next;
+            self.save(&st)?;
+            drop(st);
+            self.refresh_limits(volume)
+        })();
+        self.audited(caller, "SetQos", volume, r)
+    }
+
+    // ---- snapshots -------------------------------------------------------------
+
+    pub fn create_snapshot(
+        &self,
+        caller: &Caller,
+        volume: &str,
+        name: &str,
+    ) -> Result<berth_store::SnapshotInfo> {
+        let r = (|| {
+            self.check_running()?;
+            Ok(self.store.create_snapshot(volume, name)?)
+        })();
+        self.audited(caller, "CreateSnapshot", name, r)
+    }
+
+    pub fn delete_snapshot(&self, caller: &Caller, name: &str) -> Result<()> {
+        let r = (|| {
+            self.check_running()?;
+            let users = self.connections_to(TargetKind::Snapshot, name);
+            if !users.is_empty() {
+                return Err(ServerError::FailedPrecondition(format!(
+                    "snapshot {name:?} is exported to {}; revoke its exports first",
+                    users.join(", ")
+                )));
+            }
+            match self.store.delete_snapshot(name) {
+                Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let mut st = self.state.lock();
+            st.grants
+                .retain(|_, g| !(g.kind == TargetKind::Snapshot && g.name == name));
+            self.save(&st)?;
+            drop(st);
+            self.forget_runtime(TargetKind::Snapshot, name);
+            Ok(())
+        })();
+        self.audited(caller, "DeleteSnapshot", name, r)
+    }
+
+    // ---- exports ---------------------------------------------------------------
+
+    pub fn grant(
+        &self,
+        caller: &Caller,
+        kind: TargetKind,
+        name: &str,
+        client: &str,
+        read_only: bool,
+        peer_address: &str,
+    ) -> Result<Grant> {
+        let r = (|| {
+            self.check_running()?;
+            if client.is_empty() || client.len() > 253 || client.chars().any(char::is_control) {
+                return Err(ServerError::InvalidArgument(format!(
+                    "client {client:?} must be 1 to 253 printable characters"
+                )));
+            }
+            if !peer_address.is_empty() && peer_address.parse::<IpAddr>().is_err() {
+                return Err(ServerError::InvalidArgument(format!(
+                    "peer_address {peer_address:?} is not an IP address"
+                )));
+            }
+            match kind {
+                TargetKind::Volume => drop(self.store.volume(name)?),
+                TargetKind::Snapshot => drop(self.store.snapshot(name)?),
+            }
+            let read_only = read_only || kind == TargetKind::Snapshot;
+            let mut st = self.state.lock();
+            if let Some(g) = st
+                .grants
+                .values()
+                .find(|g| g.kind == kind && g.name == name && g.client == client)
+            {
+                if g.read_only == read_only && g.peer_address == peer_address {
+                    return Ok(g.clone());
+                }
+                return Err(StoreError::AlreadyExists {
+                    kind: "export",
+                    name: format!("{name} for {client}"),
+                    detail: "granted with other access or peer address; revoke it first".into(),
+                }
+                .into());
+            }
+            let g = Grant {
+                kind,
+                name: name.to_string(),
+                client: client.to_string(),
+                read_only,
+                peer_address: peer_address.to_string(),
+                token: new_token().map_err(ServerError::io("token"))?,
+                granted_unix: now_unix(),
+            };
+            st.grants.insert(g.token.clone(), g.clone());
+            self.save(&st)?;
+            Ok(g)
+        })();
+        self.audited(caller, "GrantExport", name, r)
+    }
+
+    /// Removes a grant and closes its connections; returns how many.
+    pub fn revoke(&self, caller: &Caller, export_name: &str) -> Result<u32> {
+        let (name, token) = split_export_name(export_name);
+        let r = (|| {
+            let mut st = self.state.lock();
+            let Some(g) = st.grants.get(token) else {
+                return Err(ServerError::NotFound(format!(
+                    "no export {export_name:?} is granted"
+                )));
+            };
+            if g.name != name {
+                return Err(ServerError::NotFound(format!(
+                    "no export {export_name:?} is granted"
+                )));
+            }
+            st.grants.remove(token);
+            self.save(&st)?;
+            drop(st);
+            let mut closed = 0;
+            for c in self.conns.lock().values() {
+                if c.token == token {
+                    c.cancel.cancel();
+                    closed += 1;
+                }
+            }
+            Ok(closed)
+        })();
+        self.audited(caller, "RevokeExport", name, r)
+    }
+
+    pub fn grants(&self) -> Vec<Grant> {
+        self.state.lock().grants.values().cloned().collect()
+    }
+
+    pub fn volume_qos(&self, name: &str) -> Option<VolumeQos> {
+        self.state.lock().volumes.get(name).cloned()
+    }
+
+    /// Finds the grant behind an export name and checks the peer may use it.
+    pub fn resolve(&self, export_name: &str, peer: &Peer) -> Result<Resolved, Refusal> {
+        let (name, token) = split_export_name(export_name);
+        let grant = self
+            .state
+            .lock()
+            .grants
+            .get(token)
+            .filter(|g| g.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                Refusal::Unknown(format!(
+                    "export {name:?} is not granted to this client (export names are NAME@TOKEN as GrantExport returns them)"
+                ))
+            })?;
+        if let (Peer::Tcp(addr), false) = (peer, grant.peer_address.is_empty()) {
+            let allowed: IpAddr = grant
+                .peer_address
+                .parse()
+                .map_err(|_| Refusal::Policy("grant has a bad peer address".into()))?;
+            if addr.ip() != allowed {
+                return Err(Refusal::Policy(format!(
+                    "export {name:?} is granted to {} only",
+                    grant.peer_address
+                )));
+            }
+        }
+        let gone = |e: StoreError| Refusal::Unknown(e.to_string());
+        let (target, size_bytes) = match grant.kind {
+            TargetKind::Volume => {
+                let v = self.store.volume(&grant.name).map_err(gone)?;
+                (Target::Volume(v.id), v.size_bytes)
+            }
+            TargetKind::Snapshot => {
+                let s = self.store.snapshot(&grant.name).map_err(gone)?;
+                (Target::Snapshot(s.id), s.size_bytes)
+            }
+        };
+        let runtime = self
+            .runtime(grant.kind, &grant.name)
+            .map_err(|e| Refusal::Unknown(e.to_string()))?;
+        Ok(Resolved {
+            read_only: grant.read_only || grant.kind == TargetKind::Snapshot,
+            grant,
+            target,
+            size_bytes,
+            runtime,
+        })
+    }
+
+    // ---- connections -----------------------------------------------------------
+
+    pub fn register_conn(
+        &self,
+        r: &Resolved,
+        peer: Peer,
+    ) -> (u64, CancellationToken, Arc<ConnCounters>) {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let cancel = self.shutdown.child_token();
+        let counters = Arc::new(ConnCounters::default());
+        self.conns.lock().insert(
+            id,
+            ConnInfo {
+                token: r.grant.token.clone(),
+                kind: r.grant.kind,
+                name: r.grant.name.clone(),
+                client: r.grant.client.clone(),
+                peer,
+                cancel: cancel.clone(),
+                counters: counters.clone(),
+            },
+        );
+        r.runtime.metrics.connections.inc();
+        (id, cancel, counters)
+    }
+
+    pub fn unregister_conn(&self, id: u64, r: &Resolved) {
+        self.conns.lock().remove(&id);
+        r.runtime.metrics.connections.dec();
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    /// Clients connected to a target, for error messages.
+    pub fn connections_to(&self, kind: TargetKind, name: &str) -> Vec<String> {
+        self.conns
+            .lock()
+            .values()
+            .filter(|c| c.kind == kind && c.name == name)
+            .map(|c| format!("{} ({})", c.client, c.peer))
+            .collect()
+    }
+
+    pub fn connections_by_token(&self) -> HashMap<String, u32> {
+        let mut m = HashMap::new();
+        for c in self.conns.lock().values() {
+            *m.entry(c.token.clone()).or_default() += 1;
+        }
+        m
+    }
+
+    /// Updates the pool gauges (before a metrics scrape).
+    pub fn refresh_gauges(&self) {
+        let s = self.store.stats();
+        let m = &self.metrics;
+        m.pool_total_bytes
+            .set((s.total_blocks * s.block_size) as i64);
+        m.pool_used_bytes.set((s.used_blocks * s.block_size) as i64);
+        m.pool_pending_free_bytes
+            .set((s.pending_free_blocks * s.block_size) as i64);
+        m.volumes.set(s.volumes as i64);
+        m.snapshots.set(s.snapshots as i64);
+        m.pool_checksum_errors.set(
+            self.store
+                .counters()
+                .checksum_errors
+                .load(Ordering::Relaxed) as i64,
+        );
+        for rt in self.runtimes.lock().values() {
+            let t = rt.limiter.throttled_micros.load(Ordering::Relaxed);
+            let seen = rt.metrics.throttled_micros.get();
+            if t > seen {
+                rt.metrics.throttled_micros.inc_by(t - seen);
+            }
+        }
+    }
+
+    /// Bytes of a volume backed by pool blocks (shared with snapshots or not).
+    pub fn allocated_bytes(&self, volume: &str) -> Result<u64> {
+        let v = self.store.volume(volume)?;
+        let target = Target::Volume(v.id);
+        let (mut at, mut total) = (0, 0);
+        while at < v.size_bytes {
+            let ext = self.store.block_status(target, at, v.size_bytes - at)?;
+            for e in &ext {
+                at += e.len_bytes;
+                if e.data {
+                    total += e.len_bytes;
+                }
+            }
+            if ext.is_empty() {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    pub fn runtimes(&self) -> Vec<Arc<VolumeRuntime>> {
+        self.runtimes.lock().values().cloned().collect()
+    }
+}
+
+/// `NAME@TOKEN` → (NAME, TOKEN); a name without `@` has an empty token.
+pub fn split_export_name(s: &str) -> (&str, &str) {
+    match s.rfind('@') {
+        Some(i) => (&s[..i], &s[i + 1..]),
+        None => (s, ""),
+    }
+}

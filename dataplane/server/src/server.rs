@@ -1,0 +1,322 @@
+//! `berth volume-server`: opens the pool, binds the NBD listeners (unix socket
+//! and TCP), the gRPC control API (unix socket, optionally TCP) and the metrics
+//! endpoint, and serves until told to stop.
+//!
+//! Shutdown (SIGTERM, SIGINT, or [`Running::shutdown`]): stop accepting, stop
+//! reading new requests, let every request in flight finish and its reply go
+//! out, flush the store (pool `fdatasync` + synced WAL), record the
+//! disconnects, close. A restart serves the same data, grants and limits.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_store::{Store, StoreConfig};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Result, ServerError};
+use crate::grpc::Service;
+use crate::node::{Endpoints, Node, Peer};
+use crate::qos::{default_tiers, TierPolicy};
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// Pool device or file; default `DATA/pool.img`.
+    pub pool_path: Option<PathBuf>,
+    /// Size of a new pool file.
+    pub pool_size_bytes: u64,
+    /// NBD unix socket; default `DATA/nbd.sock`.
+    pub nbd_socket: Option<PathBuf>,
+    /// NBD over TCP; `None` serves the unix socket only.
+    pub nbd_listen: Option<SocketAddr>,
+    /// Host put in TCP URIs; default the listen address.
+    pub advertise_host: String,
+    /// gRPC control API unix socket; default `DATA/control.sock`.
+    pub control_socket: Option<PathBuf>,
+    /// gRPC over TCP as well.
+    pub control_listen: Option<SocketAddr>,
+    /// Prometheus `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
+    pub tiers: Vec<TierPolicy>,
+    /// How long shutdown waits for requests in flight.
+    pub drain_timeout: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>, pool_size_bytes: u64) -> Self {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            pool_path: None,
+            pool_size_bytes,
+            nbd_socket: None,
+            nbd_listen: None,
+            advertise_host: String::new(),
+            control_socket: None,
+            control_listen: None,
+            metrics_listen: None,
+            tiers: default_tiers(),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a started server listens (ports resolved when 0 was asked for).
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub nbd_socket: PathBuf,
+    pub nbd_tcp: Option<SocketAddr>,
+    pub control_socket: PathBuf,
+    pub control_tcp: Option<SocketAddr>,
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Debug)]
+pub struct Running {
+    pub node: Arc<Node>,
+    pub bound: Bound,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    conns: tokio_util::task::TaskTracker,
+    stop_accepting: CancellationToken,
+    drain_timeout: Duration,
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener> {
+    // A socket left by a crashed server is replaced; a live one is not (the
+    // pool lock already proved nobody else runs on this data dir).
+    if path.exists() {
+        std::fs::remove_file(path)
+            .map_err(ServerError::io(format!("remove {}", path.display())))?;
+    }
+    let l =
+        UnixListener::bind(path).map_err(ServerError::io(format!("bind {}", path.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(ServerError::io(format!("chmod {}", path.display())))?;
+    Ok(l)
+}
+
+/// Opens the store and starts every listener; returns once they are bound.
+pub async fn start(cfg: ServerConfig) -> Result<Running> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(ServerError::io(format!(
+        "create {}",
+        cfg.data_dir.display()
+    )))?;
+    let mut scfg = StoreConfig::new(&cfg.data_dir, cfg.pool_size_bytes);
+    scfg.pool_path = cfg.pool_path.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open_or_create(&scfg))
+        .await
+        .map_err(|e| ServerError::FailedPrecondition(format!("store open task: {e}")))??;
+    let node = Arc::new(Node::new(
+        Arc::new(store),
+        &cfg.data_dir,
+        cfg.tiers.clone(),
+    )?);
+
+    let nbd_socket = cfg
+        .nbd_socket
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.join("nbd.sock"));
+    let control_socket = cfg
+        .control_socket
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.join("control.sock"));
+    let nbd_unix = bind_unix(&nbd_socket)?;
+    let nbd_tcp = match cfg.nbd_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(ServerError::io(format!("bind NBD {a}")))?,
+        ),
+        None => None,
+    };
+    let ctl_unix = bind_unix(&control_socket)?;
+    let ctl_tcp = match cfg.control_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(ServerError::io(format!("bind control {a}")))?,
+        ),
+        None => None,
+    };
+    let metrics = match cfg.metrics_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(ServerError::io(format!("bind metrics {a}")))?,
+        ),
+        None => None,
+    };
+    let local = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+    let bound = Bound {
+        nbd_socket: nbd_socket.clone(),
+        nbd_tcp: local(&nbd_tcp),
+        control_socket,
+        control_tcp: local(&ctl_tcp),
+        metrics: local(&metrics),
+    };
+    *node.endpoints.lock() = Endpoints {
+        nbd_socket,
+        nbd_tcp: bound.nbd_tcp,
+        advertise_host: cfg.advertise_host.clone(),
+    };
+
+    let stop_accepting = CancellationToken::new();
+    let conns = tokio_util::task::TaskTracker::new();
+    let mut tasks = Vec::new();
+
+    // NBD over the unix socket.
+    {
+        let (node, stop, conns) = (node.clone(), stop_accepting.clone(), conns.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let sock = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = nbd_unix.accept() => r,
+                };
+                match sock {
+                    Ok((s, _)) => {
+                        let (rd, wr) = s.into_split();
+                        conns.spawn(crate::nbd::server::serve(node.clone(), rd, wr, Peer::Unix));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "nbd unix accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }));
+    }
+    if let Some(l) = nbd_tcp {
+        let (node, stop, conns) = (node.clone(), stop_accepting.clone(), conns.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let sock = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = l.accept() => r,
+                };
+                match sock {
+                    Ok((s, peer)) => {
+                        let _ = s.set_nodelay(true);
+                        let (rd, wr) = s.into_split();
+                        conns.spawn(crate::nbd::server::serve(
+                            node.clone(),
+                            rd,
+                            wr,
+                            Peer::Tcp(peer),
+                        ));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "nbd tcp accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }));
+    }
+    // gRPC.
+    {
+        let svc = Service::new(node.clone());
+        let stop = stop_accepting.clone();
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(ctl_unix);
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(svc.into_server())
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "control API (unix) stopped");
+            }
+        }));
+    }
+    if let Some(l) = ctl_tcp {
+        let svc = Service::new(node.clone());
+        let stop = stop_accepting.clone();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(svc.into_server())
+                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "control API (tcp) stopped");
+            }
+        }));
+    }
+    if let Some(l) = metrics {
+        let n = node.clone();
+        let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || n.refresh_gauges());
+        tasks.push(tokio::spawn(crate::metrics::serve(
+            l,
+            node.metrics.clone(),
+            refresh,
+            stop_accepting.clone(),
+        )));
+    }
+    tracing::info!(
+        nbd_socket = %bound.nbd_socket.display(),
+        nbd_tcp = ?bound.nbd_tcp,
+        control_socket = %bound.control_socket.display(),
+        control_tcp = ?bound.control_tcp,
+        metrics = ?bound.metrics,
+        engine = node.store.engine_name(),
+        "volume server ready"
+    );
+    Ok(Running {
+        node,
+        bound,
+        tasks,
+        conns,
+        stop_accepting,
+        drain_timeout: cfg.drain_timeout,
+    })
+}
+
+impl Running {
+    /// Stops accepting, drains connections, flushes the store.
+    pub async fn shutdown(self) -> Result<()> {
+        tracing::info!(
+            connections = self.node.connection_count(),
+            "shutting down: draining requests in flight"
+        );
+        self.stop_accepting.cancel();
+        self.node.shutdown.cancel();
+        self.conns.close();
+        if tokio::time::timeout(self.drain_timeout, self.conns.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "connections still open after {:?}; closing anyway",
+                self.drain_timeout
+            );
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let store = self.node.store.clone();
+        tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .map_err(|e| ServerError::FailedPrecondition(format!("flush task: {e}")))??;
+        tracing::info!("volume server stopped cleanly");
+        Ok(())
+    }
+}
+
+/// Waits for SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+}

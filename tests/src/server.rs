@@ -1,0 +1,192 @@
+//! Running the real `berth volume-server` and `berthctl` binaries in tests.
+//!
+//! The binaries are found beside the test executable (`target/<profile>/`);
+//! if they are not built yet (`cargo test -p berth-tests` alone), they are
+//! built once with the same cargo and profile.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+
+/// Where a started server listens (its "ready" line).
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub nbd_socket: PathBuf,
+    pub nbd_tcp: String,
+    pub control_socket: PathBuf,
+    pub metrics: String,
+    pub pid: u32,
+}
+
+fn profile_dir() -> PathBuf {
+    // target/<profile>/deps/<test-binary>
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+/// The path of a workspace binary, built on first use if missing.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let p = profile_dir().join(name);
+    if !p.exists() {
+        BUILT.get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let profile = profile_dir();
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "-p", "berth-cli", "--bins"]);
+            if profile.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let st = cmd.status().expect("run cargo build");
+            assert!(st.success(), "cargo build -p berth-cli failed");
+        });
+    }
+    assert!(p.exists(), "{} is missing", p.display());
+    p
+}
+
+/// A `berth volume-server` child process on a data dir.
+#[derive(Debug)]
+pub struct ServerProc {
+    pub dir: PathBuf,
+    pub ready: Ready,
+    child: Option<Child>,
+    pool_size: String,
+}
+
+impl ServerProc {
+    pub fn start(dir: &Path, pool_size: &str) -> ServerProc {
+        let mut child = Command::new(binary("berth"))
+            .args(["volume-server", "--data"])
+            .arg(dir)
+            .args(["--pool-size", pool_size])
+            .args([
+                "--nbd-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn berth volume-server");
+        let out = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(out)
+            .read_line(&mut line)
+            .expect("read ready line");
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("volume server did not start ({e}): {line:?}"));
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+        let ready = Ready {
+            nbd_socket: s("nbd_socket").into(),
+            nbd_tcp: s("nbd_tcp"),
+            control_socket: s("control_socket").into(),
+            metrics: s("metrics"),
+            pid: v["pid"].as_u64().unwrap_or(0) as u32,
+        };
+        ServerProc {
+            dir: dir.to_path_buf(),
+            ready,
+            child: Some(child),
+            pool_size: pool_size.to_string(),
+        }
+    }
+
+    /// kill -9, and wait for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the exit status of a clean shutdown.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child's pid has no memory effects.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().expect("wait")
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        *self = ServerProc::start(&self.dir.clone(), &self.pool_size.clone());
+    }
+
+    /// Runs berthctl against this server; returns (exit code, stdout).
+    pub fn ctl(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(binary("berthctl"))
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.ready.control_socket.display()))
+            .args(["--output", "json"])
+            .args(args)
+            .output()
+            .expect("run berthctl");
+        if !out.status.success() {
+            eprintln!(
+                "berthctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    }
+
+    /// berthctl that must succeed, parsed as JSON.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let (code, out) = self.ctl(args);
+        assert_eq!(code, 0, "berthctl {args:?} failed");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("berthctl {args:?}: {e}: {out}"))
+    }
+
+    /// Creates a volume and grants it to `client`; returns the export JSON.
+    pub fn volume_export(&self, name: &str, size: &str, client: &str) -> serde_json::Value {
+        self.ctl_json(&[
+            "volume", "create", name, "--size", size, "--tier", "extreme",
+        ]);
+        self.ctl_json(&["export", "grant", "--volume", name, "--client", client])
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs qemu-io with commands against an NBD URI; returns (success, output).
+pub fn qemu_io(uri: &str, cmds: &[String]) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    c.arg(uri);
+    let out = c
+        .output()
+        .expect("run qemu-io (apt-get install qemu-utils)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let failed = text.contains("fail") || text.contains("rror") || text.contains("mismatch");
+    (out.status.success() && !failed, text)
+}
+
+/// Whether a command exists on PATH.
+pub fn have(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
