@@ -6,8 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages: clang/libclang for RocksDB's bindings, fio for the benchmarks.
-packages=(build-essential clang libclang-dev pkg-config fio)
+# Debian packages: clang/libclang for RocksDB's bindings, protoc for the gRPC
+# APIs, fio for the benchmarks, and the real NBD clients and filesystem tools the
+# end-to-end tests drive: qemu-io (qemu-utils), nbdfuse/nbdcopy/nbdinfo
+# (libnbd-bin, fuse3), nbdkit, mkfs.ext4/e2fsck (e2fsprogs), xfsprogs, losetup.
+packages=(build-essential clang libclang-dev pkg-config protobuf-compiler fio
+  qemu-utils libnbd-bin nbdkit fuse3 e2fsprogs xfsprogs util-linux)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -164,8 +164,17 @@ impl Drop for ServerProc {
 
 /// Runs qemu-io with commands against an NBD URI; returns (success, output).
 pub fn qemu_io(uri: &str, cmds: &[String]) -> (bool, String) {
+    qemu_io_with(&[], uri, cmds)
+}
+
+/// The same, read-only (`-r`), as a read-only export requires.
+pub fn qemu_io_ro(uri: &str, cmds: &[String]) -> (bool, String) {
+    qemu_io_with(&["-r"], uri, cmds)
+}
+
+fn qemu_io_with(flags: &[&str], uri: &str, cmds: &[String]) -> (bool, String) {
     let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
+    c.args(["-f", "raw"]).args(flags);
     for cmd in cmds {
         c.arg("-c").arg(cmd);
     }
