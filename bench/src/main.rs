@@ -6,6 +6,8 @@
 //! touch the disk), a snapshot is taken, and checksums are on, so the write run
 //! pays for copy-on-write of shared blocks and every read verifies its CRC.
 
+mod nbd;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,6 +31,8 @@ struct Cli {
 enum Cmd {
     /// The engine alone beside fio on the same disk.
     Engine(EngineArgs),
+    /// A Berth volume over NBD beside qemu-nbd, both driven by fio's nbd engine.
+    Nbd(nbd::NbdArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -385,6 +389,7 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Engine(a) => engine(a),
+        Cmd::Nbd(a) => nbd::run(a),
     };
     if let Err(e) = r {
         eprintln!("berth-bench: {e}");

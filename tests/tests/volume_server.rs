@@ -45,7 +45,13 @@ fn qemu_io_over_unix_and_tcp_with_parallel_aio() {
         assert!(ok, "qemu-io against {uri}:\n{out}");
         assert_eq!(out.matches("wrote ").count(), 2 + 16 + 1, "{out}");
         // A second session sees what the first wrote.
-        let (ok, out) = qemu_io(uri, &[format!("read -P {} 8M 256k", p(3)), format!("read -P {} 23M 256k", p(18))]);
+        let (ok, out) = qemu_io(
+            uri,
+            &[
+                format!("read -P {} 8M 256k", p(3)),
+                format!("read -P {} 23M 256k", p(18)),
+            ],
+        );
         assert!(ok, "{out}");
     }
     // A pattern that is not there fails verification (the check can fail).
@@ -58,36 +64,61 @@ fn two_clients_at_once_and_an_ungranted_one_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let srv = ServerProc::start(dir.path(), "512M");
     let e = srv.volume_export("shared", "64M", "node-a");
-    let b = srv.ctl_json(&["export", "grant", "--volume", "shared", "--client", "node-b"]);
+    let b = srv.ctl_json(&[
+        "export", "grant", "--volume", "shared", "--client", "node-b",
+    ]);
     // Two qemu-io processes, one per grant and transport, writing disjoint
     // halves at the same time.
     let spawn = |uri: String, pat: &str, base: u32| {
         let mut c = Command::new("qemu-io");
         c.args(["-f", "raw"]);
         for k in 0..32u32 {
-            c.arg("-c").arg(format!("aio_write -P {pat} {}M 1M", base + k));
+            c.arg("-c")
+                .arg(format!("aio_write -P {pat} {}M 1M", base + k));
         }
         c.arg("-c").arg("aio_flush");
-        c.arg(uri).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("qemu-io")
+        c.arg(uri)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-io")
     };
     let a = spawn(s(&e, "unix_uri"), "0xa1", 0);
     let bb = spawn(s(&b, "tcp_uri"), "0xb2", 32);
     for c in [a, bb] {
         let out = c.wait_with_output().expect("qemu-io");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    let (ok, out) = qemu_io(&s(&e, "tcp_uri"), &["read -P 0xa1 0 32M".into(), "read -P 0xb2 32M 32M".into()]);
+    let (ok, out) = qemu_io(
+        &s(&e, "tcp_uri"),
+        &["read -P 0xa1 0 32M".into(), "read -P 0xb2 32M 32M".into()],
+    );
     assert!(ok, "{out}");
     // Both connections were live at once: the audit log shows two connects
     // before the first disconnect of these clients.
     let ev = srv.ctl_json(&["audit", "--target", "shared"]);
-    let actions: Vec<String> = ev.as_array().expect("events").iter().map(|e| s(e, "action")).collect();
-    assert!(actions.iter().filter(|a| *a == "connect").count() >= 3, "{actions:?}");
+    let actions: Vec<String> = ev
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| s(e, "action"))
+        .collect();
+    assert!(
+        actions.iter().filter(|a| *a == "connect").count() >= 3,
+        "{actions:?}"
+    );
 
     // Ungranted: a guessed token, the bare name, a revoked grant.
     let tcp = s(&e, "tcp_uri");
     let base = tcp.rsplit_once('@').expect("name@token").0.to_string();
-    for uri in [format!("{base}@0123456789abcdef0123456789abcdef"), base.replace("/shared", "/shared")] {
+    for uri in [
+        format!("{base}@0123456789abcdef0123456789abcdef"),
+        base.replace("/shared", "/shared"),
+    ] {
         let (ok, out) = qemu_io(&uri, &["read 0 4k".into()]);
         assert!(!ok, "ungranted {uri} was served: {out}");
     }
@@ -95,7 +126,12 @@ fn two_clients_at_once_and_an_ungranted_one_refused() {
     let (ok, _) = qemu_io(&s(&b, "tcp_uri"), &["read 0 4k".into()]);
     assert!(!ok, "a revoked export must be refused");
     let ev = srv.ctl_json(&["audit", "--target", "shared"]);
-    let refused = ev.as_array().expect("events").iter().filter(|e| s(e, "action") == "refused").count();
+    let refused = ev
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| s(e, "action") == "refused")
+        .count();
     assert!(refused >= 3, "refusals are audited: {ev}");
 }
 
@@ -103,14 +139,29 @@ fn two_clients_at_once_and_an_ungranted_one_refused() {
 fn berthctl_reports_errors_with_exit_codes_and_json() {
     let dir = tempfile::tempdir().expect("tempdir");
     let srv = ServerProc::start(dir.path(), "256M");
-    let v = srv.ctl_json(&["volume", "create", "db", "--size", "1G", "--tier", "premium"]);
+    let v = srv.ctl_json(&[
+        "volume", "create", "db", "--size", "1G", "--tier", "premium",
+    ]);
     assert_eq!(v["size_bytes"], 1u64 << 30);
     assert_eq!(v["tier"], "premium");
     assert_eq!(v["iops_limit"], 10_000 + 50);
     assert_eq!(srv.ctl(&["volume", "get", "nope"]).0, 3, "not found");
-    assert_eq!(srv.ctl(&["volume", "create", "db", "--size", "2G"]).0, 4, "already exists");
-    assert_eq!(srv.ctl(&["volume", "create", "x", "--size", "1G", "--tier", "gold"]).0, 5, "invalid");
-    assert_eq!(srv.ctl(&["volume", "resize", "db", "--size", "1M"]).0, 6, "shrink refused");
+    assert_eq!(
+        srv.ctl(&["volume", "create", "db", "--size", "2G"]).0,
+        4,
+        "already exists"
+    );
+    assert_eq!(
+        srv.ctl(&["volume", "create", "x", "--size", "1G", "--tier", "gold"])
+            .0,
+        5,
+        "invalid"
+    );
+    assert_eq!(
+        srv.ctl(&["volume", "resize", "db", "--size", "1M"]).0,
+        6,
+        "shrink refused"
+    );
     srv.ctl_json(&["snapshot", "create", "db", "db-s1"]);
     srv.ctl_json(&["clone", "db-c1", "--from-snapshot", "db-s1"]);
     let list = srv.ctl_json(&["volume", "list"]);
@@ -157,7 +208,10 @@ struct Attached {
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?}: {}{}",
@@ -181,10 +235,19 @@ impl Attached {
             .arg(uri)
             .spawn()
             .expect("nbdfuse (apt-get install libnbd-bin fuse3)");
-        let mut a = Attached { fuse_dir: fuse_dir.clone(), mnt, nbdfuse: Some(child), loopdev: None, mounted: false };
+        let mut a = Attached {
+            fuse_dir: fuse_dir.clone(),
+            mnt,
+            nbdfuse: Some(child),
+            loopdev: None,
+            mounted: false,
+        };
         let t = Instant::now();
         while !pidfile.exists() {
-            assert!(t.elapsed() < Duration::from_secs(20), "nbdfuse did not come up");
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "nbdfuse did not come up"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let file = fuse_dir.join("nbd");
@@ -217,7 +280,11 @@ impl Drop for Attached {
         if let Some(l) = self.loopdev.take() {
             let _ = Command::new("losetup").args(["-d", &l]).status();
         }
-        let _ = Command::new("fusermount3").arg("-u").arg(&self.fuse_dir).stderr(Stdio::null()).status();
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.fuse_dir)
+            .stderr(Stdio::null())
+            .status();
         if let Some(mut c) = self.nbdfuse.take() {
             let t = Instant::now();
             while c.try_wait().ok().flatten().is_none() && t.elapsed() < Duration::from_secs(5) {
@@ -241,7 +308,9 @@ fn can_attach() -> Result<(), String> {
     }
     for c in ["nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "fusermount3"] {
         if !have(c) {
-            return Err(format!("{c} is not installed (scripts/test.sh installs it)"));
+            return Err(format!(
+                "{c} is not installed (scripts/test.sh installs it)"
+            ));
         }
     }
     Ok(())
@@ -263,7 +332,11 @@ fn write_files(dir: &Path, prefix: &str, seed: u64, n: usize) -> Vec<(String, St
 }
 
 fn sha256(p: &Path) -> String {
-    run("sha256sum", &[&p.to_string_lossy()]).split_whitespace().next().unwrap_or_default().to_string()
+    run("sha256sum", &[&p.to_string_lossy()])
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn check_files(dir: &Path, files: &[(String, String)]) {
@@ -296,11 +369,23 @@ fn ext4_on_nbdfuse_and_loop_snapshot_and_clone() {
 
     srv.ctl_json(&["snapshot", "create", "fs", "fs-snap"]);
     srv.ctl_json(&["clone", "fs-clone", "--from-snapshot", "fs-snap"]);
-    let ce = srv.ctl_json(&["export", "grant", "--volume", "fs-clone", "--client", "node-2"]);
+    let ce = srv.ctl_json(&[
+        "export", "grant", "--volume", "fs-clone", "--client", "node-2",
+    ]);
     // The snapshot itself is exportable read-only: its filesystem checks clean.
-    let se = srv.ctl_json(&["export", "grant", "--snapshot", "fs-snap", "--client", "node-3"]);
+    let se = srv.ctl_json(&[
+        "export",
+        "grant",
+        "--snapshot",
+        "fs-snap",
+        "--client",
+        "node-3",
+    ]);
     let (ok, out) = qemu_io(&s(&se, "tcp_uri"), &["write -P 1 0 4k".into()]);
-    assert!(!ok && out.contains("Permission denied"), "a snapshot export is read-only: {out}");
+    assert!(
+        !ok && out.contains("Permission denied"),
+        "a snapshot export is read-only: {out}"
+    );
     let (ok, out) = qemu_io_ro(&s(&se, "tcp_uri"), &["read 0 64k".into()]);
     assert!(ok, "{out}");
 
@@ -321,7 +406,10 @@ fn ext4_on_nbdfuse_and_loop_snapshot_and_clone() {
     c.mount();
     check_files(&c.mnt, &files);
     for (name, _) in &later {
-        assert!(!c.mnt.join(name).exists(), "{name} was written after the snapshot");
+        assert!(
+            !c.mnt.join(name).exists(),
+            "{name} was written after the snapshot"
+        );
     }
     // Writing to the clone leaves the original alone.
     std::fs::write(c.mnt.join("clone-only"), b"clone").expect("write");
@@ -333,7 +421,10 @@ fn ext4_on_nbdfuse_and_loop_snapshot_and_clone() {
     a.mount();
     assert!(!a.mnt.join("clone-only").exists());
     assert!(!a.mnt.join("a-0.bin").exists());
-    assert_eq!(std::fs::read(a.mnt.join("a-1.bin")).expect("read"), b"overwritten after the snapshot");
+    assert_eq!(
+        std::fs::read(a.mnt.join("a-1.bin")).expect("read"),
+        b"overwritten after the snapshot"
+    );
     check_files(&a.mnt, &later);
     check_files(&a.mnt, &files[2..]);
     a.umount();
@@ -360,7 +451,10 @@ fn fetch(uri: &str, to: &Path) -> Vec<u8> {
 #[test]
 fn kill9_during_qemu_io_writes_keeps_every_flushed_pattern() {
     use rand::Rng;
-    let cycles: usize = std::env::var("BERTH_NBD_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(6);
+    let cycles: usize = std::env::var("BERTH_NBD_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut srv = ServerProc::start(&dir.path().join("data"), "512M");
     srv.volume_export("crash", "4M", "crasher");
@@ -376,21 +470,38 @@ fn kill9_during_qemu_io_writes_keeps_every_flushed_pattern() {
     let mut total_flushed = 0;
     for cycle in 0..cycles {
         // Grants are idempotent and survive restarts; the TCP port is new each time.
-        let e = srv.ctl_json(&["export", "grant", "--volume", "crash", "--client", "crasher"]);
-        let uri = if cycle % 2 == 0 { s(&e, "unix_uri") } else { s(&e, "tcp_uri") };
+        let e = srv.ctl_json(&[
+            "export", "grant", "--volume", "crash", "--client", "crasher",
+        ]);
+        let uri = if cycle % 2 == 0 {
+            s(&e, "unix_uri")
+        } else {
+            s(&e, "tcp_uri")
+        };
         let (start, n) = (step, 400u64);
         let mut cmd = Command::new("qemu-io");
         cmd.args(["-f", "raw"]);
         for k in start..start + n {
-            cmd.arg("-c").arg(format!("write -P {} {} 64k", pattern(k), (k % SLOTS) as usize * SLOT));
+            cmd.arg("-c").arg(format!(
+                "write -P {} {} 64k",
+                pattern(k),
+                (k % SLOTS) as usize * SLOT
+            ));
             cmd.arg("-c").arg("flush");
             issued[(k % SLOTS) as usize].push(k);
         }
-        let child = cmd.arg(&uri).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("qemu-io");
+        let child = cmd
+            .arg(&uri)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-io");
         std::thread::sleep(Duration::from_millis(rng.random_range(100..600)));
         srv.kill9();
         let out = child.wait_with_output().expect("qemu-io");
-        let wrote = String::from_utf8_lossy(&out.stdout).matches("wrote ").count() as u64;
+        let wrote = String::from_utf8_lossy(&out.stdout)
+            .matches("wrote ")
+            .count() as u64;
         // Write k's flush finished before write k+1 started.
         let flushed = wrote.saturating_sub(1);
         for k in start..start + flushed {
@@ -401,19 +512,31 @@ fn kill9_during_qemu_io_writes_keeps_every_flushed_pattern() {
         total_flushed += flushed;
         step = start + n;
         srv.restart();
-        let e = srv.ctl_json(&["export", "grant", "--volume", "crash", "--client", "crasher"]);
+        let e = srv.ctl_json(&[
+            "export", "grant", "--volume", "crash", "--client", "crasher",
+        ]);
         let image = fetch(&s(&e, "unix_uri"), &dir.path().join("copy.img"));
         assert_eq!(image.len(), SLOTS as usize * SLOT);
         for (slot, data) in image.chunks(SLOT).enumerate() {
             let b = data[0];
-            assert!(data.iter().all(|&x| x == b), "cycle {cycle}: slot {slot} is torn or mixed");
+            assert!(
+                data.iter().all(|&x| x == b),
+                "cycle {cycle}: slot {slot} is torn or mixed"
+            );
             if b == 0 {
-                assert!(floor[slot].is_none(), "cycle {cycle}: slot {slot} lost flushed step {:?}", floor[slot]);
+                assert!(
+                    floor[slot].is_none(),
+                    "cycle {cycle}: slot {slot} lost flushed step {:?}",
+                    floor[slot]
+                );
                 continue;
             }
             let held = issued[slot].iter().copied().find(|&k| pattern(k) == b);
             let Some(k) = held else {
-                panic!("cycle {cycle}: slot {slot} holds {b}, none of the steps {:?} (floor {:?})", issued[slot], floor[slot]);
+                panic!(
+                    "cycle {cycle}: slot {slot} holds {b}, none of the steps {:?} (floor {:?})",
+                    issued[slot], floor[slot]
+                );
             };
             // What it holds is durable now: it is the new floor.
             floor[slot] = Some(k);
@@ -421,5 +544,8 @@ fn kill9_during_qemu_io_writes_keeps_every_flushed_pattern() {
         }
         eprintln!("cycle {cycle}: {wrote} writes acknowledged, {flushed} flushed before kill -9; all {SLOTS} slots verified");
     }
-    assert!(total_flushed > 0, "the test must have flushed something to check");
+    assert!(
+        total_flushed > 0,
+        "the test must have flushed something to check"
+    );
 }
