@@ -745,3 +745,60 @@ async fn shutdown_drains_and_a_restart_serves_the_same_data_grants_and_limits() 
     assert_eq!(disc.result, "server shutting down");
     f2.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_bit_is_eio_on_the_wire_a_metric_and_a_scrub_finding() {
+    let mut f = start().await;
+    f.volume("rot", 16 * MIB).await;
+    let e = f.grant(pb::TargetKind::Volume, "rot", "n").await;
+    let mut c = f.tcp(&e.export_name).await;
+    let mark: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 ^ 0x5a).collect();
+    c.write(8 * 4096, &mark, true).await.unwrap();
+    c.write(9 * 4096, &pattern(4, 4096), true).await.unwrap();
+    // Find the block in the pool file by its content and flip one bit.
+    let pool_path = f.dir.path().join("pool.img");
+    let pool = std::fs::read(&pool_path).unwrap();
+    let at = pool
+        .chunks(4096)
+        .position(|b| b == mark.as_slice())
+        .expect("block in pool") as u64
+        * 4096;
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&pool_path)
+            .unwrap();
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, at + 77).unwrap();
+        file.write_all_at(&[b[0] ^ 0x04], at + 77).unwrap();
+        file.sync_all().unwrap();
+    }
+    // Structured replies: an error chunk, never the wrong bytes.
+    assert!(matches!(
+        c.read(8 * 4096, 4096).await,
+        Err(ClientError::Errno(EIO))
+    ));
+    assert!(matches!(
+        c.read(7 * 4096, 3 * 4096).await,
+        Err(ClientError::Errno(EIO))
+    ));
+    assert_eq!(c.read(9 * 4096, 4096).await.unwrap(), pattern(4, 4096));
+    let m = http_get(f.bound().metrics.unwrap(), "/metrics").await;
+    assert!(
+        m.contains("berth_volume_checksum_errors_total{volume=\"rot\"} 2"),
+        "{m}"
+    );
+    let scrub = f.api.scrub(pb::ScrubRequest {}).await.unwrap().into_inner();
+    assert_eq!(scrub.errors.len(), 1, "{scrub:?}");
+    assert_eq!(
+        (scrub.errors[0].owner.as_str(), scrub.errors[0].offset),
+        ("rot", 8 * 4096)
+    );
+    // Rewriting the block heals it.
+    c.write(8 * 4096, &mark, true).await.unwrap();
+    assert_eq!(c.read(8 * 4096, 4096).await.unwrap(), mark);
+    c.disconnect().await.unwrap();
+    f.stop().await;
+}

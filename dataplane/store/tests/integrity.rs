@@ -420,3 +420,76 @@ fn the_fallback_engine_serves_the_same_store() {
     }
     assert!(store.scrub().expect("scrub").errors.is_empty());
 }
+
+#[test]
+fn block_status_reports_data_and_holes_through_snapshots_and_clones() {
+    use berth_store::Extent;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::create(&StoreConfig::new(dir.path(), 64 << 20)).expect("create");
+    store.create_volume("v", 1 << 20).expect("volume");
+    let v = store.volume_target("v").expect("target");
+    let hole = |len: u64| Extent {
+        len_bytes: len,
+        data: false,
+    };
+    let data = |len: u64| Extent {
+        len_bytes: len,
+        data: true,
+    };
+    assert_eq!(
+        store.block_status(v, 0, 1 << 20).expect("status"),
+        vec![hole(1 << 20)]
+    );
+    store.write(v, 4 * 4096, &block("a"), false).expect("write");
+    store.write(v, 5 * 4096, &block("b"), false).expect("write");
+    store.write_zeroes(v, 6 * 4096, 4096, false).expect("zero");
+    store
+        .write(v, 7 * 4096, &vec![0; 4096], false)
+        .expect("write zeros");
+    // Zeroed blocks and all-zero writes hold no space: holes.
+    assert_eq!(
+        store.block_status(v, 0, 1 << 20).expect("status"),
+        vec![hole(4 * 4096), data(2 * 4096), hole((1 << 20) - 6 * 4096)]
+    );
+    // Unaligned requests are clipped to what was asked.
+    assert_eq!(
+        store.block_status(v, 4 * 4096 + 100, 200).expect("status"),
+        vec![data(200)]
+    );
+    store.create_snapshot("v", "s").expect("snapshot");
+    store.trim(v, 4 * 4096, 4096).expect("trim");
+    let s = store.snapshot_target("s").expect("target");
+    // The snapshot still sees both blocks; the volume sees the trim.
+    assert_eq!(
+        store.block_status(s, 0, 8 * 4096).expect("status"),
+        vec![hole(4 * 4096), data(2 * 4096), hole(2 * 4096)]
+    );
+    assert_eq!(
+        store.block_status(v, 0, 8 * 4096).expect("status"),
+        vec![hole(5 * 4096), data(4096), hole(2 * 4096)]
+    );
+    // A clone falls through to the snapshot until it writes.
+    store
+        .clone_snapshot("s", "c", Some(2 << 20))
+        .expect("clone");
+    let c = store.volume_target("c").expect("target");
+    store.write(c, 0, &block("c"), false).expect("write");
+    assert_eq!(
+        store.block_status(c, 0, 2 << 20).expect("status"),
+        vec![
+            data(4096),
+            hole(3 * 4096),
+            data(2 * 4096),
+            hole((2 << 20) - 6 * 4096)
+        ]
+    );
+    // Out of range and zero-length are errors.
+    assert!(matches!(
+        store.block_status(v, 1 << 20, 4096),
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        store.block_status(v, 0, 0),
+        Err(StoreError::OutOfRange { .. })
+    ));
+}

@@ -501,7 +501,8 @@ where
         broken: tokio_util::sync::CancellationToken::new(),
     });
     let writer = tokio::spawn(writer(conn.clone(), wr));
-    let mut rd = rd;
+    // Buffered: a burst of pipelined request headers costs one recv, not one each.
+    let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
     let why = tokio::select! {
         r = reader(&conn, &mut rd) => r,
         _ = conn.broken.cancelled() => "client stopped reading replies".to_string(),
