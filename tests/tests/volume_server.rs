@@ -117,7 +117,8 @@ fn two_clients_at_once_and_an_ungranted_one_refused() {
     let base = tcp.rsplit_once('@').expect("name@token").0.to_string();
     for uri in [
         format!("{base}@0123456789abcdef0123456789abcdef"),
-        base.replace("/shared", "/shared"),
+        base.clone(),
+        format!("{base}@"),
     ] {
         let (ok, out) = qemu_io(&uri, &["read 0 4k".into()]);
         assert!(!ok, "ungranted {uri} was served: {out}");

@@ -794,7 +794,7 @@ async fn a_flipped_bit_is_eio_on_the_wire_a_metric_and_a_scrub_finding() {
     assert_eq!(scrub.errors.len(), 1, "{scrub:?}");
     assert_eq!(
         (scrub.errors[0].owner.as_str(), scrub.errors[0].offset),
-        ("rot", 8 * 4096)
+        ("volume rot", 8 * 4096)
     );
     // Rewriting the block heals it.
     c.write(8 * 4096, &mark, true).await.unwrap();

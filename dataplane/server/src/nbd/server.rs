@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use berth_store::{Extent, Op, Outcome, ReadDone, Reply, StoreError, MAX_REQUEST_BYTES};
 use parking_lot::Mutex;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt,
+};
 use tokio::sync::{Notify, Semaphore};
 
 use super::proto::*;
@@ -87,8 +89,11 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let hs =
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&node, &mut rd, &mut wr, &peer)).await;
+    // A connection still haggling when the server shuts down is simply closed.
+    let hs = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&node, &mut rd, &mut wr, &peer)) => r,
+        _ = node.shutdown.cancelled() => return,
+    };
     let session = match hs {
         Ok(Ok(HandshakeEnd::Go(s))) => s,
         Ok(Ok(HandshakeEnd::Closed)) => return,
@@ -503,20 +508,7 @@ where
     let writer = tokio::spawn(writer(conn.clone(), wr));
     // Buffered: a burst of pipelined request headers costs one recv, not one each.
     let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
-    let why = tokio::select! {
-        r = reader(&conn, &mut rd) => r,
-        _ = conn.broken.cancelled() => "client stopped reading replies".to_string(),
-        _ = cancel.cancelled() => {
-            if node.shutdown.is_cancelled() {
-                // Requests the client already sent get ESHUTDOWN rather than
-                // silence, so it knows to retry elsewhere or later.
-                refuse_remaining(&conn, &mut rd).await;
-                "server shutting down".to_string()
-            } else {
-                "export revoked".to_string()
-            }
-        }
-    };
+    let why = reader(&conn, &mut rd, &cancel).await;
     conn.reader_done.store(true, Ordering::SeqCst);
     conn.done.ready.notify_one();
     let _ = writer.await;
@@ -539,14 +531,39 @@ where
 }
 
 /// Reads and submits requests until the client disconnects or breaks the
-/// protocol; returns why it stopped.
-async fn reader<R: AsyncRead + Unpin>(conn: &Arc<Conn>, mut rd: R) -> String {
+/// protocol, the export is revoked, or the server shuts down; returns why it
+/// stopped. Those last two are noticed only between requests, never halfway
+/// through one, so every request read is answered and the stream stays framed.
+async fn reader<R: AsyncBufRead + Unpin>(
+    conn: &Arc<Conn>,
+    rd: &mut R,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> String {
     let mut hdr = [0u8; REQUEST_BYTES];
     loop {
+        // `fill_buf` consumes nothing, so dropping it on cancellation loses nothing.
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                if conn.node.shutdown.is_cancelled() {
+                    // Requests the client already sent get ESHUTDOWN rather than
+                    // silence, so it knows to retry elsewhere or later.
+                    refuse_remaining(conn, rd).await;
+                    return "server shutting down".into();
+                }
+                return "export revoked".into();
+            }
+            _ = conn.broken.cancelled() => return "client stopped reading replies".into(),
+            r = rd.fill_buf() => match r {
+                Ok([]) => return "client closed the connection".into(),
+                Ok(_) => {}
+                Err(e) => return format!("read failed: {e}"),
+            },
+        }
         match rd.read_exact(&mut hdr).await {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return "client closed the connection".into()
+                return "client closed the connection mid-request".into()
             }
             Err(e) => return format!("read failed: {e}"),
         }
@@ -560,7 +577,7 @@ async fn reader<R: AsyncRead + Unpin>(conn: &Arc<Conn>, mut rd: R) -> String {
         if req.command == CMD_DISC {
             return "client disconnected".into();
         }
-        if let Err(why) = handle(conn, &mut rd, req).await {
+        if let Err(why) = handle(conn, rd, req).await {
             return why;
         }
     }
