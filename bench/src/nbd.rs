@@ -34,6 +34,9 @@ pub struct NbdArgs {
     /// Seconds to measure the idle volume server's CPU use.
     #[arg(long, default_value_t = 10)]
     idle_seconds: u64,
+    /// fio jobs (one NBD connection each) per run; IOPS are summed.
+    #[arg(long, default_value_t = 1)]
+    jobs: u32,
     /// Only these workloads (comma-separated names), default all.
     #[arg(long)]
     only: Option<String>,
@@ -286,15 +289,24 @@ fn start_qemu_nbd(dir: &Path, size: u64, tcp: bool) -> Result<(Proc, String), St
     Ok((proc, uri))
 }
 
-fn fio(uri: &str, size: u64, w: &Workload, secs: u64) -> Result<(f64, f64, f64, f64, u64), String> {
+/// One fio run; with several jobs (one NBD connection each) the figures are
+/// the group's (`--group_reporting`): IOPS summed, latencies over all jobs.
+fn fio(
+    uri: &str,
+    size: u64,
+    w: &Workload,
+    secs: u64,
+    jobs: u32,
+) -> Result<(f64, f64, f64, f64, u64), String> {
     let mut cmd = Command::new("fio");
     cmd.args([
         "--name=nbd",
         "--ioengine=nbd",
-        "--numjobs=1",
         "--output-format=json",
         "--randrepeat=0",
+        "--group_reporting",
     ])
+    .arg(format!("--numjobs={jobs}"))
     .arg(format!("--uri={uri}"))
     .arg(format!("--size={size}"))
     .arg(format!("--rw={}", w.rw))
@@ -345,9 +357,10 @@ fn measure(
     size: u64,
     w: &Workload,
     secs: u64,
+    jobs: u32,
 ) -> Result<NbdMeasure, String> {
     let cpu0 = cpu_seconds(proc.pid());
-    let (iops, mb_per_s, p50_us, p99_us, ios) = fio(uri, size, w, secs)?;
+    let (iops, mb_per_s, p50_us, p99_us, ios) = fio(uri, size, w, secs, jobs)?;
     let cpu = cpu_seconds(proc.pid()) - cpu0;
     Ok(NbdMeasure {
         target: name.into(),
@@ -388,7 +401,7 @@ pub fn run(a: NbdArgs) -> Result<(), String> {
         fsync: false,
     };
     for (_, _, uri) in &targets {
-        fio(uri, a.size_bytes, &fill, 0)?;
+        fio(uri, a.size_bytes, &fill, 0, 1)?;
     }
     let only: Option<Vec<&str>> = a.only.as_deref().map(|o| o.split(',').collect());
     let mut rows = Vec::new();
@@ -401,7 +414,7 @@ pub fn run(a: NbdArgs) -> Result<(), String> {
             let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
             for i in order {
                 let (name, proc, uri) = targets[i];
-                let m = measure(name, proc, uri, a.size_bytes, w, a.seconds)?;
+                let m = measure(name, proc, uri, a.size_bytes, w, a.seconds, a.jobs)?;
                 eprintln!(
                     "  {:<9} {:<32} {:>9.0} IOPS {:>8.1} MB/s p50 {:>7.1} us p99 {:>8.1} us cpu {:>5.1} us/io",
                     m.target, m.workload, m.iops, m.mb_per_s, m.p50_us, m.p99_us, m.cpu_us_per_io
@@ -455,6 +468,7 @@ pub fn run(a: NbdArgs) -> Result<(), String> {
     let doc = serde_json::json!({
         "kind": "nbd",
         "transport": a.transport,
+        "jobs": a.jobs,
         "size_bytes": a.size_bytes,
         "seconds": a.seconds,
         "repeat": a.repeat,

@@ -29,12 +29,12 @@ use tonic::transport::Channel;
 )]
 struct Cli {
     /// Control endpoint: unix:///path/control.sock or http://host:port.
-    #[arg(long, env = "BERTH_ENDPOINT", conflicts_with = "data")]
+    #[arg(long, env = "BERTH_ENDPOINT", conflicts_with = "data", global = true)]
     endpoint: Option<String>,
     /// Data directory of a local server (uses DATA/control.sock).
-    #[arg(long, env = "BERTH_DATA")]
+    #[arg(long, env = "BERTH_DATA", global = true)]
     data: Option<PathBuf>,
-    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
     #[command(subcommand)]
     command: Cmd,
