@@ -356,11 +356,6 @@ fn engine(a: EngineArgs) -> Result<(), String> {
         );
         json.push(serde_json::json!({ "berth": b, "fio": f, "ratio": ratio }));
     }
-    std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let path = a.out.join(format!("engine-{stamp}.json"));
     let doc = serde_json::json!({
         "kind": "engine",
         "size_bytes": a.size_bytes,
@@ -370,11 +365,18 @@ fn engine(a: EngineArgs) -> Result<(), String> {
         "checksums": true,
         "results": json,
     });
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
+    write_result(&a.out, "engine", &doc)
+}
+
+/// Writes a result document as `DIR/<kind>-<unix time>.json`.
+fn write_result(dir: &Path, kind: &str, doc: &serde_json::Value) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let path = dir.join(format!("{kind}-{stamp}.json"));
+    let text = serde_json::to_string_pretty(doc).map_err(|e| e.to_string())?;
+    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }

@@ -460,11 +460,6 @@ pub fn run(a: NbdArgs) -> Result<(), String> {
         "idle volume server: {idle_pct:.2}% of a core over {} s",
         a.idle_seconds
     );
-    std::fs::create_dir_all(&a.out).map_err(|e| e.to_string())?;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let path = a.out.join(format!("nbd-{stamp}.json"));
     let doc = serde_json::json!({
         "kind": "nbd",
         "transport": a.transport,
@@ -476,11 +471,5 @@ pub fn run(a: NbdArgs) -> Result<(), String> {
         "results": json,
         "idle_cpu_percent": idle_pct,
     });
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
-    eprintln!("wrote {}", path.display());
-    Ok(())
+    crate::write_result(&a.out, "nbd", &doc)
 }

@@ -479,7 +479,9 @@ fn kill9_during_qemu_io_writes_keeps_every_flushed_pattern() {
         } else {
             s(&e, "tcp_uri")
         };
-        let (start, n) = (step, 400u64);
+        // Long enough that the kill always lands mid-stream (a write and a flush take
+        // ~0.3-0.6 ms here).
+        let (start, n) = (step, 1500u64);
         let mut cmd = Command::new("qemu-io");
         cmd.args(["-f", "raw"]);
         for k in start..start + n {
@@ -497,7 +499,7 @@ fn kill9_during_qemu_io_writes_keeps_every_flushed_pattern() {
             .stderr(Stdio::null())
             .spawn()
             .expect("qemu-io");
-        std::thread::sleep(Duration::from_millis(rng.random_range(100..600)));
+        std::thread::sleep(Duration::from_millis(rng.random_range(50..400)));
         srv.kill9();
         let out = child.wait_with_output().expect("qemu-io");
         let wrote = String::from_utf8_lossy(&out.stdout)

@@ -167,83 +167,33 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
     let conns = tokio_util::task::TaskTracker::new();
     let mut tasks = Vec::new();
 
-    // NBD over the unix socket.
+    for l in [
+        Some(NbdListener::Unix(nbd_unix)),
+        nbd_tcp.map(NbdListener::Tcp),
+    ]
+    .into_iter()
+    .flatten()
     {
-        let (node, stop, conns) = (node.clone(), stop_accepting.clone(), conns.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let sock = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = nbd_unix.accept() => r,
-                };
-                match sock {
-                    Ok((s, _)) => {
-                        let (rd, wr) = s.into_split();
-                        conns.spawn(crate::nbd::server::serve(node.clone(), rd, wr, Peer::Unix));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "nbd unix accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        }));
+        tasks.push(tokio::spawn(accept_nbd(
+            l,
+            node.clone(),
+            stop_accepting.clone(),
+            conns.clone(),
+        )));
     }
-    if let Some(l) = nbd_tcp {
-        let (node, stop, conns) = (node.clone(), stop_accepting.clone(), conns.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let sock = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = l.accept() => r,
-                };
-                match sock {
-                    Ok((s, peer)) => {
-                        let _ = s.set_nodelay(true);
-                        let (rd, wr) = s.into_split();
-                        conns.spawn(crate::nbd::server::serve(
-                            node.clone(),
-                            rd,
-                            wr,
-                            Peer::Tcp(peer),
-                        ));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "nbd tcp accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-        }));
-    }
-    // gRPC.
-    {
-        let svc = Service::new(node.clone());
-        let stop = stop_accepting.clone();
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(ctl_unix);
-        tasks.push(tokio::spawn(async move {
-            let r = tonic::transport::Server::builder()
-                .add_service(svc.into_server())
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "control API (unix) stopped");
-            }
-        }));
-    }
+    tasks.push(spawn_grpc(
+        &node,
+        tokio_stream::wrappers::UnixListenerStream::new(ctl_unix),
+        &stop_accepting,
+        "unix",
+    ));
     if let Some(l) = ctl_tcp {
-        let svc = Service::new(node.clone());
-        let stop = stop_accepting.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(l);
-        tasks.push(tokio::spawn(async move {
-            let r = tonic::transport::Server::builder()
-                .add_service(svc.into_server())
-                .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                .await;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "control API (tcp) stopped");
-            }
-        }));
+        tasks.push(spawn_grpc(
+            &node,
+            tokio_stream::wrappers::TcpListenerStream::new(l),
+            &stop_accepting,
+            "tcp",
+        ));
     }
     if let Some(l) = metrics {
         let n = node.clone();
@@ -271,6 +221,76 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
         conns,
         stop_accepting,
         drain_timeout: cfg.drain_timeout,
+    })
+}
+
+enum NbdListener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// Accepts NBD connections until `stop`; each is served on the tracker that
+/// shutdown waits for.
+async fn accept_nbd(
+    l: NbdListener,
+    node: Arc<Node>,
+    stop: CancellationToken,
+    conns: tokio_util::task::TaskTracker,
+) {
+    use crate::nbd::server::serve;
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = async {
+                match &l {
+                    NbdListener::Unix(l) => l.accept().await.map(|(s, _)| {
+                        let (rd, wr) = s.into_split();
+                        conns.spawn(serve(node.clone(), rd, wr, Peer::Unix));
+                    }),
+                    NbdListener::Tcp(l) => l.accept().await.map(|(s, peer)| {
+                        let _ = s.set_nodelay(true);
+                        let (rd, wr) = s.into_split();
+                        conns.spawn(serve(node.clone(), rd, wr, Peer::Tcp(peer)));
+                    }),
+                }
+            } => r,
+        };
+        if let Err(e) = accepted {
+            // Out of file descriptors, typically: back off instead of spinning.
+            tracing::warn!(error = %e, "nbd accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Serves the control API on one listener until `stop`.
+fn spawn_grpc<S, IO, E>(
+    node: &Arc<Node>,
+    incoming: S,
+    stop: &CancellationToken,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()>
+where
+    S: tokio_stream::Stream<Item = std::result::Result<IO, E>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let svc = Service::new(node.clone());
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(svc.into_server())
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, listener = what, "control API stopped");
+        }
     })
 }
 
