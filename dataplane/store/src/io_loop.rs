@@ -147,12 +147,19 @@ pub(crate) fn spawn(
         .name("berth-commit".into())
         .spawn(move || commit_groups(&csh, &rx))
         .map_err(io)?;
+    let (wal_tx, wal_rx) = std::sync::mpsc::channel();
+    let wsh = sh.clone();
+    let wal_syncer = std::thread::Builder::new()
+        .name("berth-walsync".into())
+        .spawn(move || sync_wals(&wsh, &wal_rx))
+        .map_err(io)?;
     let thread = std::thread::Builder::new()
         .name("berth-io".into())
         .spawn(move || {
-            Loop::new(sh, engine, tx).run();
-            // The loop dropped its sender: the committer ends after its last group.
+            Loop::new(sh, engine, tx, wal_tx).run();
+            // The loop dropped its senders: the helpers end after their last job.
             let _ = committer.join();
+            let _ = wal_syncer.join();
         })
         .map_err(io)?;
     Ok((thread, name))
@@ -186,6 +193,21 @@ fn commit_groups(sh: &Shared, rx: &std::sync::mpsc::Receiver<Group>) {
         }
         sh.commit_idle.notify_all();
         *sh.committed.lock() = Some(result);
+        if sh.parked.swap(false, Ordering::SeqCst) {
+            if let Some(w) = sh.waker.get() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// The WAL syncer: one synced WAL per request, run while the I/O thread's pool
+/// `fdatasync` is in flight, so a flush costs one device sync's latency, not two
+/// in a row. The result goes back with the sequence number the sync covers.
+fn sync_wals(sh: &Shared, rx: &std::sync::mpsc::Receiver<u64>) {
+    for seq in rx {
+        let result = sh.db.flush_wal(true).map_err(StoreError::from);
+        *sh.wal_synced.lock() = Some((seq, result));
         if sh.parked.swap(false, Ordering::SeqCst) {
             if let Some(w) = sh.waker.get() {
                 w.wake();
@@ -261,6 +283,11 @@ pub(crate) struct Loop {
     /// Slots of the group the committer is writing.
     committing: Vec<usize>,
     committer: std::sync::mpsc::Sender<Group>,
+    wal_syncer: std::sync::mpsc::Sender<u64>,
+    /// The sync in flight: the pool's fdatasync result once it is done, and the
+    /// WAL's (with the sequence it covers) once that is.
+    pool_synced: Option<Option<StoreError>>,
+    wal_synced: Option<(u64, Result<()>)>,
 }
 
 impl Loop {
@@ -268,6 +295,7 @@ impl Loop {
         sh: Arc<Shared>,
         engine: Box<dyn IoEngine>,
         committer: std::sync::mpsc::Sender<Group>,
+        wal_syncer: std::sync::mpsc::Sender<u64>,
     ) -> Self {
         Loop {
             sh,
@@ -283,6 +311,9 @@ impl Loop {
             scratch_layers: Vec::new(),
             committing: Vec::new(),
             committer,
+            wal_syncer,
+            pool_synced: None,
+            wal_synced: None,
         }
     }
 
@@ -308,6 +339,11 @@ impl Loop {
                 let ready = std::mem::take(&mut self.committing);
                 self.end_group(ready, result);
             }
+            let wal = self.sh.wal_synced.lock().take();
+            if let Some(w) = wal {
+                self.wal_synced = Some(w);
+                self.sync_done();
+            }
             if stopping && self.live() == 0 && self.waiting.is_empty() {
                 return;
             }
@@ -323,6 +359,7 @@ impl Loop {
                 self.sh.parked.store(true, Ordering::SeqCst);
                 if !self.sh.queue.lock().is_empty()
                     || self.sh.committed.lock().is_some()
+                    || self.sh.wal_synced.lock().is_some()
                     || self.sh.shutdown.load(Ordering::SeqCst)
                 {
                     self.sh.parked.store(false, Ordering::SeqCst);
@@ -905,7 +942,11 @@ impl Loop {
                     self.commit.push(i);
                 }
             }
-            Phase::Sync => self.sync_done(),
+            Phase::Sync => {
+                let err = self.slot(i).error.take();
+                self.pool_synced = Some(err);
+                self.sync_done();
+            }
             Phase::Commit => {}
         }
     }
@@ -1069,16 +1110,27 @@ impl Loop {
             buf: None,
             user_data: (first as u64) << PIECE_BITS,
         });
+        // The WAL syncs at the same time. Both must finish before any waiter is
+        // answered; their order does not matter for what a flush promises (see
+        // the fault model: every write these waiters were acknowledged already
+        // had its data written and its map in the WAL).
+        let seq = self.sh.inner.lock().seq;
+        if self.wal_syncer.send(seq).is_err() {
+            self.wal_synced = Some((seq, Err(StoreError::ShuttingDown)));
+        }
     }
 
-    /// The pool is synced: sync the WAL, then answer every waiter that was
+    /// Once both the pool and the WAL are synced, answers every waiter that was
     /// there when the sync started.
     fn sync_done(&mut self) {
+        if self.pool_synced.is_none() || self.wal_synced.is_none() {
+            return;
+        }
+        let pool_err = self.pool_synced.take().flatten();
+        let Some((seq, wal)) = self.wal_synced.take() else {
+            return;
+        };
         let waiters = std::mem::take(&mut self.sync_batch);
-        let first = waiters.first().copied();
-        let pool_err = first.and_then(|i| self.slot(i).error.take());
-        let seq = self.sh.inner.lock().seq;
-        let wal = self.sh.db.flush_wal(true);
         if wal.is_ok() && pool_err.is_none() {
             self.sh.inner.lock().synced(seq);
         }

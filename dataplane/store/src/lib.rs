@@ -21,11 +21,18 @@
 //! - Therefore every block reads as its last flushed content or a later
 //!   acknowledged write: never a checksum error, never another volume's data.
 //!
-//! **Power loss / kernel crash**: FLUSH = `fdatasync` of the pool, then a synced
-//! WAL; after it returns, everything acknowledged before it survives. Writes
+//! **Power loss / kernel crash**: FLUSH = `fdatasync` of the pool and a synced
+//! WAL, run at the same time (the pool's on the I/O ring, the WAL's on the
+//! `berth-walsync` thread); the reply waits for both, and after it returns
+//! everything acknowledged before it survives. Their order does not matter:
+//! every write a flush covers already had its data written and its map in the
+//! WAL before it was acknowledged, and the WAL's unsynced pages can reach the
+//! disk before the pool's data at any time anyway (kernel writeback). Writes
 //! acknowledged after the last FLUSH may be lost. If the device lost data it had
 //! acknowledged without the map commit being lost, that block fails its checksum
-//! (EIO), never returns wrong bytes.
+//! (EIO), never returns wrong bytes. (kill -9 tests cannot tell a synced WAL
+//! from an unsynced one: the page cache survives a process crash. This part of
+//! the model rests on the argument above, not on a test.)
 //!
 //! **Torn writes**: a 4 KiB block written partially by a crash is never mapped
 //! (fresh space), so it cannot be read.

@@ -379,6 +379,8 @@ pub(crate) struct Shared {
     pub counters: Counters,
     /// The committer's result for the group in flight, for the I/O thread.
     pub committed: Mutex<Option<Result<()>>>,
+    /// The WAL syncer's result for the sync in flight, with the sequence it covers.
+    pub wal_synced: Mutex<Option<(u64, Result<()>)>>,
     /// Signalled when a group commit has landed.
     pub commit_idle: Condvar,
 }
@@ -545,6 +547,7 @@ impl Store {
             shutdown: AtomicBool::new(false),
             counters: Counters::default(),
             committed: Mutex::new(None),
+            wal_synced: Mutex::new(None),
             commit_idle: Condvar::new(),
         });
         let (thread, engine_name) = io_loop::spawn(shared.clone(), cfg.engine, cfg.queue_depth)?;
