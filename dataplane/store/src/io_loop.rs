@@ -180,18 +180,7 @@ pub(crate) struct Group {
 /// the outcome the I/O thread picks up to answer the writes.
 fn commit_groups(sh: &Shared, rx: &std::sync::mpsc::Receiver<Group>) {
     for g in rx {
-        let result = sh.db.write(g.batch).map_err(StoreError::from);
-        {
-            let mut inner = sh.inner.lock();
-            if result.is_ok() {
-                for (tree, lba, e) in g.staged {
-                    inner.cache.set(tree, lba, e);
-                }
-                inner.free_blocks(&g.freed);
-            }
-            inner.groups_in_flight -= 1;
-        }
-        sh.commit_idle.notify_all();
+        let result = write_group(sh, g);
         *sh.committed.lock() = Some(result);
         if sh.parked.swap(false, Ordering::SeqCst) {
             if let Some(w) = sh.waker.get() {
@@ -199,6 +188,24 @@ fn commit_groups(sh: &Shared, rx: &std::sync::mpsc::Receiver<Group>) {
             }
         }
     }
+}
+
+/// Writes a staged group's batch and publishes it: head cache, frees, and the
+/// end of the group for control operations waiting in `lock_quiesced`.
+fn write_group(sh: &Shared, g: Group) -> Result<()> {
+    let result = sh.db.write(g.batch).map_err(StoreError::from);
+    {
+        let mut inner = sh.inner.lock();
+        if result.is_ok() {
+            for (tree, lba, e) in g.staged {
+                inner.cache.set(tree, lba, e);
+            }
+            inner.free_blocks(&g.freed);
+        }
+        inner.groups_in_flight -= 1;
+    }
+    sh.commit_idle.notify_all();
+    result
 }
 
 /// The WAL syncer: one synced WAL per request, run while the I/O thread's pool
@@ -1024,12 +1031,20 @@ impl Loop {
                 // group to land (see `Shared::lock_quiesced`).
                 inner.groups_in_flight += 1;
                 drop(inner);
-                self.committing = ready;
                 let group = Group {
                     batch,
                     staged,
                     freed,
                 };
+                if self.live() == ready.len() {
+                    // Nothing else is in flight, so nothing waits behind this
+                    // group on the I/O thread: write it here and spare the two
+                    // thread hand-offs (what a lone, queue-depth-1 write pays).
+                    let result = write_group(&self.sh, group);
+                    self.end_group(ready, result);
+                    return;
+                }
+                self.committing = ready;
                 if let Err(std::sync::mpsc::SendError(group)) = self.committer.send(group) {
                     // The committer is gone (it never exits before the loop).
                     drop(group);
