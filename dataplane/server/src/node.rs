@@ -143,6 +143,19 @@ impl Node {
                 overrides: Overrides::default(),
             });
         }
+        // Grants whose volume or snapshot is gone (a delete interrupted between
+        // the store and this file) must not outlive it.
+        state.grants.retain(|_, g| {
+            let id = match g.kind {
+                TargetKind::Volume => store.volume(&g.name).map(|v| v.id),
+                TargetKind::Snapshot => store.snapshot(&g.name).map(|s| s.id),
+            };
+            let keep = id.is_ok_and(|id| g.target_id == 0 || g.target_id == id);
+            if !keep {
+                tracing::warn!(export = %g.name, client = %g.client, "dropping a grant whose target is gone");
+            }
+            keep
+        });
         Ok(Node {
             store,
             audit,
@@ -344,9 +357,9 @@ impl Node {
                 )));
             }
             match self.store.delete_volume(name) {
-                Ok(()) => {}
-                // Deleting what is gone is success (CSI's DeleteVolume).
-                Err(StoreError::NotFound { .. }) => return Ok(()),
+                // Deleting what is gone is success (CSI's DeleteVolume); its
+                // grants go either way.
+                Ok(()) | Err(StoreError::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
             let mut st = self.state.lock();
@@ -490,12 +503,16 @@ impl Node {
                     "peer_address {peer_address:?} is not an IP address"
                 )));
             }
-            match kind {
-                TargetKind::Volume => drop(self.store.volume(name)?),
-                TargetKind::Snapshot => drop(self.store.snapshot(name)?),
-            }
+            let target_id = match kind {
+                TargetKind::Volume => self.store.volume(name)?.id,
+                TargetKind::Snapshot => self.store.snapshot(name)?.id,
+            };
             let read_only = read_only || kind == TargetKind::Snapshot;
             let mut st = self.state.lock();
+            // A grant left from an earlier object of the same name is replaced.
+            st.grants.retain(|_, g| {
+                !(g.kind == kind && g.name == name && g.target_id != target_id && g.target_id != 0)
+            });
             if let Some(g) = st
                 .grants
                 .values()
@@ -519,6 +536,7 @@ impl Node {
                 peer_address: peer_address.to_string(),
                 token: new_token().map_err(ServerError::io("token"))?,
                 granted_unix: now_unix(),
+                target_id,
             };
             st.grants.insert(g.token.clone(), g.clone());
             self.save(&st)?;
@@ -544,7 +562,8 @@ impl Node {
             }
             st.grants.remove(token);
             self.save(&st)?;
-            drop(st);
+            // Still under the state lock: a connection registers under it too
+            // (see `register_conn`), so none can slip in after this sweep.
             let mut closed = 0;
             for c in self.conns.lock().values() {
                 if c.token == token {
@@ -552,6 +571,7 @@ impl Node {
                     closed += 1;
                 }
             }
+            drop(st);
             Ok(closed)
         })();
         self.audited(caller, "RevokeExport", name, r)
@@ -585,7 +605,8 @@ impl Node {
                 .peer_address
                 .parse()
                 .map_err(|_| Refusal::Policy("grant has a bad peer address".into()))?;
-            if addr.ip() != allowed {
+            // An IPv4 client on a dual-stack listener shows as ::ffff:a.b.c.d.
+            if addr.ip().to_canonical() != allowed.to_canonical() {
                 return Err(Refusal::Policy(format!(
                     "export {name:?} is granted to {} only",
                     grant.peer_address
@@ -593,16 +614,22 @@ impl Node {
             }
         }
         let gone = |e: StoreError| Refusal::Unknown(e.to_string());
-        let (target, size_bytes) = match grant.kind {
+        let (target, size_bytes, id) = match grant.kind {
             TargetKind::Volume => {
                 let v = self.store.volume(&grant.name).map_err(gone)?;
-                (Target::Volume(v.id), v.size_bytes)
+                (Target::Volume(v.id), v.size_bytes, v.id)
             }
             TargetKind::Snapshot => {
                 let s = self.store.snapshot(&grant.name).map_err(gone)?;
-                (Target::Snapshot(s.id), s.size_bytes)
+                (Target::Snapshot(s.id), s.size_bytes, s.id)
             }
         };
+        if grant.target_id != 0 && grant.target_id != id {
+            return Err(Refusal::Unknown(format!(
+                "export {name:?} was granted for an earlier {} of that name",
+                grant.kind.as_str()
+            )));
+        }
         let runtime = self
             .runtime(grant.kind, &grant.name)
             .map_err(|e| Refusal::Unknown(e.to_string()))?;
@@ -617,11 +644,19 @@ impl Node {
 
     // ---- connections -----------------------------------------------------------
 
+    /// Records a connection entering transmission, if its grant still stands.
+    /// Checked and inserted under the state lock, which `revoke` holds while it
+    /// closes a grant's connections: a revoke either sees this connection or
+    /// this check sees the revoke.
     pub fn register_conn(
         &self,
         r: &Resolved,
         peer: Peer,
-    ) -> (u64, CancellationToken, Arc<ConnCounters>) {
+    ) -> Option<(u64, CancellationToken, Arc<ConnCounters>)> {
+        let st = self.state.lock();
+        if st.grants.get(&r.grant.token) != Some(&r.grant) {
+            return None;
+        }
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let cancel = self.shutdown.child_token();
         let counters = Arc::new(ConnCounters::default());
@@ -637,8 +672,9 @@ impl Node {
                 counters: counters.clone(),
             },
         );
+        drop(st);
         r.runtime.metrics.connections.inc();
-        (id, cancel, counters)
+        Some((id, cancel, counters))
     }
 
     pub fn unregister_conn(&self, id: u64, r: &Resolved) {

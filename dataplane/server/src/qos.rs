@@ -291,6 +291,8 @@ pub struct PoolGate {
     last_active: [AtomicU64; PRIORITIES],
     epoch: Instant,
     changed: Notify,
+    /// Requests waiting in `enter`: exits notify only when someone waits.
+    waiting: AtomicU32,
 }
 
 impl Default for PoolGate {
@@ -300,6 +302,7 @@ impl Default for PoolGate {
             last_active: Default::default(),
             epoch: Instant::now(),
             changed: Notify::new(),
+            waiting: AtomicU32::new(0),
         }
     }
 }
@@ -326,15 +329,27 @@ impl PoolGate {
     /// Waits until a request of priority `prio` may go to the pool and counts it.
     pub async fn enter(&self, prio: usize) {
         let prio = prio.min(PRIORITIES - 1);
-        while !self.may_enter(prio) {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.may_enter(prio) {
-                break;
+        if !self.may_enter(prio) {
+            // Counted while waiting, uncounted however the wait ends (the
+            // future may be dropped).
+            struct Waiting<'a>(&'a AtomicU32);
+            impl Drop for Waiting<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                }
             }
-            // The "recently active" window also ends by time alone.
-            let _ = tokio::time::timeout(Duration::from_millis(2), notified).await;
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let _counted = Waiting(&self.waiting);
+            while !self.may_enter(prio) {
+                let notified = self.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.may_enter(prio) {
+                    break;
+                }
+                // The "recently active" window also ends by time alone.
+                let _ = tokio::time::timeout(Duration::from_millis(2), notified).await;
+            }
         }
         self.inflight[prio].fetch_add(1, Ordering::Relaxed);
         self.last_active[prio].store(self.now_ns(), Ordering::Relaxed);
@@ -343,8 +358,8 @@ impl PoolGate {
     /// A request of priority `prio` has left the pool.
     pub fn exit(&self, prio: usize) {
         let prio = prio.min(PRIORITIES - 1);
-        self.inflight[prio].fetch_sub(1, Ordering::Relaxed);
-        if prio + 1 < PRIORITIES {
+        self.inflight[prio].fetch_sub(1, Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
             self.changed.notify_waiters();
         }
     }

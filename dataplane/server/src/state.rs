@@ -46,6 +46,10 @@ pub struct Grant {
     /// 128 random bits, hex: the secret in the export name.
     pub token: String,
     pub granted_unix: u64,
+    /// The store id of the volume or snapshot granted: a later object that
+    /// reuses the name is not reachable through this grant.
+    #[serde(default)]
+    pub target_id: u64,
 }
 
 impl Grant {
@@ -142,6 +146,7 @@ mod tests {
                 peer_address: String::new(),
                 token,
                 granted_unix: 1,
+                target_id: 7,
             },
         );
         f.save(&s).expect("save");

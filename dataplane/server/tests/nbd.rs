@@ -92,8 +92,10 @@ async fn reads_writes_trims_zeroes_and_block_status_over_unix_and_tcp() {
         .await
         .unwrap();
     assert_eq!(a.recv().await.unwrap().error, EINVAL);
-    // Zero-length requests succeed.
-    assert_eq!(a.read(0, 0).await.unwrap(), Vec::<u8>::new());
+    // Zero-length requests succeed; a READ still gets a structured reply.
+    a.send(CMD_READ, 0, 0, 0, &[]).await.unwrap();
+    let r = a.recv().await.unwrap();
+    assert!(r.structured && r.error == 0 && r.data.is_empty(), "{r:?}");
 
     // Many requests in flight, answered (possibly out of order) by handle.
     let mut sent = std::collections::HashMap::new();
@@ -800,5 +802,72 @@ async fn a_flipped_bit_is_eio_on_the_wire_a_metric_and_a_scrub_finding() {
     c.write(8 * 4096, &mark, true).await.unwrap();
     assert_eq!(c.read(8 * 4096, 4096).await.unwrap(), mark);
     c.disconnect().await.unwrap();
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_cannot_outlive_a_revoke_or_reach_a_new_volume_of_the_same_name() {
+    use berth_volume::node::{Caller, Peer};
+    let mut f = start().await;
+    f.volume("re", 16 * MIB).await;
+    let e = f.grant(pb::TargetKind::Volume, "re", "n").await;
+    // Revoked between a client's handshake and its first request: refused.
+    let node = f.server.as_ref().unwrap().node.clone();
+    let resolved = node.resolve(&e.export_name, &Peer::Unix).unwrap();
+    node.revoke(&Caller::default(), &e.export_name).unwrap();
+    assert!(node.register_conn(&resolved, Peer::Unix).is_none());
+    // (These hold the store, and with it the pool's lock, open.)
+    drop((resolved, node));
+
+    // A grant left behind by a delete that crashed before the server state was
+    // saved (simulated by writing it back) must not reach a new "re".
+    let e = f.grant(pb::TargetKind::Volume, "re", "n").await;
+    f.stop().await;
+    let state_path = f.dir.path().join("server-state.json");
+    let saved = std::fs::read(&state_path).unwrap();
+    let dir = std::mem::replace(&mut f.dir, tempfile::tempdir().unwrap());
+    let mut f2 = start_in(dir).await;
+    f2.api
+        .delete_volume(pb::DeleteVolumeRequest { name: "re".into() })
+        .await
+        .unwrap();
+    f2.stop().await;
+    std::fs::write(&state_path, &saved).unwrap();
+    let dir = std::mem::replace(&mut f2.dir, tempfile::tempdir().unwrap());
+    let mut f3 = start_in(dir).await;
+    f3.volume("re", 16 * MIB).await;
+    let s = tokio::net::UnixStream::connect(&f3.bound().nbd_socket)
+        .await
+        .unwrap();
+    assert!(matches!(
+        Client::connect(s, &e.export_name).await,
+        Err(ClientError::Refused {
+            reply: REP_ERR_UNKNOWN,
+            ..
+        })
+    ));
+    f3.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_guessing_export_names_is_cut_off() {
+    let mut f = start().await;
+    let mut s = tokio::net::TcpStream::connect(f.bound().nbd_tcp.unwrap())
+        .await
+        .unwrap();
+    client::greet(&mut s).await.unwrap();
+    let mut refused = 0;
+    for i in 0..10 {
+        let name = format!("guess@{i:032}");
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        match client::option(&mut s, OPT_GO, &d).await {
+            Err(ClientError::Refused { .. }) => refused += 1,
+            Err(_) => break,
+            Ok(_) => panic!("a guessed name was served"),
+        }
+    }
+    assert_eq!(refused, 3, "the fourth refusal closes the connection");
     f.stop().await;
 }

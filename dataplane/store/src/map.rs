@@ -206,6 +206,52 @@ pub fn ancestor_lbas(db: &DB, layers: &[Layer], lba: u64, n: u64) -> Result<Vec<
     Ok(found.into_iter().collect())
 }
 
+/// Like [`ancestor_lbas`], looking at no more than `limit` entries per layer and
+/// family: returns the LBAs found below the returned end, which is where the
+/// answer is complete (`lba + n` unless a scan stopped early).
+pub fn ancestor_lbas_upto(
+    db: &DB,
+    layers: &[Layer],
+    lba: u64,
+    n: u64,
+    limit: usize,
+) -> Result<(Vec<u64>, u64)> {
+    let mut found = std::collections::BTreeSet::new();
+    let mut complete_to = lba + n;
+    for l in layers {
+        let end = (lba + n).min(l.limit_blocks);
+        if lba >= end {
+            continue;
+        }
+        for family in [CF_HEAD, CF_HISTORY] {
+            let mut it = db.raw_iterator_cf(cf(db, family));
+            it.seek(meta::head_key(l.tree, lba));
+            let mut seen = 0;
+            while let Some(k) = it.key() {
+                match meta::parse_key(k) {
+                    Some((t, x, _)) if t == l.tree && x < end => {
+                        if seen == limit && !found.contains(&x) {
+                            // Entries of this layer past here were not looked at.
+                            complete_to = complete_to.min(x);
+                            break;
+                        }
+                        if found.insert(x) {
+                            seen += 1;
+                        }
+                    }
+                    _ => break,
+                }
+                it.next();
+            }
+            it.status()?;
+        }
+    }
+    Ok((
+        found.into_iter().filter(|&x| x < complete_to).collect(),
+        complete_to,
+    ))
+}
+
 /// The decision for one block written at the head of a live tree.
 pub struct HeadUpdate<'a> {
     pub db: &'a DB,

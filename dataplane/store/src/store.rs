@@ -29,8 +29,10 @@ use crate::pool::{Pool, BLOCK_SIZE};
 pub const MAX_NAME_BYTES: usize = 253;
 /// Largest volume: 2^60 bytes (1 EiB) keeps every block and byte offset in range.
 pub const MAX_VOLUME_BYTES: u64 = 1 << 60;
-/// Most blocks one [`Store::block_status`] call looks at (1 GiB of address space).
-pub const BLOCK_STATUS_MAX_BLOCKS: u64 = 1 << 18;
+/// Most mapped blocks one [`Store::block_status`] call examines (per layer); a
+/// sparse range costs nothing however large, and the catalog lock is held
+/// briefly whatever is asked.
+pub const BLOCK_STATUS_MAX_BLOCKS: u64 = 4096;
 
 /// A run of a target's address space: `data` is backed by pool blocks; otherwise
 /// it reads as zeros and holds no space (never written, trimmed or zeroed).
@@ -859,8 +861,9 @@ impl Store {
 
     /// How `[offset, offset + len)` of a target is backed, as runs of extents in
     /// order from `offset` (what NBD's `base:allocation` reports, so sparse-aware
-    /// clients skip holes). Stops early after [`BLOCK_STATUS_MAX_BLOCKS`]: the
-    /// caller asks again from where the answer ends. O(mapped blocks in range).
+    /// clients skip holes). Stops early after examining
+    /// [`BLOCK_STATUS_MAX_BLOCKS`] mapped blocks: the caller asks again from where
+    /// the answer ends. O(mapped blocks examined), not O(range).
     pub fn block_status(&self, target: Target, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let sh = &self.shared;
         let mut inner = sh.inner.lock();
@@ -877,11 +880,15 @@ impl Store {
             });
         };
         let first = offset / BLOCK_SIZE;
-        let last = end
-            .div_ceil(BLOCK_SIZE)
-            .min(first + BLOCK_STATUS_MAX_BLOCKS);
-        let end = end.min(last * BLOCK_SIZE);
-        let mapped = map::ancestor_lbas(&sh.db, &layers, first, last - first)?;
+        let last = end.div_ceil(BLOCK_SIZE);
+        let (mapped, complete_to) = map::ancestor_lbas_upto(
+            &sh.db,
+            &layers,
+            first,
+            last - first,
+            BLOCK_STATUS_MAX_BLOCKS as usize,
+        )?;
+        let end = end.min(complete_to * BLOCK_SIZE);
         let mut out: Vec<Extent> = Vec::new();
         let push = |out: &mut Vec<Extent>, from: u64, to: u64, data: bool| {
             if to <= from {

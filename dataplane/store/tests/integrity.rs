@@ -493,3 +493,41 @@ fn block_status_reports_data_and_holes_through_snapshots_and_clones() {
         Err(StoreError::OutOfRange { .. })
     ));
 }
+
+#[test]
+fn block_status_answers_in_bounded_steps_that_add_up() {
+    use berth_store::BLOCK_STATUS_MAX_BLOCKS;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::create(&StoreConfig::new(dir.path(), 128 << 20)).expect("create");
+    // 1 TiB thin volume: data in every other MiB of the first 40 MiB.
+    store.create_volume("big", 1 << 40).expect("volume");
+    let v = store.volume_target("big").expect("target");
+    let chunk = vec![0x5au8; 1 << 20];
+    for mib in (0..40u64).step_by(2) {
+        store.write(v, mib << 20, &chunk, false).expect("write");
+    }
+    let mapped_blocks = 20 * 256;
+    assert!(mapped_blocks > BLOCK_STATUS_MAX_BLOCKS);
+    let first = store.block_status(v, 0, 1 << 40).expect("status");
+    let covered: u64 = first.iter().map(|e| e.len_bytes).sum();
+    assert!(
+        covered < 40 << 20,
+        "one call stops after a bounded number of mapped blocks"
+    );
+    // Walking the whole terabyte from where each answer ends.
+    let (mut at, mut data, mut calls) = (0u64, 0u64, 0);
+    while at < 1 << 40 {
+        let ext = store.block_status(v, at, (1 << 40) - at).expect("status");
+        assert!(!ext.is_empty());
+        for e in &ext {
+            if e.data {
+                assert_eq!((at >> 20) % 2, 0, "data only in even MiBs (at {at})");
+                data += e.len_bytes;
+            }
+            at += e.len_bytes;
+        }
+        calls += 1;
+    }
+    assert_eq!(data, 20 << 20);
+    assert!(calls <= 4, "{calls} calls");
+}

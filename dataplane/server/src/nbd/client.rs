@@ -31,6 +31,8 @@ pub struct ReplyMsg {
     /// READ data, or the block status extents' raw descriptors (len, flags).
     pub data: Vec<u8>,
     pub extents: Vec<(u32, u32)>,
+    /// Whether it came as structured reply chunks (READ must, once negotiated).
+    pub structured: bool,
 }
 
 #[derive(Debug)]
@@ -187,6 +189,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     error,
                     data: Vec::new(),
                     extents: Vec::new(),
+                    structured: false,
                 })
             }
             STRUCTURED_REPLY_MAGIC => {
@@ -195,6 +198,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                     error: 0,
                     data: Vec::new(),
                     extents: Vec::new(),
+                    structured: true,
                 };
                 let mut magic = magic;
                 loop {

@@ -311,7 +311,12 @@ pub fn put_chunk_header(out: &mut Vec<u8>, flags: u16, kind: u16, handle: u64, l
 
 /// A final NBD_REPLY_TYPE_ERROR chunk with a message for people.
 pub fn put_error_chunk(out: &mut Vec<u8>, handle: u64, error: u32, message: &str) {
-    let msg = &message.as_bytes()[..message.len().min(MAX_STRING_BYTES)];
+    // At most 4096 bytes, cut on a character boundary.
+    let mut end = message.len().min(MAX_STRING_BYTES);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let msg = &message.as_bytes()[..end];
     put_chunk_header(
         out,
         REPLY_FLAG_DONE,

@@ -40,6 +40,11 @@ pub const MAX_INFLIGHT: usize = 512;
 const MAX_INFLIGHT_UNITS: usize = (128 << 20) / 4096;
 /// Time a client has to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a started request frame (header or WRITE payload) may take to arrive.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// BLOCK_STATUS requests one connection may have running at once (each holds
+/// the store's catalog lock while it scans).
+const MAX_BLOCK_STATUS: usize = 2;
 /// Longest a reply batch may wait for the client to read it.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Option payloads up to this size are read and refused with ERR_TOO_BIG;
@@ -120,12 +125,17 @@ async fn send_reply<W: AsyncWrite + Unpin>(
     wr.write_all(&out).await
 }
 
+/// Refused export lookups one connection may make before it is closed: each
+/// one is a durable audit write, which must not be free to repeat.
+const MAX_REFUSALS: u32 = 4;
+
 fn audit_refusal(node: &Node, export: &str, peer: &Peer, why: &str) {
     let (name, _) = crate::node::split_export_name(export);
+    let name: String = name.chars().take(256).collect();
     node.audit.record(AuditEvent {
         action: "refused".into(),
         client: String::new(),
-        target: name.to_string(),
+        target: name,
         result: why.to_string(),
         peer: peer.to_string(),
         ..Default::default()
@@ -163,6 +173,15 @@ where
     }
     let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
+    let mut refusals = 0u32;
+    let mut refused = |node: &Node, export: &str, why: &str| -> Result<(), ConnError> {
+        audit_refusal(node, export, peer, why);
+        refusals += 1;
+        if refusals >= MAX_REFUSALS {
+            return Err(ConnError::Protocol(format!("{refusals} refused exports")));
+        }
+        Ok(())
+    };
     // SET_META_CONTEXT's selection: (export name it was for, base:allocation chosen).
     let mut meta: Option<(String, bool)> = None;
     loop {
@@ -170,7 +189,8 @@ where
         rd.read_exact(&mut h).await?;
         let opt = parse_option_header(&h).map_err(|e| ConnError::Protocol(e.to_string()))?;
         if opt.len > MAX_OPTION_BYTES {
-            if opt.len > SKIP_OPTION_BYTES {
+            // EXPORT_NAME has no reply header: its only refusal is closing.
+            if opt.len > SKIP_OPTION_BYTES || opt.option == OPT_EXPORT_NAME {
                 return Err(ConnError::Protocol(format!(
                     "option {} of {} bytes",
                     opt.option, opt.len
@@ -183,6 +203,9 @@ where
         let mut data = vec![0u8; opt.len as usize];
         rd.read_exact(&mut data).await?;
         if node.shutdown.is_cancelled() && opt.option != OPT_ABORT {
+            if opt.option == OPT_EXPORT_NAME {
+                return Err(ConnError::Protocol("shutting down".into()));
+            }
             send_reply(wr, opt.option, REP_ERR_SHUTDOWN, b"server is shutting down").await?;
             continue;
         }
@@ -207,7 +230,7 @@ where
                         }));
                     }
                     Err(Refusal::Unknown(why) | Refusal::Policy(why)) => {
-                        audit_refusal(node, &name, peer, &why);
+                        let _ = refused(node, &name, &why);
                         // The only way to refuse EXPORT_NAME is to close.
                         return Err(ConnError::Protocol(format!("refused export: {why}")));
                     }
@@ -290,7 +313,7 @@ where
                 }
                 if let Err(r) = node.resolve(&req.name, peer) {
                     let (code, why) = refusal_reply(r);
-                    audit_refusal(node, &req.name, peer, &why);
+                    refused(node, &req.name, &why)?;
                     send_reply(wr, opt.option, code, why.as_bytes()).await?;
                     continue;
                 }
@@ -327,7 +350,7 @@ where
                     Ok(x) => x,
                     Err(r) => {
                         let (code, why) = refusal_reply(r);
-                        audit_refusal(node, &req.name, peer, &why);
+                        refused(node, &req.name, &why)?;
                         send_reply(wr, opt.option, code, why.as_bytes()).await?;
                         continue;
                     }
@@ -443,6 +466,7 @@ struct Conn {
     done: Arc<Completions>,
     slots: Semaphore,
     units: Semaphore,
+    block_status: Arc<Semaphore>,
     counters: Arc<ConnCounters>,
     structured: bool,
     meta_context: bool,
@@ -468,7 +492,15 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (conn_id, cancel, counters) = node.register_conn(&s.export, peer.clone());
+    let Some((conn_id, cancel, counters)) = node.register_conn(&s.export, peer.clone()) else {
+        audit_refusal(
+            &node,
+            &s.export.grant.export_name(),
+            &peer,
+            "export revoked during the handshake",
+        );
+        return;
+    };
     let g = &s.export.grant;
     let span = tracing::info_span!("nbd", volume = %g.name, client = %g.client, peer = %peer);
     tracing::info!(parent: &span, kind = g.kind.as_str(), read_only = s.export.read_only, "export connected");
@@ -499,6 +531,7 @@ where
         }),
         slots: Semaphore::new(MAX_INFLIGHT),
         units: Semaphore::new(MAX_INFLIGHT_UNITS),
+        block_status: Arc::new(Semaphore::new(MAX_BLOCK_STATUS)),
         counters,
         structured: s.structured,
         meta_context: s.meta_context,
@@ -560,12 +593,15 @@ async fn reader<R: AsyncBufRead + Unpin>(
                 Err(e) => return format!("read failed: {e}"),
             },
         }
-        match rd.read_exact(&mut hdr).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+        // A frame that has started must finish in reasonable time, or a client
+        // could hold a revoke or a shutdown open with half a header.
+        match tokio::time::timeout(FRAME_TIMEOUT, rd.read_exact(&mut hdr)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 return "client closed the connection mid-request".into()
             }
-            Err(e) => return format!("read failed: {e}"),
+            Ok(Err(e)) => return format!("read failed: {e}"),
+            Err(_) => return format!("request header unfinished after {FRAME_TIMEOUT:?}"),
         }
         let req = match parse_request(&hdr) {
             Ok(r) => r,
@@ -684,9 +720,12 @@ async fn handle<R: AsyncRead + Unpin>(
     let mut payload = None;
     if req.command == CMD_WRITE {
         let (mut buf, start) = store.write_buffer(req.offset, req.len as usize);
-        rd.read_exact(&mut buf.as_mut_slice()[start..start + req.len as usize])
-            .await
-            .map_err(|e| format!("client vanished mid-write: {e}"))?;
+        let body = &mut buf.as_mut_slice()[start..start + req.len as usize];
+        match tokio::time::timeout(FRAME_TIMEOUT, rd.read_exact(body)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("client vanished mid-write: {e}")),
+            Err(_) => return Err(format!("write payload unfinished after {FRAME_TIMEOUT:?}")),
+        }
         payload = Some(buf);
     }
     let refuse = |pending: Pending, errno: u32, msg: &'static str| {
@@ -735,11 +774,28 @@ async fn handle<R: AsyncRead + Unpin>(
                 refuse(pending, EINVAL, "no metadata context was negotiated");
                 return Ok(());
             }
+            // Counted as an operation against the volume's limits, and at most
+            // MAX_BLOCK_STATUS running per connection.
+            ex.runtime.limiter.admit(0).await;
+            let permit = conn
+                .block_status
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| "closing".to_string())?;
             let tag = conn.done.pending.lock().insert(pending) as u64;
             let (store, done, target) = (store.clone(), conn.done.clone(), ex.target);
             tokio::task::spawn_blocking(move || {
-                let r = store.block_status(target, req.offset, len);
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    store.block_status(target, req.offset, len)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(StoreError::FailedPrecondition(
+                        "internal error in block status".into(),
+                    ))
+                });
                 done.push(Completion::Status(tag, r));
+                drop(permit);
             });
             return Ok(());
         }
@@ -974,6 +1030,16 @@ fn encode(conn: &Conn, c: Completion, b: &mut Batch) {
     m.latency.observe(p.started.elapsed().as_secs_f64());
     if errno != 0 && conn.structured && matches!(p.command, CMD_READ | CMD_BLOCK_STATUS) {
         put_error_chunk(&mut b.headers, p.handle, errno, &msg);
+    } else if conn.structured && p.command == CMD_READ {
+        // A READ never gets a simple reply once structured replies are on (a
+        // zero-length read is the only successful one without data).
+        put_chunk_header(
+            &mut b.headers,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_NONE,
+            p.handle,
+            0,
+        );
     } else {
         put_simple_reply(&mut b.headers, errno, p.handle);
     }
