@@ -539,8 +539,13 @@ where
         broken: tokio_util::sync::CancellationToken::new(),
     });
     let writer = tokio::spawn(writer(conn.clone(), wr));
-    // Buffered: a burst of pipelined request headers costs one recv, not one each.
-    let mut rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
+    // A buffer of exactly one request header: `fill_buf` gives the reader a
+    // cancel-safe wait for the next request, and a WRITE payload finds the
+    // buffer empty (unless its header arrived in pieces) and is received
+    // straight into the store's registered buffer: BufReader bypasses an empty
+    // buffer for reads at least its size. A 64 KiB buffer saved syscalls but
+    // copied payloads; the difference was within the noise of `berth-bench nbd`.
+    let mut rd = tokio::io::BufReader::with_capacity(REQUEST_BYTES, rd);
     let why = reader(&conn, &mut rd, &cancel).await;
     conn.reader_done.store(true, Ordering::SeqCst);
     conn.done.ready.notify_one();
