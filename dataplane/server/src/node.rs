@@ -347,31 +347,41 @@ impl Node {
     }
 
     pub fn delete_volume(&self, caller: &Caller, name: &str) -> Result<()> {
-        let r = (|| {
-            self.check_running()?;
-            let users = self.connections_to(TargetKind::Volume, name);
-            if !users.is_empty() {
-                return Err(ServerError::FailedPrecondition(format!(
-                    "volume {name:?} is in use by {}; revoke its exports first",
-                    users.join(", ")
-                )));
-            }
-            match self.store.delete_volume(name) {
-                // Deleting what is gone is success (CSI's DeleteVolume); its
-                // grants go either way.
-                Ok(()) | Err(StoreError::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let mut st = self.state.lock();
-            st.volumes.remove(name);
-            st.grants
-                .retain(|_, g| !(g.kind == TargetKind::Volume && g.name == name));
-            self.save(&st)?;
-            drop(st);
-            self.forget_runtime(TargetKind::Volume, name);
-            Ok(())
-        })();
+        let r = self.delete_target(TargetKind::Volume, name, || self.store.delete_volume(name));
         self.audited(caller, "DeleteVolume", name, r)
+    }
+
+    /// Deletes a volume or snapshot that no connection uses, with its grants,
+    /// QoS record and metrics. Deleting what is gone is success (CSI's
+    /// DeleteVolume / DeleteSnapshot), and its grants go either way.
+    fn delete_target(
+        &self,
+        kind: TargetKind,
+        name: &str,
+        delete: impl FnOnce() -> berth_store::Result<()>,
+    ) -> Result<()> {
+        self.check_running()?;
+        let users = self.connections_to(kind, name);
+        if !users.is_empty() {
+            return Err(ServerError::FailedPrecondition(format!(
+                "{} {name:?} is in use by {}; revoke its exports first",
+                kind.as_str(),
+                users.join(", ")
+            )));
+        }
+        match delete() {
+            Ok(()) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut st = self.state.lock();
+        if kind == TargetKind::Volume {
+            st.volumes.remove(name);
+        }
+        st.grants.retain(|_, g| !(g.kind == kind && g.name == name));
+        self.save(&st)?;
+        drop(st);
+        self.forget_runtime(kind, name);
+        Ok(())
     }
 
     pub fn resize_volume(
@@ -456,27 +466,9 @@ impl Node {
     }
 
     pub fn delete_snapshot(&self, caller: &Caller, name: &str) -> Result<()> {
-        let r = (|| {
-            self.check_running()?;
-            let users = self.connections_to(TargetKind::Snapshot, name);
-            if !users.is_empty() {
-                return Err(ServerError::FailedPrecondition(format!(
-                    "snapshot {name:?} is exported to {}; revoke its exports first",
-                    users.join(", ")
-                )));
-            }
-            match self.store.delete_snapshot(name) {
-                Ok(()) | Err(StoreError::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let mut st = self.state.lock();
-            st.grants
-                .retain(|_, g| !(g.kind == TargetKind::Snapshot && g.name == name));
-            self.save(&st)?;
-            drop(st);
-            self.forget_runtime(TargetKind::Snapshot, name);
-            Ok(())
-        })();
+        let r = self.delete_target(TargetKind::Snapshot, name, || {
+            self.store.delete_snapshot(name)
+        });
         self.audited(caller, "DeleteSnapshot", name, r)
     }
 

@@ -182,28 +182,7 @@ pub fn heads_in(
 /// LBAs in `[lba, lba + n)` for which any ancestor layer holds any entry: the only
 /// places where a clone's hole could show its parent's data.
 pub fn ancestor_lbas(db: &DB, layers: &[Layer], lba: u64, n: u64) -> Result<Vec<u64>> {
-    let mut found = std::collections::BTreeSet::new();
-    for l in layers {
-        let end = (lba + n).min(l.limit_blocks);
-        if lba >= end {
-            continue;
-        }
-        for family in [CF_HEAD, CF_HISTORY] {
-            let mut it = db.raw_iterator_cf(cf(db, family));
-            it.seek(meta::head_key(l.tree, lba));
-            while let Some(k) = it.key() {
-                match meta::parse_key(k) {
-                    Some((t, x, _)) if t == l.tree && x < end => {
-                        found.insert(x);
-                    }
-                    _ => break,
-                }
-                it.next();
-            }
-            it.status()?;
-        }
-    }
-    Ok(found.into_iter().collect())
+    Ok(ancestor_lbas_upto(db, layers, lba, n, usize::MAX)?.0)
 }
 
 /// Like [`ancestor_lbas`], looking at no more than `limit` entries per layer and
