@@ -129,17 +129,30 @@ async fn send_reply<W: AsyncWrite + Unpin>(
 /// one is a durable audit write, which must not be free to repeat.
 const MAX_REFUSALS: u32 = 4;
 
-fn audit_refusal(node: &Node, export: &str, peer: &Peer, why: &str) {
+/// Appends an audit event (an fdatasync) on a blocking thread, and waits for it
+/// so events stay in order without stalling the async workers.
+async fn audit(node: &Arc<Node>, ev: AuditEvent) {
+    let n = node.clone();
+    if let Err(e) = tokio::task::spawn_blocking(move || n.audit.record(ev)).await {
+        tracing::error!(error = %e, "audit task failed");
+    }
+}
+
+async fn audit_refusal(node: &Arc<Node>, export: &str, peer: &Peer, why: &str) {
     let (name, _) = crate::node::split_export_name(export);
     let name: String = name.chars().take(256).collect();
-    node.audit.record(AuditEvent {
-        action: "refused".into(),
-        client: String::new(),
-        target: name,
-        result: why.to_string(),
-        peer: peer.to_string(),
-        ..Default::default()
-    });
+    audit(
+        node,
+        AuditEvent {
+            action: "refused".into(),
+            client: String::new(),
+            target: name,
+            result: why.to_string(),
+            peer: peer.to_string(),
+            ..Default::default()
+        },
+    )
+    .await;
 }
 
 fn refusal_reply(r: Refusal) -> (u32, String) {
@@ -149,8 +162,25 @@ fn refusal_reply(r: Refusal) -> (u32, String) {
     }
 }
 
+/// Audits a refused export lookup and counts it; past the limit, the
+/// connection ends.
+async fn refused(
+    node: &Arc<Node>,
+    export: &str,
+    peer: &Peer,
+    why: &str,
+    refusals: &mut u32,
+) -> Result<(), ConnError> {
+    audit_refusal(node, export, peer, why).await;
+    *refusals += 1;
+    if *refusals >= MAX_REFUSALS {
+        return Err(ConnError::Protocol(format!("{refusals} refused exports")));
+    }
+    Ok(())
+}
+
 async fn handshake<R, W>(
-    node: &Node,
+    node: &Arc<Node>,
     rd: &mut R,
     wr: &mut W,
     peer: &Peer,
@@ -174,14 +204,6 @@ where
     let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
     let mut refusals = 0u32;
-    let mut refused = |node: &Node, export: &str, why: &str| -> Result<(), ConnError> {
-        audit_refusal(node, export, peer, why);
-        refusals += 1;
-        if refusals >= MAX_REFUSALS {
-            return Err(ConnError::Protocol(format!("{refusals} refused exports")));
-        }
-        Ok(())
-    };
     // SET_META_CONTEXT's selection: (export name it was for, base:allocation chosen).
     let mut meta: Option<(String, bool)> = None;
     loop {
@@ -230,7 +252,7 @@ where
                         }));
                     }
                     Err(Refusal::Unknown(why) | Refusal::Policy(why)) => {
-                        let _ = refused(node, &name, &why);
+                        let _ = refused(node, &name, peer, &why, &mut refusals).await;
                         // The only way to refuse EXPORT_NAME is to close.
                         return Err(ConnError::Protocol(format!("refused export: {why}")));
                     }
@@ -313,7 +335,7 @@ where
                 }
                 if let Err(r) = node.resolve(&req.name, peer) {
                     let (code, why) = refusal_reply(r);
-                    refused(node, &req.name, &why)?;
+                    refused(node, &req.name, peer, &why, &mut refusals).await?;
                     send_reply(wr, opt.option, code, why.as_bytes()).await?;
                     continue;
                 }
@@ -350,7 +372,7 @@ where
                     Ok(x) => x,
                     Err(r) => {
                         let (code, why) = refusal_reply(r);
-                        refused(node, &req.name, &why)?;
+                        refused(node, &req.name, peer, &why, &mut refusals).await?;
                         send_reply(wr, opt.option, code, why.as_bytes()).await?;
                         continue;
                     }
@@ -474,6 +496,29 @@ struct Conn {
     reader_done: std::sync::atomic::AtomicBool,
     /// The writer could not send replies: the reader stops too.
     broken: tokio_util::sync::CancellationToken,
+    /// When a failed request was last logged, and how many were not since.
+    failure_log: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Conn {
+    /// At most one failure line per second per connection (an ENOSPC storm must
+    /// not flood the log; the error metrics count every one). Checksum errors
+    /// are always logged. Returns how many were left out since the last line.
+    fn may_log_failure(&self, always: bool) -> Option<u64> {
+        let mut g = self.failure_log.lock();
+        let now = Instant::now();
+        if always
+            || g.0
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            let suppressed = g.1;
+            *g = (Some(now), 0);
+            Some(suppressed)
+        } else {
+            g.1 += 1;
+            None
+        }
+    }
 }
 
 fn op_index(command: u16) -> usize {
@@ -498,29 +543,34 @@ where
             &s.export.grant.export_name(),
             &peer,
             "export revoked during the handshake",
-        );
+        )
+        .await;
         return;
     };
     let g = &s.export.grant;
     let span = tracing::info_span!("nbd", volume = %g.name, client = %g.client, peer = %peer);
     tracing::info!(parent: &span, kind = g.kind.as_str(), read_only = s.export.read_only, "export connected");
-    node.audit.record(AuditEvent {
-        action: "connect".into(),
-        client: g.client.clone(),
-        target: g.name.clone(),
-        result: "ok".into(),
-        peer: peer.to_string(),
-        detail: format!(
-            "{} {}",
-            g.kind.as_str(),
-            if s.export.read_only {
-                "read-only"
-            } else {
-                "read-write"
-            }
-        ),
-        ..Default::default()
-    });
+    audit(
+        &node,
+        AuditEvent {
+            action: "connect".into(),
+            client: g.client.clone(),
+            target: g.name.clone(),
+            result: "ok".into(),
+            peer: peer.to_string(),
+            detail: format!(
+                "{} {}",
+                g.kind.as_str(),
+                if s.export.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                }
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
     let conn = Arc::new(Conn {
         node: node.clone(),
         export: s.export,
@@ -537,6 +587,7 @@ where
         meta_context: s.meta_context,
         reader_done: false.into(),
         broken: tokio_util::sync::CancellationToken::new(),
+        failure_log: Mutex::new((None, 0)),
     });
     let writer = tokio::spawn(writer(conn.clone(), wr));
     // A buffer of exactly one request header: `fill_buf` gives the reader a
@@ -565,7 +616,7 @@ where
         ..Default::default()
     };
     tracing::info!(parent: &span, reason = %why, read_bytes = ev.read_bytes, write_bytes = ev.write_bytes, "export disconnected");
-    node.audit.record(ev);
+    audit(&node, ev).await;
 }
 
 /// Reads and submits requests until the client disconnects or breaks the
@@ -974,7 +1025,10 @@ fn encode(conn: &Conn, c: Completion, b: &mut Batch) {
             if matches!(e, StoreError::Integrity { .. }) {
                 rt.metrics.checksum_errors.inc();
             }
-            tracing::warn!(volume = %rt.name, op = crate::metrics::OPS[op_index(p.command)], offset = p.offset, len = p.len, error = %e, "request failed");
+            let integrity = matches!(e, StoreError::Integrity { .. });
+            if let Some(suppressed) = conn.may_log_failure(integrity) {
+                tracing::warn!(volume = %rt.name, op = crate::metrics::OPS[op_index(p.command)], offset = p.offset, len = p.len, error = %e, suppressed, "request failed");
+            }
             let errno = match (&e, p.command) {
                 // Past the end: ENOSPC for writes, EINVAL otherwise (the spec).
                 (StoreError::OutOfRange { .. }, CMD_WRITE | CMD_WRITE_ZEROES) => ENOSPC,
