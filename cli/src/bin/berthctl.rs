@@ -316,7 +316,13 @@ const EXPORT_COLS: &[&str] = &[
 
 fn req<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
-    let who = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    // Who is calling, for the audit log: the login name, else the uid.
+    let who = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| {
+            // SAFETY: getuid has no preconditions and cannot fail.
+            format!("uid:{}", unsafe { libc::getuid() })
+        });
     if let Ok(v) = format!("berthctl:{who}").parse() {
         r.metadata_mut().insert("x-berth-client", v);
     }
