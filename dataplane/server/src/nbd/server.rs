@@ -884,12 +884,13 @@ async fn handle<R: AsyncRead + Unpin>(
 
 /// Per-batch scratch: reply headers, and which parts of the batch carry data.
 struct Batch {
+    /// Every reply header of the batch, back to back.
     headers: Vec<u8>,
-    /// (header range end, index into `reads` of the payload after it)
-    parts: Vec<(usize, Option<usize>)>,
+    /// For each read payload (`reads[k]`), the offset in `headers` it follows.
+    data_at: Vec<usize>,
     reads: Vec<ReadDone>,
     local: VecDeque<Completion>,
-    /// Finished requests: (units, gated, priority handled at end of batch).
+    /// Budgets the batch's requests held, given back once its replies are sent.
     release_units: u32,
     release_slots: u32,
 }
@@ -897,7 +898,7 @@ struct Batch {
 async fn writer<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut wr: W) {
     let mut b = Batch {
         headers: Vec::with_capacity(64 << 10),
-        parts: Vec::with_capacity(MAX_INFLIGHT),
+        data_at: Vec::with_capacity(MAX_INFLIGHT),
         reads: Vec::with_capacity(MAX_INFLIGHT),
         local: VecDeque::with_capacity(MAX_INFLIGHT),
         release_units: 0,
@@ -917,9 +918,13 @@ async fn writer<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut wr: W) {
             continue;
         }
         b.headers.clear();
-        b.parts.clear();
-        while let Some(c) = b.local.pop_front() {
-            encode(&conn, c, &mut b);
+        b.data_at.clear();
+        {
+            // One lock of the in-flight table for the whole batch.
+            let mut pending = conn.done.pending.lock();
+            while let Some(c) = b.local.pop_front() {
+                encode(&conn, &mut pending, c, &mut b);
+            }
         }
         if !broken {
             // A client that stops reading its replies must not hold the
@@ -953,20 +958,41 @@ async fn writer<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut wr: W) {
     let _ = wr.shutdown().await;
 }
 
+/// I/O vectors per `writev`: on the stack, so sending a batch allocates nothing.
+const IOVECS: usize = 64;
+
+/// Sends a batch: headers interleaved with the read payloads they announce, in
+/// vectored writes of up to [`IOVECS`] pieces.
 async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, b: &Batch) -> std::io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(b.parts.len() * 2);
+    let mut iov = [IoSlice::new(&[]); IOVECS];
+    let mut n = 0;
     let mut start = 0;
-    for &(end, data) in &b.parts {
-        if let Some(i) = data {
-            slices.push(IoSlice::new(&b.headers[start..end]));
-            slices.push(IoSlice::new(b.reads[i].bytes()));
-            start = end;
+    for (k, &end) in b.data_at.iter().enumerate() {
+        if n + 2 > IOVECS {
+            write_all_vectored(wr, &mut iov[..n]).await?;
+            n = 0;
         }
+        iov[n] = IoSlice::new(&b.headers[start..end]);
+        iov[n + 1] = IoSlice::new(b.reads[k].bytes());
+        n += 2;
+        start = end;
     }
     if start < b.headers.len() {
-        slices.push(IoSlice::new(&b.headers[start..]));
+        if n == IOVECS {
+            write_all_vectored(wr, &mut iov[..n]).await?;
+            n = 0;
+        }
+        iov[n] = IoSlice::new(&b.headers[start..]);
+        n += 1;
     }
-    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    write_all_vectored(wr, &mut iov[..n]).await?;
+    wr.flush().await
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    mut rest: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
     while !rest.is_empty() {
         let n = wr.write_vectored(rest).await?;
         if n == 0 {
@@ -974,16 +1000,16 @@ async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, b: &Batch) -> std::io::R
         }
         IoSlice::advance_slices(&mut rest, n);
     }
-    wr.flush().await
+    Ok(())
 }
 
 /// Turns one completion into reply bytes (and a payload part), and does its
 /// bookkeeping: metrics, counters, budgets, the priority gate.
-fn encode(conn: &Conn, c: Completion, b: &mut Batch) {
+fn encode(conn: &Conn, pending: &mut slab::Slab<Pending>, c: Completion, b: &mut Batch) {
     let tag = match &c {
         Completion::Store(t, _) | Completion::Status(t, _) | Completion::Refused(t, _, _) => *t,
     };
-    let Some(p) = conn.done.pending.lock().try_remove(tag as usize) else {
+    let Some(p) = pending.try_remove(tag as usize) else {
         tracing::error!(tag, "completion for an unknown request");
         return;
     };
@@ -1009,7 +1035,7 @@ fn encode(conn: &Conn, c: Completion, b: &mut Batch) {
             } else {
                 put_simple_reply(&mut b.headers, 0, p.handle);
             }
-            b.parts.push((b.headers.len(), Some(b.reads.len())));
+            b.data_at.push(b.headers.len());
             b.reads.push(data);
             conn.counters.read_ops.fetch_add(1, Ordering::Relaxed);
             conn.counters
@@ -1062,7 +1088,6 @@ fn encode(conn: &Conn, c: Completion, b: &mut Batch) {
                 b.headers.extend_from_slice(&(len as u32).to_be_bytes());
                 b.headers.extend_from_slice(&flags.to_be_bytes());
             }
-            b.parts.push((b.headers.len(), None));
             m.ops.inc();
             m.latency.observe(p.started.elapsed().as_secs_f64());
             return;
@@ -1102,5 +1127,4 @@ fn encode(conn: &Conn, c: Completion, b: &mut Batch) {
     } else {
         put_simple_reply(&mut b.headers, errno, p.handle);
     }
-    b.parts.push((b.headers.len(), None));
 }
