@@ -455,10 +455,7 @@ impl VolumeService for Service {
                             read_bytes: m[0].bytes.get(),
                             write_bytes: m[1].bytes.get(),
                             errors,
-                            throttled_micros: rt
-                                .limiter
-                                .throttled_micros
-                                .load(std::sync::atomic::Ordering::Relaxed),
+                            throttled_micros: rt.metrics.throttled_micros.get(),
                         }
                     })
                     .collect();

@@ -46,6 +46,17 @@ pub struct VolumeRuntime {
     pub metrics: VolumeMetrics,
 }
 
+impl VolumeRuntime {
+    /// Admits a request against the volume's limits; time spent waiting is
+    /// counted in its throttling metric.
+    pub async fn admit(&self, bytes: u64) {
+        let waited = self.limiter.admit(bytes).await;
+        if waited > 0 {
+            self.metrics.throttled_micros.inc_by(waited);
+        }
+    }
+}
+
 /// Per-connection counters, reported in the disconnect audit event.
 #[derive(Debug, Default)]
 pub struct ConnCounters {
@@ -138,10 +149,7 @@ impl Node {
         let names: Vec<String> = store.list_volumes().into_iter().map(|v| v.name).collect();
         state.volumes.retain(|n, _| names.contains(n));
         for n in names {
-            state.volumes.entry(n).or_insert_with(|| VolumeQos {
-                tier: "standard".into(),
-                overrides: Overrides::default(),
-            });
+            state.volumes.entry(n).or_default();
         }
         // Grants whose volume or snapshot is gone (a delete interrupted between
         // the store and this file) must not outlive it.
@@ -187,6 +195,15 @@ impl Node {
         })
     }
 
+    /// A tier name (empty: standard) and overrides a person gave, checked.
+    fn checked_qos(&self, tier: &str, overrides: Overrides) -> Result<VolumeQos> {
+        qos::validate_overrides(&overrides).map_err(ServerError::InvalidArgument)?;
+        Ok(VolumeQos {
+            tier: self.tier(tier)?.name.clone(),
+            overrides,
+        })
+    }
+
     /// The limits a volume runs under now.
     pub fn limits(&self, volume: &str) -> Result<(Limits, VolumeQos)> {
         let size = self.store.volume(volume)?.size_bytes;
@@ -196,10 +213,7 @@ impl Node {
             .volumes
             .get(volume)
             .cloned()
-            .unwrap_or(VolumeQos {
-                tier: "standard".into(),
-                overrides: Overrides::default(),
-            });
+            .unwrap_or_default();
         Ok((self.tier(&q.tier)?.limits(size, &q.overrides), q))
     }
 
@@ -284,11 +298,10 @@ impl Node {
     ) -> Result<berth_store::VolumeInfo> {
         let r = (|| {
             self.check_running()?;
-            let tier = self.tier(tier)?.name.clone();
-            qos::validate_overrides(&overrides).map_err(ServerError::InvalidArgument)?;
+            let want = self.checked_qos(tier, overrides)?;
             let mut st = self.state.lock();
             if let (Ok(v), Some(q)) = (self.store.volume(name), st.volumes.get(name)) {
-                if v.size_bytes == size_bytes && (q.tier != tier || q.overrides != overrides) {
+                if v.size_bytes == size_bytes && *q != want {
                     return Err(StoreError::AlreadyExists {
                         kind: "volume",
                         name: name.into(),
@@ -298,8 +311,7 @@ impl Node {
                 }
             }
             let v = self.store.create_volume(name, size_bytes)?;
-            st.volumes
-                .insert(name.to_string(), VolumeQos { tier, overrides });
+            st.volumes.insert(name.to_string(), want);
             self.save(&st)?;
             Ok(v)
         })();
@@ -317,8 +329,7 @@ impl Node {
     ) -> Result<berth_store::VolumeInfo> {
         let r = (|| {
             self.check_running()?;
-            let tier = self.tier(tier)?.name.clone();
-            qos::validate_overrides(&overrides).map_err(ServerError::InvalidArgument)?;
+            let qos = self.checked_qos(tier, overrides)?;
             let mut st = self.state.lock();
             let v = match source {
                 (TargetKind::Snapshot, snap) => {
@@ -338,8 +349,7 @@ impl Node {
                     r?
                 }
             };
-            st.volumes
-                .insert(name.to_string(), VolumeQos { tier, overrides });
+            st.volumes.insert(name.to_string(), qos);
             self.save(&st)?;
             Ok(v)
         })();
@@ -425,10 +435,7 @@ impl Node {
             self.store.volume(volume)?;
             qos::validate_overrides(&overrides).map_err(ServerError::InvalidArgument)?;
             let mut st = self.state.lock();
-            let cur = st.volumes.entry(volume.to_string()).or_insert(VolumeQos {
-                tier: "standard".into(),
-                overrides: Overrides::default(),
-            });
+            let cur = st.volumes.entry(volume.to_string()).or_default();
             let mut next = cur.clone();
             if !tier.is_empty() {
                 next.tier = self.tier(tier)?.name.clone();
@@ -713,13 +720,6 @@ impl Node {
                 .checksum_errors
                 .load(Ordering::Relaxed) as i64,
         );
-        for rt in self.runtimes.lock().values() {
-            let t = rt.limiter.throttled_micros.load(Ordering::Relaxed);
-            let seen = rt.metrics.throttled_micros.get();
-            if t > seen {
-                rt.metrics.throttled_micros.inc_by(t - seen);
-            }
-        }
     }
 
     /// Bytes of a volume backed by pool blocks (shared with snapshots or not).

@@ -34,6 +34,16 @@ pub struct VolumeQos {
     pub overrides: Overrides,
 }
 
+/// A volume with no QoS record (created before one existed) runs as standard.
+impl Default for VolumeQos {
+    fn default() -> Self {
+        VolumeQos {
+            tier: "standard".into(),
+            overrides: Overrides::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
     pub kind: TargetKind,

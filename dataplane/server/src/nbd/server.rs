@@ -832,7 +832,7 @@ async fn handle<R: AsyncRead + Unpin>(
             }
             // Counted as an operation against the volume's limits, and at most
             // MAX_BLOCK_STATUS running per connection.
-            ex.runtime.limiter.admit(0).await;
+            ex.runtime.admit(0).await;
             let permit = conn
                 .block_status
                 .clone()
@@ -867,13 +867,12 @@ async fn handle<R: AsyncRead + Unpin>(
         return Ok(());
     }
     let rt = &ex.runtime;
-    rt.limiter
-        .admit(if matches!(req.command, CMD_READ | CMD_WRITE) {
-            len
-        } else {
-            0
-        })
-        .await;
+    rt.admit(if matches!(req.command, CMD_READ | CMD_WRITE) {
+        len
+    } else {
+        0
+    })
+    .await;
     let prio = rt.limiter.priority();
     conn.node.gate.enter(prio).await;
     pending.gated = Some(prio);
