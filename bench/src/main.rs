@@ -232,23 +232,48 @@ fn run_fio(
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let v: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("fio output: {e}"))?;
-    let side = &v["jobs"][0][if write { "write" } else { "read" }];
-    let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    let f = fio_report(&out.stdout, write)?;
     Ok(Measure {
         target: "fio io_uring O_DIRECT file".into(),
         workload: format!("4k {rw} qd{depth}"),
+        iops: f.iops,
+        mb_per_s: f.mb_per_s,
+        p50_us: f.p50_us,
+        p99_us: f.p99_us,
+    })
+}
+
+/// One side (reads or writes) of a fio JSON report.
+#[derive(Debug)]
+struct FioReport {
+    iops: f64,
+    mb_per_s: f64,
+    /// Completion latency percentiles.
+    p50_us: f64,
+    p99_us: f64,
+    ios: u64,
+}
+
+/// Parses fio's `--output-format=json` (it may print notes before the document).
+fn fio_report(stdout: &[u8], write: bool) -> Result<FioReport, String> {
+    let text = String::from_utf8_lossy(stdout);
+    let json = text.find('{').map_or("", |i| &text[i..]);
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| format!("fio output: {e}: {text}"))?;
+    let side = &v["jobs"][0][if write { "write" } else { "read" }];
+    let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(FioReport {
         iops: side["iops"].as_f64().unwrap_or(0.0),
         mb_per_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         p50_us: pct("50.000000"),
         p99_us: pct("99.000000"),
+        ios: side["total_ios"].as_u64().unwrap_or(0),
     })
 }
 
 /// The run with the median IOPS.
-fn median(mut runs: Vec<Measure>) -> Measure {
-    runs.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+fn median<T>(mut runs: Vec<T>, iops: impl Fn(&T) -> f64) -> T {
+    runs.sort_by(|a, b| iops(a).total_cmp(&iops(b)));
     runs.swap_remove(runs.len() / 2)
 }
 
@@ -330,7 +355,7 @@ fn engine(a: EngineArgs) -> Result<(), String> {
                 }
             }
         }
-        results.push((median(bs), median(fs)));
+        results.push((median(bs, |m| m.iops), median(fs, |m| m.iops)));
     }
     drop(store);
     let _ = std::fs::remove_dir_all(&a.dir);

@@ -297,7 +297,7 @@ fn fio(
     w: &Workload,
     secs: u64,
     jobs: u32,
-) -> Result<(f64, f64, f64, f64, u64), String> {
+) -> Result<crate::FioReport, String> {
     let mut cmd = Command::new("fio");
     cmd.args([
         "--name=nbd",
@@ -329,25 +329,7 @@ fn fio(
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    // fio may print notes before the JSON document.
-    let json = text.find('{').map_or("", |i| &text[i..]);
-    let v: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| format!("fio output: {e}: {text}"))?;
-    let side = &v["jobs"][0][if w.rw.contains("read") {
-        "read"
-    } else {
-        "write"
-    }];
-    let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
-    let ios = side["total_ios"].as_u64().unwrap_or(0);
-    Ok((
-        side["iops"].as_f64().unwrap_or(0.0),
-        side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
-        pct("50.000000"),
-        pct("99.000000"),
-        ios,
-    ))
+    crate::fio_report(&out.stdout, !w.rw.contains("read"))
 }
 
 fn measure(
@@ -360,22 +342,17 @@ fn measure(
     jobs: u32,
 ) -> Result<NbdMeasure, String> {
     let cpu0 = cpu_seconds(proc.pid());
-    let (iops, mb_per_s, p50_us, p99_us, ios) = fio(uri, size, w, secs, jobs)?;
+    let f = fio(uri, size, w, secs, jobs)?;
     let cpu = cpu_seconds(proc.pid()) - cpu0;
     Ok(NbdMeasure {
         target: name.into(),
         workload: w.name.into(),
-        iops,
-        mb_per_s,
-        p50_us,
-        p99_us,
-        cpu_us_per_io: cpu * 1e6 / ios.max(1) as f64,
+        iops: f.iops,
+        mb_per_s: f.mb_per_s,
+        p50_us: f.p50_us,
+        p99_us: f.p99_us,
+        cpu_us_per_io: cpu * 1e6 / f.ios.max(1) as f64,
     })
-}
-
-fn median(mut runs: Vec<NbdMeasure>) -> NbdMeasure {
-    runs.sort_by(|a, b| a.iops.total_cmp(&b.iops));
-    runs.swap_remove(runs.len() / 2)
 }
 
 pub fn run(a: NbdArgs) -> Result<(), String> {
@@ -423,7 +400,7 @@ pub fn run(a: NbdArgs) -> Result<(), String> {
             }
         }
         let [b, q] = runs;
-        rows.push((median(b), median(q)));
+        rows.push((crate::median(b, |m| m.iops), crate::median(q, |m| m.iops)));
     }
     // Idle: connections closed, nothing to do.
     std::thread::sleep(Duration::from_secs(1));

@@ -123,12 +123,6 @@ pub struct Node {
     next_conn: AtomicU64,
 }
 
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// The caller of a control operation, for the audit log.
 #[derive(Debug, Clone, Default)]
 pub struct Caller(pub String);
@@ -534,7 +528,7 @@ impl Node {
                 read_only,
                 peer_address: peer_address.to_string(),
                 token: new_token().map_err(ServerError::io("token"))?,
-                granted_unix: now_unix(),
+                granted_unix: crate::audit::now_unix_ms() / 1000,
                 target_id,
             };
             st.grants.insert(g.token.clone(), g.clone());
