@@ -5,7 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["volume/v1/volume.proto"], &["."])?;
+        .compile_protos(&["volume/v1/volume.proto", "meta/v1/meta.proto"], &["."])?;
     println!("cargo:rerun-if-changed=volume");
+    println!("cargo:rerun-if-changed=meta");
     Ok(())
 }

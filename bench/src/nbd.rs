@@ -206,7 +206,7 @@ fn start_berth(dir: &Path, size: u64, tcp: bool) -> Result<(Proc, String), Strin
         let out = Command::new(sibling("berthctl")?)
             .arg("--data")
             .arg(&data)
-            .args(["-o", "json"])
+            .args(["-o", "json", "server"])
             .args(args)
             .output()
             .map_err(|e| e.to_string())?;

@@ -8,6 +8,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("{s:?} is not a size (examples: 4096, 512M, 10G): {e}"))
 }
 
+/// Parses `key=value` (labels, parameters).
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
 /// `tracing` to stderr, human-readable or JSON; `RUST_LOG` filters (default info).
 pub fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
@@ -36,5 +44,13 @@ mod tests {
         assert_eq!(parse_size("512M"), Ok(512 << 20));
         assert!(parse_size("ten gigs").is_err());
         assert!(parse_size("-1").is_err());
+    }
+
+    #[test]
+    fn labels_are_key_value() {
+        assert_eq!(parse_label(" zone = a "), Ok(("zone".into(), "a".into())));
+        assert_eq!(parse_label("k="), Ok(("k".into(), String::new())));
+        assert!(parse_label("novalue").is_err());
+        assert!(parse_label("=v").is_err());
     }
 }

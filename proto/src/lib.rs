@@ -2,12 +2,20 @@
 //!
 //! - [`volume::v1`]: the volume server's control API (volumes, snapshots, clones,
 //!   exports, QoS, scrub, stats, audit).
+//! - [`meta::v1`]: the metadata service's API (nodes, pools, tiers, volumes,
+//!   snapshots, attachments, capacity, the hash-chained audit log).
 
 #![allow(missing_debug_implementations, clippy::unwrap_used)]
 
 pub mod volume {
     pub mod v1 {
         tonic::include_proto!("berth.volume.v1");
+    }
+}
+
+pub mod meta {
+    pub mod v1 {
+        tonic::include_proto!("berth.meta.v1");
     }
 }
 

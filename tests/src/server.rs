@@ -124,7 +124,7 @@ impl ServerProc {
         let out = Command::new(binary("berthctl"))
             .arg("--endpoint")
             .arg(format!("unix://{}", self.ready.control_socket.display()))
-            .args(["--output", "json"])
+            .args(["--output", "json", "server"])
             .args(args)
             .output()
             .expect("run berthctl");

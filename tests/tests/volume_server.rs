@@ -175,7 +175,12 @@ fn berthctl_reports_errors_with_exit_codes_and_json() {
     assert_eq!(health["serving"], true);
     // A server that is not there: exit 7 with a message saying what to do.
     let out = Command::new(berth_tests::server::binary("berthctl"))
-        .args(["--endpoint", "unix:///nonexistent/control.sock", "health"])
+        .args([
+            "--endpoint",
+            "unix:///nonexistent/control.sock",
+            "server",
+            "health",
+        ])
         .output()
         .expect("berthctl");
     assert_eq!(out.status.code(), Some(7));

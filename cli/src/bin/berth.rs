@@ -1,9 +1,9 @@
 //! `berth`: one binary for Berth's server programs.
 //!
-//! - `berth volume-server --data DIR`: the per-node volume server.
+//! - `berth volume-server --data DIR`: the per-node volume server;
+//! - `berth metadata --data DIR`: the cluster's catalog and placement.
 //!
-//! The metadata service, CSI driver and `standalone` join as subcommands of
-//! this same binary.
+//! The CSI driver and `standalone` join as subcommands of this same binary.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,6 +29,36 @@ struct Cli {
 enum Command {
     /// Serve this node's pool: volumes and snapshots over NBD, control over gRPC.
     VolumeServer(VolumeServerArgs),
+    /// The catalog: nodes, pools, tiers, volumes, snapshots, attachments, audit.
+    Metadata(MetadataArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct MetadataArgs {
+    /// Data directory: the catalog (RocksDB) and the default socket.
+    #[arg(long, env = "BERTH_META_DATA")]
+    data: PathBuf,
+    /// gRPC unix socket (default DATA/meta.sock).
+    #[arg(long, env = "BERTH_META_SOCKET")]
+    socket: Option<PathBuf>,
+    /// gRPC over TCP, for volume servers and CSI controllers ("none" to disable).
+    #[arg(long, env = "BERTH_META_LISTEN", default_value = "127.0.0.1:9580")]
+    listen: String,
+    /// Tier definitions (JSON: {"tiers": [...]}) replacing or adding to the defaults.
+    #[arg(long, env = "BERTH_TIERS")]
+    tiers: Option<PathBuf>,
+    /// Interval volume servers report at, in milliseconds.
+    #[arg(long, env = "BERTH_HEARTBEAT_MS", default_value_t = 2000)]
+    heartbeat_ms: u64,
+    /// Silence after which a node is marked down, in milliseconds.
+    #[arg(long, env = "BERTH_NODE_TIMEOUT_MS", default_value_t = 10_000)]
+    node_timeout_ms: u64,
+    /// Seconds between full comparisons of each node with the catalog.
+    #[arg(long, env = "BERTH_RECONCILE_SECONDS", default_value_t = 60)]
+    reconcile_seconds: u64,
+    /// How much thin volumes may promise beyond the pools' size (1.0: nothing).
+    #[arg(long, env = "BERTH_OVERCOMMIT", default_value_t = 1.0)]
+    overcommit: f64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -63,6 +93,29 @@ struct VolumeServerArgs {
     /// Seconds shutdown waits for requests in flight.
     #[arg(long, default_value_t = 30)]
     drain_seconds: u64,
+    /// Report to this metadata service (http://host:port or unix:///path).
+    #[arg(long, env = "BERTH_METADATA")]
+    metadata: Option<String>,
+    /// This node's name in the catalog (default: the host name).
+    #[arg(long, env = "BERTH_NODE_NAME")]
+    node_name: Option<String>,
+    /// Topology label key=value (repeat), e.g. topology.kubernetes.io/zone=a.
+    #[arg(long = "label", value_parser = berth_cli::parse_label)]
+    labels: Vec<(String, String)>,
+    /// What the pool is made of (nvme, ssd, hdd, file); tiers may require one.
+    #[arg(long, env = "BERTH_POOL_MEDIA", default_value = "file")]
+    pool_media: String,
+    /// How the metadata service reaches the control API (default: http://CONTROL_LISTEN).
+    #[arg(long, env = "BERTH_ADVERTISE_CONTROL", default_value = "")]
+    advertise_control: String,
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 fn addr(flag: &str, v: &str) -> Result<Option<SocketAddr>, String> {
@@ -84,6 +137,16 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     cfg.control_listen = addr("control-listen", &a.control_listen)?;
     cfg.metrics_listen = addr("metrics-listen", &a.metrics_listen)?;
     cfg.drain_timeout = Duration::from_secs(a.drain_seconds);
+    if let Some(metadata) = a.metadata {
+        cfg.heartbeat = Some(berth_volume::heartbeat::HeartbeatConfig {
+            metadata,
+            node_name: a.node_name.unwrap_or_else(host_name),
+            labels: a.labels.into_iter().collect(),
+            media: a.pool_media,
+            control_endpoint: a.advertise_control,
+            nbd_address: String::new(),
+        });
+    }
     let running = berth_volume::start(cfg).await.map_err(|e| e.to_string())?;
     let b = &running.bound;
     // One line on stdout for people and scripts (tests read it).
@@ -102,6 +165,47 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     running.shutdown().await.map_err(|e| e.to_string())
 }
 
+async fn metadata(a: MetadataArgs) -> Result<(), String> {
+    let tiers_json = match &a.tiers {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).map_err(|e| format!("--tiers {}: {e}", p.display()))?)
+        }
+        None => None,
+    };
+    if !(a.overcommit >= 1.0 && a.overcommit <= 100.0) {
+        return Err(format!(
+            "--overcommit {} must be between 1 and 100",
+            a.overcommit
+        ));
+    }
+    let meta = berth_metadata::MetaConfig {
+        heartbeat_interval: Duration::from_millis(a.heartbeat_ms.max(100)),
+        node_timeout: Duration::from_millis(a.node_timeout_ms.max(a.heartbeat_ms * 2)),
+        reconcile_interval: Duration::from_secs(a.reconcile_seconds.max(1)),
+        overcommit: a.overcommit,
+        tiers: berth_metadata::tiers::load(tiers_json.as_deref()).map_err(|e| e.to_string())?,
+    };
+    let cfg = berth_metadata::ServiceConfig {
+        data_dir: a.data,
+        socket: a.socket,
+        listen: addr("listen", &a.listen)?,
+        meta,
+    };
+    let running = berth_metadata::start(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    let ready = serde_json::json!({
+        "event": "ready",
+        "socket": running.bound.socket,
+        "tcp": running.bound.tcp.map(|a| a.to_string()),
+        "pid": std::process::id(),
+    });
+    println!("{ready}");
+    berth_volume::server::wait_for_signal().await;
+    running.shutdown().await;
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     berth_cli::init_logging(cli.log_json);
@@ -118,6 +222,7 @@ fn main() -> std::process::ExitCode {
     let r = rt.block_on(async {
         match cli.command {
             Command::VolumeServer(a) => volume_server(a).await,
+            Command::Metadata(a) => metadata(a).await,
         }
     });
     match r {

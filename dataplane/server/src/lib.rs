@@ -7,11 +7,13 @@
 //! - `node`: shared state and the control operations;
 //! - `qos`: tiers, token buckets, priority between tiers;
 //! - `metrics`, `audit`, `state`: observability and what survives restarts;
+//! - `heartbeat`: registration and liveness reports to the metadata service;
 //! - `server`: wiring, listeners, graceful shutdown.
 
 pub mod audit;
 pub mod error;
 pub mod grpc;
+pub mod heartbeat;
 pub mod metrics;
 pub mod nbd;
 pub mod node;

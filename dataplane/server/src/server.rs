@@ -43,6 +43,8 @@ pub struct ServerConfig {
     pub tiers: Vec<TierPolicy>,
     /// How long shutdown waits for requests in flight.
     pub drain_timeout: Duration,
+    /// Report to a metadata service (None: run alone).
+    pub heartbeat: Option<crate::heartbeat::HeartbeatConfig>,
 }
 
 impl ServerConfig {
@@ -59,6 +61,7 @@ impl ServerConfig {
             metrics_listen: None,
             tiers: default_tiers(),
             drain_timeout: Duration::from_secs(30),
+            heartbeat: None,
         }
     }
 }
@@ -202,6 +205,37 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
             l,
             node.metrics.clone(),
             refresh,
+            stop_accepting.clone(),
+        )));
+    }
+    if let Some(mut hb) = cfg.heartbeat.clone() {
+        if hb.control_endpoint.is_empty() {
+            let Some(a) = bound.control_tcp else {
+                return Err(ServerError::InvalidArgument(
+                    "reporting to a metadata service needs the control API on TCP \
+                     (--control-listen) or an explicit --advertise-control"
+                        .into(),
+                ));
+            };
+            hb.control_endpoint = format!("http://{a}");
+        }
+        if hb.nbd_address.is_empty() {
+            if let Some(a) = bound.nbd_tcp {
+                let host = if cfg.advertise_host.is_empty() {
+                    a.ip().to_string()
+                } else {
+                    cfg.advertise_host.clone()
+                };
+                hb.nbd_address = if host.contains(':') {
+                    format!("[{host}]:{}", a.port())
+                } else {
+                    format!("{host}:{}", a.port())
+                };
+            }
+        }
+        tasks.push(tokio::spawn(crate::heartbeat::run(
+            node.clone(),
+            hb,
             stop_accepting.clone(),
         )));
     }

@@ -1,53 +1,17 @@
-//! `berthctl`: the command line for Berth's control APIs.
-//!
-//! Today it talks to a volume server (`--endpoint unix:///DATA/control.sock`, or
-//! `--data DIR`); the metadata service issue points it at the cluster's
-//! metadata service instead.
-//!
-//! Output: tables for people, `--output json` for scripts. Exit codes: 0 done;
-//! 1 other error; 2 bad usage; 3 not found; 4 already exists; 5 invalid
-//! argument or out of range; 6 failed precondition; 7 unavailable (cannot
-//! connect, shutting down); 8 resource exhausted (pool full); 9 data loss
-//! (checksum errors found).
-
-use std::path::PathBuf;
-use std::process::ExitCode;
+//! `berthctl server ...`: one volume server's own control API, for
+//! node-local administration and debugging (the catalog does not see what is
+//! done here; its reconcile leaves unmanaged volumes alone).
 
 use berth_proto::volume::v1 as pb;
 use berth_proto::volume::v1::volume_service_client::VolumeServiceClient;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::Subcommand;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "berthctl",
-    version,
-    about = "Control Berth: volumes, snapshots, clones, exports, QoS, audit",
-    after_help = "Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 already exists, \
-5 invalid argument, 6 failed precondition, 7 unavailable, 8 pool full, 9 data loss"
-)]
-struct Cli {
-    /// Control endpoint: unix:///path/control.sock or http://host:port.
-    #[arg(long, env = "BERTH_ENDPOINT", conflicts_with = "data", global = true)]
-    endpoint: Option<String>,
-    /// Data directory of a local server (uses DATA/control.sock).
-    #[arg(long, env = "BERTH_DATA", global = true)]
-    data: Option<PathBuf>,
-    #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
-    output: Output,
-    #[command(subcommand)]
-    command: Cmd,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-enum Output {
-    Table,
-    Json,
-}
+use super::{req, table, Out, Output};
 
 #[derive(Debug, Subcommand)]
-enum Cmd {
+pub enum Cmd {
     /// Volumes: create, delete, resize, get, list.
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -104,7 +68,7 @@ enum Cmd {
 }
 
 #[derive(Debug, clap::Args)]
-struct Limits {
+pub struct Limits {
     /// IOPS limit (0 = unlimited).
     #[arg(long)]
     iops: Option<u64>,
@@ -127,7 +91,7 @@ impl Limits {
 }
 
 #[derive(Debug, Subcommand)]
-enum VolumeCmd {
+pub enum VolumeCmd {
     Create {
         name: String,
         #[arg(long, value_parser = berth_cli::parse_size)]
@@ -153,7 +117,7 @@ enum VolumeCmd {
 }
 
 #[derive(Debug, Subcommand)]
-enum SnapshotCmd {
+pub enum SnapshotCmd {
     Create {
         volume: String,
         name: String,
@@ -168,7 +132,7 @@ enum SnapshotCmd {
 }
 
 #[derive(Debug, Subcommand)]
-enum ExportCmd {
+pub enum ExportCmd {
     /// Let a client reach a volume or snapshot; prints the NBD URIs.
     Grant {
         #[arg(
@@ -193,20 +157,6 @@ enum ExportCmd {
         export_name: String,
     },
     List,
-}
-
-fn exit_code(s: &tonic::Status) -> u8 {
-    use tonic::Code::*;
-    match s.code() {
-        NotFound => 3,
-        AlreadyExists => 4,
-        InvalidArgument | OutOfRange => 5,
-        FailedPrecondition => 6,
-        Unavailable => 7,
-        ResourceExhausted => 8,
-        DataLoss => 9,
-        _ => 1,
-    }
 }
 
 fn volume_json(v: &pb::Volume) -> Value {
@@ -238,62 +188,6 @@ fn export_json(e: &pb::Export) -> Value {
     })
 }
 
-/// Prints rows of JSON objects as an aligned table of the given columns.
-fn table(rows: &[Value], cols: &[&str]) {
-    let cell = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    };
-    let mut widths: Vec<usize> = cols.iter().map(|c| c.len()).collect();
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| cols.iter().map(|c| cell(&r[*c])).collect())
-        .collect();
-    for row in &cells {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let line = |vals: Vec<String>| {
-        let s: Vec<String> = vals
-            .iter()
-            .zip(&widths)
-            .map(|(v, w)| format!("{v:<w$}"))
-            .collect();
-        println!("{}", s.join("  ").trim_end());
-    };
-    line(cols.iter().map(|c| c.to_uppercase()).collect());
-    for row in cells {
-        line(row);
-    }
-}
-
-struct Out {
-    mode: Output,
-}
-
-impl Out {
-    fn rows(&self, rows: Vec<Value>, cols: &[&str]) {
-        match self.mode {
-            Output::Json => println!("{}", Value::Array(rows)),
-            Output::Table => table(&rows, cols),
-        }
-    }
-    fn one(&self, v: Value, cols: &[&str]) {
-        match self.mode {
-            Output::Json => println!("{v}"),
-            Output::Table => table(&[v], cols),
-        }
-    }
-    fn done(&self, msg: &str) {
-        match self.mode {
-            Output::Json => println!("{}", json!({"result": msg})),
-            Output::Table => println!("{msg}"),
-        }
-    }
-}
-
 const VOL_COLS: &[&str] = &[
     "name",
     "size_bytes",
@@ -314,24 +208,12 @@ const EXPORT_COLS: &[&str] = &[
     "export_name",
 ];
 
-fn req<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    // Who is calling, for the audit log: the login name, else the uid.
-    let who = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| {
-            // SAFETY: getuid has no preconditions and cannot fail.
-            format!("uid:{}", unsafe { libc::getuid() })
-        });
-    if let Ok(v) = format!("berthctl:{who}").parse() {
-        r.metadata_mut().insert("x-berth-client", v);
-    }
-    r
-}
-
-async fn run(cli: Cli, mut c: VolumeServiceClient<Channel>) -> Result<(), tonic::Status> {
-    let out = Out { mode: cli.output };
-    match cli.command {
+pub async fn run(
+    out: &Out,
+    command: Cmd,
+    mut c: VolumeServiceClient<Channel>,
+) -> Result<(), tonic::Status> {
+    match command {
         Cmd::Volume(v) => match v {
             VolumeCmd::Create {
                 name,
@@ -618,39 +500,4 @@ async fn run(cli: Cli, mut c: VolumeServiceClient<Channel>) -> Result<(), tonic:
         }
     }
     Ok(())
-}
-
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let endpoint = match (&cli.endpoint, &cli.data) {
-        (Some(e), _) => e.clone(),
-        (None, Some(d)) => format!("unix://{}", d.join("control.sock").display()),
-        (None, None) => "unix:///var/lib/berth/control.sock".to_string(),
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("berthctl: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async move {
-        let channel = match berth_proto::channel(&endpoint).await {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("berthctl: cannot reach {endpoint}: {e} (is the server running? set --endpoint, --data or BERTH_ENDPOINT)");
-                return ExitCode::from(7);
-            }
-        };
-        match run(cli, VolumeServiceClient::new(channel)).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(s) => {
-                eprintln!("berthctl: {}", s.message());
-                ExitCode::from(exit_code(&s))
-            }
-        }
-    })
 }

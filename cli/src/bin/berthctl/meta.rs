@@ -1,0 +1,662 @@
+//! berthctl's commands over the metadata service.
+
+use std::collections::HashMap;
+
+use berth_proto::meta::v1 as pb;
+use berth_proto::meta::v1::metadata_service_client::MetadataServiceClient;
+use clap::Subcommand;
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use super::{req, Out, Output};
+
+type KV = (String, String);
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Volumes: create, delete, expand, modify, get, list, export, unexport.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Snapshots: create, delete, list.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// A new volume from a snapshot or from a volume as it is now (O(1), same pool).
+    Clone {
+        name: String,
+        #[arg(
+            long,
+            conflicts_with = "from_volume",
+            required_unless_present = "from_volume"
+        )]
+        from_snapshot: Option<String>,
+        #[arg(long)]
+        from_volume: Option<String>,
+        /// Default: the source's size.
+        #[arg(long, value_parser = berth_cli::parse_size)]
+        size: Option<u64>,
+        #[command(flatten)]
+        params: Params,
+    },
+    /// The performance tiers and their limits.
+    Tiers,
+    /// Volume servers: state, addresses, labels.
+    Nodes,
+    /// Pools: size, use, what is promised and what is left.
+    Pools,
+    /// Which node each volume is published to.
+    Attachments {
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Room left to place volumes, in a topology segment and tier.
+    Capacity {
+        /// Segment label key=value (repeat).
+        #[arg(long = "topology", value_parser = berth_cli::parse_label)]
+        topology: Vec<KV>,
+        #[command(flatten)]
+        params: Params,
+    },
+    /// The hash-chained audit log: list, verify.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+/// StorageClass-style parameters.
+#[derive(Debug, clap::Args)]
+pub struct Params {
+    /// Tier (see `berthctl tiers`).
+    #[arg(long)]
+    tier: Option<String>,
+    /// Any parameter key=value (repeat): fsType, maxIops, maxMBps, iopsPerGiB, burstSeconds, media.
+    #[arg(long = "param", value_parser = berth_cli::parse_label)]
+    param: Vec<KV>,
+}
+
+impl Params {
+    fn map(self) -> HashMap<String, String> {
+        let mut m: HashMap<String, String> = self.param.into_iter().collect();
+        if let Some(t) = self.tier {
+            m.insert("tier".into(), t);
+        }
+        m
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    Create {
+        name: String,
+        #[arg(long, value_parser = berth_cli::parse_size)]
+        size: u64,
+        #[command(flatten)]
+        params: Params,
+        /// Must be reachable from a node with these labels, key=value (repeat).
+        #[arg(long = "topology", value_parser = berth_cli::parse_label)]
+        topology: Vec<KV>,
+    },
+    Delete {
+        name: String,
+    },
+    /// Grow a volume (volumes never shrink).
+    Expand {
+        name: String,
+        #[arg(long, value_parser = berth_cli::parse_size)]
+        size: u64,
+    },
+    /// Change tier or limits while the volume is in use.
+    Modify {
+        name: String,
+        #[command(flatten)]
+        params: Params,
+    },
+    Get {
+        name: String,
+    },
+    List {
+        #[arg(long)]
+        node: Option<String>,
+        /// Entries fetched per call (every page is printed).
+        #[arg(long, default_value_t = 500)]
+        page_size: u32,
+    },
+    /// Publish the volume to a node and print its NBD URI (qemu-io, nbdinfo
+    /// and nbdfuse accept it).
+    Export {
+        name: String,
+        /// The node that connects (default: the node serving the volume).
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Revoke the volume's export to a node (default: every node).
+    Unexport {
+        name: String,
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCmd {
+    Create {
+        volume: String,
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+    List {
+        #[arg(long)]
+        volume: Option<String>,
+        #[arg(long, default_value_t = 500)]
+        page_size: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Entries, oldest first, filtered.
+    List {
+        #[arg(long)]
+        volume: Option<String>,
+        /// Entries whose actor contains this (berthctl:alice, node:n1...).
+        #[arg(long)]
+        actor: Option<String>,
+        /// From this time: Unix milliseconds, or an age like 90s, 15m, 2h, 7d.
+        #[arg(long, value_parser = parse_time)]
+        since: Option<u64>,
+        #[arg(long, value_parser = parse_time)]
+        until: Option<u64>,
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+    /// Walk the hash chain; exit 9 naming the first entry altered or removed.
+    Verify,
+}
+
+/// Unix milliseconds, or an age ("15m") before now.
+fn parse_time(s: &str) -> Result<u64, String> {
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not Unix milliseconds or an age like 15m"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Ok(now.saturating_sub(secs * 1000))
+}
+
+fn state(s: i32) -> &'static str {
+    match pb::ObjectState::try_from(s) {
+        Ok(pb::ObjectState::Creating) => "creating",
+        Ok(pb::ObjectState::Ready) => "ready",
+        Ok(pb::ObjectState::Deleting) => "deleting",
+        _ => "unknown",
+    }
+}
+
+fn volume_json(v: &pb::Volume) -> Value {
+    let q = v.qos.clone().unwrap_or_default();
+    let source = if !v.source_snapshot_id.is_empty() {
+        format!("snapshot:{}", v.source_snapshot_id)
+    } else if !v.source_volume_id.is_empty() {
+        format!("volume:{}", v.source_volume_id)
+    } else {
+        String::new()
+    };
+    json!({
+        "id": v.id, "size_bytes": v.size_bytes, "tier": v.tier, "node": v.node, "pool_id": v.pool_id,
+        "state": state(v.state), "iops_limit": q.iops_limit,
+        "bytes_per_second_limit": q.bytes_per_second_limit, "burst_seconds": q.burst_seconds,
+        "priority": q.priority, "fs_type": v.fs_type, "source": source,
+        "parameters": v.parameters, "topology": v.accessible_topology.clone().unwrap_or_default().segments,
+        "created_unix_ms": v.created_unix_ms, "abnormal": v.abnormal, "condition": v.condition,
+    })
+}
+const VOL_COLS: &[&str] = &[
+    "id",
+    "size_bytes",
+    "tier",
+    "node",
+    "state",
+    "iops_limit",
+    "bytes_per_second_limit",
+    "source",
+    "condition",
+];
+
+fn snapshot_json(s: &pb::Snapshot) -> Value {
+    json!({"id": s.id, "source_volume_id": s.source_volume_id, "size_bytes": s.size_bytes, "node": s.node,
+        "state": state(s.state), "ready_to_use": s.ready_to_use, "created_unix_ms": s.created_unix_ms})
+}
+const SNAP_COLS: &[&str] = &["id", "source_volume_id", "size_bytes", "node", "state"];
+
+fn attachment_json(a: &pb::Attachment) -> Value {
+    json!({"volume_id": a.volume_id, "node": a.node, "read_only": a.read_only, "server_node": a.server_node,
+        "export_name": a.export_name, "tcp_uri": a.tcp_uri, "unix_uri": a.unix_uri, "state": state(a.state),
+        "created_unix_ms": a.created_unix_ms})
+}
+const ATTACH_COLS: &[&str] = &[
+    "volume_id",
+    "node",
+    "read_only",
+    "server_node",
+    "state",
+    "tcp_uri",
+];
+
+fn audit_json(e: &pb::AuditEntry) -> Value {
+    json!({"seq": e.seq, "time_unix_ms": e.time_unix_ms, "actor": e.actor, "action": e.action,
+        "volume": e.volume, "target": e.target, "node": e.node, "result": e.result, "peer": e.peer,
+        "read_bytes": e.read_bytes, "write_bytes": e.write_bytes, "detail": e.detail,
+        "prev_hash": e.prev_hash, "hash": e.hash})
+}
+
+fn topology(kv: Vec<KV>) -> Option<pb::Topology> {
+    Some(pb::Topology {
+        segments: kv.into_iter().collect(),
+    })
+}
+
+pub async fn run(
+    out: &Out,
+    cmd: Cmd,
+    mut c: MetadataServiceClient<Channel>,
+) -> Result<(), tonic::Status> {
+    match cmd {
+        Cmd::Volume(v) => volume(out, v, &mut c).await?,
+        Cmd::Snapshot(s) => match s {
+            SnapshotCmd::Create { volume, name } => {
+                let s = c
+                    .create_snapshot(req(pb::CreateSnapshotRequest {
+                        name,
+                        source_volume_id: volume,
+                    }))
+                    .await?
+                    .into_inner();
+                out.one(snapshot_json(&s), SNAP_COLS);
+            }
+            SnapshotCmd::Delete { name } => {
+                c.delete_snapshot(req(pb::DeleteSnapshotRequest {
+                    snapshot_id: name.clone(),
+                }))
+                .await?;
+                out.done(&format!("deleted snapshot {name}"));
+            }
+            SnapshotCmd::List { volume, page_size } => {
+                let mut rows = Vec::new();
+                let mut token = String::new();
+                loop {
+                    let l = c
+                        .list_snapshots(req(pb::ListSnapshotsRequest {
+                            snapshot_id: String::new(),
+                            source_volume_id: volume.clone().unwrap_or_default(),
+                            max_entries: page_size,
+                            page_token: token,
+                        }))
+                        .await?
+                        .into_inner();
+                    rows.extend(l.snapshots.iter().map(snapshot_json));
+                    if l.next_page_token.is_empty() {
+                        break;
+                    }
+                    token = l.next_page_token;
+                }
+                out.rows(rows, SNAP_COLS);
+            }
+        },
+        Cmd::Clone {
+            name,
+            from_snapshot,
+            from_volume,
+            size,
+            params,
+        } => {
+            use pb::create_volume_request::Source;
+            let source = match (from_snapshot, from_volume) {
+                (Some(s), _) => Source::SourceSnapshotId(s),
+                (None, Some(v)) => Source::SourceVolumeId(v),
+                (None, None) => {
+                    return Err(tonic::Status::invalid_argument(
+                        "--from-snapshot or --from-volume is required",
+                    ))
+                }
+            };
+            let v = c
+                .create_volume(req(pb::CreateVolumeRequest {
+                    name,
+                    required_bytes: size.unwrap_or(0),
+                    limit_bytes: 0,
+                    parameters: params.map(),
+                    accessibility: None,
+                    source: Some(source),
+                }))
+                .await?
+                .into_inner();
+            out.one(volume_json(&v), VOL_COLS);
+        }
+        Cmd::Tiers => {
+            let l = c
+                .list_tiers(req(pb::ListTiersRequest {}))
+                .await?
+                .into_inner();
+            let rows = l
+                .tiers
+                .iter()
+                .map(|t| json!({"name": t.name, "priority": t.priority, "iops_base": t.iops_base,
+                    "iops_per_gib": t.iops_per_gib, "iops_cap": t.iops_cap,
+                    "bytes_per_second_base": t.bytes_per_second_base,
+                    "bytes_per_second_per_gib": t.bytes_per_second_per_gib,
+                    "bytes_per_second_cap": t.bytes_per_second_cap, "burst_seconds": t.burst_seconds,
+                    "fs_type": t.fs_type, "media": t.media.join(","), "description": t.description}))
+                .collect();
+            out.rows(
+                rows,
+                &[
+                    "name",
+                    "priority",
+                    "iops_base",
+                    "iops_per_gib",
+                    "iops_cap",
+                    "bytes_per_second_base",
+                    "bytes_per_second_cap",
+                    "fs_type",
+                    "description",
+                ],
+            );
+        }
+        Cmd::Nodes => {
+            let l = c
+                .list_nodes(req(pb::ListNodesRequest {}))
+                .await?
+                .into_inner();
+            let rows = l
+                .nodes
+                .iter()
+                .map(|n| json!({"name": n.name, "state": n.state, "control_endpoint": n.control_endpoint,
+                    "nbd_address": n.nbd_address, "nbd_socket": n.nbd_socket, "labels": n.labels,
+                    "pool_id": n.pool_id, "version": n.version,
+                    "last_heartbeat_unix_ms": n.last_heartbeat_unix_ms, "registered_unix_ms": n.registered_unix_ms}))
+                .collect();
+            out.rows(
+                rows,
+                &[
+                    "name",
+                    "state",
+                    "control_endpoint",
+                    "nbd_address",
+                    "pool_id",
+                ],
+            );
+        }
+        Cmd::Pools => {
+            let l = c
+                .list_pools(req(pb::ListPoolsRequest {}))
+                .await?
+                .into_inner();
+            let rows = l
+                .pools
+                .iter()
+                .map(|p| {
+                    let s = p.status.clone().unwrap_or_default();
+                    json!({"id": p.id, "node": p.node, "node_state": p.node_state, "media": s.media,
+                        "total_bytes": s.total_bytes, "used_bytes": s.used_bytes,
+                        "provisioned_bytes": p.provisioned_bytes, "available_bytes": p.available_bytes,
+                        "volumes": s.volumes, "snapshots": s.snapshots})
+                })
+                .collect();
+            out.rows(
+                rows,
+                &[
+                    "node",
+                    "node_state",
+                    "media",
+                    "total_bytes",
+                    "used_bytes",
+                    "provisioned_bytes",
+                    "available_bytes",
+                    "volumes",
+                    "snapshots",
+                ],
+            );
+        }
+        Cmd::Attachments { volume } => {
+            let l = c
+                .list_attachments(req(pb::ListAttachmentsRequest {
+                    volume_id: volume.unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            out.rows(
+                l.attachments.iter().map(attachment_json).collect(),
+                ATTACH_COLS,
+            );
+        }
+        Cmd::Capacity {
+            topology: t,
+            params,
+        } => {
+            let r = c
+                .get_capacity(req(pb::GetCapacityRequest {
+                    topology: topology(t),
+                    parameters: params.map(),
+                }))
+                .await?
+                .into_inner();
+            out.one(
+                json!({"available_bytes": r.available_bytes, "maximum_volume_bytes": r.maximum_volume_bytes}),
+                &["available_bytes", "maximum_volume_bytes"],
+            );
+        }
+        Cmd::Audit(AuditCmd::List {
+            volume,
+            actor,
+            since,
+            until,
+            after,
+            limit,
+        }) => {
+            let r = c
+                .query_audit(req(pb::QueryAuditRequest {
+                    volume: volume.unwrap_or_default(),
+                    actor: actor.unwrap_or_default(),
+                    since_unix_ms: since.unwrap_or(0),
+                    until_unix_ms: until.unwrap_or(0),
+                    after_seq: after,
+                    limit,
+                }))
+                .await?
+                .into_inner();
+            out.rows(
+                r.entries.iter().map(audit_json).collect(),
+                &[
+                    "seq",
+                    "time_unix_ms",
+                    "actor",
+                    "action",
+                    "volume",
+                    "target",
+                    "node",
+                    "result",
+                    "read_bytes",
+                    "write_bytes",
+                ],
+            );
+        }
+        Cmd::Audit(AuditCmd::Verify) => {
+            let v = c
+                .verify_audit(req(pb::VerifyAuditRequest {}))
+                .await?
+                .into_inner();
+            let j = json!({"intact": v.intact, "entries_checked": v.entries_checked,
+                "first_bad_seq": v.first_bad_seq, "problem": v.problem,
+                "head_seq": v.head_seq, "head_hash": v.head_hash});
+            match out.mode {
+                Output::Json => println!("{j}"),
+                Output::Table if v.intact => println!(
+                    "intact: {} entries checked; head is entry {} ({})",
+                    v.entries_checked, v.head_seq, v.head_hash
+                ),
+                Output::Table => println!("TAMPERED: {}", v.problem),
+            }
+            if !v.intact {
+                return Err(tonic::Status::data_loss(format!(
+                    "the audit log was tampered with: {} (first bad entry: {})",
+                    v.problem, v.first_bad_seq
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn volume(
+    out: &Out,
+    v: VolumeCmd,
+    c: &mut MetadataServiceClient<Channel>,
+) -> Result<(), tonic::Status> {
+    match v {
+        VolumeCmd::Create {
+            name,
+            size,
+            params,
+            topology: t,
+        } => {
+            let accessibility = (!t.is_empty()).then(|| pb::TopologyRequirement {
+                requisite: topology(t).into_iter().collect(),
+                preferred: Vec::new(),
+            });
+            let v = c
+                .create_volume(req(pb::CreateVolumeRequest {
+                    name,
+                    required_bytes: size,
+                    limit_bytes: 0,
+                    parameters: params.map(),
+                    accessibility,
+                    source: None,
+                }))
+                .await?
+                .into_inner();
+            out.one(volume_json(&v), VOL_COLS);
+        }
+        VolumeCmd::Delete { name } => {
+            c.delete_volume(req(pb::DeleteVolumeRequest {
+                volume_id: name.clone(),
+            }))
+            .await?;
+            out.done(&format!("deleted volume {name}"));
+        }
+        VolumeCmd::Expand { name, size } => {
+            let v = c
+                .expand_volume(req(pb::ExpandVolumeRequest {
+                    volume_id: name,
+                    required_bytes: size,
+                    limit_bytes: 0,
+                }))
+                .await?
+                .into_inner();
+            out.one(volume_json(&v), VOL_COLS);
+        }
+        VolumeCmd::Modify { name, params } => {
+            let v = c
+                .modify_volume(req(pb::ModifyVolumeRequest {
+                    volume_id: name,
+                    parameters: params.map(),
+                }))
+                .await?
+                .into_inner();
+            out.one(volume_json(&v), VOL_COLS);
+        }
+        VolumeCmd::Get { name } => {
+            let v = c
+                .get_volume(req(pb::GetVolumeRequest { volume_id: name }))
+                .await?
+                .into_inner();
+            out.one(volume_json(&v), VOL_COLS);
+        }
+        VolumeCmd::List { node, page_size } => {
+            let mut rows = Vec::new();
+            let mut token = String::new();
+            loop {
+                let l = c
+                    .list_volumes(req(pb::ListVolumesRequest {
+                        max_entries: page_size,
+                        page_token: token,
+                        node: node.clone().unwrap_or_default(),
+                    }))
+                    .await?
+                    .into_inner();
+                rows.extend(l.volumes.iter().map(volume_json));
+                if l.next_page_token.is_empty() {
+                    break;
+                }
+                token = l.next_page_token;
+            }
+            out.rows(rows, VOL_COLS);
+        }
+        VolumeCmd::Export {
+            name,
+            node,
+            read_only,
+        } => {
+            let node = match node {
+                Some(n) => n,
+                None => {
+                    c.get_volume(req(pb::GetVolumeRequest {
+                        volume_id: name.clone(),
+                    }))
+                    .await?
+                    .into_inner()
+                    .node
+                }
+            };
+            let a = c
+                .publish_volume(req(pb::PublishVolumeRequest {
+                    volume_id: name,
+                    node,
+                    read_only,
+                }))
+                .await?
+                .into_inner();
+            match out.mode {
+                Output::Json => println!("{}", attachment_json(&a)),
+                // One URI, the one that works from anywhere when there is one.
+                Output::Table => println!(
+                    "{}",
+                    if a.tcp_uri.is_empty() {
+                        &a.unix_uri
+                    } else {
+                        &a.tcp_uri
+                    }
+                ),
+            }
+        }
+        VolumeCmd::Unexport { name, node } => {
+            let r = c
+                .unpublish_volume(req(pb::UnpublishVolumeRequest {
+                    volume_id: name.clone(),
+                    node: node.unwrap_or_default(),
+                }))
+                .await?
+                .into_inner();
+            out.done(&format!(
+                "unexported {name}; {} connection(s) closed",
+                r.closed_connections
+            ));
+        }
+    }
+    Ok(())
+}

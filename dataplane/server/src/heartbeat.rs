@@ -1,0 +1,128 @@
+//! Announces this volume server to the metadata service and keeps telling it
+//! that the node is alive and how full its pool is.
+//!
+//! The metadata service decides from these heartbeats whether a node is up;
+//! it reaches the node back through the control endpoint given here. Nothing
+//! on the data path waits for it: an unreachable metadata service only means
+//! retries and a warning every half minute.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_proto::meta::v1 as mpb;
+use berth_proto::meta::v1::metadata_service_client::MetadataServiceClient;
+use tokio_util::sync::CancellationToken;
+
+use crate::node::Node;
+
+#[derive(Debug, Clone)]
+pub struct HeartbeatConfig {
+    /// The metadata service's endpoint (http://host:port or unix:///path).
+    pub metadata: String,
+    pub node_name: String,
+    pub labels: BTreeMap<String, String>,
+    /// What the pool is made of (nvme, ssd, hdd, file).
+    pub media: String,
+    /// How the metadata service reaches this node's control API; filled from
+    /// the bound control TCP address when empty.
+    pub control_endpoint: String,
+    /// host:port of NBD over TCP; filled from the bound address when empty.
+    pub nbd_address: String,
+}
+
+/// The label every node carries: CSI topology down to the node.
+pub const NODE_LABEL: &str = "topology.berth.dev/node";
+
+fn pool_status(node: &Node, media: &str) -> mpb::PoolStatus {
+    let s = node.store.stats();
+    mpb::PoolStatus {
+        id: node.store.pool_uuid().to_string(),
+        total_bytes: s.total_blocks * s.block_size,
+        used_bytes: (s.used_blocks + s.pending_free_blocks) * s.block_size,
+        media: media.to_string(),
+        volumes: s.volumes,
+        snapshots: s.snapshots,
+    }
+}
+
+fn request<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(Duration::from_secs(10));
+    r
+}
+
+/// Runs until `stop`: register, then heartbeat at the interval the metadata
+/// service asks for, registering again whenever it does not know the node.
+pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationToken) {
+    cfg.labels
+        .entry(NODE_LABEL.to_string())
+        .or_insert_with(|| cfg.node_name.clone());
+    let nbd_socket = node.endpoints.lock().nbd_socket.display().to_string();
+    let mut client: Option<MetadataServiceClient<tonic::transport::Channel>> = None;
+    let mut registered = false;
+    let mut interval = Duration::from_secs(1);
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let outcome: Result<(), String> = async {
+            let c = match &mut client {
+                Some(c) => c,
+                None => {
+                    let ch = berth_proto::channel(&cfg.metadata)
+                        .await
+                        .map_err(|e| format!("cannot reach {}: {e}", cfg.metadata))?;
+                    client.insert(MetadataServiceClient::new(ch))
+                }
+            };
+            let pool = Some(pool_status(&node, &cfg.media));
+            let ms = if registered {
+                match c
+                    .heartbeat(request(mpb::HeartbeatRequest {
+                        name: cfg.node_name.clone(),
+                        pool,
+                    }))
+                    .await
+                {
+                    Ok(r) => r.into_inner().heartbeat_interval_ms,
+                    Err(s) if s.code() == tonic::Code::NotFound => {
+                        registered = false;
+                        return Ok(());
+                    }
+                    Err(s) => return Err(format!("heartbeat: {}", s.message())),
+                }
+            } else {
+                let r = c
+                    .register_node(request(mpb::RegisterNodeRequest {
+                        name: cfg.node_name.clone(),
+                        control_endpoint: cfg.control_endpoint.clone(),
+                        nbd_address: cfg.nbd_address.clone(),
+                        nbd_socket: nbd_socket.clone(),
+                        labels: cfg.labels.clone().into_iter().collect(),
+                        pool,
+                        version: env!("CARGO_PKG_VERSION").to_string(),
+                    }))
+                    .await
+                    .map_err(|s| format!("register: {}", s.message()))?;
+                registered = true;
+                tracing::info!(node = %cfg.node_name, metadata = %cfg.metadata, "registered with the metadata service");
+                r.into_inner().heartbeat_interval_ms
+            };
+            interval = Duration::from_millis(u64::from(ms.clamp(100, 60_000)));
+            Ok(())
+        }
+        .await;
+        if let Err(e) = outcome {
+            // Reconnect next time; the channel may point at a dead process.
+            client = None;
+            registered = false;
+            if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+                tracing::warn!(node = %cfg.node_name, error = %e, "metadata service unreachable; retrying");
+                last_warning = Some(Instant::now());
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! The audit log: who did what to which volume, when, with how many bytes.
+//!
+//! Entries are numbered from 1 and hash-chained: each carries the SHA-256 of
+//! the previous entry and its own hash over its content and that link. The
+//! chain's head (last number and hash) is kept beside it and moved by
+//! compare-and-swap in the same transaction as the entries, so an entry is
+//! never half-appended and two writers can never fork the chain. [`verify`]
+//! walks it and names the first entry altered or removed.
+//!
+//! What the chain proves: nobody edited, removed or reordered entries without
+//! also rewriting every later hash and the head. Someone who can write the
+//! store can do that too; copying the head hash somewhere else (a log line
+//! every hour, a ticket) is what pins history against that.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::{CatalogError, CatalogStore, Result, Table, Txn};
+
+const HEAD_KEY: &str = "audit-head";
+const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One entry. The fields mirror `berth.meta.v1.AuditEntry`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub time_ms: u64,
+    pub actor: String,
+    pub action: String,
+    pub volume: String,
+    pub target: String,
+    pub node: String,
+    pub result: String,
+    pub peer: String,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub detail: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl AuditEntry {
+    /// The hash this entry must carry: SHA-256 over its encoding with `hash`
+    /// empty (the encoding includes `seq` and `prev_hash`, hence the chain).
+    pub fn compute_hash(&self) -> String {
+        let mut unhashed = self.clone();
+        unhashed.hash.clear();
+        let bytes = serde_json::to_vec(&unhashed).unwrap_or_default();
+        hex::encode(Sha256::digest(&bytes))
+    }
+}
+
+pub fn key_of(seq: u64) -> String {
+    // Fixed width, so key order is number order.
+    format!("{seq:020}")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl Head {
+    fn genesis() -> Self {
+        Head {
+            seq: 0,
+            hash: ZERO_HASH.into(),
+        }
+    }
+}
+
+fn read_head(s: &dyn CatalogStore) -> Result<Option<(Head, Vec<u8>)>> {
+    match s.get(Table::Meta, HEAD_KEY.as_bytes())? {
+        None => Ok(None),
+        Some(raw) => {
+            let h = serde_json::from_slice(&raw).map_err(|e| CatalogError::Corrupt {
+                table: "meta",
+                key: HEAD_KEY.into(),
+                reason: e.to_string(),
+            })?;
+            Ok(Some((h, raw)))
+        }
+    }
+}
+
+/// Appends to the chain. One per process; appends are serialized by its lock.
+#[derive(Debug, Default)]
+pub struct AuditLog {
+    lock: parking_lot::Mutex<()>,
+}
+
+impl AuditLog {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends `drafts` (their seq/hash fields are filled in) together with
+    /// `with`, atomically: either the catalog change and its audit entries are
+    /// both stored, or neither is. Returns the entries as stored.
+    pub fn append(
+        &self,
+        s: &dyn CatalogStore,
+        drafts: Vec<AuditEntry>,
+        with: Txn,
+    ) -> Result<Vec<AuditEntry>> {
+        let _serial = self.lock.lock();
+        let (head, raw) = match read_head(s)? {
+            Some((h, raw)) => (h, Some(raw)),
+            None => (Head::genesis(), None),
+        };
+        let mut txn = match raw {
+            Some(raw) => Txn::new().require_equals(Table::Meta, HEAD_KEY, raw),
+            None => Txn::new().require_absent(Table::Meta, HEAD_KEY),
+        };
+        let mut prev = head;
+        let mut stored = Vec::with_capacity(drafts.len());
+        for mut e in drafts {
+            e.seq = prev.seq + 1;
+            e.prev_hash = prev.hash.clone();
+            e.hash = e.compute_hash();
+            let value = serde_json::to_vec(&e).unwrap_or_default();
+            txn = txn.put(Table::Audit, key_of(e.seq), value);
+            prev = Head {
+                seq: e.seq,
+                hash: e.hash.clone(),
+            };
+            stored.push(e);
+        }
+        if !stored.is_empty() {
+            txn = txn.put(
+                Table::Meta,
+                HEAD_KEY,
+                serde_json::to_vec(&prev).unwrap_or_default(),
+            );
+        }
+        s.commit(txn.merge(with))?;
+        Ok(stored)
+    }
+}
+
+/// Which entries a query wants.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub volume: String,
+    /// Substring of the actor.
+    pub actor: String,
+    pub since_ms: u64,
+    /// 0: no end.
+    pub until_ms: u64,
+    pub after_seq: u64,
+    pub limit: usize,
+}
+
+impl Query {
+    fn matches(&self, e: &AuditEntry) -> bool {
+        (self.volume.is_empty() || e.volume == self.volume)
+            && (self.actor.is_empty() || e.actor.contains(&self.actor))
+            && e.time_ms >= self.since_ms
+            && (self.until_ms == 0 || e.time_ms <= self.until_ms)
+    }
+}
+
+/// Matching entries in order, and the last sequence number examined when the
+/// limit stopped the walk (0 when the whole log was read).
+pub fn query(s: &dyn CatalogStore, q: &Query) -> Result<(Vec<AuditEntry>, u64)> {
+    let limit = if q.limit == 0 { 1000 } else { q.limit };
+    let mut out = Vec::new();
+    let mut cursor = key_of(q.after_seq);
+    loop {
+        let page = s.scan(Table::Audit, Some(cursor.as_bytes()), 4096)?;
+        let Some((last, _)) = page.last() else {
+            return Ok((out, 0));
+        };
+        cursor = String::from_utf8_lossy(last).into_owned();
+        for (k, v) in page {
+            let e: AuditEntry = decode(&k, &v)?;
+            if q.matches(&e) {
+                out.push(e);
+                if out.len() == limit {
+                    return Ok((out.clone(), out.last().map_or(0, |e| e.seq)));
+                }
+            }
+        }
+    }
+}
+
+fn decode(k: &[u8], v: &[u8]) -> Result<AuditEntry> {
+    serde_json::from_slice(v).map_err(|e| CatalogError::Corrupt {
+        table: "audit",
+        key: String::from_utf8_lossy(k).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// The outcome of walking the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub entries_checked: u64,
+    /// None when intact; else the first entry found altered, or the first
+    /// number missing, and what is wrong.
+    pub first_bad: Option<(u64, String)>,
+    pub head: Head,
+}
+
+/// Walks the whole chain from entry 1 to the head.
+pub fn verify(s: &dyn CatalogStore) -> Result<Verification> {
+    let head = read_head(s)?.map_or_else(Head::genesis, |(h, _)| h);
+    let mut checked = 0u64;
+    let mut expected_seq = 1u64;
+    let mut prev_hash = ZERO_HASH.to_string();
+    let mut cursor: Option<Vec<u8>> = None;
+    let bad = |seq: u64, why: String, checked: u64, head: &Head| Verification {
+        entries_checked: checked,
+        first_bad: Some((seq, why)),
+        head: head.clone(),
+    };
+    loop {
+        let page = s.scan(Table::Audit, cursor.as_deref(), 4096)?;
+        let Some((last, _)) = page.last() else { break };
+        cursor = Some(last.clone());
+        for (k, v) in page {
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let key_seq: u64 = key.parse().unwrap_or(0);
+            let e = match decode(&k, &v) {
+                Ok(e) => e,
+                Err(err) => {
+                    return Ok(bad(
+                        key_seq,
+                        format!("entry {key_seq} was altered: it no longer decodes ({err})"),
+                        checked,
+                        &head,
+                    ))
+                }
+            };
+            if key_seq != expected_seq {
+                let what = if key_seq > expected_seq + 1 {
+                    format!("entries {expected_seq}..{} were removed", key_seq - 1)
+                } else {
+                    format!("entry {expected_seq} was removed")
+                };
+                return Ok(bad(expected_seq, what, checked, &head));
+            }
+            if e.seq != key_seq {
+                return Ok(bad(
+                    key_seq,
+                    format!("entry {key_seq} was altered: it says it is entry {}", e.seq),
+                    checked,
+                    &head,
+                ));
+            }
+            if e.hash != e.compute_hash() {
+                return Ok(bad(
+                    key_seq,
+                    format!("entry {key_seq} was altered: its content does not match its hash"),
+                    checked,
+                    &head,
+                ));
+            }
+            if e.prev_hash != prev_hash {
+                // This entry is intact but the one before was rewritten with a
+                // fresh hash (or replaced by a forged one).
+                return Ok(bad(
+                    key_seq - 1,
+                    format!(
+                        "entry {} was altered: entry {key_seq} chains to a different hash",
+                        key_seq - 1
+                    ),
+                    checked,
+                    &head,
+                ));
+            }
+            prev_hash = e.hash.clone();
+            expected_seq += 1;
+            checked += 1;
+        }
+    }
+    let last_seq = expected_seq - 1;
+    if last_seq < head.seq {
+        return Ok(bad(
+            expected_seq,
+            format!(
+                "entries {expected_seq}..{} were removed (the log ends early)",
+                head.seq
+            ),
+            checked,
+            &head,
+        ));
+    }
+    if last_seq > head.seq || prev_hash != head.hash {
+        return Ok(bad(
+            head.seq.max(1),
+            format!(
+                "the chain's head (entry {}, {}) does not match its last entry",
+                head.seq, head.hash
+            ),
+            checked,
+            &head,
+        ));
+    }
+    Ok(Verification {
+        entries_checked: checked,
+        first_bad: None,
+        head,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemStore;
+
+    fn entry(action: &str, volume: &str, time_ms: u64) -> AuditEntry {
+        AuditEntry {
+            time_ms,
+            actor: "berthctl:alice".into(),
+            action: action.into(),
+            volume: volume.into(),
+            result: "ok".into(),
+            ..Default::default()
+        }
+    }
+
+    fn filled(n: u64) -> (MemStore, AuditLog) {
+        let s = MemStore::new();
+        let log = AuditLog::new();
+        for i in 1..=n {
+            let stored = log
+                .append(
+                    &s,
+                    vec![entry("CreateVolume", &format!("v{}", i % 3), i * 10)],
+                    Txn::new(),
+                )
+                .expect("append");
+            assert_eq!(stored[0].seq, i);
+        }
+        (s, log)
+    }
+
+    fn raw(s: &MemStore, seq: u64) -> AuditEntry {
+        let v = s
+            .get(Table::Audit, key_of(seq).as_bytes())
+            .expect("get")
+            .expect("present");
+        serde_json::from_slice(&v).expect("decode")
+    }
+
+    fn write(s: &MemStore, e: &AuditEntry) {
+        s.commit(Txn::new().put(
+            Table::Audit,
+            key_of(e.seq),
+            serde_json::to_vec(e).expect("json"),
+        ))
+        .expect("write");
+    }
+
+    #[test]
+    fn an_untouched_chain_verifies() {
+        let (s, _) = filled(10);
+        let v = verify(&s).expect("verify");
+        assert_eq!(v.first_bad, None);
+        assert_eq!(v.entries_checked, 10);
+        assert_eq!(v.head.seq, 10);
+        assert_eq!(raw(&s, 1).prev_hash, ZERO_HASH);
+        assert_eq!(raw(&s, 2).prev_hash, raw(&s, 1).hash);
+    }
+
+    #[test]
+    fn an_edited_entry_is_named() {
+        let (s, _) = filled(10);
+        let mut e = raw(&s, 4);
+        e.write_bytes = 1;
+        write(&s, &e);
+        let v = verify(&s).expect("verify");
+        let (seq, why) = v.first_bad.expect("tampering found");
+        assert_eq!(seq, 4, "{why}");
+        assert!(why.contains("altered"), "{why}");
+    }
+
+    #[test]
+    fn an_edit_with_a_recomputed_hash_is_named() {
+        let (s, _) = filled(10);
+        let mut e = raw(&s, 6);
+        e.actor = "nobody".into();
+        e.hash = e.compute_hash();
+        write(&s, &e);
+        let (seq, why) = verify(&s).expect("verify").first_bad.expect("found");
+        assert_eq!(seq, 6, "{why}");
+    }
+
+    #[test]
+    fn removed_entries_are_named_in_the_middle_and_at_the_end() {
+        let (s, _) = filled(10);
+        s.commit(Txn::new().delete(Table::Audit, key_of(5)))
+            .expect("delete");
+        let (seq, why) = verify(&s).expect("verify").first_bad.expect("found");
+        assert_eq!(seq, 5, "{why}");
+        assert!(why.contains("removed"), "{why}");
+
+        let (s, _) = filled(10);
+        s.commit(Txn::new().delete(Table::Audit, key_of(10)))
+            .expect("delete");
+        let (seq, why) = verify(&s).expect("verify").first_bad.expect("found");
+        assert_eq!(seq, 10, "{why}");
+        assert!(why.contains("ends early"), "{why}");
+    }
+
+    #[test]
+    fn entries_and_the_change_they_describe_commit_together() {
+        let (s, log) = filled(2);
+        // A change whose condition fails takes its audit entry with it.
+        let failing = Txn::new().require_absent(Table::Audit, key_of(1));
+        assert!(log.append(&s, vec![entry("x", "v", 1)], failing).is_err());
+        assert_eq!(verify(&s).expect("verify").head.seq, 2);
+        let ok = Txn::new().put(Table::Volumes, "v9", b"x".to_vec());
+        log.append(&s, vec![entry("a", "v9", 1), entry("b", "v9", 2)], ok)
+            .expect("append");
+        assert!(s.get(Table::Volumes, b"v9").expect("get").is_some());
+        let v = verify(&s).expect("verify");
+        assert_eq!((v.head.seq, v.first_bad), (4, None));
+    }
+
+    #[test]
+    fn queries_filter_by_volume_actor_and_time_and_page() {
+        let (s, _) = filled(30);
+        let q = Query {
+            volume: "v1".into(),
+            since_ms: 50,
+            until_ms: 200,
+            ..Default::default()
+        };
+        let (got, _) = query(&s, &q).expect("query");
+        let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [7, 10, 13, 16, 19]);
+        let (page, next) = query(
+            &s,
+            &Query {
+                limit: 4,
+                ..Default::default()
+            },
+        )
+        .expect("q");
+        assert_eq!((page.len(), next), (4, 4));
+        let (rest, next) = query(
+            &s,
+            &Query {
+                after_seq: 4,
+                ..Default::default()
+            },
+        )
+        .expect("q");
+        assert_eq!((rest.len(), next), (26, 0));
+        let (none, _) = query(
+            &s,
+            &Query {
+                actor: "mallory".into(),
+                ..Default::default()
+            },
+        )
+        .expect("q");
+        assert!(none.is_empty());
+    }
+}

@@ -1,0 +1,79 @@
+//! The metadata service's errors and their one conversion to gRPC statuses.
+
+use berth_catalog::CatalogError;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Nowhere to put it: the message says why, node by node.
+    #[error("{0}")]
+    Unplaceable(String),
+    /// The node that holds the object is down or unreachable; names it.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Aborted(String),
+    #[error("catalog: {0}")]
+    Catalog(#[from] CatalogError),
+    /// A volume server answered with an error; its code is kept.
+    #[error("volume server {node}: {message}")]
+    Server {
+        node: String,
+        code: Code,
+        message: String,
+    },
+}
+
+impl MetaError {
+    pub fn server(node: &str, s: &Status) -> Self {
+        match s.code() {
+            // The transport failed or the server is stopping: the node is
+            // unreachable, whatever its last heartbeat said.
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
+                MetaError::Unavailable(format!(
+                    "volume server {node} is unreachable: {}",
+                    s.message()
+                ))
+            }
+            code => MetaError::Server {
+                node: node.to_string(),
+                code,
+                message: s.message().to_string(),
+            },
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            MetaError::NotFound(_) => Code::NotFound,
+            MetaError::AlreadyExists(_) => Code::AlreadyExists,
+            MetaError::InvalidArgument(_) => Code::InvalidArgument,
+            MetaError::OutOfRange(_) => Code::OutOfRange,
+            MetaError::FailedPrecondition(_) => Code::FailedPrecondition,
+            MetaError::Unplaceable(_) => Code::ResourceExhausted,
+            MetaError::Unavailable(_) => Code::Unavailable,
+            MetaError::Aborted(_) => Code::Aborted,
+            MetaError::Catalog(CatalogError::Conflict { .. }) => Code::Aborted,
+            MetaError::Catalog(_) => Code::Internal,
+            MetaError::Server { code, .. } => *code,
+        }
+    }
+}
+
+impl From<MetaError> for Status {
+    fn from(e: MetaError) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, MetaError>;

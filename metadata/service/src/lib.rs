@@ -1,0 +1,175 @@
+//! Berth's metadata service: the cluster's catalog and the one place that
+//! decides where volumes live.
+//!
+//! - `meta`: state and operations (idempotent by name, intent → volume server
+//!   → outcome, reconcile);
+//! - `grpc`: `berth.meta.v1.MetadataService`;
+//! - `placement`: choosing a pool by room, topology and media;
+//! - `tiers`: QoS tiers and StorageClass parameters;
+//! - `fault`: crash points for tests.
+//!
+//! The catalog itself is `berth-catalog` (trait, records, audit chain) over
+//! `berth-catalog-rocksdb`.
+
+pub mod error;
+pub mod fault;
+pub mod grpc;
+pub mod meta;
+pub mod placement;
+pub mod tiers;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub use error::{MetaError, Result};
+pub use meta::{Meta, MetaConfig};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Holds the catalog (DATA/catalog) and the default socket.
+    pub data_dir: PathBuf,
+    /// gRPC unix socket; default DATA/meta.sock.
+    pub socket: Option<PathBuf>,
+    /// gRPC over TCP (volume servers and CSI controllers on other hosts).
+    pub listen: Option<SocketAddr>,
+    pub meta: MetaConfig,
+}
+
+/// Where the started service listens.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub socket: PathBuf,
+    pub tcp: Option<SocketAddr>,
+}
+
+#[derive(Debug)]
+pub struct Running {
+    pub meta: Arc<Meta>,
+    pub bound: Bound,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Opens the catalog, binds the listeners and starts the background loop
+/// (liveness, audit pulls, reconcile).
+pub async fn start(cfg: ServiceConfig) -> Result<Running> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+        MetaError::FailedPrecondition(format!("create {}: {e}", cfg.data_dir.display()))
+    })?;
+    let path = cfg.data_dir.join("catalog");
+    let store =
+        tokio::task::spawn_blocking(move || berth_catalog_rocksdb::RocksCatalog::open(&path))
+            .await
+            .map_err(|e| MetaError::FailedPrecondition(format!("catalog open task: {e}")))??;
+    let meta = Meta::new(Arc::new(store), cfg.meta.clone())?;
+
+    let socket = cfg
+        .socket
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.join("meta.sock"));
+    // A socket left by a process that died is in the way; the catalog's lock
+    // already proved no other service runs on this folder.
+    let _ = std::fs::remove_file(&socket);
+    let unix = UnixListener::bind(&socket)
+        .map_err(|e| MetaError::FailedPrecondition(format!("bind {}: {e}", socket.display())))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+            MetaError::FailedPrecondition(format!("chmod {}: {e}", socket.display()))
+        })?;
+    }
+    let tcp = match cfg.listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .map_err(|e| MetaError::FailedPrecondition(format!("bind {a}: {e}")))?,
+        ),
+        None => None,
+    };
+    let bound = Bound {
+        socket,
+        tcp: tcp.as_ref().and_then(|l| l.local_addr().ok()),
+    };
+    let stop = CancellationToken::new();
+    let mut tasks = vec![serve(
+        &meta,
+        tokio_stream::wrappers::UnixListenerStream::new(unix),
+        &stop,
+    )];
+    if let Some(l) = tcp {
+        tasks.push(serve(
+            &meta,
+            tokio_stream::wrappers::TcpListenerStream::new(l),
+            &stop,
+        ));
+    }
+    tasks.push(tokio::spawn(background(meta.clone(), stop.clone())));
+    tracing::info!(socket = %bound.socket.display(), tcp = ?bound.tcp, "metadata service ready");
+    Ok(Running {
+        meta,
+        bound,
+        stop,
+        tasks,
+    })
+}
+
+fn serve<S, IO, E>(
+    meta: &Arc<Meta>,
+    incoming: S,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<()>
+where
+    S: tokio_stream::Stream<Item = std::result::Result<IO, E>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let svc = grpc::Service::new(meta.clone()).into_server();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "metadata API stopped");
+        }
+    })
+}
+
+/// Liveness every half heartbeat; audit pulls with it; a full reconcile of
+/// every up node at start and every reconcile interval.
+async fn background(meta: Arc<Meta>, stop: CancellationToken) {
+    let tick = (meta.cfg.heartbeat_interval / 2).max(Duration::from_millis(100));
+    let mut last_full: Option<Instant> = None;
+    loop {
+        let full = last_full.is_none_or(|t| t.elapsed() >= meta.cfg.reconcile_interval);
+        if full {
+            last_full = Some(Instant::now());
+        }
+        meta.tick(full).await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+impl Running {
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        tracing::info!("metadata service stopped");
+    }
+}

@@ -1,0 +1,1829 @@
+//! The metadata service's state and operations, independent of gRPC types
+//! where it can be.
+//!
+//! Every change follows one protocol so that a crash at any point leaves
+//! nothing behind that reconcile cannot finish or undo:
+//! 1. under the object's name lock, the catalog records the intent
+//!    (`Creating` / `Deleting`) in a synced transaction;
+//! 2. the volume server is asked (its calls are idempotent by name);
+//! 3. the catalog records the outcome, in the same transaction as the audit
+//!    entry that describes it.
+//!
+//! Creates whose step 3 never happened are undone by reconcile (nobody was
+//! told the object exists); deletes are finished.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_catalog::audit::{self, AuditEntry, AuditLog};
+use berth_catalog::records::{
+    self, AttachmentRecord, NodeRecord, NodeState, PoolRecord, Record, SnapshotRecord, Source,
+    State, VolumeRecord,
+};
+use berth_catalog::{CatalogStore, Txn};
+use berth_proto::volume::v1 as vpb;
+use berth_proto::volume::v1::volume_service_client::VolumeServiceClient;
+use parking_lot::Mutex;
+use tonic::transport::Channel;
+
+use crate::error::{MetaError, Result};
+use crate::fault;
+use crate::placement::{self, Candidate};
+use crate::tiers::{self, Spec, Tier};
+
+/// The service's settings.
+#[derive(Debug, Clone)]
+pub struct MetaConfig {
+    /// How often volume servers are asked to report.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a node is marked down.
+    pub node_timeout: Duration,
+    /// How often every up node is compared with the catalog.
+    pub reconcile_interval: Duration,
+    /// Pool size multiplier for thin provisioning (1.0: never promise more
+    /// than the disk holds).
+    pub overcommit: f64,
+    pub tiers: Vec<Tier>,
+}
+
+impl Default for MetaConfig {
+    fn default() -> Self {
+        MetaConfig {
+            heartbeat_interval: Duration::from_secs(2),
+            node_timeout: Duration::from_secs(10),
+            reconcile_interval: Duration::from_secs(60),
+            overcommit: 1.0,
+            tiers: tiers::default_tiers(),
+        }
+    }
+}
+
+const BLOCK: u64 = 4096;
+/// CSI leaves the size to the driver when it asks for 0 bytes.
+pub const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
+/// Who the volume servers see as the caller (the person is appended).
+pub const SERVER_CALLER_PREFIX: &str = "berth-metadata";
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Serializes operations on one name without a global lock.
+#[derive(Debug, Default)]
+pub struct NameLocks {
+    map: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+#[derive(Debug)]
+pub struct NameGuard<'a> {
+    locks: &'a NameLocks,
+    key: String,
+    entry: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for NameGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut m = self.locks.map.lock();
+        // Clones happen only under the map lock, so the count is exact: the
+        // map's and ours mean nobody waits.
+        if Arc::strong_count(&self.entry) == 2 {
+            m.remove(&self.key);
+        }
+    }
+}
+
+impl NameLocks {
+    pub async fn lock(&self, key: String) -> NameGuard<'_> {
+        let entry = self.map.lock().entry(key.clone()).or_default().clone();
+        let guard = entry.clone().lock_owned().await;
+        NameGuard {
+            locks: self,
+            key,
+            entry,
+            guard: Some(guard),
+        }
+    }
+
+    pub fn try_lock(&self, key: String) -> Option<NameGuard<'_>> {
+        let entry = self.map.lock().entry(key.clone()).or_default().clone();
+        let guard = entry.clone().try_lock_owned().ok();
+        let g = NameGuard {
+            locks: self,
+            key,
+            entry,
+            guard,
+        };
+        // Dropping `g` without its guard still removes an unused entry.
+        g.guard.is_some().then_some(g)
+    }
+}
+
+/// Who asked for what, for the audit log. An operation that stores its
+/// outcome with [`Meta::commit`] records its entry there; otherwise the
+/// wrapper records one when it returns.
+#[derive(Debug)]
+pub struct Call {
+    pub actor: String,
+    pub action: &'static str,
+    pub volume: String,
+    pub target: String,
+    recorded: AtomicBool,
+}
+
+impl Call {
+    pub fn new(actor: &str, action: &'static str, volume: &str, target: &str) -> Self {
+        Call {
+            actor: actor.into(),
+            action,
+            volume: volume.into(),
+            target: target.into(),
+            recorded: AtomicBool::new(false),
+        }
+    }
+
+    fn entry(&self, node: &str, result: &str, detail: String) -> AuditEntry {
+        AuditEntry {
+            time_ms: now_ms(),
+            actor: self.actor.clone(),
+            action: self.action.into(),
+            volume: self.volume.clone(),
+            target: self.target.clone(),
+            node: node.into(),
+            result: result.into(),
+            detail,
+            ..AuditEntry::default()
+        }
+    }
+}
+
+/// What CreateVolume asks for.
+#[derive(Debug, Clone, Default)]
+pub struct CreateVolume {
+    pub name: String,
+    pub required_bytes: u64,
+    pub limit_bytes: u64,
+    pub parameters: BTreeMap<String, String>,
+    pub requisite: Vec<BTreeMap<String, String>>,
+    pub preferred: Vec<BTreeMap<String, String>>,
+    pub source: Option<Source>,
+}
+
+/// A registering node.
+#[derive(Debug, Clone, Default)]
+pub struct Registration {
+    pub name: String,
+    pub control_endpoint: String,
+    pub nbd_address: String,
+    pub nbd_socket: String,
+    pub labels: BTreeMap<String, String>,
+    pub version: String,
+    pub pool: PoolStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolStatus {
+    pub id: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub media: String,
+    pub volumes: u64,
+    pub snapshots: u64,
+}
+
+/// A pool with what the catalog has promised from it.
+#[derive(Debug, Clone)]
+pub struct PoolView {
+    pub pool: PoolRecord,
+    pub provisioned_bytes: u64,
+    pub available_bytes: u64,
+    pub node_up: bool,
+}
+
+pub struct Meta {
+    pub store: Arc<dyn CatalogStore>,
+    audit: Arc<AuditLog>,
+    pub cfg: MetaConfig,
+    /// Last heartbeat per node (monotonic clock).
+    live: Mutex<HashMap<String, Instant>>,
+    /// Latest pool reports, by pool id (persisted when they change shape).
+    pools: Mutex<HashMap<String, PoolRecord>>,
+    /// Sum of the catalog's volume sizes per pool.
+    provisioned: Mutex<HashMap<String, u64>>,
+    clients: Mutex<HashMap<String, (String, VolumeServiceClient<Channel>)>>,
+    pub locks: NameLocks,
+    /// Held from choosing a pool to recording the volume on it.
+    placement: tokio::sync::Mutex<()>,
+    /// Nodes a reconcile pass is running for.
+    reconciling: Mutex<std::collections::HashSet<String>>,
+}
+
+impl std::fmt::Debug for Meta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meta")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> MetaError {
+    MetaError::InvalidArgument(msg.into())
+}
+
+/// Names are ids: non-empty, bounded, printable, without '/' or '@' (keys
+/// and export names use them as separators).
+pub fn check_name(kind: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(invalid(format!("{kind} name is required")));
+    }
+    if name.len() > 128 {
+        return Err(invalid(format!(
+            "{kind} name {name:?} is longer than 128 bytes"
+        )));
+    }
+    if name
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '/' | '\\' | '@'))
+    {
+        return Err(invalid(format!(
+            "{kind} name {name:?} contains whitespace, a control character, '/', '\\' or '@'"
+        )));
+    }
+    Ok(())
+}
+
+fn round_up(v: u64) -> u64 {
+    v.div_ceil(BLOCK) * BLOCK
+}
+
+/// The size to give a volume asked for with CSI's capacity range.
+fn size_for(required: u64, limit: u64, floor: u64) -> Result<u64> {
+    if limit != 0 && limit < required {
+        return Err(MetaError::OutOfRange(format!(
+            "limit_bytes {limit} is below required_bytes {required}"
+        )));
+    }
+    let want = if required == 0 && floor == 0 {
+        if limit != 0 {
+            DEFAULT_VOLUME_BYTES.min(limit)
+        } else {
+            DEFAULT_VOLUME_BYTES
+        }
+    } else {
+        required.max(floor)
+    };
+    let size = round_up(want);
+    if limit != 0 && size > limit {
+        return Err(MetaError::OutOfRange(format!(
+            "the volume needs {size} bytes (4 KiB multiples, never below its source), \
+             above limit_bytes {limit}"
+        )));
+    }
+    Ok(size)
+}
+
+fn server_overrides(q: &records::QosRecord) -> vpb::QosOverrides {
+    vpb::QosOverrides {
+        iops_limit: Some(q.iops_limit),
+        bytes_per_second_limit: Some(q.bytes_per_second_limit),
+        burst_seconds: Some(q.burst_seconds),
+    }
+}
+
+impl Meta {
+    pub fn new(store: Arc<dyn CatalogStore>, cfg: MetaConfig) -> Result<Arc<Self>> {
+        let now = Instant::now();
+        let mut live = HashMap::new();
+        for n in records::list::<NodeRecord>(&*store, None, 0)? {
+            // A node that was up gets one timeout to report before it is
+            // marked down: the service, not the node, was away.
+            if n.state == NodeState::Up {
+                live.insert(n.name, now);
+            }
+        }
+        let pools = records::list::<PoolRecord>(&*store, None, 0)?
+            .into_iter()
+            .map(|p| (p.id.clone(), p))
+            .collect();
+        let mut provisioned: HashMap<String, u64> = HashMap::new();
+        for v in records::list::<VolumeRecord>(&*store, None, 0)? {
+            *provisioned.entry(v.pool_id).or_default() += v.size_bytes;
+        }
+        Ok(Arc::new(Meta {
+            store,
+            audit: Arc::new(AuditLog::new()),
+            cfg,
+            live: Mutex::new(live),
+            pools: Mutex::new(pools),
+            provisioned: Mutex::new(provisioned),
+            clients: Mutex::new(HashMap::new()),
+            locks: NameLocks::default(),
+            placement: tokio::sync::Mutex::new(()),
+            reconciling: Mutex::new(Default::default()),
+        }))
+    }
+
+    // ---- catalog access ---------------------------------------------------
+
+    pub fn get<R: Record>(&self, key: &str) -> Result<Option<R>> {
+        Ok(records::get::<R>(&*self.store, key)?)
+    }
+
+    /// Commits `txn` on a blocking thread (a synced write), with `entries`.
+    async fn commit_entries(&self, txn: Txn, entries: Vec<AuditEntry>) -> Result<()> {
+        let store = self.store.clone();
+        let log = self.audit.clone();
+        tokio::task::spawn_blocking(move || log.append(&*store, entries, txn))
+            .await
+            .map_err(|e| MetaError::Unavailable(format!("catalog task: {e}")))??;
+        Ok(())
+    }
+
+    /// Stores a step that is not the outcome (an intent), without audit.
+    async fn commit_intent(&self, txn: Txn) -> Result<()> {
+        self.commit_entries(txn, Vec::new()).await
+    }
+
+    /// Stores an operation's outcome together with its audit entry.
+    async fn commit(&self, call: &Call, txn: Txn, node: &str, detail: String) -> Result<()> {
+        self.commit_entries(txn, vec![call.entry(node, "ok", detail)])
+            .await?;
+        call.recorded.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Records an entry on its own.
+    pub async fn record(&self, entry: AuditEntry) -> Result<AuditEntry> {
+        let store = self.store.clone();
+        let log = self.audit.clone();
+        let mut stored =
+            tokio::task::spawn_blocking(move || log.append(&*store, vec![entry], Txn::new()))
+                .await
+                .map_err(|e| MetaError::Unavailable(format!("catalog task: {e}")))??;
+        stored
+            .pop()
+            .ok_or_else(|| MetaError::Unavailable("audit append stored nothing".into()))
+    }
+
+    /// Runs a control call, making sure it leaves exactly one audit entry.
+    pub async fn audited<T>(
+        &self,
+        call: Call,
+        f: impl AsyncFnOnce(&Call) -> Result<T>,
+    ) -> Result<T> {
+        let r = f(&call).await;
+        if !call.recorded.load(Ordering::Relaxed) {
+            let entry = match &r {
+                Ok(_) => call.entry("", "ok", String::new()),
+                Err(e) => call.entry("", &e.to_string(), String::new()),
+            };
+            if let Err(e) = self.record(entry).await {
+                tracing::error!(error = %e, action = call.action, "cannot append to the audit log");
+            }
+        }
+        r
+    }
+
+    // ---- nodes --------------------------------------------------------------
+
+    pub fn is_up(&self, node: &str) -> bool {
+        self.live
+            .lock()
+            .get(node)
+            .is_some_and(|t| t.elapsed() < self.cfg.node_timeout)
+    }
+
+    fn down_since(&self, node: &str) -> String {
+        match self.live.lock().get(node) {
+            Some(t) => format!("no heartbeat for {}s", t.elapsed().as_secs()),
+            None => "no heartbeat since the metadata service started".into(),
+        }
+    }
+
+    /// Fails with UNAVAILABLE, naming the node, unless it is up.
+    fn require_up(&self, node: &str) -> Result<()> {
+        if self.is_up(node) {
+            Ok(())
+        } else {
+            Err(MetaError::Unavailable(format!(
+                "volume server {node} is down ({})",
+                self.down_since(node)
+            )))
+        }
+    }
+
+    /// A client for `node`'s volume server; UNAVAILABLE naming it if down.
+    async fn server(&self, node: &str) -> Result<VolumeServiceClient<Channel>> {
+        self.require_up(node)?;
+        let rec: NodeRecord = self.get(node)?.ok_or_else(|| {
+            MetaError::Unavailable(format!("volume server {node} is not registered"))
+        })?;
+        if let Some((ep, c)) = self.clients.lock().get(node) {
+            if *ep == rec.control_endpoint {
+                return Ok(c.clone());
+            }
+        }
+        let ch = tokio::time::timeout(
+            Duration::from_secs(5),
+            berth_proto::channel(&rec.control_endpoint),
+        )
+        .await
+        .map_err(|_| {
+            MetaError::Unavailable(format!(
+                "volume server {node} at {} did not answer within 5s",
+                rec.control_endpoint
+            ))
+        })?
+        .map_err(|e| {
+            MetaError::Unavailable(format!(
+                "volume server {node} at {} is unreachable: {e}",
+                rec.control_endpoint
+            ))
+        })?;
+        let c = VolumeServiceClient::new(ch);
+        self.clients
+            .lock()
+            .insert(node.to_string(), (rec.control_endpoint, c.clone()));
+        Ok(c)
+    }
+
+    pub async fn register_node(&self, actor: &str, r: Registration) -> Result<u32> {
+        check_name("node", &r.name)?;
+        if r.control_endpoint.is_empty() {
+            return Err(invalid(format!(
+                "node {}: control_endpoint is required (the metadata service calls it)",
+                r.name
+            )));
+        }
+        if r.pool.id.is_empty() {
+            return Err(invalid(format!("node {}: pool.id is required", r.name)));
+        }
+        let old: Option<NodeRecord> = self.get(&r.name)?;
+        let (cursor, cursor_pool) = old.as_ref().map_or((0, String::new()), |o| {
+            (o.audit_cursor, o.audit_pool_id.clone())
+        });
+        let rec = NodeRecord {
+            name: r.name.clone(),
+            control_endpoint: r.control_endpoint,
+            nbd_address: r.nbd_address,
+            nbd_socket: r.nbd_socket,
+            labels: r.labels,
+            version: r.version,
+            pool_id: r.pool.id.clone(),
+            state: NodeState::Up,
+            registered_ms: old.as_ref().map_or_else(now_ms, |o| o.registered_ms),
+            last_heartbeat_ms: now_ms(),
+            audit_cursor: cursor,
+            audit_pool_id: cursor_pool,
+        };
+        let pool = self.pool_record(&r.name, &r.pool);
+        if let Some(o) = &old {
+            if o.pool_id != rec.pool_id {
+                tracing::warn!(node = %rec.name, old_pool = %o.pool_id, new_pool = %rec.pool_id,
+                    "node came back with a different pool; volumes of the old pool are gone");
+            }
+        }
+        let changed = old.as_ref().is_none_or(|o| {
+            NodeRecord {
+                last_heartbeat_ms: rec.last_heartbeat_ms,
+                registered_ms: rec.registered_ms,
+                ..o.clone()
+            } != rec
+        });
+        self.live.lock().insert(r.name.clone(), Instant::now());
+        self.pools.lock().insert(pool.id.clone(), pool.clone());
+        self.clients.lock().remove(&r.name);
+        let txn = rec.put().merge(pool.put());
+        if changed {
+            let call = Call::new(actor, "RegisterNode", "", &r.name);
+            let detail = format!(
+                "control {} nbd {} pool {} ({} bytes)",
+                rec.control_endpoint, rec.nbd_address, pool.id, pool.total_bytes
+            );
+            self.commit(&call, txn, &r.name, detail).await?;
+            tracing::info!(node = %r.name, "node registered");
+        } else {
+            self.commit_intent(txn).await?;
+        }
+        Ok(self.cfg.heartbeat_interval.as_millis() as u32)
+    }
+
+    fn pool_record(&self, node: &str, p: &PoolStatus) -> PoolRecord {
+        PoolRecord {
+            id: p.id.clone(),
+            node: node.to_string(),
+            total_bytes: p.total_bytes,
+            used_bytes: p.used_bytes,
+            media: p.media.clone(),
+            volumes: p.volumes,
+            snapshots: p.snapshots,
+            updated_ms: now_ms(),
+        }
+    }
+
+    /// Returns false when the node is unknown (it must register).
+    pub async fn heartbeat(&self, name: &str, pool: &PoolStatus) -> Result<bool> {
+        let Some(rec) = self.get::<NodeRecord>(name)? else {
+            return Ok(false);
+        };
+        if rec.pool_id != pool.id {
+            // A new pool behind the same name: register again, say so.
+            return Ok(false);
+        }
+        self.live.lock().insert(name.to_string(), Instant::now());
+        let p = self.pool_record(name, pool);
+        let reshaped = self
+            .pools
+            .lock()
+            .insert(p.id.clone(), p.clone())
+            .is_none_or(|o| o.total_bytes != p.total_bytes || o.media != p.media);
+        if reshaped {
+            self.commit_intent(p.put()).await?;
+        }
+        if rec.state == NodeState::Down {
+            self.set_node_state(rec, NodeState::Up).await?;
+        }
+        Ok(true)
+    }
+
+    async fn set_node_state(&self, rec: NodeRecord, state: NodeState) -> Result<()> {
+        let name = rec.name.clone();
+        let new = NodeRecord {
+            state,
+            last_heartbeat_ms: now_ms(),
+            ..rec.clone()
+        };
+        let (action, detail) = match state {
+            NodeState::Up => ("NodeUp", "heartbeats resumed".to_string()),
+            NodeState::Down => ("NodeDown", self.down_since(&name)),
+        };
+        let call = Call::new("berth-metadata", action, "", &name);
+        match self
+            .commit(&call, new.replace(&rec), &name, detail.clone())
+            .await
+        {
+            Ok(()) => {
+                match state {
+                    NodeState::Up => tracing::info!(node = %name, "node is up again"),
+                    NodeState::Down => tracing::warn!(node = %name, %detail, "node marked down"),
+                }
+                Ok(())
+            }
+            // Someone else moved it first (register, another tick): fine.
+            Err(MetaError::Catalog(berth_catalog::CatalogError::Conflict { .. })) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Marks silent nodes down; returns the nodes that are up.
+    pub async fn check_nodes(&self) -> Result<Vec<NodeRecord>> {
+        let mut up = Vec::new();
+        for n in records::list::<NodeRecord>(&*self.store, None, 0)? {
+            let alive = self.is_up(&n.name);
+            match (n.state, alive) {
+                (NodeState::Up, false) => self.set_node_state(n, NodeState::Down).await?,
+                (NodeState::Down, true) => {
+                    self.set_node_state(n.clone(), NodeState::Up).await?;
+                    up.push(n);
+                }
+                (NodeState::Up, true) => up.push(n),
+                (NodeState::Down, false) => {}
+            }
+        }
+        Ok(up)
+    }
+
+    pub fn nodes(&self) -> Result<Vec<(NodeRecord, bool)>> {
+        Ok(records::list::<NodeRecord>(&*self.store, None, 0)?
+            .into_iter()
+            .map(|n| {
+                let up = self.is_up(&n.name);
+                (n, up)
+            })
+            .collect())
+    }
+
+    pub fn pool_views(&self) -> Result<Vec<PoolView>> {
+        let nodes: HashMap<String, NodeRecord> =
+            records::list::<NodeRecord>(&*self.store, None, 0)?
+                .into_iter()
+                .map(|n| (n.name.clone(), n))
+                .collect();
+        let prov = self.provisioned.lock().clone();
+        let mut out: Vec<PoolView> = self
+            .pools
+            .lock()
+            .values()
+            // A node's current pool only; replaced pools are history.
+            .filter(|p| nodes.get(&p.node).is_some_and(|n| n.pool_id == p.id))
+            .map(|p| {
+                let provisioned = prov.get(&p.id).copied().unwrap_or(0);
+                let c = self.candidate(&nodes[&p.node], p, provisioned);
+                PoolView {
+                    pool: p.clone(),
+                    provisioned_bytes: provisioned,
+                    available_bytes: c.available(self.cfg.overcommit),
+                    node_up: c.up,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.pool.node.cmp(&b.pool.node));
+        Ok(out)
+    }
+
+    fn candidate(&self, n: &NodeRecord, p: &PoolRecord, provisioned: u64) -> Candidate {
+        Candidate {
+            node: n.name.clone(),
+            pool_id: p.id.clone(),
+            up: self.is_up(&n.name),
+            labels: n.labels.clone(),
+            media: p.media.clone(),
+            total_bytes: p.total_bytes,
+            provisioned_bytes: provisioned,
+        }
+    }
+
+    fn candidates(&self) -> Result<Vec<Candidate>> {
+        Ok(self
+            .pool_views()?
+            .into_iter()
+            .filter_map(|v| {
+                let n: NodeRecord = self.get(&v.pool.node).ok().flatten()?;
+                Some(self.candidate(&n, &v.pool, v.provisioned_bytes))
+            })
+            .collect())
+    }
+
+    fn reserve(&self, pool: &str, delta: i128) {
+        let mut m = self.provisioned.lock();
+        let e = m.entry(pool.to_string()).or_default();
+        *e = (*e as i128 + delta).max(0) as u64;
+    }
+
+    pub fn capacity(
+        &self,
+        segment: &BTreeMap<String, String>,
+        params: &BTreeMap<String, String>,
+    ) -> Result<(u64, u64)> {
+        let spec = tiers::resolve(&self.cfg.tiers, params)?;
+        let (mut total, mut max) = (0u64, 0u64);
+        for c in self.candidates()? {
+            if c.up
+                && placement::in_segment(&c.labels, segment)
+                && placement::media_allowed(&c.media, &spec.media)
+            {
+                let a = c.available(self.cfg.overcommit);
+                total += a;
+                max = max.max(a);
+            }
+        }
+        Ok((total, max))
+    }
+
+    // ---- volumes ------------------------------------------------------------
+
+    fn spec_of(&self, v: &VolumeRecord) -> Result<Spec> {
+        tiers::resolve(&self.cfg.tiers, &v.parameters)
+    }
+
+    /// Why an existing volume does not match a create request, if it does not.
+    fn incompatibility(v: &VolumeRecord, req: &CreateVolume) -> Option<String> {
+        if v.size_bytes < req.required_bytes {
+            return Some(format!(
+                "it has {} bytes, {} were asked",
+                v.size_bytes, req.required_bytes
+            ));
+        }
+        if req.limit_bytes != 0 && v.size_bytes > req.limit_bytes {
+            return Some(format!(
+                "it has {} bytes, above limit_bytes {}",
+                v.size_bytes, req.limit_bytes
+            ));
+        }
+        if v.parameters != req.parameters {
+            return Some(format!("it was created with parameters {:?}", v.parameters));
+        }
+        if v.source != req.source {
+            return Some(format!("it was created from {:?}", v.source));
+        }
+        if !placement::in_topology(&v.topology, &req.requisite) {
+            return Some(format!(
+                "it lives on node {}, outside the requested topology",
+                v.node
+            ));
+        }
+        None
+    }
+
+    pub async fn create_volume(&self, call: &Call, req: CreateVolume) -> Result<VolumeRecord> {
+        check_name("volume", &req.name)?;
+        let spec = tiers::resolve(&self.cfg.tiers, &req.parameters)?;
+        let _name = self.locks.lock(format!("v:{}", req.name)).await;
+        if let Some(v) = self.get::<VolumeRecord>(&req.name)? {
+            if let Some(why) = Self::incompatibility(&v, &req) {
+                return Err(MetaError::AlreadyExists(format!(
+                    "volume {} already exists and differs: {why}",
+                    req.name
+                )));
+            }
+            return match v.state {
+                State::Ready => Ok(v),
+                // Left by a crash before reconcile saw it: finish it now.
+                State::Creating => self.finish_create(call, &spec, v).await,
+                State::Deleting => Err(MetaError::FailedPrecondition(format!(
+                    "volume {} is being deleted; retry once it is gone",
+                    req.name
+                ))),
+            };
+        }
+        // Clones live on their source's pool: that is what makes them O(1).
+        let (floor, placed) = match &req.source {
+            Some(Source::Snapshot(s)) => {
+                let snap: SnapshotRecord = self.get(s)?.ok_or_else(|| {
+                    MetaError::NotFound(format!("source snapshot {s} does not exist"))
+                })?;
+                if snap.state != State::Ready {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "source snapshot {s} is not ready ({:?})",
+                        snap.state
+                    )));
+                }
+                (snap.size_bytes, Some((snap.node, snap.pool_id)))
+            }
+            Some(Source::Volume(src)) => {
+                let v: VolumeRecord = self.get(src)?.ok_or_else(|| {
+                    MetaError::NotFound(format!("source volume {src} does not exist"))
+                })?;
+                if v.state != State::Ready {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "source volume {src} is not ready ({:?})",
+                        v.state
+                    )));
+                }
+                (v.size_bytes, Some((v.node, v.pool_id)))
+            }
+            None => (0, None),
+        };
+        let size = size_for(req.required_bytes, req.limit_bytes, floor)?;
+        let record = {
+            let _placing = self.placement.lock().await;
+            let cands = self.candidates()?;
+            let (node, pool_id) = match placed {
+                Some((node, pool_id)) => {
+                    self.require_up(&node)?;
+                    let c = cands.iter().find(|c| c.pool_id == pool_id).ok_or_else(|| {
+                        MetaError::Unavailable(format!(
+                            "the source's pool {pool_id} on node {node} is no longer reported"
+                        ))
+                    })?;
+                    if !placement::in_topology(&c.labels, &req.requisite) {
+                        return Err(MetaError::Unplaceable(format!(
+                            "the source lives on node {node}, outside the requested topology \
+                             (a clone must stay on its source's pool)"
+                        )));
+                    }
+                    if c.available(self.cfg.overcommit) < size {
+                        return Err(MetaError::Unplaceable(format!(
+                            "pool {pool_id} on node {node}, where the source lives, has {} bytes \
+                             left to promise; the clone needs {size}",
+                            c.available(self.cfg.overcommit)
+                        )));
+                    }
+                    (node, pool_id)
+                }
+                None => {
+                    let r = placement::Request {
+                        size_bytes: size,
+                        requisite: req.requisite.clone(),
+                        preferred: req.preferred.clone(),
+                        media: spec.media.clone(),
+                    };
+                    let i = placement::choose(&cands, &r, self.cfg.overcommit).map_err(|why| {
+                        MetaError::Unplaceable(format!("cannot place volume {}: {why}", req.name))
+                    })?;
+                    (cands[i].node.clone(), cands[i].pool_id.clone())
+                }
+            };
+            let topology = self
+                .get::<NodeRecord>(&node)?
+                .map(|n| n.labels)
+                .unwrap_or_default();
+            let record = VolumeRecord {
+                id: req.name.clone(),
+                size_bytes: size,
+                tier: spec.tier.name.clone(),
+                parameters: req.parameters.clone(),
+                qos: spec.qos(size),
+                fs_type: spec.fs_type.clone(),
+                node,
+                pool_id,
+                source: req.source.clone(),
+                state: State::Creating,
+                topology,
+                created_ms: now_ms(),
+                condition: String::new(),
+            };
+            self.commit_intent(record.create()).await?;
+            self.reserve(&record.pool_id, i128::from(size));
+            record
+        };
+        fault::point("create-volume:after-catalog");
+        self.finish_create(call, &spec, record).await
+    }
+
+    /// Steps 2 and 3 of a create: the volume server, then the outcome.
+    async fn finish_create(
+        &self,
+        call: &Call,
+        spec: &Spec,
+        rec: VolumeRecord,
+    ) -> Result<VolumeRecord> {
+        let made = self.create_on_server(call, spec, &rec).await;
+        if let Err(e) = made {
+            // Nobody was told the volume exists: undo, unless the node is out
+            // of reach (reconcile will undo it when it is back).
+            if !matches!(e, MetaError::Unavailable(_)) {
+                let owns_it = !matches!(
+                    &e,
+                    MetaError::Server {
+                        code: tonic::Code::AlreadyExists,
+                        ..
+                    }
+                );
+                if let Err(undo) = self.undo_create(&rec, owns_it).await {
+                    tracing::warn!(volume = %rec.id, error = %undo, "could not undo a failed create; reconcile will");
+                }
+            }
+            return Err(e);
+        }
+        fault::point("create-volume:after-server");
+        let ready = VolumeRecord {
+            state: State::Ready,
+            ..rec.clone()
+        };
+        let detail = format!(
+            "{} bytes, tier {}, pool {}{}",
+            ready.size_bytes,
+            ready.tier,
+            ready.pool_id,
+            match &ready.source {
+                Some(Source::Snapshot(s)) => format!(", from snapshot {s}"),
+                Some(Source::Volume(v)) => format!(", from volume {v}"),
+                None => String::new(),
+            }
+        );
+        self.commit(call, ready.replace(&rec), &ready.node, detail)
+            .await?;
+        tracing::info!(volume = %ready.id, node = %ready.node, size = ready.size_bytes, "volume created");
+        Ok(ready)
+    }
+
+    async fn create_on_server(&self, call: &Call, spec: &Spec, rec: &VolumeRecord) -> Result<()> {
+        let mut c = self.server(&rec.node).await?;
+        let class = tiers::server_class(spec.tier.priority).to_string();
+        let overrides = Some(server_overrides(&rec.qos));
+        let r = match &rec.source {
+            None => {
+                c.create_volume(server_req(
+                    call,
+                    vpb::CreateVolumeRequest {
+                        name: rec.id.clone(),
+                        size_bytes: rec.size_bytes,
+                        tier: class,
+                        overrides,
+                    },
+                ))
+                .await
+            }
+            Some(src) => {
+                use vpb::clone_volume_request::Source as S;
+                let source = match src {
+                    Source::Snapshot(s) => S::Snapshot(s.clone()),
+                    Source::Volume(v) => S::Volume(v.clone()),
+                };
+                c.clone_volume(server_req(
+                    call,
+                    vpb::CloneVolumeRequest {
+                        name: rec.id.clone(),
+                        source: Some(source),
+                        size_bytes: rec.size_bytes,
+                        tier: class,
+                        overrides,
+                    },
+                ))
+                .await
+            }
+        };
+        r.map(|_| ()).map_err(|s| MetaError::server(&rec.node, &s))
+    }
+
+    /// Removes a half-created volume: from its server (when it is ours), then
+    /// from the catalog.
+    async fn undo_create(&self, rec: &VolumeRecord, on_server: bool) -> Result<()> {
+        if on_server {
+            self.delete_on_server(&rec.node, &rec.id, "reconcile")
+                .await?;
+        }
+        self.commit_intent(rec.remove()).await?;
+        self.reserve(&rec.pool_id, -i128::from(rec.size_bytes));
+        Ok(())
+    }
+
+    async fn delete_on_server(&self, node: &str, volume: &str, actor: &str) -> Result<()> {
+        let mut c = self.server(node).await?;
+        let call = Call::new(actor, "DeleteVolume", volume, "");
+        match c
+            .delete_volume(server_req(
+                &call,
+                vpb::DeleteVolumeRequest {
+                    name: volume.into(),
+                },
+            ))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+            Err(s) => Err(MetaError::server(node, &s)),
+        }
+    }
+
+    pub async fn delete_volume(&self, call: &Call, id: &str) -> Result<()> {
+        check_name("volume", id)?;
+        let _name = self.locks.lock(format!("v:{id}")).await;
+        let Some(v) = self.get::<VolumeRecord>(id)? else {
+            return Ok(()); // Already gone: deleting is idempotent.
+        };
+        let attached = self.attachments(id)?;
+        if !attached.is_empty() {
+            let nodes: Vec<&str> = attached.iter().map(|a| a.node.as_str()).collect();
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume {id} is published to node(s) {}; unpublish it first",
+                nodes.join(", ")
+            )));
+        }
+        self.require_up(&v.node)?;
+        let deleting = VolumeRecord {
+            state: State::Deleting,
+            ..v.clone()
+        };
+        if v.state != State::Deleting {
+            self.commit_intent(deleting.replace(&v)).await?;
+        }
+        fault::point("delete-volume:after-catalog");
+        if let Err(e) = self.delete_on_server(&v.node, id, &call.actor).await {
+            if !matches!(e, MetaError::Unavailable(_)) && v.state == State::Ready {
+                // The server refused (in use...): the volume stays as it was.
+                self.commit_intent(v.replace(&deleting)).await?;
+            }
+            return Err(e);
+        }
+        self.commit(
+            call,
+            deleting.remove(),
+            &v.node,
+            format!("{} bytes freed", v.size_bytes),
+        )
+        .await?;
+        self.reserve(&v.pool_id, -i128::from(v.size_bytes));
+        tracing::info!(volume = %id, node = %v.node, "volume deleted");
+        Ok(())
+    }
+
+    fn ready_volume(&self, id: &str) -> Result<VolumeRecord> {
+        let v: VolumeRecord = self
+            .get(id)?
+            .ok_or_else(|| MetaError::NotFound(format!("volume {id} does not exist")))?;
+        if v.state != State::Ready {
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume {id} is {:?}, not ready",
+                v.state
+            )));
+        }
+        Ok(v)
+    }
+
+    /// Applies a volume's limits on its server, live.
+    async fn push_qos(&self, call: &Call, v: &VolumeRecord, spec: &Spec) -> Result<()> {
+        let mut c = self.server(&v.node).await?;
+        c.set_qos(server_req(
+            call,
+            vpb::SetQosRequest {
+                volume: v.id.clone(),
+                tier: tiers::server_class(spec.tier.priority).to_string(),
+                overrides: Some(server_overrides(&v.qos)),
+                clear_overrides: true,
+            },
+        ))
+        .await
+        .map_err(|s| MetaError::server(&v.node, &s))?;
+        Ok(())
+    }
+
+    pub async fn expand_volume(
+        &self,
+        call: &Call,
+        id: &str,
+        required: u64,
+        limit: u64,
+    ) -> Result<VolumeRecord> {
+        check_name("volume", id)?;
+        let _name = self.locks.lock(format!("v:{id}")).await;
+        let v = self.ready_volume(id)?;
+        if required <= v.size_bytes {
+            if limit != 0 && v.size_bytes > limit {
+                return Err(MetaError::OutOfRange(format!(
+                    "volume {id} already has {} bytes, above limit_bytes {limit}; volumes do not shrink",
+                    v.size_bytes
+                )));
+            }
+            return Ok(v);
+        }
+        let size = size_for(required, limit, 0)?;
+        self.require_up(&v.node)?;
+        {
+            let _placing = self.placement.lock().await;
+            let room = self
+                .candidates()?
+                .into_iter()
+                .find(|c| c.pool_id == v.pool_id)
+                .map_or(0, |c| c.available(self.cfg.overcommit));
+            let delta = size - v.size_bytes;
+            if room < delta {
+                return Err(MetaError::Unplaceable(format!(
+                    "pool {} on node {} can promise {room} more bytes; growing volume {id} needs {delta}",
+                    v.pool_id, v.node
+                )));
+            }
+            self.reserve(&v.pool_id, i128::from(delta));
+        }
+        let spec = self.spec_of(&v)?;
+        let grown = VolumeRecord {
+            size_bytes: size,
+            qos: spec.qos(size),
+            ..v.clone()
+        };
+        let r = async {
+            let mut c = self.server(&v.node).await?;
+            c.resize_volume(server_req(
+                call,
+                vpb::ResizeVolumeRequest {
+                    name: id.to_string(),
+                    size_bytes: size,
+                },
+            ))
+            .await
+            .map_err(|s| MetaError::server(&v.node, &s))?;
+            // Limits scale with size.
+            self.push_qos(call, &grown, &spec).await
+        }
+        .await;
+        if let Err(e) = r {
+            self.reserve(&v.pool_id, -i128::from(size - v.size_bytes));
+            return Err(e);
+        }
+        self.commit(
+            call,
+            grown.replace(&v),
+            &v.node,
+            format!("{} -> {size} bytes", v.size_bytes),
+        )
+        .await?;
+        Ok(grown)
+    }
+
+    pub async fn modify_volume(
+        &self,
+        call: &Call,
+        id: &str,
+        changes: BTreeMap<String, String>,
+    ) -> Result<VolumeRecord> {
+        check_name("volume", id)?;
+        tiers::check_mutable(&changes)?;
+        let _name = self.locks.lock(format!("v:{id}")).await;
+        let v = self.ready_volume(id)?;
+        let mut params = v.parameters.clone();
+        for (k, val) in &changes {
+            if val.is_empty() {
+                params.remove(k);
+            } else {
+                params.insert(k.clone(), val.clone());
+            }
+        }
+        let spec = tiers::resolve(&self.cfg.tiers, &params)?;
+        let new = VolumeRecord {
+            tier: spec.tier.name.clone(),
+            qos: spec.qos(v.size_bytes),
+            parameters: params,
+            ..v.clone()
+        };
+        if new == v {
+            return Ok(v);
+        }
+        self.push_qos(call, &new, &spec).await?;
+        let detail = format!(
+            "tier {} -> {}, iops {} -> {}, bytes/s {} -> {}",
+            v.tier,
+            new.tier,
+            v.qos.iops_limit,
+            new.qos.iops_limit,
+            v.qos.bytes_per_second_limit,
+            new.qos.bytes_per_second_limit
+        );
+        self.commit(call, new.replace(&v), &v.node, detail).await?;
+        Ok(new)
+    }
+
+    /// A volume with its condition as of now (a down node makes it abnormal).
+    pub fn volume_view(&self, mut v: VolumeRecord) -> VolumeRecord {
+        if v.condition.is_empty() && !self.is_up(&v.node) {
+            v.condition = format!(
+                "volume server {} is down ({})",
+                v.node,
+                self.down_since(&v.node)
+            );
+        }
+        v
+    }
+
+    // ---- snapshots ----------------------------------------------------------
+
+    pub async fn create_snapshot(
+        &self,
+        call: &Call,
+        name: &str,
+        source: &str,
+    ) -> Result<SnapshotRecord> {
+        check_name("snapshot", name)?;
+        check_name("source volume", source)?;
+        let _name = self.locks.lock(format!("s:{name}")).await;
+        let rec = match self.get::<SnapshotRecord>(name)? {
+            Some(s) if s.source_volume != source => {
+                return Err(MetaError::AlreadyExists(format!(
+                    "snapshot {name} already exists, of volume {}",
+                    s.source_volume
+                )))
+            }
+            Some(s) if s.state == State::Ready => return Ok(s),
+            Some(s) if s.state == State::Deleting => {
+                return Err(MetaError::FailedPrecondition(format!(
+                    "snapshot {name} is being deleted; retry once it is gone"
+                )))
+            }
+            Some(s) => s,
+            None => {
+                let v = self.ready_volume(source)?;
+                self.require_up(&v.node)?;
+                let rec = SnapshotRecord {
+                    id: name.to_string(),
+                    source_volume: source.to_string(),
+                    size_bytes: v.size_bytes,
+                    node: v.node.clone(),
+                    pool_id: v.pool_id.clone(),
+                    state: State::Creating,
+                    created_ms: now_ms(),
+                };
+                self.commit_intent(rec.create()).await?;
+                rec
+            }
+        };
+        fault::point("create-snapshot:after-catalog");
+        let made = async {
+            let mut c = self.server(&rec.node).await?;
+            c.create_snapshot(server_req(
+                call,
+                vpb::CreateSnapshotRequest {
+                    volume: source.to_string(),
+                    name: name.to_string(),
+                },
+            ))
+            .await
+            .map_err(|s| MetaError::server(&rec.node, &s))
+        }
+        .await;
+        if let Err(e) = made {
+            if !matches!(e, MetaError::Unavailable(_)) {
+                self.commit_intent(rec.remove()).await?;
+            }
+            return Err(e);
+        }
+        let ready = SnapshotRecord {
+            state: State::Ready,
+            ..rec.clone()
+        };
+        self.commit(
+            call,
+            ready.replace(&rec),
+            &rec.node,
+            format!("of {} bytes", rec.size_bytes),
+        )
+        .await?;
+        Ok(ready)
+    }
+
+    pub async fn delete_snapshot(&self, call: &Call, id: &str) -> Result<()> {
+        check_name("snapshot", id)?;
+        let _name = self.locks.lock(format!("s:{id}")).await;
+        let Some(s) = self.get::<SnapshotRecord>(id)? else {
+            return Ok(());
+        };
+        self.require_up(&s.node)?;
+        let deleting = SnapshotRecord {
+            state: State::Deleting,
+            ..s.clone()
+        };
+        if s.state != State::Deleting {
+            self.commit_intent(deleting.replace(&s)).await?;
+        }
+        let mut c = self.server(&s.node).await?;
+        match c
+            .delete_snapshot(server_req(
+                call,
+                vpb::DeleteSnapshotRequest { name: id.into() },
+            ))
+            .await
+        {
+            Ok(_) => {}
+            Err(st) if st.code() == tonic::Code::NotFound => {}
+            Err(st) => return Err(MetaError::server(&s.node, &st)),
+        }
+        self.commit(call, deleting.remove(), &s.node, String::new())
+            .await
+    }
+
+    // ---- attachments --------------------------------------------------------
+
+    pub fn attachments(&self, volume: &str) -> Result<Vec<AttachmentRecord>> {
+        let prefix = format!("{volume}/");
+        // Keys sort by volume: start just before this volume's range.
+        let mut out = Vec::new();
+        let mut after = Some(volume.to_string());
+        loop {
+            let page = records::list::<AttachmentRecord>(&*self.store, after.as_deref(), 256)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.key());
+            let n = page.len();
+            let mut done = false;
+            for a in page {
+                if a.key().starts_with(&prefix) {
+                    out.push(a);
+                } else if a.key() > prefix {
+                    done = true;
+                    break;
+                }
+            }
+            if done || n < 256 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn all_attachments(&self) -> Result<Vec<AttachmentRecord>> {
+        Ok(records::list::<AttachmentRecord>(&*self.store, None, 0)?)
+    }
+
+    pub async fn publish(
+        &self,
+        call: &Call,
+        volume: &str,
+        node: &str,
+        read_only: bool,
+    ) -> Result<AttachmentRecord> {
+        check_name("volume", volume)?;
+        check_name("node", node)?;
+        let _name = self.locks.lock(format!("v:{volume}")).await;
+        let v = self.ready_volume(volume)?;
+        let client: NodeRecord = self
+            .get(node)?
+            .ok_or_else(|| MetaError::NotFound(format!("node {node} is not registered")))?;
+        let existing = self.attachments(volume)?;
+        if let Some(a) = existing.iter().find(|a| a.node == node) {
+            if a.read_only != read_only {
+                return Err(MetaError::AlreadyExists(format!(
+                    "volume {volume} is already published to node {node} {}",
+                    if a.read_only {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    }
+                )));
+            }
+            if a.state == State::Ready {
+                return Ok(a.clone());
+            }
+        } else if let Some(w) = existing.iter().find(|a| !a.read_only || !read_only) {
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume {volume} is published to node {} ({}); a volume is written from one \
+                 node at a time",
+                w.node,
+                if w.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                }
+            )));
+        }
+        self.require_up(&v.node)?;
+        let rec = match existing.into_iter().find(|a| a.node == node) {
+            Some(a) => a,
+            None => {
+                let a = AttachmentRecord {
+                    volume: volume.to_string(),
+                    node: node.to_string(),
+                    read_only,
+                    server_node: v.node.clone(),
+                    export_name: String::new(),
+                    tcp_uri: String::new(),
+                    unix_uri: String::new(),
+                    state: State::Creating,
+                    created_ms: now_ms(),
+                };
+                self.commit_intent(a.create()).await?;
+                a
+            }
+        };
+        fault::point("publish-volume:after-catalog");
+        // Connections from another node must come from its address.
+        let peer = if node == v.node {
+            String::new()
+        } else {
+            peer_ip(&client.nbd_address)
+        };
+        let granted = async {
+            let mut c = self.server(&v.node).await?;
+            c.grant_export(server_req(
+                call,
+                vpb::GrantExportRequest {
+                    kind: vpb::TargetKind::Volume as i32,
+                    name: volume.to_string(),
+                    client: node_client(node),
+                    read_only,
+                    peer_address: peer,
+                },
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| MetaError::server(&v.node, &s))
+        }
+        .await;
+        let e = match granted {
+            Ok(e) => e,
+            Err(err) => {
+                if !matches!(err, MetaError::Unavailable(_)) {
+                    self.commit_intent(rec.remove()).await?;
+                }
+                return Err(err);
+            }
+        };
+        let ready = AttachmentRecord {
+            export_name: e.export_name,
+            tcp_uri: e.tcp_uri,
+            unix_uri: if node == v.node {
+                e.unix_uri
+            } else {
+                String::new()
+            },
+            state: State::Ready,
+            ..rec.clone()
+        };
+        let detail = format!(
+            "{} to node {node}",
+            if read_only { "read-only" } else { "read-write" }
+        );
+        self.commit(call, ready.replace(&rec), &v.node, detail)
+            .await?;
+        Ok(ready)
+    }
+
+    pub async fn unpublish(&self, call: &Call, volume: &str, node: &str) -> Result<u32> {
+        check_name("volume", volume)?;
+        let _name = self.locks.lock(format!("v:{volume}")).await;
+        let mut closed = 0;
+        for a in self.attachments(volume)? {
+            if !node.is_empty() && a.node != node {
+                continue;
+            }
+            closed += self.revoke(call, a).await?;
+        }
+        Ok(closed)
+    }
+
+    /// Removes one attachment: catalog intent, server revoke, catalog outcome.
+    async fn revoke(&self, call: &Call, a: AttachmentRecord) -> Result<u32> {
+        self.require_up(&a.server_node)?;
+        let deleting = AttachmentRecord {
+            state: State::Deleting,
+            ..a.clone()
+        };
+        if a.state != State::Deleting {
+            self.commit_intent(deleting.replace(&a)).await?;
+        }
+        let closed = self
+            .revoke_on_server(call, &a.server_node, &a.volume, &a.node)
+            .await?;
+        self.commit(
+            call,
+            deleting.remove(),
+            &a.server_node,
+            format!("from node {}; {closed} connection(s) closed", a.node),
+        )
+        .await?;
+        Ok(closed)
+    }
+
+    /// Revokes every grant of `volume` to `node` on its server.
+    async fn revoke_on_server(
+        &self,
+        call: &Call,
+        server: &str,
+        volume: &str,
+        node: &str,
+    ) -> Result<u32> {
+        let mut c = self.server(server).await?;
+        let grants = c
+            .list_exports(server_req(call, vpb::ListExportsRequest {}))
+            .await
+            .map_err(|s| MetaError::server(server, &s))?
+            .into_inner()
+            .exports;
+        let mut closed = 0;
+        for g in grants
+            .into_iter()
+            .filter(|g| g.name == volume && g.client == node_client(node))
+        {
+            match c
+                .revoke_export(server_req(
+                    call,
+                    vpb::RevokeExportRequest {
+                        export_name: g.export_name,
+                    },
+                ))
+                .await
+            {
+                Ok(r) => closed += r.into_inner().closed_connections,
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => return Err(MetaError::server(server, &s)),
+            }
+        }
+        Ok(closed)
+    }
+
+    // ---- audit --------------------------------------------------------------
+
+    pub fn audit_query(&self, q: &audit::Query) -> Result<(Vec<AuditEntry>, u64)> {
+        Ok(audit::query(&*self.store, q)?)
+    }
+
+    pub fn audit_verify(&self) -> Result<audit::Verification> {
+        Ok(audit::verify(&*self.store)?)
+    }
+
+    // ---- reconcile ----------------------------------------------------------
+
+    /// Compares one node's volume server with the catalog and repairs the
+    /// difference: half-created objects are undone, half-deleted ones
+    /// finished, lost ones flagged, and the node's audit events chained.
+    pub async fn reconcile_node(&self, node: &str) -> Result<()> {
+        if !self.reconciling.lock().insert(node.to_string()) {
+            return Ok(()); // A pass for this node is running.
+        }
+        let r = self.reconcile_node_inner(node).await;
+        self.reconciling.lock().remove(node);
+        r
+    }
+
+    async fn reconcile_node_inner(&self, node: &str) -> Result<()> {
+        let call = Call::new(SERVER_CALLER_PREFIX, "Reconcile", "", node);
+        let mut c = self.server(node).await?;
+        let server_vols: HashMap<String, vpb::Volume> = c
+            .list_volumes(server_req(&call, vpb::ListVolumesRequest {}))
+            .await
+            .map_err(|s| MetaError::server(node, &s))?
+            .into_inner()
+            .volumes
+            .into_iter()
+            .map(|v| (v.name.clone(), v))
+            .collect();
+        let server_snaps: std::collections::HashSet<String> = c
+            .list_snapshots(server_req(
+                &call,
+                vpb::ListSnapshotsRequest {
+                    volume: String::new(),
+                },
+            ))
+            .await
+            .map_err(|s| MetaError::server(node, &s))?
+            .into_inner()
+            .snapshots
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        let pool_id = self
+            .get::<NodeRecord>(node)?
+            .map(|n| n.pool_id)
+            .unwrap_or_default();
+
+        for v in records::list::<VolumeRecord>(&*self.store, None, 0)? {
+            if v.node != node {
+                continue;
+            }
+            // Skip what a live call is working on; the next pass sees it.
+            let Some(_g) = self.locks.try_lock(format!("v:{}", v.id)) else {
+                continue;
+            };
+            // Re-read under the lock.
+            let Some(v) = self.get::<VolumeRecord>(&v.id)? else {
+                continue;
+            };
+            let on_server = server_vols.get(&v.id);
+            match v.state {
+                State::Creating => {
+                    self.undo_create(&v, on_server.is_some()).await?;
+                    self.note(node, &v.id, "undid a create that never finished")
+                        .await;
+                }
+                State::Deleting => {
+                    if on_server.is_some() {
+                        self.delete_on_server(node, &v.id, SERVER_CALLER_PREFIX)
+                            .await?;
+                    }
+                    self.commit_intent(v.remove()).await?;
+                    self.reserve(&v.pool_id, -i128::from(v.size_bytes));
+                    self.note(node, &v.id, "finished a delete that never finished")
+                        .await;
+                }
+                State::Ready => {
+                    let condition = match on_server {
+                        None if v.pool_id != pool_id => format!(
+                            "lost: node {node} now serves pool {pool_id}, the volume was on pool {}",
+                            v.pool_id
+                        ),
+                        None => format!("lost: volume server {node} does not have it"),
+                        Some(_) => String::new(),
+                    };
+                    let mut fixed = VolumeRecord {
+                        condition: condition.clone(),
+                        ..v.clone()
+                    };
+                    // An expand that reached the server but not the catalog.
+                    if let Some(sv) = on_server {
+                        if sv.size_bytes > v.size_bytes {
+                            self.reserve(&v.pool_id, i128::from(sv.size_bytes - v.size_bytes));
+                            fixed.size_bytes = sv.size_bytes;
+                            fixed.qos = self.spec_of(&v)?.qos(sv.size_bytes);
+                        }
+                    }
+                    if fixed != v {
+                        self.commit_intent(fixed.replace(&v)).await?;
+                        if !condition.is_empty() {
+                            tracing::error!(volume = %v.id, node, %condition, "volume missing on its server");
+                        }
+                        self.note(
+                            node,
+                            &v.id,
+                            &format!(
+                                "updated the record: {}",
+                                if condition.is_empty() {
+                                    "size or condition"
+                                } else {
+                                    &condition
+                                }
+                            ),
+                        )
+                        .await;
+                    }
+                }
+            }
+        }
+        for s in records::list::<SnapshotRecord>(&*self.store, None, 0)? {
+            if s.node != node || s.state == State::Ready {
+                continue;
+            }
+            let Some(_g) = self.locks.try_lock(format!("s:{}", s.id)) else {
+                continue;
+            };
+            let Some(s) = self.get::<SnapshotRecord>(&s.id)? else {
+                continue;
+            };
+            if s.state == State::Ready {
+                continue;
+            }
+            if server_snaps.contains(&s.id) {
+                let mut c = self.server(node).await?;
+                match c
+                    .delete_snapshot(server_req(
+                        &call,
+                        vpb::DeleteSnapshotRequest { name: s.id.clone() },
+                    ))
+                    .await
+                {
+                    Ok(_) => {}
+                    Err(st) if st.code() == tonic::Code::NotFound => {}
+                    Err(st) => return Err(MetaError::server(node, &st)),
+                }
+            }
+            self.commit_intent(s.remove()).await?;
+            self.note(
+                node,
+                &s.id,
+                "removed a snapshot left half-made or half-deleted",
+            )
+            .await;
+        }
+        for a in self.all_attachments()? {
+            if a.server_node != node || a.state == State::Ready {
+                continue;
+            }
+            let Some(_g) = self.locks.try_lock(format!("v:{}", a.volume)) else {
+                continue;
+            };
+            self.revoke_on_server(&call, node, &a.volume, &a.node)
+                .await?;
+            if let Some(cur) = self.get::<AttachmentRecord>(&a.key())? {
+                self.commit_intent(cur.remove()).await?;
+            }
+            self.note(
+                node,
+                &a.volume,
+                &format!("removed an unfinished attachment to node {}", a.node),
+            )
+            .await;
+        }
+        let unmanaged: Vec<&String> = server_vols
+            .keys()
+            .filter(|k| self.get::<VolumeRecord>(k).ok().flatten().is_none())
+            .collect();
+        if !unmanaged.is_empty() {
+            tracing::info!(node, volumes = ?unmanaged, "volumes on the node that the catalog does not manage (left alone)");
+        }
+        self.pull_audit(node).await
+    }
+
+    /// Logs and audits what reconcile did.
+    async fn note(&self, node: &str, object: &str, what: &str) {
+        tracing::warn!(node, object, "reconcile: {what}");
+        let call = Call::new(SERVER_CALLER_PREFIX, "Reconcile", object, node);
+        if let Err(e) = self.record(call.entry(node, "ok", what.to_string())).await {
+            tracing::error!(error = %e, "cannot append to the audit log");
+        }
+    }
+
+    /// Chains the node's new audit events (connects, disconnects, refusals,
+    /// and control calls nobody made through this service).
+    pub async fn pull_audit(&self, node: &str) -> Result<()> {
+        let Some(rec) = self.get::<NodeRecord>(node)? else {
+            return Ok(());
+        };
+        let after = if rec.audit_pool_id == rec.pool_id {
+            rec.audit_cursor
+        } else {
+            0
+        };
+        let mut c = self.server(node).await?;
+        let call = Call::new(SERVER_CALLER_PREFIX, "PullAudit", "", node);
+        let events = c
+            .list_audit_events(server_req(
+                &call,
+                vpb::ListAuditEventsRequest {
+                    target: String::new(),
+                    client: String::new(),
+                    after_seq: after,
+                    limit: 1000,
+                },
+            ))
+            .await
+            .map_err(|s| MetaError::server(node, &s))?
+            .into_inner()
+            .events;
+        let Some(last) = events.last().map(|e| e.seq) else {
+            return Ok(());
+        };
+        let entries: Vec<AuditEntry> = events
+            .into_iter()
+            .filter(|e| !e.client.starts_with(SERVER_CALLER_PREFIX))
+            .map(|e| AuditEntry {
+                time_ms: e.time_unix_ms,
+                actor: e.client,
+                action: e.action,
+                volume: e.target,
+                target: String::new(),
+                node: node.to_string(),
+                result: e.result,
+                peer: e.peer,
+                read_bytes: e.read_bytes,
+                write_bytes: e.write_bytes,
+                detail: format!(
+                    "{}{}node seq {}, {} reads, {} writes",
+                    e.detail,
+                    if e.detail.is_empty() { "" } else { "; " },
+                    e.seq,
+                    e.read_ops,
+                    e.write_ops
+                ),
+                ..AuditEntry::default()
+            })
+            .collect();
+        let moved = NodeRecord {
+            audit_cursor: last,
+            audit_pool_id: rec.pool_id.clone(),
+            ..rec.clone()
+        };
+        // The entries and the cursor move together: nothing chained twice or lost.
+        match self.commit_entries(moved.replace(&rec), entries).await {
+            Err(MetaError::Catalog(berth_catalog::CatalogError::Conflict { .. })) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// One pass of the background work: liveness, then reconcile/audit pulls.
+    pub async fn tick(self: &Arc<Self>, full_reconcile: bool) {
+        let up = match self.check_nodes().await {
+            Ok(up) => up,
+            Err(e) => {
+                tracing::error!(error = %e, "node check failed");
+                return;
+            }
+        };
+        for n in up {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let r = if full_reconcile {
+                    me.reconcile_node(&n.name).await
+                } else {
+                    me.pull_audit(&n.name).await
+                };
+                if let Err(e) = r {
+                    tracing::warn!(node = %n.name, error = %e, "reconcile pass failed");
+                }
+            });
+        }
+    }
+}
+
+fn node_client(node: &str) -> String {
+    format!("node:{node}")
+}
+
+/// The IP of a host:port address, or empty when it is a name.
+fn peer_ip(addr: &str) -> String {
+    addr.parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
+}
+
+/// A request to a volume server, naming the person behind it.
+fn server_req<T>(call: &Call, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(Duration::from_secs(30));
+    if let Ok(v) = format!("{SERVER_CALLER_PREFIX}:{}", call.actor).parse() {
+        r.metadata_mut().insert("x-berth-client", v);
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_follow_csi_capacity_ranges() {
+        assert_eq!(size_for(0, 0, 0).expect("default"), DEFAULT_VOLUME_BYTES);
+        assert_eq!(size_for(0, 4096, 0).expect("small limit"), 4096);
+        assert_eq!(size_for(1, 0, 0).expect("rounded"), 4096);
+        assert_eq!(size_for(100, 0, 8192).expect("source floor"), 8192);
+        assert!(matches!(size_for(10, 5, 0), Err(MetaError::OutOfRange(_))));
+        assert!(matches!(size_for(1, 100, 0), Err(MetaError::OutOfRange(_))));
+        assert!(matches!(
+            size_for(0, 100, 8192),
+            Err(MetaError::OutOfRange(_))
+        ));
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("volume", "pvc-1234").is_ok());
+        for bad in ["", "a/b", "a@b", "a b", "x\u{1}"] {
+            assert!(check_name("volume", bad).is_err(), "{bad:?}");
+        }
+        assert!(check_name("volume", &"a".repeat(129)).is_err());
+    }
+
+    #[tokio::test]
+    async fn name_locks_serialize_and_clean_up() {
+        let locks = NameLocks::default();
+        let g = locks.lock("a".into()).await;
+        assert!(locks.try_lock("a".into()).is_none());
+        assert!(locks.try_lock("b".into()).is_some());
+        drop(g);
+        assert!(
+            locks.map.lock().is_empty(),
+            "entries are removed when unused"
+        );
+        assert!(locks.try_lock("a".into()).is_some());
+    }
+}

@@ -1,0 +1,217 @@
+//! Where a new volume goes: the pool with the most room among the up nodes
+//! that satisfy the request's topology and the tier's media, with CSI's
+//! preferred topologies tried first. Pure: the service feeds it what it knows.
+
+use std::collections::BTreeMap;
+
+/// One pool as placement sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub node: String,
+    pub pool_id: String,
+    pub up: bool,
+    pub labels: BTreeMap<String, String>,
+    pub media: String,
+    pub total_bytes: u64,
+    /// Sum of the sizes of the volumes the catalog has on it.
+    pub provisioned_bytes: u64,
+}
+
+impl Candidate {
+    /// What may still be promised: thin volumes are counted at their full size,
+    /// against the pool's size times the overcommit ratio.
+    pub fn available(&self, overcommit: f64) -> u64 {
+        ((self.total_bytes as f64 * overcommit) as u64).saturating_sub(self.provisioned_bytes)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub size_bytes: u64,
+    /// At least one must match (empty: any node).
+    pub requisite: Vec<BTreeMap<String, String>>,
+    /// Tried in order before other nodes.
+    pub preferred: Vec<BTreeMap<String, String>>,
+    /// Allowed pool media (empty: any).
+    pub media: Vec<String>,
+}
+
+/// A node is in a segment when it carries every label of the segment.
+pub fn in_segment(labels: &BTreeMap<String, String>, segment: &BTreeMap<String, String>) -> bool {
+    segment.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+pub fn in_topology(
+    labels: &BTreeMap<String, String>,
+    requisite: &[BTreeMap<String, String>],
+) -> bool {
+    requisite.is_empty() || requisite.iter().any(|s| in_segment(labels, s))
+}
+
+pub fn media_allowed(media: &str, allowed: &[String]) -> bool {
+    allowed.is_empty() || allowed.iter().any(|m| m == media)
+}
+
+fn gib(b: u64) -> String {
+    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+/// The index of the chosen candidate, or why none fits, node by node.
+pub fn choose(cands: &[Candidate], req: &Request, overcommit: f64) -> Result<usize, String> {
+    if cands.is_empty() {
+        return Err("no volume server has registered with the metadata service".into());
+    }
+    let mut reasons = Vec::new();
+    let mut best: Option<(usize, usize, u64)> = None;
+    for (i, c) in cands.iter().enumerate() {
+        let avail = c.available(overcommit);
+        let why = if !c.up {
+            Some("down".to_string())
+        } else if !in_topology(&c.labels, &req.requisite) {
+            Some("outside the requested topology".to_string())
+        } else if !media_allowed(&c.media, &req.media) {
+            Some(format!(
+                "pool media {:?} is not one the tier allows ({})",
+                c.media,
+                req.media.join(", ")
+            ))
+        } else if avail < req.size_bytes {
+            Some(format!("{} available", gib(avail)))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            reasons.push(format!("{}: {why}", c.node));
+            continue;
+        }
+        let rank = req
+            .preferred
+            .iter()
+            .position(|s| in_segment(&c.labels, s))
+            .unwrap_or(req.preferred.len());
+        let better = match best {
+            None => true,
+            Some((_, r, a)) => rank < r || (rank == r && avail > a),
+        };
+        if better {
+            best = Some((i, rank, avail));
+        }
+    }
+    best.map(|(i, _, _)| i).ok_or_else(|| {
+        format!(
+            "no pool can hold {} ({})",
+            gib(req.size_bytes),
+            reasons.join("; ")
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: u64 = 1 << 30;
+
+    fn cand(node: &str, zone: &str, total: u64, provisioned: u64) -> Candidate {
+        Candidate {
+            node: node.into(),
+            pool_id: format!("pool-{node}"),
+            up: true,
+            labels: BTreeMap::from([("zone".into(), zone.into())]),
+            media: "file".into(),
+            total_bytes: total,
+            provisioned_bytes: provisioned,
+        }
+    }
+
+    fn seg(zone: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([("zone".into(), zone.into())])
+    }
+
+    #[test]
+    fn most_room_wins_and_repeated_placement_spreads_by_capacity() {
+        let mut c = vec![
+            cand("a", "z1", 4 * G, 0),
+            cand("b", "z1", 2 * G, 0),
+            cand("c", "z2", G, 0),
+        ];
+        let mut placed = [0; 3];
+        for _ in 0..14 {
+            let i = choose(
+                &c,
+                &Request {
+                    size_bytes: G / 2,
+                    ..Default::default()
+                },
+                1.0,
+            )
+            .expect("fits");
+            c[i].provisioned_bytes += G / 2;
+            placed[i] += 1;
+        }
+        // Seven GiB of pools hold fourteen halves, each pool filled.
+        assert_eq!(placed, [8, 4, 2]);
+        let e = choose(
+            &c,
+            &Request {
+                size_bytes: 1,
+                ..Default::default()
+            },
+            1.0,
+        )
+        .expect_err("full");
+        assert!(e.contains("a: 0.0 GiB available"), "{e}");
+        // Overcommit lets thin volumes promise more than the disk.
+        assert!(choose(
+            &c,
+            &Request {
+                size_bytes: G,
+                ..Default::default()
+            },
+            2.0
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn topology_media_and_liveness_narrow_the_choice() {
+        let mut c = vec![
+            cand("a", "z1", 4 * G, 0),
+            cand("b", "z2", 2 * G, 0),
+            cand("c", "z2", G, 0),
+        ];
+        let req = Request {
+            size_bytes: G,
+            requisite: vec![seg("z2")],
+            ..Default::default()
+        };
+        assert_eq!(choose(&c, &req, 1.0), Ok(1));
+        c[1].up = false;
+        assert_eq!(choose(&c, &req, 1.0), Ok(2));
+        c[2].media = "hdd".into();
+        let e = choose(
+            &c,
+            &Request {
+                media: vec!["nvme".into()],
+                ..req.clone()
+            },
+            1.0,
+        )
+        .expect_err("nothing");
+        assert!(
+            e.contains("a: outside") && e.contains("b: down") && e.contains("c: pool media"),
+            "{e}"
+        );
+        // Preferred segments come first, even with less room.
+        c[1].up = true;
+        let pref = Request {
+            size_bytes: G,
+            preferred: vec![seg("z2")],
+            ..Default::default()
+        };
+        assert_eq!(choose(&c, &pref, 1.0), Ok(1));
+        assert!(choose(&[], &pref, 1.0)
+            .expect_err("none")
+            .contains("no volume server"));
+    }
+}
