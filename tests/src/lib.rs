@@ -4,6 +4,7 @@
 //! generation, repeated across the block, so that after a crash a reader can tell
 //! exactly which write a block holds, or that it is torn or misplaced.
 
+pub mod meta;
 pub mod server;
 
 pub const BLOCK: usize = 4096;

@@ -56,10 +56,16 @@ pub struct ServerProc {
     pub ready: Ready,
     child: Option<Child>,
     pool_size: String,
+    extra: Vec<String>,
 }
 
 impl ServerProc {
     pub fn start(dir: &Path, pool_size: &str) -> ServerProc {
+        Self::start_with(dir, pool_size, &[])
+    }
+
+    /// Starts with more flags (kept for restarts).
+    pub fn start_with(dir: &Path, pool_size: &str, extra: &[String]) -> ServerProc {
         let mut child = Command::new(binary("berth"))
             .args(["volume-server", "--data"])
             .arg(dir)
@@ -70,6 +76,7 @@ impl ServerProc {
                 "--metrics-listen",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -95,6 +102,7 @@ impl ServerProc {
             ready,
             child: Some(child),
             pool_size: pool_size.to_string(),
+            extra: extra.to_vec(),
         }
     }
 
@@ -116,7 +124,11 @@ impl ServerProc {
 
     pub fn restart(&mut self) {
         self.kill9();
-        *self = ServerProc::start(&self.dir.clone(), &self.pool_size.clone());
+        *self = ServerProc::start_with(
+            &self.dir.clone(),
+            &self.pool_size.clone(),
+            &self.extra.clone(),
+        );
     }
 
     /// Runs berthctl against this server; returns (exit code, stdout).

@@ -46,9 +46,12 @@ fn pool_status(node: &Node, media: &str) -> mpb::PoolStatus {
     }
 }
 
-fn request<T>(msg: T) -> tonic::Request<T> {
+fn request<T>(node: &str, msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(Duration::from_secs(10));
+    if let Ok(v) = format!("volume-server:{node}").parse() {
+        r.metadata_mut().insert("x-berth-client", v);
+    }
     r
 }
 
@@ -77,7 +80,7 @@ pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationTo
             let pool = Some(pool_status(&node, &cfg.media));
             let ms = if registered {
                 match c
-                    .heartbeat(request(mpb::HeartbeatRequest {
+                    .heartbeat(request(&cfg.node_name, mpb::HeartbeatRequest {
                         name: cfg.node_name.clone(),
                         pool,
                     }))
@@ -92,7 +95,7 @@ pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationTo
                 }
             } else {
                 let r = c
-                    .register_node(request(mpb::RegisterNodeRequest {
+                    .register_node(request(&cfg.node_name, mpb::RegisterNodeRequest {
                         name: cfg.node_name.clone(),
                         control_endpoint: cfg.control_endpoint.clone(),
                         nbd_address: cfg.nbd_address.clone(),

@@ -645,6 +645,7 @@ impl Meta {
             media: p.media.clone(),
             total_bytes: p.total_bytes,
             provisioned_bytes: provisioned,
+            used_bytes: p.used_bytes,
         }
     }
 
@@ -1757,8 +1758,13 @@ impl Meta {
                 } else {
                     me.pull_audit(&n.name).await
                 };
-                if let Err(e) = r {
-                    tracing::warn!(node = %n.name, error = %e, "reconcile pass failed");
+                match r {
+                    Ok(()) => {}
+                    // A node that just died: the liveness check will say so.
+                    Err(MetaError::Unavailable(e)) => {
+                        tracing::debug!(node = %n.name, error = %e, "node unreachable")
+                    }
+                    Err(e) => tracing::warn!(node = %n.name, error = %e, "reconcile pass failed"),
                 }
             });
         }

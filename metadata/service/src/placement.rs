@@ -15,13 +15,18 @@ pub struct Candidate {
     pub total_bytes: u64,
     /// Sum of the sizes of the volumes the catalog has on it.
     pub provisioned_bytes: u64,
+    /// Blocks in use as the pool last reported (snapshots hold blocks too).
+    pub used_bytes: u64,
 }
 
 impl Candidate {
     /// What may still be promised: thin volumes are counted at their full size,
-    /// against the pool's size times the overcommit ratio.
+    /// against the pool's size times the overcommit ratio, and never more than
+    /// is physically free.
     pub fn available(&self, overcommit: f64) -> u64 {
-        ((self.total_bytes as f64 * overcommit) as u64).saturating_sub(self.provisioned_bytes)
+        ((self.total_bytes as f64 * overcommit) as u64)
+            .saturating_sub(self.provisioned_bytes)
+            .min(self.total_bytes.saturating_sub(self.used_bytes))
     }
 }
 
@@ -121,6 +126,7 @@ mod tests {
             media: "file".into(),
             total_bytes: total,
             provisioned_bytes: provisioned,
+            used_bytes: 0,
         }
     }
 
