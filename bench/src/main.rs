@@ -6,6 +6,7 @@
 //! touch the disk), a snapshot is taken, and checksums are on, so the write run
 //! pays for copy-on-write of shared blocks and every read verifies its CRC.
 
+mod meta;
 mod nbd;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,8 @@ enum Cmd {
     Engine(EngineArgs),
     /// A Berth volume over NBD beside qemu-nbd, both driven by fio's nbd engine.
     Nbd(nbd::NbdArgs),
+    /// The metadata service's control path: creates, snapshots, deletes per second.
+    Meta(meta::MetaArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -417,6 +420,7 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Engine(a) => engine(a),
         Cmd::Nbd(a) => nbd::run(a),
+        Cmd::Meta(a) => meta::run(a),
     };
     if let Err(e) = r {
         eprintln!("berth-bench: {e}");

@@ -115,13 +115,13 @@ const WORKLOADS: &[Workload] = &[
 ];
 
 /// A server process the harness started (killed on drop).
-struct Proc {
-    child: Child,
-    name: &'static str,
+pub(crate) struct Proc {
+    pub(crate) child: Child,
+    pub(crate) name: &'static str,
 }
 
 impl Proc {
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -143,7 +143,7 @@ impl Drop for Proc {
 }
 
 /// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -156,7 +156,7 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz.max(1.0)
 }
 
-fn sibling(name: &str) -> Result<PathBuf, String> {
+pub(crate) fn sibling(name: &str) -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let p = exe.with_file_name(name);
     if p.exists() {

@@ -69,6 +69,9 @@ pub enum CatalogError {
 
 pub type Result<T> = std::result::Result<T, CatalogError>;
 
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// What must hold for a transaction to apply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Condition {
@@ -127,23 +130,20 @@ pub trait CatalogStore: Send + Sync + 'static {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>>;
     /// Entries in key order, strictly after `start_after` when given, at most
     /// `limit` (0: all).
-    fn scan(
-        &self,
-        table: Table,
-        start_after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+    fn scan(&self, table: Table, start_after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>>;
     /// The entry with the greatest key.
-    fn last(&self, table: Table) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
+    fn last(&self, table: Table) -> Result<Option<Entry>>;
     /// Applies `txn` if every condition holds, else `CatalogError::Conflict`.
     fn commit(&self, txn: Txn) -> Result<()>;
 }
+
+type Tables = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
 
 /// A store in memory: for unit tests of code above the trait, and the model
 /// the property tests compare real backends against.
 #[derive(Debug, Default)]
 pub struct MemStore {
-    tables: parking_lot::Mutex<BTreeMap<(Table, Vec<u8>), Vec<u8>>>,
+    tables: parking_lot::Mutex<Tables>,
 }
 
 impl MemStore {
@@ -178,12 +178,7 @@ impl CatalogStore for MemStore {
         Ok(self.tables.lock().get(&(table, key.to_vec())).cloned())
     }
 
-    fn scan(
-        &self,
-        table: Table,
-        start_after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn scan(&self, table: Table, start_after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>> {
         use std::ops::Bound::{Excluded, Included, Unbounded};
         let m = self.tables.lock();
         let lo = match start_after {
@@ -201,7 +196,7 @@ impl CatalogStore for MemStore {
         })
     }
 
-    fn last(&self, table: Table) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+    fn last(&self, table: Table) -> Result<Option<Entry>> {
         let m = self.tables.lock();
         Ok(m.range((table, Vec::new())..)
             .take_while(|((t, _), _)| *t == table)
@@ -267,7 +262,7 @@ pub mod conformance {
             s.commit(Txn::new().put(t, k, k.as_bytes().to_vec()))
                 .expect("put");
         }
-        let keys = |v: Vec<(Vec<u8>, Vec<u8>)>| -> Vec<String> {
+        let keys = |v: Vec<Entry>| -> Vec<String> {
             v.into_iter()
                 .map(|(k, _)| String::from_utf8(k).expect("utf8"))
                 .collect()

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use berth_catalog::{check_conditions, CatalogError, CatalogStore, Op, Result, Table, Txn};
+use berth_catalog::{check_conditions, CatalogError, CatalogStore, Entry, Op, Result, Table, Txn};
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
 #[derive(Debug)]
@@ -58,12 +58,7 @@ impl CatalogStore for RocksCatalog {
         self.db.get_cf(self.cf(table)?, key).map_err(backend)
     }
 
-    fn scan(
-        &self,
-        table: Table,
-        start_after: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn scan(&self, table: Table, start_after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>> {
         let mode = match start_after {
             Some(k) => IteratorMode::From(k, rocksdb::Direction::Forward),
             None => IteratorMode::Start,
@@ -82,7 +77,7 @@ impl CatalogStore for RocksCatalog {
         Ok(out)
     }
 
-    fn last(&self, table: Table) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+    fn last(&self, table: Table) -> Result<Option<Entry>> {
         match self
             .db
             .iterator_cf(self.cf(table)?, IteratorMode::End)
