@@ -209,6 +209,24 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
         )));
     }
     if let Some(mut hb) = cfg.heartbeat.clone() {
+        // Where other hosts reach a listener: the advertised host, else the
+        // bound address, which must then be a real one, not a wildcard.
+        let reachable = |a: SocketAddr, what: &str| -> Result<String> {
+            let host = if !cfg.advertise_host.is_empty() {
+                cfg.advertise_host.clone()
+            } else if a.ip().is_unspecified() {
+                return Err(ServerError::InvalidArgument(format!(
+                    "{what} listens on {a}, which other hosts cannot dial: set --advertise-host"
+                )));
+            } else {
+                a.ip().to_string()
+            };
+            Ok(if host.contains(':') {
+                format!("[{host}]:{}", a.port())
+            } else {
+                format!("{host}:{}", a.port())
+            })
+        };
         if hb.control_endpoint.is_empty() {
             let Some(a) = bound.control_tcp else {
                 return Err(ServerError::InvalidArgument(
@@ -217,20 +235,11 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
                         .into(),
                 ));
             };
-            hb.control_endpoint = format!("http://{a}");
+            hb.control_endpoint = format!("http://{}", reachable(a, "the control API")?);
         }
         if hb.nbd_address.is_empty() {
             if let Some(a) = bound.nbd_tcp {
-                let host = if cfg.advertise_host.is_empty() {
-                    a.ip().to_string()
-                } else {
-                    cfg.advertise_host.clone()
-                };
-                hb.nbd_address = if host.contains(':') {
-                    format!("[{host}]:{}", a.port())
-                } else {
-                    format!("{host}:{}", a.port())
-                };
+                hb.nbd_address = reachable(a, "NBD")?;
             }
         }
         tasks.push(tokio::spawn(crate::heartbeat::run(

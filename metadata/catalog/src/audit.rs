@@ -7,10 +7,16 @@
 //! never half-appended and two writers can never fork the chain. [`verify`]
 //! walks it and names the first entry altered or removed.
 //!
-//! What the chain proves: nobody edited, removed or reordered entries without
-//! also rewriting every later hash and the head. Someone who can write the
-//! store can do that too; copying the head hash somewhere else (a log line
-//! every hour, a ticket) is what pins history against that.
+//! What the chain proves: no entry was edited, removed or reordered without
+//! also rewriting every later hash and the head. It does not stop someone who
+//! can write the store from cutting the tail and pointing the head at an
+//! earlier entry, or rewriting the chain from some entry on; the head hash
+//! copied somewhere else (the service logs it at start and at every reconcile
+//! pass) is what pins history against that.
+//!
+//! The hash covers a canonical encoding of the entry that is fixed per
+//! entry format (`v`), not the stored JSON, so new fields in later formats
+//! never invalidate old entries.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -21,8 +27,11 @@ const HEAD_KEY: &str = "audit-head";
 const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// One entry. The fields mirror `berth.meta.v1.AuditEntry`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
+    /// Entry format: which canonical encoding the hash covers.
+    #[serde(default = "format_v1")]
+    pub v: u32,
     pub seq: u64,
     pub time_ms: u64,
     pub actor: String,
@@ -39,14 +48,67 @@ pub struct AuditEntry {
     pub hash: String,
 }
 
+fn format_v1() -> u32 {
+    1
+}
+
+impl Default for AuditEntry {
+    fn default() -> Self {
+        AuditEntry {
+            v: 1,
+            seq: 0,
+            time_ms: 0,
+            actor: String::new(),
+            action: String::new(),
+            volume: String::new(),
+            target: String::new(),
+            node: String::new(),
+            result: String::new(),
+            peer: String::new(),
+            read_bytes: 0,
+            write_bytes: 0,
+            detail: String::new(),
+            prev_hash: String::new(),
+            hash: String::new(),
+        }
+    }
+}
+
 impl AuditEntry {
-    /// The hash this entry must carry: SHA-256 over its encoding with `hash`
-    /// empty (the encoding includes `seq` and `prev_hash`, hence the chain).
-    pub fn compute_hash(&self) -> String {
-        let mut unhashed = self.clone();
-        unhashed.hash.clear();
-        let bytes = serde_json::to_vec(&unhashed).unwrap_or_default();
-        hex::encode(Sha256::digest(&bytes))
+    /// The hash this entry must carry: SHA-256 over its canonical encoding,
+    /// which includes `seq` and `prev_hash` (hence the chain). None for a
+    /// format this build does not know.
+    pub fn compute_hash(&self) -> Option<String> {
+        if self.v != 1 {
+            return None;
+        }
+        // Format 1: every field in this order, numbers as 8 bytes big-endian,
+        // strings length-prefixed, so no two entries encode alike.
+        let mut h = Sha256::new();
+        let num = |h: &mut Sha256, n: u64| h.update(n.to_be_bytes());
+        let text = |h: &mut Sha256, s: &str| {
+            h.update((s.len() as u64).to_be_bytes());
+            h.update(s.as_bytes());
+        };
+        num(&mut h, u64::from(self.v));
+        num(&mut h, self.seq);
+        num(&mut h, self.time_ms);
+        for s in [
+            &self.actor,
+            &self.action,
+            &self.volume,
+            &self.target,
+            &self.node,
+            &self.result,
+            &self.peer,
+        ] {
+            text(&mut h, s);
+        }
+        num(&mut h, self.read_bytes);
+        num(&mut h, self.write_bytes);
+        text(&mut h, &self.detail);
+        text(&mut h, &self.prev_hash);
+        Some(hex::encode(h.finalize()))
     }
 }
 
@@ -84,6 +146,11 @@ fn read_head(s: &dyn CatalogStore) -> Result<Option<(Head, Vec<u8>)>> {
     }
 }
 
+/// The chain's head now (entry 0 and zeros when empty).
+pub fn head(s: &dyn CatalogStore) -> Result<Head> {
+    Ok(read_head(s)?.map_or_else(Head::genesis, |(h, _)| h))
+}
+
 /// Appends to the chain. One per process; appends are serialized by its lock.
 #[derive(Debug, Default)]
 pub struct AuditLog {
@@ -116,9 +183,10 @@ impl AuditLog {
         let mut prev = head;
         let mut stored = Vec::with_capacity(drafts.len());
         for mut e in drafts {
+            e.v = 1;
             e.seq = prev.seq + 1;
             e.prev_hash = prev.hash.clone();
-            e.hash = e.compute_hash();
+            e.hash = e.compute_hash().unwrap_or_default();
             let value = serde_json::to_vec(&e).unwrap_or_default();
             txn = txn.put(Table::Audit, key_of(e.seq), value);
             prev = Head {
@@ -203,9 +271,10 @@ pub struct Verification {
     pub head: Head,
 }
 
-/// Walks the whole chain from entry 1 to the head.
+/// Walks the chain from entry 1 to the head as it was when the walk began
+/// (entries appended meanwhile are left for the next walk).
 pub fn verify(s: &dyn CatalogStore) -> Result<Verification> {
-    let head = read_head(s)?.map_or_else(Head::genesis, |(h, _)| h);
+    let head = head(s)?;
     let mut checked = 0u64;
     let mut expected_seq = 1u64;
     let mut prev_hash = ZERO_HASH.to_string();
@@ -219,9 +288,14 @@ pub fn verify(s: &dyn CatalogStore) -> Result<Verification> {
         let page = s.scan(Table::Audit, cursor.as_deref(), 4096)?;
         let Some((last, _)) = page.last() else { break };
         cursor = Some(last.clone());
+        let mut past_head = false;
         for (k, v) in page {
             let key = String::from_utf8_lossy(&k).into_owned();
             let key_seq: u64 = key.parse().unwrap_or(0);
+            if key_seq > head.seq {
+                past_head = true;
+                break;
+            }
             let e = match decode(&k, &v) {
                 Ok(e) => e,
                 Err(err) => {
@@ -249,7 +323,15 @@ pub fn verify(s: &dyn CatalogStore) -> Result<Verification> {
                     &head,
                 ));
             }
-            if e.hash != e.compute_hash() {
+            if e.compute_hash().is_none() {
+                return Ok(bad(
+                    key_seq,
+                    format!("entry {key_seq} has format {}, unknown to this build", e.v),
+                    checked,
+                    &head,
+                ));
+            }
+            if Some(&e.hash) != e.compute_hash().as_ref() {
                 return Ok(bad(
                     key_seq,
                     format!("entry {key_seq} was altered: its content does not match its hash"),
@@ -260,19 +342,28 @@ pub fn verify(s: &dyn CatalogStore) -> Result<Verification> {
             if e.prev_hash != prev_hash {
                 // This entry is intact but the one before was rewritten with a
                 // fresh hash (or replaced by a forged one).
-                return Ok(bad(
-                    key_seq - 1,
-                    format!(
-                        "entry {} was altered: entry {key_seq} chains to a different hash",
-                        key_seq - 1
-                    ),
-                    checked,
-                    &head,
-                ));
+                let (seq, why) = if key_seq == 1 {
+                    (
+                        1,
+                        "entry 1 was altered: it does not start the chain".to_string(),
+                    )
+                } else {
+                    let p = key_seq - 1;
+                    (
+                        p,
+                        format!(
+                            "entry {p} was altered: entry {key_seq} chains to a different hash"
+                        ),
+                    )
+                };
+                return Ok(bad(seq, why, checked, &head));
             }
             prev_hash = e.hash.clone();
             expected_seq += 1;
             checked += 1;
+        }
+        if past_head {
+            break;
         }
     }
     let last_seq = expected_seq - 1;
@@ -382,7 +473,7 @@ mod tests {
         let (s, _) = filled(10);
         let mut e = raw(&s, 6);
         e.actor = "nobody".into();
-        e.hash = e.compute_hash();
+        e.hash = e.compute_hash().expect("format 1");
         write(&s, &e);
         let (seq, why) = verify(&s).expect("verify").first_bad.expect("found");
         assert_eq!(seq, 6, "{why}");
@@ -403,6 +494,53 @@ mod tests {
         let (seq, why) = verify(&s).expect("verify").first_bad.expect("found");
         assert_eq!(seq, 10, "{why}");
         assert!(why.contains("ends early"), "{why}");
+    }
+
+    #[test]
+    fn entries_appended_during_a_walk_are_not_tampering() {
+        let (s, log) = filled(5);
+        // Simulate an append that lands after the walk read the head: the
+        // entry is there, the head the walk holds is older.
+        let old_head = s
+            .get(Table::Meta, HEAD_KEY.as_bytes())
+            .expect("get")
+            .expect("head");
+        log.append(&s, vec![entry("late", "v", 99)], Txn::new())
+            .expect("append");
+        let late_head = s
+            .get(Table::Meta, HEAD_KEY.as_bytes())
+            .expect("get")
+            .expect("head");
+        s.commit(Txn::new().put(Table::Meta, HEAD_KEY, old_head))
+            .expect("rewind head");
+        let v = verify(&s).expect("verify");
+        assert_eq!((v.first_bad, v.entries_checked), (None, 5));
+        s.commit(Txn::new().put(Table::Meta, HEAD_KEY, late_head))
+            .expect("head");
+        assert_eq!(verify(&s).expect("verify").entries_checked, 6);
+    }
+
+    #[test]
+    fn the_hash_covers_a_fixed_encoding_and_unknown_formats_are_named() {
+        let (s, _) = filled(3);
+        let mut e = raw(&s, 2);
+        // Field order in storage does not matter; content does.
+        let reordered: AuditEntry =
+            serde_json::from_str(&serde_json::to_string(&e).expect("json")).expect("json");
+        assert_eq!(reordered.compute_hash(), Some(e.hash.clone()));
+        e.v = 9;
+        write(&s, &e);
+        let (seq, why) = verify(&s).expect("verify").first_bad.expect("found");
+        assert_eq!(seq, 2);
+        assert!(why.contains("format 9"), "{why}");
+        // Entry 1 pointing somewhere else is entry 1's fault.
+        let (s, _) = filled(3);
+        let mut first = raw(&s, 1);
+        first.prev_hash = "ab".repeat(32);
+        first.hash = first.compute_hash().expect("v1");
+        write(&s, &first);
+        let (seq, _) = verify(&s).expect("verify").first_bad.expect("found");
+        assert_eq!(seq, 1);
     }
 
     #[test]

@@ -45,6 +45,12 @@ impl MetaError {
                     s.message()
                 ))
             }
+            // The catalog has the object but its server does not: not the
+            // caller's "does not exist"; reconcile will flag it as lost.
+            Code::NotFound => MetaError::FailedPrecondition(format!(
+                "volume server {node} does not have it: {}",
+                s.message()
+            )),
             code => MetaError::Server {
                 node: node.to_string(),
                 code,

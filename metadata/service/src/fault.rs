@@ -13,7 +13,9 @@ pub const POINTS: &[&str] = &[
     "create-volume:after-server",
     "delete-volume:after-catalog",
     "create-snapshot:after-catalog",
+    "create-snapshot:after-server",
     "publish-volume:after-catalog",
+    "publish-volume:after-server",
 ];
 
 pub fn point(name: &str) {

@@ -169,46 +169,56 @@ fn page_start(token: &str) -> Result<Option<String>, Status> {
         })
 }
 
-/// One page of records that pass `keep`, and the token of the next page.
+/// One page of records that pass `keep`, and the token of the next page
+/// (empty when nothing after the page passes). Keys are names in order, so a
+/// record added before the cursor is not seen and one added after it is:
+/// nothing that existed is skipped or repeated.
 fn page<R: records::Record>(
     meta: &Meta,
     token: &str,
     max: u32,
     keep: impl Fn(&R) -> bool,
 ) -> Result<(Vec<R>, String), Status> {
-    let mut after = page_start(token)?;
-    let max = max as usize;
-    let mut out = Vec::new();
+    const BATCH: usize = 512;
+    let mut cursor = page_start(token)?;
+    let max = if max == 0 { usize::MAX } else { max as usize };
+    let mut out: Vec<R> = Vec::new();
     loop {
         let batch =
-            records::list::<R>(&*meta.store, after.as_deref(), 512).map_err(MetaError::from)?;
+            records::list::<R>(&*meta.store, cursor.as_deref(), BATCH).map_err(MetaError::from)?;
         let n = batch.len();
         for r in batch {
-            after = Some(r.key());
+            let key = r.key();
             if keep(&r) {
-                out.push(r);
-                if max != 0 && out.len() == max {
-                    // A next page exists only if something after this passes.
-                    let more = records::list::<R>(&*meta.store, after.as_deref(), 0)
-                        .map_err(MetaError::from)?
-                        .iter()
-                        .any(&keep);
-                    let next = if more {
-                        hex::encode(after.unwrap_or_default())
-                    } else {
-                        String::new()
-                    };
-                    return Ok((out, next));
+                if out.len() == max {
+                    // Something passes after a full page: the next page
+                    // starts after this page's last record.
+                    let last = out.last().map(R::key).unwrap_or_default();
+                    return Ok((out, hex::encode(last)));
                 }
+                out.push(r);
             }
+            cursor = Some(key);
         }
-        if n < 512 {
+        if n < BATCH {
             return Ok((out, String::new()));
         }
     }
 }
 
 type R<T> = Result<Response<T>, Status>;
+
+/// Runs a catalog-changing call to completion on its own task: a client that
+/// gives up (cancels, hits its deadline) must not cut the intent → volume
+/// server → outcome sequence, or the service's accounting, half-way.
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, MetaError>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(f)
+        .await
+        .map_err(|e| Status::internal(format!("call task: {e}")))?
+        .map_err(Status::from)
+}
 
 #[tonic::async_trait]
 impl MetadataService for Service {
@@ -351,10 +361,14 @@ impl MetadataService for Service {
             preferred: segments(acc.preferred),
             source,
         };
-        let v = self
-            .meta
-            .audited(call, async |c| self.meta.create_volume(c, req).await)
-            .await?;
+        let v = {
+            let meta = self.meta.clone();
+            detached(async move {
+                meta.audited(call, async |c| meta.create_volume(c, req).await)
+                    .await
+            })
+            .await?
+        };
         Ok(Response::new(volume_pb(&v)))
     }
 
@@ -365,9 +379,14 @@ impl MetadataService for Service {
         let who = actor(&r);
         let id = r.into_inner().volume_id;
         let call = Call::new(&who, "DeleteVolume", &id, "");
-        self.meta
-            .audited(call, async |c| self.meta.delete_volume(c, &id).await)
-            .await?;
+        {
+            let meta = self.meta.clone();
+            detached(async move {
+                meta.audited(call, async |c| meta.delete_volume(c, &id).await)
+                    .await
+            })
+            .await?
+        };
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
@@ -375,14 +394,17 @@ impl MetadataService for Service {
         let who = actor(&r);
         let m = r.into_inner();
         let call = Call::new(&who, "ExpandVolume", &m.volume_id, "");
-        let v = self
-            .meta
-            .audited(call, async |c| {
-                self.meta
-                    .expand_volume(c, &m.volume_id, m.required_bytes, m.limit_bytes)
-                    .await
+        let v = {
+            let meta = self.meta.clone();
+            detached(async move {
+                meta.audited(call, async |c| {
+                    meta.expand_volume(c, &m.volume_id, m.required_bytes, m.limit_bytes)
+                        .await
+                })
+                .await
             })
-            .await?;
+            .await?
+        };
         Ok(Response::new(volume_pb(&v)))
     }
 
@@ -391,12 +413,16 @@ impl MetadataService for Service {
         let m = r.into_inner();
         let call = Call::new(&who, "ModifyVolume", &m.volume_id, "");
         let changes = btree(m.parameters);
-        let v = self
-            .meta
-            .audited(call, async |c| {
-                self.meta.modify_volume(c, &m.volume_id, changes).await
+        let v = {
+            let meta = self.meta.clone();
+            detached(async move {
+                meta.audited(call, async |c| {
+                    meta.modify_volume(c, &m.volume_id, changes).await
+                })
+                .await
             })
-            .await?;
+            .await?
+        };
         Ok(Response::new(volume_pb(&v)))
     }
 
@@ -427,14 +453,16 @@ impl MetadataService for Service {
         let who = actor(&r);
         let m = r.into_inner();
         let call = Call::new(&who, "CreateSnapshot", &m.source_volume_id, &m.name);
-        let s = self
-            .meta
-            .audited(call, async |c| {
-                self.meta
-                    .create_snapshot(c, &m.name, &m.source_volume_id)
-                    .await
+        let s = {
+            let meta = self.meta.clone();
+            detached(async move {
+                meta.audited(call, async |c| {
+                    meta.create_snapshot(c, &m.name, &m.source_volume_id).await
+                })
+                .await
             })
-            .await?;
+            .await?
+        };
         Ok(Response::new(snapshot_pb(&s)))
     }
 
@@ -445,9 +473,14 @@ impl MetadataService for Service {
         let who = actor(&r);
         let id = r.into_inner().snapshot_id;
         let call = Call::new(&who, "DeleteSnapshot", "", &id);
-        self.meta
-            .audited(call, async |c| self.meta.delete_snapshot(c, &id).await)
-            .await?;
+        {
+            let meta = self.meta.clone();
+            detached(async move {
+                meta.audited(call, async |c| meta.delete_snapshot(c, &id).await)
+                    .await
+            })
+            .await?
+        };
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
 
@@ -482,14 +515,16 @@ impl MetadataService for Service {
         let who = actor(&r);
         let m = r.into_inner();
         let call = Call::new(&who, "PublishVolume", &m.volume_id, &m.node);
-        let a = self
-            .meta
-            .audited(call, async |c| {
-                self.meta
-                    .publish(c, &m.volume_id, &m.node, m.read_only)
-                    .await
+        let a = {
+            let meta = self.meta.clone();
+            detached(async move {
+                meta.audited(call, async |c| {
+                    meta.publish(c, &m.volume_id, &m.node, m.read_only).await
+                })
+                .await
             })
-            .await?;
+            .await?
+        };
         Ok(Response::new(attachment_pb(&a)))
     }
 
@@ -500,12 +535,16 @@ impl MetadataService for Service {
         let who = actor(&r);
         let m = r.into_inner();
         let call = Call::new(&who, "UnpublishVolume", &m.volume_id, &m.node);
-        let closed = self
-            .meta
-            .audited(call, async |c| {
-                self.meta.unpublish(c, &m.volume_id, &m.node).await
+        let closed = {
+            let meta = self.meta.clone();
+            detached(async move {
+                meta.audited(call, async |c| {
+                    meta.unpublish(c, &m.volume_id, &m.node).await
+                })
+                .await
             })
-            .await?;
+            .await?
+        };
         Ok(Response::new(pb::UnpublishVolumeResponse {
             closed_connections: closed,
         }))

@@ -57,6 +57,15 @@ pub struct Running {
 /// Opens the catalog, binds the listeners and starts the background loop
 /// (liveness, audit pulls, reconcile).
 pub async fn start(cfg: ServiceConfig) -> Result<Running> {
+    if let Ok(p) = std::env::var("BERTH_FAULT_CRASH") {
+        if !fault::POINTS.contains(&p.as_str()) {
+            return Err(MetaError::InvalidArgument(format!(
+                "BERTH_FAULT_CRASH={p:?} is not a fault point (known: {})",
+                fault::POINTS.join(", ")
+            )));
+        }
+        tracing::warn!(point = %p, "fault injection armed: the service will abort there");
+    }
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
         MetaError::FailedPrecondition(format!("create {}: {e}", cfg.data_dir.display()))
     })?;

@@ -334,19 +334,21 @@ impl Meta {
         Ok(records::get::<R>(&*self.store, key)?)
     }
 
-    /// Commits `txn` on a blocking thread (a synced write), with `entries`.
-    async fn commit_entries(&self, txn: Txn, entries: Vec<AuditEntry>) -> Result<()> {
+    /// Commits `txn` with `entries` on a blocking thread (a synced write);
+    /// returns the entries as chained.
+    async fn commit_entries(&self, txn: Txn, entries: Vec<AuditEntry>) -> Result<Vec<AuditEntry>> {
         let store = self.store.clone();
         let log = self.audit.clone();
-        tokio::task::spawn_blocking(move || log.append(&*store, entries, txn))
-            .await
-            .map_err(|e| MetaError::Unavailable(format!("catalog task: {e}")))??;
-        Ok(())
+        Ok(
+            tokio::task::spawn_blocking(move || log.append(&*store, entries, txn))
+                .await
+                .map_err(|e| MetaError::Unavailable(format!("catalog task: {e}")))??,
+        )
     }
 
     /// Stores a step that is not the outcome (an intent), without audit.
     async fn commit_intent(&self, txn: Txn) -> Result<()> {
-        self.commit_entries(txn, Vec::new()).await
+        self.commit_entries(txn, Vec::new()).await.map(drop)
     }
 
     /// Stores an operation's outcome together with its audit entry.
@@ -359,13 +361,8 @@ impl Meta {
 
     /// Records an entry on its own.
     pub async fn record(&self, entry: AuditEntry) -> Result<AuditEntry> {
-        let store = self.store.clone();
-        let log = self.audit.clone();
-        let mut stored =
-            tokio::task::spawn_blocking(move || log.append(&*store, vec![entry], Txn::new()))
-                .await
-                .map_err(|e| MetaError::Unavailable(format!("catalog task: {e}")))??;
-        stored
+        self.commit_entries(Txn::new(), vec![entry])
+            .await?
             .pop()
             .ok_or_else(|| MetaError::Unavailable("audit append stored nothing".into()))
     }
@@ -463,42 +460,54 @@ impl Meta {
         if r.pool.id.is_empty() {
             return Err(invalid(format!("node {}: pool.id is required", r.name)));
         }
+        // The audit puller moves the node's cursor concurrently: write by
+        // compare-and-swap and start over if it moved.
+        for _ in 0..5 {
+            match self.try_register(actor, &r).await {
+                Err(MetaError::Catalog(berth_catalog::CatalogError::Conflict { .. })) => continue,
+                other => return other.map(|()| self.cfg.heartbeat_interval.as_millis() as u32),
+            }
+        }
+        Err(MetaError::Aborted(format!(
+            "node {}: its record kept changing; retry",
+            r.name
+        )))
+    }
+
+    async fn try_register(&self, actor: &str, r: &Registration) -> Result<()> {
         let old: Option<NodeRecord> = self.get(&r.name)?;
-        let (cursor, cursor_pool) = old.as_ref().map_or((0, String::new()), |o| {
-            (o.audit_cursor, o.audit_pool_id.clone())
-        });
         let rec = NodeRecord {
             name: r.name.clone(),
-            control_endpoint: r.control_endpoint,
-            nbd_address: r.nbd_address,
-            nbd_socket: r.nbd_socket,
-            labels: r.labels,
-            version: r.version,
+            control_endpoint: r.control_endpoint.clone(),
+            nbd_address: r.nbd_address.clone(),
+            nbd_socket: r.nbd_socket.clone(),
+            labels: r.labels.clone(),
+            version: r.version.clone(),
             pool_id: r.pool.id.clone(),
             state: NodeState::Up,
             registered_ms: old.as_ref().map_or_else(now_ms, |o| o.registered_ms),
             last_heartbeat_ms: now_ms(),
-            audit_cursor: cursor,
-            audit_pool_id: cursor_pool,
+            audit_cursor: old.as_ref().map_or(0, |o| o.audit_cursor),
+            audit_pool_id: old
+                .as_ref()
+                .map_or_else(String::new, |o| o.audit_pool_id.clone()),
         };
         let pool = self.pool_record(&r.name, &r.pool);
-        if let Some(o) = &old {
-            if o.pool_id != rec.pool_id {
-                tracing::warn!(node = %rec.name, old_pool = %o.pool_id, new_pool = %rec.pool_id,
-                    "node came back with a different pool; volumes of the old pool are gone");
-            }
+        if let Some(o) = old.as_ref().filter(|o| o.pool_id != rec.pool_id) {
+            tracing::warn!(node = %rec.name, old_pool = %o.pool_id, new_pool = %rec.pool_id,
+                "node came back with a different pool; volumes of the old pool are gone");
         }
         let changed = old.as_ref().is_none_or(|o| {
             NodeRecord {
                 last_heartbeat_ms: rec.last_heartbeat_ms,
-                registered_ms: rec.registered_ms,
                 ..o.clone()
             } != rec
         });
-        self.live.lock().insert(r.name.clone(), Instant::now());
-        self.pools.lock().insert(pool.id.clone(), pool.clone());
-        self.clients.lock().remove(&r.name);
-        let txn = rec.put().merge(pool.put());
+        let txn = match &old {
+            Some(o) => rec.replace(o),
+            None => rec.create(),
+        }
+        .merge(pool.put());
         if changed {
             let call = Call::new(actor, "RegisterNode", "", &r.name);
             let detail = format!(
@@ -510,7 +519,10 @@ impl Meta {
         } else {
             self.commit_intent(txn).await?;
         }
-        Ok(self.cfg.heartbeat_interval.as_millis() as u32)
+        self.live.lock().insert(r.name.clone(), Instant::now());
+        self.pools.lock().insert(pool.id.clone(), pool);
+        self.clients.lock().remove(&r.name);
+        Ok(())
     }
 
     fn pool_record(&self, node: &str, p: &PoolStatus) -> PoolRecord {
@@ -563,21 +575,17 @@ impl Meta {
             NodeState::Down => ("NodeDown", self.down_since(&name)),
         };
         let call = Call::new("berth-metadata", action, "", &name);
-        match self
+        let r = self
             .commit(&call, new.replace(&rec), &name, detail.clone())
-            .await
-        {
-            Ok(()) => {
-                match state {
-                    NodeState::Up => tracing::info!(node = %name, "node is up again"),
-                    NodeState::Down => tracing::warn!(node = %name, %detail, "node marked down"),
-                }
-                Ok(())
+            .await;
+        if r.is_ok() {
+            match state {
+                NodeState::Up => tracing::info!(node = %name, "node is up again"),
+                NodeState::Down => tracing::warn!(node = %name, %detail, "node marked down"),
             }
-            // Someone else moved it first (register, another tick): fine.
-            Err(MetaError::Catalog(berth_catalog::CatalogError::Conflict { .. })) => Ok(()),
-            Err(e) => Err(e),
         }
+        // Someone else moved it first (register, another tick): fine.
+        lost_race_is_fine(r)
     }
 
     /// Marks silent nodes down; returns the nodes that are up.
@@ -1087,13 +1095,12 @@ impl Meta {
             self.reserve(&v.pool_id, -i128::from(size - v.size_bytes));
             return Err(e);
         }
-        self.commit(
-            call,
-            grown.replace(&v),
-            &v.node,
-            format!("{} -> {size} bytes", v.size_bytes),
-        )
-        .await?;
+        let detail = format!("{} -> {size} bytes", v.size_bytes);
+        if let Err(e) = self.commit(call, grown.replace(&v), &v.node, detail).await {
+            // The server grew; reconcile adopts its size and counts it then.
+            self.reserve(&v.pool_id, -i128::from(size - v.size_bytes));
+            return Err(e);
+        }
         Ok(grown)
     }
 
@@ -1212,6 +1219,7 @@ impl Meta {
             }
             return Err(e);
         }
+        fault::point("create-snapshot:after-server");
         let ready = SnapshotRecord {
             state: State::Ready,
             ..rec.clone()
@@ -1240,7 +1248,14 @@ impl Meta {
         if s.state != State::Deleting {
             self.commit_intent(deleting.replace(&s)).await?;
         }
-        let mut c = self.server(&s.node).await?;
+        self.delete_snapshot_on_server(call, &s.node, id).await?;
+        self.commit(call, deleting.remove(), &s.node, String::new())
+            .await
+    }
+
+    /// Deletes a snapshot on its server; one already gone is fine.
+    async fn delete_snapshot_on_server(&self, call: &Call, node: &str, id: &str) -> Result<()> {
+        let mut c = self.server(node).await?;
         match c
             .delete_snapshot(server_req(
                 call,
@@ -1248,12 +1263,10 @@ impl Meta {
             ))
             .await
         {
-            Ok(_) => {}
-            Err(st) if st.code() == tonic::Code::NotFound => {}
-            Err(st) => return Err(MetaError::server(&s.node, &st)),
+            Ok(_) => Ok(()),
+            Err(st) if st.code() == tonic::Code::NotFound => Ok(()),
+            Err(st) => Err(MetaError::server(node, &st)),
         }
-        self.commit(call, deleting.remove(), &s.node, String::new())
-            .await
     }
 
     // ---- attachments --------------------------------------------------------
@@ -1381,6 +1394,7 @@ impl Meta {
                 return Err(err);
             }
         };
+        fault::point("publish-volume:after-server");
         let ready = AttachmentRecord {
             export_name: e.export_name,
             tcp_uri: e.tcp_uri,
@@ -1480,6 +1494,10 @@ impl Meta {
         Ok(audit::query(&*self.store, q)?)
     }
 
+    pub fn audit_head(&self) -> Result<audit::Head> {
+        Ok(audit::head(&*self.store)?)
+    }
+
     pub fn audit_verify(&self) -> Result<audit::Verification> {
         Ok(audit::verify(&*self.store)?)
     }
@@ -1488,7 +1506,9 @@ impl Meta {
 
     /// Compares one node's volume server with the catalog and repairs the
     /// difference: half-created objects are undone, half-deleted ones
-    /// finished, lost ones flagged, and the node's audit events chained.
+    /// finished, lost ones flagged, and the node's audit events chained. One
+    /// object that cannot be repaired now is logged and left for the next
+    /// pass; it does not hold up the others.
     pub async fn reconcile_node(&self, node: &str) -> Result<()> {
         if !self.reconciling.lock().insert(node.to_string()) {
             return Ok(()); // A pass for this node is running.
@@ -1501,14 +1521,14 @@ impl Meta {
     async fn reconcile_node_inner(&self, node: &str) -> Result<()> {
         let call = Call::new(SERVER_CALLER_PREFIX, "Reconcile", "", node);
         let mut c = self.server(node).await?;
-        let server_vols: HashMap<String, vpb::Volume> = c
+        let server_vols: HashMap<String, u64> = c
             .list_volumes(server_req(&call, vpb::ListVolumesRequest {}))
             .await
             .map_err(|s| MetaError::server(node, &s))?
             .into_inner()
             .volumes
             .into_iter()
-            .map(|v| (v.name.clone(), v))
+            .map(|v| (v.name, v.size_bytes))
             .collect();
         let server_snaps: std::collections::HashSet<String> = c
             .list_snapshots(server_req(
@@ -1529,131 +1549,41 @@ impl Meta {
             .map(|n| n.pool_id)
             .unwrap_or_default();
 
+        let failed = |what: &str, id: &str, e: MetaError| {
+            tracing::warn!(node, object = id, error = %e, "reconcile could not repair {what}; next pass retries");
+        };
         for v in records::list::<VolumeRecord>(&*self.store, None, 0)? {
-            if v.node != node {
-                continue;
-            }
-            // Skip what a live call is working on; the next pass sees it.
-            let Some(_g) = self.locks.try_lock(format!("v:{}", v.id)) else {
-                continue;
-            };
-            // Re-read under the lock.
-            let Some(v) = self.get::<VolumeRecord>(&v.id)? else {
-                continue;
-            };
-            let on_server = server_vols.get(&v.id);
-            match v.state {
-                State::Creating => {
-                    self.undo_create(&v, on_server.is_some()).await?;
-                    self.note(node, &v.id, "undid a create that never finished")
-                        .await;
-                }
-                State::Deleting => {
-                    if on_server.is_some() {
-                        self.delete_on_server(node, &v.id, SERVER_CALLER_PREFIX)
-                            .await?;
-                    }
-                    self.commit_intent(v.remove()).await?;
-                    self.reserve(&v.pool_id, -i128::from(v.size_bytes));
-                    self.note(node, &v.id, "finished a delete that never finished")
-                        .await;
-                }
-                State::Ready => {
-                    let condition = match on_server {
-                        None if v.pool_id != pool_id => format!(
-                            "lost: node {node} now serves pool {pool_id}, the volume was on pool {}",
-                            v.pool_id
-                        ),
-                        None => format!("lost: volume server {node} does not have it"),
-                        Some(_) => String::new(),
-                    };
-                    let mut fixed = VolumeRecord {
-                        condition: condition.clone(),
-                        ..v.clone()
-                    };
-                    // An expand that reached the server but not the catalog.
-                    if let Some(sv) = on_server {
-                        if sv.size_bytes > v.size_bytes {
-                            self.reserve(&v.pool_id, i128::from(sv.size_bytes - v.size_bytes));
-                            fixed.size_bytes = sv.size_bytes;
-                            fixed.qos = self.spec_of(&v)?.qos(sv.size_bytes);
-                        }
-                    }
-                    if fixed != v {
-                        self.commit_intent(fixed.replace(&v)).await?;
-                        if !condition.is_empty() {
-                            tracing::error!(volume = %v.id, node, %condition, "volume missing on its server");
-                        }
-                        self.note(
-                            node,
-                            &v.id,
-                            &format!(
-                                "updated the record: {}",
-                                if condition.is_empty() {
-                                    "size or condition"
-                                } else {
-                                    &condition
-                                }
-                            ),
-                        )
-                        .await;
-                    }
+            if v.node == node {
+                let r = self
+                    .reconcile_volume(
+                        &call,
+                        node,
+                        &pool_id,
+                        &v.id,
+                        server_vols.get(&v.id).copied(),
+                    )
+                    .await;
+                if let Err(e) = r {
+                    failed("volume", &v.id, e);
                 }
             }
         }
         for s in records::list::<SnapshotRecord>(&*self.store, None, 0)? {
-            if s.node != node || s.state == State::Ready {
-                continue;
-            }
-            let Some(_g) = self.locks.try_lock(format!("s:{}", s.id)) else {
-                continue;
-            };
-            let Some(s) = self.get::<SnapshotRecord>(&s.id)? else {
-                continue;
-            };
-            if s.state == State::Ready {
-                continue;
-            }
-            if server_snaps.contains(&s.id) {
-                let mut c = self.server(node).await?;
-                match c
-                    .delete_snapshot(server_req(
-                        &call,
-                        vpb::DeleteSnapshotRequest { name: s.id.clone() },
-                    ))
+            if s.node == node && s.state != State::Ready {
+                if let Err(e) = self
+                    .reconcile_snapshot(&call, node, &s.id, server_snaps.contains(&s.id))
                     .await
                 {
-                    Ok(_) => {}
-                    Err(st) if st.code() == tonic::Code::NotFound => {}
-                    Err(st) => return Err(MetaError::server(node, &st)),
+                    failed("snapshot", &s.id, e);
                 }
             }
-            self.commit_intent(s.remove()).await?;
-            self.note(
-                node,
-                &s.id,
-                "removed a snapshot left half-made or half-deleted",
-            )
-            .await;
         }
         for a in self.all_attachments()? {
-            if a.server_node != node || a.state == State::Ready {
-                continue;
+            if a.server_node == node && a.state != State::Ready {
+                if let Err(e) = self.reconcile_attachment(&call, node, &a.key()).await {
+                    failed("attachment", &a.key(), e);
+                }
             }
-            let Some(_g) = self.locks.try_lock(format!("v:{}", a.volume)) else {
-                continue;
-            };
-            self.revoke_on_server(&call, node, &a.volume, &a.node)
-                .await?;
-            if let Some(cur) = self.get::<AttachmentRecord>(&a.key())? {
-                self.commit_intent(cur.remove()).await?;
-            }
-            self.note(
-                node,
-                &a.volume,
-                &format!("removed an unfinished attachment to node {}", a.node),
-            )
-            .await;
         }
         let unmanaged: Vec<&String> = server_vols
             .keys()
@@ -1663,6 +1593,170 @@ impl Meta {
             tracing::info!(node, volumes = ?unmanaged, "volumes on the node that the catalog does not manage (left alone)");
         }
         self.pull_audit(node).await
+    }
+
+    /// Takes `key`'s name lock without waiting (a live call working on it
+    /// wins; the next pass sees the outcome) and reads the record again under
+    /// it, so reconcile never acts on a stale copy.
+    fn locked_fresh<R: Record>(
+        &self,
+        lock: String,
+        key: &str,
+    ) -> Result<Option<(NameGuard<'_>, R)>> {
+        let Some(g) = self.locks.try_lock(lock) else {
+            return Ok(None);
+        };
+        Ok(self.get::<R>(key)?.map(|r| (g, r)))
+    }
+
+    async fn reconcile_volume(
+        &self,
+        call: &Call,
+        node: &str,
+        pool_id: &str,
+        id: &str,
+        listed_size: Option<u64>,
+    ) -> Result<()> {
+        let Some((_g, v)) = self.locked_fresh::<VolumeRecord>(format!("v:{id}"), id)? else {
+            return Ok(());
+        };
+        match v.state {
+            State::Creating => {
+                self.undo_create(&v, listed_size.is_some()).await?;
+                self.note(node, id, "undid a create that never finished")
+                    .await;
+            }
+            State::Deleting => {
+                self.delete_on_server(node, id, SERVER_CALLER_PREFIX)
+                    .await?;
+                self.commit_intent(v.remove()).await?;
+                self.reserve(&v.pool_id, -i128::from(v.size_bytes));
+                self.note(node, id, "finished a delete that never finished")
+                    .await;
+            }
+            State::Ready => {
+                // The listing is older than a create that finished since:
+                // ask the server again before calling anything lost.
+                let size = match listed_size {
+                    Some(s) => Some(s),
+                    None => self.server_volume_size(call, node, id).await?,
+                };
+                let condition = match size {
+                    None if v.pool_id != pool_id => format!(
+                        "lost: node {node} now serves pool {pool_id}, the volume was on pool {}",
+                        v.pool_id
+                    ),
+                    None => format!("lost: volume server {node} does not have it"),
+                    Some(_) => String::new(),
+                };
+                let mut fixed = VolumeRecord {
+                    condition: condition.clone(),
+                    ..v.clone()
+                };
+                // An expand that reached the server but not the catalog.
+                if let Some(server_size) = size.filter(|s| *s > v.size_bytes) {
+                    let spec = self.spec_of(&v)?;
+                    fixed.size_bytes = server_size;
+                    fixed.qos = spec.qos(server_size);
+                    self.push_qos(call, &fixed, &spec).await?;
+                }
+                if fixed != v {
+                    self.commit_intent(fixed.replace(&v)).await?;
+                    self.reserve(
+                        &v.pool_id,
+                        i128::from(fixed.size_bytes) - i128::from(v.size_bytes),
+                    );
+                    if !condition.is_empty() {
+                        tracing::error!(volume = %id, node, %condition, "volume missing on its server");
+                    }
+                    let what = if condition.is_empty() {
+                        format!(
+                            "adopted the size the server has: {} bytes",
+                            fixed.size_bytes
+                        )
+                    } else {
+                        condition
+                    };
+                    self.note(node, id, &what).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn server_volume_size(&self, call: &Call, node: &str, id: &str) -> Result<Option<u64>> {
+        let mut c = self.server(node).await?;
+        match c
+            .get_volume(server_req(call, vpb::GetVolumeRequest { name: id.into() }))
+            .await
+        {
+            Ok(v) => Ok(Some(v.into_inner().size_bytes)),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(MetaError::server(node, &s)),
+        }
+    }
+
+    async fn reconcile_snapshot(
+        &self,
+        call: &Call,
+        node: &str,
+        id: &str,
+        on_server: bool,
+    ) -> Result<()> {
+        let Some((_g, s)) = self.locked_fresh::<SnapshotRecord>(format!("s:{id}"), id)? else {
+            return Ok(());
+        };
+        if s.state == State::Ready {
+            return Ok(());
+        }
+        if on_server {
+            self.delete_snapshot_on_server(call, node, id).await?;
+        }
+        self.commit_intent(s.remove()).await?;
+        self.note(
+            node,
+            id,
+            "removed a snapshot left half-made or half-deleted",
+        )
+        .await;
+        Ok(())
+    }
+
+    async fn reconcile_attachment(&self, call: &Call, node: &str, key: &str) -> Result<()> {
+        let volume = key.split('/').next().unwrap_or_default();
+        let Some((_g, a)) = self.locked_fresh::<AttachmentRecord>(format!("v:{volume}"), key)?
+        else {
+            return Ok(());
+        };
+        if a.state == State::Ready {
+            return Ok(()); // Finished by a retry since the listing.
+        }
+        self.revoke_on_server(call, node, &a.volume, &a.node)
+            .await?;
+        self.commit_intent(a.remove()).await?;
+        self.note(
+            node,
+            &a.volume,
+            &format!("removed an unfinished attachment to node {}", a.node),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Rebuilds what each pool has promised from the catalog, so a count that
+    /// drifted (a failed step between a reservation and its commit) heals.
+    pub async fn recount(&self) -> Result<()> {
+        let _placing = self.placement.lock().await;
+        let mut fresh: HashMap<String, u64> = HashMap::new();
+        for v in records::list::<VolumeRecord>(&*self.store, None, 0)? {
+            *fresh.entry(v.pool_id).or_default() += v.size_bytes;
+        }
+        let mut cur = self.provisioned.lock();
+        if *cur != fresh {
+            tracing::warn!(before = ?*cur, after = ?fresh, "provisioned bytes recounted from the catalog");
+            *cur = fresh;
+        }
+        Ok(())
     }
 
     /// Logs and audits what reconcile did.
@@ -1735,14 +1829,25 @@ impl Meta {
             ..rec.clone()
         };
         // The entries and the cursor move together: nothing chained twice or lost.
-        match self.commit_entries(moved.replace(&rec), entries).await {
-            Err(MetaError::Catalog(berth_catalog::CatalogError::Conflict { .. })) => Ok(()),
-            r => r,
-        }
+        lost_race_is_fine(
+            self.commit_entries(moved.replace(&rec), entries)
+                .await
+                .map(drop),
+        )
     }
 
     /// One pass of the background work: liveness, then reconcile/audit pulls.
     pub async fn tick(self: &Arc<Self>, full_reconcile: bool) {
+        if full_reconcile {
+            if let Err(e) = self.recount().await {
+                tracing::error!(error = %e, "recount of provisioned bytes failed");
+            }
+            // Copies of the head outside the catalog are what pin history.
+            match self.audit_head() {
+                Ok(h) => tracing::info!(seq = h.seq, hash = %h.hash, "audit chain head"),
+                Err(e) => tracing::error!(error = %e, "cannot read the audit chain head"),
+            }
+        }
         let up = match self.check_nodes().await {
             Ok(up) => up,
             Err(e) => {
@@ -1771,13 +1876,25 @@ impl Meta {
     }
 }
 
+/// A compare-and-swap that lost to a concurrent change that did the same
+/// work (a state already moved, a cursor already advanced) is not an error.
+fn lost_race_is_fine(r: Result<()>) -> Result<()> {
+    match r {
+        Err(MetaError::Catalog(berth_catalog::CatalogError::Conflict { .. })) => Ok(()),
+        r => r,
+    }
+}
+
 fn node_client(node: &str) -> String {
     format!("node:{node}")
 }
 
-/// The IP of a host:port address, or empty when it is a name.
+/// The IP of a host:port address, or empty (no restriction) when it is a
+/// name or a wildcard.
 fn peer_ip(addr: &str) -> String {
     addr.parse::<std::net::SocketAddr>()
+        .ok()
+        .filter(|a| !a.ip().is_unspecified())
         .map(|a| a.ip().to_string())
         .unwrap_or_default()
 }

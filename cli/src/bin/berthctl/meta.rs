@@ -265,6 +265,23 @@ fn audit_json(e: &pb::AuditEntry) -> Value {
         "prev_hash": e.prev_hash, "hash": e.hash})
 }
 
+/// Every page of a listing, in order: `page(token)` returns rows and the
+/// next token (empty at the end).
+async fn all_pages(
+    mut page: impl AsyncFnMut(String) -> Result<(Vec<Value>, String), tonic::Status>,
+) -> Result<Vec<Value>, tonic::Status> {
+    let mut rows = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (more, next) = page(token).await?;
+        rows.extend(more);
+        if next.is_empty() {
+            return Ok(rows);
+        }
+        token = next;
+    }
+}
+
 fn topology(kv: Vec<KV>) -> Option<pb::Topology> {
     Some(pb::Topology {
         segments: kv.into_iter().collect(),
@@ -297,24 +314,23 @@ pub async fn run(
                 out.done(&format!("deleted snapshot {name}"));
             }
             SnapshotCmd::List { volume, page_size } => {
-                let mut rows = Vec::new();
-                let mut token = String::new();
-                loop {
+                let source_volume_id = volume.unwrap_or_default();
+                let rows = all_pages(async |page_token| {
                     let l = c
                         .list_snapshots(req(pb::ListSnapshotsRequest {
                             snapshot_id: String::new(),
-                            source_volume_id: volume.clone().unwrap_or_default(),
+                            source_volume_id: source_volume_id.clone(),
                             max_entries: page_size,
-                            page_token: token,
+                            page_token,
                         }))
                         .await?
                         .into_inner();
-                    rows.extend(l.snapshots.iter().map(snapshot_json));
-                    if l.next_page_token.is_empty() {
-                        break;
-                    }
-                    token = l.next_page_token;
-                }
+                    Ok((
+                        l.snapshots.iter().map(snapshot_json).collect(),
+                        l.next_page_token,
+                    ))
+                })
+                .await?;
                 out.rows(rows, SNAP_COLS);
             }
         },
@@ -588,23 +604,22 @@ async fn volume(
             out.one(volume_json(&v), VOL_COLS);
         }
         VolumeCmd::List { node, page_size } => {
-            let mut rows = Vec::new();
-            let mut token = String::new();
-            loop {
+            let node = node.unwrap_or_default();
+            let rows = all_pages(async |page_token| {
                 let l = c
                     .list_volumes(req(pb::ListVolumesRequest {
                         max_entries: page_size,
-                        page_token: token,
-                        node: node.clone().unwrap_or_default(),
+                        page_token,
+                        node: node.clone(),
                     }))
                     .await?
                     .into_inner();
-                rows.extend(l.volumes.iter().map(volume_json));
-                if l.next_page_token.is_empty() {
-                    break;
-                }
-                token = l.next_page_token;
-            }
+                Ok((
+                    l.volumes.iter().map(volume_json).collect(),
+                    l.next_page_token,
+                ))
+            })
+            .await?;
             out.rows(rows, VOL_COLS);
         }
         VolumeCmd::Export {
