@@ -533,17 +533,44 @@ fn the_audit_chain_records_calls_and_connections_and_verify_names_tampering() {
     // For people, `volume export` prints just the URI.
     let uri = c.meta.ctl_text(&["volume", "export", "ledger"]);
     assert!(uri.starts_with("nbd://127.0.0.1:"), "{uri}");
-    let m = c
-        .meta
-        .ctl_json(&["volume", "modify", "ledger", "--tier", "premium"]);
+    // Hold an NBD connection open across the change: it keeps working.
+    let (addr, export) = uri
+        .strip_prefix("nbd://")
+        .and_then(|r| r.split_once('/'))
+        .expect("nbd://host:port/export");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let m = rt.block_on(async {
+        use berth_volume::nbd::client::Client;
+        let s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut nbd = Client::connect(s, export).await.expect("handshake");
+        nbd.write(0, &[0x11; 4096], true)
+            .await
+            .expect("write before");
+        let m = c
+            .meta
+            .ctl_json(&["volume", "modify", "ledger", "--tier", "premium"]);
+        let sv = c.node("n1").ctl_json(&["volume", "get", "ledger"]);
+        assert_eq!(
+            (
+                sv["tier"].as_str(),
+                sv["iops_limit"].as_u64(),
+                sv["connections"].as_u64()
+            ),
+            (Some("premium"), m["iops_limit"].as_u64(), Some(1)),
+            "the server runs the new tier with the client still attached"
+        );
+        assert_eq!(
+            nbd.read(0, 4096).await.expect("read after"),
+            vec![0x11; 4096]
+        );
+        m
+    });
     assert_eq!(
         (m["tier"].as_str(), m["priority"].as_u64()),
         (Some("premium"), Some(1))
-    );
-    let sv = c.node("n1").ctl_json(&["volume", "get", "ledger"]);
-    assert_eq!(
-        (sv["tier"].as_str(), sv["iops_limit"].as_u64()),
-        (Some("premium"), m["iops_limit"].as_u64())
     );
     assert_eq!(
         c.node("n1")
