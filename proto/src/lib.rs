@@ -19,6 +19,30 @@ pub mod meta {
     }
 }
 
+/// The request header a caller names itself with ("berthctl:alice",
+/// "volume-server:n1"...), recorded in the audit logs.
+pub const CALLER_HEADER: &str = "x-berth-client";
+
+/// Who is calling: the name in [`CALLER_HEADER`], else the transport peer.
+pub fn caller<T>(r: &tonic::Request<T>) -> String {
+    r.metadata()
+        .get(CALLER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            r.remote_addr()
+                .map_or_else(|| "local".to_string(), |a| a.to_string())
+        })
+}
+
+/// Names the caller on an outgoing request (a name that is not a valid header
+/// value is left out rather than failing the call).
+pub fn name_caller<T>(r: &mut tonic::Request<T>, who: &str) {
+    if let Ok(v) = who.parse() {
+        r.metadata_mut().insert(CALLER_HEADER, v);
+    }
+}
+
 /// Opens a gRPC channel to an endpoint: `unix:///path/to.sock` (or a bare
 /// path), or `http://host:port`.
 pub async fn channel(endpoint: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {

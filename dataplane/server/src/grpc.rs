@@ -42,18 +42,10 @@ impl Service {
     }
 }
 
-/// Who is calling, for the audit log: the `x-berth-client` header if the caller
-/// names itself (berthctl sends the user), else the transport peer.
+/// Who is calling, for the audit log (berthctl and the metadata service name
+/// the person behind the call).
 fn caller<T>(r: &Request<T>) -> Caller {
-    let named = r
-        .metadata()
-        .get("x-berth-client")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    Caller(named.unwrap_or_else(|| {
-        r.remote_addr()
-            .map_or_else(|| "local".to_string(), |a| a.to_string())
-    }))
+    Caller(berth_proto::caller(r))
 }
 
 fn required<'a>(field: &str, v: &'a str) -> Result<&'a str, Status> {

@@ -49,9 +49,7 @@ fn pool_status(node: &Node, media: &str) -> mpb::PoolStatus {
 fn request<T>(node: &str, msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(Duration::from_secs(10));
-    if let Ok(v) = format!("volume-server:{node}").parse() {
-        r.metadata_mut().insert("x-berth-client", v);
-    }
+    berth_proto::name_caller(&mut r, &format!("volume-server:{node}"));
     r
 }
 

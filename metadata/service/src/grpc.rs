@@ -32,14 +32,7 @@ impl Service {
 /// Who is calling: the `x-berth-client` header (berthctl sends the user, the
 /// CSI driver its node), else the transport peer.
 fn actor<T>(r: &Request<T>) -> String {
-    r.metadata()
-        .get("x-berth-client")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            r.remote_addr()
-                .map_or_else(|| "local".to_string(), |a| a.to_string())
-        })
+    berth_proto::caller(r)
 }
 
 fn state_pb(s: State) -> i32 {

@@ -1903,9 +1903,7 @@ fn peer_ip(addr: &str) -> String {
 fn server_req<T>(call: &Call, msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(Duration::from_secs(30));
-    if let Ok(v) = format!("{SERVER_CALLER_PREFIX}:{}", call.actor).parse() {
-        r.metadata_mut().insert("x-berth-client", v);
-    }
+    berth_proto::name_caller(&mut r, &format!("{SERVER_CALLER_PREFIX}:{}", call.actor));
     r
 }
 

@@ -139,9 +139,7 @@ pub fn req<T>(msg: T) -> tonic::Request<T> {
             // SAFETY: getuid has no preconditions and cannot fail.
             format!("uid:{}", unsafe { libc::getuid() })
         });
-    if let Ok(v) = format!("berthctl:{who}").parse() {
-        r.metadata_mut().insert("x-berth-client", v);
-    }
+    berth_proto::name_caller(&mut r, &format!("berthctl:{who}"));
     r
 }
 
