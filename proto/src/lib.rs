@@ -43,6 +43,20 @@ pub fn name_caller<T>(r: &mut tonic::Request<T>, who: &str) {
     }
 }
 
+/// Accepted TCP connections for a gRPC server, with Nagle off: control calls
+/// are small request/response pairs, and Nagle with delayed ACKs adds ~40 ms
+/// to some of them.
+pub fn tcp_incoming(
+    l: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(l).map(|r| {
+        r.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    })
+}
+
 /// Opens a gRPC channel to an endpoint: `unix:///path/to.sock` (or a bare
 /// path), or `http://host:port`.
 pub async fn channel(endpoint: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {

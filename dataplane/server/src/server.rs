@@ -193,7 +193,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
     if let Some(l) = ctl_tcp {
         tasks.push(spawn_grpc(
             &node,
-            tokio_stream::wrappers::TcpListenerStream::new(l),
+            berth_proto::tcp_incoming(l),
             &stop_accepting,
             "tcp",
         ));

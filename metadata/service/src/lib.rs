@@ -110,11 +110,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<Running> {
         &stop,
     )];
     if let Some(l) = tcp {
-        tasks.push(serve(
-            &meta,
-            tokio_stream::wrappers::TcpListenerStream::new(l),
-            &stop,
-        ));
+        tasks.push(serve(&meta, berth_proto::tcp_incoming(l), &stop));
     }
     tasks.push(tokio::spawn(background(meta.clone(), stop.clone())));
     tracing::info!(socket = %bound.socket.display(), tcp = ?bound.tcp, "metadata service ready");
