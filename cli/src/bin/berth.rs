@@ -78,7 +78,8 @@ struct VolumeServerArgs {
     /// NBD over TCP ("none" to disable).
     #[arg(long, env = "BERTH_NBD_LISTEN", default_value = "127.0.0.1:10809")]
     nbd_listen: String,
-    /// Host name or address put in the TCP URIs of grants (default: the listen address).
+    /// Host name or address other hosts reach this node at: put in the TCP URIs of
+    /// grants and reported to the metadata service (default: the listen addresses).
     #[arg(long, env = "BERTH_ADVERTISE_HOST", default_value = "")]
     advertise_host: String,
     /// gRPC control unix socket (default DATA/control.sock).

@@ -209,10 +209,13 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
         )));
     }
     if let Some(mut hb) = cfg.heartbeat.clone() {
-        // Where other hosts reach a listener: the advertised host, else the
-        // bound address, which must then be a real one, not a wildcard.
-        let reachable = |a: SocketAddr, what: &str| -> Result<String> {
-            let host = if !cfg.advertise_host.is_empty() {
+        // Where other hosts reach a listener. NBD: the advertised host (the
+        // one grant URIs carry), else the bound address. Control: the bound
+        // address, or the advertised host when bound to a wildcard. A
+        // wildcard with nothing advertised is refused: nobody can dial it.
+        let reachable = |a: SocketAddr, prefer_advertised: bool, what: &str| -> Result<String> {
+            let advertised = !cfg.advertise_host.is_empty();
+            let host = if advertised && (prefer_advertised || a.ip().is_unspecified()) {
                 cfg.advertise_host.clone()
             } else if a.ip().is_unspecified() {
                 return Err(ServerError::InvalidArgument(format!(
@@ -235,11 +238,11 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
                         .into(),
                 ));
             };
-            hb.control_endpoint = format!("http://{}", reachable(a, "the control API")?);
+            hb.control_endpoint = format!("http://{}", reachable(a, false, "the control API")?);
         }
         if hb.nbd_address.is_empty() {
             if let Some(a) = bound.nbd_tcp {
-                hb.nbd_address = reachable(a, "NBD")?;
+                hb.nbd_address = reachable(a, true, "NBD")?;
             }
         }
         tasks.push(tokio::spawn(crate::heartbeat::run(

@@ -21,7 +21,10 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::{CatalogError, CatalogStore, Result, Table, Txn};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::{check_conditions, CatalogError, CatalogStore, Op, Result, Table, Txn};
 
 const HEAD_KEY: &str = "audit-head";
 const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -151,10 +154,92 @@ pub fn head(s: &dyn CatalogStore) -> Result<Head> {
     Ok(read_head(s)?.map_or_else(Head::genesis, |(h, _)| h))
 }
 
-/// Appends to the chain. One per process; appends are serialized by its lock.
+/// Appends to the chain, with group commit: callers that arrive while a
+/// commit is being synced queue up, and the next leader writes all of them
+/// in one synced transaction. Each caller's change is still all-or-nothing
+/// and checked on its own: one whose conditions fail gets its conflict, the
+/// others go through, in arrival order, with consecutive numbers.
+///
+/// One per process, and every catalog write of the process goes through it
+/// (that exclusivity is what lets a group check its members' conditions
+/// against the store plus the group's own earlier writes). The head's
+/// compare-and-swap still guards against any other writer.
 #[derive(Debug, Default)]
 pub struct AuditLog {
-    lock: parking_lot::Mutex<()>,
+    queue: parking_lot::Mutex<Vec<Arc<Pending>>>,
+    leader: parking_lot::Mutex<()>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    request: parking_lot::Mutex<Option<(Vec<AuditEntry>, Txn)>>,
+    result: parking_lot::Mutex<Option<Result<Vec<AuditEntry>>>>,
+}
+
+/// The store as a group sees it: its own earlier writes over the store.
+struct Overlay<'a> {
+    store: &'a dyn CatalogStore,
+    writes: HashMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+}
+
+impl Overlay<'_> {
+    fn get(&self, t: Table, k: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.writes.get(&(t, k.to_vec())) {
+            Some(v) => Ok(v.clone()),
+            None => self.store.get(t, k),
+        }
+    }
+    fn apply(&mut self, txn: &Txn) {
+        for op in &txn.ops {
+            match op {
+                Op::Put(t, k, v) => self.writes.insert((*t, k.clone()), Some(v.clone())),
+                Op::Delete(t, k) => self.writes.insert((*t, k.clone()), None),
+            };
+        }
+    }
+}
+
+/// The head now, and the condition that it is still the head at commit.
+fn head_guard(s: &dyn CatalogStore) -> Result<(Head, Txn)> {
+    Ok(match read_head(s)? {
+        Some((h, raw)) => (h, Txn::new().require_equals(Table::Meta, HEAD_KEY, raw)),
+        None => (
+            Head::genesis(),
+            Txn::new().require_absent(Table::Meta, HEAD_KEY),
+        ),
+    })
+}
+
+/// Numbers `drafts` after `prev` and chains them; returns the ops that store
+/// them (entries and the new head), the entries, and the new head.
+fn chain(prev: &Head, drafts: Vec<AuditEntry>) -> (Txn, Vec<AuditEntry>, Head) {
+    let mut txn = Txn::new();
+    let mut head = prev.clone();
+    let mut stored = Vec::with_capacity(drafts.len());
+    for mut e in drafts {
+        e.v = 1;
+        e.seq = head.seq + 1;
+        e.prev_hash = head.hash.clone();
+        e.hash = e.compute_hash().unwrap_or_default();
+        txn = txn.put(
+            Table::Audit,
+            key_of(e.seq),
+            serde_json::to_vec(&e).unwrap_or_default(),
+        );
+        head = Head {
+            seq: e.seq,
+            hash: e.hash.clone(),
+        };
+        stored.push(e);
+    }
+    if !stored.is_empty() {
+        txn = txn.put(
+            Table::Meta,
+            HEAD_KEY,
+            serde_json::to_vec(&head).unwrap_or_default(),
+        );
+    }
+    (txn, stored, head)
 }
 
 impl AuditLog {
@@ -171,39 +256,81 @@ impl AuditLog {
         drafts: Vec<AuditEntry>,
         with: Txn,
     ) -> Result<Vec<AuditEntry>> {
-        let _serial = self.lock.lock();
-        let (head, raw) = match read_head(s)? {
-            Some((h, raw)) => (h, Some(raw)),
-            None => (Head::genesis(), None),
-        };
-        let mut txn = match raw {
-            Some(raw) => Txn::new().require_equals(Table::Meta, HEAD_KEY, raw),
-            None => Txn::new().require_absent(Table::Meta, HEAD_KEY),
-        };
-        let mut prev = head;
-        let mut stored = Vec::with_capacity(drafts.len());
-        for mut e in drafts {
-            e.v = 1;
-            e.seq = prev.seq + 1;
-            e.prev_hash = prev.hash.clone();
-            e.hash = e.compute_hash().unwrap_or_default();
-            let value = serde_json::to_vec(&e).unwrap_or_default();
-            txn = txn.put(Table::Audit, key_of(e.seq), value);
-            prev = Head {
-                seq: e.seq,
-                hash: e.hash.clone(),
+        let me = Arc::new(Pending {
+            request: parking_lot::Mutex::new(Some((drafts, with))),
+            result: parking_lot::Mutex::new(None),
+        });
+        self.queue.lock().push(me.clone());
+        let _leader = self.leader.lock();
+        // A previous leader may have committed this request already.
+        if let Some(r) = me.result.lock().take() {
+            return r;
+        }
+        let group = std::mem::take(&mut *self.queue.lock());
+        Self::commit_group(s, &group);
+        let r = me.result.lock().take();
+        r.unwrap_or_else(|| {
+            Err(CatalogError::Backend(
+                "audit group left a request unanswered".into(),
+            ))
+        })
+    }
+
+    /// Commits a group in one synced transaction; if that fails, each member
+    /// alone, so every member gets its own answer.
+    fn commit_group(s: &dyn CatalogStore, group: &[Arc<Pending>]) {
+        let requests: Vec<(Arc<Pending>, Vec<AuditEntry>, Txn)> = group
+            .iter()
+            .filter_map(|p| p.request.lock().take().map(|(d, w)| (p.clone(), d, w)))
+            .collect();
+        let answer = |p: &Pending, r: Result<Vec<AuditEntry>>| *p.result.lock() = Some(r);
+        let grouped = (|| -> Result<Vec<(usize, Result<Vec<AuditEntry>>)>> {
+            let (mut head, mut all) = head_guard(s)?;
+            let mut view = Overlay {
+                store: s,
+                writes: HashMap::new(),
             };
-            stored.push(e);
+            let mut answers = Vec::with_capacity(requests.len());
+            for (i, (_, drafts, with)) in requests.iter().enumerate() {
+                if let Err(e) = check_conditions(with, |t, k| view.get(t, k)) {
+                    answers.push((i, Err(e)));
+                    continue;
+                }
+                let (entries_txn, stored, new_head) = chain(&head, drafts.clone());
+                let member = Txn {
+                    conditions: Vec::new(),
+                    ops: with.ops.iter().cloned().chain(entries_txn.ops).collect(),
+                };
+                view.apply(&member);
+                all = all.merge(member);
+                head = new_head;
+                answers.push((i, Ok(stored)));
+            }
+            if !all.ops.is_empty() {
+                s.commit(all)?;
+            }
+            Ok(answers)
+        })();
+        match grouped {
+            Ok(answers) => {
+                for (i, r) in answers {
+                    answer(&requests[i].0, r);
+                }
+            }
+            // Another writer moved the head, or the store failed: fall back to
+            // one transaction per member, each with its own outcome.
+            Err(_) => {
+                for (p, drafts, with) in requests {
+                    let r = (|| {
+                        let (head, guard) = head_guard(s)?;
+                        let (entries_txn, stored, _) = chain(&head, drafts);
+                        s.commit(guard.merge(entries_txn).merge(with))?;
+                        Ok(stored)
+                    })();
+                    answer(&p, r);
+                }
+            }
         }
-        if !stored.is_empty() {
-            txn = txn.put(
-                Table::Meta,
-                HEAD_KEY,
-                serde_json::to_vec(&prev).unwrap_or_default(),
-            );
-        }
-        s.commit(txn.merge(with))?;
-        Ok(stored)
     }
 }
 
@@ -494,6 +621,43 @@ mod tests {
         let (seq, why) = verify(&s).expect("verify").first_bad.expect("found");
         assert_eq!(seq, 10, "{why}");
         assert!(why.contains("ends early"), "{why}");
+    }
+
+    #[test]
+    fn concurrent_appends_form_one_chain_and_each_change_is_checked_alone() {
+        let s = Arc::new(MemStore::new());
+        let log = Arc::new(AuditLog::new());
+        let winners: usize = (0..8)
+            .map(|t| {
+                let (s, log) = (s.clone(), log.clone());
+                std::thread::spawn(move || {
+                    let mut won = 0;
+                    for i in 0..50u64 {
+                        // Everyone races for the same few keys: only the
+                        // first create of each may win, and losers must not
+                        // leave an entry behind.
+                        let key = format!("k{}", i % 10);
+                        let with = Txn::new().require_absent(Table::Volumes, key.clone()).put(
+                            Table::Volumes,
+                            key,
+                            vec![t],
+                        );
+                        if log.append(&*s, vec![entry("create", "v", i)], with).is_ok() {
+                            won += 1;
+                        }
+                        log.append(&*s, vec![entry("note", "v", i)], Txn::new())
+                            .expect("note");
+                    }
+                    won
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().expect("join"))
+            .sum();
+        assert_eq!(winners, 10, "each key created once");
+        let v = verify(&*s).expect("verify");
+        assert_eq!((v.first_bad, v.entries_checked), (None, 400 + 10));
     }
 
     #[test]

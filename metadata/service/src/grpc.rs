@@ -205,9 +205,11 @@ type R<T> = Result<Response<T>, Status>;
 /// gives up (cancels, hits its deadline) must not cut the intent → volume
 /// server → outcome sequence, or the service's accounting, half-way.
 async fn detached<T: Send + 'static>(
+    meta: &Meta,
     f: impl std::future::Future<Output = Result<T, MetaError>> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::spawn(f)
+    meta.calls
+        .spawn(f)
         .await
         .map_err(|e| Status::internal(format!("call task: {e}")))?
         .map_err(Status::from)
@@ -356,7 +358,7 @@ impl MetadataService for Service {
         };
         let v = {
             let meta = self.meta.clone();
-            detached(async move {
+            detached(&self.meta, async move {
                 meta.audited(call, async |c| meta.create_volume(c, req).await)
                     .await
             })
@@ -374,7 +376,7 @@ impl MetadataService for Service {
         let call = Call::new(&who, "DeleteVolume", &id, "");
         {
             let meta = self.meta.clone();
-            detached(async move {
+            detached(&self.meta, async move {
                 meta.audited(call, async |c| meta.delete_volume(c, &id).await)
                     .await
             })
@@ -389,7 +391,7 @@ impl MetadataService for Service {
         let call = Call::new(&who, "ExpandVolume", &m.volume_id, "");
         let v = {
             let meta = self.meta.clone();
-            detached(async move {
+            detached(&self.meta, async move {
                 meta.audited(call, async |c| {
                     meta.expand_volume(c, &m.volume_id, m.required_bytes, m.limit_bytes)
                         .await
@@ -408,7 +410,7 @@ impl MetadataService for Service {
         let changes = btree(m.parameters);
         let v = {
             let meta = self.meta.clone();
-            detached(async move {
+            detached(&self.meta, async move {
                 meta.audited(call, async |c| {
                     meta.modify_volume(c, &m.volume_id, changes).await
                 })
@@ -448,7 +450,7 @@ impl MetadataService for Service {
         let call = Call::new(&who, "CreateSnapshot", &m.source_volume_id, &m.name);
         let s = {
             let meta = self.meta.clone();
-            detached(async move {
+            detached(&self.meta, async move {
                 meta.audited(call, async |c| {
                     meta.create_snapshot(c, &m.name, &m.source_volume_id).await
                 })
@@ -468,7 +470,7 @@ impl MetadataService for Service {
         let call = Call::new(&who, "DeleteSnapshot", "", &id);
         {
             let meta = self.meta.clone();
-            detached(async move {
+            detached(&self.meta, async move {
                 meta.audited(call, async |c| meta.delete_snapshot(c, &id).await)
                     .await
             })
@@ -510,7 +512,7 @@ impl MetadataService for Service {
         let call = Call::new(&who, "PublishVolume", &m.volume_id, &m.node);
         let a = {
             let meta = self.meta.clone();
-            detached(async move {
+            detached(&self.meta, async move {
                 meta.audited(call, async |c| {
                     meta.publish(c, &m.volume_id, &m.node, m.read_only).await
                 })
@@ -530,7 +532,7 @@ impl MetadataService for Service {
         let call = Call::new(&who, "UnpublishVolume", &m.volume_id, &m.node);
         let closed = {
             let meta = self.meta.clone();
-            detached(async move {
+            detached(&self.meta, async move {
                 meta.audited(call, async |c| {
                     meta.unpublish(c, &m.volume_id, &m.node).await
                 })

@@ -175,6 +175,16 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        // Calls whose clients left still finish their catalog changes.
+        self.meta.calls.close();
+        if tokio::time::timeout(Duration::from_secs(60), self.meta.calls.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "calls still running after 60 s; stopping anyway (reconcile finishes them)"
+            );
+        }
         tracing::info!("metadata service stopped");
     }
 }

@@ -207,6 +207,8 @@ pub struct PoolView {
 
 pub struct Meta {
     pub store: Arc<dyn CatalogStore>,
+    /// Catalog-changing calls in progress; shutdown waits for them.
+    pub calls: tokio_util::task::TaskTracker,
     audit: Arc<AuditLog>,
     pub cfg: MetaConfig,
     /// Last heartbeat per node (monotonic clock).
@@ -221,6 +223,18 @@ pub struct Meta {
     placement: tokio::sync::Mutex<()>,
     /// Nodes a reconcile pass is running for.
     reconciling: Mutex<std::collections::HashSet<String>>,
+    /// Calls between a catalog change of a volume's size and the matching
+    /// change of `provisioned` (a recount then would count them wrong).
+    changing: std::sync::atomic::AtomicUsize,
+}
+
+/// Marks a call that changes `provisioned` as in progress.
+struct Changing<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for Meta {
@@ -316,6 +330,7 @@ impl Meta {
         }
         Ok(Arc::new(Meta {
             store,
+            calls: tokio_util::task::TaskTracker::new(),
             audit: Arc::new(AuditLog::new()),
             cfg,
             live: Mutex::new(live),
@@ -325,6 +340,7 @@ impl Meta {
             locks: NameLocks::default(),
             placement: tokio::sync::Mutex::new(()),
             reconciling: Mutex::new(Default::default()),
+            changing: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -459,6 +475,15 @@ impl Meta {
         }
         if r.pool.id.is_empty() {
             return Err(invalid(format!("node {}: pool.id is required", r.name)));
+        }
+        // Grants are bound to a node's NBD address; a wildcard would bind to nothing.
+        if let Ok(a) = r.nbd_address.parse::<std::net::SocketAddr>() {
+            if a.ip().is_unspecified() {
+                return Err(invalid(format!(
+                    "node {}: nbd_address {a} is a wildcard; advertise an address other hosts can dial",
+                    r.name
+                )));
+            }
         }
         // The audit puller moves the node's cursor concurrently: write by
         // compare-and-swap and start over if it moved.
@@ -668,6 +693,11 @@ impl Meta {
             .collect())
     }
 
+    fn changing(&self) -> Changing<'_> {
+        self.changing.fetch_add(1, Ordering::SeqCst);
+        Changing(&self.changing)
+    }
+
     fn reserve(&self, pool: &str, delta: i128) {
         let mut m = self.provisioned.lock();
         let e = m.entry(pool.to_string()).or_default();
@@ -730,6 +760,7 @@ impl Meta {
     }
 
     pub async fn create_volume(&self, call: &Call, req: CreateVolume) -> Result<VolumeRecord> {
+        let _changing = self.changing();
         check_name("volume", &req.name)?;
         let spec = tiers::resolve(&self.cfg.tiers, &req.parameters)?;
         let _name = self.locks.lock(format!("v:{}", req.name)).await;
@@ -934,6 +965,7 @@ impl Meta {
     /// Removes a half-created volume: from its server (when it is ours), then
     /// from the catalog.
     async fn undo_create(&self, rec: &VolumeRecord, on_server: bool) -> Result<()> {
+        let _changing = self.changing();
         if on_server {
             self.delete_on_server(&rec.node, &rec.id, "reconcile")
                 .await?;
@@ -962,6 +994,7 @@ impl Meta {
     }
 
     pub async fn delete_volume(&self, call: &Call, id: &str) -> Result<()> {
+        let _changing = self.changing();
         check_name("volume", id)?;
         let _name = self.locks.lock(format!("v:{id}")).await;
         let Some(v) = self.get::<VolumeRecord>(id)? else {
@@ -1040,6 +1073,7 @@ impl Meta {
         required: u64,
         limit: u64,
     ) -> Result<VolumeRecord> {
+        let _changing = self.changing();
         check_name("volume", id)?;
         let _name = self.locks.lock(format!("v:{id}")).await;
         let v = self.ready_volume(id)?;
@@ -1530,20 +1564,6 @@ impl Meta {
             .into_iter()
             .map(|v| (v.name, v.size_bytes))
             .collect();
-        let server_snaps: std::collections::HashSet<String> = c
-            .list_snapshots(server_req(
-                &call,
-                vpb::ListSnapshotsRequest {
-                    volume: String::new(),
-                },
-            ))
-            .await
-            .map_err(|s| MetaError::server(node, &s))?
-            .into_inner()
-            .snapshots
-            .into_iter()
-            .map(|s| s.name)
-            .collect();
         let pool_id = self
             .get::<NodeRecord>(node)?
             .map(|n| n.pool_id)
@@ -1570,10 +1590,7 @@ impl Meta {
         }
         for s in records::list::<SnapshotRecord>(&*self.store, None, 0)? {
             if s.node == node && s.state != State::Ready {
-                if let Err(e) = self
-                    .reconcile_snapshot(&call, node, &s.id, server_snaps.contains(&s.id))
-                    .await
-                {
+                if let Err(e) = self.reconcile_snapshot(&call, node, &s.id).await {
                     failed("snapshot", &s.id, e);
                 }
             }
@@ -1617,12 +1634,19 @@ impl Meta {
         id: &str,
         listed_size: Option<u64>,
     ) -> Result<()> {
+        let _changing = self.changing();
         let Some((_g, v)) = self.locked_fresh::<VolumeRecord>(format!("v:{id}"), id)? else {
             return Ok(());
         };
         match v.state {
             State::Creating => {
-                self.undo_create(&v, listed_size.is_some()).await?;
+                // A server call that timed out may have finished after the
+                // listing: ask again under the lock before undoing.
+                let on_server = match listed_size {
+                    Some(_) => true,
+                    None => self.server_volume_size(call, node, id).await?.is_some(),
+                };
+                self.undo_create(&v, on_server).await?;
                 self.note(node, id, "undid a create that never finished")
                     .await;
             }
@@ -1696,22 +1720,16 @@ impl Meta {
         }
     }
 
-    async fn reconcile_snapshot(
-        &self,
-        call: &Call,
-        node: &str,
-        id: &str,
-        on_server: bool,
-    ) -> Result<()> {
+    async fn reconcile_snapshot(&self, call: &Call, node: &str, id: &str) -> Result<()> {
         let Some((_g, s)) = self.locked_fresh::<SnapshotRecord>(format!("s:{id}"), id)? else {
             return Ok(());
         };
         if s.state == State::Ready {
             return Ok(());
         }
-        if on_server {
-            self.delete_snapshot_on_server(call, node, id).await?;
-        }
+        // Whatever a listing said: a timed-out server call may have finished
+        // since. Deleting what is not there is fine.
+        self.delete_snapshot_on_server(call, node, id).await?;
         self.commit_intent(s.remove()).await?;
         self.note(
             node,
@@ -1745,8 +1763,13 @@ impl Meta {
 
     /// Rebuilds what each pool has promised from the catalog, so a count that
     /// drifted (a failed step between a reservation and its commit) heals.
+    /// Only at a quiet moment: no size-changing call in progress (creates
+    /// also wait for the placement lock held here).
     pub async fn recount(&self) -> Result<()> {
         let _placing = self.placement.lock().await;
+        if self.changing.load(Ordering::SeqCst) > 0 {
+            return Ok(()); // Not a quiet moment; the next pass tries again.
+        }
         let mut fresh: HashMap<String, u64> = HashMap::new();
         for v in records::list::<VolumeRecord>(&*self.store, None, 0)? {
             *fresh.entry(v.pool_id).or_default() += v.size_bytes;
