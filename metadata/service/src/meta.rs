@@ -868,10 +868,16 @@ impl Meta {
                 created_ms: now_ms(),
                 condition: String::new(),
             };
-            self.commit_intent(record.create()).await?;
+            // Reserved under the placement lock, so the next placement sees
+            // it; made durable after, so creates do not queue behind each
+            // other's fsync (recount waits while `_changing` is held).
             self.reserve(&record.pool_id, i128::from(size));
             record
         };
+        if let Err(e) = self.commit_intent(record.create()).await {
+            self.reserve(&record.pool_id, -i128::from(size));
+            return Err(e);
+        }
         fault::point("create-volume:after-catalog");
         self.finish_create(call, &spec, record).await
     }
