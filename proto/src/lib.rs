@@ -43,6 +43,34 @@ pub fn name_caller<T>(r: &mut tonic::Request<T>, who: &str) {
     }
 }
 
+/// Percent-encodes what may not stand in a URI path segment (export names).
+fn uri_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~@:!$&'()*+,;=".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `nbd://HOST:PORT/EXPORT`, as qemu-io, nbdinfo and nbdfuse take it
+/// (`address` is `host:port`, with an IPv6 host in brackets).
+pub fn nbd_tcp_uri(address: &str, export: &str) -> String {
+    format!("nbd://{address}/{}", uri_escape(export))
+}
+
+/// `nbd+unix:///EXPORT?socket=PATH`.
+pub fn nbd_unix_uri(socket: &std::path::Path, export: &str) -> String {
+    format!(
+        "nbd+unix:///{}?socket={}",
+        uri_escape(export),
+        socket.display()
+    )
+}
+
 /// Accepted TCP connections for a gRPC server, with Nagle off: control calls
 /// are small request/response pairs, and Nagle with delayed ACKs adds ~40 ms
 /// to some of them.

@@ -1,9 +1,10 @@
 //! `berth`: one binary for Berth's server programs.
 //!
 //! - `berth volume-server --data DIR`: the per-node volume server;
-//! - `berth metadata --data DIR`: the cluster's catalog and placement.
+//! - `berth metadata --data DIR`: the cluster's catalog and placement;
+//! - `berth standalone --data DIR`: both on one folder, in one process.
 //!
-//! The CSI driver and `standalone` join as subcommands of this same binary.
+//! The CSI driver joins as a subcommand of this same binary.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,6 +32,9 @@ enum Command {
     VolumeServer(VolumeServerArgs),
     /// The catalog: nodes, pools, tiers, volumes, snapshots, attachments, audit.
     Metadata(MetadataArgs),
+    /// The metadata service and a volume server on one data folder, in one
+    /// process (the CSI endpoint joins with the CSI driver).
+    Standalone(StandaloneArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -44,21 +48,8 @@ struct MetadataArgs {
     /// gRPC over TCP, for volume servers and CSI controllers ("none" to disable).
     #[arg(long, env = "BERTH_META_LISTEN", default_value = "127.0.0.1:9580")]
     listen: String,
-    /// Tier definitions (JSON: {"tiers": [...]}) replacing or adding to the defaults.
-    #[arg(long, env = "BERTH_TIERS")]
-    tiers: Option<PathBuf>,
-    /// Interval volume servers report at, in milliseconds.
-    #[arg(long, env = "BERTH_HEARTBEAT_MS", default_value_t = 2000)]
-    heartbeat_ms: u64,
-    /// Silence after which a node is marked down, in milliseconds.
-    #[arg(long, env = "BERTH_NODE_TIMEOUT_MS", default_value_t = 10_000)]
-    node_timeout_ms: u64,
-    /// Seconds between full comparisons of each node with the catalog.
-    #[arg(long, env = "BERTH_RECONCILE_SECONDS", default_value_t = 60)]
-    reconcile_seconds: u64,
-    /// How much thin volumes may promise beyond the pools' size (1.0: nothing).
-    #[arg(long, env = "BERTH_OVERCOMMIT", default_value_t = 1.0)]
-    overcommit: f64,
+    #[command(flatten)]
+    catalog: CatalogArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -97,6 +88,60 @@ struct VolumeServerArgs {
     /// Report to this metadata service (http://host:port or unix:///path).
     #[arg(long, env = "BERTH_METADATA")]
     metadata: Option<String>,
+    #[command(flatten)]
+    node: NodeArgs,
+    /// How the metadata service reaches the control API (default: http://CONTROL_LISTEN).
+    #[arg(long, env = "BERTH_ADVERTISE_CONTROL", default_value = "")]
+    advertise_control: String,
+}
+
+/// How the catalog runs (shared by `metadata` and `standalone`).
+#[derive(Debug, clap::Args)]
+struct CatalogArgs {
+    /// Tier definitions (JSON: {"tiers": [...]}) replacing or adding to the defaults.
+    #[arg(long, env = "BERTH_TIERS")]
+    tiers: Option<PathBuf>,
+    /// Interval volume servers report at, in milliseconds.
+    #[arg(long, env = "BERTH_HEARTBEAT_MS", default_value_t = 2000)]
+    heartbeat_ms: u64,
+    /// Silence after which a node is marked down, in milliseconds.
+    #[arg(long, env = "BERTH_NODE_TIMEOUT_MS", default_value_t = 10_000)]
+    node_timeout_ms: u64,
+    /// Seconds between full comparisons of each node with the catalog.
+    #[arg(long, env = "BERTH_RECONCILE_SECONDS", default_value_t = 60)]
+    reconcile_seconds: u64,
+    /// How much thin volumes may promise beyond the pools' size (1.0: nothing).
+    #[arg(long, env = "BERTH_OVERCOMMIT", default_value_t = 1.0)]
+    overcommit: f64,
+}
+
+impl CatalogArgs {
+    fn config(&self) -> Result<berth_metadata::MetaConfig, String> {
+        let tiers_json = match &self.tiers {
+            Some(p) => Some(
+                std::fs::read_to_string(p).map_err(|e| format!("--tiers {}: {e}", p.display()))?,
+            ),
+            None => None,
+        };
+        if !(self.overcommit >= 1.0 && self.overcommit <= 100.0) {
+            return Err(format!(
+                "--overcommit {} must be between 1 and 100",
+                self.overcommit
+            ));
+        }
+        Ok(berth_metadata::MetaConfig {
+            heartbeat_interval: Duration::from_millis(self.heartbeat_ms.max(100)),
+            node_timeout: Duration::from_millis(self.node_timeout_ms.max(self.heartbeat_ms * 2)),
+            reconcile_interval: Duration::from_secs(self.reconcile_seconds.max(1)),
+            overcommit: self.overcommit,
+            tiers: berth_metadata::tiers::load(tiers_json.as_deref()).map_err(|e| e.to_string())?,
+        })
+    }
+}
+
+/// Who this node is in the catalog (shared by `volume-server` and `standalone`).
+#[derive(Debug, clap::Args)]
+struct NodeArgs {
     /// This node's name in the catalog (default: the host name).
     #[arg(long, env = "BERTH_NODE_NAME")]
     node_name: Option<String>,
@@ -106,9 +151,53 @@ struct VolumeServerArgs {
     /// What the pool is made of (nvme, ssd, hdd, file); tiers may require one.
     #[arg(long, env = "BERTH_POOL_MEDIA", default_value = "file")]
     pool_media: String,
-    /// How the metadata service reaches the control API (default: http://CONTROL_LISTEN).
-    #[arg(long, env = "BERTH_ADVERTISE_CONTROL", default_value = "")]
-    advertise_control: String,
+}
+
+impl NodeArgs {
+    fn heartbeat(
+        self,
+        metadata: String,
+        control_endpoint: String,
+    ) -> berth_volume::heartbeat::HeartbeatConfig {
+        berth_volume::heartbeat::HeartbeatConfig {
+            metadata,
+            node_name: self.node_name.unwrap_or_else(host_name),
+            labels: self.labels.into_iter().collect(),
+            media: self.pool_media,
+            control_endpoint,
+            nbd_address: String::new(),
+        }
+    }
+}
+
+/// Everything on one data folder, in one process.
+#[derive(Debug, clap::Args)]
+struct StandaloneArgs {
+    /// Data folder: DIR/meta.sock (berthctl --data DIR), DIR/control.sock and
+    /// DIR/nbd.sock, the catalog in DIR/metadata, the pool in DIR/node.
+    #[arg(long, env = "BERTH_DATA")]
+    data: PathBuf,
+    /// Pool device or file (default DIR/node/pool.img).
+    #[arg(long, env = "BERTH_POOL")]
+    pool: Option<PathBuf>,
+    #[arg(long, env = "BERTH_POOL_SIZE", default_value = "10G", value_parser = berth_cli::parse_size)]
+    pool_size: u64,
+    /// NBD over TCP ("none" for the unix socket only).
+    #[arg(long, env = "BERTH_NBD_LISTEN", default_value = "127.0.0.1:10809")]
+    nbd_listen: String,
+    /// Host put in NBD URIs (default: the listen address).
+    #[arg(long, env = "BERTH_ADVERTISE_HOST", default_value = "")]
+    advertise_host: String,
+    /// The metadata API over TCP as well ("none" to disable).
+    #[arg(long, env = "BERTH_META_LISTEN", default_value = "127.0.0.1:9580")]
+    listen: String,
+    /// Prometheus metrics of the volume server ("none" to disable).
+    #[arg(long, env = "BERTH_METRICS_LISTEN", default_value = "127.0.0.1:9570")]
+    metrics_listen: String,
+    #[command(flatten)]
+    catalog: CatalogArgs,
+    #[command(flatten)]
+    node: NodeArgs,
 }
 
 fn host_name() -> String {
@@ -139,14 +228,7 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     cfg.metrics_listen = addr("metrics-listen", &a.metrics_listen)?;
     cfg.drain_timeout = Duration::from_secs(a.drain_seconds);
     if let Some(metadata) = a.metadata {
-        cfg.heartbeat = Some(berth_volume::heartbeat::HeartbeatConfig {
-            metadata,
-            node_name: a.node_name.unwrap_or_else(host_name),
-            labels: a.labels.into_iter().collect(),
-            media: a.pool_media,
-            control_endpoint: a.advertise_control,
-            nbd_address: String::new(),
-        });
+        cfg.heartbeat = Some(a.node.heartbeat(metadata, a.advertise_control));
     }
     let running = berth_volume::start(cfg).await.map_err(|e| e.to_string())?;
     let b = &running.bound;
@@ -167,25 +249,7 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
 }
 
 async fn metadata(a: MetadataArgs) -> Result<(), String> {
-    let tiers_json = match &a.tiers {
-        Some(p) => {
-            Some(std::fs::read_to_string(p).map_err(|e| format!("--tiers {}: {e}", p.display()))?)
-        }
-        None => None,
-    };
-    if !(a.overcommit >= 1.0 && a.overcommit <= 100.0) {
-        return Err(format!(
-            "--overcommit {} must be between 1 and 100",
-            a.overcommit
-        ));
-    }
-    let meta = berth_metadata::MetaConfig {
-        heartbeat_interval: Duration::from_millis(a.heartbeat_ms.max(100)),
-        node_timeout: Duration::from_millis(a.node_timeout_ms.max(a.heartbeat_ms * 2)),
-        reconcile_interval: Duration::from_secs(a.reconcile_seconds.max(1)),
-        overcommit: a.overcommit,
-        tiers: berth_metadata::tiers::load(tiers_json.as_deref()).map_err(|e| e.to_string())?,
-    };
+    let meta = a.catalog.config()?;
     let cfg = berth_metadata::ServiceConfig {
         data_dir: a.data,
         socket: a.socket,
@@ -207,6 +271,58 @@ async fn metadata(a: MetadataArgs) -> Result<(), String> {
     Ok(())
 }
 
+async fn standalone(a: StandaloneArgs) -> Result<(), String> {
+    let d = &a.data;
+    std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    let meta_socket = d.join("meta.sock");
+    let control_socket = d.join("control.sock");
+    let meta = berth_metadata::start(berth_metadata::ServiceConfig {
+        data_dir: d.join("metadata"),
+        socket: Some(meta_socket.clone()),
+        listen: addr("listen", &a.listen)?,
+        meta: a.catalog.config()?,
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut cfg = berth_volume::ServerConfig::new(d.join("node"), a.pool_size);
+    cfg.pool_path = a.pool;
+    cfg.nbd_socket = Some(d.join("nbd.sock"));
+    cfg.nbd_listen = addr("nbd-listen", &a.nbd_listen)?;
+    cfg.advertise_host = a.advertise_host;
+    cfg.control_socket = Some(control_socket.clone());
+    cfg.metrics_listen = addr("metrics-listen", &a.metrics_listen)?;
+    // The two talk over their unix sockets: no port needed for control.
+    cfg.heartbeat = Some(a.node.heartbeat(
+        format!("unix://{}", meta_socket.display()),
+        format!("unix://{}", control_socket.display()),
+    ));
+    let node = match berth_volume::start(cfg).await {
+        Ok(n) => n,
+        Err(e) => {
+            meta.shutdown().await;
+            return Err(e.to_string());
+        }
+    };
+    let b = &node.bound;
+    let ready = serde_json::json!({
+        "event": "ready",
+        "metadata_socket": meta.bound.socket,
+        "metadata_tcp": meta.bound.tcp.map(|a| a.to_string()),
+        "control_socket": b.control_socket,
+        "nbd_socket": b.nbd_socket,
+        "nbd_tcp": b.nbd_tcp.map(|a| a.to_string()),
+        "metrics": b.metrics.map(|a| format!("http://{a}/metrics")),
+        "engine": node.node.store.engine_name(),
+        "berthctl": format!("berthctl --data {}", d.display()),
+        "pid": std::process::id(),
+    });
+    println!("{ready}");
+    berth_volume::server::wait_for_signal().await;
+    let r = node.shutdown().await.map_err(|e| e.to_string());
+    meta.shutdown().await;
+    r
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     berth_cli::init_logging(cli.log_json);
@@ -224,6 +340,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::VolumeServer(a) => volume_server(a).await,
             Command::Metadata(a) => metadata(a).await,
+            Command::Standalone(a) => standalone(a).await,
         }
     });
     match r {

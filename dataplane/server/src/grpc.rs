@@ -124,23 +124,19 @@ fn kind_pb(k: TargetKind) -> i32 {
 pub fn export_pb(node: &Node, g: &Grant, connections: u32) -> pb::Export {
     let ep = node.endpoints.lock().clone();
     let export_name = g.export_name();
-    let unix_uri = format!(
-        "nbd+unix:///{}?socket={}",
-        uri_escape(&export_name),
-        ep.nbd_socket.display()
-    );
+    let unix_uri = berth_proto::nbd_unix_uri(&ep.nbd_socket, &export_name);
     let tcp_uri = ep.nbd_tcp.map_or_else(String::new, |a| {
         let host = if ep.advertise_host.is_empty() {
             a.ip().to_string()
         } else {
             ep.advertise_host.clone()
         };
-        let host = if host.contains(':') {
-            format!("[{host}]")
+        let address = if host.contains(':') {
+            format!("[{host}]:{}", a.port())
         } else {
-            host
+            format!("{host}:{}", a.port())
         };
-        format!("nbd://{host}:{}/{}", a.port(), uri_escape(&export_name))
+        berth_proto::nbd_tcp_uri(&address, &export_name)
     });
     pb::Export {
         kind: kind_pb(g.kind),
@@ -154,19 +150,6 @@ pub fn export_pb(node: &Node, g: &Grant, connections: u32) -> pb::Export {
         connections,
         granted_unix: g.granted_unix,
     }
-}
-
-/// Percent-encodes what may not stand in a URI path segment.
-fn uri_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~@:!$&'()*+,;=".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 #[tonic::async_trait]

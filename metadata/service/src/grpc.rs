@@ -556,7 +556,10 @@ impl MetadataService for Service {
             self.meta.attachments(&m.volume_id)?
         };
         Ok(Response::new(pb::ListAttachmentsResponse {
-            attachments: list.iter().map(attachment_pb).collect(),
+            attachments: list
+                .into_iter()
+                .map(|a| attachment_pb(&self.meta.with_current_uris(a)))
+                .collect(),
         }))
     }
 

@@ -1337,6 +1337,25 @@ impl Meta {
         Ok(out)
     }
 
+    /// The attachment with URIs built from its server node's addresses as
+    /// the node reports them now (a restarted node may listen elsewhere; the
+    /// export name, the secret, stays).
+    pub fn with_current_uris(&self, mut a: AttachmentRecord) -> AttachmentRecord {
+        if a.export_name.is_empty() {
+            return a;
+        }
+        if let Ok(Some(n)) = self.get::<NodeRecord>(&a.server_node) {
+            if !n.nbd_address.is_empty() {
+                a.tcp_uri = berth_proto::nbd_tcp_uri(&n.nbd_address, &a.export_name);
+            }
+            if a.node == a.server_node && !n.nbd_socket.is_empty() {
+                a.unix_uri =
+                    berth_proto::nbd_unix_uri(std::path::Path::new(&n.nbd_socket), &a.export_name);
+            }
+        }
+        a
+    }
+
     pub fn all_attachments(&self) -> Result<Vec<AttachmentRecord>> {
         Ok(records::list::<AttachmentRecord>(&*self.store, None, 0)?)
     }
@@ -1368,7 +1387,7 @@ impl Meta {
                 )));
             }
             if a.state == State::Ready {
-                return Ok(a.clone());
+                return Ok(self.with_current_uris(a.clone()));
             }
         } else if let Some(w) = existing.iter().find(|a| !a.read_only || !read_only) {
             return Err(MetaError::FailedPrecondition(format!(
@@ -1452,7 +1471,7 @@ impl Meta {
         );
         self.commit(call, ready.replace(&rec), &v.node, detail)
             .await?;
-        Ok(ready)
+        Ok(self.with_current_uris(ready))
     }
 
     pub async fn unpublish(&self, call: &Call, volume: &str, node: &str) -> Result<u32> {
