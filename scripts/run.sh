@@ -4,7 +4,7 @@
 # in DIR/metadata, DIR/meta.sock, 127.0.0.1:9580) and a volume server (pool in
 # DIR/node, DIR/control.sock, NBD on DIR/nbd.sock and 127.0.0.1:10809) in one
 # process. Then, in another shell:
-#   berthctl --data DIR volume create db --size 10G --tier premium
+#   berthctl --data DIR volume create db --size 4G --tier premium
 #   berthctl --data DIR volume export db     # prints an NBD URI
 #   qemu-io -f raw -c 'write -P 0xab 0 1M' 'nbd://127.0.0.1:10809/db@TOKEN'
 #   berthctl --data DIR audit list           # who did what, hash-chained
