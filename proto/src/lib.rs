@@ -109,3 +109,18 @@ pub async fn channel(endpoint: &str) -> Result<tonic::transport::Channel, tonic:
         None => Endpoint::from_shared(endpoint.to_string())?.connect().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn nbd_uris_escape_export_names() {
+        assert_eq!(
+            super::nbd_tcp_uri("[::1]:10809", "db@ab12"),
+            "nbd://[::1]:10809/db@ab12"
+        );
+        assert_eq!(
+            super::nbd_unix_uri(std::path::Path::new("/d/nbd.sock"), "a b%c?#"),
+            "nbd+unix:///a%20b%25c%3F%23?socket=/d/nbd.sock"
+        );
+    }
+}
