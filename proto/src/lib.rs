@@ -71,6 +71,38 @@ pub fn nbd_unix_uri(socket: &std::path::Path, export: &str) -> String {
     )
 }
 
+/// Serves `routes` on the connections of `incoming` until `shutdown`
+/// completes, on a task of its own; a server that stops with an error says so
+/// in the log, naming `what`.
+pub fn spawn_server<S, IO, E>(
+    routes: tonic::service::Routes,
+    incoming: S,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()>
+where
+    S: tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        let mut server = tonic::transport::Server::builder();
+        if let Err(e) = server
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+        {
+            tracing::error!(error = %e, server = what, "gRPC server stopped");
+        }
+    })
+}
+
 /// Accepted TCP connections for a gRPC server, with Nagle off: control calls
 /// are small request/response pairs, and Nagle with delayed ACKs adds ~40 ms
 /// to some of them.

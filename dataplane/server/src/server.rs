@@ -184,18 +184,19 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
             conns.clone(),
         )));
     }
-    tasks.push(spawn_grpc(
-        &node,
+    let control = || tonic::service::Routes::new(Service::new(node.clone()).into_server());
+    tasks.push(berth_proto::spawn_server(
+        control(),
         tokio_stream::wrappers::UnixListenerStream::new(ctl_unix),
-        &stop_accepting,
-        "unix",
+        stop_accepting.clone().cancelled_owned(),
+        "volume control (unix)",
     ));
     if let Some(l) = ctl_tcp {
-        tasks.push(spawn_grpc(
-            &node,
+        tasks.push(berth_proto::spawn_server(
+            control(),
             berth_proto::tcp_incoming(l),
-            &stop_accepting,
-            "tcp",
+            stop_accepting.clone().cancelled_owned(),
+            "volume control (tcp)",
         ));
     }
     if let Some(l) = metrics {
@@ -307,37 +308,6 @@ async fn accept_nbd(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-/// Serves the control API on one listener until `stop`.
-fn spawn_grpc<S, IO, E>(
-    node: &Arc<Node>,
-    incoming: S,
-    stop: &CancellationToken,
-    what: &'static str,
-) -> tokio::task::JoinHandle<()>
-where
-    S: tokio_stream::Stream<Item = std::result::Result<IO, E>> + Send + 'static,
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
-    IO::ConnectInfo: Clone + Send + Sync + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let svc = Service::new(node.clone());
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
-            .add_service(svc.into_server())
-            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, listener = what, "control API stopped");
-        }
-    })
 }
 
 impl Running {

@@ -104,13 +104,20 @@ pub async fn start(cfg: ServiceConfig) -> Result<Running> {
         tcp: tcp.as_ref().and_then(|l| l.local_addr().ok()),
     };
     let stop = CancellationToken::new();
-    let mut tasks = vec![serve(
-        &meta,
+    let api = || tonic::service::Routes::new(grpc::Service::new(meta.clone()).into_server());
+    let mut tasks = vec![berth_proto::spawn_server(
+        api(),
         tokio_stream::wrappers::UnixListenerStream::new(unix),
-        &stop,
+        stop.clone().cancelled_owned(),
+        "metadata (unix)",
     )];
     if let Some(l) = tcp {
-        tasks.push(serve(&meta, berth_proto::tcp_incoming(l), &stop));
+        tasks.push(berth_proto::spawn_server(
+            api(),
+            berth_proto::tcp_incoming(l),
+            stop.clone().cancelled_owned(),
+            "metadata (tcp)",
+        ));
     }
     tasks.push(tokio::spawn(background(meta.clone(), stop.clone())));
     tracing::info!(socket = %bound.socket.display(), tcp = ?bound.tcp, "metadata service ready");
@@ -119,35 +126,6 @@ pub async fn start(cfg: ServiceConfig) -> Result<Running> {
         bound,
         stop,
         tasks,
-    })
-}
-
-fn serve<S, IO, E>(
-    meta: &Arc<Meta>,
-    incoming: S,
-    stop: &CancellationToken,
-) -> tokio::task::JoinHandle<()>
-where
-    S: tokio_stream::Stream<Item = std::result::Result<IO, E>> + Send + 'static,
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
-    IO::ConnectInfo: Clone + Send + Sync + 'static,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let svc = grpc::Service::new(meta.clone()).into_server();
-    let stop = stop.clone();
-    tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %e, "metadata API stopped");
-        }
     })
 }
 
