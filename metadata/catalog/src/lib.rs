@@ -131,8 +131,6 @@ pub trait CatalogStore: Send + Sync + 'static {
     /// Entries in key order, strictly after `start_after` when given, at most
     /// `limit` (0: all).
     fn scan(&self, table: Table, start_after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>>;
-    /// The entry with the greatest key.
-    fn last(&self, table: Table) -> Result<Option<Entry>>;
     /// Applies `txn` if every condition holds, else `CatalogError::Conflict`.
     fn commit(&self, txn: Txn) -> Result<()>;
 }
@@ -194,14 +192,6 @@ impl CatalogStore for MemStore {
         } else {
             it.take(limit).collect()
         })
-    }
-
-    fn last(&self, table: Table) -> Result<Option<Entry>> {
-        let m = self.tables.lock();
-        Ok(m.range((table, Vec::new())..)
-            .take_while(|((t, _), _)| *t == table)
-            .last()
-            .map(|((_, k), v)| (k.clone(), v.clone())))
     }
 
     fn commit(&self, txn: Txn) -> Result<()> {
@@ -277,11 +267,6 @@ pub mod conformance {
             keys(s.scan(t, Some(b"e"), 0).expect("scan")),
             Vec::<String>::new()
         );
-        assert_eq!(
-            s.last(t).expect("last").map(|(k, _)| k),
-            Some(b"e".to_vec())
-        );
-        assert_eq!(s.last(Table::Pools).expect("last"), None);
         s.commit(Txn::new().delete(t, "c")).expect("delete");
         assert_eq!(
             keys(s.scan(t, None, 0).expect("scan")),

@@ -77,20 +77,6 @@ impl CatalogStore for RocksCatalog {
         Ok(out)
     }
 
-    fn last(&self, table: Table) -> Result<Option<Entry>> {
-        match self
-            .db
-            .iterator_cf(self.cf(table)?, IteratorMode::End)
-            .next()
-        {
-            None => Ok(None),
-            Some(item) => {
-                let (k, v) = item.map_err(backend)?;
-                Ok(Some((k.into_vec(), v.into_vec())))
-            }
-        }
-    }
-
     fn commit(&self, txn: Txn) -> Result<()> {
         let _serial = self.commit_lock.lock();
         check_conditions(&txn, |t, k| self.get(t, k))?;
@@ -205,9 +191,6 @@ mod tests {
                 }
                 let db = RocksCatalog::open(dir.path()).expect("reopen");
                 prop_assert_eq!(dump(&db), dump(&model));
-                for t in TABLES {
-                    prop_assert_eq!(db.last(t).expect("last"), model.last(t).expect("last"));
-                }
             }
         }
     }

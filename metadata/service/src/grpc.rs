@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use berth_catalog::audit::{self, AuditEntry};
 use berth_catalog::records::{
-    self, AttachmentRecord, NodeState, SnapshotRecord, Source, State, VolumeRecord,
+    self, AttachmentRecord, NodeState, PoolRecord, SnapshotRecord, Source, State, VolumeRecord,
 };
 use berth_proto::meta::v1 as pb;
 use berth_proto::meta::v1::metadata_service_server::{MetadataService, MetadataServiceServer};
 use tonic::{Request, Response, Status};
 
 use crate::error::MetaError;
-use crate::meta::{now_ms, Call, CreateVolume, Meta, PoolStatus, Registration};
+use crate::meta::{now_ms, Call, CreateVolume, Meta, Registration};
 
 #[derive(Debug, Clone)]
 pub struct Service {
@@ -130,15 +130,18 @@ fn audit_pb(e: AuditEntry) -> pb::AuditEntry {
     }
 }
 
-fn pool_status(p: Option<pb::PoolStatus>) -> PoolStatus {
+/// A node's pool report as the catalog keeps it.
+fn pool_record(node: &str, p: Option<pb::PoolStatus>) -> PoolRecord {
     let p = p.unwrap_or_default();
-    PoolStatus {
+    PoolRecord {
         id: p.id,
+        node: node.to_string(),
         total_bytes: p.total_bytes,
         used_bytes: p.used_bytes,
         media: p.media,
         volumes: p.volumes,
         snapshots: p.snapshots,
+        updated_ms: now_ms(),
     }
 }
 
@@ -224,13 +227,13 @@ impl MetadataService for Service {
         let who = actor(&r);
         let m = r.into_inner();
         let reg = Registration {
+            pool: pool_record(&m.name, m.pool),
             name: m.name,
             control_endpoint: m.control_endpoint,
             nbd_address: m.nbd_address,
             nbd_socket: m.nbd_socket,
             labels: btree(m.labels),
             version: m.version,
-            pool: pool_status(m.pool),
         };
         let name = reg.name.clone();
         let ms = self.meta.register_node(&who, reg).await?;
@@ -248,7 +251,11 @@ impl MetadataService for Service {
 
     async fn heartbeat(&self, r: Request<pb::HeartbeatRequest>) -> R<pb::HeartbeatResponse> {
         let m = r.into_inner();
-        if !self.meta.heartbeat(&m.name, &pool_status(m.pool)).await? {
+        if !self
+            .meta
+            .heartbeat(&m.name, pool_record(&m.name, m.pool))
+            .await?
+        {
             return Err(Status::not_found(format!(
                 "node {} is not registered (or its pool changed): register",
                 m.name

@@ -48,18 +48,6 @@ pub struct MetaConfig {
     pub tiers: Vec<Tier>,
 }
 
-impl Default for MetaConfig {
-    fn default() -> Self {
-        MetaConfig {
-            heartbeat_interval: Duration::from_secs(2),
-            node_timeout: Duration::from_secs(10),
-            reconcile_interval: Duration::from_secs(60),
-            overcommit: 1.0,
-            tiers: tiers::default_tiers(),
-        }
-    }
-}
-
 const BLOCK: u64 = 4096;
 /// CSI leaves the size to the driver when it asks for 0 bytes.
 pub const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
@@ -175,7 +163,7 @@ pub struct CreateVolume {
 }
 
 /// A registering node.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Registration {
     pub name: String,
     pub control_endpoint: String,
@@ -183,17 +171,8 @@ pub struct Registration {
     pub nbd_socket: String,
     pub labels: BTreeMap<String, String>,
     pub version: String,
-    pub pool: PoolStatus,
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct PoolStatus {
-    pub id: String,
-    pub total_bytes: u64,
-    pub used_bytes: u64,
-    pub media: String,
-    pub volumes: u64,
-    pub snapshots: u64,
+    /// As the node reports it (`node` is the registering node).
+    pub pool: PoolRecord,
 }
 
 /// A pool with what the catalog has promised from it.
@@ -517,7 +496,7 @@ impl Meta {
                 .as_ref()
                 .map_or_else(String::new, |o| o.audit_pool_id.clone()),
         };
-        let pool = self.pool_record(&r.name, &r.pool);
+        let pool = r.pool.clone();
         if let Some(o) = old.as_ref().filter(|o| o.pool_id != rec.pool_id) {
             tracing::warn!(node = %rec.name, old_pool = %o.pool_id, new_pool = %rec.pool_id,
                 "node came back with a different pool; volumes of the old pool are gone");
@@ -550,30 +529,16 @@ impl Meta {
         Ok(())
     }
 
-    fn pool_record(&self, node: &str, p: &PoolStatus) -> PoolRecord {
-        PoolRecord {
-            id: p.id.clone(),
-            node: node.to_string(),
-            total_bytes: p.total_bytes,
-            used_bytes: p.used_bytes,
-            media: p.media.clone(),
-            volumes: p.volumes,
-            snapshots: p.snapshots,
-            updated_ms: now_ms(),
-        }
-    }
-
     /// Returns false when the node is unknown (it must register).
-    pub async fn heartbeat(&self, name: &str, pool: &PoolStatus) -> Result<bool> {
+    pub async fn heartbeat(&self, name: &str, p: PoolRecord) -> Result<bool> {
         let Some(rec) = self.get::<NodeRecord>(name)? else {
             return Ok(false);
         };
-        if rec.pool_id != pool.id {
+        if rec.pool_id != p.id {
             // A new pool behind the same name: register again, say so.
             return Ok(false);
         }
         self.live.lock().insert(name.to_string(), Instant::now());
-        let p = self.pool_record(name, pool);
         let reshaped = self
             .pools
             .lock()
