@@ -4,6 +4,8 @@
 //!   exports, QoS, scrub, stats, audit).
 //! - [`meta::v1`]: the metadata service's API (nodes, pools, tiers, volumes,
 //!   snapshots, attachments, capacity, the hash-chained audit log).
+//! - [`csi::v1`]: the Container Storage Interface (package `csi.v1`), which
+//!   the CSI driver serves to kubelet and the sidecars.
 
 #![allow(missing_debug_implementations, clippy::unwrap_used)]
 
@@ -16,6 +18,12 @@ pub mod volume {
 pub mod meta {
     pub mod v1 {
         tonic::include_proto!("berth.meta.v1");
+    }
+}
+
+pub mod csi {
+    pub mod v1 {
+        tonic::include_proto!("csi.v1");
     }
 }
 
@@ -117,29 +125,59 @@ pub fn tcp_incoming(
     })
 }
 
+/// The socket path of a `unix:///path` (or bare `/path`) endpoint.
+fn unix_path(endpoint: &str) -> Option<std::path::PathBuf> {
+    endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.starts_with('/').then_some(endpoint))
+        .map(std::path::PathBuf::from)
+}
+
+/// Dials a unix socket for tonic.
+fn unix_connector(
+    path: std::path::PathBuf,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
+       + Send {
+    tower::service_fn(move |_: tonic::transport::Uri| {
+        let path = path.clone();
+        async move {
+            let s = tokio::net::UnixStream::connect(path).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+        }
+    })
+}
+
+/// The URI tonic requires for a unix socket endpoint (and does not use).
+const UNIX_PLACEHOLDER: &str = "http://[::1]:50051";
+
 /// Opens a gRPC channel to an endpoint: `unix:///path/to.sock` (or a bare
 /// path), or `http://host:port`.
 pub async fn channel(endpoint: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     use tonic::transport::Endpoint;
-    let path = endpoint
-        .strip_prefix("unix://")
-        .or_else(|| endpoint.starts_with('/').then_some(endpoint));
-    match path {
+    match unix_path(endpoint) {
         Some(path) => {
-            let path = std::path::PathBuf::from(path);
-            // The URI is required by tonic but unused for a unix socket.
-            Endpoint::from_static("http://[::1]:50051")
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let path = path.clone();
-                    async move {
-                        let s = tokio::net::UnixStream::connect(path).await?;
-                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-                    }
-                }))
+            Endpoint::from_static(UNIX_PLACEHOLDER)
+                .connect_with_connector(unix_connector(path))
                 .await
         }
         None => Endpoint::from_shared(endpoint.to_string())?.connect().await,
     }
+}
+
+/// Like [`channel`], but connects on first use (and again after the peer
+/// restarts): for long-running clients that must start before their server.
+pub fn lazy_channel(endpoint: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    use tonic::transport::Endpoint;
+    Ok(match unix_path(endpoint) {
+        Some(path) => Endpoint::from_static(UNIX_PLACEHOLDER)
+            .connect_with_connector_lazy(unix_connector(path)),
+        None => Endpoint::from_shared(endpoint.to_string())?.connect_lazy(),
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,868 @@
+//! The CSI Node service: a published volume becomes a block device on this
+//! node ([`attach`]), a filesystem made only when the device is blank and
+//! mounted at the staging path ([`mount`]), then bind-mounted (or, in raw
+//! block mode, the device file itself) into each pod's target path.
+//!
+//! What is staged is written down (`STATE/staged/VOLUME.json`, replaced
+//! atomically) before anything mounts on it, with the targets it was
+//! published to. After a plugin restart the records are read back; a staged
+//! volume whose attachment died (its volume server restarted, nbdfuse was
+//! killed) is attached again and its mounts rebuilt: at start, every
+//! [`REPAIR_INTERVAL`], and when NodeStage is called again.
+
+pub mod attach;
+pub mod mount;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::csi::v1 as csi;
+use berth_proto::meta::v1 as mpb;
+use csi::node_service_capability::rpc::Type as Rpc;
+use mpb::metadata_service_client::MetadataServiceClient;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::caps::{self, Access};
+use crate::controller::{meta_req, CTX_FS_TYPE, PUB_READ_ONLY, PUB_TCP_URI, PUB_UNIX_URI};
+use crate::locks::InFlight;
+use crate::{CsiError, NodeConfig, TOPOLOGY_NODE_KEY};
+
+/// How often staged volumes are checked (and re-attached when broken).
+pub const REPAIR_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The filesystem a volume gets when neither the capability nor the volume
+/// says.
+const DEFAULT_FS: &str = "ext4";
+
+/// Programs the node plugin runs.
+const TOOLS: &[&str] = &[
+    "nbdfuse",
+    "fusermount3",
+    "losetup",
+    "mount",
+    "umount",
+    "blkid",
+    "mkfs.ext4",
+    "mkfs.xfs",
+    "resize2fs",
+    "xfs_growfs",
+    "dd",
+];
+
+type R<T> = Result<Response<T>, Status>;
+
+/// A volume staged on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Staged {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub block: bool,
+    /// Empty in raw block mode.
+    pub fs_type: String,
+    pub read_only: bool,
+    pub mount_flags: Vec<String>,
+    pub attachment: attach::Attachment,
+    /// Published target paths, and whether each is read-only.
+    pub targets: BTreeMap<PathBuf, bool>,
+}
+
+#[derive(Debug)]
+pub struct NodeService {
+    cfg: NodeConfig,
+    meta: MetadataServiceClient<Channel>,
+    inflight: InFlight,
+    staged: Mutex<BTreeMap<String, Staged>>,
+}
+
+fn required(field: &str, v: &str) -> Result<(), Status> {
+    if v.is_empty() {
+        return Err(Status::invalid_argument(format!("{field} is required")));
+    }
+    Ok(())
+}
+
+/// Volume ids name files here: no separators, no dot files.
+fn check_id(id: &str) -> Result<(), Status> {
+    required("volume_id", id)?;
+    if id.len() > 128
+        || id.starts_with('.')
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(Status::invalid_argument(format!(
+            "volume_id {id:?} is not a Berth volume id (letters, digits, '-', '_', '.'; at most 128)"
+        )));
+    }
+    Ok(())
+}
+
+fn internal(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Status {
+    Status::internal(format!("{what}: {e}"))
+}
+
+/// The NBD URI to attach with: the unix socket when the volume lives on this
+/// node (no TCP in the data path), else TCP.
+fn choose_uri(ctx: &HashMap<String, String>) -> Result<String, Status> {
+    if let Some(u) = ctx.get(PUB_UNIX_URI).filter(|u| !u.is_empty()) {
+        let reachable = u
+            .split_once("?socket=")
+            .is_some_and(|(_, p)| Path::new(p).exists());
+        if reachable {
+            return Ok(u.clone());
+        }
+    }
+    match ctx.get(PUB_TCP_URI).filter(|u| !u.is_empty()) {
+        Some(u) => Ok(u.clone()),
+        None => Err(Status::failed_precondition(
+            "publish_context has no NBD URI: the volume was not published to this node \
+             (ControllerPublishVolume first)",
+        )),
+    }
+}
+
+impl NodeService {
+    pub fn new(cfg: NodeConfig, meta: MetadataServiceClient<Channel>) -> Result<Self, CsiError> {
+        let staged_dir = cfg.state_dir.join("staged");
+        for d in [&staged_dir, &cfg.state_dir.join("attach")] {
+            std::fs::create_dir_all(d).map_err(|e| CsiError::Io {
+                what: format!("create {}", d.display()),
+                source: e,
+            })?;
+        }
+        let mut staged = BTreeMap::new();
+        let entries = std::fs::read_dir(&staged_dir).map_err(|e| CsiError::Io {
+            what: format!("read {}", staged_dir.display()),
+            source: e,
+        })?;
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).map_err(|e| CsiError::Io {
+                what: format!("read {}", p.display()),
+                source: e,
+            })?;
+            // A record that cannot be read would leave a mount nobody owns:
+            // refuse to start rather than forget it.
+            let s: Staged = serde_json::from_str(&text).map_err(|e| {
+                CsiError::Config(format!("staged volume record {}: {e}", p.display()))
+            })?;
+            staged.insert(s.volume_id.clone(), s);
+        }
+        if !staged.is_empty() {
+            tracing::info!(
+                volumes = staged.len(),
+                "staged volumes from before the restart"
+            );
+        }
+        Ok(NodeService {
+            cfg,
+            meta,
+            inflight: InFlight::default(),
+            staged: Mutex::new(staged),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.cfg.node_id
+    }
+
+    /// Staged volumes, by id.
+    pub fn staged(&self) -> BTreeMap<String, Staged> {
+        self.staged.lock().clone()
+    }
+
+    fn attach_dir(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("attach").join(id)
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("staged").join(format!("{id}.json"))
+    }
+
+    /// Writes the record durably (temp file, fsync, rename, fsync dir).
+    fn save(&self, s: &Staged) -> Result<(), Status> {
+        let path = self.record_path(&s.volume_id);
+        let tmp = path.with_extension("json.tmp");
+        let text = serde_json::to_vec_pretty(s).map_err(|e| internal("encode record", e))?;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| internal(tmp.display(), e))?;
+        f.write_all(&text)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| internal(tmp.display(), e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| internal(path.display(), e))?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| internal(dir.display(), e))?;
+        }
+        self.staged.lock().insert(s.volume_id.clone(), s.clone());
+        Ok(())
+    }
+
+    fn forget(&self, id: &str) -> Result<(), Status> {
+        let path = self.record_path(id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(internal(path.display(), e)),
+        }
+        self.staged.lock().remove(id);
+        Ok(())
+    }
+
+    fn get(&self, id: &str) -> Option<Staged> {
+        self.staged.lock().get(id).cloned()
+    }
+
+    /// FAILED_PRECONDITION naming the programs the node plugin needs and
+    /// cannot find.
+    pub fn check_tools(&self) -> Result<(), Status> {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let missing: Vec<&str> = TOOLS
+            .iter()
+            .copied()
+            .filter(|t| !std::env::split_paths(&path).any(|d| d.join(t).is_file()))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "missing programs: {} (packages libnbd-bin, fuse3, util-linux, e2fsprogs, xfsprogs)",
+                missing.join(", ")
+            )));
+        }
+        if !Path::new("/dev/fuse").exists() {
+            return Err(Status::failed_precondition(
+                "/dev/fuse is missing: the node plugin needs FUSE to attach NBD volumes",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records a node event in the audit log ("who accessed this volume").
+    /// The volume server records the NBD connection itself, so a metadata
+    /// service that cannot be reached is logged, not fatal.
+    async fn audit(&self, action: &str, volume: &str, target: &Path, detail: String) {
+        let who = format!("csi-node:{}", self.cfg.node_id);
+        let mut meta = self.meta.clone();
+        let call = meta.append_audit(meta_req(
+            &who,
+            mpb::AppendAuditRequest {
+                action: action.to_string(),
+                volume: volume.to_string(),
+                target: target.display().to_string(),
+                detail,
+            },
+        ));
+        match tokio::time::timeout(Duration::from_secs(5), call).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(%volume, action, error = %e, "audit append failed"),
+            Err(_) => tracing::warn!(%volume, action, "audit append timed out"),
+        }
+    }
+
+    /// Mounts the staged filesystem at its staging path if it is not there.
+    async fn ensure_staging_mount(&self, s: &Staged) -> Result<(), Status> {
+        if s.block {
+            return Ok(());
+        }
+        let dev = mount::device_number(&s.attachment.device)?;
+        if let Some(m) = mount::mounted_at(&s.staging_path)? {
+            if m.dev == dev {
+                return Ok(());
+            }
+            return Err(Status::already_exists(format!(
+                "{} is already a mount of {} ({}), not of volume {}",
+                s.staging_path.display(),
+                m.source,
+                m.fs_type,
+                s.volume_id
+            )));
+        }
+        std::fs::create_dir_all(&s.staging_path)
+            .map_err(|e| internal(s.staging_path.display(), e))?;
+        let found = mount::probe_fs(&s.attachment.device).await?;
+        if found.is_empty() {
+            if s.read_only {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} has no filesystem and is staged read-only: nothing to mount",
+                    s.volume_id
+                )));
+            }
+            tracing::info!(volume = %s.volume_id, fs = %s.fs_type, "blank volume: making a filesystem");
+            mount::mkfs(&s.attachment.device, &s.fs_type).await?;
+        } else if found != s.fs_type {
+            return Err(Status::failed_precondition(format!(
+                "volume {} holds {found}, not the {} asked for; it is not reformatted",
+                s.volume_id, s.fs_type
+            )));
+        }
+        let opts = mount::fs_options(&s.fs_type, s.read_only, &s.mount_flags);
+        mount::mount_fs(&s.attachment.device, &s.staging_path, &s.fs_type, &opts).await
+    }
+
+    /// Where a target's bind mount comes from.
+    fn bind_source(s: &Staged) -> &Path {
+        if s.block {
+            &s.attachment.device
+        } else {
+            &s.staging_path
+        }
+    }
+
+    /// Whether `m` (a mount at a target) shows this staged volume.
+    fn is_ours(s: &Staged, m: &mount::MountEntry) -> Result<bool, Status> {
+        if s.block {
+            let name = s.attachment.device.file_name().map(|n| n.to_string_lossy());
+            Ok(name.is_some_and(|n| m.root.trim_start_matches('/') == n))
+        } else {
+            Ok(m.dev == mount::device_number(&s.attachment.device)?)
+        }
+    }
+
+    /// Attaches a broken staged volume anew and rebuilds its mounts: the
+    /// old filesystem is detached lazily (open files in it stay broken, as
+    /// after a crash); the new mount replays the journal, so the volume comes
+    /// back as it was at its last flush.
+    async fn repair(&self, s: &Staged, why: &str) -> Result<Staged, Status> {
+        tracing::warn!(volume = %s.volume_id, reason = why, "staged volume is broken: attaching it again");
+        for t in s.targets.keys() {
+            mount::unmount(t, true).await?;
+        }
+        if !s.block {
+            mount::unmount(&s.staging_path, true).await?;
+        }
+        attach::detach(&s.attachment).await?;
+        let a = attach::attach(
+            &self.attach_dir(&s.volume_id),
+            &s.attachment.uri,
+            s.read_only,
+        )
+        .await?;
+        let fresh = Staged {
+            attachment: a,
+            ..s.clone()
+        };
+        self.save(&fresh)?;
+        self.ensure_staging_mount(&fresh).await?;
+        for (t, ro) in &fresh.targets {
+            mount::bind(Self::bind_source(&fresh), t, *ro).await?;
+        }
+        self.audit(
+            "NodeRepair",
+            &s.volume_id,
+            &s.staging_path,
+            format!("re-attached on node {}: {why}", self.cfg.node_id),
+        )
+        .await;
+        tracing::info!(volume = %s.volume_id, device = %fresh.attachment.device.display(), "staged volume repaired");
+        Ok(fresh)
+    }
+
+    /// One pass over the staged volumes: re-attaches those whose attachment
+    /// broke (skipping any a call is working on).
+    pub async fn check_staged(&self) {
+        for (id, s) in self.staged() {
+            let Ok(_held) = self.inflight.volume(&id) else {
+                continue;
+            };
+            // Unstaged while we waited.
+            let Some(s) = self.get(&id).filter(|now| *now == s) else {
+                continue;
+            };
+            if let Err(why) = attach::health(&s.attachment).await {
+                if let Err(e) = self.repair(&s, &why).await {
+                    tracing::error!(volume = %id, error = %e.message(), "repair failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// [`check_staged`](Self::check_staged) at start and every
+    /// [`REPAIR_INTERVAL`] until `stop`.
+    pub async fn repair_loop(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            self.check_staged().await;
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(REPAIR_INTERVAL) => {}
+            }
+        }
+    }
+}
+
+fn pod_detail(ctx: &HashMap<String, String>) -> String {
+    let get = |k: &str| ctx.get(k).map(String::as_str).unwrap_or("");
+    let pod = get("csi.storage.k8s.io/pod.name");
+    if pod.is_empty() {
+        return String::new();
+    }
+    format!(
+        " for pod {}/{pod} (service account {})",
+        get("csi.storage.k8s.io/pod.namespace"),
+        get("csi.storage.k8s.io/serviceAccount.name")
+    )
+}
+
+#[tonic::async_trait]
+impl csi::node_server::Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        r: Request<csi::NodeStageVolumeRequest>,
+    ) -> R<csi::NodeStageVolumeResponse> {
+        let r = r.into_inner();
+        check_id(&r.volume_id)?;
+        required("staging_target_path", &r.staging_target_path)?;
+        let cap = caps::required(r.volume_capability.as_ref())?;
+        let uri = choose_uri(&r.publish_context)?;
+        let read_only = cap.read_only()
+            || r.publish_context.get(PUB_READ_ONLY).map(String::as_str) == Some("true");
+        let (block, fs_type, flags) = match &cap.access {
+            Access::Block => (true, String::new(), Vec::new()),
+            Access::Mount { fs_type, flags } => {
+                let fs = [
+                    fs_type.as_str(),
+                    r.volume_context.get(CTX_FS_TYPE).map_or("", String::as_str),
+                ]
+                .into_iter()
+                .find(|f| !f.is_empty())
+                .unwrap_or(DEFAULT_FS)
+                .to_string();
+                if !caps::FS_TYPES.contains(&fs.as_str()) {
+                    return Err(Status::invalid_argument(format!(
+                        "volume {} asks for fsType {fs}, which Berth does not make",
+                        r.volume_id
+                    )));
+                }
+                (false, fs, flags.clone())
+            }
+        };
+        let staging = PathBuf::from(&r.staging_target_path);
+        let _held = self.inflight.volume(&r.volume_id)?;
+        if let Some(s) = self.get(&r.volume_id) {
+            if s.staging_path != staging {
+                return Err(Status::already_exists(format!(
+                    "volume {} is already staged at {}",
+                    r.volume_id,
+                    s.staging_path.display()
+                )));
+            }
+            if s.block != block || s.fs_type != fs_type || s.read_only != read_only {
+                return Err(Status::already_exists(format!(
+                    "volume {} is already staged as {}{}",
+                    r.volume_id,
+                    if s.block {
+                        "a raw block device".to_string()
+                    } else {
+                        format!("{} ", s.fs_type)
+                    },
+                    if s.read_only {
+                        " read-only"
+                    } else {
+                        " read-write"
+                    }
+                )));
+            }
+            match attach::health(&s.attachment).await {
+                Ok(()) => self.ensure_staging_mount(&s).await?,
+                Err(why) => {
+                    self.repair(&s, &why).await?;
+                }
+            }
+            return Ok(Response::new(csi::NodeStageVolumeResponse {}));
+        }
+        let a = attach::attach(&self.attach_dir(&r.volume_id), &uri, read_only).await?;
+        let s = Staged {
+            volume_id: r.volume_id.clone(),
+            staging_path: staging.clone(),
+            block,
+            fs_type,
+            read_only,
+            mount_flags: flags,
+            attachment: a,
+            targets: BTreeMap::new(),
+        };
+        let done = async {
+            self.save(&s)?;
+            self.ensure_staging_mount(&s).await
+        }
+        .await;
+        if let Err(e) = done {
+            // Leave nothing behind: the CO retries from scratch.
+            let _ = mount::unmount(&staging, false).await;
+            let _ = attach::detach(&s.attachment).await;
+            let _ = self.forget(&s.volume_id);
+            return Err(e);
+        }
+        self.audit(
+            "NodeStage",
+            &r.volume_id,
+            &staging,
+            format!(
+                "{} {} on node {} via {}",
+                if block {
+                    "block device".to_string()
+                } else {
+                    s.fs_type.clone()
+                },
+                if read_only { "read-only" } else { "read-write" },
+                self.cfg.node_id,
+                attach::redact(&uri)
+            ),
+        )
+        .await;
+        Ok(Response::new(csi::NodeStageVolumeResponse {}))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        r: Request<csi::NodeUnstageVolumeRequest>,
+    ) -> R<csi::NodeUnstageVolumeResponse> {
+        let r = r.into_inner();
+        check_id(&r.volume_id)?;
+        required("staging_target_path", &r.staging_target_path)?;
+        let staging = PathBuf::from(&r.staging_target_path);
+        let _held = self.inflight.volume(&r.volume_id)?;
+        let Some(s) = self.get(&r.volume_id) else {
+            return Ok(Response::new(csi::NodeUnstageVolumeResponse {}));
+        };
+        if s.staging_path != staging {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is staged at {}, not {}",
+                r.volume_id,
+                s.staging_path.display(),
+                staging.display()
+            )));
+        }
+        for t in s.targets.keys() {
+            if mount::mounted_at(t)?.is_some() {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is still published at {}: NodeUnpublishVolume first",
+                    r.volume_id,
+                    t.display()
+                )));
+            }
+        }
+        if !s.block {
+            mount::unmount(&staging, false).await?;
+        }
+        attach::detach(&s.attachment).await?;
+        self.forget(&r.volume_id)?;
+        self.audit(
+            "NodeUnstage",
+            &r.volume_id,
+            &staging,
+            format!("on node {}", self.cfg.node_id),
+        )
+        .await;
+        Ok(Response::new(csi::NodeUnstageVolumeResponse {}))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        r: Request<csi::NodePublishVolumeRequest>,
+    ) -> R<csi::NodePublishVolumeResponse> {
+        let r = r.into_inner();
+        check_id(&r.volume_id)?;
+        required("staging_target_path", &r.staging_target_path)?;
+        required("target_path", &r.target_path)?;
+        let cap = caps::required(r.volume_capability.as_ref())?;
+        let target = PathBuf::from(&r.target_path);
+        let _held = self.inflight.volume(&r.volume_id)?;
+        let Some(mut s) = self.get(&r.volume_id) else {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is not staged on this node (NodeStageVolume first)",
+                r.volume_id
+            )));
+        };
+        if s.staging_path != Path::new(&r.staging_target_path) {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is staged at {}, not {}",
+                r.volume_id,
+                s.staging_path.display(),
+                r.staging_target_path
+            )));
+        }
+        if s.block != cap.is_block() {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is staged as {}",
+                r.volume_id,
+                if s.block {
+                    "a raw block device"
+                } else {
+                    "a filesystem"
+                }
+            )));
+        }
+        let read_only = r.readonly || cap.read_only() || s.read_only;
+        if let Some(m) = mount::mounted_at(&target)? {
+            if !Self::is_ours(&s, &m)? {
+                return Err(Status::already_exists(format!(
+                    "{} is already a mount of {}",
+                    target.display(),
+                    m.source
+                )));
+            }
+            if m.read_only() != read_only {
+                return Err(Status::already_exists(format!(
+                    "volume {} is already published at {} {}",
+                    r.volume_id,
+                    target.display(),
+                    if m.read_only() {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    }
+                )));
+            }
+        } else {
+            if s.block {
+                if let Some(parent) = target.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| internal(parent.display(), e))?;
+                }
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&target)
+                    .map_err(|e| internal(target.display(), e))?;
+            } else {
+                std::fs::create_dir_all(&target).map_err(|e| internal(target.display(), e))?;
+            }
+            mount::bind(Self::bind_source(&s), &target, read_only).await?;
+        }
+        if s.targets.get(&target) != Some(&read_only) {
+            s.targets.insert(target.clone(), read_only);
+            self.save(&s)?;
+        }
+        self.audit(
+            "NodePublish",
+            &r.volume_id,
+            &target,
+            format!(
+                "{} on node {}{}",
+                if read_only { "read-only" } else { "read-write" },
+                self.cfg.node_id,
+                pod_detail(&r.volume_context)
+            ),
+        )
+        .await;
+        Ok(Response::new(csi::NodePublishVolumeResponse {}))
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        r: Request<csi::NodeUnpublishVolumeRequest>,
+    ) -> R<csi::NodeUnpublishVolumeResponse> {
+        let r = r.into_inner();
+        check_id(&r.volume_id)?;
+        required("target_path", &r.target_path)?;
+        let target = PathBuf::from(&r.target_path);
+        let _held = self.inflight.volume(&r.volume_id)?;
+        mount::unmount(&target, false).await?;
+        match std::fs::symlink_metadata(&target) {
+            Ok(md) if md.is_dir() => std::fs::remove_dir(&target),
+            Ok(_) => std::fs::remove_file(&target),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| internal(format!("remove {}", target.display()), e))?;
+        if let Some(mut s) = self.get(&r.volume_id) {
+            if s.targets.remove(&target).is_some() {
+                self.save(&s)?;
+            }
+            self.audit(
+                "NodeUnpublish",
+                &r.volume_id,
+                &target,
+                format!("on node {}", self.cfg.node_id),
+            )
+            .await;
+        }
+        Ok(Response::new(csi::NodeUnpublishVolumeResponse {}))
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        r: Request<csi::NodeGetVolumeStatsRequest>,
+    ) -> R<csi::NodeGetVolumeStatsResponse> {
+        use csi::volume_usage::Unit;
+        let r = r.into_inner();
+        check_id(&r.volume_id)?;
+        required("volume_path", &r.volume_path)?;
+        let path = PathBuf::from(&r.volume_path);
+        let s = self.get(&r.volume_id).ok_or_else(|| {
+            Status::not_found(format!("volume {} is not staged on this node", r.volume_id))
+        })?;
+        if !path.exists() || (path != s.staging_path && !s.targets.contains_key(&path)) {
+            return Err(Status::not_found(format!(
+                "{} is not where volume {} is staged or published",
+                path.display(),
+                r.volume_id
+            )));
+        }
+        let condition = match attach::health(&s.attachment).await {
+            Ok(()) => csi::VolumeCondition {
+                abnormal: false,
+                message: "ok".into(),
+            },
+            Err(why) => csi::VolumeCondition {
+                abnormal: true,
+                message: why,
+            },
+        };
+        let usage = if s.block {
+            vec![csi::VolumeUsage {
+                total: i64::try_from(mount::size_of(&s.attachment.device)?).unwrap_or(i64::MAX),
+                unit: Unit::Bytes as i32,
+                ..Default::default()
+            }]
+        } else if condition.abnormal {
+            // statvfs of a filesystem whose device is gone can hang or lie.
+            Vec::new()
+        } else {
+            let u = mount::usage(&path)?;
+            let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            vec![
+                csi::VolumeUsage {
+                    available: n(u.available_bytes),
+                    total: n(u.total_bytes),
+                    used: n(u.used_bytes),
+                    unit: Unit::Bytes as i32,
+                },
+                csi::VolumeUsage {
+                    available: n(u.free_inodes),
+                    total: n(u.total_inodes),
+                    used: n(u.total_inodes.saturating_sub(u.free_inodes)),
+                    unit: Unit::Inodes as i32,
+                },
+            ]
+        };
+        Ok(Response::new(csi::NodeGetVolumeStatsResponse {
+            usage,
+            volume_condition: Some(condition),
+        }))
+    }
+
+    async fn node_expand_volume(
+        &self,
+        r: Request<csi::NodeExpandVolumeRequest>,
+    ) -> R<csi::NodeExpandVolumeResponse> {
+        let r = r.into_inner();
+        check_id(&r.volume_id)?;
+        required("volume_path", &r.volume_path)?;
+        let want = r
+            .capacity_range
+            .as_ref()
+            .map_or(0, |c| u64::try_from(c.required_bytes).unwrap_or(0));
+        let _held = self.inflight.volume(&r.volume_id)?;
+        let s = self.get(&r.volume_id).ok_or_else(|| {
+            Status::not_found(format!("volume {} is not staged on this node", r.volume_id))
+        })?;
+        let size = mount::size_of(&s.attachment.device)?;
+        if want > size {
+            return Err(Status::failed_precondition(format!(
+                "the attachment of volume {} still shows {size} bytes (< {want}): an NBD \
+                 connection learns the size once, and the nbdfuse attachment cannot reconnect \
+                 under a mounted filesystem; unstage and stage the volume to grow it",
+                r.volume_id
+            )));
+        }
+        if !s.block {
+            mount::grow_fs(&s.attachment.device, &s.staging_path, &s.fs_type).await?;
+        }
+        Ok(Response::new(csi::NodeExpandVolumeResponse {
+            capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
+        }))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _r: Request<csi::NodeGetCapabilitiesRequest>,
+    ) -> R<csi::NodeGetCapabilitiesResponse> {
+        let rpc = |t: Rpc| csi::NodeServiceCapability {
+            r#type: Some(csi::node_service_capability::Type::Rpc(
+                csi::node_service_capability::Rpc { r#type: t as i32 },
+            )),
+        };
+        Ok(Response::new(csi::NodeGetCapabilitiesResponse {
+            capabilities: [
+                Rpc::StageUnstageVolume,
+                Rpc::GetVolumeStats,
+                Rpc::ExpandVolume,
+                Rpc::VolumeCondition,
+                Rpc::SingleNodeMultiWriter,
+            ]
+            .into_iter()
+            .map(rpc)
+            .collect(),
+        }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _r: Request<csi::NodeGetInfoRequest>,
+    ) -> R<csi::NodeGetInfoResponse> {
+        let mut segments: HashMap<String, String> = self
+            .cfg
+            .labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        segments.insert(TOPOLOGY_NODE_KEY.to_string(), self.cfg.node_id.clone());
+        Ok(Response::new(csi::NodeGetInfoResponse {
+            node_id: self.cfg.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: Some(csi::Topology { segments }),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_that_would_escape_the_state_folder_are_refused() {
+        for bad in ["", "../x", "a/b", ".hidden", "a b", "x\0"] {
+            assert_eq!(
+                check_id(bad).expect_err(bad).code(),
+                tonic::Code::InvalidArgument,
+                "{bad:?}"
+            );
+        }
+        check_id("pvc-0d1e2f.db_1").expect("a normal id");
+    }
+
+    #[test]
+    fn the_unix_uri_is_used_only_when_its_socket_is_here() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sock = dir.path().join("nbd.sock");
+        let ctx = |unix: &str| {
+            HashMap::from([
+                (
+                    PUB_TCP_URI.to_string(),
+                    "nbd://10.0.0.1:10809/v@t".to_string(),
+                ),
+                (PUB_UNIX_URI.to_string(), unix.to_string()),
+            ])
+        };
+        let unix = format!("nbd+unix:///v@t?socket={}", sock.display());
+        assert_eq!(
+            choose_uri(&ctx(&unix)).expect("tcp"),
+            "nbd://10.0.0.1:10809/v@t"
+        );
+        std::fs::write(&sock, b"").expect("touch");
+        assert_eq!(choose_uri(&ctx(&unix)).expect("unix"), unix);
+        assert_eq!(
+            choose_uri(&HashMap::new()).expect_err("none").code(),
+            tonic::Code::FailedPrecondition
+        );
+    }
+}
