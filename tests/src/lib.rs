@@ -4,8 +4,10 @@
 //! generation, repeated across the block, so that after a crash a reader can tell
 //! exactly which write a block holds, or that it is torn or misplaced.
 
+pub mod csi;
 pub mod meta;
 pub mod server;
+pub mod standalone;
 
 pub const BLOCK: usize = 4096;
 const STAMP: usize = 32;

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use berth_tests::meta::{names, wait_for, Cluster, NodeSpec};
 use berth_tests::server::{binary, have, qemu_io};
+use berth_tests::standalone::Standalone;
 use serde_json::Value;
 
 fn three_nodes(root: &std::path::Path) -> Cluster {
@@ -676,75 +677,11 @@ fn the_audit_chain_records_calls_and_connections_and_verify_names_tampering() {
     );
 }
 
-/// `berth standalone`: one process, one data folder, `berthctl --data DIR`.
-struct Standalone {
-    child: std::process::Child,
-    ready: Value,
-}
-
-impl Standalone {
-    fn start(dir: &std::path::Path) -> Standalone {
-        use std::io::BufRead;
-        let mut child = Command::new(binary("berth"))
-            .args(["standalone", "--data"])
-            .arg(dir)
-            .args([
-                "--pool-size",
-                "1G",
-                "--listen",
-                "none",
-                "--nbd-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--metrics-listen", "none"])
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn berth standalone");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("ready line");
-        let ready = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-        Standalone { child, ready }
-    }
-
-    fn ctl(dir: &std::path::Path, args: &[&str]) -> Value {
-        let out = Command::new(binary("berthctl"))
-            .arg("--data")
-            .arg(dir)
-            .args(["-o", "json"])
-            .args(args)
-            .output()
-            .expect("berthctl");
-        assert!(
-            out.status.success(),
-            "berthctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("json")
-    }
-
-    /// SIGTERM; the exit status of a clean shutdown.
-    fn stop(mut self) -> std::process::ExitStatus {
-        // SAFETY: signalling our own child has no memory effects.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().expect("wait")
-    }
-}
-
-impl Drop for Standalone {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn standalone_serves_a_data_folder_to_berthctl_and_survives_a_restart() {
     let root = tempfile::tempdir().expect("tempdir");
     let dir = root.path();
-    let s = Standalone::start(dir);
+    let s = Standalone::start(dir, "1G");
     for key in ["metadata_socket", "control_socket", "nbd_socket", "nbd_tcp"] {
         assert!(
             s.ready[key].is_string(),
@@ -752,19 +689,12 @@ fn standalone_serves_a_data_folder_to_berthctl_and_survives_a_restart() {
             s.ready
         );
     }
-    // The node registers over the unix sockets, no flags needed.
-    wait_for("the node up", Duration::from_secs(10), || {
-        Standalone::ctl(dir, &["nodes"])
-            .as_array()
-            .is_some_and(|n| n.len() == 1 && n[0]["state"] == "up")
-    });
-    Standalone::ctl(
-        dir,
-        &[
-            "volume", "create", "db", "--size", "256M", "--tier", "premium",
-        ],
-    );
-    let uri = Standalone::ctl(dir, &["volume", "export", "db"])["tcp_uri"]
+    // The node registered over the unix sockets, no flags needed (start
+    // waited for it).
+    s.ctl(&[
+        "volume", "create", "db", "--size", "256M", "--tier", "premium",
+    ]);
+    let uri = s.ctl(&["volume", "export", "db"])["tcp_uri"]
         .as_str()
         .expect("uri")
         .to_string();
@@ -775,29 +705,24 @@ fn standalone_serves_a_data_folder_to_berthctl_and_survives_a_restart() {
     assert_eq!(s.stop().code(), Some(0), "clean shutdown");
 
     // Everything is there after a restart: catalog, attachment, data.
-    let s = Standalone::start(dir);
-    wait_for("the node up again", Duration::from_secs(10), || {
-        Standalone::ctl(dir, &["nodes"])
-            .as_array()
-            .is_some_and(|n| n.len() == 1 && n[0]["state"] == "up")
-    });
-    let v = Standalone::ctl(dir, &["volume", "get", "db"]);
+    let s = Standalone::start(dir, "1G");
+    let v = s.ctl(&["volume", "get", "db"]);
     assert_eq!(
         (v["state"].as_str(), v["tier"].as_str()),
         (Some("ready"), Some("premium"))
     );
-    let a = Standalone::ctl(dir, &["attachments", "--volume", "db"]);
+    let a = s.ctl(&["attachments", "--volume", "db"]);
     assert_eq!(a.as_array().map(Vec::len), Some(1));
     if have("qemu-io") {
         // The NBD port is new; the export name (and its token) is not.
-        let uri = Standalone::ctl(dir, &["volume", "export", "db"])["tcp_uri"]
+        let uri = s.ctl(&["volume", "export", "db"])["tcp_uri"]
             .as_str()
             .expect("uri")
             .to_string();
         let (ok, out) = qemu_io(&uri, &["read -P 0x42 0 1M".into()]);
         assert!(ok, "{out}");
     }
-    let verify = Standalone::ctl(dir, &["audit", "verify"]);
+    let verify = s.ctl(&["audit", "verify"]);
     assert_eq!(verify["intact"], true, "{verify}");
     assert_eq!(s.stop().code(), Some(0));
 }

@@ -2,9 +2,9 @@
 //!
 //! - `berth volume-server --data DIR`: the per-node volume server;
 //! - `berth metadata --data DIR`: the cluster's catalog and placement;
-//! - `berth standalone --data DIR`: both on one folder, in one process.
-//!
-//! The CSI driver joins as a subcommand of this same binary.
+//! - `berth csi --mode controller|node|all`: the CSI driver (csi.berth.dev);
+//! - `berth standalone --data DIR`: the metadata service, a volume server and
+//!   the CSI driver on one folder, in one process.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,9 +32,35 @@ enum Command {
     VolumeServer(VolumeServerArgs),
     /// The catalog: nodes, pools, tiers, volumes, snapshots, attachments, audit.
     Metadata(MetadataArgs),
-    /// The metadata service and a volume server on one data folder, in one
-    /// process (the CSI endpoint joins with the CSI driver).
+    /// The CSI driver (csi.berth.dev) on a unix socket, for kubelet and the sidecars.
+    Csi(CsiArgs),
+    /// The metadata service, a volume server and the CSI driver on one data
+    /// folder, in one process.
     Standalone(StandaloneArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CsiArgs {
+    /// Which services to serve: controller (beside the provisioner, attacher,
+    /// snapshotter and resizer sidecars), node (on every node, for kubelet), or all.
+    #[arg(long, env = "BERTH_CSI_MODE", default_value = "all")]
+    mode: berth_csi::Mode,
+    /// The socket to serve on (unix:///path or /path).
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    endpoint: PathBuf,
+    /// The metadata service (http://host:port or unix:///path).
+    #[arg(long, env = "BERTH_METADATA", default_value = "http://127.0.0.1:9580")]
+    metadata: String,
+    /// Node plugin: this node's id, the name its volume server registers
+    /// under (default: the host name).
+    #[arg(long, env = "BERTH_NODE_NAME")]
+    node_id: Option<String>,
+    /// Node plugin: where staged volumes are recorded and attached.
+    #[arg(long, env = "BERTH_CSI_STATE", default_value = "/var/lib/berth/csi")]
+    state_dir: PathBuf,
+    /// Node plugin: topology label key=value (repeat), as the node's volume server has.
+    #[arg(long = "label", value_parser = berth_cli::parse_label)]
+    labels: Vec<(String, String)>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -173,8 +199,9 @@ impl NodeArgs {
 /// Everything on one data folder, in one process.
 #[derive(Debug, clap::Args)]
 struct StandaloneArgs {
-    /// Data folder: DIR/meta.sock (berthctl --data DIR), DIR/control.sock and
-    /// DIR/nbd.sock, the catalog in DIR/metadata, the pool in DIR/node.
+    /// Data folder: DIR/csi.sock (the CSI driver), DIR/meta.sock (berthctl
+    /// --data DIR), DIR/control.sock and DIR/nbd.sock, the catalog in
+    /// DIR/metadata, the pool in DIR/node, staged volumes in DIR/csi-node.
     #[arg(long, env = "BERTH_DATA")]
     data: PathBuf,
     /// Pool device or file (default DIR/node/pool.img).
@@ -271,6 +298,32 @@ async fn metadata(a: MetadataArgs) -> Result<(), String> {
     Ok(())
 }
 
+async fn csi(a: CsiArgs) -> Result<(), String> {
+    let node = a.mode.node().then(|| berth_csi::NodeConfig {
+        node_id: a.node_id.unwrap_or_else(host_name),
+        labels: a.labels.into_iter().collect(),
+        state_dir: a.state_dir,
+    });
+    let running = berth_csi::start(berth_csi::CsiConfig {
+        socket: a.endpoint,
+        mode: a.mode,
+        metadata: a.metadata,
+        node,
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let ready = serde_json::json!({
+        "event": "ready",
+        "csi_socket": running.socket,
+        "driver": berth_csi::DRIVER_NAME,
+        "pid": std::process::id(),
+    });
+    println!("{ready}");
+    berth_volume::server::wait_for_signal().await;
+    running.shutdown().await;
+    Ok(())
+}
+
 async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     let d = &a.data;
     std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -291,6 +344,8 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     cfg.advertise_host = a.advertise_host;
     cfg.control_socket = Some(control_socket.clone());
     cfg.metrics_listen = addr("metrics-listen", &a.metrics_listen)?;
+    let node_name = a.node.node_name.clone().unwrap_or_else(host_name);
+    let labels = a.node.labels.iter().cloned().collect();
     // The two talk over their unix sockets: no port needed for control.
     cfg.heartbeat = Some(a.node.heartbeat(
         format!("unix://{}", meta_socket.display()),
@@ -303,9 +358,29 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
             return Err(e.to_string());
         }
     };
+    let csi = berth_csi::start(berth_csi::CsiConfig {
+        socket: d.join("csi.sock"),
+        mode: berth_csi::Mode::All,
+        metadata: format!("unix://{}", meta_socket.display()),
+        node: Some(berth_csi::NodeConfig {
+            node_id: node_name,
+            labels,
+            state_dir: d.join("csi-node"),
+        }),
+    })
+    .await;
+    let csi = match csi {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = node.shutdown().await;
+            meta.shutdown().await;
+            return Err(e.to_string());
+        }
+    };
     let b = &node.bound;
     let ready = serde_json::json!({
         "event": "ready",
+        "csi_socket": csi.socket,
         "metadata_socket": meta.bound.socket,
         "metadata_tcp": meta.bound.tcp.map(|a| a.to_string()),
         "control_socket": b.control_socket,
@@ -318,6 +393,7 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     });
     println!("{ready}");
     berth_volume::server::wait_for_signal().await;
+    csi.shutdown().await;
     let r = node.shutdown().await.map_err(|e| e.to_string());
     meta.shutdown().await;
     r
@@ -340,6 +416,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::VolumeServer(a) => volume_server(a).await,
             Command::Metadata(a) => metadata(a).await,
+            Command::Csi(a) => csi(a).await,
             Command::Standalone(a) => standalone(a).await,
         }
     });

@@ -181,13 +181,38 @@ pub async fn attach(dir: &Path, uri: &str, read_only: bool) -> Result<Attachment
     }
 }
 
+/// A second, read-only loop device over the same export.
+pub async fn read_only_loop(a: &Attachment) -> Result<PathBuf, Status> {
+    let file = a.file();
+    let out = run(
+        "losetup",
+        &[
+            OsStr::new("--find"),
+            OsStr::new("--show"),
+            OsStr::new("--direct-io=on"),
+            OsStr::new("--read-only"),
+            file.as_os_str(),
+        ],
+    )
+    .await?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+/// Detaches a loop device of this attachment (not one reused since).
+pub async fn release_loop(dev: &Path, a: &Attachment) -> Result<(), Status> {
+    if backing_file(dev) == Some(a.file()) {
+        run("losetup", &[OsStr::new("-d"), dev.as_os_str()]).await?;
+    }
+    Ok(())
+}
+
 /// Releases the loop device and ends nbdfuse. Safe to repeat, and on an
 /// attachment whose pieces are already gone.
 pub async fn detach(a: &Attachment) -> Result<(), Status> {
-    if !a.device.as_os_str().is_empty() && backing_file(&a.device) == Some(a.file()) {
+    if !a.device.as_os_str().is_empty() {
         // On a device still in use (a lazily unmounted filesystem) the kernel
         // detaches it when the last user closes it.
-        run("losetup", &[OsStr::new("-d"), a.device.as_os_str()]).await?;
+        release_loop(&a.device, a).await?;
     }
     clear_fuse(&a.fuse_dir).await?;
     let deadline = Instant::now() + Duration::from_secs(5);

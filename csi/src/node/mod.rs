@@ -69,8 +69,18 @@ pub struct Staged {
     pub read_only: bool,
     pub mount_flags: Vec<String>,
     pub attachment: attach::Attachment,
-    /// Published target paths, and whether each is read-only.
-    pub targets: BTreeMap<PathBuf, bool>,
+    /// Published target paths.
+    pub targets: BTreeMap<PathBuf, Target>,
+}
+
+/// One published target path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub read_only: bool,
+    /// A read-only publish of a block volume staged read-write gets a
+    /// read-only loop device of its own: a read-only bind mount does not
+    /// stop writes to a device file.
+    pub ro_device: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -309,18 +319,35 @@ impl NodeService {
     }
 
     /// Where a target's bind mount comes from.
-    fn bind_source(s: &Staged) -> &Path {
-        if s.block {
-            &s.attachment.device
-        } else {
-            &s.staging_path
+    fn bind_source<'a>(s: &'a Staged, t: &'a Target) -> &'a Path {
+        match (&t.ro_device, s.block) {
+            (Some(d), _) => d,
+            (None, true) => &s.attachment.device,
+            (None, false) => &s.staging_path,
         }
     }
 
+    /// Makes what a new target needs beside the staged volume (a read-only
+    /// device for a read-only publish of a read-write block volume).
+    async fn new_target(s: &Staged, read_only: bool) -> Result<Target, Status> {
+        let ro_device = if s.block && read_only && !s.read_only {
+            Some(attach::read_only_loop(&s.attachment).await?)
+        } else {
+            None
+        };
+        Ok(Target {
+            read_only,
+            ro_device,
+        })
+    }
+
     /// Whether `m` (a mount at a target) shows this staged volume.
-    fn is_ours(s: &Staged, m: &mount::MountEntry) -> Result<bool, Status> {
+    fn is_ours(s: &Staged, t: Option<&Target>, m: &mount::MountEntry) -> Result<bool, Status> {
         if s.block {
-            let name = s.attachment.device.file_name().map(|n| n.to_string_lossy());
+            let dev = t
+                .and_then(|t| t.ro_device.as_ref())
+                .unwrap_or(&s.attachment.device);
+            let name = dev.file_name().map(|n| n.to_string_lossy());
             Ok(name.is_some_and(|n| m.root.trim_start_matches('/') == n))
         } else {
             Ok(m.dev == mount::device_number(&s.attachment.device)?)
@@ -333,8 +360,11 @@ impl NodeService {
     /// back as it was at its last flush.
     async fn repair(&self, s: &Staged, why: &str) -> Result<Staged, Status> {
         tracing::warn!(volume = %s.volume_id, reason = why, "staged volume is broken: attaching it again");
-        for t in s.targets.keys() {
-            mount::unmount(t, true).await?;
+        for (path, t) in &s.targets {
+            mount::unmount(path, true).await?;
+            if let Some(d) = &t.ro_device {
+                attach::release_loop(d, &s.attachment).await?;
+            }
         }
         if !s.block {
             mount::unmount(&s.staging_path, true).await?;
@@ -346,14 +376,18 @@ impl NodeService {
             s.read_only,
         )
         .await?;
-        let fresh = Staged {
+        let mut fresh = Staged {
             attachment: a,
+            targets: BTreeMap::new(),
             ..s.clone()
         };
         self.save(&fresh)?;
         self.ensure_staging_mount(&fresh).await?;
-        for (t, ro) in &fresh.targets {
-            mount::bind(Self::bind_source(&fresh), t, *ro).await?;
+        for (path, t) in &s.targets {
+            let t = Self::new_target(&fresh, t.read_only).await?;
+            mount::bind(Self::bind_source(&fresh, &t), path, t.read_only).await?;
+            fresh.targets.insert(path.clone(), t);
+            self.save(&fresh)?;
         }
         self.audit(
             "NodeRepair",
@@ -424,24 +458,26 @@ impl csi::node_server::Node for NodeService {
         let uri = choose_uri(&r.publish_context)?;
         let read_only = cap.read_only()
             || r.publish_context.get(PUB_READ_ONLY).map(String::as_str) == Some("true");
-        let (block, fs_type, flags) = match &cap.access {
-            Access::Block => (true, String::new(), Vec::new()),
+        // The capability's filesystem is a demand; the volume's (its tier's
+        // default) only says what to make on a blank device: a clone keeps
+        // whatever its source holds.
+        let (block, asked_fs, default_fs, flags) = match &cap.access {
+            Access::Block => (true, None, String::new(), Vec::new()),
             Access::Mount { fs_type, flags } => {
-                let fs = [
-                    fs_type.as_str(),
-                    r.volume_context.get(CTX_FS_TYPE).map_or("", String::as_str),
-                ]
-                .into_iter()
-                .find(|f| !f.is_empty())
-                .unwrap_or(DEFAULT_FS)
-                .to_string();
-                if !caps::FS_TYPES.contains(&fs.as_str()) {
+                let default = r
+                    .volume_context
+                    .get(CTX_FS_TYPE)
+                    .filter(|f| !f.is_empty())
+                    .map_or(DEFAULT_FS, String::as_str)
+                    .to_string();
+                if !caps::FS_TYPES.contains(&default.as_str()) {
                     return Err(Status::invalid_argument(format!(
-                        "volume {} asks for fsType {fs}, which Berth does not make",
+                        "volume {} has fsType {default}, which Berth does not make",
                         r.volume_id
                     )));
                 }
-                (false, fs, flags.clone())
+                let asked = (!fs_type.is_empty()).then(|| fs_type.clone());
+                (false, asked, default, flags.clone())
             }
         };
         let staging = PathBuf::from(&r.staging_target_path);
@@ -454,7 +490,10 @@ impl csi::node_server::Node for NodeService {
                     s.staging_path.display()
                 )));
             }
-            if s.block != block || s.fs_type != fs_type || s.read_only != read_only {
+            if s.block != block
+                || asked_fs.as_ref().is_some_and(|f| *f != s.fs_type)
+                || s.read_only != read_only
+            {
                 return Err(Status::already_exists(format!(
                     "volume {} is already staged as {}{}",
                     r.volume_id,
@@ -479,6 +518,28 @@ impl csi::node_server::Node for NodeService {
             return Ok(Response::new(csi::NodeStageVolumeResponse {}));
         }
         let a = attach::attach(&self.attach_dir(&r.volume_id), &uri, read_only).await?;
+        let fs_type = if block {
+            Ok(String::new())
+        } else {
+            match mount::probe_fs(&a.device).await {
+                Ok(found) if found.is_empty() => Ok(asked_fs.unwrap_or(default_fs)),
+                Ok(found) => match asked_fs {
+                    Some(asked) if asked != found => Err(Status::failed_precondition(format!(
+                        "volume {} holds {found}, not the {asked} asked for; it is not reformatted",
+                        r.volume_id
+                    ))),
+                    _ => Ok(found),
+                },
+                Err(e) => Err(e),
+            }
+        };
+        let fs_type = match fs_type {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = attach::detach(&a).await;
+                return Err(e);
+            }
+        };
         let s = Staged {
             volume_id: r.volume_id.clone(),
             staging_path: staging.clone(),
@@ -603,7 +664,7 @@ impl csi::node_server::Node for NodeService {
         }
         let read_only = r.readonly || cap.read_only() || s.read_only;
         if let Some(m) = mount::mounted_at(&target)? {
-            if !Self::is_ours(&s, &m)? {
+            if !Self::is_ours(&s, s.targets.get(&target), &m)? {
                 return Err(Status::already_exists(format!(
                     "{} is already a mount of {}",
                     target.display(),
@@ -635,10 +696,14 @@ impl csi::node_server::Node for NodeService {
             } else {
                 std::fs::create_dir_all(&target).map_err(|e| internal(target.display(), e))?;
             }
-            mount::bind(Self::bind_source(&s), &target, read_only).await?;
-        }
-        if s.targets.get(&target) != Some(&read_only) {
-            s.targets.insert(target.clone(), read_only);
+            let t = Self::new_target(&s, read_only).await?;
+            if let Err(e) = mount::bind(Self::bind_source(&s, &t), &target, read_only).await {
+                if let Some(d) = &t.ro_device {
+                    let _ = attach::release_loop(d, &s.attachment).await;
+                }
+                return Err(e);
+            }
+            s.targets.insert(target.clone(), t);
             self.save(&s)?;
         }
         self.audit(
@@ -674,7 +739,10 @@ impl csi::node_server::Node for NodeService {
         }
         .map_err(|e| internal(format!("remove {}", target.display()), e))?;
         if let Some(mut s) = self.get(&r.volume_id) {
-            if s.targets.remove(&target).is_some() {
+            if let Some(t) = s.targets.remove(&target) {
+                if let Some(d) = &t.ro_device {
+                    attach::release_loop(d, &s.attachment).await?;
+                }
                 self.save(&s)?;
             }
             self.audit(

@@ -274,9 +274,28 @@ pub async fn unmount(path: &Path, lazy: bool) -> Result<(), Status> {
     Ok(())
 }
 
+/// Whether this process holds a capability (a bit of `CapEff`).
+fn has_capability(bit: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << bit) != 0)
+}
+
+/// CAP_SYS_RESOURCE, which ext4's online resize ioctl requires.
+const CAP_SYS_RESOURCE: u32 = 24;
+
 /// Grows the filesystem mounted at `mount_point` on `dev` to the device's size.
 pub async fn grow_fs(dev: &Path, mount_point: &Path, fs_type: &str) -> Result<(), Status> {
     match fs_type {
+        "ext4" if !has_capability(CAP_SYS_RESOURCE) => Err(Status::failed_precondition(
+            "growing a mounted ext4 needs CAP_SYS_RESOURCE, which the node plugin lacks \
+             (grant its container that capability, or use xfs)",
+        )),
         "ext4" => run("resize2fs", &[dev.as_os_str()]).await,
         "xfs" => run("xfs_growfs", &[mount_point.as_os_str()]).await,
         other => Err(Status::failed_precondition(format!(
