@@ -75,6 +75,8 @@ pub struct NodeConfig {
     /// Where staged volumes are recorded (survives plugin restarts) and the
     /// NBD attachments' FUSE mount points live.
     pub state_dir: PathBuf,
+    /// The `berth` binary, run as `berth attach` for each staged volume.
+    pub attach_program: PathBuf,
 }
 
 #[derive(Debug, Clone)]

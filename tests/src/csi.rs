@@ -1,5 +1,5 @@
 //! Driving a CSI socket the way the sidecars and kubelet do, and leaving no
-//! mount, loop device or nbdfuse process behind when a test fails.
+//! mount, loop device or `berth attach` process behind when a test fails.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -36,7 +36,7 @@ impl Csi {
 }
 
 /// Whether this machine can attach volumes the way the node plugin does
-/// (root, FUSE, loop devices, nbdfuse); `Err` says what is missing.
+/// (root, FUSE and fusermount3, loop devices); `Err` says what is missing.
 pub fn node_support() -> Result<(), String> {
     // SAFETY: geteuid has no arguments and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
@@ -47,8 +47,8 @@ pub fn node_support() -> Result<(), String> {
             return Err(format!("{p} is missing: the kernel lacks it"));
         }
     }
-    if !crate::server::have("nbdfuse") {
-        return Err("nbdfuse is not installed (libnbd-bin)".into());
+    if !crate::server::have("fusermount3") {
+        return Err("fusermount3 is not installed (fuse3)".into());
     }
     Ok(())
 }
@@ -77,7 +77,8 @@ pub fn params(kv: &[(&str, &str)]) -> HashMap<String, String> {
 }
 
 /// On drop: unmounts everything under `root`, detaches loop devices whose
-/// file is under it and ends its nbdfuse processes, so a failed test does
+/// file is under it and ends its `berth attach` processes (by unmounting
+/// their FUSE mounts), so a failed test does
 /// not leave the machine cluttered for the next.
 #[derive(Debug)]
 pub struct Cleanup {

@@ -1,7 +1,7 @@
 //! The CSI driver end to end: `berth standalone`'s CSI socket driven with a
 //! gRPC client exactly as the external-provisioner, -attacher, -snapshotter,
-//! -resizer and kubelet call it, with real mounts: nbdfuse, loop devices,
-//! ext4 and xfs.
+//! -resizer and kubelet call it, with real mounts: `berth attach` (FUSE), loop
+//! devices, ext4 and xfs.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -185,8 +185,8 @@ async fn node_stats(c: &mut Csi, vol: &str, path: &Path) -> csi::NodeGetVolumeSt
         .into_inner()
 }
 
-/// No loop device reads a file under `root` any more and no nbdfuse serves
-/// one: everything the node plugin attached was released.
+/// No loop device reads a file under `root` any more and no FUSE mount of
+/// `berth attach` is left: everything the node plugin attached was released.
 fn assert_nothing_attached(root: &Path) {
     let loops = std::process::Command::new("losetup")
         .args(["-l", "-n", "-O", "NAME,BACK-FILE"])
@@ -409,8 +409,16 @@ fn filesystem_volume_lifecycle_with_snapshot_clone_expand_and_stats() {
         assert!(stats(&st.usage, csi::volume_usage::Unit::Inodes).used >= 3);
         assert_eq!(st.volume_condition.map(|c| c.abnormal), Some(false));
 
-        // Expand: the controller grows the volume; the node grows the
-        // filesystem once its attachment sees the new size.
+        // Expand online: the controller grows the volume; the node shows
+        // the new size to the live attachment and grows the mounted
+        // filesystem, while a file in it stays open.
+        let mut open_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(target_a.join("open-across-expand.txt"))
+            .expect("open a file before the expansion");
+        open_file.write_all(b"before\n").expect("write before");
+        open_file.sync_all().expect("sync before");
         let ex = c
             .controller
             .controller_expand_volume(csi::ControllerExpandVolumeRequest {
@@ -438,17 +446,9 @@ fn filesystem_volume_lifecycle_with_snapshot_clone_expand_and_stats() {
             volume_capability: Some(cap.clone()),
             ..Default::default()
         };
-        let e = c
-            .node
-            .node_expand_volume(expand.clone())
-            .await
-            .expect_err("the live attachment keeps its size");
-        assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
-        unmount_and_detach(&mut c, &node, "pvc-a", &stage_a, &target_a).await;
-        attach_and_mount(&mut c, &node, "pvc-a", &cap, &stage_a, &target_a).await;
         let grown = c
             .node
-            .node_expand_volume(expand)
+            .node_expand_volume(expand.clone())
             .await
             .expect("NodeExpandVolume")
             .into_inner();
@@ -465,6 +465,29 @@ fn filesystem_volume_lifecycle_with_snapshot_clone_expand_and_stats() {
             std::fs::read(target_a.join("new.txt")).expect("after expand"),
             b"only in the original\n"
         );
+        // The same open file writes on, into the grown filesystem.
+        open_file.write_all(b"after\n").expect("write after");
+        open_file.sync_all().expect("sync after");
+        drop(open_file);
+        assert_eq!(
+            std::fs::read(target_a.join("open-across-expand.txt")).expect("read"),
+            b"before\nafter\n"
+        );
+        let big = pattern(9, 400 * MIB as usize);
+        write_synced(&target_a.join("needs-the-room.bin"), &big);
+        assert!(
+            std::fs::read(target_a.join("needs-the-room.bin")).expect("read back") == big,
+            "400 MiB fit only in the grown filesystem and read back intact"
+        );
+        std::fs::remove_file(target_a.join("needs-the-room.bin")).expect("rm");
+        // Asked again (kubelet retries), the expansion is a no-op.
+        let again = c
+            .node
+            .node_expand_volume(expand)
+            .await
+            .expect("NodeExpandVolume again")
+            .into_inner();
+        assert_eq!(again.capacity_bytes, 640 * MIB);
 
         // Tear everything down; deleting twice is fine.
         unmount_and_detach(&mut c, &node, "pvc-a", &stage_a, &target_a).await;
@@ -625,11 +648,53 @@ fn raw_block_volume_is_published_as_a_device_file_read_write_and_read_only() {
     assert_eq!(s.stop().code(), Some(0));
 }
 
-/// kill -9 of the whole standalone process while a volume is mounted: after
-/// the restart the node plugin finds the staged volume broken, attaches it
-/// again and rebuilds the mounts; what was flushed before the crash is there.
+/// The staged volume's record, as the node plugin keeps it.
+fn staged_record(data: &Path, vol: &str) -> serde_json::Value {
+    let p = data.join("csi-node/staged").join(format!("{vol}.json"));
+    serde_json::from_slice(&std::fs::read(&p).expect("staged record")).expect("record json")
+}
+
+/// Writes `data` at `offset` of `path` with O_DIRECT and no fsync: the
+/// write reaches the volume server, acknowledged but not flushed.
+fn write_direct_unflushed(path: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let layout = std::alloc::Layout::from_size_align(data.len(), 4096).expect("layout");
+    // SAFETY: the layout has a non-zero size (the callers write whole
+    // blocks); the buffer is freed below and used only within its length.
+    let buf = unsafe { std::alloc::alloc(layout) };
+    assert!(!buf.is_null());
+    // SAFETY: `buf` holds `data.len()` writable bytes that no one else uses.
+    let aligned = unsafe { std::slice::from_raw_parts_mut(buf, data.len()) };
+    aligned.copy_from_slice(data);
+    let r = f.write_all_at(aligned, offset);
+    // SAFETY: allocated above with the same layout, not used after this.
+    unsafe { std::alloc::dealloc(buf, layout) };
+    r.expect("O_DIRECT write");
+}
+
+fn durable_write_works(path: &Path) -> bool {
+    std::fs::File::create(path)
+        .and_then(|mut f| {
+            f.write_all(b"written after the restart\n")?;
+            f.sync_all()
+        })
+        .is_ok()
+}
+
+/// kill -9 of the whole standalone process (metadata service, volume server
+/// and CSI driver) while an ext4 volume is mounted: the attach process
+/// reconnects to the restarted volume server by itself, replays what was
+/// acknowledged but not flushed, and the mounted filesystem never notices:
+/// same device, same attach process, no repair. Then the attach process
+/// itself is killed, and kubelet's NodeStage retry (or the repair pass)
+/// attaches the volume again and rebuilds the mounts.
 #[test]
-fn after_a_crash_the_restarted_node_plugin_reattaches_and_the_mount_serves_again() {
+fn a_mounted_volume_rides_through_a_crash_and_a_dead_attachment_is_repaired() {
     require_node_support!();
     let root = tempfile::tempdir().expect("tmp");
     let _cleanup = Cleanup {
@@ -644,6 +709,7 @@ fn after_a_crash_the_restarted_node_plugin_reattaches_and_the_mount_serves_again
         kube.join("pods/p1/volumes/db/mount"),
     );
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let unflushed = pattern(0x5c, 1 << 20);
     rt().block_on(async {
         let mut c = Csi::connect(&sock).await;
         c.controller
@@ -657,32 +723,69 @@ fn after_a_crash_the_restarted_node_plugin_reattaches_and_the_mount_serves_again
             .expect("CreateVolume");
         attach_and_mount(&mut c, "node-1", "db", &cap, &stage, &target).await;
         write_synced(&target.join("committed.txt"), b"flushed before the crash\n");
+        // Allocated and durable, then overwritten in place without a flush.
+        write_synced(&target.join("unflushed.bin"), &vec![0u8; 1 << 20]);
+        write_direct_unflushed(&target.join("unflushed.bin"), 0, &unflushed);
     });
+    let before = staged_record(&data, "db");
     s.kill();
+    // The server is away: a durable write through the mount waits for it.
+    let waiting = {
+        let path = target.join("during.txt");
+        std::thread::spawn(move || durable_write_works(&path))
+    };
+    std::thread::sleep(Duration::from_millis(500));
     let s = Standalone::start(&data, "1G");
-    // The repair pass runs at start; a fresh open through the pod's path
-    // reaches the re-attached filesystem.
-    // (Reads alone could still come from the dead mount's page cache: a
-    // durable write proves the new attachment serves.)
-    let after = target.join("after.txt");
-    wait_for("the mount to serve again", Duration::from_secs(60), || {
-        std::fs::File::create(&after)
-            .and_then(|mut f| {
-                f.write_all(b"written after the restart\n")?;
-                f.sync_all()
-            })
-            .is_ok()
-    });
+    assert!(
+        waiting.join().expect("writer"),
+        "a write made while the server was down completed once it was back"
+    );
+    assert!(durable_write_works(&target.join("after.txt")));
     assert_eq!(
         std::fs::read(target.join("committed.txt")).expect("committed file"),
         b"flushed before the crash\n"
     );
+    // Drop the page cache's copy: this read comes from the volume server.
+    std::process::Command::new("sh")
+        .args(["-c", "sync; echo 3 > /proc/sys/vm/drop_caches"])
+        .status()
+        .expect("drop caches");
+    assert!(
+        std::fs::read(target.join("unflushed.bin")).expect("read") == unflushed,
+        "the write acknowledged before the crash, never flushed, is there"
+    );
+    let after = staged_record(&data, "db");
+    assert_eq!(
+        after["attachment"], before["attachment"],
+        "same device, same attach process: nothing was re-attached"
+    );
+    let log = std::fs::read_to_string(data.join("csi-node/attach/db.log")).expect("attach log");
+    assert!(log.contains("NBD connection back"), "{log}");
+
+    // Now the attach process itself dies: the filesystem above it breaks,
+    // and NodeStage (kubelet's retry) repairs it.
+    let pid = before["attachment"]["daemon_pid"].as_i64().expect("pid") as i32;
+    // SAFETY: kill(2) takes no pointers; the pid is the attach process this
+    // test's node plugin started (checked through its record).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for("the attach process to die", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
     let sock = PathBuf::from(s.ready["csi_socket"].as_str().expect("csi_socket"));
     rt().block_on(async {
         let mut c = Csi::connect(&sock).await;
-        let st = node_stats(&mut c, "db", &target).await;
-        assert_eq!(st.volume_condition.map(|c| c.abnormal), Some(false));
-        // NodeStage again (kubelet's retry) is a no-op on a healthy volume.
+        let cond = node_stats(&mut c, "db", &target)
+            .await
+            .volume_condition
+            .expect("condition");
+        let repaired_already = staged_record(&data, "db")["attachment"]["daemon_pid"]
+            != before["attachment"]["daemon_pid"];
+        assert!(
+            repaired_already || (cond.abnormal && cond.message.contains("is gone")),
+            "the dead attachment is reported: {cond:?}"
+        );
+        // NodeStage again (kubelet's retry) finds it broken and repairs it
+        // (unless the periodic repair pass was first).
         let ctx: HashMap<String, String> = c
             .controller
             .controller_publish_volume(csi::ControllerPublishVolumeRequest {
@@ -705,6 +808,22 @@ fn after_a_crash_the_restarted_node_plugin_reattaches_and_the_mount_serves_again
             })
             .await
             .expect("NodeStage again");
+        assert_ne!(
+            staged_record(&data, "db")["attachment"]["daemon_pid"],
+            before["attachment"]["daemon_pid"],
+            "a new attach process"
+        );
+        // A fresh open through the pod's path reaches the re-attached
+        // filesystem; a durable write proves the new attachment serves.
+        wait_for("the mount to serve again", Duration::from_secs(30), || {
+            durable_write_works(&target.join("after-repair.txt"))
+        });
+        assert_eq!(
+            std::fs::read(target.join("committed.txt")).expect("committed file"),
+            b"flushed before the crash\n"
+        );
+        let st = node_stats(&mut c, "db", &target).await;
+        assert_eq!(st.volume_condition.map(|c| c.abnormal), Some(false));
         unmount_and_detach(&mut c, "node-1", "db", &stage, &target).await;
         c.controller
             .delete_volume(csi::DeleteVolumeRequest {

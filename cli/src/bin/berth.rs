@@ -4,7 +4,9 @@
 //! - `berth metadata --data DIR`: the cluster's catalog and placement;
 //! - `berth csi --mode controller|node|all`: the CSI driver (csi.berth.dev);
 //! - `berth standalone --data DIR`: the metadata service, a volume server and
-//!   the CSI driver on one folder, in one process.
+//!   the CSI driver on one folder, in one process;
+//! - `berth attach URI DIR`: an NBD export as the file `DIR/disk` (FUSE), the
+//!   node plugin's attachment where the kernel has no NBD client.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +39,26 @@ enum Command {
     /// The metadata service, a volume server and the CSI driver on one data
     /// folder, in one process.
     Standalone(StandaloneArgs),
+    /// Serve an NBD export as the file DIR/disk in a FUSE mount, reconnecting
+    /// (and replaying unflushed writes) when the server restarts; SIGHUP
+    /// re-reads the export's size. The node plugin runs one per staged volume.
+    Attach(AttachArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AttachArgs {
+    /// nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH.
+    uri: String,
+    /// The FUSE mount point.
+    dir: PathBuf,
+    #[arg(long)]
+    read_only: bool,
+    /// Written with the process id once the file is served.
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Seconds I/O waits for a server that went away before failing with EIO.
+    #[arg(long, default_value_t = 300)]
+    reconnect_timeout: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -227,6 +249,11 @@ struct StandaloneArgs {
     node: NodeArgs,
 }
 
+/// This very binary, which the node plugin runs as `berth attach`.
+fn attach_program() -> PathBuf {
+    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("berth"))
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -303,6 +330,7 @@ async fn csi(a: CsiArgs) -> Result<(), String> {
         node_id: a.node_id.unwrap_or_else(host_name),
         labels: a.labels.into_iter().collect(),
         state_dir: a.state_dir,
+        attach_program: attach_program(),
     });
     let running = berth_csi::start(berth_csi::CsiConfig {
         socket: a.endpoint,
@@ -366,6 +394,7 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
             node_id: node_name,
             labels,
             state_dir: d.join("csi-node"),
+            attach_program: attach_program(),
         }),
     })
     .await;
@@ -402,6 +431,22 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     berth_cli::init_logging(cli.log_json);
+    if let Command::Attach(a) = cli.command {
+        // Its own runtime and the FUSE loop on this thread.
+        return match berth_csi::node::fuse::run(berth_csi::node::fuse::AttachOptions {
+            uri: a.uri,
+            dir: a.dir,
+            read_only: a.read_only,
+            pid_file: a.pid_file,
+            reconnect_timeout: Duration::from_secs(a.reconnect_timeout),
+        }) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("berth attach: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -418,6 +463,8 @@ fn main() -> std::process::ExitCode {
             Command::Metadata(a) => metadata(a).await,
             Command::Csi(a) => csi(a).await,
             Command::Standalone(a) => standalone(a).await,
+            // Served above, before the runtime.
+            Command::Attach(_) => Ok(()),
         }
     });
     match r {

@@ -1,14 +1,16 @@
 //! Attaching an NBD export as a block device on this node.
 //!
 //! Where the kernel has no NBD client (no `/dev/nbd*`, as in these VMs and in
-//! many managed kernels), libnbd's `nbdfuse` shows the export as one file
-//! in a FUSE mount and a loop device (direct I/O, so the page cache is not
-//! kept twice) makes that file a block device. The nbdfuse process runs in
-//! its own process group: the attachment outlives a restart of the plugin.
+//! many managed kernels), `berth attach` ([`super::fuse`]) shows the export as
+//! one file in a FUSE mount and a loop device (direct I/O, so the page cache
+//! is not kept twice) makes that file a block device. The attach process runs
+//! in its own process group: the attachment outlives a restart of the plugin.
 //!
-//! An NBD connection learns its export's size once, at the handshake, and
-//! nbdfuse does not reconnect: after the volume server restarts, or to see a
-//! grown volume, the device is attached anew ([`health`] tells when).
+//! The attach process reconnects by itself when the volume server restarts
+//! (replaying what was not flushed), so a mounted filesystem keeps working;
+//! [`grow`] shows a grown volume to the loop device without detaching. Only if
+//! the attach process itself dies is the device attached anew ([`health`]
+//! tells when).
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -20,15 +22,16 @@ use tonic::Status;
 use super::mount::{self, run, run_status};
 
 /// The FUSE file's name inside its mount point.
-const FILE: &str = "disk";
+const FILE: &str = super::fuse::FILE;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
     pub uri: String,
     pub read_only: bool,
-    /// The FUSE mount point nbdfuse serves the export in.
+    /// The FUSE mount point `berth attach` serves the export in.
     pub fuse_dir: PathBuf,
-    pub nbdfuse_pid: u32,
+    /// The `berth attach` process.
+    pub daemon_pid: u32,
     /// The loop device (`/dev/loopN`).
     pub device: PathBuf,
 }
@@ -43,21 +46,21 @@ fn pid_file(dir: &Path) -> PathBuf {
     dir.with_extension("pid")
 }
 
-/// The tail of nbdfuse's log, for errors.
+/// The tail of the attach process's log, for errors.
 fn log_tail(dir: &Path) -> String {
     let text = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(5).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
-/// The process `pid` is the nbdfuse serving `dir` (not a recycled pid).
+/// The process `pid` is the attach process serving `dir` (not a recycled pid).
 fn is_ours(pid: u32, dir: &Path) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| {
-            let c = String::from_utf8_lossy(&c).replace('\0', " ");
-            c.contains("nbdfuse") && c.contains(&*dir.to_string_lossy())
-        })
-        .unwrap_or(false)
+    let Ok(c) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+    let dir = dir.as_os_str().as_encoded_bytes();
+    args.contains(&&b"attach"[..]) && args.contains(&dir)
 }
 
 /// What the loop device reads from, per sysfs.
@@ -89,8 +92,14 @@ async fn clear_fuse(dir: &Path) -> Result<(), Status> {
 }
 
 /// Connects to `uri` and returns the block device that shows the export.
-/// `dir` is this attachment's own folder (a FUSE mount point).
-pub async fn attach(dir: &Path, uri: &str, read_only: bool) -> Result<Attachment, Status> {
+/// `dir` is this attachment's own folder (a FUSE mount point); `program` the
+/// `berth` binary.
+pub async fn attach(
+    program: &Path,
+    dir: &Path,
+    uri: &str,
+    read_only: bool,
+) -> Result<Attachment, Status> {
     clear_fuse(dir).await?;
     std::fs::create_dir_all(dir)
         .map_err(|e| Status::internal(format!("create {}: {e}", dir.display())))?;
@@ -100,36 +109,37 @@ pub async fn attach(dir: &Path, uri: &str, read_only: bool) -> Result<Attachment
         .create(true)
         .append(true)
         .open(dir.with_extension("log"))
-        .map_err(|e| Status::internal(format!("nbdfuse log: {e}")))?;
-    let mut cmd = tokio::process::Command::new("nbdfuse");
+        .map_err(|e| Status::internal(format!("attach log: {e}")))?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.arg("attach");
     if read_only {
-        cmd.arg("-r");
+        cmd.arg("--read-only");
     }
-    cmd.arg("-P")
+    cmd.arg("--pid-file")
         .arg(&pid_path)
-        .arg(dir.join(FILE))
         .arg(uri)
+        .arg(dir)
         .stdin(std::process::Stdio::null())
         .stdout(
             log.try_clone()
-                .map_err(|e| Status::internal(format!("nbdfuse log: {e}")))?,
+                .map_err(|e| Status::internal(format!("attach log: {e}")))?,
         )
         .stderr(log)
         // Its own group: a signal to the plugin's group leaves it serving.
         .process_group(0);
     let mut child = cmd
         .spawn()
-        .map_err(|e| Status::internal(format!("cannot run nbdfuse: {e}")))?;
+        .map_err(|e| Status::internal(format!("cannot run {} attach: {e}", program.display())))?;
     let pid = child.id().unwrap_or(0);
-    // nbdfuse writes its pid file once the FUSE file is served.
+    // It writes its pid file once the FUSE file is served.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = child
             .try_wait()
-            .map_err(|e| Status::internal(format!("nbdfuse: {e}")))?
+            .map_err(|e| Status::internal(format!("berth attach: {e}")))?
         {
             return Err(Status::unavailable(format!(
-                "nbdfuse could not attach {} ({status}): {}",
+                "could not attach {} ({status}): {}",
                 redact(uri),
                 log_tail(dir)
             )));
@@ -141,14 +151,14 @@ pub async fn attach(dir: &Path, uri: &str, read_only: bool) -> Result<Attachment
             let _ = child.kill().await;
             let _ = clear_fuse(dir).await;
             return Err(Status::deadline_exceeded(format!(
-                "nbdfuse did not serve {} within 20 s: {}",
+                "berth attach did not serve {} within 20 s: {}",
                 redact(uri),
                 log_tail(dir)
             )));
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    // Reap it when it ends (after detach, or if the connection dies).
+    // Reap it when it ends (after detach, or if it dies).
     tokio::spawn(async move {
         let _ = child.wait().await;
     });
@@ -166,7 +176,7 @@ pub async fn attach(dir: &Path, uri: &str, read_only: bool) -> Result<Attachment
         uri: uri.to_string(),
         read_only,
         fuse_dir: dir.to_path_buf(),
-        nbdfuse_pid: pid,
+        daemon_pid: pid,
         device: PathBuf::new(),
     };
     match run("losetup", &args).await {
@@ -206,7 +216,7 @@ pub async fn release_loop(dev: &Path, a: &Attachment) -> Result<(), Status> {
     Ok(())
 }
 
-/// Releases the loop device and ends nbdfuse. Safe to repeat, and on an
+/// Releases the loop device and ends the attach process. Safe to repeat, and on an
 /// attachment whose pieces are already gone.
 pub async fn detach(a: &Attachment) -> Result<(), Status> {
     if !a.device.as_os_str().is_empty() {
@@ -216,12 +226,12 @@ pub async fn detach(a: &Attachment) -> Result<(), Status> {
     }
     clear_fuse(&a.fuse_dir).await?;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while is_ours(a.nbdfuse_pid, &a.fuse_dir) {
+    while is_ours(a.daemon_pid, &a.fuse_dir) {
         if Instant::now() > deadline {
-            let pid = i32::try_from(a.nbdfuse_pid).unwrap_or(0);
+            let pid = i32::try_from(a.daemon_pid).unwrap_or(0);
             if pid > 0 {
                 // SAFETY: kill(2) takes no pointers; the pid was checked to be
-                // this attachment's nbdfuse just above.
+                // this attachment's attach process just above.
                 unsafe {
                     libc::kill(pid, libc::SIGKILL);
                 }
@@ -235,23 +245,90 @@ pub async fn detach(a: &Attachment) -> Result<(), Status> {
     Ok(())
 }
 
-/// Whether the attachment still serves: nbdfuse is alive, the loop device
-/// still reads its file, and a direct read of the first block succeeds (it
-/// fails at once when the NBD connection is gone). `Err` says what broke.
-pub async fn health(a: &Attachment) -> Result<(), String> {
-    if !is_ours(a.nbdfuse_pid, &a.fuse_dir) {
-        return Err(format!(
-            "nbdfuse (pid {}) is gone: {}",
-            a.nbdfuse_pid,
+/// Shows a grown export to this attachment's loop devices (`device` and
+/// `others`, such as read-only ones) without detaching anything: the attach
+/// process asks the server for the size again (SIGHUP) and its file takes
+/// it, then `losetup -c` makes each loop device read the new size. Waits for
+/// the file to reach `want_bytes` (0: whatever the server says within a few
+/// seconds). Returns the device's size.
+pub async fn grow(a: &Attachment, want_bytes: u64, others: &[PathBuf]) -> Result<u64, Status> {
+    let pid = i32::try_from(a.daemon_pid).unwrap_or(0);
+    if pid <= 0 || !is_ours(a.daemon_pid, &a.fuse_dir) {
+        return Err(Status::unavailable(format!(
+            "the attach process of {} is gone; NodeStageVolume repairs it",
+            a.device.display()
+        )));
+    }
+    let file = a.file();
+    let size_of_file = || std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+    let before = size_of_file();
+    // SAFETY: kill(2) takes no pointers; the pid was checked to be this
+    // attachment's attach process just above.
+    unsafe {
+        libc::kill(pid, libc::SIGHUP);
+    }
+    let deadline = Instant::now() + Duration::from_secs(if want_bytes > 0 { 15 } else { 3 });
+    let mut now = size_of_file();
+    while (if want_bytes > 0 {
+        now < want_bytes
+    } else {
+        now == before
+    }) && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        now = size_of_file();
+    }
+    if now < want_bytes {
+        return Err(Status::failed_precondition(format!(
+            "the volume server still reports {now} bytes, not the {want_bytes} asked for \
+             (ControllerExpandVolume first)"
+        )));
+    }
+    for dev in std::iter::once(&a.device).chain(others) {
+        if backing_file(dev) == Some(file.clone()) {
+            run("losetup", &[OsStr::new("-c"), dev.as_os_str()]).await?;
+        }
+    }
+    mount::size_of(&a.device)
+}
+
+/// What is wrong with an attachment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// The attach process is gone or the loop device no longer reads its
+    /// file: only attaching anew helps.
+    Broken(String),
+    /// The pieces are there but a read fails or does not answer in time:
+    /// the volume server is away, and the attach process reconnects by
+    /// itself when it is back (attaching anew would need it too).
+    Unreachable(String),
+}
+
+impl Fault {
+    pub fn message(&self) -> &str {
+        match self {
+            Fault::Broken(m) | Fault::Unreachable(m) => m,
+        }
+    }
+}
+
+/// Whether the attachment serves: the attach process is alive, the loop
+/// device still reads its file, and a direct read of the first block
+/// succeeds within 10 s.
+pub async fn health(a: &Attachment) -> Result<(), Fault> {
+    if !is_ours(a.daemon_pid, &a.fuse_dir) {
+        return Err(Fault::Broken(format!(
+            "the attach process (pid {}) is gone: {}",
+            a.daemon_pid,
             log_tail(&a.fuse_dir)
-        ));
+        )));
     }
     if backing_file(&a.device) != Some(a.file()) {
-        return Err(format!(
+        return Err(Fault::Broken(format!(
             "{} no longer reads {}",
             a.device.display(),
             a.file().display()
-        ));
+        )));
     }
     let input = format!("if={}", a.device.display());
     let r = run_status(
@@ -264,17 +341,22 @@ pub async fn health(a: &Attachment) -> Result<(), String> {
             "iflag=direct",
             "status=none",
         ],
-        Duration::from_secs(15),
+        Duration::from_secs(10),
     )
     .await;
     match r {
         Ok((0, _, _)) => Ok(()),
-        Ok((code, _, err)) => Err(format!(
-            "reading {} fails (dd exit {code}): {}",
+        Ok((code, _, err)) => Err(Fault::Unreachable(format!(
+            "reading {} fails (dd exit {code}): {}; {}",
             a.device.display(),
-            err.trim()
-        )),
-        Err(s) => Err(s.message().to_string()),
+            err.trim(),
+            log_tail(&a.fuse_dir)
+        ))),
+        Err(s) => Err(Fault::Unreachable(format!(
+            "{}: the volume server does not answer; {}",
+            s.message(),
+            log_tail(&a.fuse_dir)
+        ))),
     }
 }
 

@@ -6,11 +6,13 @@
 //! What is staged is written down (`STATE/staged/VOLUME.json`, replaced
 //! atomically) before anything mounts on it, with the targets it was
 //! published to. After a plugin restart the records are read back; a staged
-//! volume whose attachment died (its volume server restarted, nbdfuse was
-//! killed) is attached again and its mounts rebuilt: at start, every
+//! volume whose attachment died (its `berth attach` process was killed; a
+//! restarted volume server alone does not break it) is attached again and its
+//! mounts rebuilt: at start, every
 //! [`REPAIR_INTERVAL`], and when NodeStage is called again.
 
 pub mod attach;
+pub mod fuse;
 pub mod mount;
 
 use std::collections::{BTreeMap, HashMap};
@@ -43,7 +45,6 @@ const DEFAULT_FS: &str = "ext4";
 
 /// Programs the node plugin runs.
 const TOOLS: &[&str] = &[
-    "nbdfuse",
     "fusermount3",
     "losetup",
     "mount",
@@ -244,7 +245,7 @@ impl NodeService {
             .collect();
         if !missing.is_empty() {
             return Err(Status::failed_precondition(format!(
-                "missing programs: {} (packages libnbd-bin, fuse3, util-linux, e2fsprogs, xfsprogs)",
+                "missing programs: {} (packages fuse3, util-linux, e2fsprogs, xfsprogs)",
                 missing.join(", ")
             )));
         }
@@ -371,6 +372,7 @@ impl NodeService {
         }
         attach::detach(&s.attachment).await?;
         let a = attach::attach(
+            &self.cfg.attach_program,
             &self.attach_dir(&s.volume_id),
             &s.attachment.uri,
             s.read_only,
@@ -411,9 +413,15 @@ impl NodeService {
             let Some(s) = self.get(&id).filter(|now| *now == s) else {
                 continue;
             };
-            if let Err(why) = attach::health(&s.attachment).await {
-                if let Err(e) = self.repair(&s, &why).await {
-                    tracing::error!(volume = %id, error = %e.message(), "repair failed; will retry");
+            match attach::health(&s.attachment).await {
+                Ok(()) => {}
+                Err(attach::Fault::Broken(why)) => {
+                    if let Err(e) = self.repair(&s, &why).await {
+                        tracing::error!(volume = %id, error = %e.message(), "repair failed; will retry");
+                    }
+                }
+                Err(attach::Fault::Unreachable(why)) => {
+                    tracing::warn!(volume = %id, reason = %why, "staged volume waits for its volume server");
                 }
             }
         }
@@ -511,13 +519,26 @@ impl csi::node_server::Node for NodeService {
             }
             match attach::health(&s.attachment).await {
                 Ok(()) => self.ensure_staging_mount(&s).await?,
-                Err(why) => {
+                Err(attach::Fault::Broken(why)) => {
                     self.repair(&s, &why).await?;
+                }
+                Err(attach::Fault::Unreachable(why)) => {
+                    return Err(Status::unavailable(format!(
+                        "volume {} is staged but its volume server does not answer \
+                         (the attachment reconnects when it is back): {why}",
+                        r.volume_id
+                    )));
                 }
             }
             return Ok(Response::new(csi::NodeStageVolumeResponse {}));
         }
-        let a = attach::attach(&self.attach_dir(&r.volume_id), &uri, read_only).await?;
+        let a = attach::attach(
+            &self.cfg.attach_program,
+            &self.attach_dir(&r.volume_id),
+            &uri,
+            read_only,
+        )
+        .await?;
         let fs_type = if block {
             Ok(String::new())
         } else {
@@ -780,9 +801,9 @@ impl csi::node_server::Node for NodeService {
                 abnormal: false,
                 message: "ok".into(),
             },
-            Err(why) => csi::VolumeCondition {
+            Err(fault) => csi::VolumeCondition {
                 abnormal: true,
-                message: why,
+                message: fault.message().to_string(),
             },
         };
         let usage = if s.block {
@@ -833,18 +854,27 @@ impl csi::node_server::Node for NodeService {
         let s = self.get(&r.volume_id).ok_or_else(|| {
             Status::not_found(format!("volume {} is not staged on this node", r.volume_id))
         })?;
-        let size = mount::size_of(&s.attachment.device)?;
-        if want > size {
-            return Err(Status::failed_precondition(format!(
-                "the attachment of volume {} still shows {size} bytes (< {want}): an NBD \
-                 connection learns the size once, and the nbdfuse attachment cannot reconnect \
-                 under a mounted filesystem; unstage and stage the volume to grow it",
-                r.volume_id
-            )));
+        let mut size = mount::size_of(&s.attachment.device)?;
+        if want == 0 || want > size {
+            // Online: the attachment re-reads the volume's size and its loop
+            // devices take it; the filesystem stays mounted.
+            let others: Vec<PathBuf> = s
+                .targets
+                .values()
+                .filter_map(|t| t.ro_device.clone())
+                .collect();
+            size = attach::grow(&s.attachment, want, &others).await?;
         }
         if !s.block {
             mount::grow_fs(&s.attachment.device, &s.staging_path, &s.fs_type).await?;
         }
+        self.audit(
+            "NodeExpand",
+            &r.volume_id,
+            &s.staging_path,
+            format!("{size} bytes on node {}", self.cfg.node_id),
+        )
+        .await;
         Ok(Response::new(csi::NodeExpandVolumeResponse {
             capacity_bytes: i64::try_from(size).unwrap_or(i64::MAX),
         }))

@@ -1,6 +1,6 @@
-//! The NBD frontend: the wire format ([`proto`]), the server ([`server`]) and a
-//! small client ([`client`]) for tests and benchmarks.
+//! The NBD frontend: the server ([`server`]); the wire format ([`proto`]) and
+//! the small client ([`client`]) live in `berth-nbd`, shared with the node
+//! plugin.
 
-pub mod client;
-pub mod proto;
+pub use berth_nbd::{client, proto};
 pub mod server;

@@ -2,7 +2,7 @@
 //! newstyle handshake, option haggling, requests and replies.
 //!
 //! Pure functions over byte slices, so every parser is fuzzed without sockets
-//! (`tests/nbd_fuzz.rs`). All numbers are big-endian on the wire.
+//! (berth-volume's `tests/nbd_fuzz.rs`). All numbers are big-endian on the wire.
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -75,6 +75,7 @@ pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 

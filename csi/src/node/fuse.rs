@@ -1,0 +1,432 @@
+//! `berth attach`: an NBD export as one file (`DIR/disk`) in a FUSE mount,
+//! for a loop device to make a block device of where the kernel has no NBD
+//! client.
+//!
+//! It does what nbdfuse does, over [`berth_nbd::session`], so that the file
+//! keeps working under a mounted filesystem when the volume server restarts
+//! (the session reconnects and replays what was not flushed), and so that it
+//! can grow: on SIGHUP the export's size is asked for again and the file
+//! takes it (then `losetup -c` shows it to the loop device). Attributes are
+//! never cached (TTL 0), so a `stat` sees a new size at once.
+//!
+//! Every request goes to the session without blocking the FUSE loop; replies
+//! are sent from the session's task when the server answers, so many requests
+//! are in flight at once.
+
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use berth_nbd::proto::{TF_SEND_TRIM, TF_SEND_WRITE_ZEROES};
+use berth_nbd::session::{Cmd, Options, Session, Uri};
+use bytes::Bytes;
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
+    KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, WriteFlags,
+};
+
+/// The file's name in its mount.
+pub const FILE: &str = "disk";
+const DISK: INodeNo = INodeNo(2);
+/// Attributes are never cached: a grown export shows at the next stat.
+const TTL: Duration = Duration::ZERO;
+/// TRIM and WRITE_ZEROES lengths are 32-bit; longer ranges go in pieces.
+const MAX_RANGE_BYTES: u64 = 1 << 30;
+
+// fallocate(2) modes the loop device sends.
+const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
+const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
+const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
+
+#[derive(Debug, Clone)]
+pub struct AttachOptions {
+    pub uri: String,
+    /// The FUSE mount point (created if missing).
+    pub dir: PathBuf,
+    pub read_only: bool,
+    /// Written once the file is served (as `nbdfuse -P` does).
+    pub pid_file: Option<PathBuf>,
+    /// How long I/O waits for a volume server that went away before failing.
+    pub reconnect_timeout: Duration,
+}
+
+struct DiskFs {
+    session: Session,
+    rt: tokio::runtime::Handle,
+    read_only: bool,
+    uid: u32,
+    gid: u32,
+    started: SystemTime,
+}
+
+fn errno(nbd: u32) -> Errno {
+    Errno::from_i32(i32::try_from(nbd).unwrap_or(libc::EIO))
+}
+
+impl DiskFs {
+    fn attr(&self, ino: INodeNo) -> FileAttr {
+        let (kind, size, perm, nlink) = if ino == DISK {
+            let perm = if self.read_only { 0o400 } else { 0o600 };
+            (FileType::RegularFile, self.session.size_bytes(), perm, 1)
+        } else {
+            (FileType::Directory, 0, 0o700, 2)
+        };
+        FileAttr {
+            ino,
+            size,
+            blocks: size.div_ceil(512),
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// A long TRIM or WRITE_ZEROES, in pieces, answered once all are done.
+    fn ranges(&self, offset: u64, length: u64, trim: bool, reply: ReplyEmpty) {
+        let s = self.session.clone();
+        self.rt.spawn(async move {
+            let end = offset.saturating_add(length);
+            let mut at = offset;
+            while at < end {
+                let len = (end - at).min(MAX_RANGE_BYTES) as u32;
+                let cmd = if trim {
+                    Cmd::Trim { offset: at, len }
+                } else {
+                    Cmd::WriteZeroes { offset: at, len }
+                };
+                if let Err(e) = s.call(cmd).await {
+                    reply.error(errno(e));
+                    return;
+                }
+                at += u64::from(len);
+            }
+            reply.ok();
+        });
+    }
+
+    fn flush_to(&self, reply: ReplyEmpty) {
+        if self.read_only {
+            reply.ok();
+            return;
+        }
+        self.session.submit(
+            Cmd::Flush,
+            Box::new(move |r| match r {
+                Ok(_) => reply.ok(),
+                Err(e) => reply.error(errno(e)),
+            }),
+        );
+    }
+}
+
+impl Filesystem for DiskFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Direct I/O from the loop device may be asynchronous (many requests
+        // in flight); writes of up to 1 MiB in one request.
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent == INodeNo::ROOT && name == FILE {
+            reply.entry(&TTL, &self.attr(DISK), fuser::Generation(0));
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        if ino == DISK || ino == INodeNo::ROOT {
+            reply.attr(&TTL, &self.attr(ino));
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // The volume's size is the control plane's to change, not a truncate's.
+        if ino == DISK && size.is_some_and(|s| s != self.session.size_bytes()) {
+            reply.error(Errno::EPERM);
+            return;
+        }
+        reply.attr(&TTL, &self.attr(ino));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if ino != DISK {
+            reply.error(Errno::EISDIR);
+            return;
+        }
+        if self.read_only && flags.acc_mode() != OpenAccMode::O_RDONLY {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        // No page cache for the file: the loop device above has its own.
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let end = self.session.size_bytes();
+        if offset >= end || size == 0 {
+            reply.data(&[]);
+            return;
+        }
+        let len = u64::from(size).min(end - offset) as u32;
+        self.session.submit(
+            Cmd::Read { offset, len },
+            Box::new(move |r| match r {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(e)),
+            }),
+        );
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        if self.read_only {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        if offset.saturating_add(data.len() as u64) > self.session.size_bytes() {
+            reply.error(Errno::EFBIG);
+            return;
+        }
+        let n = data.len() as u32;
+        self.session.submit(
+            Cmd::Write {
+                offset,
+                data: Bytes::copy_from_slice(data),
+            },
+            Box::new(move |r| match r {
+                Ok(_) => reply.written(n),
+                Err(e) => reply.error(errno(e)),
+            }),
+        );
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.flush_to(reply);
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.flush_to(reply);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        if self.read_only {
+            reply.error(Errno::EROFS);
+            return;
+        }
+        let size = self.session.size_bytes();
+        let inside = offset.checked_add(length).is_some_and(|e| e <= size);
+        let flags = self.session.flags();
+        match mode & !FALLOC_FL_KEEP_SIZE {
+            // Thin volumes have nothing to reserve.
+            0 if inside => reply.ok(),
+            FALLOC_FL_PUNCH_HOLE if inside && flags & TF_SEND_TRIM != 0 => {
+                self.ranges(offset, length, true, reply)
+            }
+            FALLOC_FL_ZERO_RANGE if inside && flags & TF_SEND_WRITE_ZEROES != 0 => {
+                self.ranges(offset, length, false, reply)
+            }
+            _ => reply.error(Errno::EOPNOTSUPP),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino != INodeNo::ROOT {
+            reply.error(Errno::ENOTDIR);
+            return;
+        }
+        let entries = [
+            (INodeNo::ROOT, FileType::Directory, "."),
+            (INodeNo::ROOT, FileType::Directory, ".."),
+            (DISK, FileType::RegularFile, FILE),
+        ];
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(*ino, (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+/// Serves the export until the mount is unmounted (`fusermount3 -u`, or
+/// SIGTERM/SIGINT, which unmount it lazily), then flushes and disconnects.
+pub fn run(o: AttachOptions) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("berth-attach")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("runtime: {e}"))?;
+    let uri = Uri::parse(&o.uri)?;
+    let opts = Options {
+        reconnect_timeout: o.reconnect_timeout,
+        ..Options::default()
+    };
+    let session = rt
+        .block_on(Session::connect(uri, opts))
+        .map_err(|e| format!("cannot attach the export: {e}"))?;
+    if session.read_only() && !o.read_only {
+        return Err("the export is read-only: attach it with --read-only".into());
+    }
+    std::fs::create_dir_all(&o.dir).map_err(|e| format!("{}: {e}", o.dir.display()))?;
+    let fs = DiskFs {
+        session: session.clone(),
+        rt: rt.handle().clone(),
+        read_only: o.read_only,
+        // SAFETY: getuid/getgid take no arguments and cannot fail.
+        uid: unsafe { libc::getuid() },
+        // SAFETY: as above.
+        gid: unsafe { libc::getgid() },
+        started: SystemTime::now(),
+    };
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName("berth".into()),
+        MountOption::Subtype("berth".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoExec,
+        if o.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    cfg.n_threads = Some(1);
+    let fuse = fuser::Session::new(fs, &o.dir, &cfg)
+        .map_err(|e| format!("cannot mount FUSE at {}: {e}", o.dir.display()))?;
+    if let Some(p) = &o.pid_file {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    tracing::info!(
+        dir = %o.dir.display(),
+        size_bytes = session.size_bytes(),
+        read_only = o.read_only,
+        "serving the export"
+    );
+    let (s, dir) = (session.clone(), o.dir.clone());
+    rt.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::hangup()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match s.refresh_size().await {
+                    Ok(size) => tracing::info!(size_bytes = size, "export size refreshed"),
+                    Err(e) => tracing::warn!(error = %e, "cannot refresh the export's size"),
+                },
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        // Lazily: a loop device still holding the file keeps it served.
+        let _ = tokio::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&dir)
+            .status()
+            .await;
+    });
+    let served = fuse.run();
+    let closed =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), session.close()).await });
+    if let Some(p) = &o.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    served.map_err(|e| format!("FUSE session: {e}"))?;
+    match closed {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("the final flush failed (NBD error {e})")),
+        Err(_) => Err("the final flush timed out".into()),
+    }
+}
