@@ -93,6 +93,24 @@ impl Drop for Cleanup {
                 .args(&args[1..])
                 .output();
         };
+        // First the attach processes serving under `root`: with their volume
+        // server gone, releasing a loop device would wait for it (the
+        // reconnect timeout) before the final flush gives up.
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            if args.iter().any(|a| a == "attach") && args.iter().any(|a| a.starts_with(&root)) {
+                // SAFETY: kill(2) takes no pointers; the process serves a
+                // FUSE mount under this test's own folder.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         let mut points: Vec<String> = mountinfo
             .lines()

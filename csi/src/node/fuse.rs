@@ -304,6 +304,23 @@ impl Filesystem for DiskFs {
         }
     }
 
+    // No extended attributes. ENOSYS (not ENODATA) tells the kernel never to
+    // ask again, instead of on every write (security.capability).
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: fuser::ReplyXattr,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
+        reply.error(Errno::ENOSYS);
+    }
+
     fn readdir(
         &self,
         _req: &Request,

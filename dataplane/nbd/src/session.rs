@@ -765,7 +765,8 @@ impl Actor {
         match open(&self.uri, &self.opts).await {
             Ok((conn, size, _flags)) => {
                 let down = self.down_since.take().map(|t| t.elapsed());
-                tracing::info!(
+                // As loud as the loss it ends.
+                tracing::warn!(
                     after_ms = down.map_or(0, |d| d.as_millis() as u64),
                     replaying = self.log.len(),
                     resending = self.queued.len(),
