@@ -1,0 +1,1600 @@
+//! Every manifest in `deploy/*.yaml`, checked the way a cluster and Berth's
+//! programs would read it, so that a typo fails here instead of in a cluster.
+//!
+//! - Each YAML document is dispatched on apiVersion + kind into its
+//!   `k8s-openapi` type (or, for the VolumeSnapshotClass CRD, a local type
+//!   that refuses unknown fields); an unknown kind is an error.
+//! - `k8s-openapi` ignores fields it does not know, so a misspelled key would
+//!   deserialize silently: each object is serialized back and compared with
+//!   the document, and a key the round trip lost (or a required one it had
+//!   to invent) is reported with its path. Values the types keep as plain
+//!   strings but the API server only accepts from a list (mountPropagation,
+//!   hostPath types, binding modes...) are checked against that list.
+//! - References between objects resolve: ServiceAccounts, Roles and
+//!   ClusterRoles of bindings, ConfigMaps of volumes and the files read from
+//!   them, volume mounts, Services of the StatefulSet and of the metadata
+//!   address, the CSI socket shared with the sidecars, kubelet's
+//!   registration path, the seccomp profile; driver names equal
+//!   `berth_csi::DRIVER_NAME`.
+//! - Berth containers name a real `berth` subcommand and only the flags and
+//!   environment variables it accepts, read from `cli/src/bin/berth.rs`
+//!   itself; `$(VAR)` references are defined.
+//! - StorageClass and VolumeAttributesClass parameters are resolved by the
+//!   metadata service's own parser against the tiers ConfigMap.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PersistentVolumeClaim, PodTemplateSpec, Service,
+    ServiceAccount,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass, VolumeAttributesClass};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Where every namespaced object lives.
+const NAMESPACE: &str = "berth-system";
+
+/// The one image of every Berth program, tagged with the workspace's version.
+fn berth_image() -> String {
+    format!("ghcr.io/berth-storage/berth:{}", env!("CARGO_PKG_VERSION"))
+}
+
+fn deploy_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+// ---- loading ----------------------------------------------------------------
+
+/// One YAML document of a manifest file, as JSON.
+#[derive(Debug, Clone)]
+struct Doc {
+    /// "05-csi-controller.yaml, document 1 (Deployment berth-csi-controller)".
+    at: String,
+    value: Value,
+}
+
+/// Every non-empty document of every `deploy/*.yaml`, in file order.
+fn load_docs() -> Vec<Doc> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy_dir())
+        .expect("read deploy/")
+        .map(|e| e.expect("deploy/ entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no manifests in deploy/");
+    let mut docs = Vec::new();
+    for file in files {
+        let name = file
+            .file_name()
+            .expect("file name")
+            .to_string_lossy()
+            .into_owned();
+        let text = std::fs::read_to_string(&file).expect("read manifest");
+        docs.extend(parse_docs(&name, &text).unwrap_or_else(|e| panic!("{e}")));
+    }
+    docs
+}
+
+/// The documents of one file. Comment-only documents are skipped.
+fn parse_docs(file: &str, text: &str) -> Result<Vec<Doc>, String> {
+    let mut docs = Vec::new();
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let yaml = serde_yaml::Value::deserialize(de)
+            .map_err(|e| format!("{file}, document {}: not YAML: {e}", i + 1))?;
+        if yaml.is_null() {
+            continue;
+        }
+        let value = serde_json::to_value(&yaml)
+            .map_err(|e| format!("{file}, document {}: not JSON-like: {e}", i + 1))?;
+        let kind = value["kind"].as_str().unwrap_or("?");
+        let name = value["metadata"]["name"].as_str().unwrap_or("?");
+        docs.push(Doc {
+            at: format!("{file}, document {} ({kind} {name})", i + 1),
+            value,
+        });
+    }
+    Ok(docs)
+}
+
+// ---- typed objects and the round trip --------------------------------------
+
+/// The VolumeSnapshotClass CRD (snapshot.storage.k8s.io/v1), which
+/// `k8s-openapi` does not have: its fields as the CRD defines them, and no
+/// others.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VolumeSnapshotClass {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    driver: String,
+    deletion_policy: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parameters: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Clone)]
+enum Object {
+    Namespace(Namespace),
+    ServiceAccount(ServiceAccount),
+    ConfigMap(ConfigMap),
+    Service(Service),
+    ClusterRole(ClusterRole),
+    ClusterRoleBinding(ClusterRoleBinding),
+    Role(Role),
+    RoleBinding(RoleBinding),
+    Deployment(Deployment),
+    DaemonSet(DaemonSet),
+    StatefulSet(StatefulSet),
+    CsiDriver(CSIDriver),
+    StorageClass(StorageClass),
+    VolumeAttributesClass(VolumeAttributesClass),
+    VolumeSnapshotClass(VolumeSnapshotClass),
+}
+
+#[derive(Debug, Clone)]
+struct Manifest {
+    at: String,
+    object: Object,
+}
+
+impl Object {
+    fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Object::Namespace(o) => &o.metadata,
+            Object::ServiceAccount(o) => &o.metadata,
+            Object::ConfigMap(o) => &o.metadata,
+            Object::Service(o) => &o.metadata,
+            Object::ClusterRole(o) => &o.metadata,
+            Object::ClusterRoleBinding(o) => &o.metadata,
+            Object::Role(o) => &o.metadata,
+            Object::RoleBinding(o) => &o.metadata,
+            Object::Deployment(o) => &o.metadata,
+            Object::DaemonSet(o) => &o.metadata,
+            Object::StatefulSet(o) => &o.metadata,
+            Object::CsiDriver(o) => &o.metadata,
+            Object::StorageClass(o) => &o.metadata,
+            Object::VolumeAttributesClass(o) => &o.metadata,
+            Object::VolumeSnapshotClass(o) => &o.metadata,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Object::Namespace(_) => "Namespace",
+            Object::ServiceAccount(_) => "ServiceAccount",
+            Object::ConfigMap(_) => "ConfigMap",
+            Object::Service(_) => "Service",
+            Object::ClusterRole(_) => "ClusterRole",
+            Object::ClusterRoleBinding(_) => "ClusterRoleBinding",
+            Object::Role(_) => "Role",
+            Object::RoleBinding(_) => "RoleBinding",
+            Object::Deployment(_) => "Deployment",
+            Object::DaemonSet(_) => "DaemonSet",
+            Object::StatefulSet(_) => "StatefulSet",
+            Object::CsiDriver(_) => "CSIDriver",
+            Object::StorageClass(_) => "StorageClass",
+            Object::VolumeAttributesClass(_) => "VolumeAttributesClass",
+            Object::VolumeSnapshotClass(_) => "VolumeSnapshotClass",
+        }
+    }
+
+    fn namespaced(&self) -> bool {
+        matches!(
+            self,
+            Object::ServiceAccount(_)
+                | Object::ConfigMap(_)
+                | Object::Service(_)
+                | Object::Role(_)
+                | Object::RoleBinding(_)
+                | Object::Deployment(_)
+                | Object::DaemonSet(_)
+                | Object::StatefulSet(_)
+        )
+    }
+
+    fn name(&self) -> &str {
+        self.metadata().name.as_deref().unwrap_or("")
+    }
+}
+
+/// Deserializes `doc` as a `T`, serializes it back and reports what the
+/// round trip changed.
+fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<(T, Vec<String>), String> {
+    let typed: T = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+    let back = serde_json::to_value(&typed).map_err(|e| e.to_string())?;
+    let mut problems = Vec::new();
+    compare(doc, &back, "", &mut problems);
+    Ok((typed, problems))
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// What differs between a document and its round trip through its type.
+/// A null in the document is the same as an absent key (both are None);
+/// empty maps and lists are kept by the types, so they must come back.
+fn compare(orig: &Value, back: &Value, path: &str, out: &mut Vec<String>) {
+    match (orig, back) {
+        (Value::Object(o), Value::Object(b)) => {
+            for (k, v) in o {
+                let p = join(path, k);
+                match b.get(k) {
+                    _ if v.is_null() => {}
+                    None => out.push(format!(
+                        "{p}: not a field of this type (misspelled, or in the wrong place?)"
+                    )),
+                    Some(bv) => compare(v, bv, &p, out),
+                }
+            }
+            for (k, bv) in b {
+                // Embedded objects (a StatefulSet's claim templates) come
+                // back with the apiVersion and kind their type implies.
+                let implied = k == "apiVersion" || k == "kind";
+                if !implied && !bv.is_null() && o.get(k).is_none_or(Value::is_null) {
+                    out.push(format!(
+                        "{}: required, and missing (the type filled in {bv})",
+                        join(path, k)
+                    ));
+                }
+            }
+        }
+        (Value::Array(o), Value::Array(b)) if o.len() == b.len() => {
+            for (i, (ov, bv)) in o.iter().zip(b).enumerate() {
+                compare(ov, bv, &format!("{path}[{i}]"), out);
+            }
+        }
+        (o, b) if o == b => {}
+        (o, b) => out.push(format!("{path}: {o} came back as {b}")),
+    }
+}
+
+/// Values the API types keep as strings but the API server accepts only
+/// from a list: (the field's parent key or "" for any, its key, the values).
+#[rustfmt::skip]
+const ENUMS: &[(&str, &str, &[&str])] = &[
+    ("", "mountPropagation", &["None", "HostToContainer", "Bidirectional"]),
+    ("", "imagePullPolicy", &["Always", "IfNotPresent", "Never"]),
+    ("", "protocol", &["TCP", "UDP", "SCTP"]),
+    ("", "volumeBindingMode", &["Immediate", "WaitForFirstConsumer"]),
+    ("", "reclaimPolicy", &["Delete", "Retain"]),
+    ("", "deletionPolicy", &["Delete", "Retain"]),
+    ("", "fsGroupPolicy", &["None", "File", "ReadWriteOnceWithFSType"]),
+    ("", "fsGroupChangePolicy", &["OnRootMismatch", "Always"]),
+    ("", "dnsPolicy", &["ClusterFirst", "ClusterFirstWithHostNet", "Default", "None"]),
+    ("", "restartPolicy", &["Always", "OnFailure", "Never"]),
+    ("", "podManagementPolicy", &["OrderedReady", "Parallel"]),
+    ("", "volumeLifecycleModes", &["Persistent", "Ephemeral"]),
+    ("", "accessModes", &["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]),
+    ("", "effect", &["NoSchedule", "PreferNoSchedule", "NoExecute"]),
+    (
+        "hostPath",
+        "type",
+        &["", "DirectoryOrCreate", "Directory", "FileOrCreate", "File", "Socket", "CharDevice", "BlockDevice"],
+    ),
+    ("seccompProfile", "type", &["RuntimeDefault", "Localhost", "Unconfined"]),
+    ("strategy", "type", &["RollingUpdate", "Recreate"]),
+    ("updateStrategy", "type", &["RollingUpdate", "OnDelete"]),
+    ("tolerations[]", "operator", &["Exists", "Equal"]),
+    ("fieldRef", "fieldPath", &[
+        "metadata.name",
+        "metadata.namespace",
+        "metadata.uid",
+        "spec.nodeName",
+        "spec.serviceAccountName",
+        "status.hostIP",
+        "status.hostIPs",
+        "status.podIP",
+        "status.podIPs",
+    ]),
+];
+
+/// Checks the listed string values anywhere in `v`; `parent` is the key of
+/// the object holding `v` ("tolerations[]" for an element of that list).
+fn check_enums(v: &Value, parent: &str, path: &str, out: &mut Vec<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, val) in m {
+                let p = join(path, k);
+                for (want_parent, key, allowed) in ENUMS {
+                    if k != key || !(want_parent.is_empty() || *want_parent == parent) {
+                        continue;
+                    }
+                    let values: Vec<&Value> = match val {
+                        Value::Array(a) => a.iter().collect(),
+                        other => vec![other],
+                    };
+                    for x in values {
+                        match x.as_str() {
+                            Some(s) if allowed.contains(&s) => {}
+                            _ => out.push(format!("{p}: {x} is not one of {allowed:?}")),
+                        }
+                    }
+                }
+                check_enums(val, k, &p, out);
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                check_enums(x, &format!("{parent}[]"), &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The typed object of a document, or what is wrong with it.
+fn typed(doc: &Doc) -> Result<Manifest, Vec<String>> {
+    let v = &doc.value;
+    let api = v["apiVersion"].as_str().unwrap_or("");
+    let kind = v["kind"].as_str().unwrap_or("");
+    macro_rules! as_ {
+        ($t:ty, $variant:ident) => {
+            round_trip::<$t>(v).map(|(o, p)| (Object::$variant(o), p))
+        };
+    }
+    let r = match (api, kind) {
+        ("v1", "Namespace") => as_!(Namespace, Namespace),
+        ("v1", "ServiceAccount") => as_!(ServiceAccount, ServiceAccount),
+        ("v1", "ConfigMap") => as_!(ConfigMap, ConfigMap),
+        ("v1", "Service") => as_!(Service, Service),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => as_!(ClusterRole, ClusterRole),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
+            as_!(ClusterRoleBinding, ClusterRoleBinding)
+        }
+        ("rbac.authorization.k8s.io/v1", "Role") => as_!(Role, Role),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => as_!(RoleBinding, RoleBinding),
+        ("apps/v1", "Deployment") => as_!(Deployment, Deployment),
+        ("apps/v1", "DaemonSet") => as_!(DaemonSet, DaemonSet),
+        ("apps/v1", "StatefulSet") => as_!(StatefulSet, StatefulSet),
+        ("storage.k8s.io/v1", "CSIDriver") => as_!(CSIDriver, CsiDriver),
+        ("storage.k8s.io/v1", "StorageClass") => as_!(StorageClass, StorageClass),
+        ("storage.k8s.io/v1", "VolumeAttributesClass") => {
+            as_!(VolumeAttributesClass, VolumeAttributesClass)
+        }
+        ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass") => {
+            as_!(VolumeSnapshotClass, VolumeSnapshotClass)
+        }
+        _ => Err(format!(
+            "unknown kind {kind:?} of apiVersion {api:?} (a typo, or a kind this test must learn)"
+        )),
+    };
+    let at = |p: String| format!("{}: {p}", doc.at);
+    match r {
+        Err(e) => Err(vec![at(e)]),
+        Ok((object, mut problems)) => {
+            check_enums(v, "", "", &mut problems);
+            if problems.is_empty() {
+                Ok(Manifest {
+                    at: doc.at.clone(),
+                    object,
+                })
+            } else {
+                Err(problems.into_iter().map(at).collect())
+            }
+        }
+    }
+}
+
+/// Every manifest, typed; panics listing every document that is not valid.
+fn manifests() -> Vec<Manifest> {
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for doc in load_docs() {
+        match typed(&doc) {
+            Ok(m) => out.push(m),
+            Err(p) => problems.extend(p),
+        }
+    }
+    report(
+        "manifests that do not match their Kubernetes types",
+        problems,
+    );
+    out
+}
+
+fn report(what: &str, problems: Vec<String>) {
+    assert!(problems.is_empty(), "{what}:\n  {}", problems.join("\n  "));
+}
+
+// ---- lookups ----------------------------------------------------------------
+
+struct Index<'a> {
+    all: &'a [Manifest],
+}
+
+impl<'a> Index<'a> {
+    fn find(&self, kind: &str, namespace: Option<&str>, name: &str) -> Option<&'a Object> {
+        self.all.iter().map(|m| &m.object).find(|o| {
+            o.kind() == kind && o.name() == name && o.metadata().namespace.as_deref() == namespace
+        })
+    }
+
+    fn exists(&self, kind: &str, namespace: Option<&str>, name: &str) -> bool {
+        self.find(kind, namespace, name).is_some()
+    }
+
+    fn config_map(&self, name: &str) -> Option<&'a ConfigMap> {
+        match self.find("ConfigMap", Some(NAMESPACE), name) {
+            Some(Object::ConfigMap(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    fn services(&self) -> impl Iterator<Item = &'a Service> {
+        self.all.iter().filter_map(|m| match &m.object {
+            Object::Service(s) => Some(s),
+            _ => None,
+        })
+    }
+}
+
+/// A workload's pod template, with the claims a StatefulSet adds.
+struct Workload<'a> {
+    at: &'a str,
+    selector: Option<&'a BTreeMap<String, String>>,
+    template: &'a PodTemplateSpec,
+    claims: &'a [PersistentVolumeClaim],
+}
+
+fn workloads(all: &[Manifest]) -> Vec<Workload<'_>> {
+    let mut out = Vec::new();
+    for m in all {
+        let (selector, template, claims) = match &m.object {
+            Object::Deployment(d) => match &d.spec {
+                Some(s) => (&s.selector, &s.template, None),
+                None => continue,
+            },
+            Object::DaemonSet(d) => match &d.spec {
+                Some(s) => (&s.selector, &s.template, None),
+                None => continue,
+            },
+            Object::StatefulSet(d) => match &d.spec {
+                Some(s) => (
+                    &s.selector,
+                    &s.template,
+                    s.volume_claim_templates.as_deref(),
+                ),
+                None => continue,
+            },
+            _ => continue,
+        };
+        out.push(Workload {
+            at: &m.at,
+            selector: selector.match_labels.as_ref(),
+            template,
+            claims: claims.unwrap_or(&[]),
+        });
+    }
+    out
+}
+
+fn containers(t: &PodTemplateSpec) -> Vec<&Container> {
+    let Some(spec) = &t.spec else {
+        return Vec::new();
+    };
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(spec.containers.iter())
+        .collect()
+}
+
+fn args(c: &Container) -> &[String] {
+    c.args.as_deref().unwrap_or(&[])
+}
+
+/// `--name=value` or `--name value` in a container's args.
+fn flag<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    let a = args(c);
+    let long = format!("--{name}");
+    for (i, x) in a.iter().enumerate() {
+        if let Some(v) = x.strip_prefix(&format!("{long}=")) {
+            return Some(v);
+        }
+        if *x == long {
+            return a.get(i + 1).map(String::as_str);
+        }
+    }
+    None
+}
+
+fn is_berth(c: &Container) -> bool {
+    c.image
+        .as_deref()
+        .is_some_and(|i| i.starts_with("ghcr.io/berth-storage/berth:"))
+}
+
+/// The volume mounted at the directory holding `path` in container `c`,
+/// and the path relative to the mount.
+fn mount_of<'a>(c: &'a Container, path: &str) -> Option<(&'a str, String)> {
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .filter_map(|m| {
+            let rest = path.strip_prefix(m.mount_path.trim_end_matches('/'))?;
+            let rest = rest.strip_prefix('/')?;
+            Some((m.name.as_str(), rest.to_string(), m.mount_path.len()))
+        })
+        .max_by_key(|(_, _, len)| *len)
+        .map(|(n, r, _)| (n, r))
+}
+
+// ---- the berth command line, read from its source --------------------------
+
+/// What one `berth` subcommand accepts.
+#[derive(Debug, Default, Clone)]
+struct Accepts {
+    flags: BTreeSet<String>,
+    envs: BTreeSet<String>,
+}
+
+#[derive(Debug)]
+struct Field {
+    attrs: Vec<String>,
+    name: String,
+    ty: String,
+}
+
+/// `"SomeName"` -> `"some-name"`, `"some_name"` -> `"some-name"`.
+fn kebab(s: &str) -> String {
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if ch.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('-');
+            }
+            out.push(ch.to_ascii_lowercase());
+        } else if ch == '_' {
+            out.push('-');
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// The body of `struct NAME { ... }` or `enum NAME { ... }`.
+fn item_body<'a>(src: &'a str, keyword: &str, name: &str) -> Option<&'a str> {
+    let head = format!("{keyword} {name} {{");
+    let start = src.find(&head)? + head.len();
+    let mut depth = 1;
+    for (i, ch) in src[start..].char_indices() {
+        match ch {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(&src[start..start + i]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The fields (or tuple variants) of a struct (or enum) body, with their
+/// attributes. Comments are dropped; strings inside attributes are kept
+/// whole, so a `,` or `]` in a default value does not split anything.
+fn fields(body: &str) -> Vec<Field> {
+    let text: String = body
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("//"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut out = Vec::new();
+    let mut attrs = Vec::new();
+    let mut chars = text.char_indices().peekable();
+    let mut item = String::new();
+    while let Some((_, ch)) = chars.next() {
+        if ch == '#' && chars.peek().is_some_and(|(_, c)| *c == '[') && item.trim().is_empty() {
+            let mut attr = String::from("#");
+            let mut depth = 0;
+            let mut in_str = false;
+            for (_, c) in chars.by_ref() {
+                attr.push(c);
+                match c {
+                    '"' => in_str = !in_str,
+                    '[' if !in_str => depth += 1,
+                    ']' if !in_str => {
+                        depth -= 1;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            attrs.push(attr);
+            item.clear();
+            continue;
+        }
+        let depth_open = item.matches(['<', '(', '[']).count();
+        let depth_close = item.matches(['>', ')', ']']).count();
+        if ch == ',' && depth_open == depth_close {
+            push_field(&mut out, &mut attrs, &item);
+            item.clear();
+        } else {
+            item.push(ch);
+        }
+    }
+    push_field(&mut out, &mut attrs, &item);
+    out
+}
+
+fn push_field(out: &mut Vec<Field>, attrs: &mut Vec<String>, item: &str) {
+    let item = item.trim();
+    if item.is_empty() {
+        return;
+    }
+    let item = item.strip_prefix("pub ").unwrap_or(item);
+    let (name, ty) = match (item.split_once(':'), item.split_once('(')) {
+        (Some((n, t)), _) => (n.trim(), t.trim()),
+        (None, Some((n, t))) => (n.trim(), t.trim_end_matches(')').trim()),
+        (None, None) => (item, ""),
+    };
+    out.push(Field {
+        attrs: std::mem::take(attrs),
+        name: name.to_string(),
+        ty: ty.to_string(),
+    });
+}
+
+/// `key = "value"` inside an attribute, or `key` alone (`Some("")`).
+fn attr_item(attr: &str, key: &str) -> Option<String> {
+    let inner = attr.split_once('(')?.1.rsplit_once(')')?.0;
+    let mut parts = Vec::new();
+    let (mut cur, mut in_str) = (String::new(), false);
+    for c in inner.chars() {
+        match c {
+            '"' => {
+                in_str = !in_str;
+                cur.push(c);
+            }
+            ',' if !in_str => parts.push(std::mem::take(&mut cur)),
+            _ => cur.push(c),
+        }
+    }
+    parts.push(cur);
+    parts.iter().find_map(|p| {
+        let p = p.trim();
+        match p.split_once('=') {
+            Some((k, v)) if k.trim() == key => Some(v.trim().trim_matches('"').to_string()),
+            None if p == key => Some(String::new()),
+            _ => None,
+        }
+    })
+}
+
+/// Flags and environment variables of a clap `Args` struct, flattened ones
+/// included.
+fn accepts_of(src: &str, ty: &str, global_only: bool) -> Accepts {
+    let body = item_body(src, "struct", ty)
+        .unwrap_or_else(|| panic!("struct {ty} not found in cli/src/bin/berth.rs"));
+    let mut acc = Accepts::default();
+    for f in fields(body) {
+        for a in &f.attrs {
+            if a.starts_with("#[command") && attr_item(a, "flatten").is_some() {
+                let inner = accepts_of(src, &f.ty, global_only);
+                acc.flags.extend(inner.flags);
+                acc.envs.extend(inner.envs);
+            }
+            if !a.starts_with("#[arg") {
+                continue;
+            }
+            if global_only && attr_item(a, "global").as_deref() != Some("true") {
+                continue;
+            }
+            if let Some(long) = attr_item(a, "long") {
+                acc.flags.insert(if long.is_empty() {
+                    kebab(&f.name)
+                } else {
+                    long
+                });
+            }
+            if let Some(env) = attr_item(a, "env") {
+                acc.envs.insert(env);
+            }
+        }
+    }
+    acc
+}
+
+/// Every `berth` subcommand and what it accepts, from the program's source.
+fn berth_cli() -> BTreeMap<String, Accepts> {
+    let path = deploy_dir().join("../cli/src/bin/berth.rs");
+    let src = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let global = accepts_of(&src, "Cli", true);
+    let body = item_body(&src, "enum", "Command").expect("enum Command in berth.rs");
+    let mut out = BTreeMap::new();
+    for v in fields(body) {
+        let mut acc = accepts_of(&src, &v.ty, false);
+        acc.flags.extend(global.flags.iter().cloned());
+        acc.envs.extend(global.envs.iter().cloned());
+        acc.flags.insert("help".into());
+        out.insert(kebab(&v.name), acc);
+    }
+    assert!(
+        out.contains_key("volume-server") && out.contains_key("csi"),
+        "could not read the subcommands of berth.rs: {out:?}"
+    );
+    out
+}
+
+/// What is wrong with a Berth container's command line.
+fn check_berth_container(c: &Container, cli: &BTreeMap<String, Accepts>) -> Vec<String> {
+    let mut out = Vec::new();
+    match c.command.as_deref() {
+        // A shell script in the image (an init container): not a berth command line.
+        Some([sh, ..]) if sh.ends_with("/sh") => return out,
+        None => {}
+        Some(cmd) if cmd == ["berth"] => {}
+        Some(cmd) => {
+            out.push(format!("command {cmd:?}: the image's entrypoint is berth"));
+            return out;
+        }
+    }
+    let a = args(c);
+    let Some(sub) = a.first() else {
+        out.push("no subcommand in args".into());
+        return out;
+    };
+    let Some(acc) = cli.get(sub) else {
+        out.push(format!(
+            "args[0] {sub:?} is not a berth subcommand ({:?})",
+            cli.keys().collect::<Vec<_>>()
+        ));
+        return out;
+    };
+    for x in &a[1..] {
+        if let Some(f) = x.strip_prefix("--") {
+            let name = f.split('=').next().unwrap_or(f);
+            if !acc.flags.contains(name) {
+                out.push(format!(
+                    "berth {sub} has no flag --{name} (it has {:?})",
+                    acc.flags
+                ));
+            }
+        } else if x.starts_with('-') {
+            out.push(format!("{x:?}: berth {sub} takes only --long flags"));
+        }
+    }
+    if sub == "csi" {
+        let mode = flag(c, "mode").unwrap_or("all");
+        if let Err(e) = berth_csi::Mode::from_str(mode) {
+            out.push(format!("--mode: {e}"));
+        }
+    }
+    for e in c.env.iter().flatten() {
+        let ours = e.name.starts_with("BERTH_") || e.name == "CSI_ENDPOINT";
+        if ours && !acc.envs.contains(&e.name) {
+            out.push(format!(
+                "env {}: berth {sub} does not read it (it reads {:?})",
+                e.name, acc.envs
+            ));
+        }
+    }
+    out
+}
+
+/// `$(VAR)` in a container's command or args that no env entry defines:
+/// Kubernetes would pass the text through unexpanded.
+fn undefined_vars(c: &Container) -> Vec<String> {
+    let defined: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    let mut out = Vec::new();
+    for s in c.command.iter().flatten().chain(args(c)) {
+        let mut rest = s.as_str();
+        while let Some(i) = rest.find("$(") {
+            rest = &rest[i + 2..];
+            let Some(end) = rest.find(')') else { break };
+            let var = &rest[..end];
+            if !defined.contains(var) {
+                out.push(format!("$({var}) is used but not in env"));
+            }
+            rest = &rest[end..];
+        }
+    }
+    out
+}
+
+// ---- the tests ----------------------------------------------------------------
+
+#[test]
+fn every_document_is_a_known_kind_that_round_trips_through_its_type() {
+    let all = manifests();
+    let kinds: BTreeSet<&str> = all.iter().map(|m| m.object.kind()).collect();
+    for want in [
+        "Namespace",
+        "CSIDriver",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "DaemonSet",
+        "StatefulSet",
+        "Service",
+        "StorageClass",
+        "VolumeSnapshotClass",
+        "VolumeAttributesClass",
+    ] {
+        assert!(kinds.contains(want), "no {want} in deploy/");
+    }
+}
+
+#[test]
+fn names_and_namespaces_are_unique_and_exist() {
+    let all = manifests();
+    let idx = Index { all: &all };
+    let mut problems = Vec::new();
+    let mut seen = BTreeSet::new();
+    for m in &all {
+        let o = &m.object;
+        let ns = o.metadata().namespace.as_deref();
+        match (o.namespaced(), ns) {
+            (true, Some(NAMESPACE)) | (false, None) => {}
+            (true, other) => problems.push(format!(
+                "{}: namespace {other:?}, expected {NAMESPACE}",
+                m.at
+            )),
+            (false, Some(n)) => problems.push(format!(
+                "{}: {} is cluster-scoped but has namespace {n}",
+                m.at,
+                o.kind()
+            )),
+        }
+        if o.name().is_empty() {
+            problems.push(format!("{}: no metadata.name", m.at));
+        }
+        if !seen.insert((o.kind(), ns.map(str::to_string), o.name().to_string())) {
+            problems.push(format!("{}: a second {} {}", m.at, o.kind(), o.name()));
+        }
+    }
+    if !idx.exists("Namespace", None, NAMESPACE) {
+        problems.push(format!("no Namespace {NAMESPACE}"));
+    }
+    report("names and namespaces", problems);
+}
+
+#[test]
+fn rbac_and_service_accounts_resolve() {
+    let all = manifests();
+    let idx = Index { all: &all };
+    let mut problems = Vec::new();
+    for w in workloads(&all) {
+        let sa = w
+            .template
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.as_deref())
+            .unwrap_or("default");
+        if !idx.exists("ServiceAccount", Some(NAMESPACE), sa) {
+            problems.push(format!("{}: ServiceAccount {sa} does not exist", w.at));
+        }
+    }
+    for m in &all {
+        let (role_ref, subjects, binding_ns) = match &m.object {
+            Object::ClusterRoleBinding(b) => (&b.role_ref, b.subjects.as_deref(), None),
+            Object::RoleBinding(b) => (
+                &b.role_ref,
+                b.subjects.as_deref(),
+                b.metadata.namespace.as_deref(),
+            ),
+            _ => continue,
+        };
+        if role_ref.api_group != "rbac.authorization.k8s.io" {
+            problems.push(format!(
+                "{}: roleRef.apiGroup {:?}",
+                m.at, role_ref.api_group
+            ));
+        }
+        let found = match (role_ref.kind.as_str(), binding_ns) {
+            ("ClusterRole", _) => idx.exists("ClusterRole", None, &role_ref.name),
+            ("Role", Some(ns)) => idx.exists("Role", Some(ns), &role_ref.name),
+            (k, _) => {
+                problems.push(format!("{}: roleRef.kind {k} cannot be bound here", m.at));
+                true
+            }
+        };
+        if !found {
+            problems.push(format!(
+                "{}: {} {} does not exist",
+                m.at, role_ref.kind, role_ref.name
+            ));
+        }
+        let subjects = subjects.unwrap_or(&[]);
+        if subjects.is_empty() {
+            problems.push(format!("{}: binds nobody", m.at));
+        }
+        for s in subjects {
+            match (s.kind.as_str(), s.namespace.as_deref()) {
+                ("ServiceAccount", Some(ns)) => {
+                    if !idx.exists("ServiceAccount", Some(ns), &s.name) {
+                        problems.push(format!(
+                            "{}: ServiceAccount {ns}/{} does not exist",
+                            m.at, s.name
+                        ));
+                    }
+                }
+                ("ServiceAccount", None) => problems.push(format!(
+                    "{}: ServiceAccount {} has no namespace",
+                    m.at, s.name
+                )),
+                (k, _) => problems.push(format!("{}: subject kind {k} is not expected", m.at)),
+            }
+        }
+    }
+    report("RBAC references", problems);
+}
+
+#[test]
+fn pod_volumes_config_maps_and_services_resolve() {
+    let all = manifests();
+    let idx = Index { all: &all };
+    let mut problems = Vec::new();
+    for w in workloads(&all) {
+        let spec = w.template.spec.as_ref().expect("pod spec");
+        let labels = w.template.metadata.as_ref().and_then(|m| m.labels.as_ref());
+        match (w.selector, labels) {
+            (Some(sel), Some(l)) if sel.iter().all(|(k, v)| l.get(k) == Some(v)) => {}
+            _ => problems.push(format!("{}: selector does not match the pod labels", w.at)),
+        }
+        let mut volumes: BTreeMap<&str, &k8s_openapi::api::core::v1::Volume> = BTreeMap::new();
+        for v in spec.volumes.iter().flatten() {
+            if volumes.insert(v.name.as_str(), v).is_some() {
+                problems.push(format!("{}: volume {} twice", w.at, v.name));
+            }
+            if let Some(cm) = &v.config_map {
+                if idx.config_map(&cm.name).is_none() && cm.optional != Some(true) {
+                    problems.push(format!(
+                        "{}: volume {}: ConfigMap {} does not exist (and is not optional)",
+                        w.at, v.name, cm.name
+                    ));
+                }
+            }
+            if let Some(s) = &v.secret {
+                let name = s.secret_name.as_deref().unwrap_or("");
+                if !idx.exists("Secret", Some(NAMESPACE), name) && s.optional != Some(true) {
+                    problems.push(format!(
+                        "{}: volume {}: Secret {name} does not exist (and is not optional)",
+                        w.at, v.name
+                    ));
+                }
+            }
+            if let Some(h) = &v.host_path {
+                if !h.path.starts_with('/') {
+                    problems.push(format!("{}: hostPath {} is not absolute", w.at, h.path));
+                }
+            }
+        }
+        let claims: BTreeSet<&str> = w
+            .claims
+            .iter()
+            .filter_map(|c| c.metadata.name.as_deref())
+            .collect();
+        for c in containers(w.template) {
+            let mut ports = BTreeSet::new();
+            for p in c.ports.iter().flatten() {
+                if let Some(n) = &p.name {
+                    let ok = n.len() <= 15
+                        && n.chars()
+                            .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '-')
+                        && n.chars().any(|ch| ch.is_ascii_lowercase());
+                    if !ok {
+                        problems.push(format!(
+                            "{}: container {}: port name {n:?} is not an IANA service name (15 chars, a-z0-9-)",
+                            w.at, c.name
+                        ));
+                    }
+                    if !ports.insert(n) {
+                        problems.push(format!("{}: port name {n} twice", w.at));
+                    }
+                }
+            }
+            for m in c.volume_mounts.iter().flatten() {
+                if !volumes.contains_key(m.name.as_str()) && !claims.contains(m.name.as_str()) {
+                    problems.push(format!(
+                        "{}: container {} mounts {}, which is neither a volume nor a claim",
+                        w.at, c.name, m.name
+                    ));
+                }
+            }
+            // Files the container names under a ConfigMap's mount must be
+            // keys of that ConfigMap.
+            let words = c
+                .command
+                .iter()
+                .flatten()
+                .chain(args(c))
+                .flat_map(|a| a.split(|ch: char| ch.is_whitespace() || ch == '='));
+            for word in words.filter(|x| x.starts_with('/')) {
+                let Some((vol, file)) = mount_of(c, word) else {
+                    continue;
+                };
+                let Some(cm) = volumes.get(vol).and_then(|v| v.config_map.as_ref()) else {
+                    continue;
+                };
+                if let Some(map) = idx.config_map(&cm.name) {
+                    let keys: BTreeSet<&String> =
+                        map.data.iter().flatten().map(|(k, _)| k).collect();
+                    if !keys.contains(&file) {
+                        problems.push(format!(
+                            "{}: container {} reads {word}, but ConfigMap {} has no key {file} ({keys:?})",
+                            w.at, c.name, cm.name
+                        ));
+                    }
+                }
+            }
+            problems.extend(
+                undefined_vars(c)
+                    .into_iter()
+                    .map(|p| format!("{}: container {}: {p}", w.at, c.name)),
+            );
+        }
+    }
+    // Services select some pod and name its ports; the StatefulSet's
+    // governing Service exists.
+    let pods = workloads(&all);
+    for s in idx.services() {
+        let spec = s.spec.as_ref().expect("service spec");
+        let sel = spec.selector.clone().unwrap_or_default();
+        let targets: Vec<&Workload> = pods
+            .iter()
+            .filter(|w| {
+                let l = w.template.metadata.as_ref().and_then(|m| m.labels.as_ref());
+                !sel.is_empty() && sel.iter().all(|(k, v)| l.and_then(|l| l.get(k)) == Some(v))
+            })
+            .collect();
+        if targets.is_empty() {
+            problems.push(format!(
+                "Service {}: selects no pod",
+                s.metadata.name.as_deref().unwrap_or("")
+            ));
+        }
+        for p in spec.ports.iter().flatten() {
+            if let Some(IntOrString::String(name)) = &p.target_port {
+                let named = targets.iter().any(|w| {
+                    containers(w.template)
+                        .iter()
+                        .flat_map(|c| c.ports.iter().flatten())
+                        .any(|cp| cp.name.as_deref() == Some(name))
+                });
+                if !named {
+                    problems.push(format!(
+                        "Service port {:?}: no container port named {name}",
+                        p.name
+                    ));
+                }
+            }
+        }
+    }
+    for m in &all {
+        if let Object::StatefulSet(s) = &m.object {
+            let svc = s
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_name.as_deref())
+                .unwrap_or("");
+            if !idx.exists("Service", Some(NAMESPACE), svc) {
+                problems.push(format!("{}: serviceName {svc:?} is not a Service", m.at));
+            }
+        }
+    }
+    report("pod references", problems);
+}
+
+#[test]
+fn berth_containers_use_real_subcommands_flags_and_env_vars() {
+    let all = manifests();
+    let cli = berth_cli();
+    let mut problems = Vec::new();
+    let mut berth_containers = 0;
+    for w in workloads(&all) {
+        for c in containers(w.template).into_iter().filter(|c| is_berth(c)) {
+            berth_containers += 1;
+            problems.extend(
+                check_berth_container(c, &cli)
+                    .into_iter()
+                    .map(|p| format!("{}: container {}: {p}", w.at, c.name)),
+            );
+        }
+    }
+    assert!(
+        berth_containers >= 4,
+        "found only {berth_containers} berth containers"
+    );
+    report("berth command lines", problems);
+}
+
+#[test]
+fn images_are_pinned_and_berth_is_one_image_of_the_workspace_version() {
+    let all = manifests();
+    let mut problems = Vec::new();
+    let mut sidecar_tags: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for w in workloads(&all) {
+        for c in containers(w.template) {
+            let image = c.image.as_deref().unwrap_or("");
+            let (repo, tag) = match image.rsplit_once(':') {
+                Some((r, t)) if !t.contains('/') => (r, t),
+                _ => {
+                    problems.push(format!(
+                        "{}: container {}: image {image:?} has no tag",
+                        w.at, c.name
+                    ));
+                    continue;
+                }
+            };
+            if tag == "latest" || tag.is_empty() {
+                problems.push(format!(
+                    "{}: container {}: image {image} is not pinned",
+                    w.at, c.name
+                ));
+            }
+            if is_berth(c) {
+                if image != berth_image() {
+                    problems.push(format!(
+                        "{}: container {}: image {image}, expected {} (the workspace version)",
+                        w.at,
+                        c.name,
+                        berth_image()
+                    ));
+                }
+            } else if !repo.starts_with("registry.k8s.io/sig-storage/") {
+                problems.push(format!(
+                    "{}: container {}: unexpected image {image}",
+                    w.at, c.name
+                ));
+            } else {
+                sidecar_tags
+                    .entry(repo.to_string())
+                    .or_default()
+                    .insert(tag.to_string());
+            }
+        }
+    }
+    for (repo, tags) in sidecar_tags {
+        if tags.len() > 1 {
+            problems.push(format!("{repo} is used at several versions: {tags:?}"));
+        }
+    }
+    report("images", problems);
+}
+
+#[test]
+fn csi_driver_name_sockets_and_metadata_address_agree() {
+    let all = manifests();
+    let idx = Index { all: &all };
+    let driver = berth_csi::DRIVER_NAME;
+    let mut problems = Vec::new();
+    let mut drivers = 0;
+    for m in &all {
+        let named = match &m.object {
+            Object::CsiDriver(d) => {
+                drivers += 1;
+                d.metadata.name.as_deref()
+            }
+            Object::StorageClass(s) => Some(s.provisioner.as_str()),
+            Object::VolumeAttributesClass(v) => Some(v.driver_name.as_str()),
+            Object::VolumeSnapshotClass(v) => Some(v.driver.as_str()),
+            _ => continue,
+        };
+        if named != Some(driver) {
+            problems.push(format!("{}: driver {named:?}, expected {driver}", m.at));
+        }
+    }
+    if drivers != 1 {
+        problems.push(format!("{drivers} CSIDriver objects, expected 1"));
+    }
+    for w in workloads(&all) {
+        let spec = w.template.spec.as_ref().expect("pod spec");
+        let host_path = |vol: &str| {
+            spec.volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == vol)
+                .and_then(|v| v.host_path.as_ref())
+                .map(|h| h.path.clone())
+        };
+        let cs = containers(w.template);
+        for c in cs.iter().filter(|c| is_berth(c)) {
+            // The metadata address names a Service of these manifests and its port.
+            if let Some(url) = flag(c, "metadata") {
+                let ok = url
+                    .strip_prefix("http://")
+                    .and_then(|r| r.split_once(':'))
+                    .and_then(|(host, port)| {
+                        let (svc, ns) = host.strip_suffix(".svc")?.split_once('.')?;
+                        let port: i32 = port.parse().ok()?;
+                        match idx.find("Service", Some(ns), svc) {
+                            Some(Object::Service(s)) => Some(
+                                s.spec
+                                    .iter()
+                                    .flat_map(|s| s.ports.iter().flatten())
+                                    .any(|p| p.port == port),
+                            ),
+                            _ => None,
+                        }
+                    })
+                    .unwrap_or(false);
+                if !ok {
+                    problems.push(format!(
+                        "{}: container {}: --metadata={url} is not http://SERVICE.NAMESPACE.svc:PORT of a Service here",
+                        w.at, c.name
+                    ));
+                }
+            }
+            // The CSI socket: every sidecar's --csi-address is the same file,
+            // through a mount of the same volume.
+            let Some(endpoint) = flag(c, "endpoint") else {
+                continue;
+            };
+            let socket = endpoint.strip_prefix("unix://").unwrap_or(endpoint);
+            let Some((vol, file)) = mount_of(c, socket) else {
+                problems.push(format!("{}: the CSI socket {socket} is on no volume", w.at));
+                continue;
+            };
+            let mut sidecars = 0;
+            for s in cs.iter().filter(|s| !is_berth(s)) {
+                let Some(addr) = flag(s, "csi-address") else {
+                    continue;
+                };
+                sidecars += 1;
+                if mount_of(s, addr) != Some((vol, file.clone())) {
+                    problems.push(format!(
+                        "{}: {} --csi-address={addr} is not {socket} of volume {vol}",
+                        w.at, s.name
+                    ));
+                }
+                if let Some(reg) = flag(s, "kubelet-registration-path") {
+                    let want = format!("/var/lib/kubelet/plugins/{driver}");
+                    if host_path(vol).as_deref() != Some(want.as_str())
+                        || reg != format!("{want}/{file}")
+                    {
+                        problems.push(format!(
+                            "{}: kubelet-registration-path {reg} is not the plugin socket on the host ({want}/{file} via {vol})",
+                            w.at
+                        ));
+                    }
+                }
+            }
+            if sidecars == 0 {
+                problems.push(format!("{}: a CSI plugin without sidecars", w.at));
+            }
+        }
+    }
+    report("driver, sockets and addresses", problems);
+}
+
+#[test]
+fn seccomp_profile_is_installed_where_it_is_used_and_allows_io_uring() {
+    let all = manifests();
+    let idx = Index { all: &all };
+    let mut problems = Vec::new();
+    let seccomp_dir = deploy_dir().join("seccomp");
+    let mut uses = 0;
+    for w in workloads(&all) {
+        let spec = w.template.spec.as_ref().expect("pod spec");
+        let pod_level = spec
+            .security_context
+            .as_ref()
+            .and_then(|s| s.seccomp_profile.as_ref());
+        for c in containers(w.template) {
+            let profile = c
+                .security_context
+                .as_ref()
+                .and_then(|s| s.seccomp_profile.as_ref())
+                .or(pod_level);
+            let Some(p) = profile.filter(|p| p.type_ == "Localhost") else {
+                continue;
+            };
+            uses += 1;
+            let lp = p.localhost_profile.as_deref().unwrap_or("");
+            let Some((dir, file)) = lp.split_once('/') else {
+                problems.push(format!("{}: localhostProfile {lp:?} is not DIR/FILE", w.at));
+                continue;
+            };
+            let Ok(text) = std::fs::read_to_string(seccomp_dir.join(file)) else {
+                problems.push(format!("{}: deploy/seccomp/{file} does not exist", w.at));
+                continue;
+            };
+            let profile: Value = serde_json::from_str(&text).expect("seccomp profile is JSON");
+            let allowed: BTreeSet<&str> = profile["syscalls"]
+                .as_array()
+                .expect("syscalls")
+                .iter()
+                .filter(|r| r["action"] == "SCMP_ACT_ALLOW" && r.get("args").is_none())
+                .flat_map(|r| r["names"].as_array().expect("names").iter())
+                .filter_map(Value::as_str)
+                .collect();
+            for must in ["io_uring_setup", "io_uring_enter", "io_uring_register"] {
+                if !allowed.contains(must) {
+                    problems.push(format!("seccomp/{file}: {must} is not allowed"));
+                }
+            }
+            for never in [
+                "ptrace",
+                "mount",
+                "umount2",
+                "unshare",
+                "setns",
+                "bpf",
+                "init_module",
+                "kexec_load",
+            ] {
+                if allowed.contains(never) {
+                    problems.push(format!("seccomp/{file}: {never} should stay refused"));
+                }
+            }
+            if profile["defaultAction"] != "SCMP_ACT_ERRNO" {
+                problems.push(format!("seccomp/{file}: the default must refuse"));
+            }
+            // The pod installs it where kubelet looks, from a ConfigMap that
+            // holds the same profile.
+            let host_dir = format!("/var/lib/kubelet/seccomp/{dir}");
+            let installer = spec
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.host_path.as_ref().is_some_and(|h| h.path == host_dir));
+            if installer.is_none() {
+                problems.push(format!(
+                    "{}: nothing installs the profile into {host_dir}",
+                    w.at
+                ));
+            }
+            let from_config_map = spec
+                .volumes
+                .iter()
+                .flatten()
+                .filter_map(|v| v.config_map.as_ref())
+                .filter_map(|cm| idx.config_map(&cm.name))
+                .filter_map(|cm| cm.data.as_ref()?.get(file))
+                .next();
+            match from_config_map.map(|s| serde_json::from_str::<Value>(s)) {
+                Some(Ok(v)) if v == profile => {}
+                Some(Ok(_)) => problems.push(format!(
+                    "{}: the ConfigMap copy of {file} differs from deploy/seccomp/{file}",
+                    w.at
+                )),
+                Some(Err(e)) => {
+                    problems.push(format!("{}: the ConfigMap copy of {file}: {e}", w.at))
+                }
+                None => problems.push(format!("{}: no ConfigMap of this pod holds {file}", w.at)),
+            }
+        }
+    }
+    if uses == 0 {
+        problems.push("no container uses the io_uring seccomp profile".into());
+    }
+    report("seccomp", problems);
+}
+
+#[test]
+fn storage_parameters_are_what_the_metadata_service_accepts() {
+    let all = manifests();
+    let idx = Index { all: &all };
+    let tiers_json = idx
+        .config_map("berth-tiers")
+        .and_then(|c| c.data.as_ref()?.get("tiers.json").cloned())
+        .expect("ConfigMap berth-tiers with tiers.json");
+    let tiers = berth_metadata::tiers::load(Some(&tiers_json))
+        .unwrap_or_else(|e| panic!("berth-tiers tiers.json: {e}"));
+    let mut problems = Vec::new();
+    let mut classes = 0;
+    for m in &all {
+        match &m.object {
+            Object::StorageClass(sc) => {
+                classes += 1;
+                let params: BTreeMap<String, String> = sc.parameters.clone().unwrap_or_default();
+                for (k, v) in &params {
+                    match k.strip_prefix("csi.storage.k8s.io/") {
+                        // The only reserved key Berth uses (it takes no secrets).
+                        Some("fstype") => {
+                            if !berth_csi::caps::FS_TYPES.contains(&v.as_str()) {
+                                problems.push(format!("{}: fstype {v} (Berth makes {:?})", m.at, berth_csi::caps::FS_TYPES));
+                            }
+                            if params.get("fsType").is_some_and(|f| f != v) {
+                                problems.push(format!("{}: fsType and csi.storage.k8s.io/fstype disagree", m.at));
+                            }
+                        }
+                        Some(other) => problems.push(format!("{}: reserved parameter csi.storage.k8s.io/{other} is not one Berth uses", m.at)),
+                        None => {}
+                    }
+                }
+                if let Err(e) = berth_metadata::tiers::resolve(&tiers, &params) {
+                    problems.push(format!("{}: the metadata service would refuse: {e}", m.at));
+                }
+                for o in sc.mount_options.iter().flatten() {
+                    if o.is_empty() || o.contains(',') || o.contains(char::is_whitespace) {
+                        problems.push(format!(
+                            "{}: mount option {o:?}: one option each, no commas",
+                            m.at
+                        ));
+                    }
+                }
+            }
+            Object::VolumeAttributesClass(vac) => {
+                let params: BTreeMap<String, String> = vac.parameters.clone().unwrap_or_default();
+                if params.is_empty() {
+                    problems.push(format!(
+                        "{}: no parameters (ControllerModifyVolume needs some)",
+                        m.at
+                    ));
+                }
+                if let Err(e) = berth_metadata::tiers::check_mutable(&params) {
+                    problems.push(format!("{}: {e}", m.at));
+                }
+                if let Err(e) = berth_metadata::tiers::resolve(&tiers, &params) {
+                    problems.push(format!("{}: the metadata service would refuse: {e}", m.at));
+                }
+            }
+            Object::VolumeSnapshotClass(vsc) => {
+                for k in vsc.parameters.iter().flatten().map(|(k, _)| k) {
+                    if !k.starts_with("csi.storage.k8s.io/") {
+                        problems.push(format!(
+                            "{}: snapshot parameter {k}: Berth snapshots take none",
+                            m.at
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if classes < 4 {
+        problems.push(format!(
+            "{classes} StorageClasses, expected one per use case"
+        ));
+    }
+    // Every built-in tier has its VolumeAttributesClass.
+    for t in berth_metadata::tiers::default_tiers() {
+        let has = all.iter().any(|m| match &m.object {
+            Object::VolumeAttributesClass(v) => {
+                v.parameters.as_ref().and_then(|p| p.get("tier")) == Some(&t.name)
+            }
+            _ => false,
+        });
+        if !has {
+            problems.push(format!("no VolumeAttributesClass for tier {}", t.name));
+        }
+    }
+    report("storage parameters", problems);
+}
+
+// ---- the checks themselves fail where they should -----------------------------
+
+fn problems_of(yaml: &str) -> Vec<String> {
+    let docs = parse_docs("inline.yaml", yaml).expect("yaml");
+    docs.iter()
+        .flat_map(|d| typed(d).err().unwrap_or_default())
+        .collect()
+}
+
+#[test]
+fn a_misspelled_key_an_unknown_kind_and_a_bad_value_are_caught() {
+    let p = problems_of(
+        "apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: x, namespace: berth-system}
+spec:
+  selector: {matchLabels: {a: b}}
+  template:
+    metadata: {labels: {a: b}}
+    spec:
+      containers:
+        - name: c
+          image: i:1
+          volumeMounts:
+            - {name: v, mountPath: /v, mountPropogation: Bidirectional}
+            - {name: w, mountPath: /w, mountPropagation: Bidirectonal}
+      volumes:
+        - {name: v, emtpyDir: {}}
+",
+    );
+    let all = p.join("\n");
+    assert!(
+        all.contains(
+            "spec.template.spec.containers[0].volumeMounts[0].mountPropogation: not a field"
+        ),
+        "{all}"
+    );
+    assert!(all.contains("volumes[0].emtpyDir: not a field"), "{all}");
+    assert!(
+        all.contains("mountPropagation: \"Bidirectonal\" is not one of"),
+        "{all}"
+    );
+    let p = problems_of("apiVersion: v1\nkind: Secrett\nmetadata: {name: x}\n");
+    assert!(
+        p.iter().any(|e| e.contains("unknown kind \"Secrett\"")),
+        "{p:?}"
+    );
+    let p = problems_of("apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: x}\nprovisionr: csi.berth.dev\n");
+    let all = p.join("\n");
+    assert!(all.contains("provisionr: not a field"), "{all}");
+    assert!(all.contains("provisioner: required, and missing"), "{all}");
+    let p = problems_of(
+        "apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshotClass\nmetadata: {name: x}\ndriver: d\ndeletionPolicy: Delete\nparamters: {}\n",
+    );
+    assert!(p.iter().any(|e| e.contains("paramters")), "{p:?}");
+}
+
+#[test]
+fn a_flag_berth_does_not_have_and_an_undefined_variable_are_caught() {
+    let cli = berth_cli();
+    let c: Container = serde_json::from_value(serde_json::json!({
+        "name": "v",
+        "image": berth_image(),
+        "args": ["volume-server", "--data=/d", "--nbd-listn=$(NODE_IP):10809", "--log-json"],
+        "env": [{"name": "BERTH_POOL_SIZ", "value": "1G"}],
+    }))
+    .expect("container");
+    let p = check_berth_container(&c, &cli).join("\n");
+    assert!(p.contains("no flag --nbd-listn"), "{p}");
+    assert!(!p.contains("--data") && !p.contains("--log-json"), "{p}");
+    assert!(p.contains("env BERTH_POOL_SIZ"), "{p}");
+    assert_eq!(undefined_vars(&c), ["$(NODE_IP) is used but not in env"]);
+    let c: Container = serde_json::from_value(serde_json::json!({
+        "name": "c", "image": berth_image(), "args": ["csi", "--mode=controler"],
+    }))
+    .expect("container");
+    assert!(check_berth_container(&c, &cli)
+        .join("\n")
+        .contains("--mode"));
+    let c: Container = serde_json::from_value(serde_json::json!({
+        "name": "c", "image": berth_image(), "args": ["volume-srever"],
+    }))
+    .expect("container");
+    assert!(check_berth_container(&c, &cli)
+        .join("\n")
+        .contains("not a berth subcommand"));
+}
+
+#[test]
+fn the_cli_reader_sees_what_berth_rs_declares() {
+    let cli = berth_cli();
+    let vs = &cli["volume-server"];
+    for f in [
+        "data",
+        "pool",
+        "pool-size",
+        "nbd-listen",
+        "label",
+        "node-name",
+        "pool-media",
+        "log-json",
+        "drain-seconds",
+    ] {
+        assert!(vs.flags.contains(f), "volume-server --{f}: {vs:?}");
+    }
+    for e in [
+        "BERTH_DATA",
+        "BERTH_NODE_NAME",
+        "BERTH_LOG_JSON",
+        "BERTH_POOL_MEDIA",
+    ] {
+        assert!(vs.envs.contains(e), "volume-server {e}: {vs:?}");
+    }
+    let csi = &cli["csi"];
+    assert!(csi.flags.contains("mode") && csi.flags.contains("state-dir"));
+    assert!(csi.envs.contains("CSI_ENDPOINT"));
+    assert!(!csi.flags.contains("pool-size"));
+    assert!(
+        cli["metadata"].flags.contains("tiers"),
+        "flattened CatalogArgs"
+    );
+}
