@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Sets up and runs Berth on a data folder: installs what is missing (Debian),
 # builds, and starts `berth standalone` there: the metadata service (catalog
-# in DIR/metadata, DIR/meta.sock, 127.0.0.1:9580) and a volume server (pool in
-# DIR/node, DIR/control.sock, NBD on DIR/nbd.sock and 127.0.0.1:10809) in one
-# process. Then, in another shell:
+# in DIR/metadata, DIR/meta.sock, 127.0.0.1:9580), a volume server (pool in
+# DIR/node, DIR/control.sock, NBD on DIR/nbd.sock and 127.0.0.1:10809) and the
+# CSI driver (DIR/csi.sock, for kubelet and the sidecars) in one process. Then,
+# in another shell:
 #   berthctl --data DIR volume create db --size 4G --tier premium
 #   berthctl --data DIR volume export db     # prints an NBD URI
 #   qemu-io -f raw -c 'write -P 0xab 0 1M' 'nbd://127.0.0.1:10809/db@TOKEN'

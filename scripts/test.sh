@@ -4,7 +4,9 @@
 # property, corruption, concurrency, the 200-cycle kill -9 harness, the volume
 # server in-process and fuzzed, and as a real process driven by qemu-io,
 # nbdfuse + a loop device + ext4, nbdcopy and berthctl, with kill -9 under NBD
-# load), then the block store's tests once more on the fallback I/O engine.
+# load; the metadata service with three volume servers; the CSI driver on
+# `berth standalone` with real mounts; the Kubernetes manifests), then the
+# block store's tests once more on the fallback I/O engine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
