@@ -33,6 +33,27 @@ impl Csi {
             node: NodeClient::new(ch),
         }
     }
+
+    /// ControllerPublishVolume, as the external-attacher calls it; the
+    /// publish context NodeStage needs.
+    pub async fn publish(
+        &mut self,
+        volume: &str,
+        node: &str,
+        cap: &csi::VolumeCapability,
+    ) -> HashMap<String, String> {
+        self.controller
+            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
+                volume_id: volume.into(),
+                node_id: node.into(),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ControllerPublishVolume {volume} to {node}: {e}"))
+            .into_inner()
+            .publish_context
+    }
 }
 
 /// Whether this machine can attach volumes the way the node plugin does

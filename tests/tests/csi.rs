@@ -3,7 +3,6 @@
 //! -resizer and kubelet call it, with real mounts: `berth attach` (FUSE), loop
 //! devices, ext4 and xfs.
 
-use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,18 +85,7 @@ async fn attach_and_mount(
         .volume
         .expect("volume")
         .volume_context;
-    let publish_context = c
-        .controller
-        .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-            volume_id: vol.into(),
-            node_id: node.into(),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        })
-        .await
-        .expect("ControllerPublishVolume")
-        .into_inner()
-        .publish_context;
+    let publish_context = c.publish(vol, node, cap).await;
     c.node
         .node_stage_volume(csi::NodeStageVolumeRequest {
             volume_id: vol.into(),
@@ -728,6 +716,13 @@ fn a_mounted_volume_rides_through_a_crash_and_a_dead_attachment_is_repaired() {
         write_direct_unflushed(&target.join("unflushed.bin"), 0, &unflushed);
     });
     let before = staged_record(&data, "db");
+    let pid = before["attachment"]["daemon_pid"].as_i64().expect("pid") as i32;
+    let uri = before["attachment"]["uri"].as_str().expect("uri");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains(uri),
+        "the grant's secret is not on the attach process's command line"
+    );
     s.kill();
     // The server is away: a durable write through the mount waits for it.
     let waiting = {
@@ -764,7 +759,6 @@ fn a_mounted_volume_rides_through_a_crash_and_a_dead_attachment_is_repaired() {
 
     // Now the attach process itself dies: the filesystem above it breaks,
     // and NodeStage (kubelet's retry) repairs it.
-    let pid = before["attachment"]["daemon_pid"].as_i64().expect("pid") as i32;
     // SAFETY: kill(2) takes no pointers; the pid is the attach process this
     // test's node plugin started (checked through its record).
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -786,18 +780,7 @@ fn a_mounted_volume_rides_through_a_crash_and_a_dead_attachment_is_repaired() {
         );
         // NodeStage again (kubelet's retry) finds it broken and repairs it
         // (unless the periodic repair pass was first).
-        let ctx: HashMap<String, String> = c
-            .controller
-            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-                volume_id: "db".into(),
-                node_id: "node-1".into(),
-                volume_capability: Some(cap.clone()),
-                ..Default::default()
-            })
-            .await
-            .expect("publish again")
-            .into_inner()
-            .publish_context;
+        let ctx = c.publish("db", "node-1", &cap).await;
         c.node
             .node_stage_volume(csi::NodeStageVolumeRequest {
                 volume_id: "db".into(),

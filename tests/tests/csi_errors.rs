@@ -870,18 +870,7 @@ fn node_rpcs_answer_the_codes_the_spec_prescribes() {
             .await
             .expect("create");
         let rw = mount_cap("ext4", Mode::SingleNodeWriter);
-        let ctx = c
-            .controller
-            .controller_publish_volume(csi::ControllerPublishVolumeRequest {
-                volume_id: "v".into(),
-                node_id: "node-1".into(),
-                volume_capability: Some(rw.clone()),
-                ..Default::default()
-            })
-            .await
-            .expect("publish")
-            .into_inner()
-            .publish_context;
+        let ctx = c.publish("v", "node-1", &rw).await;
         let node = &mut c.node;
         let stage =
             |vol: &str,

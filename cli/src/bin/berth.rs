@@ -5,7 +5,7 @@
 //! - `berth csi --mode controller|node|all`: the CSI driver (csi.berth.dev);
 //! - `berth standalone --data DIR`: the metadata service, a volume server and
 //!   the CSI driver on one folder, in one process;
-//! - `berth attach URI DIR`: an NBD export as the file `DIR/disk` (FUSE), the
+//! - `berth attach DIR`: an NBD export as the file `DIR/disk` (FUSE), the
 //!   node plugin's attachment where the kernel has no NBD client.
 
 use std::net::SocketAddr;
@@ -47,10 +47,14 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct AttachArgs {
-    /// nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH.
-    uri: String,
     /// The FUSE mount point.
     dir: PathBuf,
+    /// nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH. Its export
+    /// name is the grant's secret: the node plugin passes it in the
+    /// environment (readable by the process's owner only), not on the
+    /// command line (readable by anyone on the node).
+    #[arg(long, env = "BERTH_ATTACH_URI", hide_env_values = true)]
+    uri: String,
     #[arg(long)]
     read_only: bool,
     /// Written with the process id once the file is served.

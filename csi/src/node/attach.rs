@@ -115,10 +115,12 @@ pub async fn attach(
     if read_only {
         cmd.arg("--read-only");
     }
+    // The URI carries the grant's secret: in the environment (the owner's
+    // to read), never in argv (everyone's, in /proc).
     cmd.arg("--pid-file")
         .arg(&pid_path)
-        .arg(uri)
         .arg(dir)
+        .env("BERTH_ATTACH_URI", uri)
         .stdin(std::process::Stdio::null())
         .stdout(
             log.try_clone()

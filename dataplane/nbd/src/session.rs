@@ -22,7 +22,9 @@
 //!
 //! Requests wait while the server is away, up to
 //! [`Options::reconnect_timeout`]; after that they fail with EIO (and new
-//! ones fail at once) until a connection is made again.
+//! ones fail at once) until a connection is made again. A server that answers
+//! but refuses the export (a revoked grant) fails them at once, and is asked
+//! again only every 30 s.
 //!
 //! The export's size is learnt at each handshake, and on
 //! [`Session::refresh_size`] from a short second connection: NBD has no way
@@ -193,6 +195,9 @@ impl Default for Options {
         }
     }
 }
+
+/// How often a server that refused the export is asked again.
+const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
 /// What the session reports of itself.
 #[derive(Debug, Default)]
@@ -779,6 +784,26 @@ impl Actor {
                 self.replay = Some(self.log.iter().map(|l| l.cmd.clone()).collect());
                 self.replay_next();
             }
+            Err(ClientError::Refused {
+                option,
+                reply,
+                message,
+            }) => {
+                // The server is there and says no: the grant was revoked (or
+                // the volume deleted). Waiting will not change that; asking
+                // every two seconds would only fill its audit log.
+                if !self.failing {
+                    tracing::error!(
+                        option,
+                        reply,
+                        %message,
+                        failed = self.queued.len(),
+                        "the server refuses the export now: failing requests"
+                    );
+                }
+                self.fail_queued();
+                self.next_try = Instant::now() + REFUSED_RETRY;
+            }
             Err(e) => {
                 let down = self.down_since.map_or(Duration::ZERO, |t| t.elapsed());
                 if !self.failing && down >= self.opts.reconnect_timeout {
@@ -788,17 +813,22 @@ impl Actor {
                         failed = self.queued.len(),
                         "NBD server unreachable: failing requests until it is back"
                     );
-                    self.failing = true;
-                    for p in self.queued.drain(..) {
-                        if let Some(d) = p.done {
-                            d(Err(EIO));
-                        }
-                    }
+                    self.fail_queued();
                 } else {
                     tracing::debug!(error = %e, "reconnect failed");
                 }
                 self.next_try = Instant::now() + self.backoff;
                 self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+
+    /// From now until a connection is made, requests fail with EIO at once.
+    fn fail_queued(&mut self) {
+        self.failing = true;
+        for p in self.queued.drain(..) {
+            if let Some(d) = p.done {
+                d(Err(EIO));
             }
         }
     }

@@ -29,6 +29,8 @@ struct Model {
     fail_writes: Arc<AtomicU32>,
     flushes: Arc<AtomicU32>,
     connections: Arc<AtomicU32>,
+    /// When set, GO is refused as for an unknown export (a revoked grant).
+    refuse: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Model {
@@ -41,6 +43,7 @@ impl Model {
             fail_writes: Arc::new(AtomicU32::new(0)),
             flushes: Arc::new(AtomicU32::new(0)),
             connections: Arc::new(AtomicU32::new(0)),
+            refuse: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -122,6 +125,11 @@ async fn serve(mut c: UnixStream, m: Model) -> std::io::Result<()> {
         let mut data = vec![0u8; h.len as usize];
         c.read_exact(&mut data).await?;
         let mut out = Vec::new();
+        if h.option == OPT_GO && m.refuse.load(Ordering::Relaxed) {
+            put_option_reply(&mut out, OPT_GO, REP_ERR_UNKNOWN, b"no such export");
+            c.write_all(&out).await?;
+            continue;
+        }
         if h.option == OPT_GO {
             let size = m.disk.lock().current.len() as u64;
             let flags = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES;
@@ -418,4 +426,37 @@ async fn a_missing_server_is_an_error_at_once_not_a_retry_loop() {
     let dir = tempfile::tempdir().expect("tmp");
     let sock = dir.path().join("nbd.sock");
     assert!(Session::connect(uri(&sock), opts()).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_refuses_the_export_fails_requests_at_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sock = dir.path().join("nbd.sock");
+    let m = Model::new(SIZE);
+    let srv = Server::start(&m, &sock);
+    let s = Session::connect(uri(&sock), opts()).await.expect("connect");
+    srv.crash(&m).await;
+    m.refuse.store(true, Ordering::Relaxed);
+    let _srv = Server::start(&m, &sock);
+    let t = std::time::Instant::now();
+    assert_eq!(
+        s.call(Cmd::Read {
+            offset: 0,
+            len: 512
+        })
+        .await,
+        Err(EIO)
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "a revoked grant is not waited out for the whole reconnect timeout ({:?})",
+        t.elapsed()
+    );
+    let asked = m.connections.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        m.connections.load(Ordering::Relaxed),
+        asked,
+        "and it is not asked again every moment"
+    );
 }
