@@ -13,6 +13,10 @@ source scripts/deps.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests start the `berth` and `berthctl` programs from the
+# target directory, which outlives checkouts: build them from this one first
+# (cargo test alone rebuilds only the binaries of packages with tests).
+cargo build --workspace --bins --locked
 cargo test --workspace --locked
 # The block store again on the pread/pwrite fallback engine (no io_uring).
 BERTH_IO_ENGINE=sync cargo test -p berth-store --locked --lib --tests
