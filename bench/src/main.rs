@@ -8,6 +8,8 @@
 
 mod meta;
 mod nbd;
+mod plot;
+mod suite;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,6 +38,10 @@ enum Cmd {
     Nbd(nbd::NbdArgs),
     /// The metadata service's control path: creates, snapshots, deletes per second.
     Meta(meta::MetaArgs),
+    /// The whole comparison: Berth over NBD (unix socket and TCP) beside the
+    /// raw disk, qemu-nbd and nbdkit, every workload, repeated; a table,
+    /// JSON and SVG plots.
+    Run(suite::SuiteArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -247,30 +253,57 @@ fn run_fio(
 }
 
 /// One side (reads or writes) of a fio JSON report.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy, Default)]
 struct FioReport {
     iops: f64,
     mb_per_s: f64,
     /// Completion latency percentiles.
     p50_us: f64,
     p99_us: f64,
+    p999_us: f64,
     ios: u64,
 }
 
-/// Parses fio's `--output-format=json` (it may print notes before the document).
-fn fio_report(stdout: &[u8], write: bool) -> Result<FioReport, String> {
+fn fio_json(stdout: &[u8]) -> Result<serde_json::Value, String> {
     let text = String::from_utf8_lossy(stdout);
     let json = text.find('{').map_or("", |i| &text[i..]);
-    let v: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| format!("fio output: {e}: {text}"))?;
-    let side = &v["jobs"][0][if write { "write" } else { "read" }];
+    serde_json::from_str(json).map_err(|e| format!("fio output: {e}: {text}"))
+}
+
+fn fio_side(side: &serde_json::Value) -> FioReport {
     let pct = |p: &str| side["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
-    Ok(FioReport {
+    FioReport {
         iops: side["iops"].as_f64().unwrap_or(0.0),
         mb_per_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         p50_us: pct("50.000000"),
         p99_us: pct("99.000000"),
+        p999_us: pct("99.900000"),
         ios: side["total_ios"].as_u64().unwrap_or(0),
+    }
+}
+
+/// Parses fio's `--output-format=json` (it may print notes before the document).
+fn fio_report(stdout: &[u8], write: bool) -> Result<FioReport, String> {
+    let v = fio_json(stdout)?;
+    Ok(fio_side(
+        &v["jobs"][0][if write { "write" } else { "read" }],
+    ))
+}
+
+/// Reads and writes together (a mixed workload): rates summed, latencies
+/// of the side that did more I/O.
+fn fio_summary(stdout: &[u8]) -> Result<FioReport, String> {
+    let v = fio_json(stdout)?;
+    let (r, w) = (
+        fio_side(&v["jobs"][0]["read"]),
+        fio_side(&v["jobs"][0]["write"]),
+    );
+    let lat = if r.ios >= w.ios { r } else { w };
+    Ok(FioReport {
+        iops: r.iops + w.iops,
+        mb_per_s: r.mb_per_s + w.mb_per_s,
+        ios: r.ios + w.ios,
+        ..lat
     })
 }
 
@@ -421,6 +454,7 @@ fn main() {
         Cmd::Engine(a) => engine(a),
         Cmd::Nbd(a) => nbd::run(a),
         Cmd::Meta(a) => meta::run(a),
+        Cmd::Run(a) => suite::run(a),
     };
     if let Err(e) = r {
         eprintln!("berth-bench: {e}");

@@ -169,7 +169,7 @@ pub(crate) fn sibling(name: &str) -> Result<PathBuf, String> {
     }
 }
 
-fn wait_for(path: &Path, what: &str) -> Result<(), String> {
+pub(crate) fn wait_for(path: &Path, what: &str) -> Result<(), String> {
     let t = Instant::now();
     while !path.exists() {
         if t.elapsed() > Duration::from_secs(30) {
@@ -180,7 +180,13 @@ fn wait_for(path: &Path, what: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn start_berth(dir: &Path, size: u64, tcp: bool) -> Result<(Proc, String), String> {
+/// A volume server with one extreme-tier volume of `size` granted to the
+/// harness: its unix URI, and its TCP URI (empty without `tcp`).
+pub(crate) fn start_berth(
+    dir: &Path,
+    size: u64,
+    tcp: bool,
+) -> Result<(Proc, String, String), String> {
     let data = dir.join("berth");
     let mut cmd = Command::new(sibling("berth")?);
     cmd.args(["volume-server", "--data"])
@@ -235,14 +241,11 @@ fn start_berth(dir: &Path, size: u64, tcp: bool) -> Result<(Proc, String), Strin
         "--client",
         "berth-bench",
     ])?;
-    let uri = e[if tcp { "tcp_uri" } else { "unix_uri" }]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    Ok((proc, uri))
+    let uri = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+    Ok((proc, uri("unix_uri"), uri("tcp_uri")))
 }
 
-fn start_qemu_nbd(dir: &Path, size: u64, tcp: bool) -> Result<(Proc, String), String> {
+pub(crate) fn start_qemu_nbd(dir: &Path, size: u64, tcp: bool) -> Result<(Proc, String), String> {
     let file = dir.join("qemu-nbd.raw");
     let f = std::fs::File::create(&file).map_err(|e| e.to_string())?;
     f.set_len(size).map_err(|e| e.to_string())?;
@@ -363,7 +366,8 @@ pub fn run(a: NbdArgs) -> Result<(), String> {
         "tcp" => true,
         t => return Err(format!("--transport {t:?}: use unix or tcp")),
     };
-    let (berth, berth_uri) = start_berth(&a.dir, a.size_bytes, tcp)?;
+    let (berth, unix_uri, tcp_uri) = start_berth(&a.dir, a.size_bytes, tcp)?;
+    let berth_uri = if tcp { tcp_uri } else { unix_uri };
     let (qemu, qemu_uri) = start_qemu_nbd(&a.dir, a.size_bytes, tcp)?;
     let targets = [
         ("berth", &berth, &berth_uri),

@@ -1,0 +1,107 @@
+//! `berth-bench run --quick` as CI runs it: a smoke test that the harness
+//! starts every target, measures every workload, and writes its JSON and
+//! plots. It checks that the harness works, not how fast anything is.
+
+use std::path::Path;
+use std::process::Command;
+
+fn have(program: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|d| d.join(program).is_file())
+}
+
+#[test]
+fn a_quick_run_measures_every_target_and_workload_and_writes_json_and_plots() {
+    let berth = Path::new(env!("CARGO_BIN_EXE_berth-bench")).with_file_name("berth");
+    if !berth.exists() || !have("fio") {
+        // scripts/test.sh builds the programs and installs fio first.
+        panic!(
+            "needs {} (cargo build --bins) and fio on PATH",
+            berth.display()
+        );
+    }
+    // O_DIRECT needs a real filesystem (not tmpfs): under /var/tmp.
+    let scratch = tempfile::tempdir_in("/var/tmp").expect("scratch");
+    let out = tempfile::tempdir().expect("out");
+    let r = Command::new(env!("CARGO_BIN_EXE_berth-bench"))
+        .args(["run", "--quick", "--dir"])
+        .arg(scratch.path().join("run"))
+        .arg("--out")
+        .arg(out.path())
+        .output()
+        .expect("run berth-bench");
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success(),
+        "berth-bench run --quick failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let folder = std::fs::read_dir(out.path())
+        .expect("results")
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("run-"))
+        .expect("a run folder")
+        .path();
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("run.json")).expect("run.json"))
+            .expect("json");
+    let workloads: Vec<&str> = doc["workloads"]
+        .as_array()
+        .expect("workloads")
+        .iter()
+        .filter_map(|w| w["name"].as_str())
+        .collect();
+    assert_eq!(workloads.len(), 8, "{workloads:?}");
+    let skipped: Vec<&str> = doc["skipped"]
+        .as_array()
+        .expect("skipped")
+        .iter()
+        .filter_map(|s| s["target"].as_str())
+        .collect();
+    let mut must = vec!["raw", "berth-unix", "berth-tcp"];
+    // A peer is measured wherever it is installed; skipped, with its
+    // reason, only where it is not.
+    for (peer, program) in [("qemu-nbd", "qemu-nbd"), ("nbdkit", "nbdkit")] {
+        if have(program) {
+            must.push(peer);
+        } else {
+            assert!(
+                skipped.contains(&peer),
+                "{peer} neither measured nor skipped"
+            );
+        }
+    }
+    let cells = doc["cells"].as_array().expect("cells");
+    for t in &must {
+        assert!(!skipped.contains(t), "{t} was skipped: {}", doc["skipped"]);
+        for w in &workloads {
+            let c = cells
+                .iter()
+                .find(|c| c["target"] == *t && c["workload"] == *w)
+                .unwrap_or_else(|| panic!("no measurement of {w} on {t}"));
+            let m = &c["median"];
+            assert!(m["iops"].as_f64().unwrap_or(0.0) > 0.0, "{t} {w}: {m}");
+            assert!(m["p99_us"].as_f64().unwrap_or(0.0) > 0.0, "{t} {w}: {m}");
+            assert!(
+                m["p999_us"].as_f64().unwrap_or(0.0) >= m["p99_us"].as_f64().unwrap_or(0.0),
+                "{t} {w}: {m}"
+            );
+            if t.starts_with("berth") {
+                assert!(
+                    m["cpu_us_per_io"].as_f64().unwrap_or(0.0) > 0.0,
+                    "{t} {w}: {m}"
+                );
+            }
+        }
+    }
+    assert_eq!(doc["compass"].as_array().map(Vec::len), Some(6));
+    assert!(doc["idle_cpu_percent"].as_f64().is_some());
+    assert!(stdout.contains("berth-unix / qemu-nbd") || !must.contains(&"qemu-nbd"));
+    for plot in ["iops-4k.svg", "p99-4k.svg", "throughput-1m.svg"] {
+        let svg = std::fs::read_to_string(folder.join(plot)).expect(plot);
+        assert!(svg.contains("<svg"), "{plot} is not SVG");
+        for t in &must {
+            assert!(svg.contains(t), "{plot} has no series for {t}");
+        }
+    }
+}
