@@ -11,8 +11,8 @@
 //!    may have lost acknowledged writes that the filesystem above already
 //!    counts on. Replaying them (one at a time: overlapping writes must land
 //!    in order) makes the restart invisible. The replay log is bounded: past
-//!    [`Options::replay_soft_limit_bytes`] the session sends a FLUSH of its own
-//!    to retire it;
+//!    [`Options::replay_soft_limit_bytes`] (or as many entries) the session
+//!    sends a FLUSH of its own to retire it;
 //! 2. sends again what was in flight on the broken connection (NBD requests
 //!    are idempotent), then what was queued meanwhile.
 //!
@@ -180,8 +180,11 @@ pub type Done = Box<dyn FnOnce(Outcome) + Send>;
 pub struct Options {
     /// How long requests wait for a server that went away before failing.
     pub reconnect_timeout: Duration,
-    /// Unflushed mutations kept for replay past which the session flushes.
+    /// Unflushed mutations kept for replay past which the session flushes:
+    /// their payload bytes...
     pub replay_soft_limit_bytes: usize,
+    /// ...or their number (trims and write-zeroes carry no payload).
+    pub replay_soft_limit_entries: usize,
     /// Time allowed for one connection attempt and its handshake.
     pub connect_timeout: Duration,
 }
@@ -191,6 +194,7 @@ impl Default for Options {
         Options {
             reconnect_timeout: Duration::from_secs(300),
             replay_soft_limit_bytes: 32 << 20,
+            replay_soft_limit_entries: 1 << 16,
             connect_timeout: Duration::from_secs(5),
         }
     }
@@ -729,7 +733,9 @@ impl Actor {
                 Err(error)
             });
         }
-        if self.log_bytes > self.opts.replay_soft_limit_bytes && !self.auto_flush_pending {
+        let over = self.log_bytes > self.opts.replay_soft_limit_bytes
+            || self.log.len() > self.opts.replay_soft_limit_entries;
+        if over && !self.auto_flush_pending {
             self.auto_flush_pending = true;
             self.stats.auto_flushes.fetch_add(1, Ordering::Relaxed);
             self.send(Pending::new(Cmd::Flush, None));

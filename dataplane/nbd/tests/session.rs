@@ -327,6 +327,29 @@ async fn the_log_is_bounded_by_flushes_of_the_sessions_own() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trims_without_payload_are_bounded_too() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sock = dir.path().join("nbd.sock");
+    let m = Model::new(SIZE);
+    let _srv = Server::start(&m, &sock);
+    let o = Options {
+        replay_soft_limit_entries: 16,
+        ..opts()
+    };
+    let s = Session::connect(uri(&sock), o).await.expect("connect");
+    for i in 0..64u64 {
+        s.call(Cmd::Trim {
+            offset: i * 4096,
+            len: 4096,
+        })
+        .await
+        .expect("trim");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(s.stats.auto_flushes.load(Ordering::Relaxed) >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_that_fails_fails_the_next_flush() {
     let dir = tempfile::tempdir().expect("tmp");
     let sock = dir.path().join("nbd.sock");
