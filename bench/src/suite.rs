@@ -84,7 +84,13 @@ const fn w(name: &'static str, rw: &'static str, bs: &'static str, depth: u32) -
     }
 }
 
+/// In this order: sequential runs first, on freshly filled targets; then the
+/// random ones; last, sequential reads again, which shows what random
+/// overwrites did to the layout (Berth writes every block to fresh space, so
+/// they scatter a volume; a raw file stays where it was).
 pub const WORKLOADS: &[Workload] = &[
+    w("1m-read-qd8", "read", "1m", 8),
+    w("1m-write-qd8", "write", "1m", 8),
     w("4k-randread-qd1", "randread", "4k", 1),
     w("4k-randread-qd32", "randread", "4k", 32),
     w("4k-randwrite-qd1", "randwrite", "4k", 1),
@@ -93,12 +99,11 @@ pub const WORKLOADS: &[Workload] = &[
         read_mix: Some(70),
         ..w("4k-randrw-70-30-qd32", "randrw", "4k", 32)
     },
-    w("1m-read-qd8", "read", "1m", 8),
-    w("1m-write-qd8", "write", "1m", 8),
     Workload {
         fsync: true,
         ..w("4k-write-qd1-fsync", "randwrite", "4k", 1)
     },
+    w("1m-read-qd8-after-random-writes", "read", "1m", 8),
 ];
 
 /// What fio is pointed at, and the server (if any) whose CPU it costs.
@@ -448,7 +453,7 @@ pub fn run(mut a: SuiteArgs) -> Result<(), String> {
                 pb.set_message(format!("{} on {} (run {})", w.name, t.name, r + 1));
                 let m = measure(t, a.size_bytes, w, a.seconds, a.jobs)?;
                 pb.println(format!(
-                    "  {:<10} {:<22} {:>9.0} IOPS {:>8.1} MB/s p50 {:>7.1} p99 {:>8.1} p99.9 {:>8.1} us",
+                    "  {:<10} {:<32} {:>9.0} IOPS {:>8.1} MB/s p50 {:>7.1} p99 {:>8.1} p99.9 {:>8.1} us",
                     t.name, w.name, m.iops, m.mb_per_s, m.p50_us, m.p99_us, m.p999_us
                 ));
                 runs[i].push(m);
@@ -494,13 +499,13 @@ pub fn run(mut a: SuiteArgs) -> Result<(), String> {
 
     // The table.
     println!(
-        "{:<22} {:<11} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "{:<32} {:<11} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9} {:>8}",
         "workload", "target", "IOPS", "spread", "MB/s", "p50 us", "p99 us", "p99.9 us", "cpu us/io"
     );
     for c in &cells {
         let m = &c.median;
         println!(
-            "{:<22} {:<11} {:>10.0} {:>6.1}% {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8}",
+            "{:<32} {:<11} {:>10.0} {:>6.1}% {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8}",
             c.workload,
             c.target,
             m.iops,
@@ -515,7 +520,7 @@ pub fn run(mut a: SuiteArgs) -> Result<(), String> {
     println!();
     for r in ratios.iter().filter(|r| r.berth == "berth-unix") {
         println!(
-            "{:<22} berth-unix / {:<9} IOPS {:>5.2}x   p99 {:>5.2}x",
+            "{:<32} berth-unix / {:<9} IOPS {:>5.2}x   p99 {:>5.2}x",
             r.workload, r.peer, r.iops_ratio, r.p99_ratio
         );
     }

@@ -51,7 +51,7 @@ fn a_quick_run_measures_every_target_and_workload_and_writes_json_and_plots() {
         .iter()
         .filter_map(|w| w["name"].as_str())
         .collect();
-    assert_eq!(workloads.len(), 8, "{workloads:?}");
+    assert_eq!(workloads.len(), 9, "{workloads:?}");
     let skipped: Vec<&str> = doc["skipped"]
         .as_array()
         .expect("skipped")
