@@ -342,54 +342,40 @@ fn pick<'a>(list: &Option<String>, all: &'a [&'a str]) -> Result<Vec<&'a str>, S
 
 const TARGETS: &[&str] = &["raw", "berth-unix", "berth-tcp", "qemu-nbd", "nbdkit"];
 
-/// The compass the project steers by (from the benchmark issue): what each
-/// check compares, and whether this run meets it.
+/// The compass the project steers by (from the benchmark issue): Berth over
+/// its unix socket against a peer on a workload, by IOPS (at least the
+/// bound) or by p99 latency (at most the bound).
+const COMPASS: &[(&str, &str, bool, f64)] = &[
+    ("qemu-nbd", "4k-randread-qd32", true, 1.5),
+    ("qemu-nbd", "4k-randwrite-qd32", true, 1.5),
+    ("raw", "4k-randread-qd32", true, 0.8),
+    ("qemu-nbd", "1m-read-qd8", true, 1.0),
+    ("qemu-nbd", "1m-write-qd8", true, 1.0),
+    ("qemu-nbd", "4k-write-qd1-fsync", false, 1.0),
+];
+
+/// Each compass check, and whether this run meets it (None: not measured).
 fn compass(cells: &[Cell]) -> Vec<(String, Option<bool>, String)> {
     let get = |t: &str, w: &str| cells.iter().find(|c| c.target == t && c.workload == w);
-    let ratio = |t: &str, p: &str, w: &str, f: &dyn Fn(&Run) -> f64| {
-        Some(f(&get(t, w)?.median) / f(&get(p, w)?.median).max(1e-9))
-    };
-    let iops = |r: &Run| r.iops;
-    let p99 = |r: &Run| r.p99_us;
-    let mut out = Vec::new();
-    let mut check = |what: &str, got: Option<f64>, ok: &dyn Fn(f64) -> bool| {
-        out.push((
-            what.to_string(),
-            got.map(ok),
-            got.map_or("not measured".into(), |g| format!("{g:.2}")),
-        ));
-    };
-    check(
-        "4k randread qd32: berth-unix / qemu-nbd >= 1.5",
-        ratio("berth-unix", "qemu-nbd", "4k-randread-qd32", &iops),
-        &|r| r >= 1.5,
-    );
-    check(
-        "4k randwrite qd32: berth-unix / qemu-nbd >= 1.5",
-        ratio("berth-unix", "qemu-nbd", "4k-randwrite-qd32", &iops),
-        &|r| r >= 1.5,
-    );
-    check(
-        "4k randread qd32: berth-unix / raw >= 0.8",
-        ratio("berth-unix", "raw", "4k-randread-qd32", &iops),
-        &|r| r >= 0.8,
-    );
-    check(
-        "1m read qd8: berth-unix / qemu-nbd >= 1.0",
-        ratio("berth-unix", "qemu-nbd", "1m-read-qd8", &iops),
-        &|r| r >= 1.0,
-    );
-    check(
-        "1m write qd8: berth-unix / qemu-nbd >= 1.0",
-        ratio("berth-unix", "qemu-nbd", "1m-write-qd8", &iops),
-        &|r| r >= 1.0,
-    );
-    check(
-        "4k write qd1 fsync: berth-unix p99 / qemu-nbd p99 <= 1.0",
-        ratio("berth-unix", "qemu-nbd", "4k-write-qd1-fsync", &p99),
-        &|r| r <= 1.0,
-    );
-    out
+    COMPASS
+        .iter()
+        .map(|&(peer, w, by_iops, bound)| {
+            let metric = |r: &Run| if by_iops { r.iops } else { r.p99_us };
+            let got = get("berth-unix", w)
+                .zip(get(peer, w))
+                .map(|(b, p)| metric(&b.median) / metric(&p.median).max(1e-9));
+            let what = if by_iops {
+                format!("{w}: berth-unix / {peer} IOPS >= {bound}")
+            } else {
+                format!("{w}: berth-unix / {peer} p99 <= {bound}")
+            };
+            (
+                what,
+                got.map(|g| if by_iops { g >= bound } else { g <= bound }),
+                got.map_or("not measured".into(), |g| format!("{g:.2}")),
+            )
+        })
+        .collect()
 }
 
 pub fn run(mut a: SuiteArgs) -> Result<(), String> {
