@@ -336,10 +336,24 @@ impl Session {
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
+/// An encoded request header: sent by value, no allocation per request.
+type Header = [u8; REQUEST_BYTES];
+
+/// NBD_CMD_DISC, the goodbye.
+fn disc(handle: u64) -> Header {
+    encode_request(&Request {
+        flags: 0,
+        command: CMD_DISC,
+        handle,
+        offset: 0,
+        len: 0,
+    })
+}
+
 struct Conn {
     frames: FramedRead<Reader, ReplyCodec>,
     /// Request headers with their WRITE payloads, to the writer task.
-    writer: mpsc::UnboundedSender<(Bytes, Option<Bytes>)>,
+    writer: mpsc::UnboundedSender<(Header, Option<Bytes>)>,
 }
 
 async fn handshake<S>(s: S, export: &str) -> Result<(S, u64, u16), ClientError>
@@ -391,7 +405,7 @@ async fn open(uri: &Uri, opts: &Options) -> Result<(Conn, u64, u16), ClientError
 }
 
 /// Writes requests as they come, flushing the buffer when none are waiting.
-async fn write_loop(w: Writer, mut rx: mpsc::UnboundedReceiver<(Bytes, Option<Bytes>)>) {
+async fn write_loop(w: Writer, mut rx: mpsc::UnboundedReceiver<(Header, Option<Bytes>)>) {
     let mut w = BufWriter::with_capacity(256 << 10, w);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -596,11 +610,7 @@ impl Actor {
 
     fn disconnect(&mut self) {
         if let Some(c) = self.conn.take() {
-            let mut disc = Cmd::Flush.header(self.next_handle);
-            disc.command = CMD_DISC;
-            let _ = c
-                .writer
-                .send((Bytes::copy_from_slice(&encode_request(&disc)), None));
+            let _ = c.writer.send((disc(self.next_handle), None));
         }
         for p in self
             .inflight
@@ -640,7 +650,7 @@ impl Actor {
             p.buf = vec![0u8; len as usize];
         }
         p.error = 0;
-        let hdr = Bytes::copy_from_slice(&encode_request(&p.cmd.header(handle)));
+        let hdr = encode_request(&p.cmd.header(handle));
         let payload = match &p.cmd {
             Cmd::Write { data, .. } => Some(data.clone()),
             _ => None,
@@ -865,9 +875,7 @@ impl Actor {
     async fn refresh(&mut self) -> Result<u64, String> {
         let r = tokio::time::timeout(self.opts.connect_timeout, async {
             let (mut r, mut w, size, _) = open_halves(&self.uri).await?;
-            let mut disc = Cmd::Flush.header(0);
-            disc.command = CMD_DISC;
-            w.write_all(&encode_request(&disc)).await?;
+            w.write_all(&disc(0)).await?;
             w.shutdown().await?;
             // Wait for the server to close, so it is gone before we answer.
             let _ = tokio::io::copy(&mut r, &mut tokio::io::sink()).await;
