@@ -56,6 +56,15 @@ impl Csi {
     }
 }
 
+/// The runtime the CSI tests drive their gRPC clients on.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// Whether this machine can attach volumes the way the node plugin does
 /// (root, FUSE and fusermount3, loop devices); `Err` says what is missing.
 pub fn node_support() -> Result<(), String> {

@@ -20,6 +20,15 @@ pub struct Standalone {
 }
 
 impl Standalone {
+    /// A socket the ready line names (`csi_socket`, `metadata_socket`...).
+    pub fn socket(&self, key: &str) -> PathBuf {
+        PathBuf::from(
+            self.ready[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {key} in the ready line {}", self.ready)),
+        )
+    }
+
     /// Starts on `dir` with a pool of `pool_size`, no TCP ports but an
     /// ephemeral NBD one, and waits until its node is up in the catalog.
     pub fn start(dir: &Path, pool_size: &str) -> Standalone {

@@ -4,12 +4,12 @@
 //! devices, ext4 and xfs.
 
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use berth_proto::csi::v1 as csi;
 use berth_tests::csi::{
-    block_cap, mount_cap, node_support, params, AccessModeKind as Mode, Cleanup, Csi,
+    block_cap, mount_cap, node_support, params, rt, AccessModeKind as Mode, Cleanup, Csi,
 };
 use berth_tests::meta::wait_for;
 use berth_tests::standalone::Standalone;
@@ -25,14 +25,6 @@ macro_rules! require_node_support {
             return;
         }
     };
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
 }
 
 fn create_req(
@@ -198,11 +190,7 @@ fn assert_nothing_attached(root: &Path) {
 fn identity_answers_with_the_driver_name_version_and_capabilities() {
     let root = tempfile::tempdir().expect("tmp");
     let s = Standalone::start(root.path(), "1G");
-    let sock = PathBuf::from(
-        s.ready["csi_socket"]
-            .as_str()
-            .expect("csi_socket in the ready line"),
-    );
+    let sock = s.socket("csi_socket");
     rt().block_on(async {
         let mut c = Csi::connect(&sock).await;
         let info = c
@@ -267,7 +255,7 @@ fn filesystem_volume_lifecycle_with_snapshot_clone_expand_and_stats() {
     };
     let data = root.path().join("data");
     let s = Standalone::start(&data, "2G");
-    let sock = PathBuf::from(s.ready["csi_socket"].as_str().expect("csi_socket"));
+    let sock = s.socket("csi_socket");
     let used_before = s.pool_used();
     let kube = root.path().join("kubelet");
     let (stage_a, target_a) = (
@@ -538,7 +526,7 @@ fn raw_block_volume_is_published_as_a_device_file_read_write_and_read_only() {
         root: root.path().to_path_buf(),
     };
     let s = Standalone::start(&root.path().join("data"), "1G");
-    let sock = PathBuf::from(s.ready["csi_socket"].as_str().expect("csi_socket"));
+    let sock = s.socket("csi_socket");
     let kube = root.path().join("kubelet");
     let stage = kube.join("staging/blk");
     let target = kube.join("pods/p1/volumeDevices/blk");
@@ -690,7 +678,7 @@ fn a_mounted_volume_rides_through_a_crash_and_a_dead_attachment_is_repaired() {
     };
     let data = root.path().join("data");
     let s = Standalone::start(&data, "1G");
-    let sock = PathBuf::from(s.ready["csi_socket"].as_str().expect("csi_socket"));
+    let sock = s.socket("csi_socket");
     let kube = root.path().join("kubelet");
     let (stage, target) = (
         kube.join("staging/db"),
@@ -765,7 +753,7 @@ fn a_mounted_volume_rides_through_a_crash_and_a_dead_attachment_is_repaired() {
     wait_for("the attach process to die", Duration::from_secs(10), || {
         !Path::new(&format!("/proc/{pid}")).exists()
     });
-    let sock = PathBuf::from(s.ready["csi_socket"].as_str().expect("csi_socket"));
+    let sock = s.socket("csi_socket");
     rt().block_on(async {
         let mut c = Csi::connect(&sock).await;
         let cond = node_stats(&mut c, "db", &target)

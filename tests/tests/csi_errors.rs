@@ -4,25 +4,17 @@
 //! call on a volume another call is still working on.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use berth_proto::csi::v1 as csi;
 use berth_proto::meta::v1 as mpb;
 use berth_tests::csi::{
-    block_cap, mount_cap, node_support, params, AccessModeKind as Mode, Cleanup, Csi,
+    block_cap, mount_cap, node_support, params, rt, AccessModeKind as Mode, Cleanup, Csi,
 };
 use berth_tests::standalone::Standalone;
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 /// The gRPC code of a result (Ok for success).
 fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Code {
@@ -95,12 +87,8 @@ async fn register_fake_node(meta_socket: &Path, name: &str) {
 fn controller_rpcs_answer_the_codes_the_spec_prescribes() {
     let root = tempfile::tempdir().expect("tmp");
     let s = Standalone::start(&root.path().join("data"), "1G");
-    let sock = PathBuf::from(s.ready["csi_socket"].as_str().expect("csi_socket"));
-    let meta_sock = PathBuf::from(
-        s.ready["metadata_socket"]
-            .as_str()
-            .expect("metadata_socket"),
-    );
+    let sock = s.socket("csi_socket");
+    let meta_sock = s.socket("metadata_socket");
     rt().block_on(async {
         let mut c = Csi::connect(&sock).await;
         let ctl = &mut c.controller;
@@ -858,7 +846,7 @@ fn node_rpcs_answer_the_codes_the_spec_prescribes() {
         root: root.path().to_path_buf(),
     };
     let s = Standalone::start(&root.path().join("data"), "1G");
-    let sock = PathBuf::from(s.ready["csi_socket"].as_str().expect("csi_socket"));
+    let sock = s.socket("csi_socket");
     let staging = root.path().join("staging/v");
     let target = root.path().join("pods/p/mount");
     let st = staging.display().to_string();
@@ -1175,7 +1163,7 @@ fn concurrent_calls_on_one_volume_are_aborted_not_queued() {
         root: root.path().to_path_buf(),
     };
     let s = Standalone::start(&root.path().join("data"), "1G");
-    let sock = PathBuf::from(s.ready["csi_socket"].as_str().expect("csi_socket"));
+    let sock = s.socket("csi_socket");
     let staging = root.path().join("staging/v").display().to_string();
     rt().block_on(async {
         let c = Csi::connect(&sock).await;
