@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::suite::{fio, nbd_target, w, Workload};
+
 #[derive(clap::Args, Debug)]
 pub struct NbdArgs {
     /// Scratch directory on the disk to measure (removed afterwards).
@@ -57,61 +59,20 @@ pub struct NbdMeasure {
     pub cpu_us_per_io: f64,
 }
 
-struct Workload {
-    name: &'static str,
-    rw: &'static str,
-    bs: &'static str,
-    depth: u32,
-    fsync: bool,
-}
-
 /// In this order: sequential runs first, on freshly filled targets; then random
 /// writes, after which the last run shows what they did to sequential reads
 /// (Berth redirects every write to fresh blocks, so random overwrites scatter a
 /// volume's layout; a raw file keeps it).
 const WORKLOADS: &[Workload] = &[
+    w("1m-read-qd8", "read", "1m", 8),
+    w("1m-write-qd8", "write", "1m", 8),
+    w("4k-randread-qd32", "randread", "4k", 32),
+    w("4k-randwrite-qd32", "randwrite", "4k", 32),
     Workload {
-        name: "1m-read-qd8",
-        rw: "read",
-        bs: "1m",
-        depth: 8,
-        fsync: false,
-    },
-    Workload {
-        name: "1m-write-qd8",
-        rw: "write",
-        bs: "1m",
-        depth: 8,
-        fsync: false,
-    },
-    Workload {
-        name: "4k-randread-qd32",
-        rw: "randread",
-        bs: "4k",
-        depth: 32,
-        fsync: false,
-    },
-    Workload {
-        name: "4k-randwrite-qd32",
-        rw: "randwrite",
-        bs: "4k",
-        depth: 32,
-        fsync: false,
-    },
-    Workload {
-        name: "4k-write-qd1-fsync",
-        rw: "randwrite",
-        bs: "4k",
-        depth: 1,
         fsync: true,
+        ..w("4k-write-qd1-fsync", "randwrite", "4k", 1)
     },
-    Workload {
-        name: "1m-read-qd8-after-random-writes",
-        rw: "read",
-        bs: "1m",
-        depth: 8,
-        fsync: false,
-    },
+    w("1m-read-qd8-after-random-writes", "read", "1m", 8),
 ];
 
 /// A server process the harness started (killed on drop).
@@ -292,51 +253,8 @@ pub(crate) fn start_qemu_nbd(dir: &Path, size: u64, tcp: bool) -> Result<(Proc, 
     Ok((proc, uri))
 }
 
-/// One fio run; with several jobs (one NBD connection each) the figures are
-/// the group's (`--group_reporting`): IOPS summed, latencies over all jobs.
-fn fio(
-    uri: &str,
-    size: u64,
-    w: &Workload,
-    secs: u64,
-    jobs: u32,
-) -> Result<crate::FioReport, String> {
-    let mut cmd = Command::new("fio");
-    cmd.args([
-        "--name=nbd",
-        "--ioengine=nbd",
-        "--output-format=json",
-        "--randrepeat=0",
-        "--group_reporting",
-    ])
-    .arg(format!("--numjobs={jobs}"))
-    .arg(format!("--uri={uri}"))
-    .arg(format!("--size={size}"))
-    .arg(format!("--rw={}", w.rw))
-    .arg(format!("--bs={}", w.bs))
-    .arg(format!("--iodepth={}", w.depth));
-    if secs > 0 {
-        cmd.args(["--time_based", &format!("--runtime={secs}")]);
-    }
-    if w.fsync {
-        cmd.arg("--fsync=1");
-    }
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run fio: {e} (apt-get install fio)"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "fio {} on {uri} failed: {}{}",
-            w.name,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    crate::fio_report(&out.stdout, !w.rw.contains("read"))
-}
-
 fn measure(
-    name: &str,
+    name: &'static str,
     proc: &Proc,
     uri: &str,
     size: u64,
@@ -345,7 +263,7 @@ fn measure(
     jobs: u32,
 ) -> Result<NbdMeasure, String> {
     let cpu0 = cpu_seconds(proc.pid());
-    let f = fio(uri, size, w, secs, jobs)?;
+    let f = fio(&nbd_target(name, uri, proc.pid()), size, w, secs, jobs)?;
     let cpu = cpu_seconds(proc.pid()) - cpu0;
     Ok(NbdMeasure {
         target: name.into(),
@@ -374,15 +292,15 @@ pub fn run(a: NbdArgs) -> Result<(), String> {
         ("qemu-nbd", &qemu, &qemu_uri),
     ];
     eprintln!("filling both targets ({} MiB each)...", a.size_bytes >> 20);
-    let fill = Workload {
-        name: "fill",
-        rw: "write",
-        bs: "1m",
-        depth: 8,
-        fsync: false,
-    };
-    for (_, _, uri) in &targets {
-        fio(uri, a.size_bytes, &fill, 0, 1)?;
+    let fill = w("fill", "write", "1m", 8);
+    for (name, proc, uri) in &targets {
+        fio(
+            &nbd_target(name, uri, proc.pid()),
+            a.size_bytes,
+            &fill,
+            0,
+            1,
+        )?;
     }
     let only: Option<Vec<&str>> = a.only.as_deref().map(|o| o.split(',').collect());
     let mut rows = Vec::new();

@@ -73,7 +73,12 @@ pub struct Workload {
     pub fsync: bool,
 }
 
-const fn w(name: &'static str, rw: &'static str, bs: &'static str, depth: u32) -> Workload {
+pub(crate) const fn w(
+    name: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    depth: u32,
+) -> Workload {
     Workload {
         name,
         rw,
@@ -107,7 +112,7 @@ pub const WORKLOADS: &[Workload] = &[
 ];
 
 /// What fio is pointed at, and the server (if any) whose CPU it costs.
-struct Target {
+pub(crate) struct Target {
     name: &'static str,
     fio_args: Vec<String>,
     server_pid: Option<u32>,
@@ -148,7 +153,7 @@ pub struct Ratio {
     pub p99_ratio: f64,
 }
 
-fn fio(
+pub(crate) fn fio(
     t: &Target,
     size: u64,
     w: &Workload,
@@ -248,7 +253,7 @@ fn start_nbdkit(dir: &Path, size: u64) -> Result<(Proc, String), String> {
     Ok((proc, format!("nbd+unix:///?socket={}", sock.display())))
 }
 
-fn nbd_target(name: &'static str, uri: &str, pid: u32) -> Target {
+pub(crate) fn nbd_target(name: &'static str, uri: &str, pid: u32) -> Target {
     Target {
         name,
         fio_args: vec!["--ioengine=nbd".into(), format!("--uri={uri}")],
