@@ -82,7 +82,6 @@ fn volume_pb(node: &Node, v: berth_store::VolumeInfo) -> pb::Volume {
         ),
         Err(_) => (None, None),
     };
-    let allocated_bytes = node.allocated_bytes(&v.name).unwrap_or(0);
     pb::Volume {
         connections: node.connections_to(TargetKind::Volume, &v.name).len() as u32,
         name: v.name,
@@ -91,7 +90,7 @@ fn volume_pb(node: &Node, v: berth_store::VolumeInfo) -> pb::Volume {
         source_snapshot: v.source_snapshot.unwrap_or_default(),
         qos,
         overrides: ovr,
-        allocated_bytes,
+        allocated_bytes: v.allocated_bytes,
     }
 }
 

@@ -716,26 +716,6 @@ impl Node {
         );
     }
 
-    /// Bytes of a volume backed by pool blocks (shared with snapshots or not).
-    pub fn allocated_bytes(&self, volume: &str) -> Result<u64> {
-        let v = self.store.volume(volume)?;
-        let target = Target::Volume(v.id);
-        let (mut at, mut total) = (0, 0);
-        while at < v.size_bytes {
-            let ext = self.store.block_status(target, at, v.size_bytes - at)?;
-            for e in &ext {
-                at += e.len_bytes;
-                if e.data {
-                    total += e.len_bytes;
-                }
-            }
-            if ext.is_empty() {
-                break;
-            }
-        }
-        Ok(total)
-    }
-
     pub fn runtimes(&self) -> Vec<Arc<VolumeRuntime>> {
         self.runtimes.lock().values().cloned().collect()
     }

@@ -172,6 +172,8 @@ pub(crate) struct Group {
     staged: Vec<(u64, u64, Option<MapEntry>)>,
     /// Pool blocks the batch stops referencing.
     freed: Vec<u64>,
+    /// Per tree: pool blocks its entries reference after the batch, minus before.
+    owned: Vec<(u64, i64)>,
 }
 
 /// The committer thread: writes each group's batch (WAL append and memtable
@@ -199,6 +201,11 @@ fn write_group(sh: &Shared, g: Group) -> Result<()> {
         if result.is_ok() {
             for (tree, lba, e) in g.staged {
                 inner.cache.set(tree, lba, e);
+            }
+            for (tree, delta) in g.owned {
+                if let Some(t) = inner.trees.get_mut(&tree) {
+                    t.owned_blocks = t.owned_blocks.saturating_add_signed(delta);
+                }
             }
             inner.free_blocks(&g.freed);
         }
@@ -1007,6 +1014,7 @@ impl Loop {
         let mut batch = WriteBatch::default();
         let mut freed = Vec::new();
         let mut staged = Vec::new();
+        let mut owned = Vec::new();
         let mut inner = self.sh.inner.lock();
         let mut staging: Result<()> = Ok(());
         for &i in &ready {
@@ -1019,10 +1027,18 @@ impl Loop {
                 });
             }
             if s.error.is_none() {
+                let (f0, s0) = (freed.len(), staged.len());
                 staging = stage(&self.sh, &mut inner, s, &mut batch, &mut freed, &mut staged);
                 if staging.is_err() {
                     break;
                 }
+                // Every new data entry is this tree's block; every block freed
+                // was one of its own (shared ones move to its history).
+                let added = staged[s0..]
+                    .iter()
+                    .filter(|(_, _, e)| matches!(e, Some(e) if e.value.is_data()))
+                    .count();
+                owned.push((s.tree, added as i64 - (freed.len() - f0) as i64));
             }
         }
         match staging {
@@ -1035,6 +1051,7 @@ impl Loop {
                     batch,
                     staged,
                     freed,
+                    owned,
                 };
                 if self.live() == ready.len() {
                     // Nothing else is in flight, so nothing waits behind this

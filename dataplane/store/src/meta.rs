@@ -86,6 +86,12 @@ pub enum BlockValue {
     Zero,
 }
 
+impl BlockValue {
+    pub fn is_data(&self) -> bool {
+        matches!(self, BlockValue::Data { .. })
+    }
+}
+
 impl MapEntry {
     pub fn encode(&self) -> [u8; 22] {
         let mut v = [0u8; 22];

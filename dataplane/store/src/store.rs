@@ -99,6 +99,10 @@ pub struct VolumeInfo {
     pub created_unix: u64,
     /// The snapshot this volume was cloned from, if it still has a name.
     pub source_snapshot: Option<String>,
+    /// Pool space the volume's own blocks take: what it wrote since it was
+    /// created or cloned, and what its snapshots keep of its earlier
+    /// contents. Blocks a clone still shares with its source are not counted.
+    pub allocated_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +166,11 @@ pub(crate) struct Tree {
     pub readers: BTreeMap<u64, u64>,
     /// Block ranges `[start, end)` with a write or zeroing in progress.
     pub busy: Vec<(u64, u64)>,
+    /// Pool blocks this tree's map entries (head and history) reference,
+    /// kept as commits land and rebuilt at open: what a volume costs in pool
+    /// space, in O(1) (a clone's blocks shared with its source are the
+    /// source's).
+    pub owned_blocks: u64,
 }
 
 #[derive(Debug)]
@@ -307,6 +316,7 @@ impl Inner {
             size_bytes: v.size_bytes,
             created_unix: v.created_unix,
             source_snapshot,
+            allocated_bytes: self.trees.get(&id).map_or(0, |t| t.owned_blocks) * BLOCK_SIZE,
         })
     }
 
@@ -1106,6 +1116,7 @@ fn new_volume(
             rec: tree,
             readers: BTreeMap::new(),
             busy: Vec::new(),
+            owned_blocks: 0,
         },
     );
     inner.volumes.insert(id, vol);
@@ -1196,11 +1207,13 @@ fn settle_tree(
     freed: &mut Vec<u64>,
 ) -> Result<()> {
     let Inner { trees, cache, .. } = &mut *inner;
-    let Some(t) = trees.get(&tree) else {
+    let Some(t) = trees.get_mut(&tree) else {
         return Ok(());
     };
     let (live, parent) = (t.rec.live, t.rec.parent);
+    let before = freed.len();
     map::collect_garbage(&sh.db, cache, b, tree, live, &t.readers, freed)?;
+    t.owned_blocks = t.owned_blocks.saturating_sub((freed.len() - before) as u64);
     if live || !t.readers.is_empty() {
         return Ok(());
     }
@@ -1264,6 +1277,7 @@ fn load(db: &DB, pool: &Pool, cache_entries: usize) -> Result<Inner> {
                 rec: TreeRec::decode(&v)?,
                 readers: BTreeMap::new(),
                 busy: Vec::new(),
+                owned_blocks: 0,
             },
         );
     }
@@ -1318,6 +1332,16 @@ fn load(db: &DB, pool: &Pool, cache_entries: usize) -> Result<Inner> {
                         "block map",
                         format!("pool block {block} claimed twice or out of range (key {k:?})"),
                     ));
+                }
+                let tree = meta::parse_key(&k).map(|(t, _, _)| t);
+                match tree.and_then(|t| inner.trees.get_mut(&t)) {
+                    Some(t) => t.owned_blocks += 1,
+                    None => {
+                        return Err(corrupt(
+                            "block map",
+                            format!("entry {k:?} of a tree that does not exist"),
+                        ))
+                    }
                 }
             }
         }

@@ -156,6 +156,17 @@ fn fill(seed: u8, offset: u64, len: usize) -> Vec<u8> {
 fn check_space(store: &Store, model: &Model) -> Result<(), TestCaseError> {
     store.sync().expect("sync");
     let st = store.stats();
+    let owned: u64 = store
+        .list_volumes()
+        .iter()
+        .map(|v| v.allocated_bytes / BLOCK_SIZE)
+        .sum();
+    prop_assert!(
+        owned <= st.used_blocks,
+        "volumes own {} blocks, the pool uses {}",
+        owned,
+        st.used_blocks
+    );
     prop_assert!(
         st.used_blocks <= model.nonzero_blocks(),
         "pool uses {} blocks, but readers see only {} non-zero blocks",
@@ -332,9 +343,21 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     }
     check_space(&store, &m)?;
 
-    // Everything survives a clean reopen.
+    // Everything survives a clean reopen, and the space each volume owns, kept
+    // as commits land, equals what the open rebuilds from the maps.
+    let owned = |s: &Store| {
+        let mut v: Vec<(String, u64)> = s
+            .list_volumes()
+            .into_iter()
+            .map(|v| (v.name, v.allocated_bytes))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = owned(&store);
     drop(store);
     store = Store::open(&cfg).expect("reopen");
+    prop_assert_eq!(owned(&store), before, "allocated bytes after reopen");
     for (name, (data, _)) in &m.volumes {
         let t = store.volume_target(name).expect("volume after reopen");
         prop_assert!(
