@@ -6,6 +6,7 @@
 //! touch the disk), a snapshot is taken, and checksums are on, so the write run
 //! pays for copy-on-write of shared blocks and every read verifies its CRC.
 
+mod features;
 mod meta;
 mod nbd;
 mod plot;
@@ -42,6 +43,9 @@ enum Cmd {
     /// raw disk, qemu-nbd and nbdkit, every workload, repeated; a table,
     /// JSON and SVG plots.
     Run(suite::SuiteArgs),
+    /// Berth's own features: copy-on-write cost, snapshot/clone creation
+    /// time by volume size, tier limits and priority, checksums, CSI rates.
+    Features(features::FeatureArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -455,6 +459,7 @@ fn main() {
         Cmd::Nbd(a) => nbd::run(a),
         Cmd::Meta(a) => meta::run(a),
         Cmd::Run(a) => suite::run(a),
+        Cmd::Features(a) => features::run(a),
     };
     if let Err(e) = r {
         eprintln!("berth-bench: {e}");

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use berth_proto::meta::v1 as pb;
 use berth_proto::meta::v1::metadata_service_client::MetadataServiceClient;
 use serde::Serialize;
-use tonic::transport::Channel;
 
 use crate::nbd::{cpu_seconds, sibling, Proc};
 
@@ -40,20 +39,24 @@ pub struct MetaArgs {
 }
 
 #[derive(Debug, Serialize, Clone)]
-struct Phase {
-    phase: &'static str,
-    concurrency: usize,
-    calls: usize,
-    errors: usize,
-    per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-    /// CPU the metadata service used per call.
-    meta_cpu_us_per_call: f64,
+pub(crate) struct Phase {
+    pub phase: &'static str,
+    pub concurrency: usize,
+    pub calls: usize,
+    pub errors: usize,
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// CPU the serving process (the metadata service, or standalone) used per call.
+    pub meta_cpu_us_per_call: f64,
 }
 
-fn start(cmd: &mut Command, name: &'static str) -> Result<(Proc, serde_json::Value), String> {
+/// Starts a Berth program and reads its one-line JSON ready report.
+pub(crate) fn start(
+    cmd: &mut Command,
+    name: &'static str,
+) -> Result<(Proc, serde_json::Value), String> {
     let mut child = cmd
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -79,17 +82,19 @@ fn quantile(sorted: &[Duration], q: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e3
 }
 
-/// Runs `count` calls of `op(i)` with `concurrency` callers.
-async fn phase<F, Fut>(
+/// Runs `count` calls of `op(client, i)` with `concurrency` callers; the CPU
+/// is that of the process `pid` serving them.
+pub(crate) async fn phase<C, F, Fut>(
     name: &'static str,
-    c: &MetadataServiceClient<Channel>,
+    c: &C,
     meta_pid: u32,
     count: usize,
     concurrency: usize,
     op: F,
 ) -> Phase
 where
-    F: Fn(MetadataServiceClient<Channel>, usize) -> Fut + Send + Sync + 'static,
+    C: Clone + Send + 'static,
+    F: Fn(C, usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(), tonic::Status>> + Send,
 {
     let op = Arc::new(op);
@@ -286,32 +291,7 @@ pub fn run(a: MetaArgs) -> Result<(), String> {
     })?;
     drop(servers);
     drop(meta);
-    println!(
-        "{:<16} {:>5} {:>6} {:>7} {:>10} {:>9} {:>9} {:>9} {:>12}",
-        "phase",
-        "conc",
-        "calls",
-        "errors",
-        "calls/s",
-        "p50 ms",
-        "p99 ms",
-        "max ms",
-        "meta cpu/call"
-    );
-    for p in &results {
-        println!(
-            "{:<16} {:>5} {:>6} {:>7} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>10.0}us",
-            p.phase,
-            p.concurrency,
-            p.calls,
-            p.errors,
-            p.per_second,
-            p.p50_ms,
-            p.p99_ms,
-            p.max_ms,
-            p.meta_cpu_us_per_call
-        );
-    }
+    print_phases(&results);
     let doc = serde_json::json!({
         "kind": "meta",
         "nodes": a.nodes,
@@ -324,4 +304,34 @@ pub fn run(a: MetaArgs) -> Result<(), String> {
         return Err("some calls failed (see above)".into());
     }
     crate::write_result(&a.out, "meta", &doc)
+}
+
+/// The phases as a table.
+pub(crate) fn print_phases(phases: &[Phase]) {
+    println!(
+        "{:<20} {:>5} {:>6} {:>7} {:>10} {:>9} {:>9} {:>9} {:>15}",
+        "phase",
+        "conc",
+        "calls",
+        "errors",
+        "calls/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "server cpu/call"
+    );
+    for p in phases {
+        println!(
+            "{:<20} {:>5} {:>6} {:>7} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>13.0}us",
+            p.phase,
+            p.concurrency,
+            p.calls,
+            p.errors,
+            p.per_second,
+            p.p50_ms,
+            p.p99_ms,
+            p.max_ms,
+            p.meta_cpu_us_per_call
+        );
+    }
 }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::features::FeatureArgs;
 use crate::nbd::{cpu_seconds, Proc};
 use crate::plot;
 
@@ -55,6 +56,10 @@ pub struct SuiteArgs {
     /// Only these workloads (comma-separated).
     #[arg(long)]
     workloads: Option<String>,
+    /// Leave out Berth's own features (copy-on-write, creation time, tiers,
+    /// priority, checksums, CSI rates; `berth-bench features` runs them alone).
+    #[arg(long)]
+    no_features: bool,
     /// Where the run's folder (JSON and plots) is written.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -113,9 +118,9 @@ pub const WORKLOADS: &[Workload] = &[
 
 /// What fio is pointed at, and the server (if any) whose CPU it costs.
 pub(crate) struct Target {
-    name: &'static str,
-    fio_args: Vec<String>,
-    server_pid: Option<u32>,
+    pub(crate) name: &'static str,
+    pub(crate) fio_args: Vec<String>,
+    pub(crate) server_pid: Option<u32>,
 }
 
 /// One measurement.
@@ -201,7 +206,13 @@ pub(crate) fn fio(
     Ok(r)
 }
 
-fn measure(t: &Target, size: u64, w: &Workload, secs: u64, jobs: u32) -> Result<Run, String> {
+pub(crate) fn measure(
+    t: &Target,
+    size: u64,
+    w: &Workload,
+    secs: u64,
+    jobs: u32,
+) -> Result<Run, String> {
     let cpu0 = t.server_pid.map(cpu_seconds);
     let f = fio(t, size, w, secs, jobs)?;
     let cpu = t
@@ -541,6 +552,12 @@ pub fn run(mut a: SuiteArgs) -> Result<(), String> {
         .map_or(0, |d| d.as_secs());
     let folder = a.out.join(format!("run-{stamp}"));
     std::fs::create_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
+    let features = if a.no_features {
+        None
+    } else {
+        let fa = FeatureArgs::for_run(&a.dir, a.seconds, a.repeat, a.quick, &a.out);
+        Some(crate::features::measure_all(fa, &folder)?)
+    };
     let doc = serde_json::json!({
         "kind": "run",
         "quick": a.quick,
@@ -555,6 +572,7 @@ pub fn run(mut a: SuiteArgs) -> Result<(), String> {
         "ratios": ratios,
         "compass": compass.iter().map(|(what, ok, got)| serde_json::json!({"check": what, "met": ok, "value": got})).collect::<Vec<_>>(),
         "idle_cpu_percent": idle,
+        "features": features,
         "peers": {
             "qemu-nbd": "qemu-nbd -f raw -t --cache=none --aio=io_uring --shared=8 (unix socket)",
             "nbdkit": "nbdkit -t 16 file cache=none (unix socket)",

@@ -1,6 +1,8 @@
 //! `berth-bench run --quick` as CI runs it: a smoke test that the harness
 //! starts every target, measures every workload, and writes its JSON and
-//! plots. It checks that the harness works, not how fast anything is.
+//! plots, and Berth's own features (copy-on-write, creation time, tiers,
+//! priority, checksums, CSI rates). It checks that the harness works, not
+//! how fast anything is.
 
 use std::path::Path;
 use std::process::Command;
@@ -11,7 +13,7 @@ fn have(program: &str) -> bool {
 }
 
 #[test]
-fn a_quick_run_measures_every_target_and_workload_and_writes_json_and_plots() {
+fn a_quick_run_measures_every_target_workload_and_feature_and_writes_json_and_plots() {
     let berth = Path::new(env!("CARGO_BIN_EXE_berth-bench")).with_file_name("berth");
     if !berth.exists() || !have("fio") {
         // scripts/test.sh builds the programs and installs fio first.
@@ -103,5 +105,49 @@ fn a_quick_run_measures_every_target_and_workload_and_writes_json_and_plots() {
         for t in &must {
             assert!(svg.contains(t), "{plot} has no series for {t}");
         }
+    }
+    check_features(&doc["features"], &folder);
+}
+
+/// The feature section of a quick run: every measurement present.
+fn check_features(f: &serde_json::Value, folder: &Path) {
+    let rows = |k: &str| f[k].as_array().cloned().unwrap_or_default();
+    let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    // Three kinds of volume, two workloads each, all measured.
+    let cow = rows("cow");
+    assert_eq!(cow.len(), 6, "{cow:?}");
+    for r in &cow {
+        assert!(num(&r["median"], "iops") > 0.0, "{r}");
+    }
+    // Snapshot and clone, each timed on the small and the large volume.
+    let creation = rows("creation");
+    assert_eq!(creation.len(), 4, "{creation:?}");
+    for r in &creation {
+        assert!(num(r, "p50_ms") > 0.0 && num(r, "samples") >= 3.0, "{r}");
+    }
+    // Every limited tier reports its limit and what it achieved.
+    let tiers = rows("tiers");
+    assert_eq!(tiers.len(), 4, "{tiers:?}");
+    for t in tiers.iter().filter(|t| t["iops_limit"].as_u64() != Some(0)) {
+        assert!(num(t, "iops") > 0.0 && num(t, "iops_ratio") > 0.0, "{t}");
+        assert!(num(t, "bytes_ratio") > 0.0, "{t}");
+    }
+    let priority = rows("priority");
+    assert_eq!(priority.len(), 3, "{priority:?}");
+    assert!(priority[1..].iter().all(|p| num(p, "flood_iops") > 0.0));
+    assert!(f["checksums"]["scrub_blocks"].as_u64().unwrap_or(0) > 0);
+    assert_eq!(f["checksums"]["scrub_errors"].as_u64(), Some(0));
+    // Four CSI phases at two concurrencies, none with errors.
+    let csi = rows("csi");
+    assert_eq!(csi.len(), 8, "{csi:?}");
+    for p in &csi {
+        assert_eq!(p["errors"].as_u64(), Some(0), "{p}");
+        assert!(num(p, "per_second") > 0.0, "{p}");
+    }
+    // Two creation checks and two per limited tier (three of them).
+    assert_eq!(rows("checks").len(), 8);
+    for plot in ["tiers-iops.svg", "tiers-throughput.svg", "cow-iops.svg"] {
+        let svg = std::fs::read_to_string(folder.join(plot)).expect(plot);
+        assert!(svg.contains("<svg"), "{plot} is not SVG");
     }
 }
