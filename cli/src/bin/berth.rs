@@ -203,6 +203,10 @@ struct NodeArgs {
     /// What the pool is made of (nvme, ssd, hdd, file); tiers may require one.
     #[arg(long, env = "BERTH_POOL_MEDIA", default_value = "file")]
     pool_media: String,
+    /// Threads serving NBD connections; each connection stays on one (0: a
+    /// quarter of the cores, at least one).
+    #[arg(long, env = "BERTH_NBD_THREADS", default_value_t = 0)]
+    nbd_threads: usize,
 }
 
 impl NodeArgs {
@@ -285,6 +289,7 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     cfg.control_listen = addr("control-listen", &a.control_listen)?;
     cfg.metrics_listen = addr("metrics-listen", &a.metrics_listen)?;
     cfg.drain_timeout = Duration::from_secs(a.drain_seconds);
+    cfg.nbd_threads = a.node.nbd_threads;
     if let Some(metadata) = a.metadata {
         cfg.heartbeat = Some(a.node.heartbeat(metadata, a.advertise_control));
     }
@@ -376,6 +381,7 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     cfg.advertise_host = a.advertise_host;
     cfg.control_socket = Some(control_socket.clone());
     cfg.metrics_listen = addr("metrics-listen", &a.metrics_listen)?;
+    cfg.nbd_threads = a.node.nbd_threads;
     let node_name = a.node.node_name.clone().unwrap_or_else(host_name);
     let labels = a.node.labels.iter().cloned().collect();
     // The two talk over their unix sockets: no port needed for control.

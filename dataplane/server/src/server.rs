@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Result, ServerError};
 use crate::grpc::Service;
+use crate::nbd::threads::NbdThreads;
 use crate::node::{Endpoints, Node, Peer};
 use crate::qos::{default_tiers, TierPolicy};
 
@@ -45,6 +46,8 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Report to a metadata service (None: run alone).
     pub heartbeat: Option<crate::heartbeat::HeartbeatConfig>,
+    /// Threads serving NBD connections (0: a quarter of the cores, at least one).
+    pub nbd_threads: usize,
 }
 
 impl ServerConfig {
@@ -62,6 +65,7 @@ impl ServerConfig {
             tiers: default_tiers(),
             drain_timeout: Duration::from_secs(30),
             heartbeat: None,
+            nbd_threads: 0,
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct Running {
     pub bound: Bound,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     conns: tokio_util::task::TaskTracker,
+    /// Where the connections run; kept until they have drained.
+    nbd_threads: Arc<NbdThreads>,
     stop_accepting: CancellationToken,
     drain_timeout: Duration,
 }
@@ -168,6 +174,13 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
 
     let stop_accepting = CancellationToken::new();
     let conns = tokio_util::task::TaskTracker::new();
+    let nbd_threads = Arc::new(
+        NbdThreads::start(match cfg.nbd_threads {
+            0 => crate::nbd::threads::default_count(),
+            n => n,
+        })
+        .map_err(ServerError::io("start the NBD threads"))?,
+    );
     let mut tasks = Vec::new();
 
     for l in [
@@ -182,6 +195,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
             node.clone(),
             stop_accepting.clone(),
             conns.clone(),
+            nbd_threads.clone(),
         )));
     }
     let control = || tonic::service::Routes::new(Service::new(node.clone()).into_server());
@@ -259,6 +273,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
         control_tcp = ?bound.control_tcp,
         metrics = ?bound.metrics,
         engine = node.store.engine_name(),
+        nbd_threads = nbd_threads.len(),
         "volume server ready"
     );
     Ok(Running {
@@ -266,6 +281,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
         bound,
         tasks,
         conns,
+        nbd_threads,
         stop_accepting,
         drain_timeout: cfg.drain_timeout,
     })
@@ -276,13 +292,14 @@ enum NbdListener {
     Tcp(TcpListener),
 }
 
-/// Accepts NBD connections until `stop`; each is served on the tracker that
-/// shutdown waits for.
+/// Accepts NBD connections until `stop`; each is served on one of the NBD
+/// threads, tracked by the tracker that shutdown waits for.
 async fn accept_nbd(
     l: NbdListener,
     node: Arc<Node>,
     stop: CancellationToken,
     conns: tokio_util::task::TaskTracker,
+    threads: Arc<NbdThreads>,
 ) {
     use crate::nbd::server::serve;
     loop {
@@ -290,14 +307,38 @@ async fn accept_nbd(
             _ = stop.cancelled() => return,
             r = async {
                 match &l {
-                    NbdListener::Unix(l) => l.accept().await.map(|(s, _)| {
-                        let (rd, wr) = s.into_split();
-                        conns.spawn(serve(node.clone(), rd, wr, Peer::Unix));
+                    NbdListener::Unix(l) => l.accept().await.and_then(|(s, _)| {
+                        let s = s.into_std()?;
+                        let (thread, placed) = threads.place();
+                        let node = node.clone();
+                        conns.spawn_on(async move {
+                            let _placed = placed;
+                            match tokio::net::UnixStream::from_std(s) {
+                                Ok(s) => {
+                                    let (rd, wr) = s.into_split();
+                                    serve(node, rd, wr, Peer::Unix).await;
+                                }
+                                Err(e) => tracing::warn!(error = %e, "cannot serve an NBD connection on its thread"),
+                            }
+                        }, &thread);
+                        Ok(())
                     }),
-                    NbdListener::Tcp(l) => l.accept().await.map(|(s, peer)| {
+                    NbdListener::Tcp(l) => l.accept().await.and_then(|(s, peer)| {
                         let _ = s.set_nodelay(true);
-                        let (rd, wr) = s.into_split();
-                        conns.spawn(serve(node.clone(), rd, wr, Peer::Tcp(peer)));
+                        let s = s.into_std()?;
+                        let (thread, placed) = threads.place();
+                        let node = node.clone();
+                        conns.spawn_on(async move {
+                            let _placed = placed;
+                            match tokio::net::TcpStream::from_std(s) {
+                                Ok(s) => {
+                                    let (rd, wr) = s.into_split();
+                                    serve(node, rd, wr, Peer::Tcp(peer)).await;
+                                }
+                                Err(e) => tracing::warn!(error = %e, "cannot serve an NBD connection on its thread"),
+                            }
+                        }, &thread);
+                        Ok(())
                     }),
                 }
             } => r,
@@ -332,6 +373,7 @@ impl Running {
         for t in self.tasks {
             let _ = t.await;
         }
+        drop(self.nbd_threads);
         let store = self.node.store.clone();
         tokio::task::spawn_blocking(move || store.flush())
             .await

@@ -4,3 +4,4 @@
 
 pub use berth_nbd::{client, proto};
 pub mod server;
+pub mod threads;
