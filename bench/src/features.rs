@@ -37,7 +37,7 @@ use tonic::transport::Channel;
 use crate::meta::{phase, print_phases, start, Phase};
 use crate::nbd::{sibling, Proc};
 use crate::plot;
-use crate::suite::{fio, nbd_target, w, Run, Target, Workload};
+use crate::suite::{fio, fio_command, nbd_target, w, Run, Target, Workload};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct FeatureArgs {
@@ -469,23 +469,9 @@ fn tiers(s: &Server, a: &FeatureArgs) -> Result<Vec<TierRow>, String> {
     Ok(out)
 }
 
-/// fio in the background on `t` for `secs`: the flood.
+/// fio in the background on `t` for `secs`: the flood, 2 connections x QD32.
 fn flood(t: &Target, size: u64, secs: u64) -> Result<std::process::Child, String> {
-    Command::new("fio")
-        .args([
-            "--name=flood",
-            "--output-format=json",
-            "--randrepeat=0",
-            "--group_reporting",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=32",
-            "--numjobs=2",
-            "--time_based",
-        ])
-        .args(&t.fio_args)
-        .arg(format!("--size={size}"))
-        .arg(format!("--runtime={secs}"))
+    fio_command(t, size, &w("flood", "randwrite", "4k", 32), secs, 2)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

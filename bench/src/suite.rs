@@ -158,13 +158,8 @@ pub struct Ratio {
     pub p99_ratio: f64,
 }
 
-pub(crate) fn fio(
-    t: &Target,
-    size: u64,
-    w: &Workload,
-    secs: u64,
-    jobs: u32,
-) -> Result<crate::FioReport, String> {
+/// fio's command line for a workload on a target (`secs` 0: one pass over `size`).
+pub(crate) fn fio_command(t: &Target, size: u64, w: &Workload, secs: u64, jobs: u32) -> Command {
     let mut cmd = Command::new("fio");
     cmd.args([
         "--name=bench",
@@ -187,6 +182,17 @@ pub(crate) fn fio(
     if w.fsync {
         cmd.arg("--fsync=1");
     }
+    cmd
+}
+
+pub(crate) fn fio(
+    t: &Target,
+    size: u64,
+    w: &Workload,
+    secs: u64,
+    jobs: u32,
+) -> Result<crate::FioReport, String> {
+    let mut cmd = fio_command(t, size, w, secs, jobs);
     let out = cmd
         .output()
         .map_err(|e| format!("cannot run fio: {e} (apt-get install fio)"))?;

@@ -287,6 +287,12 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
     })
 }
 
+/// An accepted connection, on its way to the thread that serves it.
+enum Accepted {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream, SocketAddr),
+}
+
 enum NbdListener {
     Unix(UnixListener),
     Tcp(TcpListener),
@@ -306,41 +312,40 @@ async fn accept_nbd(
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
             r = async {
-                match &l {
-                    NbdListener::Unix(l) => l.accept().await.and_then(|(s, _)| {
-                        let s = s.into_std()?;
-                        let (thread, placed) = threads.place();
-                        let node = node.clone();
-                        conns.spawn_on(async move {
-                            let _placed = placed;
-                            match tokio::net::UnixStream::from_std(s) {
-                                Ok(s) => {
-                                    let (rd, wr) = s.into_split();
-                                    serve(node, rd, wr, Peer::Unix).await;
-                                }
-                                Err(e) => tracing::warn!(error = %e, "cannot serve an NBD connection on its thread"),
-                            }
-                        }, &thread);
-                        Ok(())
-                    }),
+                let s = match &l {
+                    NbdListener::Unix(l) => {
+                        l.accept().await.and_then(|(s, _)| Ok(Accepted::Unix(s.into_std()?)))
+                    }
                     NbdListener::Tcp(l) => l.accept().await.and_then(|(s, peer)| {
                         let _ = s.set_nodelay(true);
-                        let s = s.into_std()?;
-                        let (thread, placed) = threads.place();
-                        let node = node.clone();
-                        conns.spawn_on(async move {
-                            let _placed = placed;
-                            match tokio::net::TcpStream::from_std(s) {
-                                Ok(s) => {
-                                    let (rd, wr) = s.into_split();
-                                    serve(node, rd, wr, Peer::Tcp(peer)).await;
-                                }
-                                Err(e) => tracing::warn!(error = %e, "cannot serve an NBD connection on its thread"),
-                            }
-                        }, &thread);
-                        Ok(())
+                        Ok(Accepted::Tcp(s.into_std()?, peer))
                     }),
-                }
+                }?;
+                let (thread, placed) = threads.place();
+                let node = node.clone();
+                conns.spawn_on(
+                    async move {
+                        let _placed = placed;
+                        // The socket joins the reactor of the thread it is served on.
+                        type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+                        let served: std::io::Result<Serving> = match s {
+                            Accepted::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
+                                let (rd, wr) = s.into_split();
+                                Box::pin(serve(node, rd, wr, Peer::Unix)) as Serving
+                            }),
+                            Accepted::Tcp(s, peer) => tokio::net::TcpStream::from_std(s).map(|s| {
+                                let (rd, wr) = s.into_split();
+                                Box::pin(serve(node, rd, wr, Peer::Tcp(peer))) as Serving
+                            }),
+                        };
+                        match served {
+                            Ok(serving) => serving.await,
+                            Err(e) => tracing::warn!(error = %e, "cannot serve an NBD connection on its thread"),
+                        }
+                    },
+                    &thread,
+                );
+                Ok::<(), std::io::Error>(())
             } => r,
         };
         if let Err(e) = accepted {
