@@ -140,6 +140,23 @@ pub struct ScrubReport {
     pub errors: Vec<ScrubError>,
 }
 
+/// Mapped blocks a scrub collects before reading them in pool order.
+const SCRUB_BATCH: usize = 16 << 10;
+/// Most adjacent blocks one scrub read covers (1 MiB).
+const SCRUB_RUN_BLOCKS: usize = 256;
+/// Reads a scrub keeps in flight.
+const SCRUB_THREADS: usize = 8;
+
+/// A mapped block a scrub checks: where it is, its checksum, and its map key
+/// (which names the owner when it is bad).
+struct ScrubItem {
+    block: u64,
+    crc: u32,
+    /// The epoch the mapping was written at.
+    epoch: u64,
+    key: Vec<u8>,
+}
+
 /// What a data request addresses: a volume's head, or a snapshot (read-only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Target {
@@ -823,50 +840,108 @@ impl Store {
 
     /// Reads every allocated block of the pool and checks its checksum.
     pub fn scrub(&self) -> Result<ScrubReport> {
-        use std::os::unix::fs::FileExt;
         let sh = &self.shared;
         // Blocks freed while we scan are not reused until we finish.
         let seq = sh.inner.lock().read_start();
         let result = (|| {
             let mut report = ScrubReport::default();
-            let mut buf = IoBuf::heap(BLOCK_SIZE as usize);
+            let mut batch = Vec::with_capacity(SCRUB_BATCH);
             for family in [CF_HEAD, CF_HISTORY] {
                 let mut it = sh.db.raw_iterator_cf(cf(&sh.db, family));
                 it.seek_to_first();
                 while let (Some(k), Some(v)) = (it.key(), it.value()) {
                     let entry = meta::MapEntry::decode(v)?;
                     if let BlockValue::Data { block, crc } = entry.value {
-                        report.blocks_checked += 1;
-                        let off = sh.pool.block_offset(block);
-                        let ok = match sh.pool.file.read_exact_at(buf.as_mut_slice(), off) {
-                            Ok(()) => block_crc(block, buf.as_slice()) == crc,
-                            Err(_) => false,
-                        };
-                        if !ok {
-                            let (tree, lba, epoch) = meta::parse_key(k).unwrap_or((0, 0, None));
-                            let owner = owner_names(&sh.inner.lock(), tree, epoch);
-                            sh.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::error!(
-                                owner,
-                                offset = lba * BLOCK_SIZE,
-                                pool_block = block,
-                                "scrub: checksum mismatch"
-                            );
-                            report.errors.push(ScrubError {
-                                owner,
-                                offset: lba * BLOCK_SIZE,
-                                pool_block: block,
-                            });
+                        batch.push(ScrubItem {
+                            block,
+                            crc,
+                            epoch: entry.epoch,
+                            key: k.to_vec(),
+                        });
+                        if batch.len() == SCRUB_BATCH {
+                            self.scrub_batch(&mut batch, &mut report)?;
                         }
                     }
                     it.next();
                 }
                 it.status()?;
             }
+            self.scrub_batch(&mut batch, &mut report)?;
             Ok(report)
         })();
         sh.inner.lock().read_end(seq);
         result
+    }
+
+    /// Checks a batch of mapped blocks: sorted by pool block, runs of adjacent
+    /// blocks are read with one `pread` each (up to 1 MiB), by
+    /// [`SCRUB_THREADS`] readers at once; then empties the batch. (One 4 KiB
+    /// `pread` at a time was 47 MB/s on a virtio disk.)
+    fn scrub_batch(&self, batch: &mut Vec<ScrubItem>, report: &mut ScrubReport) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let sh = &self.shared;
+        batch.sort_unstable_by_key(|i| i.block);
+        let mut runs = Vec::new();
+        let mut start = 0;
+        for i in 1..=batch.len() {
+            let ends = i == batch.len()
+                || batch[i].block != batch[i - 1].block + 1
+                || i - start == SCRUB_RUN_BLOCKS;
+            if ends {
+                runs.push(start..i);
+                start = i;
+            }
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let bad = parking_lot::Mutex::new(Vec::new());
+        let items = &batch[..];
+        std::thread::scope(|scope| {
+            for _ in 0..SCRUB_THREADS.min(runs.len()) {
+                scope.spawn(|| {
+                    let mut buf = IoBuf::heap(SCRUB_RUN_BLOCKS * BLOCK_SIZE as usize);
+                    loop {
+                        let r = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(run) = runs.get(r) else { break };
+                        let bytes = run.len() * BLOCK_SIZE as usize;
+                        let data = &mut buf.as_mut_slice()[..bytes];
+                        let off = sh.pool.block_offset(items[run.start].block);
+                        let read = sh.pool.file.read_exact_at(data, off).is_ok();
+                        for (k, item) in items[run.clone()].iter().enumerate() {
+                            let b = &data[k * BLOCK_SIZE as usize..(k + 1) * BLOCK_SIZE as usize];
+                            if !read || block_crc(item.block, b) != item.crc {
+                                bad.lock().push(run.start + k);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        report.blocks_checked += batch.len() as u64;
+        let mut bad = bad.into_inner();
+        bad.sort_unstable();
+        for i in bad {
+            let item = &batch[i];
+            let (tree, lba, history) = meta::parse_key(&item.key).unwrap_or((0, 0, None));
+            let until = match history {
+                Some(_) => replaced_at(&sh.db, tree, lba, item.epoch)?,
+                None => u64::MAX,
+            };
+            let owner = owner_names(&sh.inner.lock(), tree, history.is_none(), item.epoch, until);
+            sh.counters.checksum_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                owner,
+                offset = lba * BLOCK_SIZE,
+                pool_block = item.block,
+                "scrub: checksum mismatch"
+            );
+            report.errors.push(ScrubError {
+                owner,
+                offset: lba * BLOCK_SIZE,
+                pool_block: item.block,
+            });
+        }
+        batch.clear();
+        Ok(())
     }
 
     /// How `[offset, offset + len)` of a target is backed, as runs of extents in
@@ -1150,17 +1225,19 @@ fn existing_volume(
     })
 }
 
-fn owner_names(inner: &Inner, tree: u64, epoch: Option<u64>) -> String {
+/// Who reads a mapping of `tree`: its volume if it is the head entry, and the
+/// snapshots whose epoch falls in `[from, until)`, the mapping's validity.
+fn owner_names(inner: &Inner, tree: u64, head: bool, from: u64, until: u64) -> String {
     let mut names = Vec::new();
-    if let Some(v) = inner.volumes.get(&tree) {
-        names.push(format!("volume {}", v.name));
+    if head {
+        if let Some(v) = inner.volumes.get(&tree) {
+            names.push(format!("volume {}", v.name));
+        }
     }
     if let Some(t) = inner.trees.get(&tree) {
-        for (&e, sid) in &t.readers {
-            if epoch.is_none_or(|x| e >= x) {
-                if let Some(s) = inner.snaps.get(sid) {
-                    names.push(format!("snapshot {}", s.rec.name));
-                }
+        for sid in t.readers.range(from..until).map(|(_, sid)| sid) {
+            if let Some(s) = inner.snaps.get(sid) {
+                names.push(format!("snapshot {}", s.rec.name));
             }
         }
     }
@@ -1169,6 +1246,22 @@ fn owner_names(inner: &Inner, tree: u64, epoch: Option<u64>) -> String {
     } else {
         names.join(", ")
     }
+}
+
+/// The epoch at which the history mapping of (tree, lba) written at `epoch`
+/// was replaced: that of the next newer history entry, else of the head entry.
+fn replaced_at(db: &rocksdb::DB, tree: u64, lba: u64, epoch: u64) -> Result<u64> {
+    let mut it = db.raw_iterator_cf(cf(db, CF_HISTORY));
+    // History keys of one block sort newest first: the newer entry is the previous key.
+    it.seek(meta::history_key(tree, lba, epoch));
+    it.prev();
+    if let (Some(k), Some(v)) = (it.key(), it.value()) {
+        if k.len() == 24 && k[..16] == meta::head_key(tree, lba) {
+            return Ok(meta::MapEntry::decode(v)?.epoch);
+        }
+    }
+    it.status()?;
+    Ok(map::get_head(db, tree, lba)?.map_or(u64::MAX, |h| h.epoch))
 }
 
 /// Removes a snapshot (or hides it while clones read through it) and collects
