@@ -66,6 +66,16 @@ impl ServerProc {
 
     /// Starts with more flags (kept for restarts).
     pub fn start_with(dir: &Path, pool_size: &str, extra: &[String]) -> ServerProc {
+        Self::start_env(dir, pool_size, extra, &[])
+    }
+
+    /// Starts with more flags and environment variables (flags kept for restarts).
+    pub fn start_env(
+        dir: &Path,
+        pool_size: &str,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> ServerProc {
         let mut child = Command::new(binary("berth"))
             .args(["volume-server", "--data"])
             .arg(dir)
@@ -78,6 +88,7 @@ impl ServerProc {
             ])
             .args(extra)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

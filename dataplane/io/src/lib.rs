@@ -5,11 +5,14 @@
 //! - [`engine`]: the [`IoEngine`] trait (push tagged operations, submit in batches,
 //!   sleep until completions), and [`open_engine`] which picks io_uring or, where
 //!   io_uring is refused, the [`sync`] thread-pool fallback.
+//! - [`fault`]: an engine that wraps another and injects errors, short
+//!   transfers and slow completions into the operations a plan picks.
 //!
 //! This crate knows nothing of volumes, tokio or gRPC.
 
 pub mod buf;
 pub mod engine;
+pub mod fault;
 pub mod sync;
 pub mod uring;
 

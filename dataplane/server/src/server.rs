@@ -109,6 +109,10 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 
 /// Opens the store and starts every listener; returns once they are bound.
 pub async fn start(cfg: ServerConfig) -> Result<Running> {
+    // A fault drill with a mistyped plan must not silently run without faults.
+    if let Err(e) = berth_store::FaultPlan::from_env() {
+        return Err(ServerError::InvalidArgument(format!("BERTH_FAULTS: {e}")));
+    }
     std::fs::create_dir_all(&cfg.data_dir).map_err(ServerError::io(format!(
         "create {}",
         cfg.data_dir.display()

@@ -130,6 +130,7 @@ pub(crate) fn spawn(
     sh: Arc<Shared>,
     choice: EngineChoice,
     depth: u32,
+    faults: Option<Arc<berth_io::fault::FaultPlan>>,
 ) -> Result<(std::thread::JoinHandle<()>, &'static str)> {
     use std::os::fd::AsRawFd;
     let io = |source| StoreError::Io {
@@ -137,7 +138,12 @@ pub(crate) fn spawn(
         offset: 0,
         source,
     };
-    let engine = open_engine(choice, &[sh.pool.file.as_raw_fd()], &sh.arena, depth).map_err(io)?;
+    let mut engine =
+        open_engine(choice, &[sh.pool.file.as_raw_fd()], &sh.arena, depth).map_err(io)?;
+    if let Some(plan) = faults {
+        tracing::warn!(?plan, "injecting faults into pool I/O");
+        engine = Box::new(berth_io::fault::FaultEngine::new(engine, plan));
+    }
     let name = engine.name();
     let _ = sh.waker.set(engine.waker());
     tracing::info!(engine = name, depth, "I/O engine ready");

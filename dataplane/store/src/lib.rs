@@ -58,6 +58,7 @@ mod meta;
 pub mod pool;
 mod store;
 
+pub use berth_io::fault::{Effect, Fault, FaultPlan};
 pub use berth_io::EngineChoice;
 pub use error::{Result, StoreError};
 pub use io_loop::{Op, Outcome, ReadDone, Reply, MAX_REQUEST_BYTES};

@@ -60,6 +60,9 @@ pub struct StoreConfig {
     pub lock_wait: std::time::Duration,
     /// Block-map entries kept in memory in front of RocksDB (about 90 bytes each).
     pub map_cache_entries: usize,
+    /// Faults to inject into pool I/O (tests, and `BERTH_FAULTS` for fault
+    /// drills on a running server); `None` in normal operation.
+    pub faults: Option<Arc<berth_io::fault::FaultPlan>>,
 }
 
 impl StoreConfig {
@@ -77,6 +80,10 @@ impl StoreConfig {
             queue_depth: 256,
             lock_wait: std::time::Duration::from_secs(10),
             map_cache_entries: 512 << 10,
+            faults: berth_io::fault::FaultPlan::from_env().unwrap_or_else(|e| {
+                tracing::error!("BERTH_FAULTS: {e}; injecting nothing");
+                None
+            }),
         }
     }
 
@@ -579,7 +586,12 @@ impl Store {
             wal_synced: Mutex::new(None),
             commit_idle: Condvar::new(),
         });
-        let (thread, engine_name) = io_loop::spawn(shared.clone(), cfg.engine, cfg.queue_depth)?;
+        let (thread, engine_name) = io_loop::spawn(
+            shared.clone(),
+            cfg.engine,
+            cfg.queue_depth,
+            cfg.faults.clone(),
+        )?;
         Ok(Store {
             shared,
             thread: Some(thread),
