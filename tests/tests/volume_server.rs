@@ -449,11 +449,16 @@ fn fetch(uri: &str, to: &Path) -> Vec<u8> {
     std::fs::read(to).expect("read copy")
 }
 
-/// qemu-io writes a distinct pattern per step into one of 64 slots, with a
+/// Four qemu-io processes at once (two over the unix socket, two over TCP) each
+/// write a distinct pattern per step into their own 16 of 64 slots, with a
 /// flush after every write, while the server is killed at a random moment. A
 /// write whose successor printed "wrote" had its flush completed: it must
 /// survive. Every slot must hold its last flushed write or a later one issued,
-/// whole (never zeros once flushed, never a mix, never garbage).
+/// whole (never zeros once flushed, never a mix, never garbage), and the pool
+/// must scrub clean with no checksum error counted.
+///
+/// `BERTH_NBD_CRASH_CYCLES` sets the cycles (default 6; the README names the
+/// 1,000-cycle run).
 #[test]
 fn kill9_during_qemu_io_writes_keeps_every_flushed_pattern() {
     use rand::Rng;
@@ -465,60 +470,72 @@ fn kill9_during_qemu_io_writes_keeps_every_flushed_pattern() {
     let mut srv = ServerProc::start(&dir.path().join("data"), "512M");
     srv.volume_export("crash", "4M", "crasher");
     const SLOTS: u64 = 64;
+    const WRITERS: u64 = 4;
+    const PER: u64 = SLOTS / WRITERS;
     const SLOT: usize = 64 << 10;
     let pattern = |k: u64| (k % 250 + 1) as u8;
+    // Writer w's step k goes to slot w * PER + k % PER.
+    let slot_of = |w: u64, k: u64| (w * PER + k % PER) as usize;
     // Per slot: the step it holds at least (last flushed), and the steps issued
     // since (any of which it may hold instead).
     let mut floor: Vec<Option<u64>> = vec![None; SLOTS as usize];
     let mut issued: Vec<Vec<u64>> = vec![Vec::new(); SLOTS as usize];
-    let mut step: u64 = 0;
+    let mut step = [0u64; WRITERS as usize];
     let mut rng = rand::rng();
-    let mut total_flushed = 0;
+    let (mut total_flushed, mut total_acked) = (0, 0);
     for cycle in 0..cycles {
         // Grants are idempotent and survive restarts; the TCP port is new each time.
         let e = srv.ctl_json(&[
             "export", "grant", "--volume", "crash", "--client", "crasher",
         ]);
-        let uri = if cycle % 2 == 0 {
-            s(&e, "unix_uri")
-        } else {
-            s(&e, "tcp_uri")
-        };
-        // Long enough that the kill always lands mid-stream (a write and a flush take
-        // ~0.3-0.6 ms here).
-        let (start, n) = (step, 1500u64);
-        let mut cmd = Command::new("qemu-io");
-        cmd.args(["-f", "raw"]);
-        for k in start..start + n {
-            cmd.arg("-c").arg(format!(
-                "write -P {} {} 64k",
-                pattern(k),
-                (k % SLOTS) as usize * SLOT
-            ));
-            cmd.arg("-c").arg("flush");
-            issued[(k % SLOTS) as usize].push(k);
+        // Long enough that the kill always lands mid-stream (a write and a flush
+        // take ~0.3-0.6 ms here).
+        let n = 1500u64;
+        let mut children = Vec::new();
+        for w in 0..WRITERS {
+            let uri = if (w + cycle as u64) % 2 == 0 {
+                s(&e, "unix_uri")
+            } else {
+                s(&e, "tcp_uri")
+            };
+            let start = step[w as usize];
+            let mut cmd = Command::new("qemu-io");
+            cmd.args(["-f", "raw"]);
+            for k in start..start + n {
+                let slot = slot_of(w, k);
+                cmd.arg("-c")
+                    .arg(format!("write -P {} {} 64k", pattern(k), slot * SLOT));
+                cmd.arg("-c").arg("flush");
+                issued[slot].push(k);
+            }
+            let child = cmd
+                .arg(&uri)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("qemu-io");
+            children.push((w, start, child));
         }
-        let child = cmd
-            .arg(&uri)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-io");
         std::thread::sleep(Duration::from_millis(rng.random_range(50..400)));
         srv.kill9();
-        let out = child.wait_with_output().expect("qemu-io");
-        let wrote = String::from_utf8_lossy(&out.stdout)
-            .matches("wrote ")
-            .count() as u64;
-        // Write k's flush finished before write k+1 started.
-        let flushed = wrote.saturating_sub(1);
-        for k in start..start + flushed {
-            let slot = (k % SLOTS) as usize;
-            floor[slot] = Some(k);
-            issued[slot].retain(|&j| j >= k);
+        let mut cycle_flushed = 0;
+        for (w, start, child) in children {
+            let out = child.wait_with_output().expect("qemu-io");
+            let wrote = String::from_utf8_lossy(&out.stdout)
+                .matches("wrote ")
+                .count() as u64;
+            // Write k's flush finished before write k+1 started.
+            let flushed = wrote.saturating_sub(1);
+            for k in start..start + flushed {
+                let slot = slot_of(w, k);
+                floor[slot] = Some(k);
+                issued[slot].retain(|&j| j >= k);
+            }
+            cycle_flushed += flushed;
+            total_acked += wrote;
+            step[w as usize] = start + n;
         }
-        total_flushed += flushed;
-        step = start + n;
+        total_flushed += cycle_flushed;
         srv.restart();
         let e = srv.ctl_json(&[
             "export", "grant", "--volume", "crash", "--client", "crasher",
@@ -550,8 +567,24 @@ fn kill9_during_qemu_io_writes_keeps_every_flushed_pattern() {
             floor[slot] = Some(k);
             issued[slot].retain(|&j| j >= k);
         }
-        eprintln!("cycle {cycle}: {wrote} writes acknowledged, {flushed} flushed before kill -9; all {SLOTS} slots verified");
+        let stats = srv.ctl_json(&["stats"]);
+        assert_eq!(
+            stats["pool"]["checksum_errors"], 0,
+            "cycle {cycle}: {stats}"
+        );
+        if cycle % 50 == 49 || cycle + 1 == cycles {
+            let scrub = srv.ctl_json(&["scrub"]);
+            assert_eq!(
+                scrub["errors"].as_array().map(Vec::len),
+                Some(0),
+                "cycle {cycle}: {scrub}"
+            );
+        }
+        eprintln!("cycle {cycle}: {WRITERS} writers, {cycle_flushed} writes flushed before kill -9; all {SLOTS} slots verified");
     }
+    eprintln!(
+        "NBD crash run: {cycles} kill -9 cycles, {total_acked} writes acknowledged, {total_flushed} flushed, 0 lost, 0 checksum errors"
+    );
     assert!(
         total_flushed > 0,
         "the test must have flushed something to check"
