@@ -493,7 +493,7 @@ fn kill9_during_qemu_io_writes_keeps_every_flushed_pattern() {
         let n = 1500u64;
         let mut children = Vec::new();
         for w in 0..WRITERS {
-            let uri = if (w + cycle as u64) % 2 == 0 {
+            let uri = if (w + cycle as u64).is_multiple_of(2) {
                 s(&e, "unix_uri")
             } else {
                 s(&e, "tcp_uri")
