@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use berth_tests::server::ServerProc;
 use berth_volume::nbd::client::Client;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 
 const VOLS: usize = 4;
@@ -51,7 +51,7 @@ struct Vol {
     name: String,
     export: String,
     model: Mutex<Vec<u8>>,
-    quiesce: RwLock<()>,
+    quiesce: tokio::sync::RwLock<()>,
 }
 
 async fn connect_unix(sock: &std::path::Path, export: &str) -> Client<tokio::net::UnixStream> {
@@ -96,7 +96,7 @@ fn worker(
         }
         let mut ops = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            let _shared = v.quiesce.read();
+            let _shared = v.quiesce.read().await;
             // Offsets and lengths within this connection's half; a quarter of
             // them unaligned.
             let aligned = rng.random_bool(0.75);
@@ -159,7 +159,7 @@ fn soak_many_volumes_and_connections_verified_against_a_model() {
                 name,
                 export: e["export_name"].as_str().expect("export name").to_string(),
                 model: Mutex::new(vec![0; VOL_BYTES as usize]),
-                quiesce: RwLock::new(()),
+                quiesce: tokio::sync::RwLock::new(()),
             })
         })
         .collect();
@@ -190,7 +190,7 @@ fn soak_many_volumes_and_connections_verified_against_a_model() {
         let v = &vols[rng.random_range(0..VOLS)];
         let snap = format!("{}-s{snaps}", v.name);
         let frozen = {
-            let _alone = v.quiesce.write();
+            let _alone = v.quiesce.blocking_write();
             srv.ctl_json(&["snapshot", "create", &v.name, &snap]);
             v.model.lock().clone()
         };
