@@ -331,16 +331,29 @@ async fn ungranted_clients_are_refused_and_audited() {
     assert_eq!(list.len(), 2);
     // The right name works.
     f.tcp(&e.export_name).await.disconnect().await.unwrap();
-    let ev = f
-        .api
-        .list_audit_events(pb::ListAuditEventsRequest {
-            target: "secret".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    // The connection's audit event is written on the connection's own thread
+    // before it serves any request, but the client may be gone by then: wait
+    // for it rather than race it.
+    let t = std::time::Instant::now();
+    let ev = loop {
+        let ev = f
+            .api
+            .list_audit_events(pb::ListAuditEventsRequest {
+                target: "secret".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events;
+        let connected = ev
+            .iter()
+            .any(|e| e.action == "connect" && e.client == "node-a");
+        if connected || t.elapsed() > std::time::Duration::from_secs(10) {
+            break ev;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     let refused = ev.iter().filter(|e| e.action == "refused").count();
     assert!(refused >= 4, "refusals audited: {ev:?}");
     assert!(ev

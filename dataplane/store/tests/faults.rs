@@ -11,16 +11,8 @@ use berth_io::fault::{Effect, Fault, FaultPlan};
 use berth_io::OpKind;
 use berth_store::{Store, StoreConfig, StoreError, Target, BLOCK_SIZE};
 
-const BS: usize = BLOCK_SIZE as usize;
-
-fn block(tag: &str) -> Vec<u8> {
-    let mut b = vec![0u8; BS];
-    for (i, chunk) in b.chunks_mut(64).enumerate() {
-        let s = format!("{tag}:{i:04}:");
-        chunk[..s.len()].copy_from_slice(s.as_bytes());
-    }
-    b
-}
+mod common;
+use common::{block, find_in_pool, BS};
 
 fn store(dir: &std::path::Path) -> (Store, StoreConfig, Arc<FaultPlan>) {
     let plan = FaultPlan::new();
@@ -38,13 +30,17 @@ fn volume(s: &Store, name: &str) -> Target {
 
 /// The pool file's byte range holding `data` (found by content).
 fn pool_range(cfg: &StoreConfig, data: &[u8]) -> std::ops::Range<u64> {
-    let pool = std::fs::read(cfg.pool_path()).expect("read pool");
-    let at = pool
-        .chunks(BS)
-        .position(|c| c == data)
-        .expect("block is in the pool") as u64
-        * BLOCK_SIZE;
+    let at = find_in_pool(&cfg.pool_path(), data);
     at..at + BLOCK_SIZE
+}
+
+/// The store opened again on `cfg`, with no faults.
+fn reopened(cfg: StoreConfig) -> Store {
+    Store::open(&StoreConfig {
+        faults: None,
+        ..cfg
+    })
+    .expect("reopen")
 }
 
 fn io_errors(s: &Store) -> u64 {
@@ -88,11 +84,7 @@ fn a_failed_write_is_never_acknowledged_changes_nothing_and_leaks_nothing() {
     s.write(v, 0, &block("c"), false).expect("write");
     s.flush().expect("flush");
     drop(s);
-    let s = Store::open(&StoreConfig {
-        faults: None,
-        ..cfg
-    })
-    .expect("reopen");
+    let s = reopened(cfg);
     let v = s.volume_target("v").expect("v");
     assert_eq!(s.read(v, 0, BS).expect("read"), block("c"));
     assert_eq!(checksum_errors(&s), 0);
@@ -134,11 +126,7 @@ fn a_failed_flush_is_reported_and_the_next_one_makes_writes_durable() {
     );
     s.flush().expect("the next flush");
     drop(s);
-    let s = Store::open(&StoreConfig {
-        faults: None,
-        ..cfg
-    })
-    .expect("reopen");
+    let s = reopened(cfg);
     let v = s.volume_target("v").expect("v");
     assert_eq!(s.read(v, 0, BS).expect("read"), block("f"));
 }

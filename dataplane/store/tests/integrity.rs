@@ -5,26 +5,8 @@ use std::sync::Arc;
 
 use berth_store::{Store, StoreConfig, StoreError, Target, BLOCK_SIZE};
 
-const BS: usize = BLOCK_SIZE as usize;
-
-fn block(tag: &str) -> Vec<u8> {
-    let mut b = vec![0u8; BS];
-    for (i, chunk) in b.chunks_mut(64).enumerate() {
-        let s = format!("{tag}:{i:04}:");
-        chunk[..s.len()].copy_from_slice(s.as_bytes());
-    }
-    b
-}
-
-/// Pool byte offset where `data` is stored (found by content).
-fn find_in_pool(path: &std::path::Path, data: &[u8]) -> u64 {
-    let pool = std::fs::read(path).expect("read pool");
-    let pos = pool
-        .chunks(BS)
-        .position(|c| c == data)
-        .expect("block is in the pool");
-    (pos * BS) as u64
-}
+mod common;
+use common::{block, find_in_pool, BS};
 
 fn flip_bit(path: &std::path::Path, offset: u64) {
     let f = std::fs::OpenOptions::new()
