@@ -887,47 +887,43 @@ pub fn measure_all(mut a: FeatureArgs, folder: &Path) -> Result<Features, String
 fn plots(f: &Features, folder: &Path) -> Result<(), String> {
     std::fs::create_dir_all(folder).map_err(|e| format!("{}: {e}", folder.display()))?;
     let cats: Vec<String> = f.tiers.iter().map(|t| t.tier.clone()).collect();
-    let limit = |v: u64| (v > 0).then_some(v as f64);
-    plot::bars(
-        &folder.join("tiers-iops.svg"),
-        "Tier IOPS: limit and achieved (4 KiB random reads, QD32)",
-        "IOPS",
-        &cats,
-        &[
-            plot::Series {
-                name: "limit".into(),
-                values: f.tiers.iter().map(|t| limit(t.iops_limit)).collect(),
-            },
-            plot::Series {
-                name: "achieved".into(),
-                values: f.tiers.iter().map(|t| Some(t.iops)).collect(),
-            },
-        ],
-    )?;
-    plot::bars(
-        &folder.join("tiers-throughput.svg"),
-        "Tier throughput: limit and achieved (1 MiB writes, QD8)",
-        "MB/s",
-        &cats,
-        &[
-            plot::Series {
-                name: "limit".into(),
-                values: f
-                    .tiers
-                    .iter()
-                    .map(|t| limit(t.bytes_per_second_limit).map(|v| v / 1e6))
-                    .collect(),
-            },
-            plot::Series {
-                name: "achieved".into(),
-                values: f
-                    .tiers
-                    .iter()
-                    .map(|t| Some(t.bytes_per_second / 1e6))
-                    .collect(),
-            },
-        ],
-    )?;
+    // Per plot: (limit, achieved) of a tier, in the plot's unit; a limit of 0 is none.
+    type Pick = fn(&TierRow) -> (u64, f64);
+    let per_tier: [(&str, &str, &str, f64, Pick); 2] = [
+        (
+            "tiers-iops.svg",
+            "Tier IOPS: limit and achieved (4 KiB random reads, QD32)",
+            "IOPS",
+            1.0,
+            |t| (t.iops_limit, t.iops),
+        ),
+        (
+            "tiers-throughput.svg",
+            "Tier throughput: limit and achieved (1 MiB writes, QD8)",
+            "MB/s",
+            1e6,
+            |t| (t.bytes_per_second_limit, t.bytes_per_second),
+        ),
+    ];
+    for (file, title, unit, scale, pick) in per_tier {
+        let limit = |t: &TierRow| Some(pick(t).0).filter(|&l| l > 0).map(|l| l as f64 / scale);
+        plot::bars(
+            &folder.join(file),
+            title,
+            unit,
+            &cats,
+            &[
+                plot::Series {
+                    name: "limit".into(),
+                    values: f.tiers.iter().map(limit).collect(),
+                },
+                plot::Series {
+                    name: "achieved".into(),
+                    values: f.tiers.iter().map(|t| Some(pick(t).1 / scale)).collect(),
+                },
+            ],
+        )?;
+    }
     let wls: Vec<String> = COW_WORKLOADS.iter().map(|w| w.name.to_string()).collect();
     let series: Vec<plot::Series> = ["plain", "after a snapshot", "fresh clone"]
         .iter()

@@ -8,7 +8,7 @@
 //! server's resident memory and open descriptors are reported at the start
 //! and the end and must stay bounded.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,7 +61,65 @@ async fn connect_unix(sock: &std::path::Path, export: &str) -> Client<tokio::net
     Client::connect(s, export).await.expect("handshake")
 }
 
-/// The load on one half of one volume, until `stop`; returns operations done.
+/// The load on one half of one volume through `c`, until `stop`; returns
+/// operations done.
+async fn load<S>(mut c: Client<S>, v: &Vol, half: u64, stop: &AtomicBool, seed: u64) -> u64
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let base = half * HALF;
+    let mut ops = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let _shared = v.quiesce.read().await;
+        // Offsets and lengths within this connection's half; a quarter of
+        // them unaligned.
+        let aligned = rng.random_bool(0.75);
+        let len = if aligned {
+            rng.random_range(1..=16u64) * 4096
+        } else {
+            rng.random_range(1..=20_000u64)
+        };
+        let off = base + rng.random_range(0..HALF - len);
+        let off = if aligned { off / 4096 * 4096 } else { off };
+        let (o, l) = (off as usize, len as usize);
+        match rng.random_range(0..100) {
+            0..40 => {
+                let data: Vec<u8> = (0..l).map(|i| (ops as usize + i * 7) as u8 | 1).collect();
+                c.write(off, &data, rng.random_bool(0.1))
+                    .await
+                    .expect("write");
+                v.model.lock()[o..o + l].copy_from_slice(&data);
+            }
+            40..85 => {
+                let got = c.read(off, len as u32).await.expect("read");
+                let want = v.model.lock()[o..o + l].to_vec();
+                assert!(
+                    got == want,
+                    "{}: read at {off}+{len} differs from the model",
+                    v.name
+                );
+            }
+            85..92 => c.flush().await.expect("flush"),
+            // Trims of whole blocks only: the spec leaves partly trimmed
+            // blocks' contents to the server.
+            92..96 if aligned => {
+                c.trim(off, len as u32).await.expect("trim");
+                v.model.lock()[o..o + l].fill(0);
+            }
+            _ => {
+                c.write_zeroes(off, len as u32).await.expect("write zeroes");
+                v.model.lock()[o..o + l].fill(0);
+            }
+        }
+        ops += 1;
+    }
+    c.flush().await.expect("final flush");
+    ops
+}
+
+/// One connection's thread: the first half of each volume is loaded over the
+/// unix socket, the second over TCP.
 fn worker(
     v: Arc<Vol>,
     half: u64,
@@ -74,71 +132,14 @@ fn worker(
         .build()
         .expect("rt");
     rt.block_on(async move {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-        let base = half * HALF;
-        // Half the connections over TCP, half over the unix socket.
-        let mut unix = None;
-        let mut tcp = None;
         if half == 0 {
-            unix = Some(connect_unix(&srv.0, &v.export).await);
+            let c = connect_unix(&srv.0, &v.export).await;
+            load(c, &v, half, &stop, seed).await
         } else {
             let s = tokio::net::TcpStream::connect(&srv.1).await.expect("tcp");
-            tcp = Some(Client::connect(s, &v.export).await.expect("handshake"));
+            let c = Client::connect(s, &v.export).await.expect("handshake");
+            load(c, &v, half, &stop, seed).await
         }
-        macro_rules! nbd {
-            ($m:ident($($a:expr),*)) => {
-                match (&mut unix, &mut tcp) {
-                    (Some(c), _) => c.$m($($a),*).await,
-                    (_, Some(c)) => c.$m($($a),*).await,
-                    _ => unreachable!(),
-                }
-            };
-        }
-        let mut ops = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let _shared = v.quiesce.read().await;
-            // Offsets and lengths within this connection's half; a quarter of
-            // them unaligned.
-            let aligned = rng.random_bool(0.75);
-            let len = if aligned {
-                rng.random_range(1..=16u64) * 4096
-            } else {
-                rng.random_range(1..=20_000u64)
-            };
-            let off = base + rng.random_range(0..HALF - len);
-            let off = if aligned { off / 4096 * 4096 } else { off };
-            let (o, l) = (off as usize, len as usize);
-            match rng.random_range(0..100) {
-                0..40 => {
-                    let data: Vec<u8> = (0..l).map(|i| (ops as usize + i * 7) as u8 | 1).collect();
-                    nbd!(write(off, &data, rng.random_bool(0.1))).expect("write");
-                    v.model.lock()[o..o + l].copy_from_slice(&data);
-                }
-                40..85 => {
-                    let got = nbd!(read(off, len as u32)).expect("read");
-                    let want = v.model.lock()[o..o + l].to_vec();
-                    assert!(
-                        got == want,
-                        "{}: read at {off}+{len} differs from the model",
-                        v.name
-                    );
-                }
-                85..92 => nbd!(flush()).expect("flush"),
-                // Trims of whole blocks only: the spec leaves partly trimmed
-                // blocks' contents to the server.
-                92..96 if aligned => {
-                    nbd!(trim(off, len as u32)).expect("trim");
-                    v.model.lock()[o..o + l].fill(0);
-                }
-                _ => {
-                    nbd!(write_zeroes(off, len as u32)).expect("write zeroes");
-                    v.model.lock()[o..o + l].fill(0);
-                }
-            }
-            ops += 1;
-        }
-        nbd!(flush()).expect("final flush");
-        ops
     })
 }
 
@@ -183,19 +184,19 @@ fn soak_many_volumes_and_connections_verified_against_a_model() {
         .build()
         .expect("rt");
     let mut rng = rand::rngs::SmallRng::seed_from_u64(99);
-    let (mut snaps, mut clones_checked, mut scratch) = (0u64, 0u64, 0u64);
-    let control_ops = AtomicU64::new(0);
+    // Each cycle: a snapshot, a clone read back whole, a scratch volume; 7
+    // control calls.
+    let mut cycles = 0u64;
     let mut rss_max = rss0;
     while t0.elapsed() < Duration::from_secs(secs) {
         let v = &vols[rng.random_range(0..VOLS)];
-        let snap = format!("{}-s{snaps}", v.name);
+        let snap = format!("{}-s{cycles}", v.name);
         let frozen = {
             let _alone = v.quiesce.blocking_write();
             srv.ctl_json(&["snapshot", "create", &v.name, &snap]);
             v.model.lock().clone()
         };
-        snaps += 1;
-        let clone = format!("{}-c{snaps}", v.name);
+        let clone = format!("{}-c{cycles}", v.name);
         srv.ctl_json(&["clone", &clone, "--from-snapshot", &snap]);
         let e = srv.ctl_json(&["export", "grant", "--volume", &clone, "--client", "soak"]);
         let export = e["export_name"].as_str().expect("export").to_string();
@@ -212,15 +213,13 @@ fn soak_many_volumes_and_connections_verified_against_a_model() {
             whole == frozen,
             "clone {clone} differs from the model at its snapshot"
         );
-        clones_checked += 1;
         srv.ctl_json(&["volume", "delete", &clone]);
         srv.ctl_json(&["snapshot", "delete", &snap]);
         // A scratch volume comes and goes.
-        let s = format!("scratch{scratch}");
+        let s = format!("scratch{cycles}");
         srv.ctl_json(&["volume", "create", &s, "--size", "8M"]);
         srv.ctl_json(&["volume", "delete", &s]);
-        scratch += 1;
-        control_ops.fetch_add(7, Ordering::Relaxed);
+        cycles += 1;
         rss_max = rss_max.max(rss_kib(pid));
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -232,14 +231,14 @@ fn soak_many_volumes_and_connections_verified_against_a_model() {
     let stats = srv.ctl_json(&["stats"]);
     let scrub = srv.ctl_json(&["scrub"]);
     eprintln!(
-        "soak: {secs} s, {VOLS} volumes x 2 connections, {data_ops} data operations, {snaps} snapshots, {clones_checked} clones read back whole, {scratch} scratch volumes, {} control calls; RSS {rss0} KiB at the start, {rss_max} KiB at most, {rss1} KiB at the end; fds {fds0} -> {fds1}",
-        control_ops.load(Ordering::Relaxed)
+        "soak: {secs} s, {VOLS} volumes x 2 connections, {data_ops} data operations, {cycles} snapshots, {cycles} clones read back whole, {cycles} scratch volumes, {} control calls; RSS {rss0} KiB at the start, {rss_max} KiB at most, {rss1} KiB at the end; fds {fds0} -> {fds1}",
+        cycles * 7
     );
     assert!(
         data_ops > secs * 100,
         "the load must have run: {data_ops} operations"
     );
-    assert!(clones_checked > 0);
+    assert!(cycles > 0, "no snapshot and clone was checked");
     assert_eq!(stats["pool"]["checksum_errors"], 0, "{stats}");
     assert!(
         stats["volumes"]

@@ -212,6 +212,8 @@ pub struct FaultEngine {
     altered: std::collections::HashMap<u64, Pending>,
     /// Delayed completions and when they may go.
     held: Vec<(Instant, IoCompletion)>,
+    /// The inner engine's completions of one call (kept for its capacity).
+    got: Vec<IoCompletion>,
 }
 
 impl std::fmt::Debug for FaultEngine {
@@ -232,6 +234,7 @@ impl FaultEngine {
             made: VecDeque::new(),
             altered: std::collections::HashMap::new(),
             held: Vec::new(),
+            got: Vec::new(),
         }
     }
 
@@ -286,9 +289,9 @@ impl IoEngine for FaultEngine {
         // Sleep only if nothing is ready here; a held completion's deadline
         // wakes the inner engine (see below).
         let wait = wait && out.len() == before;
-        let mut got = Vec::new();
+        let mut got = std::mem::take(&mut self.got);
         self.inner.submit_and_wait(wait, max, &mut got)?;
-        for mut c in got {
+        for mut c in got.drain(..) {
             match self.altered.remove(&c.user_data) {
                 Some(Pending::Short(n)) => {
                     if let Ok(done) = c.result {
@@ -307,6 +310,7 @@ impl IoEngine for FaultEngine {
                 None => self.made.push_back(c),
             }
         }
+        self.got = got;
         self.release(max, out, before);
         Ok(())
     }

@@ -110,15 +110,15 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 /// Opens the store and starts every listener; returns once they are bound.
 pub async fn start(cfg: ServerConfig) -> Result<Running> {
     // A fault drill with a mistyped plan must not silently run without faults.
-    if let Err(e) = berth_store::FaultPlan::from_env() {
-        return Err(ServerError::InvalidArgument(format!("BERTH_FAULTS: {e}")));
-    }
+    let faults = berth_store::FaultPlan::from_env()
+        .map_err(|e| ServerError::InvalidArgument(format!("BERTH_FAULTS: {e}")))?;
     std::fs::create_dir_all(&cfg.data_dir).map_err(ServerError::io(format!(
         "create {}",
         cfg.data_dir.display()
     )))?;
     let mut scfg = StoreConfig::new(&cfg.data_dir, cfg.pool_size_bytes);
     scfg.pool_path = cfg.pool_path.clone();
+    scfg.faults = faults;
     let store = tokio::task::spawn_blocking(move || Store::open_or_create(&scfg))
         .await
         .map_err(|e| ServerError::FailedPrecondition(format!("store open task: {e}")))??;

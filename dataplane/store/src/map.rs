@@ -111,6 +111,22 @@ pub fn get_history(db: &DB, tree: u64, lba: u64, epoch: u64) -> Result<Option<Ma
     Ok(None)
 }
 
+/// The epoch at which the history mapping of (tree, lba) written at `epoch`
+/// was replaced: that of the next newer history entry, else of the head entry.
+pub fn replaced_at(db: &DB, tree: u64, lba: u64, epoch: u64) -> Result<u64> {
+    let mut it = db.raw_iterator_cf(cf(db, CF_HISTORY));
+    // History keys of one block sort newest first: the newer entry is the previous key.
+    it.seek(meta::history_key(tree, lba, epoch));
+    it.prev();
+    if let (Some(k), Some(v)) = (it.key(), it.value()) {
+        if k.len() == 24 && k[..16] == meta::head_key(tree, lba) {
+            return Ok(MapEntry::decode(v)?.epoch);
+        }
+    }
+    it.status()?;
+    Ok(get_head(db, tree, lba)?.map_or(u64::MAX, |h| h.epoch))
+}
+
 pub fn has_history(db: &DB, tree: u64, lba: u64) -> Result<bool> {
     Ok(get_history(db, tree, lba, u64::MAX)?.is_some())
 }

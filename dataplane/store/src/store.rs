@@ -60,8 +60,8 @@ pub struct StoreConfig {
     pub lock_wait: std::time::Duration,
     /// Block-map entries kept in memory in front of RocksDB (about 90 bytes each).
     pub map_cache_entries: usize,
-    /// Faults to inject into pool I/O (tests, and `BERTH_FAULTS` for fault
-    /// drills on a running server); `None` in normal operation.
+    /// Faults to inject into pool I/O (tests; the volume server sets it from
+    /// `BERTH_FAULTS` for fault drills); `None` in normal operation.
     pub faults: Option<Arc<berth_io::fault::FaultPlan>>,
 }
 
@@ -80,10 +80,7 @@ impl StoreConfig {
             queue_depth: 256,
             lock_wait: std::time::Duration::from_secs(10),
             map_cache_entries: 512 << 10,
-            faults: berth_io::fault::FaultPlan::from_env().unwrap_or_else(|e| {
-                tracing::error!("BERTH_FAULTS: {e}; injecting nothing");
-                None
-            }),
+            faults: None,
         }
     }
 
@@ -935,7 +932,7 @@ impl Store {
             let item = &batch[i];
             let (tree, lba, history) = meta::parse_key(&item.key).unwrap_or((0, 0, None));
             let until = match history {
-                Some(_) => replaced_at(&sh.db, tree, lba, item.epoch)?,
+                Some(_) => map::replaced_at(&sh.db, tree, lba, item.epoch)?,
                 None => u64::MAX,
             };
             let owner = owner_names(&sh.inner.lock(), tree, history.is_none(), item.epoch, until);
@@ -1258,22 +1255,6 @@ fn owner_names(inner: &Inner, tree: u64, head: bool, from: u64, until: u64) -> S
     } else {
         names.join(", ")
     }
-}
-
-/// The epoch at which the history mapping of (tree, lba) written at `epoch`
-/// was replaced: that of the next newer history entry, else of the head entry.
-fn replaced_at(db: &rocksdb::DB, tree: u64, lba: u64, epoch: u64) -> Result<u64> {
-    let mut it = db.raw_iterator_cf(cf(db, CF_HISTORY));
-    // History keys of one block sort newest first: the newer entry is the previous key.
-    it.seek(meta::history_key(tree, lba, epoch));
-    it.prev();
-    if let (Some(k), Some(v)) = (it.key(), it.value()) {
-        if k.len() == 24 && k[..16] == meta::head_key(tree, lba) {
-            return Ok(meta::MapEntry::decode(v)?.epoch);
-        }
-    }
-    it.status()?;
-    Ok(map::get_head(db, tree, lba)?.map_or(u64::MAX, |h| h.epoch))
 }
 
 /// Removes a snapshot (or hides it while clones read through it) and collects
