@@ -212,17 +212,28 @@ async fn write(s: &Session, at: u64, byte: u8, len: usize) {
 }
 
 async fn read(s: &Session, at: u64, len: u32) -> Vec<u8> {
-    s.call(Cmd::Read { offset: at, len }).await.expect("read")
+    try_read(s, at, len).await.expect("read")
+}
+
+async fn try_read(s: &Session, at: u64, len: u32) -> berth_nbd::session::Outcome {
+    s.call(Cmd::Read { offset: at, len }).await
+}
+
+/// A model disk served on a fresh socket: the socket's folder (kept while
+/// the test runs), the socket, the model and its server.
+fn served() -> (tempfile::TempDir, std::path::PathBuf, Model, Server) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let sock = dir.path().join("nbd.sock");
+    let m = Model::new(SIZE);
+    let srv = Server::start(&m, &sock);
+    (dir, sock, m, srv)
 }
 
 const SIZE: usize = 1 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_writes_trims_and_flushes_round_trip() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let sock = dir.path().join("nbd.sock");
-    let m = Model::new(SIZE);
-    let _srv = Server::start(&m, &sock);
+    let (_dir, sock, m, _srv) = served();
     let s = Session::connect(uri(&sock), opts()).await.expect("connect");
     assert_eq!(s.size_bytes(), SIZE as u64);
     // Many requests in flight at once, each answered correctly.
@@ -252,10 +263,7 @@ async fn reads_writes_trims_and_flushes_round_trip() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_unflushed_writes_survive_a_server_crash() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let sock = dir.path().join("nbd.sock");
-    let m = Model::new(SIZE);
-    let srv = Server::start(&m, &sock);
+    let (_dir, sock, m, srv) = served();
     let s = Session::connect(uri(&sock), opts()).await.expect("connect");
     write(&s, 0, 0xa1, 4096).await;
     s.call(Cmd::Flush).await.expect("flush");
@@ -288,10 +296,7 @@ async fn acknowledged_unflushed_writes_survive_a_server_crash() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_retires_the_replay_log() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let sock = dir.path().join("nbd.sock");
-    let m = Model::new(SIZE);
-    let srv = Server::start(&m, &sock);
+    let (_dir, sock, m, srv) = served();
     let s = Session::connect(uri(&sock), opts()).await.expect("connect");
     write(&s, 0, 1, 4096).await;
     s.call(Cmd::Flush).await.expect("flush");
@@ -307,10 +312,7 @@ async fn a_flush_retires_the_replay_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_is_bounded_by_flushes_of_the_sessions_own() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let sock = dir.path().join("nbd.sock");
-    let m = Model::new(SIZE);
-    let _srv = Server::start(&m, &sock);
+    let (_dir, sock, m, _srv) = served();
     let o = Options {
         replay_soft_limit_bytes: 64 << 10,
         ..opts()
@@ -328,10 +330,7 @@ async fn the_log_is_bounded_by_flushes_of_the_sessions_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trims_without_payload_are_bounded_too() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let sock = dir.path().join("nbd.sock");
-    let m = Model::new(SIZE);
-    let _srv = Server::start(&m, &sock);
+    let (_dir, sock, _m, _srv) = served();
     let o = Options {
         replay_soft_limit_entries: 16,
         ..opts()
@@ -351,10 +350,7 @@ async fn trims_without_payload_are_bounded_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_that_fails_fails_the_next_flush() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let sock = dir.path().join("nbd.sock");
-    let m = Model::new(SIZE);
-    let srv = Server::start(&m, &sock);
+    let (_dir, sock, m, srv) = served();
     let s = Session::connect(uri(&sock), opts()).await.expect("connect");
     write(&s, 0, 5, 4096).await;
     srv.crash(&m).await;
@@ -372,10 +368,7 @@ async fn a_replay_that_fails_fails_the_next_flush() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_fail_after_the_timeout_and_work_again_when_the_server_returns() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let sock = dir.path().join("nbd.sock");
-    let m = Model::new(SIZE);
-    let srv = Server::start(&m, &sock);
+    let (_dir, sock, m, srv) = served();
     let o = Options {
         reconnect_timeout: Duration::from_millis(400),
         ..opts()
@@ -384,34 +377,17 @@ async fn requests_fail_after_the_timeout_and_work_again_when_the_server_returns(
     srv.crash(&m).await;
     let _ = std::fs::remove_file(&sock);
     let t = std::time::Instant::now();
-    assert_eq!(
-        s.call(Cmd::Read {
-            offset: 0,
-            len: 512
-        })
-        .await,
-        Err(EIO)
-    );
+    assert_eq!(try_read(&s, 0, 512).await, Err(EIO));
     assert!(t.elapsed() >= Duration::from_millis(300), "failed too soon");
     assert_eq!(
-        s.call(Cmd::Read {
-            offset: 0,
-            len: 512
-        })
-        .await,
+        try_read(&s, 0, 512).await,
         Err(EIO),
         "fails at once while the server stays away"
     );
     let _srv = Server::start(&m, &sock);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match s
-            .call(Cmd::Read {
-                offset: 0,
-                len: 512,
-            })
-            .await
-        {
+        match try_read(&s, 0, 512).await {
             Ok(d) => {
                 assert_eq!(d, vec![0; 512]);
                 break;
@@ -426,10 +402,7 @@ async fn requests_fail_after_the_timeout_and_work_again_when_the_server_returns(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grown_export_is_seen_on_refresh() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let sock = dir.path().join("nbd.sock");
-    let m = Model::new(SIZE);
-    let _srv = Server::start(&m, &sock);
+    let (_dir, sock, m, _srv) = served();
     let s = Session::connect(uri(&sock), opts()).await.expect("connect");
     m.grow(2 * SIZE);
     assert_eq!(
@@ -453,23 +426,13 @@ async fn a_missing_server_is_an_error_at_once_not_a_retry_loop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_refuses_the_export_fails_requests_at_once() {
-    let dir = tempfile::tempdir().expect("tmp");
-    let sock = dir.path().join("nbd.sock");
-    let m = Model::new(SIZE);
-    let srv = Server::start(&m, &sock);
+    let (_dir, sock, m, srv) = served();
     let s = Session::connect(uri(&sock), opts()).await.expect("connect");
     srv.crash(&m).await;
     m.refuse.store(true, Ordering::Relaxed);
     let _srv = Server::start(&m, &sock);
     let t = std::time::Instant::now();
-    assert_eq!(
-        s.call(Cmd::Read {
-            offset: 0,
-            len: 512
-        })
-        .await,
-        Err(EIO)
-    );
+    assert_eq!(try_read(&s, 0, 512).await, Err(EIO));
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "a revoked grant is not waited out for the whole reconnect timeout ({:?})",
