@@ -3,9 +3,10 @@
 # test.sh): clang/libclang for RocksDB's bindings, protoc for the gRPC APIs, fio
 # for the benchmarks, and the real NBD clients and filesystem tools the
 # end-to-end tests drive: qemu-io/qemu-nbd (qemu-utils), nbdfuse/nbdcopy/nbdinfo
-# (libnbd-bin, fuse3), nbdkit, mkfs.ext4/e2fsck (e2fsprogs), xfsprogs, losetup.
+# (libnbd-bin, fuse3), nbdkit, mkfs.ext4/e2fsck (e2fsprogs), xfsprogs, losetup,
+# and openssl s_client (a TLS client without a certificate, in the TLS tests).
 packages=(build-essential clang libclang-dev pkg-config protobuf-compiler fio
-  qemu-utils libnbd-bin nbdkit fuse3 e2fsprogs xfsprogs util-linux)
+  qemu-utils libnbd-bin nbdkit fuse3 e2fsprogs xfsprogs util-linux openssl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -201,7 +201,7 @@ impl Server {
             .map_err(|e| e.to_string())?;
         let sock = format!("unix://{}", data.join("control.sock").display());
         let c = rt
-            .block_on(berth_proto::channel(&sock))
+            .block_on(berth_proto::channel(&sock, None))
             .map(VolumeServiceClient::new)
             .map_err(|e| format!("{sock}: {e}"))?;
         Ok(Server { proc, rt, c })
@@ -594,7 +594,7 @@ fn csi_rates(dir: &Path, calls: usize) -> Result<Vec<Phase>, String> {
         .map_err(|e| e.to_string())?;
     let pid = proc.pid();
     let phases = rt.block_on(async move {
-        let ch = berth_proto::channel(&format!("unix://{sock}"))
+        let ch = berth_proto::channel(&format!("unix://{sock}"), None)
             .await
             .map_err(|e| e.to_string())?;
         let c = csi::controller_client::ControllerClient::new(ch);

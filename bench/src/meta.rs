@@ -186,7 +186,7 @@ pub fn run(a: MetaArgs) -> Result<(), String> {
         .build()
         .map_err(|e| e.to_string())?;
     let results = rt.block_on(async {
-        let ch = berth_proto::channel(&endpoint)
+        let ch = berth_proto::channel(&endpoint, None)
             .await
             .map_err(|e| e.to_string())?;
         let c = MetadataServiceClient::new(ch);

@@ -16,10 +16,25 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Parses a topology label `key=value`, as Kubernetes accepts labels
+/// (they become CSI topology segments).
+pub fn parse_topology_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = parse_label(s)?;
+    berth_proto::validate::label(&k, &v)?;
+    Ok((k, v))
+}
+
 /// `tracing` to stderr, human-readable or JSON; `RUST_LOG` filters (default info).
 pub fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // rustls warns about every client that sends an IP address as SNI
+    // (qemu does); a failed handshake is reported by Berth itself.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("rustls")) {
+        if let Ok(d) = "rustls=error".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     use std::io::IsTerminal;
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -52,5 +67,9 @@ mod tests {
         assert_eq!(parse_label("k="), Ok(("k".into(), String::new())));
         assert!(parse_label("novalue").is_err());
         assert!(parse_label("=v").is_err());
+        assert!(parse_topology_label("topology.kubernetes.io/zone=eu-1a").is_ok());
+        for bad in ["zone=a b", "Zone.IO/x=a", "zone=-a", "a/b/c=d"] {
+            assert!(parse_topology_label(bad).is_err(), "{bad}");
+        }
     }
 }

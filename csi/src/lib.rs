@@ -77,6 +77,8 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// The `berth` binary, run as `berth attach` for each staged volume.
     pub attach_program: PathBuf,
+    /// Certificates `berth attach` uses for NBD over TCP (STARTTLS).
+    pub attach_tls_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -85,8 +87,11 @@ pub struct CsiConfig {
     /// `CSI_ENDPOINT`).
     pub socket: PathBuf,
     pub mode: Mode,
-    /// The metadata service: `http://host:port` or `unix:///path`.
+    /// The metadata service: `http://host:port`, `https://host:port` (with
+    /// `tls`) or `unix:///path`.
     pub metadata: String,
+    /// Certificates for an `https://` metadata service.
+    pub tls: Option<berth_proto::ClientTls>,
     /// Required in node and all modes.
     pub node: Option<NodeConfig>,
 }
@@ -126,13 +131,14 @@ impl Running {
 /// answers Probe with "not ready") while the service is still coming up.
 pub fn metadata_client(
     endpoint: &str,
+    tls: Option<&berth_proto::ClientTls>,
 ) -> Result<
     berth_proto::meta::v1::metadata_service_client::MetadataServiceClient<
         tonic::transport::Channel,
     >,
     CsiError,
 > {
-    let ch = berth_proto::lazy_channel(endpoint)
+    let ch = berth_proto::lazy_channel(endpoint, tls)
         .map_err(|e| CsiError::Config(format!("metadata endpoint {endpoint:?}: {e}")))?;
     Ok(berth_proto::meta::v1::metadata_service_client::MetadataServiceClient::new(ch))
 }
@@ -145,7 +151,7 @@ pub async fn start(cfg: CsiConfig) -> Result<Running, CsiError> {
         Some(p) => PathBuf::from(p),
         None => cfg.socket.clone(),
     };
-    let meta = metadata_client(&cfg.metadata)?;
+    let meta = metadata_client(&cfg.metadata, cfg.tls.as_ref())?;
     let node = match (cfg.mode.node(), cfg.node) {
         (true, Some(n)) => Some(Arc::new(node::NodeService::new(n, meta.clone())?)),
         (true, None) => {
@@ -191,9 +197,11 @@ pub async fn start(cfg: CsiConfig) -> Result<Running, CsiError> {
     let mut tasks = vec![berth_proto::spawn_server(
         routes,
         tokio_stream::wrappers::UnixListenerStream::new(listener),
+        None,
         stop.clone().cancelled_owned(),
         "csi",
-    )];
+    )
+    .map_err(|e| CsiError::Config(e.to_string()))?];
     if let Some(n) = &node {
         tasks.push(tokio::spawn(n.clone().repair_loop(stop.clone())));
     }

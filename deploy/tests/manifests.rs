@@ -2,8 +2,9 @@
 //! programs would read it, so that a typo fails here instead of in a cluster.
 //!
 //! - Each YAML document is dispatched on apiVersion + kind into its
-//!   `k8s-openapi` type (or, for the VolumeSnapshotClass CRD, a local type
-//!   that refuses unknown fields); an unknown kind is an error.
+//!   `k8s-openapi` type (or, for the CRDs VolumeSnapshotClass and
+//!   cert-manager's Issuer and Certificate, a local type that refuses
+//!   unknown fields); an unknown kind is an error.
 //! - `k8s-openapi` ignores fields it does not know, so a misspelled key would
 //!   deserialize silently: each object is serialized back and compared with
 //!   the document, and a key the round trip lost (or a required one it had
@@ -21,6 +22,15 @@
 //!   itself; `$(VAR)` references are defined.
 //! - StorageClass and VolumeAttributesClass parameters are resolved by the
 //!   metadata service's own parser against the tiers ConfigMap.
+//! - Mutual TLS: cert-manager's objects live in `11-certificates.yaml` only
+//!   (the file a cluster without cert-manager skips) and form one CA that
+//!   issues every program's certificate; every Berth program that talks
+//!   over TCP gets `--tls-dir` (or `BERTH_TLS_DIR`) at a read-only mount of
+//!   a Secret one of those Certificates makes, readable by the container's
+//!   user and nobody else; every address of a Service here is `https://`,
+//!   and the server's certificate carries the name its clients dial (the
+//!   volume servers', `berth_proto::tls::VOLUME_SERVER_NAME`, read from
+//!   `proto/src/tls.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -41,6 +51,19 @@ use serde_json::Value;
 
 /// Where every namespaced object lives.
 const NAMESPACE: &str = "berth-system";
+
+/// The one file of cert-manager objects, which a cluster without
+/// cert-manager skips (its Secrets then come from `berthctl tls generate`).
+const CERTIFICATES_FILE: &str = "11-certificates.yaml";
+
+/// Key usages every program's certificate needs: each is a server (its
+/// listeners) and a client (what it dials) of the others.
+const TLS_USAGES: &[&str] = &[
+    "server auth",
+    "client auth",
+    "digital signature",
+    "key encipherment",
+];
 
 /// The one image of every Berth program, tagged with the workspace's version.
 fn berth_image() -> String {
@@ -121,6 +144,127 @@ struct VolumeSnapshotClass {
     parameters: Option<BTreeMap<String, String>>,
 }
 
+/// cert-manager's Issuer (cert-manager.io/v1), which `k8s-openapi` does not
+/// have: the two issuer types Berth uses, `selfSigned` and `ca`, with the
+/// fields the CRD gives them. Another type (acme, vault...) is refused as an
+/// unknown field: teach this test it if the manifests ever need one.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Issuer {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    spec: IssuerSpec,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct IssuerSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    self_signed: Option<SelfSignedIssuer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca: Option<CaIssuer>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SelfSignedIssuer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    crl_distribution_points: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CaIssuer {
+    secret_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    crl_distribution_points: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ocsp_servers: Option<Vec<String>>,
+    #[serde(
+        default,
+        rename = "issuingCertificateURLs",
+        skip_serializing_if = "Option::is_none"
+    )]
+    issuing_certificate_urls: Option<Vec<String>>,
+}
+
+/// cert-manager's Certificate (cert-manager.io/v1): the fields of its CRD
+/// that a Secret for `--tls-dir` can need, and no others (keystores, other
+/// names, name constraints... are refused: add them here when the manifests
+/// use them).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Certificate {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    spec: CertificateSpec,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CertificateSpec {
+    secret_name: String,
+    issuer_ref: IssuerRef,
+    #[serde(default, rename = "isCA", skip_serializing_if = "Option::is_none")]
+    is_ca: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    common_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dns_names: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ip_addresses: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    uris: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    email_addresses: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    duration: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    renew_before: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    usages: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    private_key: Option<CertificatePrivateKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    secret_template: Option<CertificateSecretTemplate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    revision_history_limit: Option<i32>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct IssuerRef {
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CertificatePrivateKey {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    algorithm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    size: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    encoding: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rotation_policy: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CertificateSecretTemplate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
 #[derive(Debug, Clone)]
 enum Object {
     Namespace(Namespace),
@@ -138,6 +282,8 @@ enum Object {
     StorageClass(StorageClass),
     VolumeAttributesClass(VolumeAttributesClass),
     VolumeSnapshotClass(VolumeSnapshotClass),
+    Issuer(Issuer),
+    Certificate(Certificate),
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +310,8 @@ impl Object {
             Object::StorageClass(o) => &o.metadata,
             Object::VolumeAttributesClass(o) => &o.metadata,
             Object::VolumeSnapshotClass(o) => &o.metadata,
+            Object::Issuer(o) => &o.metadata,
+            Object::Certificate(o) => &o.metadata,
         }
     }
 
@@ -184,6 +332,8 @@ impl Object {
             Object::StorageClass(_) => "StorageClass",
             Object::VolumeAttributesClass(_) => "VolumeAttributesClass",
             Object::VolumeSnapshotClass(_) => "VolumeSnapshotClass",
+            Object::Issuer(_) => "Issuer",
+            Object::Certificate(_) => "Certificate",
         }
     }
 
@@ -198,6 +348,8 @@ impl Object {
                 | Object::Deployment(_)
                 | Object::DaemonSet(_)
                 | Object::StatefulSet(_)
+                | Object::Issuer(_)
+                | Object::Certificate(_)
         )
     }
 
@@ -280,6 +432,18 @@ const ENUMS: &[(&str, &str, &[&str])] = &[
     ("", "volumeLifecycleModes", &["Persistent", "Ephemeral"]),
     ("", "accessModes", &["ReadWriteOnce", "ReadOnlyMany", "ReadWriteMany", "ReadWriteOncePod"]),
     ("", "effect", &["NoSchedule", "PreferNoSchedule", "NoExecute"]),
+    // cert-manager's Certificate.
+    ("spec", "usages", &[
+        "signing", "digital signature", "content commitment", "key encipherment",
+        "key agreement", "data encipherment", "cert sign", "crl sign", "encipher only",
+        "decipher only", "any", "server auth", "client auth", "code signing",
+        "email protection", "s/mime", "ipsec end system", "ipsec tunnel", "ipsec user",
+        "timestamping", "ocsp signing", "microsoft sgc", "netscape sgc",
+    ]),
+    ("privateKey", "algorithm", &["RSA", "ECDSA", "Ed25519"]),
+    ("privateKey", "encoding", &["PKCS1", "PKCS8"]),
+    ("privateKey", "rotationPolicy", &["Never", "Always"]),
+    ("issuerRef", "kind", &["Issuer", "ClusterIssuer"]),
     (
         "hostPath",
         "type",
@@ -368,6 +532,8 @@ fn typed(doc: &Doc) -> Result<Manifest, Vec<String>> {
         ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass") => {
             as_!(VolumeSnapshotClass, VolumeSnapshotClass)
         }
+        ("cert-manager.io/v1", "Issuer") => as_!(Issuer, Issuer),
+        ("cert-manager.io/v1", "Certificate") => as_!(Certificate, Certificate),
         _ => Err(format!(
             "unknown kind {kind:?} of apiVersion {api:?} (a typo, or a kind this test must learn)"
         )),
@@ -439,6 +605,31 @@ impl<'a> Index<'a> {
             Object::Service(s) => Some(s),
             _ => None,
         })
+    }
+
+    fn issuer(&self, name: &str) -> Option<&'a Issuer> {
+        match self.find("Issuer", Some(NAMESPACE), name) {
+            Some(Object::Issuer(i)) => Some(i),
+            _ => None,
+        }
+    }
+
+    /// The Certificate whose Secret is `secret`.
+    fn certificate_for_secret(&self, secret: &str) -> Option<&'a Certificate> {
+        self.all.iter().find_map(|m| match &m.object {
+            Object::Certificate(c)
+                if c.spec.secret_name == secret
+                    && c.metadata.namespace.as_deref() == Some(NAMESPACE) =>
+            {
+                Some(c)
+            }
+            _ => None,
+        })
+    }
+
+    /// A Secret of the namespace: written here, or made by a Certificate.
+    fn secret_exists(&self, name: &str) -> bool {
+        self.exists("Secret", Some(NAMESPACE), name) || self.certificate_for_secret(name).is_some()
     }
 }
 
@@ -531,6 +722,48 @@ fn mount_of<'a>(c: &'a Container, path: &str) -> Option<(&'a str, String)> {
         })
         .max_by_key(|(_, _, len)| *len)
         .map(|(n, r, _)| (n, r))
+}
+
+/// The literal value of environment variable `name` in container `c`.
+fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    c.env
+        .iter()
+        .flatten()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.as_deref())
+}
+
+/// The `berth` subcommand a container runs (None for a shell script).
+fn berth_subcommand(c: &Container) -> Option<&str> {
+    match c.command.as_deref() {
+        None => {}
+        Some(cmd) if cmd == ["berth"] => {}
+        Some(_) => return None,
+    }
+    args(c).first().map(String::as_str)
+}
+
+/// The metadata service a Berth container dials: `--metadata` or
+/// `BERTH_METADATA`.
+fn metadata_endpoint(c: &Container) -> Option<&str> {
+    flag(c, "metadata").or_else(|| env_value(c, "BERTH_METADATA"))
+}
+
+/// A Berth container's certificate folder: `--tls-dir` or `BERTH_TLS_DIR`.
+fn tls_dir(c: &Container) -> Option<&str> {
+    flag(c, "tls-dir").or_else(|| env_value(c, "BERTH_TLS_DIR"))
+}
+
+/// `https://SERVICE.NAMESPACE.svc:PORT` naming a Service here: the host as
+/// written, the Service and the port.
+fn service_of_url<'a, 'u>(idx: &Index<'a>, url: &'u str) -> Option<(&'u str, &'a Service, i32)> {
+    let (host, port) = url.strip_prefix("https://")?.rsplit_once(':')?;
+    let (svc, ns) = host.strip_suffix(".svc")?.split_once('.')?;
+    let port: i32 = port.parse().ok()?;
+    match idx.find("Service", Some(ns), svc) {
+        Some(Object::Service(s)) => Some((host, s, port)),
+        _ => None,
+    }
 }
 
 // ---- the berth command line, read from its source --------------------------
@@ -811,6 +1044,467 @@ fn undefined_vars(c: &Container) -> Vec<String> {
     out
 }
 
+// ---- mutual TLS -------------------------------------------------------------
+
+/// Berth subcommands that listen or dial over TCP, so need certificates.
+const TLS_SUBCOMMANDS: &[&str] = &["metadata", "volume-server", "csi", "standalone"];
+
+/// `berth_proto::tls::VOLUME_SERVER_NAME`, the name the metadata service and
+/// `berth attach` require of a volume server's certificate, read from its
+/// source (this crate does not depend on berth-proto).
+fn volume_server_name() -> String {
+    let path = deploy_dir().join("../proto/src/tls.rs");
+    let src = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let head = "pub const VOLUME_SERVER_NAME: &str = \"";
+    let start = src
+        .find(head)
+        .unwrap_or_else(|| panic!("no VOLUME_SERVER_NAME in {}", path.display()))
+        + head.len();
+    let len = src[start..]
+        .find('"')
+        .expect("the end of VOLUME_SERVER_NAME");
+    src[start..start + len].to_string()
+}
+
+/// A Go duration as cert-manager takes it (`8760h`, `1h30m`, `90s`), in
+/// seconds; None if it is not one (or uses units below a second).
+fn go_duration(s: &str) -> Option<u64> {
+    if s.is_empty() {
+        return None;
+    }
+    let (mut total, mut num) = (0u64, String::new());
+    for ch in s.chars() {
+        if ch.is_ascii_digit() {
+            num.push(ch);
+            continue;
+        }
+        let n: u64 = num.parse().ok()?;
+        num.clear();
+        let unit = match ch {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return None,
+        };
+        total = total.checked_add(n.checked_mul(unit)?)?;
+    }
+    num.is_empty().then_some(total)
+}
+
+/// What is wrong with the Issuers and Certificates: one self-signed CA,
+/// kept across renewals, issuing every program's certificate through a CA
+/// Issuer, each with the usages of a server and a client, a new key at each
+/// renewal, and durations that leave time to restart the pods (the programs
+/// read their certificates once, at start).
+fn certificate_problems(idx: &Index) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut cas = Vec::new();
+    let mut longest = 0u64;
+    for m in idx.all {
+        match &m.object {
+            Object::Issuer(i) => match (&i.spec.self_signed, &i.spec.ca) {
+                (Some(_), None) => {}
+                (None, Some(ca)) => {
+                    let is_ca = idx
+                        .certificate_for_secret(&ca.secret_name)
+                        .is_some_and(|c| c.spec.is_ca == Some(true));
+                    if !is_ca {
+                        problems.push(format!(
+                            "{}: ca.secretName {} is not the Secret of a Certificate with isCA: true",
+                            m.at, ca.secret_name
+                        ));
+                    }
+                }
+                _ => problems.push(format!("{}: exactly one of selfSigned and ca", m.at)),
+            },
+            Object::Certificate(c) => {
+                let s = &c.spec;
+                if Some(s.secret_name.as_str()) != c.metadata.name.as_deref() {
+                    problems.push(format!(
+                        "{}: secretName {} is not the Certificate's name",
+                        m.at, s.secret_name
+                    ));
+                }
+                let r = &s.issuer_ref;
+                let kind = r.kind.as_deref().unwrap_or("Issuer");
+                let group = r.group.as_deref().unwrap_or("cert-manager.io");
+                let issuer = idx
+                    .issuer(&r.name)
+                    .filter(|_| kind == "Issuer" && group == "cert-manager.io");
+                let Some(issuer) = issuer else {
+                    problems.push(format!(
+                        "{}: issuerRef {kind} {} ({group}) is not an Issuer here",
+                        m.at, r.name
+                    ));
+                    continue;
+                };
+                let duration = s.duration.as_deref().and_then(go_duration);
+                let renew = s.renew_before.as_deref().and_then(go_duration);
+                let (Some(duration), Some(renew)) = (duration, renew) else {
+                    problems.push(format!(
+                        "{}: duration and renewBefore must be set, as Go durations (8760h): the programs do not reload certificates, so renewals must be planned",
+                        m.at
+                    ));
+                    continue;
+                };
+                if duration < 3600 || renew < 300 || renew >= duration {
+                    problems.push(format!(
+                        "{}: duration {duration}s, renewBefore {renew}s: cert-manager wants a duration of 1h or more and renewBefore from 5m to below the duration",
+                        m.at
+                    ));
+                }
+                let rotation = s
+                    .private_key
+                    .as_ref()
+                    .and_then(|k| k.rotation_policy.as_deref());
+                if s.is_ca == Some(true) {
+                    cas.push(duration);
+                    if issuer.spec.self_signed.is_none() {
+                        problems.push(format!("{}: the CA is issued by a selfSigned Issuer", m.at));
+                    }
+                    if s.common_name.is_none() {
+                        problems.push(format!(
+                            "{}: the CA needs a commonName, its only name",
+                            m.at
+                        ));
+                    }
+                    if rotation != Some("Never") {
+                        problems.push(format!(
+                            "{}: privateKey.rotationPolicy {rotation:?}: the CA keeps its key when renewed (Never), so the certificates it signed and the ca.crt copies pods hold stay valid",
+                            m.at
+                        ));
+                    }
+                } else {
+                    longest = longest.max(duration);
+                    if issuer.spec.ca.is_none() {
+                        problems.push(format!(
+                            "{}: issued by {}, not by the CA Issuer: the programs trust only the CA",
+                            m.at, r.name
+                        ));
+                    }
+                    let usages: Vec<&str> = s.usages.iter().flatten().map(String::as_str).collect();
+                    for u in TLS_USAGES {
+                        if !usages.contains(u) {
+                            problems.push(format!(
+                                "{}: usages lack {u:?} (every program is a server and a client)",
+                                m.at
+                            ));
+                        }
+                    }
+                    if rotation != Some("Always") {
+                        problems.push(format!(
+                            "{}: privateKey.rotationPolicy {rotation:?}, expected Always (a new key at each renewal)",
+                            m.at
+                        ));
+                    }
+                    if s.dns_names.as_ref().is_none_or(Vec::is_empty) {
+                        problems.push(format!("{}: no dnsNames", m.at));
+                    }
+                    if renew < 7 * 86_400 {
+                        problems.push(format!(
+                            "{}: renewBefore under 7 days leaves too little time to restart the pods after a renewal",
+                            m.at
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    match cas.as_slice() {
+        [ca] if *ca <= longest => problems.push(format!(
+            "the CA ({ca}s) must outlive the certificates it signs ({longest}s)"
+        )),
+        [_] => {}
+        other => problems.push(format!(
+            "{} CA Certificates (isCA: true), expected 1",
+            other.len()
+        )),
+    }
+    problems
+}
+
+/// A Berth container with certificates: the Secret at its `--tls-dir` and
+/// the Certificate that makes it.
+struct TlsUse<'a> {
+    /// "FILE, document N (KIND NAME): container NAME".
+    at: String,
+    container: &'a Container,
+    subcommand: &'a str,
+    /// The pod's labels, which Services select.
+    labels: Option<&'a BTreeMap<String, String>>,
+    secret: &'a str,
+    certificate: Option<&'a Certificate>,
+}
+
+/// Every Berth container that talks over TCP, with its certificates; what
+/// is wrong with how they are given to it goes to `problems`: a folder that
+/// is not a read-only mount of a whole Secret, a Secret no Certificate
+/// makes (or the CA's), a mode that lets another user read the key or
+/// keeps the container's own user from reading it.
+fn tls_uses<'a>(all: &'a [Manifest], problems: &mut Vec<String>) -> Vec<TlsUse<'a>> {
+    let idx = Index { all };
+    let mut out = Vec::new();
+    for w in workloads(all) {
+        let Some(spec) = w.template.spec.as_ref() else {
+            continue;
+        };
+        let labels = w.template.metadata.as_ref().and_then(|m| m.labels.as_ref());
+        let pod = spec.security_context.as_ref();
+        for c in containers(w.template).into_iter().filter(|c| is_berth(c)) {
+            let Some(sub) = berth_subcommand(c).filter(|s| TLS_SUBCOMMANDS.contains(s)) else {
+                continue;
+            };
+            let at = format!("{}: container {}", w.at, c.name);
+            let Some(dir) = tls_dir(c) else {
+                problems.push(format!(
+                    "{at}: berth {sub} talks over TCP without certificates: set --tls-dir (or BERTH_TLS_DIR)"
+                ));
+                continue;
+            };
+            let dir = dir.trim_end_matches('/');
+            let Some(mount) = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.mount_path.trim_end_matches('/') == dir)
+            else {
+                problems.push(format!(
+                    "{at}: --tls-dir {dir} is not a volume mount of the container"
+                ));
+                continue;
+            };
+            if mount.read_only != Some(true) {
+                problems.push(format!("{at}: the mount at {dir} is not readOnly"));
+            }
+            if mount.sub_path.is_some() || mount.sub_path_expr.is_some() {
+                problems.push(format!(
+                    "{at}: the mount at {dir} has a subPath, which kubelet never updates: mount the Secret whole"
+                ));
+            }
+            let Some(secret) = spec
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == mount.name)
+                .and_then(|v| v.secret.as_ref())
+            else {
+                problems.push(format!(
+                    "{at}: --tls-dir {dir} is volume {}, not a Secret",
+                    mount.name
+                ));
+                continue;
+            };
+            let name = secret.secret_name.as_deref().unwrap_or("");
+            if secret.items.is_some() {
+                problems.push(format!(
+                    "{at}: Secret {name}: items picks keys; mount it whole (tls.crt, tls.key, ca.crt)"
+                ));
+            }
+            if secret.optional == Some(true) {
+                problems.push(format!(
+                    "{at}: Secret {name} is optional: the program would start without its certificates and fail"
+                ));
+            }
+            // Secret files are root's; with an fsGroup their group is that
+            // group (which every container of the pod is in), and kubelet
+            // adds group read to the mode.
+            let mode = secret.default_mode.unwrap_or(0o644);
+            let fs_group = pod.and_then(|p| p.fs_group);
+            let uid = c
+                .security_context
+                .as_ref()
+                .and_then(|s| s.run_as_user)
+                .or_else(|| pod.and_then(|p| p.run_as_user));
+            if mode & !0o440 != 0 {
+                problems.push(format!(
+                    "{at}: Secret {name} defaultMode {mode:04o}: the key is for its owner (root) and group (the pod's fsGroup) only, 0400 or 0440"
+                ));
+            }
+            let readable =
+                fs_group.is_some() || (uid == Some(0) && mode & 0o400 != 0) || mode & 0o004 != 0;
+            if !readable {
+                let who =
+                    uid.map_or_else(|| "the image's user".to_string(), |u| format!("uid {u}"));
+                problems.push(format!(
+                    "{at}: {who} cannot read Secret {name} (mode {mode:04o}, owned by root): give the pod an fsGroup, with mode 0440"
+                ));
+            }
+            let certificate = match idx.certificate_for_secret(name) {
+                Some(cert) => {
+                    if cert.spec.is_ca == Some(true) {
+                        problems.push(format!(
+                            "{at}: mounts Secret {name}, the CA's, whose key signs certificates: mount a program's certificate"
+                        ));
+                    }
+                    Some(cert)
+                }
+                None => {
+                    problems.push(format!(
+                        "{at}: Secret {name} is made by no Certificate of {CERTIFICATES_FILE}"
+                    ));
+                    None
+                }
+            };
+            out.push(TlsUse {
+                at,
+                container: c,
+                subcommand: sub,
+                labels,
+                secret: name,
+                certificate,
+            });
+        }
+    }
+    out
+}
+
+/// Everything about mutual TLS that the typed manifests tell:
+/// [`certificate_problems`], [`tls_uses`], and that every client dials its
+/// server as `https://` by a name in the server's certificate, volume
+/// servers carry `volume_server_name` and require STARTTLS, and no
+/// program's Certificate goes unused.
+fn tls_problems(all: &[Manifest], volume_server_name: &str) -> Vec<String> {
+    let idx = Index { all };
+    let mut problems = certificate_problems(&idx);
+    let uses = tls_uses(all, &mut problems);
+    for u in &uses {
+        let (at, c) = (&u.at, u.container);
+        let Some(cert) = u.certificate else {
+            continue;
+        };
+        let cert_name = cert.metadata.name.as_deref().unwrap_or("");
+        if u.subcommand == "volume-server" {
+            if !cert
+                .spec
+                .dns_names
+                .iter()
+                .flatten()
+                .any(|n| n == volume_server_name)
+            {
+                problems.push(format!(
+                    "{at}: Certificate {cert_name} lacks the DNS name {volume_server_name}, which the metadata service and berth attach require of a volume server"
+                ));
+            }
+            let optional = args(c)
+                .iter()
+                .any(|a| a == "--nbd-tls-optional" || a.starts_with("--nbd-tls-optional="))
+                || env_value(c, "BERTH_NBD_TLS_OPTIONAL").is_some();
+            if optional {
+                problems.push(format!(
+                    "{at}: NBD over TCP must require STARTTLS (drop --nbd-tls-optional / BERTH_NBD_TLS_OPTIONAL)"
+                ));
+            }
+            let advertised = flag(c, "advertise-control")
+                .or_else(|| env_value(c, "BERTH_ADVERTISE_CONTROL"))
+                .filter(|a| !a.is_empty());
+            if let Some(a) = advertised.filter(|a| !a.starts_with("https://")) {
+                problems.push(format!(
+                    "{at}: --advertise-control {a} must be https:// with --tls-dir"
+                ));
+            }
+        }
+    }
+    // Every client of the metadata service dials https://, by a name the
+    // certificate of the pods behind the Service carries.
+    for w in workloads(all) {
+        for c in containers(w.template).into_iter().filter(|c| is_berth(c)) {
+            let Some(url) = metadata_endpoint(c) else {
+                continue;
+            };
+            let at = format!("{}: container {}", w.at, c.name);
+            if !url.starts_with("https://") {
+                problems.push(format!(
+                    "{at}: metadata endpoint {url} is not https:// (the service requires mutual TLS)"
+                ));
+                continue;
+            }
+            // An address that names no Service is reported by
+            // csi_driver_name_sockets_and_metadata_address_agree.
+            let Some((host, svc, _)) = service_of_url(&idx, url) else {
+                continue;
+            };
+            let sel = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+            let behind: Vec<&TlsUse> = uses
+                .iter()
+                .filter(|u| {
+                    sel.is_some_and(|sel| {
+                        !sel.is_empty()
+                            && sel
+                                .iter()
+                                .all(|(k, v)| u.labels.and_then(|l| l.get(k)) == Some(v))
+                    })
+                })
+                .collect();
+            if behind.is_empty() {
+                problems.push(format!(
+                    "{at}: {url}: no Berth container with certificates is behind that Service"
+                ));
+            }
+            for server in behind {
+                let Some(cert) = server.certificate else {
+                    continue;
+                };
+                if !cert.spec.dns_names.iter().flatten().any(|n| n == host) {
+                    problems.push(format!(
+                        "{at}: dials {url}, but Certificate {} ({}) does not carry the name {host}",
+                        cert.metadata.name.as_deref().unwrap_or(""),
+                        server.at
+                    ));
+                }
+            }
+        }
+    }
+    // A program's certificate that no container uses is a typo somewhere.
+    for m in all {
+        if let Object::Certificate(c) = &m.object {
+            if c.spec.is_ca != Some(true) && !uses.iter().any(|u| u.secret == c.spec.secret_name) {
+                problems.push(format!(
+                    "{}: no Berth container uses Secret {} as its --tls-dir",
+                    m.at, c.spec.secret_name
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// Plain `http://` addresses of `services` anywhere in the documents'
+/// values (args, env, ConfigMap data...): with mutual TLS every one is
+/// `https://`.
+fn plain_http_to_services(docs: &[Doc], services: &BTreeSet<String>) -> Vec<String> {
+    fn walk(v: &Value, path: &str, found: &mut dyn FnMut(&str, &str)) {
+        match v {
+            Value::String(s) => found(path, s.as_str()),
+            Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    walk(x, &format!("{path}[{i}]"), found);
+                }
+            }
+            Value::Object(m) => {
+                for (k, x) in m {
+                    walk(x, &join(path, k), found);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for d in docs {
+        walk(&d.value, "", &mut |path: &str, s: &str| {
+            for svc in services {
+                if s.contains(&format!("http://{svc}")) {
+                    out.push(format!(
+                        "{}: {path}: {s:?} dials Service {svc} in plain HTTP; it requires https://",
+                        d.at
+                    ));
+                }
+            }
+        });
+    }
+    out
+}
+
 // ---- the tests ----------------------------------------------------------------
 
 #[test]
@@ -832,6 +1526,8 @@ fn every_document_is_a_known_kind_that_round_trips_through_its_type() {
         "StorageClass",
         "VolumeSnapshotClass",
         "VolumeAttributesClass",
+        "Issuer",
+        "Certificate",
     ] {
         assert!(kinds.contains(want), "no {want} in deploy/");
     }
@@ -969,9 +1665,9 @@ fn pod_volumes_config_maps_and_services_resolve() {
             }
             if let Some(s) = &v.secret {
                 let name = s.secret_name.as_deref().unwrap_or("");
-                if !idx.exists("Secret", Some(NAMESPACE), name) && s.optional != Some(true) {
+                if !idx.secret_exists(name) && s.optional != Some(true) {
                     problems.push(format!(
-                        "{}: volume {}: Secret {name} does not exist (and is not optional)",
+                        "{}: volume {}: Secret {name} neither exists nor is made by a Certificate (and is not optional)",
                         w.at, v.name
                     ));
                 }
@@ -1212,28 +1908,18 @@ fn csi_driver_name_sockets_and_metadata_address_agree() {
         };
         let cs = containers(w.template);
         for c in cs.iter().filter(|c| is_berth(c)) {
-            // The metadata address names a Service of these manifests and its port.
-            if let Some(url) = flag(c, "metadata") {
-                let ok = url
-                    .strip_prefix("http://")
-                    .and_then(|r| r.split_once(':'))
-                    .and_then(|(host, port)| {
-                        let (svc, ns) = host.strip_suffix(".svc")?.split_once('.')?;
-                        let port: i32 = port.parse().ok()?;
-                        match idx.find("Service", Some(ns), svc) {
-                            Some(Object::Service(s)) => Some(
-                                s.spec
-                                    .iter()
-                                    .flat_map(|s| s.ports.iter().flatten())
-                                    .any(|p| p.port == port),
-                            ),
-                            _ => None,
-                        }
-                    })
-                    .unwrap_or(false);
+            // The metadata address names a Service of these manifests and its
+            // port, over mutual TLS (tls_problems checks the certificates).
+            if let Some(url) = metadata_endpoint(c) {
+                let ok = service_of_url(&idx, url).is_some_and(|(_, s, port)| {
+                    s.spec
+                        .iter()
+                        .flat_map(|s| s.ports.iter().flatten())
+                        .any(|p| p.port == port)
+                });
                 if !ok {
                     problems.push(format!(
-                        "{}: container {}: --metadata={url} is not http://SERVICE.NAMESPACE.svc:PORT of a Service here",
+                        "{}: container {}: metadata endpoint {url} is not https://SERVICE.NAMESPACE.svc:PORT of a Service here",
                         w.at, c.name
                     ));
                 }
@@ -1278,6 +1964,84 @@ fn csi_driver_name_sockets_and_metadata_address_agree() {
         }
     }
     report("driver, sockets and addresses", problems);
+}
+
+#[test]
+fn certificates_tls_dirs_and_https_endpoints_agree() {
+    let all = manifests();
+    let idx = Index { all: &all };
+    let mut problems = tls_problems(&all, &volume_server_name());
+    // cert-manager's objects, and nothing else, in the one file a cluster
+    // without cert-manager skips.
+    let mut cert_manager = 0;
+    for m in &all {
+        let ours = matches!(m.object, Object::Issuer(_) | Object::Certificate(_));
+        cert_manager += usize::from(ours);
+        if ours != m.at.starts_with(&format!("{CERTIFICATES_FILE},")) {
+            problems.push(format!(
+                "{}: cert-manager objects belong in {CERTIFICATES_FILE}, and nothing else does (a cluster without cert-manager skips it)",
+                m.at
+            ));
+        }
+    }
+    if cert_manager == 0 {
+        problems.push(format!("no Issuer or Certificate in {CERTIFICATES_FILE}"));
+    }
+    // No plain http:// to a Service here, in any value of any document.
+    let services: BTreeSet<String> = idx
+        .services()
+        .filter_map(|s| s.metadata.name.clone())
+        .collect();
+    problems.extend(plain_http_to_services(&load_docs(), &services));
+    // The file's comment shows how to make the same Secrets without
+    // cert-manager: a `kubectl create secret generic` per Secret, from a
+    // folder that `berthctl tls generate` makes with the same names.
+    let path = deploy_dir().join(CERTIFICATES_FILE);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    for m in &all {
+        let Object::Certificate(c) = &m.object else {
+            continue;
+        };
+        if c.spec.is_ca == Some(true) {
+            continue;
+        }
+        let secret = &c.spec.secret_name;
+        let cmd = format!("create secret generic {secret} --from-file=pki/");
+        let Some(i) = text.find(&cmd) else {
+            problems.push(format!(
+                "{CERTIFICATES_FILE}: no `kubectl -n {NAMESPACE} {cmd}FOLDER/` for clusters without cert-manager"
+            ));
+            continue;
+        };
+        let folder = text[i + cmd.len()..].split('/').next().unwrap_or("");
+        let issue = format!(" {folder}=");
+        let Some(j) = text.find(&issue) else {
+            problems.push(format!(
+                "{CERTIFICATES_FILE}: berthctl tls generate makes no {folder}=SAN,... for Secret {secret}"
+            ));
+            continue;
+        };
+        let sans: BTreeSet<&str> = text[j + issue.len()..]
+            .split(char::is_whitespace)
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .collect();
+        let want: BTreeSet<&str> = c
+            .spec
+            .dns_names
+            .iter()
+            .chain(c.spec.ip_addresses.iter())
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        if sans != want {
+            problems.push(format!(
+                "{CERTIFICATES_FILE}: berthctl tls generate {folder}= names {sans:?}, Certificate {secret} {want:?}"
+            ));
+        }
+    }
+    report("mutual TLS", problems);
 }
 
 #[test]
@@ -1531,6 +2295,20 @@ spec:
         "apiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshotClass\nmetadata: {name: x}\ndriver: d\ndeletionPolicy: Delete\nparamters: {}\n",
     );
     assert!(p.iter().any(|e| e.contains("paramters")), "{p:?}");
+    let p = problems_of(
+        "apiVersion: cert-manager.io/v1\nkind: Certificate\nmetadata: {name: x}\nspec: {secretName: x, issuerRef: {name: i}, dnsName: [x]}\n",
+    );
+    assert!(p.iter().any(|e| e.contains("dnsName")), "{p:?}");
+    let p = problems_of(
+        "apiVersion: cert-manager.io/v1\nkind: Certificate\nmetadata: {name: x}\nspec: {secretName: x, issuerRef: {name: i}, usages: [server-auth]}\n",
+    );
+    assert!(
+        p.iter()
+            .any(|e| e.contains("spec.usages: \"server-auth\" is not one of")),
+        "{p:?}"
+    );
+    let p = problems_of("apiVersion: cert-manager.io/v1\nkind: Issuer\nmetadata: {name: x}\nspec: {selfSinged: {}}\n");
+    assert!(p.iter().any(|e| e.contains("selfSinged")), "{p:?}");
 }
 
 #[test]
@@ -1562,6 +2340,95 @@ fn a_flag_berth_does_not_have_and_an_undefined_variable_are_caught() {
     assert!(check_berth_container(&c, &cli)
         .join("\n")
         .contains("not a berth subcommand"));
+}
+
+#[test]
+fn tls_checks_catch_plain_http_missing_certificates_and_open_keys() {
+    let yaml = "apiVersion: cert-manager.io/v1
+kind: Certificate
+metadata: {name: x-tls, namespace: berth-system}
+spec:
+  secretName: x-tls
+  issuerRef: {name: nobody}
+  dnsNames: [x]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: berth-metadata, namespace: berth-system}
+spec:
+  selector: {a: meta}
+  ports: [{name: grpc, port: 9580}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: d, namespace: berth-system}
+spec:
+  selector: {matchLabels: {a: b}}
+  template:
+    metadata: {labels: {a: b}}
+    spec:
+      securityContext: {runAsUser: 10001}
+      containers:
+        - name: csi
+          image: IMAGE
+          args:
+            - csi
+            - --metadata=http://berth-metadata.berth-system.svc:9580
+        - name: vs
+          image: IMAGE
+          args:
+            - volume-server
+            - --data=/d
+            - --tls-dir=/tls
+            - --nbd-tls-optional
+          volumeMounts:
+            - {name: tls, mountPath: /tls}
+        - name: vs2
+          image: IMAGE
+          args:
+            - volume-server
+            - --data=/d
+            - --tls-dir=/tls2
+          volumeMounts:
+            - {name: tls2, mountPath: /tls2, readOnly: true}
+      volumes:
+        - name: tls
+          secret: {secretName: x-tls, defaultMode: 420}
+        - name: tls2
+          secret: {secretName: made-by-nobody, defaultMode: 256}
+"
+    .replace("IMAGE", &berth_image());
+    let docs = parse_docs("inline.yaml", &yaml).expect("yaml");
+    let all: Vec<Manifest> = docs
+        .iter()
+        .map(|d| typed(d).unwrap_or_else(|p| panic!("{p:?}")))
+        .collect();
+    let p = tls_problems(&all, "berth-volume-server").join("\n");
+    for want in [
+        "container csi: berth csi talks over TCP without certificates",
+        "container csi: metadata endpoint http://berth-metadata.berth-system.svc:9580 is not https://",
+        "container vs: the mount at /tls is not readOnly",
+        "container vs: Secret x-tls defaultMode 0644",
+        "container vs: Certificate x-tls lacks the DNS name berth-volume-server",
+        "container vs: NBD over TCP must require STARTTLS",
+        "container vs2: uid 10001 cannot read Secret made-by-nobody",
+        "container vs2: Secret made-by-nobody is made by no Certificate",
+        "issuerRef Issuer nobody (cert-manager.io) is not an Issuer here",
+        "0 CA Certificates",
+    ] {
+        assert!(p.contains(want), "missing {want:?} in:\n{p}");
+    }
+    let services = BTreeSet::from(["berth-metadata".to_string()]);
+    let http = plain_http_to_services(&docs, &services).join("\n");
+    assert!(
+        http.contains("args[1]: \"--metadata=http://berth-metadata.berth-system.svc:9580\" dials Service berth-metadata in plain HTTP"),
+        "{http}"
+    );
+    assert_eq!(go_duration("8760h"), Some(8760 * 3600));
+    assert_eq!(go_duration("1h30m"), Some(5400));
+    assert_eq!(go_duration("90d"), None);
+    assert_eq!(go_duration("10ms"), None);
+    assert_eq!(volume_server_name(), "berth-volume-server");
 }
 
 #[test]
@@ -1597,4 +2464,14 @@ fn the_cli_reader_sees_what_berth_rs_declares() {
         cli["metadata"].flags.contains("tiers"),
         "flattened CatalogArgs"
     );
+    // TlsArgs, flattened into every program that talks over TCP.
+    for sub in ["metadata", "volume-server", "csi", "standalone", "attach"] {
+        let a = &cli[sub];
+        assert!(
+            a.flags.contains("tls-dir") && a.envs.contains("BERTH_TLS_DIR"),
+            "{sub} --tls-dir: {a:?}"
+        );
+    }
+    assert!(vs.flags.contains("nbd-tls-optional") && vs.envs.contains("BERTH_NBD_TLS_OPTIONAL"));
+    assert!(vs.flags.contains("advertise-control") && vs.flags.contains("metadata"));
 }

@@ -27,6 +27,10 @@ pub mod csi {
     }
 }
 
+pub mod tls;
+pub mod validate;
+pub use tls::{TlsDir, TlsError};
+
 /// The request header a caller names itself with ("berthctl:alice",
 /// "volume-server:n1"...), recorded in the audit logs.
 pub const CALLER_HEADER: &str = "x-berth-client";
@@ -81,13 +85,15 @@ pub fn nbd_unix_uri(socket: &std::path::Path, export: &str) -> String {
 
 /// Serves `routes` on the connections of `incoming` until `shutdown`
 /// completes, on a task of its own; a server that stops with an error says so
-/// in the log, naming `what`.
+/// in the log, naming `what`. With `tls`, every connection must complete a
+/// mutual TLS handshake (a client certificate signed by the CA) first.
 pub fn spawn_server<S, IO, E>(
     routes: tonic::service::Routes,
     incoming: S,
+    tls: Option<&TlsDir>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     what: &'static str,
-) -> tokio::task::JoinHandle<()>
+) -> Result<tokio::task::JoinHandle<()>, TlsError>
 where
     S: tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
     IO: tokio::io::AsyncRead
@@ -99,8 +105,13 @@ where
     IO::ConnectInfo: Clone + Send + Sync + 'static,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    tokio::spawn(async move {
-        let mut server = tonic::transport::Server::builder();
+    let mut server = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        server = server
+            .tls_config(t.grpc_server())
+            .map_err(|e| TlsError::Config(format!("{}: {e}", t.dir.display())))?;
+    }
+    Ok(tokio::spawn(async move {
         if let Err(e) = server
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, shutdown)
@@ -108,7 +119,7 @@ where
         {
             tracing::error!(error = %e, server = what, "gRPC server stopped");
         }
-    })
+    }))
 }
 
 /// Accepted TCP connections for a gRPC server, with Nagle off: control calls
@@ -155,28 +166,81 @@ fn unix_connector(
 /// The URI tonic requires for a unix socket endpoint (and does not use).
 const UNIX_PLACEHOLDER: &str = "http://[::1]:50051";
 
+/// Why a channel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("{0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Endpoint(String),
+}
+
+/// How a client dials TLS endpoints: its certificates, and the name the
+/// server's certificate must carry when that is not the endpoint's host.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub dir: TlsDir,
+    pub server_name: Option<String>,
+}
+
+impl ClientTls {
+    pub fn new(dir: TlsDir) -> ClientTls {
+        ClientTls {
+            dir,
+            server_name: None,
+        }
+    }
+}
+
+/// A TCP endpoint, set up for TLS when it is `https://`. A TLS client does
+/// not dial `http://` (it would send in the clear what it was configured to
+/// protect), and `https://` needs certificates.
+fn tcp_endpoint(
+    endpoint: &str,
+    tls: Option<&ClientTls>,
+) -> Result<tonic::transport::Endpoint, ChannelError> {
+    let e = tonic::transport::Endpoint::from_shared(endpoint.to_string())?;
+    match (endpoint.starts_with("https://"), tls) {
+        (true, Some(t)) => Ok(e.tls_config(t.dir.grpc_client(t.server_name.as_deref()))?),
+        (true, None) => Err(ChannelError::Endpoint(format!(
+            "{endpoint} is TLS: give this program certificates (--tls-dir)"
+        ))),
+        (false, Some(t)) => Err(ChannelError::Endpoint(format!(
+            "TLS is configured ({}), so {endpoint} would be plaintext: use https://",
+            t.dir.dir.display()
+        ))),
+        (false, None) => Ok(e),
+    }
+}
+
 /// Opens a gRPC channel to an endpoint: `unix:///path/to.sock` (or a bare
-/// path), or `http://host:port`.
-pub async fn channel(endpoint: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+/// path), `http://host:port`, or with `tls`, `https://host:port`.
+pub async fn channel(
+    endpoint: &str,
+    tls: Option<&ClientTls>,
+) -> Result<tonic::transport::Channel, ChannelError> {
     use tonic::transport::Endpoint;
-    match unix_path(endpoint) {
+    Ok(match unix_path(endpoint) {
         Some(path) => {
             Endpoint::from_static(UNIX_PLACEHOLDER)
                 .connect_with_connector(unix_connector(path))
-                .await
+                .await?
         }
-        None => Endpoint::from_shared(endpoint.to_string())?.connect().await,
-    }
+        None => tcp_endpoint(endpoint, tls)?.connect().await?,
+    })
 }
 
 /// Like [`channel`], but connects on first use (and again after the peer
 /// restarts): for long-running clients that must start before their server.
-pub fn lazy_channel(endpoint: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+pub fn lazy_channel(
+    endpoint: &str,
+    tls: Option<&ClientTls>,
+) -> Result<tonic::transport::Channel, ChannelError> {
     use tonic::transport::Endpoint;
     Ok(match unix_path(endpoint) {
         Some(path) => Endpoint::from_static(UNIX_PLACEHOLDER)
             .connect_with_connector_lazy(unix_connector(path)),
-        None => Endpoint::from_shared(endpoint.to_string())?.connect_lazy(),
+        None => tcp_endpoint(endpoint, tls)?.connect_lazy(),
     })
 }
 

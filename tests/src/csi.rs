@@ -24,7 +24,7 @@ pub struct Csi {
 
 impl Csi {
     pub async fn connect(socket: &Path) -> Csi {
-        let ch = berth_proto::channel(&format!("unix://{}", socket.display()))
+        let ch = berth_proto::channel(&format!("unix://{}", socket.display()), None)
             .await
             .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
         Csi {

@@ -23,18 +23,30 @@ pub struct CtlOut {
 #[derive(Debug)]
 pub struct MetaProc {
     pub dir: PathBuf,
-    /// http://127.0.0.1:PORT, the same across restarts.
+    /// http://127.0.0.1:PORT (https:// with TLS), the same across restarts.
     pub endpoint: String,
+    /// Given to every berthctl call before its own (--tls-dir DIR with TLS).
+    pub ctl_args: Vec<String>,
     listen: String,
+    /// The service's certificates, if it serves TLS.
+    tls_dir: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl MetaProc {
     pub fn start(dir: &Path) -> MetaProc {
-        Self::spawn(dir, "127.0.0.1:0", None)
+        Self::spawn(dir, "127.0.0.1:0", None, None)
     }
 
-    fn spawn(dir: &Path, listen: &str, crash_at: Option<&str>) -> MetaProc {
+    /// Serving mutual TLS on TCP with the certificates in `tls_dir`; its
+    /// berthctl calls present `client_tls`'s.
+    pub fn start_tls(dir: &Path, tls_dir: &Path, client_tls: &Path) -> MetaProc {
+        let mut m = Self::spawn(dir, "127.0.0.1:0", None, Some(tls_dir));
+        m.ctl_args = vec!["--tls-dir".into(), client_tls.display().to_string()];
+        m
+    }
+
+    fn spawn(dir: &Path, listen: &str, crash_at: Option<&str>, tls: Option<&Path>) -> MetaProc {
         let mut cmd = Command::new(binary("berth"));
         cmd.args(["metadata", "--data"])
             .arg(dir)
@@ -48,6 +60,9 @@ impl MetaProc {
         if let Some(p) = crash_at {
             cmd.env("BERTH_FAULT_CRASH", p);
         }
+        if let Some(t) = tls {
+            cmd.arg("--tls-dir").arg(t);
+        }
         let mut child = cmd.spawn().expect("spawn berth metadata");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout"))
@@ -58,8 +73,10 @@ impl MetaProc {
         let tcp = v["tcp"].as_str().expect("tcp address").to_string();
         MetaProc {
             dir: dir.to_path_buf(),
-            endpoint: format!("http://{tcp}"),
+            endpoint: format!("{}://{tcp}", if tls.is_some() { "https" } else { "http" }),
+            ctl_args: Vec::new(),
             listen: tcp,
+            tls_dir: tls.map(Path::to_path_buf),
             child: Some(child),
         }
     }
@@ -70,6 +87,7 @@ impl MetaProc {
         self.kill9();
         let dir = self.dir.clone();
         let listen = self.listen.clone();
+        let (tls, ctl_args) = (self.tls_dir.clone(), self.ctl_args.clone());
         // The port was just released; retry briefly if the kernel still holds it.
         for _ in 0..50 {
             let probe = std::net::TcpListener::bind(&listen);
@@ -78,7 +96,8 @@ impl MetaProc {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        *self = Self::spawn(&dir, &listen, crash_at);
+        *self = Self::spawn(&dir, &listen, crash_at, tls.as_deref());
+        self.ctl_args = ctl_args;
     }
 
     pub fn kill9(&mut self) {
@@ -116,6 +135,7 @@ impl MetaProc {
     pub fn ctl(&self, args: &[&str]) -> CtlOut {
         let out = Command::new(binary("berthctl"))
             .args(["--endpoint", &self.endpoint, "--output", "json"])
+            .args(&self.ctl_args)
             .args(args)
             .output()
             .expect("run berthctl");
@@ -130,6 +150,7 @@ impl MetaProc {
     pub fn ctl_text(&self, args: &[&str]) -> String {
         let out = Command::new(binary("berthctl"))
             .args(["--endpoint", &self.endpoint])
+            .args(&self.ctl_args)
             .args(args)
             .output()
             .expect("run berthctl");

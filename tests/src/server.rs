@@ -15,6 +15,8 @@ pub struct Ready {
     pub nbd_socket: PathBuf,
     pub nbd_tcp: String,
     pub control_socket: PathBuf,
+    /// host:port of the control API over TCP, if it listens there.
+    pub control_tcp: String,
     pub metrics: String,
     pub pid: u32,
 }
@@ -105,6 +107,7 @@ impl ServerProc {
             nbd_socket: s("nbd_socket").into(),
             nbd_tcp: s("nbd_tcp"),
             control_socket: s("control_socket").into(),
+            control_tcp: s("control_tcp"),
             metrics: s("metrics"),
             pid: v["pid"].as_u64().unwrap_or(0) as u32,
         };
@@ -202,6 +205,12 @@ fn qemu_io_with(flags: &[&str], uri: &str, cmds: &[String]) -> (bool, String) {
         c.arg("-c").arg(cmd);
     }
     c.arg(uri);
+    qemu_io_run(c)
+}
+
+/// Runs a prepared qemu-io command; returns (success, stdout and stderr).
+/// qemu-io exits 0 after a failed `-c` command, so its output decides too.
+pub fn qemu_io_run(mut c: Command) -> (bool, String) {
     let out = c
         .output()
         .expect("run qemu-io (apt-get install qemu-utils)");

@@ -64,7 +64,7 @@ fn source(snapshot: Option<&str>, volume: Option<&str>) -> Option<csi::VolumeCon
 /// A second node in the catalog (no volume server behind it: enough to be a
 /// publish target).
 async fn register_fake_node(meta_socket: &Path, name: &str) {
-    let ch = berth_proto::channel(&format!("unix://{}", meta_socket.display()))
+    let ch = berth_proto::channel(&format!("unix://{}", meta_socket.display()), None)
         .await
         .expect("metadata socket");
     mpb::metadata_service_client::MetadataServiceClient::new(ch)
@@ -1285,4 +1285,282 @@ fn concurrent_calls_on_one_volume_are_aborted_not_queued() {
         );
     });
     assert_eq!(s.stop().code(), Some(0));
+}
+
+/// A call's code (Ok for success) and the length of its error message.
+fn outcome<T>(r: Result<T, tonic::Status>) -> (Code, usize) {
+    match r {
+        Ok(_) => (Code::Ok, 0),
+        Err(s) => (s.code(), s.message().len()),
+    }
+}
+
+/// Hostile input from outside, through the real CSI socket of `berth
+/// standalone`: names, StorageClass parameters, sizes and kubelet's paths.
+/// Every case is INVALID_ARGUMENT or OUT_OF_RANGE, nothing is created, no
+/// error message echoes more than a short quote, and the audit log stays
+/// bounded.
+#[test]
+fn hostile_names_parameters_sizes_and_paths_are_refused() {
+    let root = tempfile::tempdir().expect("tmp");
+    let s = Standalone::start(&root.path().join("data"), "1G");
+    let sock = s.socket("csi_socket");
+    // 1 MiB: past every validator's bound, under gRPC's 4 MiB message limit
+    // (which refuses larger requests itself, with OUT_OF_RANGE).
+    let huge = "v".repeat(1 << 20);
+    let bad_names: Vec<String> = [
+        "",
+        ".",
+        "..",
+        "../etc",
+        "a/b",
+        "a\\b",
+        ".hidden",
+        "-rf",
+        "a b",
+        "a\tb",
+        "a\nb",
+        "a\0b",
+        "a\u{7f}",
+        "caf\u{e9}",
+        "a\u{200b}b",
+        "db@token",
+        "a:b",
+        "%2e%2e",
+        "a#b",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([&"a".repeat(129), &huge].map(String::clone))
+    .collect();
+    let long_path = format!("/{}", "p".repeat(5000));
+    let bad_paths = [
+        "relative/dir",
+        "/var/lib/kubelet/../../etc",
+        "/a/./b",
+        "/a\0b",
+        "/a\nb",
+        "/tmp/-o",
+        "--bind",
+        long_path.as_str(),
+    ];
+    rt().block_on(async {
+        let mut c = Csi::connect(&sock).await;
+        c.controller
+            .create_volume(create("vol", 64 * MIB))
+            .await
+            .expect("vol");
+        let mut cases: Vec<(String, Code, Code, usize)> = Vec::new();
+        let mut push = |what: String, (got, len): (Code, usize), want: Code| {
+            cases.push((what, got, want, len));
+        };
+        let q = berth_proto::validate::quote;
+        for n in &bad_names {
+            let r = c.controller.create_volume(create(n, MIB)).await;
+            push(
+                format!("CreateVolume name {}", q(n)),
+                outcome(r),
+                Code::InvalidArgument,
+            );
+            let r = c
+                .controller
+                .create_snapshot(csi::CreateSnapshotRequest {
+                    source_volume_id: "vol".into(),
+                    name: n.clone(),
+                    ..Default::default()
+                })
+                .await;
+            push(
+                format!("CreateSnapshot name {}", q(n)),
+                outcome(r),
+                Code::InvalidArgument,
+            );
+            if !n.is_empty() {
+                let r = c
+                    .node
+                    .node_stage_volume(csi::NodeStageVolumeRequest {
+                        volume_id: n.clone(),
+                        staging_target_path: "/var/lib/kubelet/staging/x".into(),
+                        volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
+                        ..Default::default()
+                    })
+                    .await;
+                push(
+                    format!("NodeStage volume_id {}", q(n)),
+                    outcome(r),
+                    Code::InvalidArgument,
+                );
+            }
+        }
+        let big_value = "9".repeat(2000);
+        for (k, v) in [
+            ("tier", "gold"),
+            ("tier", "../extreme"),
+            ("maxIops", "-1"),
+            ("maxIops", "1e99"),
+            ("maxIops", "18446744073709551616"),
+            ("maxIops", big_value.as_str()),
+            ("maxMBps", "lots"),
+            ("iopsPerGiB", "NaN"),
+            ("burstSeconds", "NaN"),
+            ("burstSeconds", "inf"),
+            ("burstSeconds", "0"),
+            ("burstSeconds", "3601"),
+            ("fsType", "../ext4"),
+            ("fsType", "ntfs"),
+            ("fsType", "ext4\n"),
+            ("replicas", "3"),
+            ("speed", "fast"),
+            ("", "x"),
+            ("tier\0", "standard"),
+        ] {
+            let mut r = create("pvol", MIB);
+            r.parameters = params(&[(k, v)]);
+            let got = c.controller.create_volume(r).await;
+            push(
+                format!("parameter {}={}", q(k), q(v)),
+                outcome(got),
+                Code::InvalidArgument,
+            );
+        }
+        let mut many = create("pvol", MIB);
+        many.parameters = (0..100)
+            .map(|i| (format!("csi.storage.k8s.io/x{i}"), "v".into()))
+            .collect();
+        let got = c.controller.create_volume(many).await;
+        push("100 parameters".into(), outcome(got), Code::InvalidArgument);
+        for (what, required, limit, want) in [
+            ("negative size", -1, 0, Code::InvalidArgument),
+            ("limit below required", 10 * MIB, MIB, Code::OutOfRange),
+            ("i64::MAX bytes", i64::MAX, 0, Code::OutOfRange),
+            ("i64::MAX - 1 bytes", i64::MAX - 1, 0, Code::OutOfRange),
+            ("2^60 + 1 bytes", (1 << 60) + 1, 0, Code::OutOfRange),
+        ] {
+            let mut r = create("svol", 0);
+            r.capacity_range = Some(csi::CapacityRange {
+                required_bytes: required,
+                limit_bytes: limit,
+            });
+            let got = c.controller.create_volume(r).await;
+            push(format!("CreateVolume {what}"), outcome(got), want);
+        }
+        let got = c
+            .controller
+            .controller_expand_volume(csi::ControllerExpandVolumeRequest {
+                volume_id: "vol".into(),
+                capacity_range: Some(csi::CapacityRange {
+                    required_bytes: i64::MAX,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await;
+        push(
+            "ControllerExpand to i64::MAX".into(),
+            outcome(got),
+            Code::OutOfRange,
+        );
+        for p in bad_paths {
+            let cap = Some(mount_cap("ext4", Mode::SingleNodeWriter));
+            let r = c
+                .node
+                .node_stage_volume(csi::NodeStageVolumeRequest {
+                    volume_id: "vol".into(),
+                    staging_target_path: p.into(),
+                    volume_capability: cap.clone(),
+                    ..Default::default()
+                })
+                .await;
+            push(
+                format!("NodeStage path {}", q(p)),
+                outcome(r),
+                Code::InvalidArgument,
+            );
+            let r = c
+                .node
+                .node_publish_volume(csi::NodePublishVolumeRequest {
+                    volume_id: "vol".into(),
+                    staging_target_path: "/var/lib/kubelet/staging/vol".into(),
+                    target_path: p.into(),
+                    volume_capability: cap,
+                    ..Default::default()
+                })
+                .await;
+            push(
+                format!("NodePublish target {}", q(p)),
+                outcome(r),
+                Code::InvalidArgument,
+            );
+            let r = c
+                .node
+                .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                    volume_id: "vol".into(),
+                    target_path: p.into(),
+                })
+                .await;
+            push(
+                format!("NodeUnpublish target {}", q(p)),
+                outcome(r),
+                Code::InvalidArgument,
+            );
+            let r = c
+                .node
+                .node_unstage_volume(csi::NodeUnstageVolumeRequest {
+                    volume_id: "vol".into(),
+                    staging_target_path: p.into(),
+                })
+                .await;
+            push(
+                format!("NodeUnstage path {}", q(p)),
+                outcome(r),
+                Code::InvalidArgument,
+            );
+            let r = c
+                .node
+                .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                    volume_id: "vol".into(),
+                    volume_path: p.into(),
+                    ..Default::default()
+                })
+                .await;
+            push(
+                format!("NodeGetVolumeStats path {}", q(p)),
+                outcome(r),
+                Code::InvalidArgument,
+            );
+        }
+        let bad: Vec<String> = cases
+            .iter()
+            .filter(|(_, got, want, len)| got != want || *len > 1000)
+            .map(|(what, got, want, len)| {
+                format!("{what}: got {got:?} ({len}-byte message), want {want:?}")
+            })
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{} of {} cases:\n{}",
+            bad.len(),
+            cases.len(),
+            bad.join("\n")
+        );
+        eprintln!("{} hostile-input cases refused", cases.len());
+    });
+    // Nothing was created, and no audit entry holds the 1 MiB name.
+    let vols = s.ctl(&["volume", "list"]);
+    let names: Vec<&str> = vols
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|v| v["id"].as_str())
+        .collect();
+    assert_eq!(names, ["vol"], "{vols}");
+    let audit = s.ctl(&["audit", "list", "--limit", "10000"]);
+    let longest = audit
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| e.to_string().len())
+        .max()
+        .unwrap_or(0);
+    assert!(longest < 10_000, "an audit entry of {longest} bytes");
 }

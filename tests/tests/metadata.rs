@@ -264,7 +264,7 @@ fn the_catalog_survives_restarts_and_pages_are_stable_while_volumes_are_added() 
         .expect("rt");
     let seen: Vec<String> = rt.block_on(async {
         use berth_proto::meta::v1 as pb;
-        let ch = berth_proto::channel(&c.meta.endpoint)
+        let ch = berth_proto::channel(&c.meta.endpoint, None)
             .await
             .expect("connect");
         let mut client = pb::metadata_service_client::MetadataServiceClient::new(ch);

@@ -4,11 +4,15 @@
 //! writes (aligned and not), reads, flushes, FUA writes, trims and zeroing,
 //! every read checked against a model of what was written; meanwhile
 //! snapshots are taken, cloned, read back whole against the model as it was,
-//! and deleted, and scratch volumes come and go. No error is allowed; the
-//! server's resident memory and open descriptors are reported at the start
-//! and the end and must stay bounded.
+//! and deleted, and scratch volumes come and go. Pool faults are injected
+//! meanwhile (`BERTH_SOAK_FAULTS`, a `BERTH_FAULTS` plan; by default 300
+//! failed and 100 short pool writes and 300 reads held back 20 ms): a write
+//! that fails must fail whole (the model keeps the old data, and every later
+//! read is checked against it), and no other error is allowed. The server's
+//! resident memory and open descriptors are reported at the start and the
+//! end and must stay bounded.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +22,12 @@ use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 
 const VOLS: usize = 4;
+/// The faults a soak run injects unless `BERTH_SOAK_FAULTS` says otherwise.
+const DEFAULT_FAULTS: &str = "write:eio:300,write:short=2048:100,read:delay=20ms:300";
+/// How many pool writes the default plan fails.
+const DEFAULT_WRITE_FAULTS: u64 = 400;
+/// NBD_EIO, what an injected pool fault reaches the client as.
+const EIO: u32 = 5;
 const VOL_BYTES: u64 = 16 << 20;
 /// Each connection owns half of its volume (so the model is exact).
 const HALF: u64 = VOL_BYTES / 2;
@@ -61,9 +71,34 @@ async fn connect_unix(sock: &std::path::Path, export: &str) -> Client<tokio::net
     Client::connect(s, export).await.expect("handshake")
 }
 
+/// Whether a write landed. An injected fault (EIO) is counted, and nothing
+/// of that write may have landed, which the reads that follow check; any
+/// other error fails the soak, named by `what`.
+fn landed(
+    r: Result<(), berth_volume::nbd::client::ClientError>,
+    failed: &AtomicU64,
+    what: impl FnOnce() -> String,
+) -> bool {
+    match r {
+        Ok(()) => true,
+        Err(berth_volume::nbd::client::ClientError::Errno(EIO)) => {
+            failed.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+        Err(e) => panic!("{}: {e}", what()),
+    }
+}
+
 /// The load on one half of one volume through `c`, until `stop`; returns
 /// operations done.
-async fn load<S>(mut c: Client<S>, v: &Vol, half: u64, stop: &AtomicBool, seed: u64) -> u64
+async fn load<S>(
+    mut c: Client<S>,
+    v: &Vol,
+    half: u64,
+    stop: &AtomicBool,
+    seed: u64,
+    failed: &AtomicU64,
+) -> u64
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -86,10 +121,10 @@ where
         match rng.random_range(0..100) {
             0..40 => {
                 let data: Vec<u8> = (0..l).map(|i| (ops as usize + i * 7) as u8 | 1).collect();
-                c.write(off, &data, rng.random_bool(0.1))
-                    .await
-                    .expect("write");
-                v.model.lock()[o..o + l].copy_from_slice(&data);
+                let r = c.write(off, &data, rng.random_bool(0.1)).await;
+                if landed(r, failed, || format!("{}: write at {off}+{len}", v.name)) {
+                    v.model.lock()[o..o + l].copy_from_slice(&data);
+                }
             }
             40..85 => {
                 let got = c.read(off, len as u32).await.expect("read");
@@ -107,9 +142,15 @@ where
                 c.trim(off, len as u32).await.expect("trim");
                 v.model.lock()[o..o + l].fill(0);
             }
+            // Partial blocks are read, modified and written: faults reach
+            // them too.
             _ => {
-                c.write_zeroes(off, len as u32).await.expect("write zeroes");
-                v.model.lock()[o..o + l].fill(0);
+                let r = c.write_zeroes(off, len as u32).await;
+                if landed(r, failed, || {
+                    format!("{}: write zeroes at {off}+{len}", v.name)
+                }) {
+                    v.model.lock()[o..o + l].fill(0);
+                }
             }
         }
         ops += 1;
@@ -126,6 +167,7 @@ fn worker(
     srv: (std::path::PathBuf, String),
     stop: Arc<AtomicBool>,
     seed: u64,
+    failed: Arc<AtomicU64>,
 ) -> u64 {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -134,11 +176,11 @@ fn worker(
     rt.block_on(async move {
         if half == 0 {
             let c = connect_unix(&srv.0, &v.export).await;
-            load(c, &v, half, &stop, seed).await
+            load(c, &v, half, &stop, seed, &failed).await
         } else {
             let s = tokio::net::TcpStream::connect(&srv.1).await.expect("tcp");
             let c = Client::connect(s, &v.export).await.expect("handshake");
-            load(c, &v, half, &stop, seed).await
+            load(c, &v, half, &stop, seed, &failed).await
         }
     })
 }
@@ -149,8 +191,10 @@ fn soak_many_volumes_and_connections_verified_against_a_model() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    let faults = std::env::var("BERTH_SOAK_FAULTS").unwrap_or_else(|_| DEFAULT_FAULTS.into());
     let dir = tempfile::tempdir().expect("tempdir");
-    let srv = ServerProc::start(dir.path(), "1G");
+    let srv = ServerProc::start_env(dir.path(), "1G", &[], &[("BERTH_FAULTS", &faults)]);
+    let failed = Arc::new(AtomicU64::new(0));
     let pid = srv.ready.pid;
     let vols: Vec<Arc<Vol>> = (0..VOLS)
         .map(|i| {
@@ -172,8 +216,8 @@ fn soak_many_volumes_and_connections_verified_against_a_model() {
         .flat_map(|v| [(v.clone(), 0u64), (v.clone(), 1u64)])
         .enumerate()
         .map(|(k, (v, half))| {
-            let (stop, addr) = (stop.clone(), addr.clone());
-            std::thread::spawn(move || worker(v, half, addr, stop, k as u64 + 1))
+            let (stop, addr, failed) = (stop.clone(), addr.clone(), failed.clone());
+            std::thread::spawn(move || worker(v, half, addr, stop, k as u64 + 1, failed))
         })
         .collect();
 
@@ -230,8 +274,9 @@ fn soak_many_volumes_and_connections_verified_against_a_model() {
     let (rss1, fds1) = (rss_kib(pid), fds(pid));
     let stats = srv.ctl_json(&["stats"]);
     let scrub = srv.ctl_json(&["scrub"]);
+    let failed = failed.load(Ordering::Relaxed);
     eprintln!(
-        "soak: {secs} s, {VOLS} volumes x 2 connections, {data_ops} data operations, {cycles} snapshots, {cycles} clones read back whole, {cycles} scratch volumes, {} control calls; RSS {rss0} KiB at the start, {rss_max} KiB at most, {rss1} KiB at the end; fds {fds0} -> {fds1}",
+        "soak: {secs} s, faults {faults:?}: {failed} writes failed as injected, every one whole; {VOLS} volumes x 2 connections, {data_ops} data operations, {cycles} snapshots, {cycles} clones read back whole, {cycles} scratch volumes, {} control calls; RSS {rss0} KiB at the start, {rss_max} KiB at most, {rss1} KiB at the end; fds {fds0} -> {fds1}",
         cycles * 7
     );
     assert!(
@@ -240,14 +285,22 @@ fn soak_many_volumes_and_connections_verified_against_a_model() {
     );
     assert!(cycles > 0, "no snapshot and clone was checked");
     assert_eq!(stats["pool"]["checksum_errors"], 0, "{stats}");
-    assert!(
-        stats["volumes"]
-            .as_array()
-            .expect("volumes")
-            .iter()
-            .all(|v| v["errors"] == 0),
-        "{stats}"
-    );
+    // The server counted exactly the failures the clients saw.
+    let counted: u64 = stats["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .map(|v| v["errors"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(counted, failed, "{stats}");
+    if faults == DEFAULT_FAULTS {
+        // One request can meet several faults (one per run of contiguous
+        // pool blocks it is written to), so at most 400 requests fail.
+        assert!(
+            failed > 0 && failed <= DEFAULT_WRITE_FAULTS,
+            "{failed} writes failed"
+        );
+    }
     assert_eq!(scrub["errors"].as_array().map(Vec::len), Some(0), "{scrub}");
     assert!(fds1 <= fds0, "descriptors leaked: {fds0} -> {fds1}");
     // The caches in front of RocksDB (map entries, block cache, memtables)

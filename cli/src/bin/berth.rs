@@ -63,6 +63,9 @@ struct AttachArgs {
     /// Seconds I/O waits for a server that went away before failing with EIO.
     #[arg(long, default_value_t = 300)]
     reconnect_timeout: u64,
+    /// Certificates: NBD over TCP then uses STARTTLS (nbds:// requires it).
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -74,9 +77,12 @@ struct CsiArgs {
     /// The socket to serve on (unix:///path or /path).
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     endpoint: PathBuf,
-    /// The metadata service (http://host:port or unix:///path).
+    /// The metadata service (http://host:port, https://host:port with
+    /// --tls-dir, or unix:///path).
     #[arg(long, env = "BERTH_METADATA", default_value = "http://127.0.0.1:9580")]
     metadata: String,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Node plugin: this node's id, the name its volume server registers
     /// under (default: the host name).
     #[arg(long, env = "BERTH_NODE_NAME")]
@@ -85,7 +91,7 @@ struct CsiArgs {
     #[arg(long, env = "BERTH_CSI_STATE", default_value = "/var/lib/berth/csi")]
     state_dir: PathBuf,
     /// Node plugin: topology label key=value (repeat), as the node's volume server has.
-    #[arg(long = "label", value_parser = berth_cli::parse_label)]
+    #[arg(long = "label", value_parser = berth_cli::parse_topology_label)]
     labels: Vec<(String, String)>,
 }
 
@@ -102,6 +108,8 @@ struct MetadataArgs {
     listen: String,
     #[command(flatten)]
     catalog: CatalogArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -142,9 +150,35 @@ struct VolumeServerArgs {
     metadata: Option<String>,
     #[command(flatten)]
     node: NodeArgs,
-    /// How the metadata service reaches the control API (default: http://CONTROL_LISTEN).
+    /// How the metadata service reaches the control API (default:
+    /// http://CONTROL_LISTEN, https:// with --tls-dir).
     #[arg(long, env = "BERTH_ADVERTISE_CONTROL", default_value = "")]
     advertise_control: String,
+    #[command(flatten)]
+    tls: TlsArgs,
+    /// With --tls-dir: let NBD clients over TCP skip STARTTLS (by default
+    /// they must use it; the unix socket never does).
+    #[arg(long, env = "BERTH_NBD_TLS_OPTIONAL")]
+    nbd_tls_optional: bool,
+}
+
+/// Certificates (shared by every server program).
+#[derive(Debug, clap::Args)]
+struct TlsArgs {
+    /// Folder with tls.crt, tls.key and ca.crt (a cert-manager Secret mounted
+    /// as is). TCP listeners then require mutual TLS, and https:// endpoints
+    /// are dialed with this certificate. Unix sockets stay plaintext.
+    #[arg(long, env = "BERTH_TLS_DIR")]
+    tls_dir: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn load(&self) -> Result<Option<berth_proto::TlsDir>, String> {
+        self.tls_dir
+            .as_ref()
+            .map(|d| berth_proto::TlsDir::load(d).map_err(|e| format!("--tls-dir: {e}")))
+            .transpose()
+    }
 }
 
 /// How the catalog runs (shared by `metadata` and `standalone`).
@@ -168,7 +202,11 @@ struct CatalogArgs {
 }
 
 impl CatalogArgs {
-    fn config(&self) -> Result<berth_metadata::MetaConfig, String> {
+    /// With `tls`, volume servers are dialed over mutual TLS.
+    fn config(
+        &self,
+        tls: Option<&berth_proto::TlsDir>,
+    ) -> Result<berth_metadata::MetaConfig, String> {
         let tiers_json = match &self.tiers {
             Some(p) => Some(
                 std::fs::read_to_string(p).map_err(|e| format!("--tiers {}: {e}", p.display()))?,
@@ -187,6 +225,10 @@ impl CatalogArgs {
             reconcile_interval: Duration::from_secs(self.reconcile_seconds.max(1)),
             overcommit: self.overcommit,
             tiers: berth_metadata::tiers::load(tiers_json.as_deref()).map_err(|e| e.to_string())?,
+            volume_tls: tls.map(|t| berth_proto::ClientTls {
+                dir: t.clone(),
+                server_name: Some(berth_proto::tls::VOLUME_SERVER_NAME.into()),
+            }),
         })
     }
 }
@@ -198,7 +240,7 @@ struct NodeArgs {
     #[arg(long, env = "BERTH_NODE_NAME")]
     node_name: Option<String>,
     /// Topology label key=value (repeat), e.g. topology.kubernetes.io/zone=a.
-    #[arg(long = "label", value_parser = berth_cli::parse_label)]
+    #[arg(long = "label", value_parser = berth_cli::parse_topology_label)]
     labels: Vec<(String, String)>,
     /// What the pool is made of (nvme, ssd, hdd, file); tiers may require one.
     #[arg(long, env = "BERTH_POOL_MEDIA", default_value = "file")]
@@ -214,6 +256,7 @@ impl NodeArgs {
         self,
         metadata: String,
         control_endpoint: String,
+        tls: Option<berth_proto::TlsDir>,
     ) -> berth_volume::heartbeat::HeartbeatConfig {
         berth_volume::heartbeat::HeartbeatConfig {
             metadata,
@@ -222,6 +265,7 @@ impl NodeArgs {
             media: self.pool_media,
             control_endpoint,
             nbd_address: String::new(),
+            tls: tls.map(berth_proto::ClientTls::new),
         }
     }
 }
@@ -255,6 +299,10 @@ struct StandaloneArgs {
     catalog: CatalogArgs,
     #[command(flatten)]
     node: NodeArgs,
+    /// Certificates for the TCP listeners (the metadata API and NBD):
+    /// mutual TLS and STARTTLS; the unix sockets need none.
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 /// This very binary, which the node plugin runs as `berth attach`.
@@ -290,8 +338,13 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     cfg.metrics_listen = addr("metrics-listen", &a.metrics_listen)?;
     cfg.drain_timeout = Duration::from_secs(a.drain_seconds);
     cfg.nbd_threads = a.node.nbd_threads;
+    cfg.tls = a.tls.load()?;
+    cfg.nbd_tls_optional = a.nbd_tls_optional;
     if let Some(metadata) = a.metadata {
-        cfg.heartbeat = Some(a.node.heartbeat(metadata, a.advertise_control));
+        cfg.heartbeat = Some(
+            a.node
+                .heartbeat(metadata, a.advertise_control, cfg.tls.clone()),
+        );
     }
     let running = berth_volume::start(cfg).await.map_err(|e| e.to_string())?;
     let b = &running.bound;
@@ -312,12 +365,13 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
 }
 
 async fn metadata(a: MetadataArgs) -> Result<(), String> {
-    let meta = a.catalog.config()?;
+    let tls = a.tls.load()?;
     let cfg = berth_metadata::ServiceConfig {
         data_dir: a.data,
         socket: a.socket,
         listen: addr("listen", &a.listen)?,
-        meta,
+        meta: a.catalog.config(tls.as_ref())?,
+        tls,
     };
     let running = berth_metadata::start(cfg)
         .await
@@ -340,11 +394,13 @@ async fn csi(a: CsiArgs) -> Result<(), String> {
         labels: a.labels.into_iter().collect(),
         state_dir: a.state_dir,
         attach_program: attach_program(),
+        attach_tls_dir: a.tls.tls_dir.clone(),
     });
     let running = berth_csi::start(berth_csi::CsiConfig {
         socket: a.endpoint,
         mode: a.mode,
         metadata: a.metadata,
+        tls: a.tls.load()?.map(berth_proto::ClientTls::new),
         node,
     })
     .await
@@ -366,11 +422,14 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     let meta_socket = d.join("meta.sock");
     let control_socket = d.join("control.sock");
+    let tls = a.tls.load()?;
     let meta = berth_metadata::start(berth_metadata::ServiceConfig {
         data_dir: d.join("metadata"),
         socket: Some(meta_socket.clone()),
         listen: addr("listen", &a.listen)?,
-        meta: a.catalog.config()?,
+        // The volume server is dialed on its unix socket.
+        meta: a.catalog.config(None)?,
+        tls: tls.clone(),
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -382,12 +441,14 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     cfg.control_socket = Some(control_socket.clone());
     cfg.metrics_listen = addr("metrics-listen", &a.metrics_listen)?;
     cfg.nbd_threads = a.node.nbd_threads;
+    cfg.tls = tls;
     let node_name = a.node.node_name.clone().unwrap_or_else(host_name);
     let labels = a.node.labels.iter().cloned().collect();
     // The two talk over their unix sockets: no port needed for control.
     cfg.heartbeat = Some(a.node.heartbeat(
         format!("unix://{}", meta_socket.display()),
         format!("unix://{}", control_socket.display()),
+        None,
     ));
     let node = match berth_volume::start(cfg).await {
         Ok(n) => n,
@@ -400,11 +461,13 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
         socket: d.join("csi.sock"),
         mode: berth_csi::Mode::All,
         metadata: format!("unix://{}", meta_socket.display()),
+        tls: None,
         node: Some(berth_csi::NodeConfig {
             node_id: node_name,
             labels,
             state_dir: d.join("csi-node"),
             attach_program: attach_program(),
+            attach_tls_dir: a.tls.tls_dir.clone(),
         }),
     })
     .await;
@@ -449,6 +512,7 @@ fn main() -> std::process::ExitCode {
             read_only: a.read_only,
             pid_file: a.pid_file,
             reconnect_timeout: Duration::from_secs(a.reconnect_timeout),
+            tls_dir: a.tls.tls_dir,
         }) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

@@ -93,12 +93,13 @@ async fn clear_fuse(dir: &Path) -> Result<(), Status> {
 
 /// Connects to `uri` and returns the block device that shows the export.
 /// `dir` is this attachment's own folder (a FUSE mount point); `program` the
-/// `berth` binary.
+/// `berth` binary; `tls_dir` its certificates for NBD over TCP.
 pub async fn attach(
     program: &Path,
     dir: &Path,
     uri: &str,
     read_only: bool,
+    tls_dir: Option<&Path>,
 ) -> Result<Attachment, Status> {
     clear_fuse(dir).await?;
     std::fs::create_dir_all(dir)
@@ -112,6 +113,9 @@ pub async fn attach(
         .map_err(|e| Status::internal(format!("attach log: {e}")))?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.arg("attach");
+    if let Some(t) = tls_dir {
+        cmd.env("BERTH_TLS_DIR", t);
+    }
     if read_only {
         cmd.arg("--read-only");
     }

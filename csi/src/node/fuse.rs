@@ -49,6 +49,20 @@ pub struct AttachOptions {
     pub pid_file: Option<PathBuf>,
     /// How long I/O waits for a volume server that went away before failing.
     pub reconnect_timeout: Duration,
+    /// Certificates: TCP connections then use STARTTLS, verifying the
+    /// volume server as `berth-volume-server`.
+    pub tls_dir: Option<PathBuf>,
+}
+
+/// STARTTLS from a certificate folder (see `berth_proto::tls`).
+pub fn nbd_tls(dir: &std::path::Path) -> Result<berth_nbd::client::TlsClient, String> {
+    let t = berth_proto::TlsDir::load(dir).map_err(|e| format!("--tls-dir: {e}"))?;
+    let cfg = t.rustls_client().map_err(|e| e.to_string())?;
+    Ok(berth_nbd::client::TlsClient {
+        connector: tokio_rustls::TlsConnector::from(cfg),
+        server_name: rustls_pki_types::ServerName::try_from(berth_proto::tls::VOLUME_SERVER_NAME)
+            .map_err(|e| e.to_string())?,
+    })
 }
 
 struct DiskFs {
@@ -359,6 +373,7 @@ pub fn run(o: AttachOptions) -> Result<(), String> {
     let uri = Uri::parse(&o.uri)?;
     let opts = Options {
         reconnect_timeout: o.reconnect_timeout,
+        tls: o.tls_dir.as_deref().map(nbd_tls).transpose()?,
         ..Options::default()
     };
     let session = rt

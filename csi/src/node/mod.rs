@@ -99,20 +99,38 @@ fn required(field: &str, v: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// Volume ids name files here: no separators, no dot files.
+/// Volume ids name files here: letters, digits, '-', '_', '.', at most 128,
+/// no dot files (no separator, nothing that walks out of the state folder).
+/// Volumes staged before the shared name rule may start with '-' or '_', so
+/// this is what every call on an existing staging accepts.
 fn check_id(id: &str) -> Result<(), Status> {
     required("volume_id", id)?;
-    if id.len() > 128
+    if id.len() > berth_proto::validate::MAX_NAME_BYTES
         || id.starts_with('.')
         || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
     {
         return Err(Status::invalid_argument(format!(
-            "volume_id {id:?} is not a Berth volume id (letters, digits, '-', '_', '.'; at most 128)"
+            "volume_id {} is not a Berth volume id (letters, digits, '-', '_', '.'; at most 128)",
+            berth_proto::validate::quote(id)
         )));
     }
     Ok(())
+}
+
+/// A volume id to stage now: the names the metadata service gives out
+/// ([`berth_proto::validate::name`]).
+fn check_new_id(id: &str) -> Result<(), Status> {
+    check_id(id)?;
+    berth_proto::validate::name("volume_id", id)
+        .map_err(|e| Status::invalid_argument(format!("{e}: not a Berth volume id")))
+}
+
+/// Paths from kubelet: absolute, bounded, no control characters, no '.' or
+/// '..' components, nothing mount would take for an option.
+fn check_path(field: &str, p: &str) -> Result<(), Status> {
+    berth_proto::validate::path(field, p).map_err(Status::invalid_argument)
 }
 
 fn internal(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Status {
@@ -376,6 +394,7 @@ impl NodeService {
             &self.attach_dir(&s.volume_id),
             &s.attachment.uri,
             s.read_only,
+            self.cfg.attach_tls_dir.as_deref(),
         )
         .await?;
         let mut fresh = Staged {
@@ -460,8 +479,8 @@ impl csi::node_server::Node for NodeService {
         r: Request<csi::NodeStageVolumeRequest>,
     ) -> R<csi::NodeStageVolumeResponse> {
         let r = r.into_inner();
-        check_id(&r.volume_id)?;
-        required("staging_target_path", &r.staging_target_path)?;
+        check_new_id(&r.volume_id)?;
+        check_path("staging_target_path", &r.staging_target_path)?;
         let cap = caps::required(r.volume_capability.as_ref())?;
         let uri = choose_uri(&r.publish_context)?;
         let read_only = cap.read_only()
@@ -537,6 +556,7 @@ impl csi::node_server::Node for NodeService {
             &self.attach_dir(&r.volume_id),
             &uri,
             read_only,
+            self.cfg.attach_tls_dir.as_deref(),
         )
         .await?;
         let fs_type = if block {
@@ -609,7 +629,7 @@ impl csi::node_server::Node for NodeService {
     ) -> R<csi::NodeUnstageVolumeResponse> {
         let r = r.into_inner();
         check_id(&r.volume_id)?;
-        required("staging_target_path", &r.staging_target_path)?;
+        check_path("staging_target_path", &r.staging_target_path)?;
         let staging = PathBuf::from(&r.staging_target_path);
         let _held = self.inflight.volume(&r.volume_id)?;
         let Some(s) = self.get(&r.volume_id) else {
@@ -653,8 +673,8 @@ impl csi::node_server::Node for NodeService {
     ) -> R<csi::NodePublishVolumeResponse> {
         let r = r.into_inner();
         check_id(&r.volume_id)?;
-        required("staging_target_path", &r.staging_target_path)?;
-        required("target_path", &r.target_path)?;
+        check_path("staging_target_path", &r.staging_target_path)?;
+        check_path("target_path", &r.target_path)?;
         let cap = caps::required(r.volume_capability.as_ref())?;
         let target = PathBuf::from(&r.target_path);
         let _held = self.inflight.volume(&r.volume_id)?;
@@ -748,7 +768,7 @@ impl csi::node_server::Node for NodeService {
     ) -> R<csi::NodeUnpublishVolumeResponse> {
         let r = r.into_inner();
         check_id(&r.volume_id)?;
-        required("target_path", &r.target_path)?;
+        check_path("target_path", &r.target_path)?;
         let target = PathBuf::from(&r.target_path);
         let _held = self.inflight.volume(&r.volume_id)?;
         mount::unmount(&target, false).await?;
@@ -784,7 +804,7 @@ impl csi::node_server::Node for NodeService {
         use csi::volume_usage::Unit;
         let r = r.into_inner();
         check_id(&r.volume_id)?;
-        required("volume_path", &r.volume_path)?;
+        check_path("volume_path", &r.volume_path)?;
         let path = PathBuf::from(&r.volume_path);
         let s = self.get(&r.volume_id).ok_or_else(|| {
             Status::not_found(format!("volume {} is not staged on this node", r.volume_id))
@@ -845,7 +865,7 @@ impl csi::node_server::Node for NodeService {
     ) -> R<csi::NodeExpandVolumeResponse> {
         let r = r.into_inner();
         check_id(&r.volume_id)?;
-        required("volume_path", &r.volume_path)?;
+        check_path("volume_path", &r.volume_path)?;
         let want = r
             .capacity_range
             .as_ref()

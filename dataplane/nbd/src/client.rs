@@ -119,10 +119,51 @@ pub async fn option<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// NBD's STARTTLS from the client's side: the connector (CA and client
+/// certificate) and the name the server's certificate must carry.
+#[derive(Clone)]
+pub struct TlsClient {
+    pub connector: tokio_rustls::TlsConnector,
+    pub server_name: rustls_pki_types::ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsClient")
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<tokio_rustls::client::TlsStream<S>> {
+    /// Greeting, STARTTLS, the TLS handshake, then the same options as
+    /// [`Client::connect`] on the encrypted stream.
+    pub async fn connect_tls(mut s: S, export: &str, tls: &TlsClient) -> Result<Self, ClientError> {
+        greet(&mut s).await?;
+        // STARTTLS's only good answer is a bare ACK.
+        if !option(&mut s, OPT_STARTTLS, &[]).await?.is_empty() {
+            return Err(ClientError::Protocol(
+                "STARTTLS was answered with more than an ACK".into(),
+            ));
+        }
+        let t = tls
+            .connector
+            .connect(tls.server_name.clone(), s)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("TLS handshake: {e}")))?;
+        Client::negotiate(t, export).await
+    }
+}
+
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// Handshake: structured replies, `base:allocation`, then GO.
     pub async fn connect(mut s: S, export: &str) -> Result<Self, ClientError> {
         greet(&mut s).await?;
+        Client::negotiate(s, export).await
+    }
+
+    /// The options after the greeting (and after STARTTLS, when used).
+    async fn negotiate(mut s: S, export: &str) -> Result<Self, ClientError> {
         option(&mut s, OPT_STRUCTURED_REPLY, &[]).await?;
         let mut d = (export.len() as u32).to_be_bytes().to_vec();
         d.extend_from_slice(export.as_bytes());

@@ -54,11 +54,14 @@ pub enum Endpoint {
     Tcp(String),
 }
 
-/// A parsed `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`.
+/// A parsed `nbd://HOST[:PORT]/EXPORT`, `nbds://...` (TLS) or
+/// `nbd+unix:///EXPORT?socket=PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uri {
     pub endpoint: Endpoint,
     pub export: String,
+    /// `nbds://`: the connection must be encrypted.
+    pub tls: bool,
 }
 
 fn unescape(s: &str) -> Result<String, String> {
@@ -96,9 +99,14 @@ impl Uri {
             return Ok(Uri {
                 endpoint: Endpoint::Unix(PathBuf::from(unescape(socket)?)),
                 export: unescape(export)?,
+                tls: false,
             });
         }
-        if let Some(rest) = uri.strip_prefix("nbd://") {
+        let tcp = uri
+            .strip_prefix("nbd://")
+            .map(|r| (r, false))
+            .or_else(|| uri.strip_prefix("nbds://").map(|r| (r, true)));
+        if let Some((rest, tls)) = tcp {
             let (host, export) = rest.split_once('/').unwrap_or((rest, ""));
             if host.is_empty() {
                 return Err(format!("{uri}: no host"));
@@ -117,10 +125,11 @@ impl Uri {
             return Ok(Uri {
                 endpoint: Endpoint::Tcp(address),
                 export: unescape(export)?,
+                tls,
             });
         }
         Err(format!(
-            "{uri}: not an NBD URI (nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH)"
+            "{uri}: not an NBD URI (nbd://HOST:PORT/EXPORT, nbds://... or nbd+unix:///EXPORT?socket=PATH)"
         ))
     }
 }
@@ -187,6 +196,8 @@ pub struct Options {
     pub replay_soft_limit_entries: usize,
     /// Time allowed for one connection attempt and its handshake.
     pub connect_timeout: Duration,
+    /// STARTTLS on every TCP connection (required for `nbds://`).
+    pub tls: Option<crate::client::TlsClient>,
 }
 
 impl Default for Options {
@@ -196,6 +207,7 @@ impl Default for Options {
             replay_soft_limit_bytes: 32 << 20,
             replay_soft_limit_entries: 1 << 16,
             connect_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -365,7 +377,7 @@ where
     Ok((c.into_inner(), size, flags))
 }
 
-async fn open_halves(uri: &Uri) -> Result<(Reader, Writer, u64, u16), ClientError> {
+async fn open_halves(uri: &Uri, opts: &Options) -> Result<(Reader, Writer, u64, u16), ClientError> {
     match &uri.endpoint {
         Endpoint::Unix(path) => {
             let s = tokio::net::UnixStream::connect(path).await?;
@@ -374,17 +386,32 @@ async fn open_halves(uri: &Uri) -> Result<(Reader, Writer, u64, u16), ClientErro
             Ok((Box::new(r), Box::new(w), size, flags))
         }
         Endpoint::Tcp(addr) => {
+            if uri.tls && opts.tls.is_none() {
+                return Err(ClientError::Protocol(
+                    "an nbds:// URI needs certificates (--tls-dir)".into(),
+                ));
+            }
             let s = tokio::net::TcpStream::connect(addr).await?;
             s.set_nodelay(true)?;
-            let (s, size, flags) = handshake(s, &uri.export).await?;
-            let (r, w) = s.into_split();
-            Ok((Box::new(r), Box::new(w), size, flags))
+            match &opts.tls {
+                Some(tls) => {
+                    let c = Client::connect_tls(s, &uri.export, tls).await?;
+                    let (size, flags) = (c.size_bytes, c.flags);
+                    let (r, w) = tokio::io::split(c.into_inner());
+                    Ok((Box::new(r), Box::new(w), size, flags))
+                }
+                None => {
+                    let (s, size, flags) = handshake(s, &uri.export).await?;
+                    let (r, w) = s.into_split();
+                    Ok((Box::new(r), Box::new(w), size, flags))
+                }
+            }
         }
     }
 }
 
 async fn open(uri: &Uri, opts: &Options) -> Result<(Conn, u64, u16), ClientError> {
-    let (r, w, size, flags) = tokio::time::timeout(opts.connect_timeout, open_halves(uri))
+    let (r, w, size, flags) = tokio::time::timeout(opts.connect_timeout, open_halves(uri, opts))
         .await
         .map_err(|_| {
             ClientError::Io(io::Error::new(
@@ -874,7 +901,7 @@ impl Actor {
 
     async fn refresh(&mut self) -> Result<u64, String> {
         let r = tokio::time::timeout(self.opts.connect_timeout, async {
-            let (mut r, mut w, size, _) = open_halves(&self.uri).await?;
+            let (mut r, mut w, size, _) = open_halves(&self.uri, &self.opts).await?;
             w.write_all(&disc(0)).await?;
             w.shutdown().await?;
             // Wait for the server to close, so it is gone before we answer.
@@ -944,16 +971,19 @@ mod tests {
             Uri::parse("nbd+unix:///db%40tok?socket=/d/nbd.sock").expect("unix"),
             Uri {
                 endpoint: Endpoint::Unix("/d/nbd.sock".into()),
-                export: "db@tok".into()
+                export: "db@tok".into(),
+                tls: false,
             }
         );
         assert_eq!(
             Uri::parse("nbd://10.0.0.2:10900/v@t").expect("tcp"),
             Uri {
                 endpoint: Endpoint::Tcp("10.0.0.2:10900".into()),
-                export: "v@t".into()
+                export: "v@t".into(),
+                tls: false,
             }
         );
+        assert!(Uri::parse("nbds://10.0.0.2:10900/v@t").expect("tls").tls);
         assert_eq!(
             Uri::parse("nbd://[::1]/x").expect("v6").endpoint,
             Endpoint::Tcp("[::1]:10809".into())

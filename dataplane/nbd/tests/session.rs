@@ -192,6 +192,7 @@ fn uri(path: &std::path::Path) -> Uri {
     Uri {
         endpoint: Endpoint::Unix(path.to_path_buf()),
         export: "disk".into(),
+        tls: false,
     }
 }
 

@@ -44,7 +44,7 @@ impl From<ServerError> for tonic::Status {
                     Code::FailedPrecondition
                 }
                 StoreError::FailedPrecondition(_) => Code::FailedPrecondition,
-                StoreError::NoSpace { .. } => Code::ResourceExhausted,
+                StoreError::NoSpace { .. } | StoreError::NoRoom { .. } => Code::ResourceExhausted,
                 StoreError::Integrity { .. } | StoreError::Corrupt { .. } => Code::DataLoss,
                 StoreError::ShuttingDown => Code::Unavailable,
                 StoreError::PoolLocked { .. } => Code::Unavailable,

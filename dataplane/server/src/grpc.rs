@@ -55,6 +55,12 @@ fn required<'a>(field: &str, v: &'a str) -> Result<&'a str, Status> {
     Ok(v)
 }
 
+/// The name of something new: the rule every program shares
+/// ([`berth_proto::validate::name`]).
+fn new_name(kind: &str, v: &str) -> Result<(), Status> {
+    berth_proto::validate::name(kind, v).map_err(Status::invalid_argument)
+}
+
 fn overrides(o: Option<pb::QosOverrides>) -> Overrides {
     let o = o.unwrap_or_default();
     Overrides {
@@ -159,7 +165,7 @@ impl VolumeService for Service {
     ) -> Result<Response<pb::Volume>, Status> {
         let c = caller(&r);
         let r = r.into_inner();
-        required("name", &r.name)?;
+        new_name("volume", &r.name)?;
         let v = self
             .run(move |n| {
                 let v =
@@ -235,7 +241,7 @@ impl VolumeService for Service {
         let c = caller(&r);
         let r = r.into_inner();
         required("volume", &r.volume)?;
-        required("name", &r.name)?;
+        new_name("snapshot", &r.name)?;
         let s = self
             .run(move |n| n.create_snapshot(&c, &r.volume, &r.name))
             .await?;
@@ -277,7 +283,7 @@ impl VolumeService for Service {
     ) -> Result<Response<pb::Volume>, Status> {
         let c = caller(&r);
         let r = r.into_inner();
-        required("name", &r.name)?;
+        new_name("volume", &r.name)?;
         let source = match r.source {
             Some(pb::clone_volume_request::Source::Snapshot(s)) => (TargetKind::Snapshot, s),
             Some(pb::clone_volume_request::Source::Volume(v)) => (TargetKind::Volume, v),

@@ -29,6 +29,8 @@ pub struct HeartbeatConfig {
     pub control_endpoint: String,
     /// host:port of NBD over TCP; filled from the bound address when empty.
     pub nbd_address: String,
+    /// Certificates for an `https://` metadata endpoint.
+    pub tls: Option<berth_proto::ClientTls>,
 }
 
 /// The label every node carries: CSI topology down to the node.
@@ -69,7 +71,7 @@ pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationTo
             let c = match &mut client {
                 Some(c) => c,
                 None => {
-                    let ch = berth_proto::channel(&cfg.metadata)
+                    let ch = berth_proto::channel(&cfg.metadata, cfg.tls.as_ref())
                         .await
                         .map_err(|e| format!("cannot reach {}: {e}", cfg.metadata))?;
                     client.insert(MetadataServiceClient::new(ch))

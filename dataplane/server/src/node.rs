@@ -260,13 +260,14 @@ impl Node {
 
     /// Records a control call's outcome in the audit log and passes it on.
     fn audited<T>(&self, caller: &Caller, action: &str, target: &str, r: Result<T>) -> Result<T> {
+        use berth_proto::validate::{bounded, AUDIT_FIELD_BYTES, AUDIT_TEXT_BYTES};
         self.audit.record(AuditEvent {
             action: action.into(),
-            client: caller.0.clone(),
-            target: target.into(),
+            client: bounded(&caller.0, AUDIT_FIELD_BYTES),
+            target: bounded(target, AUDIT_FIELD_BYTES),
             result: match &r {
                 Ok(_) => "ok".into(),
-                Err(e) => e.to_string(),
+                Err(e) => bounded(&e.to_string(), AUDIT_TEXT_BYTES),
             },
             ..Default::default()
         });

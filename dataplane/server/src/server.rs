@@ -48,6 +48,13 @@ pub struct ServerConfig {
     pub heartbeat: Option<crate::heartbeat::HeartbeatConfig>,
     /// Threads serving NBD connections (0: a quarter of the cores, at least one).
     pub nbd_threads: usize,
+    /// Certificates: the control API over TCP then requires mutual TLS, NBD
+    /// over TCP offers STARTTLS (with the same client-certificate rule), and
+    /// the control endpoint reported to the metadata service is `https://`.
+    pub tls: Option<berth_proto::TlsDir>,
+    /// With `tls`: NBD clients over TCP may go without STARTTLS (by default
+    /// they must use it).
+    pub nbd_tls_optional: bool,
 }
 
 impl ServerConfig {
@@ -66,6 +73,8 @@ impl ServerConfig {
             drain_timeout: Duration::from_secs(30),
             heartbeat: None,
             nbd_threads: 0,
+            tls: None,
+            nbd_tls_optional: false,
         }
     }
 }
@@ -186,10 +195,20 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
         .map_err(ServerError::io("start the NBD threads"))?,
     );
     let mut tasks = Vec::new();
+    let nbd_tls = match &cfg.tls {
+        Some(t) => Some(crate::nbd::server::NbdTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(
+                t.rustls_server()
+                    .map_err(|e| ServerError::InvalidArgument(e.to_string()))?,
+            ),
+            required: !cfg.nbd_tls_optional,
+        }),
+        None => None,
+    };
 
     for l in [
         Some(NbdListener::Unix(nbd_unix)),
-        nbd_tcp.map(NbdListener::Tcp),
+        nbd_tcp.map(|l| NbdListener::Tcp(l, nbd_tls.clone())),
     ]
     .into_iter()
     .flatten()
@@ -203,19 +222,28 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
         )));
     }
     let control = || tonic::service::Routes::new(Service::new(node.clone()).into_server());
-    tasks.push(berth_proto::spawn_server(
-        control(),
-        tokio_stream::wrappers::UnixListenerStream::new(ctl_unix),
-        stop_accepting.clone().cancelled_owned(),
-        "volume control (unix)",
-    ));
-    if let Some(l) = ctl_tcp {
-        tasks.push(berth_proto::spawn_server(
+    let tls_err = |e: berth_proto::TlsError| ServerError::InvalidArgument(e.to_string());
+    tasks.push(
+        berth_proto::spawn_server(
             control(),
-            berth_proto::tcp_incoming(l),
+            tokio_stream::wrappers::UnixListenerStream::new(ctl_unix),
+            None,
             stop_accepting.clone().cancelled_owned(),
-            "volume control (tcp)",
-        ));
+            "volume control (unix)",
+        )
+        .map_err(tls_err)?,
+    );
+    if let Some(l) = ctl_tcp {
+        tasks.push(
+            berth_proto::spawn_server(
+                control(),
+                berth_proto::tcp_incoming(l),
+                cfg.tls.as_ref(),
+                stop_accepting.clone().cancelled_owned(),
+                "volume control (tcp)",
+            )
+            .map_err(tls_err)?,
+        );
     }
     if let Some(l) = metrics {
         let n = node.clone();
@@ -228,6 +256,13 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
         )));
     }
     if let Some(mut hb) = cfg.heartbeat.clone() {
+        // The node's name is also its topology label's value.
+        berth_proto::validate::label(crate::heartbeat::NODE_LABEL, &hb.node_name).map_err(|e| {
+            ServerError::InvalidArgument(format!(
+                "node name {}: it is the value of the node's topology label: {e}",
+                berth_proto::validate::quote(&hb.node_name)
+            ))
+        })?;
         // Where other hosts reach a listener. NBD: the advertised host (the
         // one grant URIs carry), else the bound address. Control: the bound
         // address, or the advertised host when bound to a wildcard. A
@@ -257,7 +292,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
                         .into(),
                 ));
             };
-            hb.control_endpoint = format!("http://{}", reachable(a, false, "the control API")?);
+            let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+            hb.control_endpoint = format!("{scheme}://{}", reachable(a, false, "the control API")?);
         }
         if hb.nbd_address.is_empty() {
             if let Some(a) = bound.nbd_tcp {
@@ -299,7 +335,8 @@ enum Accepted {
 
 enum NbdListener {
     Unix(UnixListener),
-    Tcp(TcpListener),
+    /// With STARTTLS offered, when configured.
+    Tcp(TcpListener, Option<crate::nbd::server::NbdTls>),
 }
 
 /// Accepts NBD connections until `stop`; each is served on one of the NBD
@@ -320,27 +357,27 @@ async fn accept_nbd(
                     NbdListener::Unix(l) => {
                         l.accept().await.and_then(|(s, _)| Ok(Accepted::Unix(s.into_std()?)))
                     }
-                    NbdListener::Tcp(l) => l.accept().await.and_then(|(s, peer)| {
+                    NbdListener::Tcp(l, _) => l.accept().await.and_then(|(s, peer)| {
                         let _ = s.set_nodelay(true);
                         Ok(Accepted::Tcp(s.into_std()?, peer))
                     }),
                 }?;
                 let (thread, placed) = threads.place();
                 let node = node.clone();
+                let tls = match &l {
+                    NbdListener::Tcp(_, tls) => tls.clone(),
+                    NbdListener::Unix(_) => None,
+                };
                 conns.spawn_on(
                     async move {
                         let _placed = placed;
                         // The socket joins the reactor of the thread it is served on.
                         type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
                         let served: std::io::Result<Serving> = match s {
-                            Accepted::Unix(s) => tokio::net::UnixStream::from_std(s).map(|s| {
-                                let (rd, wr) = s.into_split();
-                                Box::pin(serve(node, rd, wr, Peer::Unix)) as Serving
-                            }),
-                            Accepted::Tcp(s, peer) => tokio::net::TcpStream::from_std(s).map(|s| {
-                                let (rd, wr) = s.into_split();
-                                Box::pin(serve(node, rd, wr, Peer::Tcp(peer))) as Serving
-                            }),
+                            Accepted::Unix(s) => tokio::net::UnixStream::from_std(s)
+                                .map(|s| Box::pin(serve(node, s, Peer::Unix, None)) as Serving),
+                            Accepted::Tcp(s, peer) => tokio::net::TcpStream::from_std(s)
+                                .map(|s| Box::pin(serve(node, s, Peer::Tcp(peer), tls)) as Serving),
                         };
                         match served {
                             Ok(serving) => serving.await,

@@ -45,6 +45,17 @@ pub enum StoreError {
         free_blocks: u64,
     },
 
+    #[error(
+        "cannot take a {what}: the pool has {free_blocks} free blocks of 4 KiB, below the \
+         {reserve_blocks} kept for writes (past a snapshot or clone, every write needs new \
+         space); free space first: delete snapshots or volumes, or trim"
+    )]
+    NoRoom {
+        what: &'static str,
+        free_blocks: u64,
+        reserve_blocks: u64,
+    },
+
     #[error("checksum mismatch in volume {volume:?} at byte {offset} (pool block {pool_block}): the data on disk is corrupt")]
     Integrity {
         volume: String,
@@ -90,7 +101,7 @@ impl StoreError {
     /// The errno an NBD reply should carry for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            StoreError::NoSpace { .. } => libc::ENOSPC,
+            StoreError::NoSpace { .. } | StoreError::NoRoom { .. } => libc::ENOSPC,
             StoreError::OutOfRange { .. } | StoreError::InvalidArgument(_) => libc::EINVAL,
             StoreError::ReadOnly { .. } => libc::EPERM,
             StoreError::NotFound { .. } => libc::ENOENT,

@@ -366,6 +366,28 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+fn reserve_blocks(total: u64) -> u64 {
+    (total / 200).max(16)
+}
+
+/// Refuses a snapshot or clone the pool could not honour: once one exists,
+/// every write to the volumes it shares blocks with needs new space, and a
+/// pool already at its reserve would fail them all with ENOSPC. Space about
+/// to be freed (pending the next flush) counts as free.
+fn room_for(inner: &Inner, what: &'static str) -> Result<()> {
+    let a = &inner.alloc;
+    let free = a.free_blocks() + a.pending_blocks();
+    let reserve = reserve_blocks(a.blocks());
+    if free < reserve {
+        return Err(StoreError::NoRoom {
+            what,
+            free_blocks: free,
+            reserve_blocks: reserve,
+        });
+    }
+    Ok(())
+}
+
 /// Checks a user-given name: non-empty, bounded, printable, no path separators.
 pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     let bad = |why: &str| {
@@ -719,6 +741,7 @@ impl Store {
                 detail: "it is a snapshot of another volume".into(),
             });
         }
+        room_for(&inner, "snapshot")?;
         // Acknowledged writes are in the pool; make them durable before the
         // snapshot that captures them is.
         sh.sync_pool()?;
@@ -820,12 +843,19 @@ impl Store {
         if let Some(&id) = inner.volume_names.get(name) {
             return existing_volume(&inner, id, size_bytes, Some(parent));
         }
+        room_for(&inner, "clone")?;
         let id = new_volume(sh, &mut inner, name, size_bytes, Some(parent))?;
         if let Some(s) = inner.snaps.get_mut(&sid) {
             s.clones += 1;
         }
         tracing::info!(snapshot, volume = name, "cloned snapshot");
         Ok(inner.volume_info(id).expect("just inserted"))
+    }
+
+    /// The free blocks below which snapshots and clones are refused up front:
+    /// 0.5% of the pool, at least 16 blocks.
+    pub fn reserve_blocks(&self) -> u64 {
+        reserve_blocks(self.shared.inner.lock().alloc.blocks())
     }
 
     pub fn stats(&self) -> PoolStats {

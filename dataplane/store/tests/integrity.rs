@@ -199,9 +199,37 @@ fn a_full_pool_refuses_writes_loses_nothing_and_recovers() {
             block(&format!("a{i}"))
         );
     }
+    // A snapshot or clone that every later write would fail after is
+    // refused up front, with ENOSPC and the reason.
+    assert_eq!(store.reserve_blocks(), 16);
+    let e = store
+        .create_snapshot("a", "s-full")
+        .expect_err("snapshot of a full pool");
+    assert!(
+        matches!(
+            e,
+            StoreError::NoRoom {
+                what: "snapshot",
+                free_blocks: 0,
+                reserve_blocks: 16
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(e.errno(), libc::ENOSPC);
+    assert!(e.to_string().contains("free space first"), "{e}");
+    assert!(store.list_snapshots().is_empty(), "nothing half-made");
     // Trimming frees space; writes work again.
     store.trim(a, 0, 100 * BLOCK_SIZE).expect("trim");
     store.flush().expect("flush");
+    store
+        .create_snapshot("a", "s-room")
+        .expect("a snapshot once there is room");
+    store
+        .clone_snapshot("s-room", "a-clone", None)
+        .expect("and a clone");
+    store.delete_volume("a-clone").expect("delete clone");
+    store.delete_snapshot("s-room").expect("delete snapshot");
     for i in 0..50u64 {
         store
             .write(

@@ -586,16 +586,19 @@ impl MetadataService for Service {
         if m.action.is_empty() {
             return Err(Status::invalid_argument("action is required"));
         }
+        // Bounded, not refused: a kubelet path (up to 4 KiB) as a target
+        // must still leave its entry.
+        use berth_proto::validate::{bounded, AUDIT_FIELD_BYTES as F, AUDIT_TEXT_BYTES as T};
         let e = self
             .meta
             .record(AuditEntry {
                 time_ms: now_ms(),
-                actor: who,
-                action: m.action,
-                volume: m.volume,
-                target: m.target,
+                actor: bounded(&who, F),
+                action: bounded(&m.action, F),
+                volume: bounded(&m.volume, F),
+                target: bounded(&m.target, T),
                 result: "ok".into(),
-                detail: m.detail,
+                detail: bounded(&m.detail, T),
                 ..AuditEntry::default()
             })
             .await?;

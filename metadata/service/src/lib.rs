@@ -36,6 +36,8 @@ pub struct ServiceConfig {
     pub socket: Option<PathBuf>,
     /// gRPC over TCP (volume servers and CSI controllers on other hosts).
     pub listen: Option<SocketAddr>,
+    /// Mutual TLS on the TCP listener (the unix socket stays plaintext).
+    pub tls: Option<berth_proto::TlsDir>,
     pub meta: MetaConfig,
 }
 
@@ -105,19 +107,26 @@ pub async fn start(cfg: ServiceConfig) -> Result<Running> {
     };
     let stop = CancellationToken::new();
     let api = || tonic::service::Routes::new(grpc::Service::new(meta.clone()).into_server());
+    let tls_err = |e: berth_proto::TlsError| MetaError::InvalidArgument(e.to_string());
     let mut tasks = vec![berth_proto::spawn_server(
         api(),
         tokio_stream::wrappers::UnixListenerStream::new(unix),
+        None,
         stop.clone().cancelled_owned(),
         "metadata (unix)",
-    )];
+    )
+    .map_err(tls_err)?];
     if let Some(l) = tcp {
-        tasks.push(berth_proto::spawn_server(
-            api(),
-            berth_proto::tcp_incoming(l),
-            stop.clone().cancelled_owned(),
-            "metadata (tcp)",
-        ));
+        tasks.push(
+            berth_proto::spawn_server(
+                api(),
+                berth_proto::tcp_incoming(l),
+                cfg.tls.as_ref(),
+                stop.clone().cancelled_owned(),
+                "metadata (tcp)",
+            )
+            .map_err(tls_err)?,
+        );
     }
     tasks.push(tokio::spawn(background(meta.clone(), stop.clone())));
     tracing::info!(socket = %bound.socket.display(), tcp = ?bound.tcp, "metadata service ready");

@@ -46,6 +46,9 @@ pub struct MetaConfig {
     /// than the disk holds).
     pub overcommit: f64,
     pub tiers: Vec<Tier>,
+    /// Certificates for volume servers' `https://` control endpoints (their
+    /// certificates must name [`berth_proto::tls::VOLUME_SERVER_NAME`]).
+    pub volume_tls: Option<berth_proto::ClientTls>,
 }
 
 const BLOCK: u64 = 4096;
@@ -125,12 +128,15 @@ pub struct Call {
 }
 
 impl Call {
+    /// The caller's strings are kept bounded: a refused 4 MiB name must not
+    /// become a 4 MiB audit entry.
     pub fn new(actor: &str, action: &'static str, volume: &str, target: &str) -> Self {
+        use berth_proto::validate::{bounded, AUDIT_FIELD_BYTES};
         Call {
-            actor: actor.into(),
+            actor: bounded(actor, AUDIT_FIELD_BYTES),
             action,
-            volume: volume.into(),
-            target: target.into(),
+            volume: bounded(volume, AUDIT_FIELD_BYTES),
+            target: bounded(target, AUDIT_FIELD_BYTES),
             recorded: AtomicBool::new(false),
         }
     }
@@ -143,7 +149,7 @@ impl Call {
             volume: self.volume.clone(),
             target: self.target.clone(),
             node: node.into(),
-            result: result.into(),
+            result: berth_proto::validate::bounded(result, berth_proto::validate::AUDIT_TEXT_BYTES),
             detail,
             ..AuditEntry::default()
         }
@@ -228,30 +234,36 @@ fn invalid(msg: impl Into<String>) -> MetaError {
     MetaError::InvalidArgument(msg.into())
 }
 
-/// Names are ids: non-empty, bounded, printable, without '/' or '@' (keys
-/// and export names use them as separators).
+/// The name of something new: the shared rule of
+/// [`berth_proto::validate::name`] (letters, digits, '-', '_', '.'; at most
+/// 128 bytes), so that what is created here can be staged by the node plugin
+/// and stored by the server.
+pub fn check_new_name(kind: &str, name: &str) -> Result<()> {
+    berth_proto::validate::name(kind, name).map_err(invalid)
+}
+
+/// The name of something that may already exist: the rule names were
+/// created under before [`check_new_name`] (non-empty, at most 128 bytes,
+/// no whitespace, control characters, '/', '\\' or '@'), so that older
+/// volumes and snapshots can still be found, expanded, unpublished and
+/// deleted.
 pub fn check_name(kind: &str, name: &str) -> Result<()> {
+    use berth_proto::validate::{quote, MAX_NAME_BYTES};
     if name.is_empty() {
         return Err(invalid(format!("{kind} name is required")));
     }
-    if name.len() > 128 {
-        return Err(invalid(format!(
-            "{kind} name {name:?} is longer than 128 bytes"
-        )));
-    }
-    if name
-        .chars()
-        .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '/' | '\\' | '@'))
+    if name.len() > MAX_NAME_BYTES
+        || name
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || matches!(c, '/' | '\\' | '@'))
     {
         return Err(invalid(format!(
-            "{kind} name {name:?} contains whitespace, a control character, '/', '\\' or '@'"
+            "{kind} name {} is longer than {MAX_NAME_BYTES} bytes or contains whitespace, \
+             a control character, '/', '\\' or '@'",
+            quote(name)
         )));
     }
     Ok(())
-}
-
-fn round_up(v: u64) -> u64 {
-    v.div_ceil(BLOCK) * BLOCK
 }
 
 /// The size to give a volume asked for with CSI's capacity range.
@@ -270,7 +282,8 @@ fn size_for(required: u64, limit: u64, floor: u64) -> Result<u64> {
     } else {
         required.max(floor)
     };
-    let size = round_up(want);
+    let size = berth_proto::validate::volume_bytes("the size", want, BLOCK)
+        .map_err(MetaError::OutOfRange)?;
     if limit != 0 && size > limit {
         return Err(MetaError::OutOfRange(format!(
             "the volume needs {size} bytes (4 KiB multiples, never below its source), \
@@ -422,7 +435,7 @@ impl Meta {
         }
         let ch = tokio::time::timeout(
             Duration::from_secs(5),
-            berth_proto::channel(&rec.control_endpoint),
+            berth_proto::channel(&rec.control_endpoint, self.cfg.volume_tls.as_ref()),
         )
         .await
         .map_err(|_| {
@@ -454,6 +467,33 @@ impl Meta {
         }
         if r.pool.id.is_empty() {
             return Err(invalid(format!("node {}: pool.id is required", r.name)));
+        }
+        // Labels become CSI topology segments, which Kubernetes checks too.
+        for (k, v) in &r.labels {
+            berth_proto::validate::label(k, v)
+                .map_err(|e| invalid(format!("node {}: {e}", r.name)))?;
+        }
+        if r.labels.len() > 64 {
+            return Err(invalid(format!("node {}: more than 64 labels", r.name)));
+        }
+        if !r.pool.media.is_empty() {
+            berth_proto::validate::name("pool media", &r.pool.media)
+                .map_err(|e| invalid(format!("node {}: {e}", r.name)))?;
+        }
+        berth_proto::validate::name("pool id", &r.pool.id)
+            .map_err(|e| invalid(format!("node {}: {e}", r.name)))?;
+        for (field, v) in [
+            ("control_endpoint", &r.control_endpoint),
+            ("nbd_address", &r.nbd_address),
+            ("nbd_socket", &r.nbd_socket),
+        ] {
+            if v.len() > 1024 || v.chars().any(char::is_control) {
+                return Err(invalid(format!(
+                    "node {}: {field} {} is longer than 1024 bytes or has control characters",
+                    r.name,
+                    berth_proto::validate::quote(v)
+                )));
+            }
         }
         // Grants are bound to a node's NBD address; a wildcard would bind to nothing.
         if let Ok(a) = r.nbd_address.parse::<std::net::SocketAddr>() {
@@ -726,7 +766,7 @@ impl Meta {
 
     pub async fn create_volume(&self, call: &Call, req: CreateVolume) -> Result<VolumeRecord> {
         let _changing = self.changing();
-        check_name("volume", &req.name)?;
+        check_new_name("volume", &req.name)?;
         let spec = tiers::resolve(&self.cfg.tiers, &req.parameters)?;
         let _name = self.locks.lock(format!("v:{}", req.name)).await;
         if let Some(v) = self.get::<VolumeRecord>(&req.name)? {
@@ -1171,7 +1211,7 @@ impl Meta {
         name: &str,
         source: &str,
     ) -> Result<SnapshotRecord> {
-        check_name("snapshot", name)?;
+        check_new_name("snapshot", name)?;
         check_name("source volume", source)?;
         let _name = self.locks.lock(format!("s:{name}")).await;
         let rec = match self.get::<SnapshotRecord>(name)? {
@@ -1936,11 +1976,29 @@ mod tests {
             size_for(0, 100, 8192),
             Err(MetaError::OutOfRange(_))
         ));
+        // Sizes that would overflow when rounded, or pass the store's limit.
+        for huge in [u64::MAX, u64::MAX - 4095, (1 << 60) + 1] {
+            assert!(
+                matches!(size_for(huge, 0, 0), Err(MetaError::OutOfRange(_))),
+                "{huge}"
+            );
+        }
+        assert_eq!(size_for(1 << 60, 0, 0).expect("largest"), 1 << 60);
     }
 
     #[test]
     fn names_are_checked() {
-        assert!(check_name("volume", "pvc-1234").is_ok());
+        assert!(check_new_name("volume", "pvc-1234").is_ok());
+        for bad in ["", "a/b", "a@b", "a b", "x\u{1}", "..", ".clone-x", "a:b"] {
+            assert!(check_new_name("volume", bad).is_err(), "{bad:?}");
+        }
+        assert!(check_new_name("volume", &"a".repeat(129)).is_err());
+        // Names made under the older rule can still be named (deleted,
+        // expanded, unpublished); the separators and whitespace never could.
+        for old in ["a:b", "x#1", "caf\u{e9}", "_x", "-x"] {
+            assert!(check_new_name("volume", old).is_err(), "{old:?}");
+            assert!(check_name("volume", old).is_ok(), "{old:?}");
+        }
         for bad in ["", "a/b", "a@b", "a b", "x\u{1}"] {
             assert!(check_name("volume", bad).is_err(), "{bad:?}");
         }

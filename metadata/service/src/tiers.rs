@@ -206,13 +206,37 @@ impl Spec {
 }
 
 fn number<T: std::str::FromStr>(key: &str, v: &str) -> Result<T> {
-    v.trim()
-        .parse()
-        .map_err(|_| MetaError::InvalidArgument(format!("parameter {key}={v:?} is not a number")))
+    v.trim().parse().map_err(|_| {
+        MetaError::InvalidArgument(format!(
+            "parameter {key}={} is not a number",
+            berth_proto::validate::quote(v)
+        ))
+    })
 }
+
+/// StorageClass parameters a volume may carry (Kubernetes passes a few of
+/// its own, csi.storage.k8s.io/*, beside the StorageClass's).
+const MAX_PARAMETERS: usize = 64;
+/// The longest parameter key or value.
+const MAX_PARAMETER_BYTES: usize = 1024;
 
 /// Resolves parameters against the tiers; the first offending key is named.
 pub fn resolve(tiers: &[Tier], params: &BTreeMap<String, String>) -> Result<Spec> {
+    if params.len() > MAX_PARAMETERS {
+        return Err(MetaError::InvalidArgument(format!(
+            "{} parameters, more than {MAX_PARAMETERS}",
+            params.len()
+        )));
+    }
+    for (k, v) in params {
+        if k.len() > MAX_PARAMETER_BYTES || v.len() > MAX_PARAMETER_BYTES {
+            return Err(MetaError::InvalidArgument(format!(
+                "parameter {}={} is longer than {MAX_PARAMETER_BYTES} bytes",
+                berth_proto::validate::quote(k),
+                berth_proto::validate::quote(v)
+            )));
+        }
+    }
     let tier_name = params.get("tier").map_or("standard", String::as_str);
     let tier = tiers
         .iter()
@@ -380,5 +404,85 @@ mod tests {
         assert_eq!(bulk.media, ["hdd"]);
         assert!(load(Some(r#"{"tiers": [{"name": "x", "iops": 1}]}"#)).is_err());
         assert!(load(Some(r#"{"tiers": [{"name": "x", "priority": 7}]}"#)).is_err());
+    }
+
+    /// StorageClass parameters from outside, fuzzed: keys drawn from the
+    /// accepted ones and anything else, values from near-misses of valid
+    /// numbers to arbitrary Unicode. `resolve` never panics, and what it
+    /// accepts holds: known keys only, numbers that parse, a burst in range,
+    /// a file system it supports. `BERTH_FUZZ_CASES` sets the count.
+    #[test]
+    fn fuzzed_parameters_never_panic_and_accepted_ones_are_valid() {
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, TestRunner};
+        let n = std::env::var("BERTH_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5000u32);
+        let key = prop_oneof![
+            Just("tier".to_string()),
+            Just("fsType".to_string()),
+            Just("maxIops".to_string()),
+            Just("maxMBps".to_string()),
+            Just("iopsPerGiB".to_string()),
+            Just("burstSeconds".to_string()),
+            Just("replicas".to_string()),
+            Just("csi.storage.k8s.io/pvc/name".to_string()),
+            "\\PC{0,12}",
+            ".{0,40}",
+        ];
+        let value = prop_oneof![
+            Just("standard".to_string()),
+            Just("premium".to_string()),
+            Just("extreme".to_string()),
+            Just("ext4".to_string()),
+            Just("xfs".to_string()),
+            "[0-9]{1,25}",
+            "-?[0-9]{0,5}(\\.[0-9]{0,5})?(e[+-]?[0-9]{1,3})?",
+            Just("NaN".to_string()),
+            Just("inf".to_string()),
+            Just(" 1 ".to_string()),
+            ".{0,64}",
+            proptest::collection::vec(any::<u8>(), 0..32)
+                .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+        ];
+        let tiers = default_tiers();
+        let mut runner = TestRunner::new(Config {
+            failure_persistence: None,
+            ..Config::with_cases(n)
+        });
+        let accepted = std::cell::Cell::new(0u32);
+        runner
+            .run(&proptest::collection::btree_map(key, value, 0..6), |p| {
+                if let Ok(spec) = resolve(&tiers, &p) {
+                    accepted.set(accepted.get() + 1);
+                    for (k, v) in &p {
+                        match k.as_str() {
+                            "maxIops" | "maxMBps" | "iopsPerGiB" => {
+                                prop_assert!(v.trim().parse::<u64>().is_ok(), "{k}={v:?}")
+                            }
+                            "burstSeconds" => {
+                                let b: f64 = v.trim().parse().expect("accepted");
+                                prop_assert!(b > 0.0 && b <= 3600.0, "{v:?}");
+                            }
+                            "fsType" => prop_assert!(v == "ext4" || v == "xfs", "{v:?}"),
+                            "replicas" => prop_assert_eq!(v.trim(), "1"),
+                            "tier" => prop_assert_eq!(&spec.tier.name, v),
+                            other => prop_assert!(
+                                other.starts_with("csi.storage.k8s.io/"),
+                                "unknown key {other:?} accepted"
+                            ),
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .expect("fuzzed parameters");
+        eprintln!(
+            "{n} fuzzed StorageClass parameter sets resolved ({} accepted)",
+            accepted.get()
+        );
+        // The generator reaches valid sets too, so the checks above ran.
+        assert!(accepted.get() > n / 20, "{} accepted", accepted.get());
     }
 }

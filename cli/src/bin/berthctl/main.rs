@@ -40,6 +40,10 @@ struct Cli {
     data: Option<PathBuf>,
     #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
+    /// Folder with this client's tls.crt, tls.key and ca.crt, for https://
+    /// endpoints (mutual TLS).
+    #[arg(long, env = "BERTH_TLS_DIR", global = true)]
+    tls_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -57,6 +61,27 @@ enum Cmd {
     /// One volume server's own API (node-local administration).
     #[command(subcommand)]
     Server(server::Cmd),
+    /// Certificates for mutual TLS without cert-manager.
+    #[command(subcommand)]
+    Tls(TlsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum TlsCmd {
+    /// Make a CA (OUT/ca.crt, OUT/ca.key) and one certificate per NAME, each
+    /// in OUT/NAME/{tls.crt,tls.key,ca.crt}: the folder --tls-dir takes.
+    Generate {
+        /// Where to write; nothing there is overwritten.
+        #[arg(long)]
+        out: PathBuf,
+        /// Days the certificates are valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+        /// NAME=SAN,SAN,... (DNS names or IP addresses), or NAME alone. Volume
+        /// servers' certificates must include berth-volume-server.
+        #[arg(required = true)]
+        certs: Vec<berth_proto::tls::Issue>,
+    },
 }
 
 pub fn exit_code(s: &tonic::Status) -> u8 {
@@ -145,7 +170,39 @@ pub fn req<T>(msg: T) -> tonic::Request<T> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Tls(TlsCmd::Generate { out, days, certs }) = &cli.command {
+        return match berth_proto::tls::generate(out, certs, *days) {
+            Ok(()) => {
+                println!(
+                    "wrote {}/ca.crt, {}/ca.key and {} certificate folders",
+                    out.display(),
+                    out.display(),
+                    certs.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("berthctl: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let tls = match &cli.tls_dir {
+        Some(d) => match berth_proto::TlsDir::load(d) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("berthctl: --tls-dir: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let is_server = matches!(cli.command, Cmd::Server(_));
+    // A volume server's certificate names its role, not its address.
+    let tls = tls.map(|dir| berth_proto::ClientTls {
+        dir,
+        server_name: is_server.then(|| berth_proto::tls::VOLUME_SERVER_NAME.to_string()),
+    });
     let (socket, fallback, what) = if is_server {
         (
             "control.sock",
@@ -172,7 +229,7 @@ fn main() -> ExitCode {
     };
     let out = Out { mode: cli.output };
     rt.block_on(async move {
-        let channel = match berth_proto::channel(&endpoint).await {
+        let channel = match berth_proto::channel(&endpoint, tls.as_ref()).await {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("berthctl: cannot reach the {what} at {endpoint}: {e} (is the server running? set --endpoint, --data or BERTH_ENDPOINT)");
@@ -186,6 +243,8 @@ fn main() -> ExitCode {
             Cmd::Meta(c) => {
                 meta::run(&out, c, berth_proto::meta::v1::metadata_service_client::MetadataServiceClient::new(channel)).await
             }
+            // Handled before connecting.
+            Cmd::Tls(_) => Ok(()),
         };
         match r {
             Ok(()) => ExitCode::SUCCESS,

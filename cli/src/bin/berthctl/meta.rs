@@ -51,7 +51,7 @@ pub enum Cmd {
     /// Room left to place volumes, in a topology segment and tier.
     Capacity {
         /// Segment label key=value (repeat).
-        #[arg(long = "topology", value_parser = berth_cli::parse_label)]
+        #[arg(long = "topology", value_parser = berth_cli::parse_topology_label)]
         topology: Vec<KV>,
         #[command(flatten)]
         params: Params,
@@ -91,7 +91,7 @@ pub enum VolumeCmd {
         #[command(flatten)]
         params: Params,
         /// Must be reachable from a node with these labels, key=value (repeat).
-        #[arg(long = "topology", value_parser = berth_cli::parse_label)]
+        #[arg(long = "topology", value_parser = berth_cli::parse_topology_label)]
         topology: Vec<KV>,
     },
     Delete {

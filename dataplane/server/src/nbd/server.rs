@@ -62,8 +62,73 @@ pub struct Session {
 #[derive(Debug)]
 enum HandshakeEnd {
     Go(Session),
+    /// STARTTLS was acknowledged: the TLS handshake comes next.
+    StartTls,
     /// The client aborted or went away; nothing to serve.
     Closed,
+}
+
+/// NBD's STARTTLS, offered on TCP connections: the server's certificate, the
+/// CA client certificates must be signed by, and whether a client may skip
+/// it (with `required`, every option but STARTTLS and ABORT is refused with
+/// ERR_TLS_REQD until TLS is on, so no export name or data crosses in clear).
+#[derive(Clone)]
+pub struct NbdTls {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    pub required: bool,
+}
+
+impl std::fmt::Debug for NbdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdTls")
+            .field("required", &self.required)
+            .finish()
+    }
+}
+
+/// A connection's byte stream, and how it splits into the reader's and the
+/// writer's halves for the transmission phase (sockets split without a lock;
+/// a TLS stream shares one state, so its halves take turns).
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type R: AsyncRead + Unpin + Send + 'static;
+    type W: AsyncWrite + Unpin + Send + 'static;
+    fn halves(self) -> (Self::R, Self::W);
+}
+
+impl Transport for tokio::net::TcpStream {
+    type R = tokio::net::tcp::OwnedReadHalf;
+    type W = tokio::net::tcp::OwnedWriteHalf;
+    fn halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+}
+
+impl Transport for tokio::net::UnixStream {
+    type R = tokio::net::unix::OwnedReadHalf;
+    type W = tokio::net::unix::OwnedWriteHalf;
+    fn halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+}
+
+/// How the handshake ended, with the stream to serve on.
+enum Negotiated<S> {
+    Plain(Session, S),
+    Tls(Session, Box<tokio_rustls::server::TlsStream<S>>),
+    Closed,
+}
+
+/// What the option haggling carries across STARTTLS.
+#[derive(Debug)]
+struct Haggle {
+    no_zeroes: bool,
+    refusals: u32,
+    /// STARTTLS may be asked for.
+    tls_offered: bool,
+    /// Nothing but STARTTLS and ABORT before TLS is on.
+    tls_required: bool,
+    /// TLS is on.
+    encrypted: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,30 +153,90 @@ fn export_flags(read_only: bool) -> u16 {
     f | TF_CAN_MULTI_CONN
 }
 
-/// Serves one accepted connection to its end.
-pub async fn serve<R, W>(node: Arc<Node>, mut rd: R, mut wr: W, peer: Peer)
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+/// Serves one accepted connection to its end; `tls` offers STARTTLS.
+pub async fn serve<S: Transport>(node: Arc<Node>, stream: S, peer: Peer, tls: Option<NbdTls>) {
     // A connection still haggling when the server shuts down is simply closed.
     let hs = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&node, &mut rd, &mut wr, &peer)) => r,
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&node, stream, &peer, tls)) => r,
         _ = node.shutdown.cancelled() => return,
     };
-    let session = match hs {
-        Ok(Ok(HandshakeEnd::Go(s))) => s,
-        Ok(Ok(HandshakeEnd::Closed)) => return,
-        Ok(Err(e)) => {
-            tracing::info!(peer = %peer, error = %e, "nbd handshake ended");
-            return;
+    match hs {
+        Ok(Ok(Negotiated::Plain(s, stream))) => {
+            let (rd, wr) = stream.halves();
+            transmission(node, s, rd, wr, peer, false).await
         }
-        Err(_) => {
-            tracing::info!(peer = %peer, "nbd handshake timed out");
-            return;
+        Ok(Ok(Negotiated::Tls(s, stream))) => {
+            let (rd, wr) = tokio::io::split(*stream);
+            transmission(node, s, rd, wr, peer, true).await
         }
+        Ok(Ok(Negotiated::Closed)) => {}
+        Ok(Err(e)) => tracing::info!(peer = %peer, error = %e, "nbd handshake ended"),
+        Err(_) => tracing::info!(peer = %peer, "nbd handshake timed out"),
+    }
+}
+
+/// The greeting, the options, and STARTTLS's TLS handshake when asked for.
+async fn negotiate<S: Transport>(
+    node: &Arc<Node>,
+    mut stream: S,
+    peer: &Peer,
+    tls: Option<NbdTls>,
+) -> Result<Negotiated<S>, ConnError> {
+    let no_zeroes = greet(&mut stream).await?;
+    let mut st = Haggle {
+        no_zeroes,
+        refusals: 0,
+        tls_offered: tls.is_some(),
+        tls_required: tls.as_ref().is_some_and(|t| t.required),
+        encrypted: false,
     };
-    transmission(node, session, rd, wr, peer).await;
+    let end = {
+        let (mut rd, mut wr) = tokio::io::split(&mut stream);
+        options(node, &mut rd, &mut wr, peer, &mut st).await?
+    };
+    match (end, tls) {
+        (HandshakeEnd::Go(s), _) => Ok(Negotiated::Plain(s, stream)),
+        (HandshakeEnd::Closed, _) => Ok(Negotiated::Closed),
+        (HandshakeEnd::StartTls, Some(tls)) => {
+            // A client without a certificate signed by the CA fails here.
+            let mut t = tls
+                .acceptor
+                .accept(stream)
+                .await
+                .map_err(|e| ConnError::Protocol(format!("TLS handshake: {e}")))?;
+            st.encrypted = true;
+            // Per the spec, nothing negotiated before TLS carries over: the
+            // options start again on the encrypted stream.
+            let end = {
+                let (mut rd, mut wr) = tokio::io::split(&mut t);
+                options(node, &mut rd, &mut wr, peer, &mut st).await?
+            };
+            match end {
+                HandshakeEnd::Go(s) => Ok(Negotiated::Tls(s, Box::new(t))),
+                HandshakeEnd::Closed => Ok(Negotiated::Closed),
+                HandshakeEnd::StartTls => Err(ConnError::Protocol("STARTTLS twice".into())),
+            }
+        }
+        (HandshakeEnd::StartTls, None) => Err(ConnError::Protocol("STARTTLS not offered".into())),
+    }
+}
+
+/// Sends the newstyle greeting and reads the client's flags; returns whether
+/// the client asked for NO_ZEROES.
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<bool, ConnError> {
+    let mut greet = [0u8; 18];
+    greet[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    greet[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    greet[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&greet).await?;
+    s.flush().await?;
+    let cflags = s.read_u32().await?;
+    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(ConnError::Protocol(format!(
+            "unknown client flags {cflags:#x}"
+        )));
+    }
+    Ok(cflags & FLAG_C_NO_ZEROES != 0)
 }
 
 async fn send_reply<W: AsyncWrite + Unpin>(
@@ -122,7 +247,10 @@ async fn send_reply<W: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     let mut out = Vec::with_capacity(20 + data.len());
     put_option_reply(&mut out, option, reply, data);
-    wr.write_all(&out).await
+    wr.write_all(&out).await?;
+    // Every reply leaves at once: over TLS the stream holds what the socket
+    // did not take, and the client waits for this reply before its next.
+    wr.flush().await
 }
 
 /// Refused export lookups one connection may make before it is closed: each
@@ -179,31 +307,22 @@ async fn refused(
     Ok(())
 }
 
-async fn handshake<R, W>(
+/// The option haggling, up to GO, EXPORT_NAME, ABORT or an acknowledged
+/// STARTTLS.
+async fn options<R, W>(
     node: &Arc<Node>,
     rd: &mut R,
     wr: &mut W,
     peer: &Peer,
+    st: &mut Haggle,
 ) -> Result<HandshakeEnd, ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut greet = [0u8; 18];
-    greet[0..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
-    greet[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
-    greet[16..18].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    wr.write_all(&greet).await?;
-    wr.flush().await?;
-    let cflags = rd.read_u32().await?;
-    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-        return Err(ConnError::Protocol(format!(
-            "unknown client flags {cflags:#x}"
-        )));
-    }
-    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    let no_zeroes = st.no_zeroes;
+    let refusals = &mut st.refusals;
     let mut structured = false;
-    let mut refusals = 0u32;
     // SET_META_CONTEXT's selection: (export name it was for, base:allocation chosen).
     let mut meta: Option<(String, bool)> = None;
     loop {
@@ -231,9 +350,33 @@ where
             send_reply(wr, opt.option, REP_ERR_SHUTDOWN, b"server is shutting down").await?;
             continue;
         }
+        if st.tls_required && !st.encrypted && !matches!(opt.option, OPT_STARTTLS | OPT_ABORT) {
+            if opt.option == OPT_EXPORT_NAME {
+                // No reply can refuse it: the connection closes.
+                return Err(ConnError::Protocol("EXPORT_NAME before STARTTLS".into()));
+            }
+            send_reply(
+                wr,
+                opt.option,
+                REP_ERR_TLS_REQD,
+                b"this server requires STARTTLS first",
+            )
+            .await?;
+            wr.flush().await?;
+            continue;
+        }
         match opt.option {
             OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data).to_string();
+                // The same rule as GO's name: UTF-8 without NUL (a lossy
+                // decode could turn two different byte strings into one name).
+                let name = match std::str::from_utf8(&data) {
+                    Ok(n) if !n.contains('\0') => n.to_string(),
+                    _ => {
+                        return Err(ConnError::Protocol(
+                            "EXPORT_NAME is not UTF-8 without NUL".into(),
+                        ))
+                    }
+                };
                 match node.resolve(&name, peer) {
                     Ok(export) => {
                         let mut out = Vec::with_capacity(134);
@@ -252,7 +395,7 @@ where
                         }));
                     }
                     Err(Refusal::Unknown(why) | Refusal::Policy(why)) => {
-                        let _ = refused(node, &name, peer, &why, &mut refusals).await;
+                        let _ = refused(node, &name, peer, &why, refusals).await;
                         // The only way to refuse EXPORT_NAME is to close.
                         return Err(ConnError::Protocol(format!("refused export: {why}")));
                     }
@@ -288,13 +431,23 @@ where
                 }
             }
             OPT_STARTTLS => {
-                send_reply(
-                    wr,
-                    opt.option,
-                    REP_ERR_POLICY,
-                    b"TLS is not configured on this server",
-                )
-                .await?;
+                let refusal: Option<(u32, &[u8])> = if !st.tls_offered {
+                    Some((REP_ERR_POLICY, b"TLS is not configured on this server"))
+                } else if st.encrypted {
+                    Some((REP_ERR_INVALID, b"TLS is already on"))
+                } else if !data.is_empty() {
+                    Some((REP_ERR_INVALID, b"STARTTLS takes no data"))
+                } else {
+                    None
+                };
+                match refusal {
+                    Some((code, why)) => send_reply(wr, opt.option, code, why).await?,
+                    None => {
+                        send_reply(wr, opt.option, REP_ACK, &[]).await?;
+                        wr.flush().await?;
+                        return Ok(HandshakeEnd::StartTls);
+                    }
+                }
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
@@ -335,7 +488,7 @@ where
                 }
                 if let Err(r) = node.resolve(&req.name, peer) {
                     let (code, why) = refusal_reply(r);
-                    refused(node, &req.name, peer, &why, &mut refusals).await?;
+                    refused(node, &req.name, peer, &why, refusals).await?;
                     send_reply(wr, opt.option, code, why.as_bytes()).await?;
                     continue;
                 }
@@ -372,7 +525,7 @@ where
                     Ok(x) => x,
                     Err(r) => {
                         let (code, why) = refusal_reply(r);
-                        refused(node, &req.name, peer, &why, &mut refusals).await?;
+                        refused(node, &req.name, peer, &why, refusals).await?;
                         send_reply(wr, opt.option, code, why.as_bytes()).await?;
                         continue;
                     }
@@ -532,7 +685,7 @@ fn op_index(command: u16) -> usize {
     }
 }
 
-async fn transmission<R, W>(node: Arc<Node>, s: Session, rd: R, wr: W, peer: Peer)
+async fn transmission<R, W>(node: Arc<Node>, s: Session, rd: R, wr: W, peer: Peer, tls: bool)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -559,13 +712,14 @@ where
             result: "ok".into(),
             peer: peer.to_string(),
             detail: format!(
-                "{} {}",
+                "{} {}{}",
                 g.kind.as_str(),
                 if s.export.read_only {
                     "read-only"
                 } else {
                     "read-write"
-                }
+                },
+                if tls { ", tls" } else { "" }
             ),
             ..Default::default()
         },

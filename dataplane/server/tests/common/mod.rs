@@ -25,9 +25,12 @@ pub async fn start_in(dir: tempfile::TempDir) -> Fixture {
     cfg.nbd_listen = Some("127.0.0.1:0".parse().unwrap());
     cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     let server = berth_volume::start(cfg).await.unwrap();
-    let ch = berth_proto::channel(&format!("unix://{}", server.bound.control_socket.display()))
-        .await
-        .unwrap();
+    let ch = berth_proto::channel(
+        &format!("unix://{}", server.bound.control_socket.display()),
+        None,
+    )
+    .await
+    .unwrap();
     Fixture {
         dir,
         server: Some(server),
