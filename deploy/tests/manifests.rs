@@ -52,6 +52,11 @@ use serde_json::Value;
 /// Where every namespaced object lives.
 const NAMESPACE: &str = "berth-system";
 
+/// The certificate people give berthctl (deploy/README.md shows how to
+/// make it), which no Berth container uses: the one name an allow-list may
+/// hold beside the Certificates here.
+const ADMIN_CERT: &str = "berth-admin";
+
 /// The one file of cert-manager objects, which a cluster without
 /// cert-manager skips (its Secrets then come from `berthctl tls generate`).
 const CERTIFICATES_FILE: &str = "11-certificates.yaml";
@@ -1455,6 +1460,7 @@ fn tls_problems(all: &[Manifest], volume_server_name: &str) -> Vec<String> {
             }
         }
     }
+    problems.extend(allow_problems(&uses));
     // A program's certificate that no container uses is a typo somewhere.
     for m in all {
         if let Object::Certificate(c) = &m.object {
@@ -1463,6 +1469,83 @@ fn tls_problems(all: &[Manifest], volume_server_name: &str) -> Vec<String> {
                     "{}: no Berth container uses Secret {} as its --tls-dir",
                     m.at, c.spec.secret_name
                 ));
+            }
+        }
+    }
+    problems
+}
+
+/// The name a program's certificate goes by at its peers (what
+/// `--tls-allow` lists): its common name, else its first DNS name, as
+/// `berth_proto::peer::cert_name` reads a certificate.
+fn certificate_name(c: &Certificate) -> Option<&str> {
+    c.spec
+        .common_name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .or_else(|| c.spec.dns_names.iter().flatten().next().map(String::as_str))
+}
+
+/// Who may call whom: the metadata service and the volume servers each
+/// have `--tls-allow` (or `BERTH_TLS_ALLOW`), a list that parses, permits
+/// the certificate of every program that dials them (the metadata
+/// service's clients: each container with a metadata endpoint; the volume
+/// servers': the metadata service), and names no certificate that is not
+/// made here, but for [`ADMIN_CERT`].
+fn allow_problems(uses: &[TlsUse]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let named = |u: &TlsUse| u.certificate.and_then(certificate_name).map(str::to_string);
+    let known: BTreeSet<String> = uses
+        .iter()
+        .filter_map(named)
+        .chain([ADMIN_CERT.to_string()])
+        .collect();
+    for server in uses {
+        let clients: Vec<&TlsUse> = match server.subcommand {
+            "metadata" => uses
+                .iter()
+                .filter(|u| metadata_endpoint(u.container).is_some())
+                .collect(),
+            "volume-server" => uses.iter().filter(|u| u.subcommand == "metadata").collect(),
+            _ => continue,
+        };
+        let at = &server.at;
+        let Some(list) = flag(server.container, "tls-allow")
+            .or_else(|| env_value(server.container, "BERTH_TLS_ALLOW"))
+            .filter(|l| !l.is_empty())
+        else {
+            problems.push(format!(
+                "{at}: berth {} takes calls from any certificate the CA signed: set --tls-allow to the certificates of its clients",
+                server.subcommand
+            ));
+            continue;
+        };
+        let allow = match berth_proto::Allow::parse(list) {
+            Ok(a) => a,
+            Err(e) => {
+                problems.push(format!("{at}: --tls-allow {e}"));
+                continue;
+            }
+        };
+        for n in allow.names() {
+            let stem = n.trim_end_matches('*');
+            if !known
+                .iter()
+                .any(|k| k == n || (n.ends_with('*') && k.starts_with(stem)))
+            {
+                problems.push(format!(
+                    "{at}: --tls-allow names {n}, which is no Certificate here (nor {ADMIN_CERT})"
+                ));
+            }
+        }
+        for c in clients {
+            match named(c) {
+                Some(n) if allow.permits(&n) => {}
+                Some(n) => problems.push(format!(
+                    "{at}: --tls-allow {list} refuses {n}, the certificate of {}, which calls it",
+                    c.at
+                )),
+                None => {}
             }
         }
     }
@@ -2389,8 +2472,18 @@ spec:
             - volume-server
             - --data=/d
             - --tls-dir=/tls2
+            - --tls-allow=berth-admin,ghost
           volumeMounts:
             - {name: tls2, mountPath: /tls2, readOnly: true}
+        - name: meta
+          image: IMAGE
+          args:
+            - metadata
+            - --data=/m
+            - --tls-dir=/tls
+            - --tls-allow=a*b
+          volumeMounts:
+            - {name: tls, mountPath: /tls, readOnly: true}
       volumes:
         - name: tls
           secret: {secretName: x-tls, defaultMode: 420}
@@ -2415,6 +2508,10 @@ spec:
         "container vs2: Secret made-by-nobody is made by no Certificate",
         "issuerRef Issuer nobody (cert-manager.io) is not an Issuer here",
         "0 CA Certificates",
+        "container vs: berth volume-server takes calls from any certificate the CA signed",
+        "container vs2: --tls-allow names ghost, which is no Certificate here (nor berth-admin)",
+        "container vs2: --tls-allow berth-admin,ghost refuses x, the certificate of inline.yaml",
+        "container meta: --tls-allow \"a*b\": not a certificate name",
     ] {
         assert!(p.contains(want), "missing {want:?} in:\n{p}");
     }
@@ -2473,5 +2570,13 @@ fn the_cli_reader_sees_what_berth_rs_declares() {
         );
     }
     assert!(vs.flags.contains("nbd-tls-optional") && vs.envs.contains("BERTH_NBD_TLS_OPTIONAL"));
+    // AllowArgs, in the programs that serve gRPC over TCP.
+    for sub in ["metadata", "volume-server", "standalone"] {
+        let a = &cli[sub];
+        assert!(
+            a.flags.contains("tls-allow") && a.envs.contains("BERTH_TLS_ALLOW"),
+            "{sub} --tls-allow: {a:?}"
+        );
+    }
     assert!(vs.flags.contains("advertise-control") && vs.flags.contains("metadata"));
 }

@@ -27,24 +27,34 @@ pub mod csi {
     }
 }
 
+pub mod peer;
 pub mod tls;
 pub mod validate;
+pub use peer::Allow;
 pub use tls::{TlsDir, TlsError};
 
 /// The request header a caller names itself with ("berthctl:alice",
 /// "volume-server:n1"...), recorded in the audit logs.
 pub const CALLER_HEADER: &str = "x-berth-client";
 
-/// Who is calling: the name in [`CALLER_HEADER`], else the transport peer.
+/// Who is calling, for the audit logs: the name in [`CALLER_HEADER`], else
+/// the transport peer; over TLS, prefixed with the name of the certificate
+/// the peer proved it holds, in brackets (`[berth-admin] berthctl:alice`):
+/// the header is a claim, the bracketed name is checked.
 pub fn caller<T>(r: &tonic::Request<T>) -> String {
-    r.metadata()
+    let claim = r
+        .metadata()
         .get(CALLER_HEADER)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .unwrap_or_else(|| {
             r.remote_addr()
                 .map_or_else(|| "local".to_string(), |a| a.to_string())
-        })
+        });
+    match peer::peer(r) {
+        Some(cert) => format!("[{}] {claim}", cert.as_deref().unwrap_or("?")),
+        None => claim,
+    }
 }
 
 /// Names the caller on an outgoing request (a name that is not a valid header
@@ -86,11 +96,13 @@ pub fn nbd_unix_uri(socket: &std::path::Path, export: &str) -> String {
 /// Serves `routes` on the connections of `incoming` until `shutdown`
 /// completes, on a task of its own; a server that stops with an error says so
 /// in the log, naming `what`. With `tls`, every connection must complete a
-/// mutual TLS handshake (a client certificate signed by the CA) first.
+/// mutual TLS handshake (a client certificate signed by the CA) first, and
+/// every call is refused (PERMISSION_DENIED) unless `allow` permits the
+/// name of that certificate.
 pub fn spawn_server<S, IO, E>(
     routes: tonic::service::Routes,
     incoming: S,
-    tls: Option<&TlsDir>,
+    tls: Option<(&TlsDir, &Allow)>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     what: &'static str,
 ) -> Result<tokio::task::JoinHandle<()>, TlsError>
@@ -106,11 +118,22 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut server = tonic::transport::Server::builder();
-    if let Some(t) = tls {
+    let mut allow = Allow::any();
+    if let Some((t, a)) = tls {
         server = server
             .tls_config(t.grpc_server())
             .map_err(|e| TlsError::Config(format!("{}: {e}", t.dir.display())))?;
+        allow = a.clone();
     }
+    let mut server = server.layer(tonic::service::InterceptorLayer::new(
+        move |r: tonic::Request<()>| match allow.check(&r) {
+            Ok(()) => Ok(r),
+            Err(refused) => {
+                tracing::warn!(server = what, peer = ?r.remote_addr(), "{}", refused.message());
+                Err(refused)
+            }
+        },
+    ));
     Ok(tokio::spawn(async move {
         if let Err(e) = server
             .add_routes(routes)

@@ -30,23 +30,32 @@ pub struct MetaProc {
     listen: String,
     /// The service's certificates, if it serves TLS.
     tls_dir: Option<PathBuf>,
+    /// More flags for `berth metadata`, kept across restarts.
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl MetaProc {
     pub fn start(dir: &Path) -> MetaProc {
-        Self::spawn(dir, "127.0.0.1:0", None, None)
+        Self::spawn(dir, "127.0.0.1:0", None, None, &[])
     }
 
-    /// Serving mutual TLS on TCP with the certificates in `tls_dir`; its
-    /// berthctl calls present `client_tls`'s.
-    pub fn start_tls(dir: &Path, tls_dir: &Path, client_tls: &Path) -> MetaProc {
-        let mut m = Self::spawn(dir, "127.0.0.1:0", None, Some(tls_dir));
+    /// Serving mutual TLS on TCP with the certificates in `tls_dir`, and
+    /// `extra` flags; its berthctl calls present `client_tls`'s.
+    pub fn start_tls(dir: &Path, tls_dir: &Path, client_tls: &Path, extra: &[&str]) -> MetaProc {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut m = Self::spawn(dir, "127.0.0.1:0", None, Some(tls_dir), &extra);
         m.ctl_args = vec!["--tls-dir".into(), client_tls.display().to_string()];
         m
     }
 
-    fn spawn(dir: &Path, listen: &str, crash_at: Option<&str>, tls: Option<&Path>) -> MetaProc {
+    fn spawn(
+        dir: &Path,
+        listen: &str,
+        crash_at: Option<&str>,
+        tls: Option<&Path>,
+        extra: &[String],
+    ) -> MetaProc {
         let mut cmd = Command::new(binary("berth"));
         cmd.args(["metadata", "--data"])
             .arg(dir)
@@ -63,6 +72,7 @@ impl MetaProc {
         if let Some(t) = tls {
             cmd.arg("--tls-dir").arg(t);
         }
+        cmd.args(extra);
         let mut child = cmd.spawn().expect("spawn berth metadata");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout"))
@@ -77,6 +87,7 @@ impl MetaProc {
             ctl_args: Vec::new(),
             listen: tcp,
             tls_dir: tls.map(Path::to_path_buf),
+            extra: extra.to_vec(),
             child: Some(child),
         }
     }
@@ -87,7 +98,11 @@ impl MetaProc {
         self.kill9();
         let dir = self.dir.clone();
         let listen = self.listen.clone();
-        let (tls, ctl_args) = (self.tls_dir.clone(), self.ctl_args.clone());
+        let (tls, ctl_args, extra) = (
+            self.tls_dir.clone(),
+            self.ctl_args.clone(),
+            self.extra.clone(),
+        );
         // The port was just released; retry briefly if the kernel still holds it.
         for _ in 0..50 {
             let probe = std::net::TcpListener::bind(&listen);
@@ -96,7 +111,7 @@ impl MetaProc {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        *self = Self::spawn(&dir, &listen, crash_at, tls.as_deref());
+        *self = Self::spawn(&dir, &listen, crash_at, tls.as_deref(), &extra);
         self.ctl_args = ctl_args;
     }
 

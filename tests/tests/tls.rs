@@ -65,6 +65,7 @@ fn programs_talk_over_mutual_tls_and_refuse_strangers() {
         &root.path().join("meta"),
         &pki.join("metadata"),
         &pki.join("admin"),
+        &[],
     );
     assert!(meta.endpoint.starts_with("https://"), "{}", meta.endpoint);
     // The volume server heartbeats over TLS, and registers an https://
@@ -210,6 +211,185 @@ fn programs_talk_over_mutual_tls_and_refuse_strangers() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("tls.key"), "{err}");
+}
+
+/// Over TLS the certificate names the caller in both audit logs, before the
+/// name it claims; and `--tls-allow` keeps each API to the certificates meant
+/// to call it: the metadata service takes the volume servers' and the
+/// admin's, a volume server only the metadata service's.
+#[test]
+fn certificates_name_callers_and_allow_lists_refuse_the_others() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let pki = root.path().join("pki");
+    generate(
+        &pki,
+        &[
+            "metadata=127.0.0.1,localhost",
+            "volume=berth-volume-server,127.0.0.1",
+            "admin",
+            "csi",
+        ],
+    );
+    let meta = MetaProc::start_tls(
+        &root.path().join("meta"),
+        &pki.join("metadata"),
+        &pki.join("admin"),
+        &["--tls-allow", "volume,admin"],
+    );
+    let node = ServerProc::start_with(
+        &root.path().join("n1"),
+        "256M",
+        &[
+            "--control-listen".into(),
+            "127.0.0.1:0".into(),
+            "--metadata".into(),
+            meta.endpoint.clone(),
+            "--node-name".into(),
+            "n1".into(),
+            "--tls-dir".into(),
+            path(&pki.join("volume")),
+            "--tls-allow".into(),
+            "metadata".into(),
+        ],
+    );
+    // Allowed: the volume server's heartbeat, the admin's call, and the
+    // metadata service's call to the volume server that it makes.
+    meta.wait_node("n1", "up");
+    meta.ctl_json(&["volume", "create", "db", "--size", "64M"]);
+
+    // Who did it, in the metadata service's log: the admin's certificate,
+    // then what berthctl claims (its user).
+    let audit = meta.ctl_json(&["audit", "list", "--volume", "db"]);
+    let actors: Vec<String> = audit
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| s(e, "actor"))
+        .collect();
+    assert!(
+        actors.iter().any(|a| a.starts_with("[admin] berthctl:")),
+        "{actors:?}"
+    );
+    // In the volume server's: the metadata service's certificate, acting
+    // for the admin's.
+    let ev = node.ctl_json(&["audit"]);
+    let clients: Vec<String> = ev
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| s(e, "client"))
+        .collect();
+    assert!(
+        clients
+            .iter()
+            .any(|c| c.starts_with("[metadata] berth-metadata:[admin] berthctl:")),
+        "{clients:?}"
+    );
+    // A claim cannot pass for a certificate: the checked name comes first.
+    let o = Command::new(binary("berthctl"))
+        .args(["--endpoint", &meta.endpoint, "--tls-dir"])
+        .arg(pki.join("admin"))
+        .args(["snapshot", "create", "db", "s1"])
+        .env("USER", "x [metadata] y")
+        .output()
+        .expect("run berthctl");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let audit = meta.ctl_json(&["audit", "list", "--volume", "db"]);
+    assert!(
+        audit.as_array().expect("entries").iter().any(|e| {
+            s(e, "action") == "CreateSnapshot" && s(e, "actor") == "[admin] berthctl:x [metadata] y"
+        }),
+        "{audit}"
+    );
+
+    // Refused: the CSI driver's certificate at a metadata service that
+    // does not list it, and the admin's at the volume server, which only
+    // takes the metadata service's. Both are certificates the CA signed.
+    let ctl = format!("https://{}", node.ready.control_tcp);
+    for (what, endpoint, cert, call) in [
+        (
+            "csi at metadata",
+            meta.endpoint.as_str(),
+            "csi",
+            ["volume", "create", "x", "--size", "64M"].as_slice(),
+        ),
+        (
+            "admin at the volume server",
+            ctl.as_str(),
+            "admin",
+            ["server", "volume", "delete", "db"].as_slice(),
+        ),
+        (
+            "csi at the volume server",
+            ctl.as_str(),
+            "csi",
+            ["server", "volume", "list"].as_slice(),
+        ),
+    ] {
+        let c = path(&pki.join(cert));
+        let (code, out, err) =
+            berthctl(&[&["--endpoint", endpoint, "--tls-dir", &c], call].concat());
+        assert_eq!(code, 10, "{what}: exit {code}: {out} {err}");
+        assert!(
+            err.contains(&format!("certificate \"{cert}\" may not call this server")),
+            "{what}: {err}"
+        );
+    }
+    // Nothing the refused calls asked for happened.
+    let vols = meta.ctl_json(&["volume", "list"]);
+    let names: Vec<String> = vols
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .map(|v| s(v, "id"))
+        .collect();
+    assert_eq!(names, ["db"], "{vols}");
+    assert_eq!(
+        node.ctl_json(&["volume", "list"]).as_array().map(Vec::len),
+        Some(1),
+        "db is still on the volume server"
+    );
+    // The unix socket is local: no certificate, no list.
+    let (code, _, err) = berthctl(&[
+        "--data",
+        &path(&root.path().join("n1")),
+        "server",
+        "volume",
+        "list",
+    ]);
+    assert_eq!(code, 0, "{err}");
+
+    // Bad lists stop the server at start, with the reason.
+    for (args, expect) in [
+        (vec!["--tls-allow", "has space"], "not a certificate name"),
+        (vec!["--tls-allow", "a*b"], "not a certificate name"),
+        (vec!["--tls-allow", ","], "names no certificate"),
+    ] {
+        let o = Command::new(binary("berth"))
+            .args(["metadata", "--listen", "127.0.0.1:0", "--data"])
+            .arg(root.path().join("m2"))
+            .arg("--tls-dir")
+            .arg(pki.join("metadata"))
+            .args(&args)
+            .output()
+            .expect("run berth metadata");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(expect),
+            "{args:?}: {err}"
+        );
+    }
+    let o = Command::new(binary("berth"))
+        .args(["volume-server", "--pool-size", "64M", "--data"])
+        .arg(root.path().join("n2"))
+        .args(["--tls-allow", "metadata"])
+        .output()
+        .expect("run berth volume-server");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("needs certificates (--tls-dir)"),
+        "{err}"
+    );
 }
 
 /// A folder with the real CA and `from`'s certificate and key (signed by

@@ -110,6 +110,8 @@ struct MetadataArgs {
     catalog: CatalogArgs,
     #[command(flatten)]
     tls: TlsArgs,
+    #[command(flatten)]
+    allow: AllowArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -156,6 +158,8 @@ struct VolumeServerArgs {
     advertise_control: String,
     #[command(flatten)]
     tls: TlsArgs,
+    #[command(flatten)]
+    allow: AllowArgs,
     /// With --tls-dir: let NBD clients over TCP skip STARTTLS (by default
     /// they must use it; the unix socket never does).
     #[arg(long, env = "BERTH_NBD_TLS_OPTIONAL")]
@@ -170,6 +174,18 @@ struct TlsArgs {
     /// are dialed with this certificate. Unix sockets stay plaintext.
     #[arg(long, env = "BERTH_TLS_DIR")]
     tls_dir: Option<PathBuf>,
+}
+
+/// Which certificates may call a server's TCP gRPC listeners.
+#[derive(Debug, clap::Args)]
+struct AllowArgs {
+    /// With --tls-dir: the certificates that may call the TCP gRPC listener,
+    /// by name (a certificate's name is its common name, else its first DNS
+    /// name), comma-separated; NAME* allows every name starting with NAME.
+    /// Others are refused with PERMISSION_DENIED. Default: any certificate
+    /// the CA signed.
+    #[arg(long, env = "BERTH_TLS_ALLOW", default_value = "", value_parser = berth_proto::Allow::parse)]
+    tls_allow: berth_proto::Allow,
 }
 
 impl TlsArgs {
@@ -303,6 +319,9 @@ struct StandaloneArgs {
     /// mutual TLS and STARTTLS; the unix sockets need none.
     #[command(flatten)]
     tls: TlsArgs,
+    /// Applies to both TCP gRPC listeners (metadata and volume control).
+    #[command(flatten)]
+    allow: AllowArgs,
 }
 
 /// This very binary, which the node plugin runs as `berth attach`.
@@ -339,6 +358,7 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     cfg.drain_timeout = Duration::from_secs(a.drain_seconds);
     cfg.nbd_threads = a.node.nbd_threads;
     cfg.tls = a.tls.load()?;
+    cfg.tls_allow = a.allow.tls_allow;
     cfg.nbd_tls_optional = a.nbd_tls_optional;
     if let Some(metadata) = a.metadata {
         cfg.heartbeat = Some(
@@ -372,6 +392,7 @@ async fn metadata(a: MetadataArgs) -> Result<(), String> {
         listen: addr("listen", &a.listen)?,
         meta: a.catalog.config(tls.as_ref())?,
         tls,
+        tls_allow: a.allow.tls_allow,
     };
     let running = berth_metadata::start(cfg)
         .await
@@ -430,6 +451,7 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
         // The volume server is dialed on its unix socket.
         meta: a.catalog.config(None)?,
         tls: tls.clone(),
+        tls_allow: a.allow.tls_allow.clone(),
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -442,6 +464,7 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     cfg.metrics_listen = addr("metrics-listen", &a.metrics_listen)?;
     cfg.nbd_threads = a.node.nbd_threads;
     cfg.tls = tls;
+    cfg.tls_allow = a.allow.tls_allow;
     let node_name = a.node.node_name.clone().unwrap_or_else(host_name);
     let labels = a.node.labels.iter().cloned().collect();
     // The two talk over their unix sockets: no port needed for control.

@@ -52,6 +52,9 @@ pub struct ServerConfig {
     /// over TCP offers STARTTLS (with the same client-certificate rule), and
     /// the control endpoint reported to the metadata service is `https://`.
     pub tls: Option<berth_proto::TlsDir>,
+    /// With `tls`: the certificate names that may call the control API over
+    /// TCP (empty: any the CA signed).
+    pub tls_allow: berth_proto::Allow,
     /// With `tls`: NBD clients over TCP may go without STARTTLS (by default
     /// they must use it).
     pub nbd_tls_optional: bool,
@@ -74,6 +77,7 @@ impl ServerConfig {
             heartbeat: None,
             nbd_threads: 0,
             tls: None,
+            tls_allow: berth_proto::Allow::any(),
             nbd_tls_optional: false,
         }
     }
@@ -118,6 +122,11 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 
 /// Opens the store and starts every listener; returns once they are bound.
 pub async fn start(cfg: ServerConfig) -> Result<Running> {
+    if cfg.tls.is_none() && !cfg.tls_allow.is_any() {
+        return Err(ServerError::InvalidArgument(
+            "a list of allowed certificates (--tls-allow) needs certificates (--tls-dir)".into(),
+        ));
+    }
     // A fault drill with a mistyped plan must not silently run without faults.
     let faults = berth_store::FaultPlan::from_env()
         .map_err(|e| ServerError::InvalidArgument(format!("BERTH_FAULTS: {e}")))?;
@@ -238,7 +247,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
             berth_proto::spawn_server(
                 control(),
                 berth_proto::tcp_incoming(l),
-                cfg.tls.as_ref(),
+                cfg.tls.as_ref().map(|t| (t, &cfg.tls_allow)),
                 stop_accepting.clone().cancelled_owned(),
                 "volume control (tcp)",
             )

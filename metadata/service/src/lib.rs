@@ -38,6 +38,9 @@ pub struct ServiceConfig {
     pub listen: Option<SocketAddr>,
     /// Mutual TLS on the TCP listener (the unix socket stays plaintext).
     pub tls: Option<berth_proto::TlsDir>,
+    /// With `tls`: the certificate names that may call over TCP (empty: any
+    /// the CA signed).
+    pub tls_allow: berth_proto::Allow,
     pub meta: MetaConfig,
 }
 
@@ -59,6 +62,11 @@ pub struct Running {
 /// Opens the catalog, binds the listeners and starts the background loop
 /// (liveness, audit pulls, reconcile).
 pub async fn start(cfg: ServiceConfig) -> Result<Running> {
+    if cfg.tls.is_none() && !cfg.tls_allow.is_any() {
+        return Err(MetaError::InvalidArgument(
+            "a list of allowed certificates (--tls-allow) needs certificates (--tls-dir)".into(),
+        ));
+    }
     if let Ok(p) = std::env::var("BERTH_FAULT_CRASH") {
         if !fault::POINTS.contains(&p.as_str()) {
             return Err(MetaError::InvalidArgument(format!(
@@ -121,7 +129,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<Running> {
             berth_proto::spawn_server(
                 api(),
                 berth_proto::tcp_incoming(l),
-                cfg.tls.as_ref(),
+                cfg.tls.as_ref().map(|t| (t, &cfg.tls_allow)),
                 stop.clone().cancelled_owned(),
                 "metadata (tcp)",
             )

@@ -10,7 +10,8 @@
 //! 1 other error; 2 bad usage; 3 not found; 4 already exists; 5 invalid
 //! argument or out of range; 6 failed precondition; 7 unavailable (cannot
 //! connect, a node is down); 8 resource exhausted (no room); 9 data loss
-//! (checksum errors found, or the audit chain was tampered with).
+//! (checksum errors found, or the audit chain was tampered with); 10
+//! permission denied (the server does not allow this certificate).
 
 mod meta;
 mod server;
@@ -94,6 +95,7 @@ pub fn exit_code(s: &tonic::Status) -> u8 {
         Unavailable => 7,
         ResourceExhausted => 8,
         DataLoss => 9,
+        PermissionDenied | Unauthenticated => 10,
         _ => 1,
     }
 }
