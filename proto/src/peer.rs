@@ -117,6 +117,19 @@ impl Allow {
         Ok(Allow(Arc::new(names)))
     }
 
+    /// A list is checked only over TLS: one given to a server without
+    /// certificates is a mistake to refuse, not a rule to ignore.
+    pub fn needs_tls(&self, tls: bool) -> Result<(), String> {
+        if tls || self.is_any() {
+            Ok(())
+        } else {
+            Err(
+                "a list of allowed certificates (--tls-allow) needs certificates (--tls-dir)"
+                    .into(),
+            )
+        }
+    }
+
     pub fn is_any(&self) -> bool {
         self.0.is_empty()
     }

@@ -47,6 +47,40 @@ fn path(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// A metadata service on `pki/metadata` (its berthctl calls on
+/// `pki/admin`) and a volume server n1 on `pki/volume` heartbeating to it,
+/// up; each with its `extra` flags.
+fn tls_cluster(
+    root: &Path,
+    pki: &Path,
+    meta_extra: &[&str],
+    node_extra: &[&str],
+) -> (MetaProc, ServerProc) {
+    let meta = MetaProc::start_tls(
+        &root.join("meta"),
+        &pki.join("metadata"),
+        &pki.join("admin"),
+        meta_extra,
+    );
+    let mut args: Vec<String> = [
+        "--control-listen",
+        "127.0.0.1:0",
+        "--metadata",
+        &meta.endpoint,
+        "--node-name",
+        "n1",
+        "--tls-dir",
+        &path(&pki.join("volume")),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(node_extra.iter().map(|s| s.to_string()));
+    let node = ServerProc::start_with(&root.join("n1"), "256M", &args);
+    meta.wait_node("n1", "up");
+    (meta, node)
+}
+
 #[test]
 fn programs_talk_over_mutual_tls_and_refuse_strangers() {
     let root = tempfile::tempdir().expect("tempdir");
@@ -61,30 +95,10 @@ fn programs_talk_over_mutual_tls_and_refuse_strangers() {
         ],
     );
     generate(&rogue, &["admin"]);
-    let meta = MetaProc::start_tls(
-        &root.path().join("meta"),
-        &pki.join("metadata"),
-        &pki.join("admin"),
-        &[],
-    );
-    assert!(meta.endpoint.starts_with("https://"), "{}", meta.endpoint);
     // The volume server heartbeats over TLS, and registers an https://
     // control endpoint that the metadata service dials with its certificate.
-    let node = ServerProc::start_with(
-        &root.path().join("n1"),
-        "256M",
-        &[
-            "--control-listen".into(),
-            "127.0.0.1:0".into(),
-            "--metadata".into(),
-            meta.endpoint.clone(),
-            "--node-name".into(),
-            "n1".into(),
-            "--tls-dir".into(),
-            path(&pki.join("volume")),
-        ],
-    );
-    meta.wait_node("n1", "up");
+    let (meta, node) = tls_cluster(root.path(), &pki, &[], &[]);
+    assert!(meta.endpoint.starts_with("https://"), "{}", meta.endpoint);
     let nodes = meta.ctl_json(&["nodes"]);
     assert!(
         nodes.to_string().contains("https://127.0.0.1:"),
@@ -230,31 +244,14 @@ fn certificates_name_callers_and_allow_lists_refuse_the_others() {
             "csi",
         ],
     );
-    let meta = MetaProc::start_tls(
-        &root.path().join("meta"),
-        &pki.join("metadata"),
-        &pki.join("admin"),
-        &["--tls-allow", "volume,admin"],
-    );
-    let node = ServerProc::start_with(
-        &root.path().join("n1"),
-        "256M",
-        &[
-            "--control-listen".into(),
-            "127.0.0.1:0".into(),
-            "--metadata".into(),
-            meta.endpoint.clone(),
-            "--node-name".into(),
-            "n1".into(),
-            "--tls-dir".into(),
-            path(&pki.join("volume")),
-            "--tls-allow".into(),
-            "metadata".into(),
-        ],
-    );
     // Allowed: the volume server's heartbeat, the admin's call, and the
     // metadata service's call to the volume server that it makes.
-    meta.wait_node("n1", "up");
+    let (meta, node) = tls_cluster(
+        root.path(),
+        &pki,
+        &["--tls-allow", "volume,admin"],
+        &["--tls-allow", "metadata"],
+    );
     meta.ctl_json(&["volume", "create", "db", "--size", "64M"]);
 
     // Who did it, in the metadata service's log: the admin's certificate,

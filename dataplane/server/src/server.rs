@@ -122,11 +122,9 @@ fn bind_unix(path: &Path) -> Result<UnixListener> {
 
 /// Opens the store and starts every listener; returns once they are bound.
 pub async fn start(cfg: ServerConfig) -> Result<Running> {
-    if cfg.tls.is_none() && !cfg.tls_allow.is_any() {
-        return Err(ServerError::InvalidArgument(
-            "a list of allowed certificates (--tls-allow) needs certificates (--tls-dir)".into(),
-        ));
-    }
+    cfg.tls_allow
+        .needs_tls(cfg.tls.is_some())
+        .map_err(ServerError::InvalidArgument)?;
     // A fault drill with a mistyped plan must not silently run without faults.
     let faults = berth_store::FaultPlan::from_env()
         .map_err(|e| ServerError::InvalidArgument(format!("BERTH_FAULTS: {e}")))?;

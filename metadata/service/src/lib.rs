@@ -62,11 +62,9 @@ pub struct Running {
 /// Opens the catalog, binds the listeners and starts the background loop
 /// (liveness, audit pulls, reconcile).
 pub async fn start(cfg: ServiceConfig) -> Result<Running> {
-    if cfg.tls.is_none() && !cfg.tls_allow.is_any() {
-        return Err(MetaError::InvalidArgument(
-            "a list of allowed certificates (--tls-allow) needs certificates (--tls-dir)".into(),
-        ));
-    }
+    cfg.tls_allow
+        .needs_tls(cfg.tls.is_some())
+        .map_err(MetaError::InvalidArgument)?;
     if let Ok(p) = std::env::var("BERTH_FAULT_CRASH") {
         if !fault::POINTS.contains(&p.as_str()) {
             return Err(MetaError::InvalidArgument(format!(
