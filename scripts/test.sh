@@ -16,7 +16,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the `berth` and `berthctl` programs from the
 # target directory, which outlives checkouts: build them from this one first
 # (cargo test alone rebuilds only the binaries of packages with tests).
-cargo build --workspace --bins --locked
+# --all-targets, not --bins: the same targets as cargo test's, so the same
+# features of the build-time crates, so RocksDB's C++ (15 minutes) is built
+# once for both; with --bins a fresh machine built it a third time.
+cargo build --workspace --all-targets --locked
 cargo test --workspace --locked
 # The block store again on the pread/pwrite fallback engine (no io_uring).
 BERTH_IO_ENGINE=sync cargo test -p berth-store --locked --lib --tests
