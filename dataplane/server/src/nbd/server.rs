@@ -362,7 +362,6 @@ where
                 b"this server requires STARTTLS first",
             )
             .await?;
-            wr.flush().await?;
             continue;
         }
         match opt.option {
@@ -403,7 +402,6 @@ where
             }
             OPT_ABORT => {
                 let _ = send_reply(wr, opt.option, REP_ACK, &[]).await;
-                let _ = wr.flush().await;
                 return Ok(HandshakeEnd::Closed);
             }
             OPT_LIST => {
@@ -444,7 +442,6 @@ where
                     Some((code, why)) => send_reply(wr, opt.option, code, why).await?,
                     None => {
                         send_reply(wr, opt.option, REP_ACK, &[]).await?;
-                        wr.flush().await?;
                         return Ok(HandshakeEnd::StartTls);
                     }
                 }
@@ -584,7 +581,6 @@ where
                 send_reply(wr, other, REP_ERR_UNSUP, b"option not supported").await?;
             }
         }
-        wr.flush().await?;
     }
 }
 
