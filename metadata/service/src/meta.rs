@@ -293,6 +293,23 @@ fn size_for(required: u64, limit: u64, floor: u64) -> Result<u64> {
     Ok(size)
 }
 
+/// The catalog's volume sizes summed per pool.
+fn provisioned_by_pool(volumes: Vec<VolumeRecord>) -> HashMap<String, u64> {
+    let mut m: HashMap<String, u64> = HashMap::new();
+    for v in volumes {
+        *m.entry(v.pool_id).or_default() += v.size_bytes;
+    }
+    m
+}
+
+/// The pools that are promised something.
+fn nonzero(m: &HashMap<String, u64>) -> HashMap<&str, u64> {
+    m.iter()
+        .filter(|(_, b)| **b > 0)
+        .map(|(p, b)| (p.as_str(), *b))
+        .collect()
+}
+
 fn server_overrides(q: &records::QosRecord) -> vpb::QosOverrides {
     vpb::QosOverrides {
         iops_limit: Some(q.iops_limit),
@@ -316,10 +333,7 @@ impl Meta {
             .into_iter()
             .map(|p| (p.id.clone(), p))
             .collect();
-        let mut provisioned: HashMap<String, u64> = HashMap::new();
-        for v in records::list::<VolumeRecord>(&*store, None, 0)? {
-            *provisioned.entry(v.pool_id).or_default() += v.size_bytes;
-        }
+        let provisioned = provisioned_by_pool(records::list::<VolumeRecord>(&*store, None, 0)?);
         Ok(Arc::new(Meta {
             store,
             calls: tokio_util::task::TaskTracker::new(),
@@ -707,6 +721,10 @@ impl Meta {
         let mut m = self.provisioned.lock();
         let e = m.entry(pool.to_string()).or_default();
         *e = (*e as i128 + delta).max(0) as u64;
+        // A pool whose volumes are all gone has no entry, as in a recount.
+        if *e == 0 {
+            m.remove(pool);
+        }
     }
 
     pub fn capacity(
@@ -1794,22 +1812,23 @@ impl Meta {
     /// Rebuilds what each pool has promised from the catalog, so a count that
     /// drifted (a failed step between a reservation and its commit) heals.
     /// Only at a quiet moment: no size-changing call in progress (creates
-    /// also wait for the placement lock held here).
-    pub async fn recount(&self) -> Result<()> {
+    /// also wait for the placement lock held here). Returns whether the
+    /// count had drifted (and is warned about).
+    pub async fn recount(&self) -> Result<bool> {
         let _placing = self.placement.lock().await;
         if self.changing.load(Ordering::SeqCst) > 0 {
-            return Ok(()); // Not a quiet moment; the next pass tries again.
+            return Ok(false); // Not a quiet moment; the next pass tries again.
         }
-        let mut fresh: HashMap<String, u64> = HashMap::new();
-        for v in records::list::<VolumeRecord>(&*self.store, None, 0)? {
-            *fresh.entry(v.pool_id).or_default() += v.size_bytes;
-        }
+        let fresh = provisioned_by_pool(records::list::<VolumeRecord>(&*self.store, None, 0)?);
         let mut cur = self.provisioned.lock();
-        if *cur != fresh {
+        // A pool counted at 0 and a pool not counted promise the same: only
+        // a difference in bytes is drift.
+        let drifted = nonzero(&cur) != nonzero(&fresh);
+        if drifted {
             tracing::warn!(before = ?*cur, after = ?fresh, "provisioned bytes recounted from the catalog");
-            *cur = fresh;
         }
-        Ok(())
+        *cur = fresh;
+        Ok(drifted)
     }
 
     /// Logs and audits what reconcile did.
@@ -2003,6 +2022,66 @@ mod tests {
             assert!(check_name("volume", bad).is_err(), "{bad:?}");
         }
         assert!(check_name("volume", &"a".repeat(129)).is_err());
+    }
+
+    fn meta_on(store: Arc<berth_catalog::MemStore>) -> Arc<Meta> {
+        Meta::new(
+            store,
+            MetaConfig {
+                heartbeat_interval: Duration::from_secs(1),
+                node_timeout: Duration::from_secs(5),
+                reconcile_interval: Duration::from_secs(30),
+                overcommit: 1.0,
+                tiers: tiers::default_tiers(),
+                volume_tls: None,
+            },
+        )
+        .expect("meta")
+    }
+
+    /// A pool whose volumes were all deleted is counted at 0 bytes, the
+    /// catalog has no entry for it: that is no drift (it was warned about
+    /// after every run). A real difference still is.
+    #[tokio::test]
+    async fn recount_warns_only_about_bytes_that_differ() {
+        let store = Arc::new(berth_catalog::MemStore::new());
+        let vol = VolumeRecord {
+            id: "db".into(),
+            size_bytes: 1 << 20,
+            tier: "standard".into(),
+            parameters: BTreeMap::new(),
+            qos: records::QosRecord::default(),
+            fs_type: "ext4".into(),
+            node: "node-1".into(),
+            pool_id: "pool-a".into(),
+            source: None,
+            state: State::Ready,
+            topology: BTreeMap::new(),
+            created_ms: 0,
+            condition: String::new(),
+        };
+        store.commit(vol.create()).expect("volume");
+        let meta = meta_on(store);
+        assert!(!meta.recount().await.expect("recount"), "counted at start");
+
+        // A volume created on pool-b and deleted again.
+        meta.reserve("pool-b", 1 << 20);
+        meta.reserve("pool-b", -(1 << 20));
+        assert!(
+            !meta.recount().await.expect("recount"),
+            "created and deleted"
+        );
+        // However the 0 got there, it is not drift.
+        meta.provisioned.lock().insert("pool-c".into(), 0);
+        assert!(!meta.recount().await.expect("recount"), "a zero entry");
+
+        meta.reserve("pool-a", 4096);
+        assert!(meta.recount().await.expect("recount"), "a real drift");
+        assert_eq!(
+            *meta.provisioned.lock(),
+            HashMap::from([("pool-a".to_string(), 1 << 20)]),
+            "healed"
+        );
     }
 
     #[tokio::test]
