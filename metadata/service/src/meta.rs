@@ -768,7 +768,25 @@ impl Meta {
             ));
         }
         if v.parameters != req.parameters {
-            return Some(format!("it was created with parameters {:?}", v.parameters));
+            // Each differing parameter with both values, so the caller sees
+            // what to change rather than a map to diff by eye.
+            let keys: std::collections::BTreeSet<&String> =
+                v.parameters.keys().chain(req.parameters.keys()).collect();
+            let value = |m: &BTreeMap<String, String>, k: &String| {
+                m.get(k).map_or("unset".to_string(), |x| format!("{x:?}"))
+            };
+            let diffs: Vec<String> = keys
+                .into_iter()
+                .filter(|k| v.parameters.get(*k) != req.parameters.get(*k))
+                .map(|k| {
+                    format!(
+                        "parameter {k} is {} on it, {} in this request",
+                        value(&v.parameters, k),
+                        value(&req.parameters, k)
+                    )
+                })
+                .collect();
+            return Some(diffs.join("; "));
         }
         if v.source != req.source {
             return Some(format!("it was created from {:?}", v.source));
