@@ -6,29 +6,44 @@
 //! `berthctl server ...` talks to one volume server directly
 //! (`--data DIR` for DIR/control.sock).
 //!
-//! Output: tables for people, `--output json` for scripts. Exit codes: 0 done;
-//! 1 other error; 2 bad usage; 3 not found; 4 already exists; 5 invalid
-//! argument or out of range; 6 failed precondition; 7 unavailable (cannot
-//! connect, a node is down); 8 resource exhausted (no room); 9 data loss
-//! (checksum errors found, or the audit chain was tampered with); 10
-//! permission denied (the server does not allow this certificate).
+//! Output: tables for people, `--output json` for scripts. Exit codes:
+//! [`EXIT_CODES`], which `--help` prints.
 
+#[macro_use]
+mod out;
 mod meta;
 mod server;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use serde_json::{json, Value};
+use clap::{Parser, Subcommand};
+
+pub use out::{table, Out, Output};
+
+/// Every exit code berthctl uses, as `--help` lists them (a unit test checks
+/// that each code [`exit_code`] returns is here).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0   done (deleting or unexporting what is already absent is done too)
+  1   other error
+  2   bad usage (unknown command or flag, unreadable --tls-dir)
+  3   not found
+  4   already exists with different parameters
+  5   invalid argument or out of range (--size 0, a size below the volume's or its source's)
+  6   failed precondition (in use, not ready, being deleted)
+  7   unavailable (nothing listens at the endpoint, or a node is down)
+  8   no room (resource exhausted)
+  9   data loss (checksum errors found, or the audit chain was tampered with)
+  10  permission denied (the server refuses this certificate, or this user may not open its unix socket)
+Closing berthctl's output early (| head) ends it quietly by SIGPIPE, as it ends other Unix tools.";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "berthctl",
     version,
     about = "Control Berth: volumes, snapshots, clones, tiers, nodes, pools, attachments, audit",
-    after_help = "Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 already exists, \
-5 invalid argument, 6 failed precondition, 7 unavailable, 8 no room, 9 data loss or tampering"
+    after_help = EXIT_CODES
 )]
 struct Cli {
     /// Endpoint: unix:///path.sock or http://host:port (the metadata service,
@@ -47,12 +62,6 @@ struct Cli {
     tls_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum Output {
-    Table,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,61 +109,16 @@ pub fn exit_code(s: &tonic::Status) -> u8 {
     }
 }
 
-/// Prints rows of JSON objects as an aligned table of the given columns.
-pub fn table(rows: &[Value], cols: &[&str]) {
-    let cell = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
-    };
-    let mut widths: Vec<usize> = cols.iter().map(|c| c.len()).collect();
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| cols.iter().map(|c| cell(&r[*c])).collect())
-        .collect();
-    for row in &cells {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.chars().count());
-        }
+/// `--size 0` is refused: the APIs read 0 as "unset, pick a size" (CSI's
+/// empty capacity range, a clone's source size), which is not what a person
+/// typing 0 meant. Exit 5 (invalid argument), like the service's own checks.
+pub fn nonzero(size: u64) -> Result<u64, tonic::Status> {
+    if size == 0 {
+        return Err(tonic::Status::invalid_argument(
+            "--size 0: a volume needs a size, such as 512Mi or 4Gi",
+        ));
     }
-    let line = |vals: Vec<String>| {
-        let s: Vec<String> = vals
-            .iter()
-            .zip(&widths)
-            .map(|(v, w)| format!("{v:<w$}"))
-            .collect();
-        println!("{}", s.join("  ").trim_end());
-    };
-    line(cols.iter().map(|c| c.to_uppercase()).collect());
-    for row in cells {
-        line(row);
-    }
-}
-
-#[derive(Debug)]
-pub struct Out {
-    pub mode: Output,
-}
-
-impl Out {
-    pub fn rows(&self, rows: Vec<Value>, cols: &[&str]) {
-        match self.mode {
-            Output::Json => println!("{}", Value::Array(rows)),
-            Output::Table => table(&rows, cols),
-        }
-    }
-    pub fn one(&self, v: Value, cols: &[&str]) {
-        match self.mode {
-            Output::Json => println!("{v}"),
-            Output::Table => table(&[v], cols),
-        }
-    }
-    pub fn done(&self, msg: &str) {
-        match self.mode {
-            Output::Json => println!("{}", json!({"result": msg})),
-            Output::Table => println!("{msg}"),
-        }
-    }
+    Ok(size)
 }
 
 /// A request naming the caller, for the audit logs: the login name, else the uid.
@@ -170,12 +134,44 @@ pub fn req<T>(msg: T) -> tonic::Request<T> {
     r
 }
 
+/// Why berthctl could not connect, and its exit code: a socket this user may
+/// not open (10) is told apart from one nobody serves (7), since the cure
+/// differs (run as the server's user, or start the server).
+fn connect_failure(what: &str, endpoint: &str, e: &berth_proto::ChannelError) -> (u8, String) {
+    let denied = std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |e| {
+        (*e).source()
+    })
+    .filter_map(|e| e.downcast_ref::<std::io::Error>())
+    .any(|io| io.kind() == std::io::ErrorKind::PermissionDenied);
+    if !denied {
+        return (
+            7,
+            format!(
+                "cannot reach the {what} at {endpoint}: {e} (is the server running? \
+                 set --endpoint, --data or BERTH_ENDPOINT)"
+            ),
+        );
+    }
+    let msg = match endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.starts_with('/').then_some(endpoint))
+    {
+        Some(path) => format!(
+            "permission denied opening the {what}'s socket {path}: this user may not \
+             connect to it (Berth makes its sockets mode 0600, for the user running the \
+             server: run berthctl as that user, e.g. with sudo, or use a TCP --endpoint)"
+        ),
+        None => format!("permission denied connecting to the {what} at {endpoint}: {e}"),
+    };
+    (10, msg)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Cmd::Tls(TlsCmd::Generate { out, days, certs }) = &cli.command {
         return match berth_proto::tls::generate(out, certs, *days) {
             Ok(()) => {
-                println!(
+                outln!(
                     "wrote {}/ca.crt, {}/ca.key and {} certificate folders",
                     out.display(),
                     out.display(),
@@ -184,7 +180,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("berthctl: {e}");
+                errln!("berthctl: {e}");
                 ExitCode::FAILURE
             }
         };
@@ -193,7 +189,7 @@ fn main() -> ExitCode {
         Some(d) => match berth_proto::TlsDir::load(d) {
             Ok(t) => Some(t),
             Err(e) => {
-                eprintln!("berthctl: --tls-dir: {e}");
+                errln!("berthctl: --tls-dir: {e}");
                 return ExitCode::from(2);
             }
         },
@@ -225,7 +221,7 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("berthctl: cannot start the runtime: {e}");
+            errln!("berthctl: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -234,16 +230,31 @@ fn main() -> ExitCode {
         let channel = match berth_proto::channel(&endpoint, tls.as_ref()).await {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("berthctl: cannot reach the {what} at {endpoint}: {e} (is the server running? set --endpoint, --data or BERTH_ENDPOINT)");
-                return ExitCode::from(7);
+                let (code, msg) = connect_failure(what, &endpoint, &e);
+                errln!("berthctl: {msg}");
+                return ExitCode::from(code);
             }
         };
         let r = match cli.command {
             Cmd::Server(c) => {
-                server::run(&out, c, berth_proto::volume::v1::volume_service_client::VolumeServiceClient::new(channel)).await
+                server::run(
+                    &out,
+                    c,
+                    berth_proto::volume::v1::volume_service_client::VolumeServiceClient::new(
+                        channel,
+                    ),
+                )
+                .await
             }
             Cmd::Meta(c) => {
-                meta::run(&out, c, berth_proto::meta::v1::metadata_service_client::MetadataServiceClient::new(channel)).await
+                meta::run(
+                    &out,
+                    c,
+                    berth_proto::meta::v1::metadata_service_client::MetadataServiceClient::new(
+                        channel,
+                    ),
+                )
+                .await
             }
             // Handled before connecting.
             Cmd::Tls(_) => Ok(()),
@@ -251,9 +262,57 @@ fn main() -> ExitCode {
         match r {
             Ok(()) => ExitCode::SUCCESS,
             Err(s) => {
-                eprintln!("berthctl: {}", s.message());
+                errln!("berthctl: {}", s.message());
                 ExitCode::from(exit_code(&s))
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_lists_every_exit_code_berthctl_uses() {
+        use tonic::Code;
+        let codes = [
+            Code::Ok,
+            Code::Cancelled,
+            Code::Unknown,
+            Code::InvalidArgument,
+            Code::DeadlineExceeded,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::PermissionDenied,
+            Code::ResourceExhausted,
+            Code::FailedPrecondition,
+            Code::Aborted,
+            Code::OutOfRange,
+            Code::Unimplemented,
+            Code::Internal,
+            Code::Unavailable,
+            Code::DataLoss,
+            Code::Unauthenticated,
+        ];
+        // From the gRPC status, plus 0 (done), 2 (usage), 7 and 10 (connect).
+        let mut used: Vec<u8> = codes
+            .iter()
+            .map(|c| exit_code(&tonic::Status::new(*c, "")))
+            .chain([0, 2, 7, 10])
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        for c in used {
+            assert!(
+                EXIT_CODES
+                    .lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{c} "))),
+                "exit code {c} is not in --help"
+            );
+        }
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("10  permission denied"), "{help}");
+    }
 }

@@ -8,7 +8,8 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
-use super::{req, Out, Output};
+use super::{nonzero, req, Out, Output};
+use crate::out::human_bytes;
 
 type KV = (String, String);
 
@@ -168,10 +169,12 @@ pub enum AuditCmd {
         since: Option<u64>,
         #[arg(long, value_parser = parse_time)]
         until: Option<u64>,
+        /// Only entries after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// At most this many entries (0: all), fetched in pages.
         #[arg(long, default_value_t = 1000)]
-        limit: u32,
+        limit: u64,
     },
     /// Walk the hash chain; exit 9 naming the first entry altered or removed.
     Verify,
@@ -288,6 +291,60 @@ fn topology(kv: Vec<KV>) -> Option<pb::Topology> {
     })
 }
 
+/// The block size the service rounds volume sizes up to.
+const BLOCK_BYTES: u64 = 4096;
+
+/// Audit entries asked for per call. An entry is at most ~10 KiB (two
+/// 4 KiB text fields, a few 256-byte ones, two hashes), so a page stays
+/// well under the 4 MiB a gRPC client decodes by default, whatever
+/// `--limit` says.
+const AUDIT_PAGE: u64 = 256;
+
+/// The `limit_bytes` that makes the service refuse, in the same call, a
+/// size it would otherwise quietly raise (to a volume's current size, or a
+/// clone's source's): the asked size rounded up as the service rounds it.
+/// The look-ups before such calls give the clear message; this closes the
+/// race with a concurrent change. 0 (no limit) if rounding overflows; the
+/// service refuses such a size anyway.
+fn limit_for(size: u64) -> u64 {
+    size.checked_next_multiple_of(BLOCK_BYTES).unwrap_or(0)
+}
+
+/// A size for messages: as people write it, then exact.
+fn size_text(bytes: u64) -> String {
+    format!("{} ({bytes} bytes)", human_bytes(bytes))
+}
+
+/// Refuses a size below what a volume (or a clone's source) already has:
+/// the service would keep the larger size and report success.
+fn check_not_below(size: u64, have: u64, what: &str, why: &str) -> Result<(), tonic::Status> {
+    if limit_for(size) != 0 && have > limit_for(size) {
+        return Err(tonic::Status::invalid_argument(format!(
+            "--size {} is below {what}, {}; {why}",
+            size_text(size),
+            size_text(have)
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a volume exists, by asking for it.
+async fn volume_exists(
+    c: &mut MetadataServiceClient<Channel>,
+    name: &str,
+) -> Result<Option<pb::Volume>, tonic::Status> {
+    match c
+        .get_volume(req(pb::GetVolumeRequest {
+            volume_id: name.to_string(),
+        }))
+        .await
+    {
+        Ok(v) => Ok(Some(v.into_inner())),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+        Err(s) => Err(s),
+    }
+}
+
 pub async fn run(
     out: &Out,
     cmd: Cmd,
@@ -307,11 +364,29 @@ pub async fn run(
                 out.one(snapshot_json(&s), SNAP_COLS);
             }
             SnapshotCmd::Delete { name } => {
-                c.delete_snapshot(req(pb::DeleteSnapshotRequest {
-                    snapshot_id: name.clone(),
-                }))
-                .await?;
-                out.done(&format!("deleted snapshot {name}"));
+                // DeleteSnapshot succeeds whether or not the snapshot
+                // existed (CSI asks that) and its reply says nothing, so
+                // look it up first to tell the person which it was. Absent,
+                // nothing is called: a snapshot made meanwhile stays.
+                let found = c
+                    .list_snapshots(req(pb::ListSnapshotsRequest {
+                        snapshot_id: name.clone(),
+                        source_volume_id: String::new(),
+                        max_entries: 1,
+                        page_token: String::new(),
+                    }))
+                    .await?
+                    .into_inner()
+                    .snapshots;
+                if found.is_empty() {
+                    out.done(&format!("snapshot {name} already absent"));
+                } else {
+                    c.delete_snapshot(req(pb::DeleteSnapshotRequest {
+                        snapshot_id: name.clone(),
+                    }))
+                    .await?;
+                    out.done(&format!("deleted snapshot {name}"));
+                }
             }
             SnapshotCmd::List { volume, page_size } => {
                 let source_volume_id = volume.unwrap_or_default();
@@ -351,11 +426,43 @@ pub async fn run(
                     ))
                 }
             };
+            // A clone is never smaller than its source: the service would
+            // make it the source's size and succeed, so a smaller --size is
+            // refused here, naming both sizes. A missing source is left
+            // for CreateVolume to report.
+            if let Some(size) = size {
+                nonzero(size)?;
+                let source_size = match &source {
+                    Source::SourceSnapshotId(s) => c
+                        .list_snapshots(req(pb::ListSnapshotsRequest {
+                            snapshot_id: s.clone(),
+                            source_volume_id: String::new(),
+                            max_entries: 1,
+                            page_token: String::new(),
+                        }))
+                        .await?
+                        .into_inner()
+                        .snapshots
+                        .first()
+                        .map(|s| (format!("snapshot {}", s.id), s.size_bytes)),
+                    Source::SourceVolumeId(v) => volume_exists(&mut c, v)
+                        .await?
+                        .map(|v| (format!("volume {}", v.id), v.size_bytes)),
+                };
+                if let Some((what, have)) = source_size {
+                    check_not_below(
+                        size,
+                        have,
+                        &format!("the size of its source {what}"),
+                        "a clone is at least as large as its source (omit --size for the same size)",
+                    )?;
+                }
+            }
             let v = c
                 .create_volume(req(pb::CreateVolumeRequest {
                     name,
                     required_bytes: size.unwrap_or(0),
-                    limit_bytes: 0,
+                    limit_bytes: size.map_or(0, limit_for),
                     parameters: params.map(),
                     accessibility: None,
                     source: Some(source),
@@ -485,19 +592,42 @@ pub async fn run(
             after,
             limit,
         }) => {
-            let r = c
-                .query_audit(req(pb::QueryAuditRequest {
-                    volume: volume.unwrap_or_default(),
-                    actor: actor.unwrap_or_default(),
-                    since_unix_ms: since.unwrap_or(0),
-                    until_unix_ms: until.unwrap_or(0),
-                    after_seq: after,
-                    limit,
-                }))
-                .await?
-                .into_inner();
+            // In pages of AUDIT_PAGE, each going on from the last entry
+            // the previous one examined, so any --limit fits the client's
+            // message size.
+            let (volume, actor) = (volume.unwrap_or_default(), actor.unwrap_or_default());
+            let mut rows = Vec::new();
+            let mut after_seq = after;
+            loop {
+                let want = match limit {
+                    0 => AUDIT_PAGE,
+                    l => AUDIT_PAGE.min(l.saturating_sub(rows.len() as u64)),
+                };
+                if want == 0 {
+                    break;
+                }
+                let r = c
+                    .query_audit(req(pb::QueryAuditRequest {
+                        volume: volume.clone(),
+                        actor: actor.clone(),
+                        since_unix_ms: since.unwrap_or(0),
+                        until_unix_ms: until.unwrap_or(0),
+                        after_seq,
+                        // At most AUDIT_PAGE, which fits.
+                        limit: want as u32,
+                    }))
+                    .await?
+                    .into_inner();
+                rows.extend(r.entries.iter().take(want as usize).map(audit_json));
+                // 0: nothing more matches. (A cursor that did not move would
+                // loop forever on a misbehaving server.)
+                if r.next_after_seq <= after_seq {
+                    break;
+                }
+                after_seq = r.next_after_seq;
+            }
             out.rows(
-                r.entries.iter().map(audit_json).collect(),
+                rows,
                 &[
                     "seq",
                     "time_unix_ms",
@@ -521,12 +651,14 @@ pub async fn run(
                 "first_bad_seq": v.first_bad_seq, "problem": v.problem,
                 "head_seq": v.head_seq, "head_hash": v.head_hash});
             match out.mode {
-                Output::Json => println!("{j}"),
-                Output::Table if v.intact => println!(
+                Output::Json => outln!("{j}"),
+                Output::Table if v.intact => outln!(
                     "intact: {} entries checked; head is entry {} ({})",
-                    v.entries_checked, v.head_seq, v.head_hash
+                    v.entries_checked,
+                    v.head_seq,
+                    v.head_hash
                 ),
-                Output::Table => println!("TAMPERED: {}", v.problem),
+                Output::Table => outln!("TAMPERED: {}", v.problem),
             }
             if !v.intact {
                 return Err(tonic::Status::data_loss(format!(
@@ -558,7 +690,7 @@ async fn volume(
             let v = c
                 .create_volume(req(pb::CreateVolumeRequest {
                     name,
-                    required_bytes: size,
+                    required_bytes: nonzero(size)?,
                     limit_bytes: 0,
                     parameters: params.map(),
                     accessibility,
@@ -569,18 +701,38 @@ async fn volume(
             out.one(volume_json(&v), VOL_COLS);
         }
         VolumeCmd::Delete { name } => {
-            c.delete_volume(req(pb::DeleteVolumeRequest {
-                volume_id: name.clone(),
-            }))
-            .await?;
-            out.done(&format!("deleted volume {name}"));
+            // DeleteVolume succeeds whether or not the volume existed (CSI
+            // asks that) and its reply says nothing, so look it up first to
+            // tell the person which it was. Absent, nothing is called: a
+            // volume made meanwhile stays.
+            if volume_exists(c, &name).await?.is_none() {
+                out.done(&format!("volume {name} already absent"));
+            } else {
+                c.delete_volume(req(pb::DeleteVolumeRequest {
+                    volume_id: name.clone(),
+                }))
+                .await?;
+                out.done(&format!("deleted volume {name}"));
+            }
         }
         VolumeCmd::Expand { name, size } => {
+            // ExpandVolume to a smaller size succeeds doing nothing (CSI's
+            // resizer may repeat itself); a person asking to shrink gets
+            // told. A missing volume is left for ExpandVolume to report.
+            nonzero(size)?;
+            if let Some(v) = volume_exists(c, &name).await? {
+                check_not_below(
+                    size,
+                    v.size_bytes,
+                    &format!("volume {name}'s size"),
+                    "volumes never shrink",
+                )?;
+            }
             let v = c
                 .expand_volume(req(pb::ExpandVolumeRequest {
                     volume_id: name,
                     required_bytes: size,
-                    limit_bytes: 0,
+                    limit_bytes: limit_for(size),
                 }))
                 .await?
                 .into_inner();
@@ -647,9 +799,9 @@ async fn volume(
                 .await?
                 .into_inner();
             match out.mode {
-                Output::Json => println!("{}", attachment_json(&a)),
+                Output::Json => outln!("{}", attachment_json(&a)),
                 // One URI, the one that works from anywhere when there is one.
-                Output::Table => println!(
+                Output::Table => outln!(
                     "{}",
                     if a.tcp_uri.is_empty() {
                         &a.unix_uri
@@ -660,17 +812,40 @@ async fn volume(
             }
         }
         VolumeCmd::Unexport { name, node } => {
-            let r = c
-                .unpublish_volume(req(pb::UnpublishVolumeRequest {
+            // UnpublishVolume succeeds whether or not there was an
+            // attachment (CSI asks that) and its reply only counts closed
+            // connections, so look the attachments up first. None: nothing
+            // is called, so an export made meanwhile stays.
+            let node = node.unwrap_or_default();
+            let exported = c
+                .list_attachments(req(pb::ListAttachmentsRequest {
                     volume_id: name.clone(),
-                    node: node.unwrap_or_default(),
                 }))
                 .await?
-                .into_inner();
-            out.done(&format!(
-                "unexported {name}; {} connection(s) closed",
-                r.closed_connections
-            ));
+                .into_inner()
+                .attachments
+                .iter()
+                .any(|a| a.volume_id == name && (node.is_empty() || a.node == node));
+            let to = if node.is_empty() {
+                String::new()
+            } else {
+                format!(" to node {node}")
+            };
+            if !exported {
+                out.done(&format!("export of {name}{to} already absent"));
+            } else {
+                let r = c
+                    .unpublish_volume(req(pb::UnpublishVolumeRequest {
+                        volume_id: name.clone(),
+                        node,
+                    }))
+                    .await?
+                    .into_inner();
+                out.done(&format!(
+                    "unexported {name}{to}; {} connection(s) closed",
+                    r.closed_connections
+                ));
+            }
         }
     }
     Ok(())

@@ -8,7 +8,7 @@ use clap::Subcommand;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 
-use super::{req, table, Out, Output};
+use super::{nonzero, req, table, Out, Output};
 
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
@@ -60,10 +60,12 @@ pub enum Cmd {
         target: Option<String>,
         #[arg(long)]
         client: Option<String>,
+        /// Only events after this sequence number.
         #[arg(long, default_value_t = 0)]
         after: u64,
+        /// At most this many events (0: all), fetched in pages.
         #[arg(long, default_value_t = 100)]
-        limit: u32,
+        limit: u64,
     },
 }
 
@@ -224,7 +226,7 @@ pub async fn run(
                 let v = c
                     .create_volume(req(pb::CreateVolumeRequest {
                         name,
-                        size_bytes: size,
+                        size_bytes: nonzero(size)?,
                         tier,
                         overrides: limits.pb(),
                     }))
@@ -233,15 +235,29 @@ pub async fn run(
                 out.one(volume_json(&v), VOL_COLS);
             }
             VolumeCmd::Delete { name } => {
-                c.delete_volume(req(pb::DeleteVolumeRequest { name: name.clone() }))
-                    .await?;
-                out.done(&format!("deleted volume {name}"));
+                // DeleteVolume succeeds on a missing volume and says
+                // nothing either way: look it up first to tell which.
+                let found = match c
+                    .get_volume(req(pb::GetVolumeRequest { name: name.clone() }))
+                    .await
+                {
+                    Ok(_) => true,
+                    Err(s) if s.code() == tonic::Code::NotFound => false,
+                    Err(s) => return Err(s),
+                };
+                if found {
+                    c.delete_volume(req(pb::DeleteVolumeRequest { name: name.clone() }))
+                        .await?;
+                    out.done(&format!("deleted volume {name}"));
+                } else {
+                    out.done(&format!("volume {name} already absent"));
+                }
             }
             VolumeCmd::Resize { name, size } => {
                 let v = c
                     .resize_volume(req(pb::ResizeVolumeRequest {
                         name,
-                        size_bytes: size,
+                        size_bytes: nonzero(size)?,
                     }))
                     .await?
                     .into_inner();
@@ -271,9 +287,24 @@ pub async fn run(
                 out.one(snapshot_json(&s), SNAP_COLS);
             }
             SnapshotCmd::Delete { name } => {
-                c.delete_snapshot(req(pb::DeleteSnapshotRequest { name: name.clone() }))
-                    .await?;
-                out.done(&format!("deleted snapshot {name}"));
+                // As for volumes: deleting a missing snapshot succeeds
+                // silently, so look it up first to tell which it was.
+                let found = c
+                    .list_snapshots(req(pb::ListSnapshotsRequest {
+                        volume: String::new(),
+                    }))
+                    .await?
+                    .into_inner()
+                    .snapshots
+                    .iter()
+                    .any(|s| s.name == name);
+                if found {
+                    c.delete_snapshot(req(pb::DeleteSnapshotRequest { name: name.clone() }))
+                        .await?;
+                    out.done(&format!("deleted snapshot {name}"));
+                } else {
+                    out.done(&format!("snapshot {name} already absent"));
+                }
             }
             SnapshotCmd::List { volume } => {
                 let l = c
@@ -306,7 +337,9 @@ pub async fn run(
                 .clone_volume(req(pb::CloneVolumeRequest {
                     name,
                     source: Some(source),
-                    size_bytes: size.unwrap_or(0),
+                    // 0 asks for the source's size; a person typing 0 gets
+                    // told instead (omitting --size is how to ask that).
+                    size_bytes: size.map(nonzero).transpose()?.unwrap_or(0),
                     tier,
                     overrides: None,
                 }))
@@ -342,12 +375,12 @@ pub async fn run(
                     .await?
                     .into_inner();
                 match out.mode {
-                    Output::Json => println!("{}", export_json(&e)),
+                    Output::Json => outln!("{}", export_json(&e)),
                     Output::Table => {
-                        println!("export name: {}", e.export_name);
-                        println!("unix:        {}", e.unix_uri);
+                        outln!("export name: {}", e.export_name);
+                        outln!("unix:        {}", e.unix_uri);
                         if !e.tcp_uri.is_empty() {
-                            println!("tcp:         {}", e.tcp_uri);
+                            outln!("tcp:         {}", e.tcp_uri);
                         }
                     }
                 }
@@ -395,12 +428,12 @@ pub async fn run(
                 .map(|e| json!({"owner": e.owner, "offset": e.offset, "pool_block": e.pool_block}))
                 .collect();
             match out.mode {
-                Output::Json => println!(
+                Output::Json => outln!(
                     "{}",
                     json!({"blocks_checked": r.blocks_checked, "errors": errors})
                 ),
                 Output::Table => {
-                    println!(
+                    outln!(
                         "{} blocks checked, {} checksum errors",
                         r.blocks_checked,
                         errors.len()
@@ -426,7 +459,7 @@ pub async fn run(
                 .collect();
             let pool = json!({"total_bytes": s.total_bytes, "used_bytes": s.used_bytes, "pending_free_bytes": s.pending_free_bytes, "volumes": s.volumes, "snapshots": s.snapshots, "checksum_errors": s.checksum_errors, "engine": s.engine});
             match out.mode {
-                Output::Json => println!("{}", json!({"pool": pool, "volumes": vols})),
+                Output::Json => outln!("{}", json!({"pool": pool, "volumes": vols})),
                 Output::Table => {
                     table(
                         &[pool],
@@ -440,7 +473,7 @@ pub async fn run(
                             "engine",
                         ],
                     );
-                    println!();
+                    outln!();
                     table(
                         &vols,
                         &[
@@ -469,20 +502,43 @@ pub async fn run(
             after,
             limit,
         } => {
-            let l = c
-                .list_audit_events(req(pb::ListAuditEventsRequest {
-                    target: target.unwrap_or_default(),
-                    client: client.unwrap_or_default(),
-                    after_seq: after,
-                    limit,
-                }))
-                .await?
-                .into_inner();
-            let rows = l
-                .events
-                .iter()
-                .map(|e| json!({"seq": e.seq, "time_unix_ms": e.time_unix_ms, "action": e.action, "client": e.client, "target": e.target, "result": e.result, "peer": e.peer, "read_bytes": e.read_bytes, "write_bytes": e.write_bytes, "detail": e.detail}))
-                .collect();
+            // In pages, each after the last event seen, so any --limit fits
+            // the 4 MiB a gRPC client decodes (an event's free text is a
+            // few KiB at most). The reply has no cursor: a short page is
+            // the end.
+            const PAGE: u64 = 256;
+            let (target, client) = (target.unwrap_or_default(), client.unwrap_or_default());
+            let mut rows = Vec::new();
+            let mut after_seq = after;
+            loop {
+                let want = match limit {
+                    0 => PAGE,
+                    l => PAGE.min(l.saturating_sub(rows.len() as u64)),
+                };
+                if want == 0 {
+                    break;
+                }
+                let events = c
+                    .list_audit_events(req(pb::ListAuditEventsRequest {
+                        target: target.clone(),
+                        client: client.clone(),
+                        after_seq,
+                        // At most PAGE, which fits.
+                        limit: want as u32,
+                    }))
+                    .await?
+                    .into_inner()
+                    .events;
+                let last = events.last().map_or(after_seq, |e| e.seq);
+                let full = events.len() as u64 >= want;
+                rows.extend(events.iter().take(want as usize).map(|e| json!({"seq": e.seq, "time_unix_ms": e.time_unix_ms, "action": e.action, "client": e.client, "target": e.target, "result": e.result, "peer": e.peer, "read_bytes": e.read_bytes, "write_bytes": e.write_bytes, "detail": e.detail})));
+                // (A cursor that did not move would loop forever on a
+                // misbehaving server.)
+                if !full || last <= after_seq {
+                    break;
+                }
+                after_seq = last;
+            }
             out.rows(
                 rows,
                 &[
