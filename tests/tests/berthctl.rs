@@ -269,8 +269,9 @@ fn a_socket_this_user_may_not_open_is_not_reported_as_a_stopped_server() {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(binary("berthctl"));
         cmd.arg("--data").arg(data).args(["volume", "list"]);
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let as_root = unsafe { libc::geteuid() } == 0;
+        if as_root {
             cmd.uid(65534).gid(65534);
         }
         cmd.output().unwrap_or_else(|e| {
