@@ -966,6 +966,34 @@ fn node_rpcs_answer_the_codes_the_spec_prescribes() {
                 code(node.node_expand_volume(expand("v", &st)).await),
                 Code::NotFound,
             ),
+            // csi-sanity's "volume not found" cases: a volume that does not
+            // exist, with a relative path. Existence comes first.
+            (
+                "NodeGetVolumeStats of a missing volume at a relative path",
+                code(
+                    node.node_get_volume_stats(stats("sanity-missing", "some/path"))
+                        .await,
+                ),
+                Code::NotFound,
+            ),
+            (
+                "NodeExpand of a missing volume at a relative path",
+                code(
+                    node.node_expand_volume(expand("sanity-missing", "some/path"))
+                        .await,
+                ),
+                Code::NotFound,
+            ),
+            (
+                "NodeGetVolumeStats without a volume id",
+                code(node.node_get_volume_stats(stats("", "some/path")).await),
+                Code::InvalidArgument,
+            ),
+            (
+                "NodeExpand without a volume id",
+                code(node.node_expand_volume(expand("", "some/path")).await),
+                Code::InvalidArgument,
+            ),
             (
                 "NodeStage",
                 code(
@@ -1081,6 +1109,12 @@ fn node_rpcs_answer_the_codes_the_spec_prescribes() {
                     node.node_get_volume_stats(stats("v", "/nonexistent/berth"))
                         .await,
                 ),
+                Code::NotFound,
+            ),
+            // csi-sanity's "volume does not exist on the specified path".
+            (
+                "NodeGetVolumeStats at a relative path",
+                code(node.node_get_volume_stats(stats("v", "some/path")).await),
                 Code::NotFound,
             ),
             (
@@ -1297,9 +1331,9 @@ fn outcome<T>(r: Result<T, tonic::Status>) -> (Code, usize) {
 
 /// Hostile input from outside, through the real CSI socket of `berth
 /// standalone`: names, StorageClass parameters, sizes and kubelet's paths.
-/// Every case is INVALID_ARGUMENT or OUT_OF_RANGE, nothing is created, no
-/// error message echoes more than a short quote, and the audit log stays
-/// bounded.
+/// Every case is INVALID_ARGUMENT or OUT_OF_RANGE (NOT_FOUND for the node
+/// calls on a volume not staged here), nothing is created, no error message
+/// echoes more than a short quote, and the audit log stays bounded.
 #[test]
 fn hostile_names_parameters_sizes_and_paths_are_refused() {
     let root = tempfile::tempdir().expect("tmp");
@@ -1523,10 +1557,26 @@ fn hostile_names_parameters_sizes_and_paths_are_refused() {
                     ..Default::default()
                 })
                 .await;
+            // "vol" is not staged on this node: NOT_FOUND, whatever the
+            // path (the spec's order, which csi-sanity checks with a
+            // relative path). The path is never touched.
             push(
                 format!("NodeGetVolumeStats path {}", q(p)),
                 outcome(r),
-                Code::InvalidArgument,
+                Code::NotFound,
+            );
+            let r = c
+                .node
+                .node_expand_volume(csi::NodeExpandVolumeRequest {
+                    volume_id: "vol".into(),
+                    volume_path: p.into(),
+                    ..Default::default()
+                })
+                .await;
+            push(
+                format!("NodeExpand path {}", q(p)),
+                outcome(r),
+                Code::NotFound,
             );
         }
         let bad: Vec<String> = cases

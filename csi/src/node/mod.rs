@@ -133,6 +133,27 @@ fn check_path(field: &str, p: &str) -> Result<(), Status> {
     berth_proto::validate::path(field, p).map_err(Status::invalid_argument)
 }
 
+/// What a node call finds missing: NOT_FOUND, the spec's code for a volume
+/// (or a volume path) the call names and this node does not have.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("volume {volume} is not staged on this node")]
+    NotStaged { volume: String },
+    /// `path` is quoted (bounded): it came from the caller.
+    #[error("{path} is not where volume {volume} is staged or published")]
+    NotAtPath { volume: String, path: String },
+}
+
+impl From<NodeError> for Status {
+    fn from(e: NodeError) -> Status {
+        match e {
+            NodeError::NotStaged { .. } | NodeError::NotAtPath { .. } => {
+                Status::not_found(e.to_string())
+            }
+        }
+    }
+}
+
 fn internal(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Status {
     Status::internal(format!("{what}: {e}"))
 }
@@ -250,6 +271,30 @@ impl NodeService {
 
     fn get(&self, id: &str) -> Option<Staged> {
         self.staged.lock().get(id).cloned()
+    }
+
+    /// The staged volume `id`, or NOT_FOUND.
+    fn staged_volume(&self, id: &str) -> Result<Staged, NodeError> {
+        self.get(id).ok_or_else(|| NodeError::NotStaged {
+            volume: id.to_string(),
+        })
+    }
+
+    /// The staged volume `id` if `path` is its staging path or one of its
+    /// targets and is there, else NOT_FOUND. The path is only compared with
+    /// paths recorded by NodeStage and NodePublish (which checked them), and
+    /// touched only once it matches one: a relative or hostile path is simply
+    /// not where the volume is, as the spec (and csi-sanity) expect.
+    fn staged_at(&self, id: &str, path: &str) -> Result<Staged, NodeError> {
+        let s = self.staged_volume(id)?;
+        let p = Path::new(path);
+        if (p != s.staging_path && !s.targets.contains_key(p)) || !p.exists() {
+            return Err(NodeError::NotAtPath {
+                volume: id.to_string(),
+                path: berth_proto::validate::quote(path),
+            });
+        }
+        Ok(s)
     }
 
     /// FAILED_PRECONDITION naming the programs the node plugin needs and
@@ -804,18 +849,11 @@ impl csi::node_server::Node for NodeService {
         use csi::volume_usage::Unit;
         let r = r.into_inner();
         check_id(&r.volume_id)?;
-        check_path("volume_path", &r.volume_path)?;
+        required("volume_path", &r.volume_path)?;
+        // Existence before syntax (see `staged_at`): NOT_FOUND for a volume
+        // that is not here, or a path it is not at, whatever the path's form.
+        let s = self.staged_at(&r.volume_id, &r.volume_path)?;
         let path = PathBuf::from(&r.volume_path);
-        let s = self.get(&r.volume_id).ok_or_else(|| {
-            Status::not_found(format!("volume {} is not staged on this node", r.volume_id))
-        })?;
-        if !path.exists() || (path != s.staging_path && !s.targets.contains_key(&path)) {
-            return Err(Status::not_found(format!(
-                "{} is not where volume {} is staged or published",
-                path.display(),
-                r.volume_id
-            )));
-        }
         let condition = match attach::health(&s.attachment).await {
             Ok(()) => csi::VolumeCondition {
                 abnormal: false,
@@ -865,15 +903,18 @@ impl csi::node_server::Node for NodeService {
     ) -> R<csi::NodeExpandVolumeResponse> {
         let r = r.into_inner();
         check_id(&r.volume_id)?;
-        check_path("volume_path", &r.volume_path)?;
+        required("volume_path", &r.volume_path)?;
         let want = r
             .capacity_range
             .as_ref()
             .map_or(0, |c| u64::try_from(c.required_bytes).unwrap_or(0));
         let _held = self.inflight.volume(&r.volume_id)?;
-        let s = self.get(&r.volume_id).ok_or_else(|| {
-            Status::not_found(format!("volume {} is not staged on this node", r.volume_id))
-        })?;
+        // A volume that is not here is NOT_FOUND whatever path comes with it
+        // (csi-sanity sends a relative one); the path's form is checked
+        // after. The path itself is never used: the staged record says what
+        // to grow.
+        let s = self.staged_volume(&r.volume_id)?;
+        check_path("volume_path", &r.volume_path)?;
         let mut size = mount::size_of(&s.attachment.device)?;
         if want == 0 || want > size {
             // Online: the attachment re-reads the volume's size and its loop
@@ -956,6 +997,126 @@ mod tests {
             );
         }
         check_id("pvc-0d1e2f.db_1").expect("a normal id");
+    }
+
+    /// A node service on `state` whose metadata client is never dialled.
+    fn service(state: &Path) -> NodeService {
+        let meta = crate::metadata_client("unix:///nonexistent/berth-meta.sock", None)
+            .expect("metadata client");
+        NodeService::new(
+            NodeConfig {
+                node_id: "node-1".into(),
+                labels: BTreeMap::new(),
+                state_dir: state.to_path_buf(),
+                attach_program: PathBuf::from("/nonexistent/berth"),
+                attach_tls_dir: None,
+            },
+            meta,
+        )
+        .expect("node service")
+    }
+
+    fn stats(id: &str, path: &str) -> Request<csi::NodeGetVolumeStatsRequest> {
+        Request::new(csi::NodeGetVolumeStatsRequest {
+            volume_id: id.into(),
+            volume_path: path.into(),
+            ..Default::default()
+        })
+    }
+
+    fn expand(id: &str, path: &str) -> Request<csi::NodeExpandVolumeRequest> {
+        Request::new(csi::NodeExpandVolumeRequest {
+            volume_id: id.into(),
+            volume_path: path.into(),
+            ..Default::default()
+        })
+    }
+
+    /// What csi-sanity v5.4.0 sends (a random volume id, the relative path
+    /// "some/path") gets NOT_FOUND, not INVALID_ARGUMENT: existence is
+    /// checked before the path's form. Missing fields stay INVALID_ARGUMENT.
+    #[tokio::test]
+    async fn missing_volumes_and_paths_are_not_found_whatever_the_path() {
+        use csi::node_server::Node;
+        let dir = tempfile::tempdir().expect("tmp");
+        let node = service(&dir.path().join("state"));
+        fn code<T>(r: Result<T, Status>) -> tonic::Code {
+            r.err().map_or(tonic::Code::Ok, |e| e.code())
+        }
+        let not_found = tonic::Code::NotFound;
+        let invalid = tonic::Code::InvalidArgument;
+        for path in ["some/path", "/nonexistent/berth", "/a/../b", "-o"] {
+            let id = "sanity-missing-volume";
+            assert_eq!(
+                code(node.node_get_volume_stats(stats(id, path)).await),
+                not_found,
+                "stats {path}"
+            );
+            assert_eq!(
+                code(node.node_expand_volume(expand(id, path)).await),
+                not_found,
+                "expand {path}"
+            );
+        }
+        assert_eq!(
+            code(node.node_get_volume_stats(stats("", "some/path")).await),
+            invalid
+        );
+        assert_eq!(
+            code(node.node_get_volume_stats(stats("v", "")).await),
+            invalid
+        );
+        assert_eq!(
+            code(node.node_expand_volume(expand("", "some/path")).await),
+            invalid
+        );
+        assert_eq!(
+            code(node.node_expand_volume(expand("v", "")).await),
+            invalid
+        );
+
+        // A volume staged here and published at `target`, asked about at a
+        // path it is not at.
+        let staging = dir.path().join("staging");
+        let target = dir.path().join("target");
+        std::fs::create_dir_all(&staging).expect("staging");
+        let s = Staged {
+            volume_id: "v".into(),
+            staging_path: staging.clone(),
+            block: false,
+            fs_type: "ext4".into(),
+            read_only: false,
+            mount_flags: Vec::new(),
+            attachment: attach::Attachment {
+                uri: "nbd+unix:///v@t?socket=/nonexistent".into(),
+                read_only: false,
+                fuse_dir: dir.path().join("state/attach/v"),
+                daemon_pid: 0,
+                device: PathBuf::from("/dev/nonexistent-loop"),
+            },
+            targets: BTreeMap::from([(
+                target.clone(),
+                Target {
+                    read_only: false,
+                    ro_device: None,
+                },
+            )]),
+        };
+        node.staged.lock().insert("v".into(), s);
+        let missing_target = target.display().to_string();
+        for path in ["some/path", "/nonexistent/berth", missing_target.as_str()] {
+            assert_eq!(
+                code(node.node_get_volume_stats(stats("v", path)).await),
+                not_found,
+                "stats {path}: not where the volume is (or no longer there)"
+            );
+        }
+        // On a volume that is here, a path of the wrong form is refused
+        // before anything is grown.
+        assert_eq!(
+            code(node.node_expand_volume(expand("v", "some/path")).await),
+            invalid
+        );
     }
 
     #[test]
