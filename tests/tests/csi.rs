@@ -165,8 +165,10 @@ async fn node_stats(c: &mut Csi, vol: &str, path: &Path) -> csi::NodeGetVolumeSt
         .into_inner()
 }
 
-/// No loop device reads a file under `root` any more and no FUSE mount of
-/// `berth attach` is left: everything the node plugin attached was released.
+/// No loop device reads a file under `root` any more, no FUSE mount of
+/// `berth attach` is left, nor anything in the node plugin's attach folder
+/// (`root/csi-node` or `root/data/csi-node`): everything the node plugin
+/// attached was released.
 fn assert_nothing_attached(root: &Path) {
     let loops = std::process::Command::new("losetup")
         .args(["-l", "-n", "-O", "NAME,BACK-FILE"])
@@ -184,6 +186,20 @@ fn assert_nothing_attached(root: &Path) {
         .filter(|l| l.contains(&*root.to_string_lossy()))
         .collect();
     assert!(left.is_empty(), "mounts left: {left:?}");
+    // Nor an attach log, pid file or folder: a clean NodeUnstage removes them.
+    for state in [root.join("csi-node"), root.join("data/csi-node")] {
+        let files: Vec<_> = std::fs::read_dir(state.join("attach"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(
+            files.is_empty(),
+            "left in {}/attach: {files:?}",
+            state.display()
+        );
+    }
 }
 
 #[test]

@@ -1181,6 +1181,22 @@ fn node_rpcs_answer_the_codes_the_spec_prescribes() {
         ));
         check(cases);
     });
+    // That NodeStage attached the volume and detached it again; its attach
+    // log is kept (the stage failed) and holds that one attachment (the clean
+    // NodeUnstage before removed the earlier ones'). The attach process
+    // unmounted its FUSE mount once: no failed second unmount is logged.
+    let log_path = root.path().join("data/csi-node/attach/v.log");
+    let log = std::fs::read_to_string(&log_path)
+        .unwrap_or_else(|e| panic!("{}: {e}", log_path.display()));
+    let complaints: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .filter(|l| l.to_lowercase().contains("mount"))
+        .collect();
+    assert!(
+        complaints.is_empty(),
+        "the detach logged {complaints:?}:\n{log}"
+    );
     assert_eq!(s.stop().code(), Some(0));
 }
 

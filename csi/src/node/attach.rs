@@ -42,13 +42,28 @@ impl Attachment {
     }
 }
 
+/// `DIR.ext` beside the attachment's folder. Appended, not
+/// `with_extension`: volume ids may hold dots, and `a.1` and `a.2` must not
+/// share `a.log`.
+fn beside(dir: &Path, ext: &str) -> PathBuf {
+    let mut name = dir.as_os_str().to_owned();
+    name.push(".");
+    name.push(ext);
+    PathBuf::from(name)
+}
+
 fn pid_file(dir: &Path) -> PathBuf {
-    dir.with_extension("pid")
+    beside(dir, "pid")
+}
+
+/// The attach process's stdout and stderr, beside its folder.
+fn log_file(dir: &Path) -> PathBuf {
+    beside(dir, "log")
 }
 
 /// The tail of the attach process's log, for errors.
 fn log_tail(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+    let text = std::fs::read_to_string(log_file(dir)).unwrap_or_default();
     let lines: Vec<&str> = text.lines().rev().take(5).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
@@ -109,7 +124,7 @@ pub async fn attach(
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(dir.with_extension("log"))
+        .open(log_file(dir))
         .map_err(|e| Status::internal(format!("attach log: {e}")))?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.arg("attach");
@@ -222,33 +237,61 @@ pub async fn release_loop(dev: &Path, a: &Attachment) -> Result<(), Status> {
     Ok(())
 }
 
+/// Signals the attach process `pid` if it is still this attachment's.
+fn signal(a: &Attachment, sig: libc::c_int) {
+    let pid = i32::try_from(a.daemon_pid).unwrap_or(0);
+    if pid > 0 && is_ours(a.daemon_pid, &a.fuse_dir) {
+        // SAFETY: kill(2) takes no pointers; the pid was checked to be this
+        // attachment's attach process just above.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
 /// Releases the loop device and ends the attach process. Safe to repeat, and on an
 /// attachment whose pieces are already gone.
+///
+/// The attach process unmounts its own FUSE mount (on SIGTERM, through its
+/// FUSE session) and exits: one unmount. Unmounting it from here as well
+/// made the process's session try again on its way out and log a failed
+/// unmount on every detach. `fusermount3` from here is only for a mount
+/// whose process is dead or did not end in time.
 pub async fn detach(a: &Attachment) -> Result<(), Status> {
     if !a.device.as_os_str().is_empty() {
         // On a device still in use (a lazily unmounted filesystem) the kernel
         // detaches it when the last user closes it.
         release_loop(&a.device, a).await?;
     }
-    clear_fuse(&a.fuse_dir).await?;
+    signal(a, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while is_ours(a.daemon_pid, &a.fuse_dir) {
-        if Instant::now() > deadline {
-            let pid = i32::try_from(a.daemon_pid).unwrap_or(0);
-            if pid > 0 {
-                // SAFETY: kill(2) takes no pointers; the pid was checked to be
-                // this attachment's attach process just above.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-            break;
-        }
+    while is_ours(a.daemon_pid, &a.fuse_dir) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    clear_fuse(&a.fuse_dir).await?;
+    signal(a, libc::SIGKILL);
     let _ = std::fs::remove_file(pid_file(&a.fuse_dir));
     let _ = std::fs::remove_dir(&a.fuse_dir);
     Ok(())
+}
+
+/// Removes the log of the attach processes of the attachment folder `dir`,
+/// once its volume is unstaged cleanly (or unstaged without having been
+/// staged).
+///
+/// Every other end keeps it (a failed attach, a NodeStage that failed after
+/// attaching, a repair of a dead attachment): it is the only record of what
+/// the attach process saw, and errors carry just its last lines. The next
+/// attach of the volume appends to it, so it lasts until the CO unstages
+/// the volume here.
+pub fn remove_log(dir: &Path) {
+    let log = log_file(dir);
+    match std::fs::remove_file(&log) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Only a leftover: the unstage itself succeeded.
+        Err(e) => tracing::warn!(log = %log.display(), error = %e, "cannot remove the attach log"),
+    }
 }
 
 /// Shows a grown export to this attachment's loop devices (`device` and
@@ -380,6 +423,20 @@ pub fn redact(uri: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    #[test]
+    fn volumes_with_dots_have_their_own_pid_and_log_files() {
+        let a = super::log_file(Path::new("/s/attach/db.1"));
+        let b = super::log_file(Path::new("/s/attach/db.2"));
+        assert_eq!(a, Path::new("/s/attach/db.1.log"));
+        assert_ne!(a, b);
+        assert_eq!(
+            super::pid_file(Path::new("/s/attach/db")),
+            Path::new("/s/attach/db.pid")
+        );
+    }
+
     #[test]
     fn redact_hides_the_export_token() {
         assert_eq!(

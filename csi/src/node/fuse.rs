@@ -361,8 +361,9 @@ impl Filesystem for DiskFs {
     }
 }
 
-/// Serves the export until the mount is unmounted (`fusermount3 -u`, or
-/// SIGTERM/SIGINT, which unmount it lazily), then flushes and disconnects.
+/// Serves the export until the mount is unmounted (SIGTERM/SIGINT unmount
+/// it, lazily if it is busy; or `fusermount3 -u`), then flushes and
+/// disconnects.
 pub fn run(o: AttachOptions) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -408,8 +409,13 @@ pub fn run(o: AttachOptions) -> Result<(), String> {
         },
     ];
     cfg.n_threads = Some(1);
-    let fuse = fuser::Session::new(fs, &o.dir, &cfg)
+    let mut fuse = fuser::Session::new(fs, &o.dir, &cfg)
         .map_err(|e| format!("cannot mount FUSE at {}: {e}", o.dir.display()))?;
+    // The mount is ended through the session, once: fuser then knows it is
+    // gone. Unmounted behind its back (fusermount3 from outside, as detach
+    // used to), the session found it still mounted on its way out, unmounted
+    // a second time and logged the failure.
+    let mut unmounter = fuse.unmount_callable();
     if let Some(p) = &o.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| format!("{}: {e}", p.display()))?;
@@ -441,13 +447,22 @@ pub fn run(o: AttachOptions) -> Result<(), String> {
                 _ = int.recv() => break,
             }
         }
-        // Lazily: a loop device still holding the file keeps it served.
-        let _ = tokio::process::Command::new("fusermount3")
-            .arg("-u")
-            .arg("-z")
-            .arg(&dir)
-            .status()
-            .await;
+        let failed = match tokio::task::spawn_blocking(move || unmounter.unmount()).await {
+            Ok(r) => r.err(),
+            Err(e) => Some(std::io::Error::other(e)),
+        };
+        if let Some(e) = failed {
+            // Busy: a loop device (or a lazily unmounted filesystem above
+            // one) still holds the file. Detached lazily, it stays served
+            // until the last user lets go, and the session ends then.
+            tracing::info!(error = %e, "the mount is busy: unmounting it lazily");
+            let _ = tokio::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg("-z")
+                .arg(&dir)
+                .status()
+                .await;
+        }
     });
     let served = fuse.run();
     let closed =

@@ -10,6 +10,9 @@
 //! restarted volume server alone does not break it) is attached again and its
 //! mounts rebuilt: at start, every
 //! [`REPAIR_INTERVAL`], and when NodeStage is called again.
+//!
+//! Each volume's attach process logs to `STATE/attach/VOLUME.log`; the log
+//! is kept through failures and repairs and removed by NodeUnstage.
 
 pub mod attach;
 pub mod fuse;
@@ -678,6 +681,9 @@ impl csi::node_server::Node for NodeService {
         let staging = PathBuf::from(&r.staging_target_path);
         let _held = self.inflight.volume(&r.volume_id)?;
         let Some(s) = self.get(&r.volume_id) else {
+            // Nothing staged, but failed NodeStage calls may have left their
+            // attach log: the CO is done with the volume here.
+            attach::remove_log(&self.attach_dir(&r.volume_id));
             return Ok(Response::new(csi::NodeUnstageVolumeResponse {}));
         };
         if s.staging_path != staging {
@@ -702,6 +708,7 @@ impl csi::node_server::Node for NodeService {
         }
         attach::detach(&s.attachment).await?;
         self.forget(&r.volume_id)?;
+        attach::remove_log(&self.attach_dir(&r.volume_id));
         self.audit(
             "NodeUnstage",
             &r.volume_id,
