@@ -11,6 +11,8 @@
 //!   The caller cannot know how much landed and must treat it as failed.
 //! - [`Effect::Delay`]: the operation runs; its completion is handed back only
 //!   after the delay (other operations complete meanwhile).
+//! - [`Effect::Panic`]: the thread submitting the operation panics: a drill
+//!   for the rule that a data-path thread that dies takes the process with it.
 
 use std::collections::VecDeque;
 use std::io;
@@ -28,6 +30,8 @@ pub enum Effect {
     /// Report this many bytes transferred (less than asked).
     Short(usize),
     Delay(Duration),
+    /// Panic on the submitting (I/O) thread.
+    Panic,
 }
 
 /// Which operations a fault applies to, and how many times.
@@ -106,6 +110,7 @@ impl Fault {
         let effect = match parts.next().map(|e| e.split_once('=').unwrap_or((e, ""))) {
             Some(("eio", "")) => Effect::Error(libc::EIO),
             Some(("enospc", "")) => Effect::Error(libc::ENOSPC),
+            Some(("panic", "")) => Effect::Panic,
             Some(("short", n)) => Effect::Short(
                 n.parse()
                     .map_err(|_| format!("{s:?}: short=BYTES needs a byte count"))?,
@@ -119,7 +124,7 @@ impl Fault {
             }
             other => {
                 return Err(format!(
-                    "{s:?}: effect {other:?} is not eio, enospc, short=N or delay=Nms"
+                    "{s:?}: effect {other:?} is not eio, enospc, short=N, delay=Nms or panic"
                 ))
             }
         };
@@ -274,6 +279,9 @@ impl IoEngine for FaultEngine {
                 self.altered.insert(op.user_data, Pending::Delay(d));
                 self.inner.push(op);
             }
+            Some(Effect::Panic) => {
+                panic!("injected fault: panic on a {:?} at {}", op.kind, op.offset)
+            }
             None => self.inner.push(op),
         }
     }
@@ -353,6 +361,10 @@ mod tests {
         assert_eq!(
             Fault::parse("any:delay=20ms").expect("parse"),
             Fault::new(None, Effect::Delay(Duration::from_millis(20)))
+        );
+        assert_eq!(
+            Fault::parse("read:panic:1").expect("parse"),
+            Fault::new(Some(OpKind::Read), Effect::Panic).times(1)
         );
         assert_eq!(
             Fault::parse("sync:enospc:1").expect("parse"),

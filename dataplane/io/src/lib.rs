@@ -13,6 +13,7 @@
 pub mod buf;
 pub mod engine;
 pub mod fault;
+pub mod private;
 pub mod sync;
 pub mod uring;
 
@@ -25,13 +26,49 @@ use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+/// Held by every thread of the data path: if the thread unwinds (a panic), the
+/// process ends at once. A server whose I/O thread died would still answer
+/// health checks while every request hangs; aborting hands the problem to the
+/// supervisor and to the clients' reconnect logic, which can do something
+/// about it. (The `berth` binary also aborts on a panic in any thread, through
+/// its panic hook; this guard keeps the promise wherever the store is used.)
+#[derive(Debug)]
+pub struct AbortOnPanic(pub &'static str);
+
+impl Drop for AbortOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The panic message is already on stderr (the default hook ran).
+            eprintln!(
+                "berth: the {} thread panicked; aborting the process",
+                self.0
+            );
+            std::process::abort();
+        }
+    }
+}
+
+/// Spawns a named data-path thread that takes the process with it if it dies.
+pub fn spawn_critical<F>(name: &'static str, f: F) -> std::io::Result<std::thread::JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let _guard = AbortOnPanic(name);
+            f()
+        })
+}
+
 /// Opens a file or block device for direct I/O (`O_DIRECT`), read-write.
 ///
 /// Filesystems without `O_DIRECT` (tmpfs) get a buffered descriptor and a warning:
 /// data still reaches the file, only the page cache is not bypassed.
 pub fn open_direct(path: &Path, create: bool) -> std::io::Result<File> {
     let open = |flags| {
-        std::fs::OpenOptions::new()
+        // A new pool file is its owner's alone (see `private`).
+        private::create_options()
             .read(true)
             .write(true)
             .create(create)

@@ -63,7 +63,10 @@ impl SyncEngine {
                 let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("berth-pio-{i}"))
-                    .spawn(move || worker(&shared))
+                    .spawn(move || {
+                        let _guard = crate::AbortOnPanic("berth-pio");
+                        worker(&shared)
+                    })
             })
             .collect::<io::Result<_>>()?;
         Ok(SyncEngine {

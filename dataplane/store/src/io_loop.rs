@@ -11,9 +11,14 @@
 //! Writes overlapping an unfinished write or zeroing of the same volume wait for
 //! it, so concurrent overlapping writes resolve to one of them whole per 4 KiB
 //! block, and the read-modify-write of a partial block cannot lose a neighbour's
-//! bytes.
+//! bytes. A waiting write is parked on the one write it overlaps and looked at
+//! again only when that one finishes (an index of the ranges in progress per
+//! volume finds the overlap in O(log n)), so a completion costs nothing to the
+//! writes of other volumes or other blocks. Writes to a volume being
+//! snapshotted wait until the snapshot is recorded (`Tree::frozen`); other
+//! volumes never wait for it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -59,10 +64,24 @@ pub enum Op {
         target: Target,
         offset: u64,
         len: u64,
-        trim: bool,
+        how: Zeroing,
         fua: bool,
     },
     Flush,
+}
+
+/// What a zeroing promises beyond reading back as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Zeroing {
+    /// Advisory (NBD TRIM): whole blocks inside the range are freed; the
+    /// partial blocks at its edges are left as they are.
+    Trim,
+    /// The range reads as zeros; whole blocks hold no space afterwards.
+    Zero,
+    /// The range reads as zeros and stays allocated (NBD WRITE_ZEROES with
+    /// NO_HOLE): zero blocks are written to the pool like data. At most
+    /// [`MAX_REQUEST_BYTES`] per request, like a write.
+    Allocate,
 }
 
 /// A finished read: `bytes()` is the data asked for.
@@ -149,25 +168,21 @@ pub(crate) fn spawn(
     tracing::info!(engine = name, depth, "I/O engine ready");
     let (tx, rx) = std::sync::mpsc::channel();
     let csh = sh.clone();
-    let committer = std::thread::Builder::new()
-        .name("berth-commit".into())
-        .spawn(move || commit_groups(&csh, &rx))
-        .map_err(io)?;
+    // Each of these threads ends the process if it panics: without it, the
+    // others would wait for it forever while the server looked healthy.
+    let committer =
+        berth_io::spawn_critical("berth-commit", move || commit_groups(&csh, &rx)).map_err(io)?;
     let (wal_tx, wal_rx) = std::sync::mpsc::channel();
     let wsh = sh.clone();
-    let wal_syncer = std::thread::Builder::new()
-        .name("berth-walsync".into())
-        .spawn(move || sync_wals(&wsh, &wal_rx))
-        .map_err(io)?;
-    let thread = std::thread::Builder::new()
-        .name("berth-io".into())
-        .spawn(move || {
-            Loop::new(sh, engine, tx, wal_tx).run();
-            // The loop dropped its senders: the helpers end after their last job.
-            let _ = committer.join();
-            let _ = wal_syncer.join();
-        })
-        .map_err(io)?;
+    let wal_syncer =
+        berth_io::spawn_critical("berth-walsync", move || sync_wals(&wsh, &wal_rx)).map_err(io)?;
+    let thread = berth_io::spawn_critical("berth-io", move || {
+        Loop::new(sh, engine, tx, wal_tx).run();
+        // The loop dropped its senders: the helpers end after their last job.
+        let _ = committer.join();
+        let _ = wal_syncer.join();
+    })
+    .map_err(io)?;
     Ok((thread, name))
 }
 
@@ -261,10 +276,14 @@ struct Slot {
     first_lba: u64,
     blocks: u64,
     fua: bool,
+    /// Zero blocks are written like data (allocating zeroing), not mapped as zeros.
+    provision: bool,
     ops_left: u32,
     error: Option<StoreError>,
     read_seq: Option<u64>,
     busy: bool,
+    /// Writes that overlap this one, to look at again when it finishes.
+    waiters: Vec<Request>,
     /// Buffer pieces by index (reads and writes split their buffer per disk run).
     pieces: Vec<Option<IoBuf>>,
     /// First block (relative) of each piece.
@@ -290,8 +309,13 @@ pub(crate) struct Loop {
     slots: Vec<Option<Slot>>,
     free_slots: Vec<usize>,
     spare: Vec<Slot>,
-    /// Writes waiting for an overlapping one to finish, in arrival order.
-    waiting: VecDeque<Request>,
+    /// Per tree: the block ranges `[first, end)` of the writes in progress, by
+    /// first block: `(end, slot)`. Admitted writes never overlap, so the
+    /// ranges are disjoint and one lookup finds an overlap.
+    busy: HashMap<u64, BTreeMap<u64, (u64, usize)>>,
+    /// Per tree: writes that arrived while the volume was frozen for a
+    /// snapshot, in arrival order.
+    frozen: HashMap<u64, Vec<Request>>,
     commit: Vec<usize>,
     /// Flushes and FUA writes waiting for the next sync.
     syncing: Vec<usize>,
@@ -300,6 +324,8 @@ pub(crate) struct Loop {
     completions: Vec<IoCompletion>,
     /// Reused for resolving writes, so the data path does not allocate it.
     scratch_layers: Vec<Layer>,
+    /// Reused for a read's blocks the cache did not know.
+    scratch_misses: Vec<usize>,
     /// Slots of the group the committer is writing.
     committing: Vec<usize>,
     committer: std::sync::mpsc::Sender<Group>,
@@ -323,12 +349,14 @@ impl Loop {
             slots: Vec::new(),
             free_slots: Vec::new(),
             spare: Vec::new(),
-            waiting: VecDeque::new(),
+            busy: HashMap::new(),
+            frozen: HashMap::new(),
             commit: Vec::new(),
             syncing: Vec::new(),
             sync_batch: Vec::new(),
             completions: Vec::new(),
             scratch_layers: Vec::new(),
+            scratch_misses: Vec::new(),
             committing: Vec::new(),
             committer,
             wal_syncer,
@@ -364,7 +392,22 @@ impl Loop {
                 self.wal_synced = Some(w);
                 self.sync_done();
             }
-            if stopping && self.live() == 0 && self.waiting.is_empty() {
+            let thawed = std::mem::take(&mut *self.sh.thawed.lock());
+            for tree in thawed {
+                for req in self.frozen.remove(&tree).unwrap_or_default() {
+                    self.accept_write(req);
+                }
+            }
+            if stopping {
+                // A snapshot cannot finish any more: its waiting writes fail.
+                for (_, reqs) in self.frozen.drain() {
+                    for req in reqs {
+                        let out = fail(&req.op, StoreError::ShuttingDown);
+                        req.reply.reply(req.tag, out);
+                    }
+                }
+            }
+            if stopping && self.live() == 0 {
                 return;
             }
             // Group commit: while more completions are ready, let the group grow
@@ -380,6 +423,7 @@ impl Loop {
                 if !self.sh.queue.lock().is_empty()
                     || self.sh.committed.lock().is_some()
                     || self.sh.wal_synced.lock().is_some()
+                    || !self.sh.thawed.lock().is_empty()
                     || self.sh.shutdown.load(Ordering::SeqCst)
                 {
                     self.sh.parked.store(false, Ordering::SeqCst);
@@ -411,10 +455,12 @@ impl Loop {
             first_lba: 0,
             blocks: 0,
             fua: false,
+            provision: false,
             ops_left: 0,
             error: None,
             read_seq: None,
             busy: false,
+            waiters: Vec::new(),
             pieces: Vec::new(),
             piece_start: Vec::new(),
             values: Vec::new(),
@@ -429,6 +475,7 @@ impl Loop {
         s.read_seq = None;
         s.busy = false;
         s.fua = false;
+        s.provision = false;
         s.pieces.clear();
         s.piece_start.clear();
         s.values.clear();
@@ -515,21 +562,23 @@ impl Loop {
         len: usize,
     ) {
         let i = self.new_slot(tag, reply, Kind::Read);
-        let first_lba = offset / BLOCK_SIZE;
-        let blocks = (offset + len as u64)
-            .div_ceil(BLOCK_SIZE)
-            .saturating_sub(first_lba);
         let s = self.slots[i].as_mut().expect("live slot");
         s.phase = Phase::Reading;
         s.target = target;
         s.offset = offset;
         s.len = len as u64;
-        s.first_lba = first_lba;
-        s.blocks = blocks;
-        // Resolve, register the read and map every block in one go under the
-        // catalog lock: no commit or free can slip in between.
+        // Resolve, register the read and map what the cache knows under the
+        // catalog lock; look the rest up in RocksDB off it. Registering the
+        // read first is what makes that safe: a block a commit frees after
+        // this point is not reused until the read ends, so whatever mapping
+        // the lookup finds (the one before or after a racing commit) points
+        // at intact data.
+        let mut misses = std::mem::take(&mut self.scratch_misses);
+        let mut version = 0;
         let mapped: Result<()> = (|| {
             let mut inner = self.sh.inner.lock();
+            // The range is checked (offset + len within the target) before any
+            // arithmetic on it: offsets come from the network.
             Self::resolve(
                 &inner,
                 target,
@@ -539,15 +588,43 @@ impl Loop {
                 "read",
                 &mut s.layers,
             )?;
+            let first_lba = offset / BLOCK_SIZE;
+            let blocks = (offset + len as u64).div_ceil(BLOCK_SIZE) - first_lba;
+            s.first_lba = first_lba;
+            s.blocks = blocks;
             s.tree = s.layers[0].tree;
             s.read_seq = Some(inner.read_start());
-            let inner = &mut *inner;
-            for lba in first_lba..first_lba + blocks {
-                s.values
-                    .push(map::lookup(&self.sh.db, &mut inner.cache, &s.layers, lba)?);
+            version = inner.cache.version();
+            for (k, lba) in (s.first_lba..s.first_lba + s.blocks).enumerate() {
+                match map::lookup_cached(&mut inner.cache, &s.layers, lba) {
+                    Some(v) => s.values.push(v),
+                    None => {
+                        s.values.push(None);
+                        misses.push(k);
+                    }
+                }
             }
             Ok(())
         })();
+        let mapped = mapped.and_then(|()| {
+            let mut fills = Vec::new();
+            for &k in &misses {
+                let lba = s.first_lba + k as u64;
+                let (value, head) = map::lookup_uncached(&self.sh.db, &s.layers, lba)?;
+                s.values[k] = value;
+                fills.push((lba, head));
+            }
+            if !fills.is_empty() {
+                // Into the cache only if nothing changed it meanwhile.
+                let mut inner = self.sh.inner.lock();
+                for (lba, head) in fills {
+                    inner.cache.fill(version, s.tree, lba, head);
+                }
+            }
+            Ok(())
+        });
+        misses.clear();
+        self.scratch_misses = misses;
         if let Err(e) = mapped {
             s.error = Some(e);
             return self.finish(i);
@@ -557,7 +634,8 @@ impl Loop {
             .counters
             .read_bytes
             .fetch_add(len as u64, Ordering::Relaxed);
-        let buf = self.sh.arena.alloc_uninit(blocks as usize * BS);
+        let blocks = self.slot(i).blocks as usize;
+        let buf = self.sh.arena.alloc_uninit(blocks * BS);
         self.submit_runs(i, buf, OpKind::Read);
         if self.slot(i).ops_left == 0 {
             self.finish(i);
@@ -627,21 +705,20 @@ impl Loop {
     }
 
     fn accept_write(&mut self, mut req: Request) {
+        let mut provision = false;
         if let Op::Zero {
             target,
             offset,
             len,
-            trim,
+            how,
             fua,
         } = req.op
         {
             let end = offset.saturating_add(len);
-            let (lo, hi) = (
-                offset.next_multiple_of(BLOCK_SIZE),
-                end / BLOCK_SIZE * BLOCK_SIZE,
-            );
-            if offset % BLOCK_SIZE != 0 || end % BLOCK_SIZE != 0 {
-                // Validate the range as asked, before it is narrowed or rewritten.
+            let trim = how == Zeroing::Trim;
+            if offset % BLOCK_SIZE != 0 || end % BLOCK_SIZE != 0 || how == Zeroing::Allocate {
+                // Validate the range as asked, before it is narrowed or rewritten
+                // (and before any arithmetic on it: offsets come from the network).
                 let mut layers = Vec::new();
                 let checked = {
                     let inner = self.sh.inner.lock();
@@ -650,21 +727,28 @@ impl Loop {
                 if let Err(e) = checked {
                     return req.reply.reply(req.tag, Outcome::Done(Err(e)));
                 }
+                // In range, so below 2^60: no overflow from here on.
+                let (lo, hi) = (
+                    offset.next_multiple_of(BLOCK_SIZE),
+                    end / BLOCK_SIZE * BLOCK_SIZE,
+                );
                 if trim {
                     // A trim is advisory: free the whole blocks inside the range.
-                    if hi <= lo || len == 0 || end > u64::MAX - BLOCK_SIZE {
+                    if hi <= lo {
                         return req.reply.reply(req.tag, Outcome::Done(Ok(())));
                     }
                     req.op = Op::Zero {
                         target,
                         offset: lo,
                         len: hi - lo,
-                        trim,
+                        how,
                         fua,
                     };
                 } else if len <= MAX_REQUEST_BYTES {
-                    // Zeroing part of a block: a write of zeros (whole zero blocks
-                    // inside it still become map entries only).
+                    // Zeroing part of a block, or keeping the range allocated: a
+                    // write of zeros (unless allocating, whole zero blocks inside
+                    // it still become map entries only).
+                    provision = how == Zeroing::Allocate;
                     let (mut buf, _) = write_buffer(&self.sh.arena, offset, len as usize);
                     buf.as_mut_slice().fill(0);
                     req.op = Op::Write {
@@ -675,9 +759,11 @@ impl Loop {
                         fua,
                     };
                 } else {
-                    let e = StoreError::InvalidArgument(format!(
-                        "write-zeroes of {len} bytes at {offset} is not 4096-byte aligned; unaligned zeroing is limited to {MAX_REQUEST_BYTES} bytes"
-                    ));
+                    let e = StoreError::InvalidArgument(if how == Zeroing::Allocate {
+                        format!("allocating write-zeroes of {len} bytes is larger than the {MAX_REQUEST_BYTES}-byte maximum")
+                    } else {
+                        format!("write-zeroes of {len} bytes at {offset} is not 4096-byte aligned; unaligned zeroing is limited to {MAX_REQUEST_BYTES} bytes")
+                    });
                     return req.reply.reply(req.tag, Outcome::Done(Err(e)));
                 }
             }
@@ -717,13 +803,19 @@ impl Loop {
             };
             let end_lba = (offset + len).div_ceil(BLOCK_SIZE);
             let t = inner.trees.get_mut(&tree).expect("resolved tree");
-            if t.busy.iter().any(|&(a, b)| a < end_lba && first_lba < b) {
+            if t.frozen {
                 drop(inner);
                 self.scratch_layers = layers;
-                self.waiting.push_back(req);
+                self.frozen.entry(tree).or_default().push(req);
                 return;
             }
-            t.busy.push((first_lba, end_lba));
+            if let Some(other) = self.overlap(tree, first_lba, end_lba) {
+                drop(inner);
+                self.scratch_layers = layers;
+                self.slot(other).waiters.push(req);
+                return;
+            }
+            t.writes_in_flight += 1;
         }
         let blocks = (offset + len).div_ceil(BLOCK_SIZE) - first_lba;
         let (kind, buf) = match req.op {
@@ -740,11 +832,17 @@ impl Loop {
             s.first_lba = first_lba;
             s.blocks = blocks;
             s.fua = fua;
+            s.provision = provision;
             s.busy = true;
             // Swap rather than move: the slot's old vector becomes the scratch.
             std::mem::swap(&mut s.layers, &mut layers);
         }
         self.scratch_layers = layers;
+        let tree = self.slot(i).tree;
+        self.busy
+            .entry(tree)
+            .or_default()
+            .insert(first_lba, (first_lba + blocks, i));
         let Some(mut buf) = buf else {
             self.slot(i).phase = Phase::Commit;
             self.commit.push(i);
@@ -834,10 +932,13 @@ impl Loop {
         s.values.clear();
         let blocks = s.blocks as usize;
         let data = buf.as_slice();
-        // All-zero blocks become Zero entries (no pool space, no I/O); the rest
-        // are marked None until their pool block is known.
+        // All-zero blocks become Zero entries (no pool space, no I/O), unless
+        // the range must stay allocated; the rest are marked None until their
+        // pool block is known.
+        let provision = s.provision;
         s.values.extend((0..blocks).map(|b| {
-            (!data[b * BS..(b + 1) * BS].iter().any(|&x| x != 0)).then_some(BlockValue::Zero)
+            (!provision && !data[b * BS..(b + 1) * BS].iter().any(|&x| x != 0))
+                .then_some(BlockValue::Zero)
         }));
         let need = s.values.iter().filter(|v| v.is_none()).count() as u64;
         let mut runs = std::mem::take(&mut s.runs);
@@ -1091,7 +1192,8 @@ impl Loop {
         if let Err(e) = &result {
             tracing::error!(error = %e, "block map commit failed");
         }
-        let mut inner = self.sh.inner.lock();
+        let sh = self.sh.clone();
+        let mut inner = sh.inner.lock();
         for &i in &ready {
             let s = self.slots[i].as_mut().expect("live slot");
             if let Err(e) = &result {
@@ -1106,7 +1208,10 @@ impl Loop {
                 }
             }
             s.runs.clear();
-            release_busy(&mut inner, s);
+        }
+        let mut again = Vec::new();
+        for &i in &ready {
+            self.release_busy(&mut inner, i, &mut again);
         }
         let sync_needed = inner.alloc.pending_blocks() > PENDING_FREE_SYNC;
         drop(inner);
@@ -1127,8 +1232,7 @@ impl Loop {
             }
         }
         // Writes that waited for these may go now.
-        let waiting = std::mem::take(&mut self.waiting);
-        for req in waiting {
+        for req in again {
             self.accept_write(req);
         }
     }
@@ -1191,6 +1295,43 @@ impl Loop {
         }
     }
 
+    /// A write in progress on `tree` overlapping blocks `[first, end)`.
+    fn overlap(&self, tree: u64, first: u64, end: u64) -> Option<usize> {
+        // The ranges are disjoint: only the last one starting before `end`
+        // can reach past `first`.
+        let (_, &(e, slot)) = self.busy.get(&tree)?.range(..end).next_back()?;
+        (e > first).then_some(slot)
+    }
+
+    /// Ends slot `i`'s claim on its blocks; the writes that waited for it go
+    /// to `again`.
+    fn release_busy(&mut self, inner: &mut Inner, i: usize, again: &mut Vec<Request>) {
+        let mut s = self.slots[i].take().expect("live slot");
+        self.release_range(inner, &mut s, again);
+        self.slots[i] = Some(s);
+    }
+
+    fn release_range(&mut self, inner: &mut Inner, s: &mut Slot, again: &mut Vec<Request>) {
+        if !s.busy {
+            return;
+        }
+        s.busy = false;
+        if let Some(ranges) = self.busy.get_mut(&s.tree) {
+            ranges.remove(&s.first_lba);
+            if ranges.is_empty() {
+                self.busy.remove(&s.tree);
+            }
+        }
+        again.append(&mut s.waiters);
+        if let Some(t) = inner.trees.get_mut(&s.tree) {
+            t.writes_in_flight = t.writes_in_flight.saturating_sub(1);
+            if t.frozen && t.writes_in_flight == 0 {
+                // A snapshot waits for this volume's writes to drain.
+                self.sh.commit_idle.notify_all();
+            }
+        }
+    }
+
     /// Answers a request and recycles its slot.
     fn finish(&mut self, i: usize) {
         let Some(mut s) = self.slots[i].take() else {
@@ -1198,14 +1339,15 @@ impl Loop {
         };
         self.free_slots.push(i);
         if s.busy {
-            let mut inner = self.sh.inner.lock();
+            let mut again = Vec::new();
+            let sh = self.sh.clone();
+            let mut inner = sh.inner.lock();
             for (f, l) in s.runs.drain(..) {
                 inner.alloc.unalloc(f, l);
             }
-            release_busy(&mut inner, &mut s);
+            self.release_range(&mut inner, &mut s, &mut again);
             drop(inner);
-            let waiting = std::mem::take(&mut self.waiting);
-            for req in waiting {
+            for req in again {
                 self.accept_write(req);
             }
         }
@@ -1253,18 +1395,6 @@ pub(crate) fn write_buffer(
     (arena.alloc_uninit(span.max(BS)), start)
 }
 
-fn release_busy(inner: &mut Inner, s: &mut Slot) {
-    if !s.busy {
-        return;
-    }
-    s.busy = false;
-    let end = s.first_lba + s.blocks;
-    if let Some(t) = inner.trees.get_mut(&s.tree) {
-        if let Some(p) = t.busy.iter().position(|&r| r == (s.first_lba, end)) {
-            t.busy.swap_remove(p);
-        }
-    }
-}
 
 /// Byte range `[lo, hi)` of block `lba` that a write of `len` at `offset`
 /// covers; the rest of the block keeps its old contents.

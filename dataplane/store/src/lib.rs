@@ -52,6 +52,7 @@
 
 mod alloc;
 pub mod error;
+mod gc;
 mod io_loop;
 mod map;
 mod meta;
@@ -59,9 +60,10 @@ pub mod pool;
 mod store;
 
 pub use berth_io::fault::{Effect, Fault, FaultPlan};
-pub use berth_io::EngineChoice;
+pub use berth_io::{AbortOnPanic, EngineChoice};
 pub use error::{Result, StoreError};
-pub use io_loop::{Op, Outcome, ReadDone, Reply, MAX_REQUEST_BYTES};
+pub use gc::Pauses;
+pub use io_loop::{Op, Outcome, ReadDone, Reply, Zeroing, MAX_REQUEST_BYTES};
 pub use pool::BLOCK_SIZE;
 pub use store::{
     block_crc, validate_name, Counters, Extent, PoolStats, ScrubError, ScrubReport, SnapshotInfo,

@@ -22,7 +22,6 @@
 //! Invariant for a live tree: if `head` has no entry for an LBA, `history` has none
 //! either (a trim over history leaves a `Zero` head entry instead of a hole).
 
-use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 
 use rocksdb::{WriteBatch, DB};
@@ -47,6 +46,10 @@ pub struct Layer {
 /// collection), always under the store's catalog lock.
 pub struct HeadCache {
     lru: lru::LruCache<(u64, u64), Option<MapEntry>>,
+    /// Bumped by every change ([`HeadCache::set`], [`HeadCache::invalidate`]):
+    /// a value read from RocksDB off the lock is cached only if no change
+    /// came in between (see [`HeadCache::fill`]).
+    version: u64,
     pub hits: u64,
     pub misses: u64,
 }
@@ -65,6 +68,7 @@ impl HeadCache {
     pub fn new(entries: usize) -> Self {
         HeadCache {
             lru: lru::LruCache::new(NonZeroUsize::new(entries.max(1)).unwrap_or(NonZeroUsize::MIN)),
+            version: 0,
             hits: 0,
             misses: 0,
         }
@@ -83,11 +87,36 @@ impl HeadCache {
 
     /// Records the value a committed batch gave `head[tree, lba]`.
     pub fn set(&mut self, tree: u64, lba: u64, e: Option<MapEntry>) {
+        self.version += 1;
         self.lru.put((tree, lba), e);
     }
 
     pub fn invalidate(&mut self, tree: u64, lba: u64) {
+        self.version += 1;
         self.lru.pop(&(tree, lba));
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The cached head of (tree, lba), if the cache knows it.
+    fn peek(&mut self, tree: u64, lba: u64) -> Option<Option<MapEntry>> {
+        let e = self.lru.get(&(tree, lba)).copied();
+        match e {
+            Some(_) => self.hits += 1,
+            None => self.misses += 1,
+        }
+        e
+    }
+
+    /// Caches a head read from RocksDB while the cache was at `version`,
+    /// unless a change came in since: that change may have been to this very
+    /// entry, after the read.
+    pub fn fill(&mut self, version: u64, tree: u64, lba: u64, e: Option<MapEntry>) {
+        if self.version == version {
+            self.lru.put((tree, lba), e);
+        }
     }
 }
 
@@ -139,11 +168,61 @@ pub fn lookup(
     layers: &[Layer],
     lba: u64,
 ) -> Result<Option<BlockValue>> {
+    lookup_with(db, layers, lba, |tree, lba| cache.get(db, tree, lba))
+}
+
+/// [`lookup`] from the cache alone: `None` when answering needs RocksDB (a
+/// head the cache does not hold, or a snapshot's history).
+pub fn lookup_cached(cache: &mut HeadCache, layers: &[Layer], lba: u64) -> Option<Option<BlockValue>> {
+    for l in layers {
+        if lba >= l.limit_blocks {
+            return Some(None);
+        }
+        let head = cache.peek(l.tree, lba)?;
+        match (l.view, head) {
+            (None, Some(h)) => return Some(Some(h.value)),
+            (None, None) => {}
+            (Some(s), Some(h)) if h.epoch <= s => return Some(Some(h.value)),
+            // A view needs the history (a dead tree may keep history
+            // below a head that was collected).
+            (Some(_), _) => return None,
+        }
+    }
+    Some(None)
+}
+
+/// [`lookup`] straight from RocksDB, without the cache (and so without the
+/// catalog lock that guards it); also returns the first layer's head as
+/// read, for [`HeadCache::fill`].
+pub fn lookup_uncached(
+    db: &DB,
+    layers: &[Layer],
+    lba: u64,
+) -> Result<(Option<BlockValue>, Option<MapEntry>)> {
+    let mut first = None;
+    let mut n = 0;
+    let v = lookup_with(db, layers, lba, |tree, lba| {
+        let h = get_head(db, tree, lba)?;
+        if n == 0 {
+            first = h;
+        }
+        n += 1;
+        Ok(h)
+    })?;
+    Ok((v, first))
+}
+
+fn lookup_with(
+    db: &DB,
+    layers: &[Layer],
+    lba: u64,
+    mut head_of: impl FnMut(u64, u64) -> Result<Option<MapEntry>>,
+) -> Result<Option<BlockValue>> {
     for l in layers {
         if lba >= l.limit_blocks {
             return Ok(None);
         }
-        let head = cache.get(db, l.tree, lba)?;
+        let head = head_of(l.tree, lba)?;
         match l.view {
             None => {
                 if let Some(h) = head {
@@ -321,72 +400,4 @@ impl HeadUpdate<'_> {
             Some(BlockValue::Data { .. })
         ))
     }
-}
-
-/// Drops every entry of `tree` that no reader can see. `readers` are the
-/// snapshot epochs still pinned; `live` whether the volume still writes here.
-/// Returns the number of entries removed.
-pub fn collect_garbage(
-    db: &DB,
-    cache: &mut HeadCache,
-    batch: &mut WriteBatch,
-    tree: u64,
-    live: bool,
-    readers: &BTreeMap<u64, u64>,
-    freed: &mut Vec<u64>,
-) -> Result<u64> {
-    let sees = |from: u64, until: u64| readers.range(from..until).next().is_some();
-    let mut removed = 0;
-    let prefix = tree.to_be_bytes();
-    let free = |e: &MapEntry, freed: &mut Vec<u64>| {
-        if let BlockValue::Data { block, .. } = e.value {
-            freed.push(block);
-        }
-    };
-    let mut it = db.raw_iterator_cf(cf(db, CF_HEAD));
-    it.seek(prefix);
-    while let (Some(k), Some(v)) = (it.key(), it.value()) {
-        if !k.starts_with(&prefix) {
-            break;
-        }
-        let e = MapEntry::decode(v)?;
-        if !live && !sees(e.epoch, u64::MAX) {
-            if let Some((_, lba, None)) = meta::parse_key(k) {
-                cache.invalidate(tree, lba);
-            }
-            batch.delete_cf(cf(db, CF_HEAD), k);
-            free(&e, freed);
-            removed += 1;
-        }
-        it.next();
-    }
-    it.status()?;
-
-    // History entries of one LBA come newest first; each is valid until the one
-    // before it (or the head entry).
-    let mut it = db.raw_iterator_cf(cf(db, CF_HISTORY));
-    it.seek(prefix);
-    let mut cur: Option<(u64, u64)> = None; // (lba, validity end)
-    while let (Some(k), Some(v)) = (it.key(), it.value()) {
-        let Some((t, lba, Some(epoch))) = meta::parse_key(k) else {
-            break;
-        };
-        if t != tree {
-            break;
-        }
-        let until = match cur {
-            Some((l, until)) if l == lba => until,
-            _ => get_head(db, tree, lba)?.map_or(u64::MAX, |h| h.epoch),
-        };
-        let e = MapEntry::decode(v)?;
-        if !sees(epoch, until) {
-            batch.delete_cf(cf(db, CF_HISTORY), k);
-            free(&e, freed);
-            removed += 1;
-        }
-        cur = Some((lba, epoch));
-        it.next();
-    }
-    it.status()?;
-    Ok(removed)
 }

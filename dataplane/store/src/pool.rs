@@ -184,7 +184,20 @@ impl Pool {
                 });
             }
         }
+        let min_bytes = DATA_OFFSET + 16 * BLOCK_SIZE;
+        if !is_dev {
+            // Checked before anything is created: a size of 0 used to reach
+            // fallocate and come back as "Invalid argument (os error 22)".
+            let asked = size_bytes
+                .ok_or_else(|| StoreError::InvalidArgument("a pool file needs a size".into()))?;
+            if asked / BLOCK_SIZE * BLOCK_SIZE < min_bytes {
+                return Err(StoreError::InvalidArgument(format!(
+                    "a pool of {asked} bytes is too small: a pool file needs at least {min_bytes} bytes (for example --pool-size 1G)"
+                )));
+            }
+        }
         let mut file = berth_io::open_direct(path, !is_dev).map_err(pool_err(path))?;
+        berth_io::private::file(path).map_err(pool_err(path))?;
         lock(path, &file, lock_wait)?;
         let len = if is_dev {
             let len = file.seek(SeekFrom::End(0)).map_err(pool_err(path))?;
@@ -207,7 +220,7 @@ impl Pool {
             }
             len
         };
-        if len < DATA_OFFSET + 16 * BLOCK_SIZE {
+        if len < min_bytes {
             return Err(StoreError::BadPool {
                 path: path.to_path_buf(),
                 reason: format!("{len} bytes is too small for a pool"),
@@ -246,6 +259,7 @@ impl Pool {
             )));
         }
         let file = berth_io::open_direct(path, false).map_err(pool_err(path))?;
+        berth_io::private::file(path).map_err(pool_err(path))?;
         lock(path, &file, lock_wait)?;
         let mut buf = IoBuf::heap(PAGE);
         read_exact_at(&file, &mut buf, 0).map_err(|e| StoreError::BadPool {

@@ -2,9 +2,14 @@
 //! snapshots, and the I/O thread that serves reads and writes.
 //!
 //! Control operations (create, snapshot, clone, delete, resize, scrub) run on the
-//! caller's thread under the catalog lock; data operations go to the I/O thread
-//! (`io_loop`). Both change block maps only under that lock, so a snapshot sees
-//! every write acknowledged before it.
+//! caller's thread; data operations go to the I/O thread (`io_loop`). Both
+//! change the catalog only under the catalog lock, and control operations hold
+//! it only to change memory and append their batch to the WAL: the WAL sync,
+//! the pool's fdatasync and the garbage collection of what a delete frees
+//! happen off it (`gc`), so control work on one volume never holds up I/O on
+//! another for more than a moment. A snapshot freezes only its own volume:
+//! its new writes wait while the writes in flight land and the pool syncs,
+//! so the snapshot holds every write acknowledged before it, durably.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -17,7 +22,8 @@ use rocksdb::{WriteBatch, WriteOptions, DB};
 
 use crate::alloc::Allocator;
 use crate::error::{Result, StoreError};
-use crate::io_loop::{self, Op, Outcome, Reply, Request};
+use crate::gc::{self, GcQueue, Pauses};
+use crate::io_loop::{self, Op, Outcome, Reply, Request, Zeroing};
 use crate::map::{self, Layer};
 use crate::meta::{
     self, cf, BlockValue, SnapshotRec, TreeRec, VolumeRec, CF_HEAD, CF_HISTORY, CF_META,
@@ -63,6 +69,8 @@ pub struct StoreConfig {
     /// Faults to inject into pool I/O (tests; the volume server sets it from
     /// `BERTH_FAULTS` for fault drills); `None` in normal operation.
     pub faults: Option<Arc<berth_io::fault::FaultPlan>>,
+    /// Points where tests hold control work (see [`Pauses`]).
+    pub pauses: Option<Arc<Pauses>>,
 }
 
 impl StoreConfig {
@@ -81,6 +89,7 @@ impl StoreConfig {
             lock_wait: std::time::Duration::from_secs(10),
             map_cache_entries: 512 << 10,
             faults: None,
+            pauses: None,
         }
     }
 
@@ -185,13 +194,27 @@ pub(crate) struct Tree {
     pub rec: TreeRec,
     /// Snapshot epoch -> snapshot id.
     pub readers: BTreeMap<u64, u64>,
-    /// Block ranges `[start, end)` with a write or zeroing in progress.
-    pub busy: Vec<(u64, u64)>,
+    /// Writes and zeroings in progress (their ranges are the I/O thread's).
+    pub writes_in_flight: u32,
+    /// A snapshot is being taken: new writes wait until it is recorded.
+    pub frozen: bool,
     /// Pool blocks this tree's map entries (head and history) reference,
     /// kept as commits land and rebuilt at open: what a volume costs in pool
     /// space, in O(1) (a clone's blocks shared with its source are the
     /// source's).
     pub owned_blocks: u64,
+}
+
+impl Tree {
+    pub fn new(rec: TreeRec) -> Tree {
+        Tree {
+            rec,
+            readers: BTreeMap::new(),
+            writes_in_flight: 0,
+            frozen: false,
+            owned_blocks: 0,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -413,6 +436,15 @@ pub fn validate_name(kind: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// The data folder and the catalog's folder are their owner's alone: the pool
+/// and the block maps are every volume's data (see `berth_io::private`).
+fn private_dir(dir: &std::path::Path) -> Result<()> {
+    berth_io::private::dir(dir).map_err(|source| StoreError::PoolFile {
+        path: dir.to_path_buf(),
+        source,
+    })
+}
+
 fn validate_size(size_bytes: u64) -> Result<()> {
     if size_bytes == 0 || size_bytes > MAX_VOLUME_BYTES {
         return Err(StoreError::InvalidArgument(format!(
@@ -436,8 +468,17 @@ pub(crate) struct Shared {
     pub committed: Mutex<Option<Result<()>>>,
     /// The WAL syncer's result for the sync in flight, with the sequence it covers.
     pub wal_synced: Mutex<Option<(u64, Result<()>)>>,
-    /// Signalled when a group commit has landed.
+    /// Signalled when a group commit has landed, when a frozen volume's
+    /// last write in flight lands, and when a snapshot thaws its volume.
     pub commit_idle: Condvar,
+    /// Trees a snapshot has thawed, for the I/O thread to let their waiting
+    /// writes go.
+    pub thawed: Mutex<Vec<u64>>,
+    /// Trees with garbage to collect (see `gc`).
+    pub gc: Mutex<GcQueue>,
+    /// Signalled when a tree is queued and when a walk ends.
+    pub gc_wake: Condvar,
+    pub pauses: Option<Arc<Pauses>>,
 }
 
 impl Shared {
@@ -453,14 +494,28 @@ impl Shared {
         inner
     }
 
-    /// A metadata batch made durable at once (control operations).
-    pub fn write_synced(&self, inner: &mut Inner, batch: WriteBatch) -> Result<()> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(batch, &wo)?;
-        let seq = inner.seq;
-        inner.synced(seq);
+    /// Makes everything in the WAL so far durable, taking the catalog lock
+    /// only for a moment before and after the sync; frees queued before it
+    /// may then be reused. Control operations append their batch under the
+    /// lock and call this after releasing it.
+    pub fn sync_wal(&self) -> Result<()> {
+        let seq = self.inner.lock().seq;
+        self.db.flush_wal(true)?;
+        self.inner.lock().synced(seq);
         Ok(())
+    }
+
+    /// Ends a snapshot's freeze of `tree`: the I/O thread lets the writes
+    /// that waited go.
+    fn thaw(&self, tree: u64) {
+        if let Some(t) = self.inner.lock().trees.get_mut(&tree) {
+            t.frozen = false;
+        }
+        self.thawed.lock().push(tree);
+        if let Some(w) = self.waker.get() {
+            w.wake();
+        }
+        self.commit_idle.notify_all();
     }
 
     /// Data of acknowledged writes on stable storage: pool first, then the WAL, so
@@ -502,6 +557,8 @@ impl Submitter {
 pub struct Store {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The garbage collector (`gc`).
+    collector: Option<std::thread::JoinHandle<()>>,
     engine_name: &'static str,
 }
 
@@ -524,13 +581,15 @@ impl Store {
                 cfg.data_dir.display()
             )));
         }
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| StoreError::PoolFile {
-            path: cfg.data_dir.clone(),
-            source,
-        })?;
+        private_dir(&cfg.data_dir)?;
         let pool_path = cfg.pool_path();
         let pool = Pool::create(&pool_path, Some(cfg.pool_size_bytes), cfg.lock_wait)?;
-        let db = match meta::open_db(&meta_dir, true) {
+        let db = match meta::open_db(&meta_dir, true).and_then(|db| {
+            // RocksDB makes its files with the umask's modes: the folder keeps
+            // everyone else out of them.
+            private_dir(&meta_dir)?;
+            Ok(db)
+        }) {
             Ok(db) => db,
             Err(e) => {
                 if cfg.pool_path.is_none() {
@@ -560,8 +619,10 @@ impl Store {
                 name: cfg.data_dir.display().to_string(),
             });
         }
+        private_dir(&cfg.data_dir)?;
         let pool = Pool::open(&cfg.pool_path(), cfg.lock_wait)?;
         let db = meta::open_db(&meta_dir, false)?;
+        private_dir(&meta_dir)?;
         let rec = db.get_cf(cf(&db, CF_META), b"pool")?.unwrap_or_default();
         if rec.len() < 16 || rec[..16] != pool.sb.uuid.as_bytes()[..] {
             return Err(StoreError::BadPool {
@@ -586,6 +647,16 @@ impl Store {
 
     fn start(cfg: &StoreConfig, pool: Pool, db: DB) -> Result<Store> {
         let inner = load(&db, &pool, cfg.map_cache_entries)?;
+        // Walks a crash interrupted, and (to be safe) every dead tree.
+        let mut gc_queue = GcQueue::default();
+        gc_queue.pending.extend(gc::pending_at_open(&db)?);
+        gc_queue.pending.extend(
+            inner
+                .trees
+                .iter()
+                .filter(|(_, t)| !t.rec.live)
+                .map(|(&id, _)| id),
+        );
         let arena = Arena::new(cfg.arena_bytes).map_err(|source| StoreError::Io {
             op: "allocate buffers",
             offset: 0,
@@ -604,6 +675,10 @@ impl Store {
             committed: Mutex::new(None),
             wal_synced: Mutex::new(None),
             commit_idle: Condvar::new(),
+            thawed: Mutex::new(Vec::new()),
+            gc: Mutex::new(gc_queue),
+            gc_wake: Condvar::new(),
+            pauses: cfg.pauses.clone(),
         });
         let (thread, engine_name) = io_loop::spawn(
             shared.clone(),
@@ -611,11 +686,21 @@ impl Store {
             cfg.queue_depth,
             cfg.faults.clone(),
         )?;
-        Ok(Store {
+        let gsh = shared.clone();
+        let collector = berth_io::spawn_critical("berth-gc", move || gc::run(&gsh));
+        let mut store = Store {
             shared,
             thread: Some(thread),
+            collector: None,
             engine_name,
-        })
+        };
+        // On failure, dropping the store stops the I/O thread.
+        store.collector = Some(collector.map_err(|source| StoreError::Io {
+            op: "start the garbage collector",
+            offset: 0,
+            source,
+        })?);
+        Ok(store)
     }
 
     /// `"io_uring"` or `"sync"`.
@@ -638,18 +723,26 @@ impl Store {
     // ---- control ----------------------------------------------------------
 
     /// Creates a thin volume; the same name and size again returns the existing
-    /// volume, a different size is `AlreadyExists`.
+    /// volume, a different size is `AlreadyExists`. Returns once the record
+    /// is durable.
     pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
         validate_name("volume", name)?;
         validate_size(size_bytes)?;
         let sh = &self.shared;
-        let mut inner = sh.inner.lock();
-        if let Some(&id) = inner.volume_names.get(name) {
-            return existing_volume(&inner, id, size_bytes, None);
-        }
-        let id = new_volume(sh, &mut inner, name, size_bytes, None)?;
-        tracing::info!(volume = name, id, size_bytes, "created volume");
-        Ok(inner.volume_info(id).expect("just inserted"))
+        let info = {
+            let mut inner = sh.inner.lock();
+            match inner.volume_names.get(name) {
+                Some(&id) => existing_volume(&inner, id, size_bytes, None)?,
+                None => {
+                    let id = new_volume(sh, &mut inner, name, size_bytes, None)?;
+                    tracing::info!(volume = name, id, size_bytes, "created volume");
+                    inner.volume_info(id).expect("just inserted")
+                }
+            }
+        };
+        // Also for an existing volume: another caller may still be syncing it.
+        sh.sync_wal()?;
+        Ok(info)
     }
 
     pub fn volume(&self, name: &str) -> Result<VolumeInfo> {
@@ -673,78 +766,146 @@ impl Store {
     pub fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
         validate_size(size_bytes)?;
         let sh = &self.shared;
-        let mut inner = sh.inner.lock();
-        let id = inner.volume_id(name)?;
-        let mut rec = inner.volumes[&id].clone();
-        if size_bytes < rec.size_bytes {
-            return Err(StoreError::ShrinkRefused {
-                volume: name.to_string(),
-                size_bytes: rec.size_bytes,
-                requested_bytes: size_bytes,
-            });
-        }
-        if size_bytes > rec.size_bytes {
-            rec.size_bytes = size_bytes;
-            let mut b = WriteBatch::default();
-            b.put_cf(cf(&sh.db, CF_VOLUMES), meta::id_key(id), rec.encode());
-            sh.write_synced(&mut inner, b)?;
-            inner.volumes.insert(id, rec);
-            tracing::info!(volume = name, size_bytes, "resized volume");
-        }
-        Ok(inner.volume_info(id).expect("named volume exists"))
+        let info = {
+            let mut inner = sh.inner.lock();
+            let id = inner.volume_id(name)?;
+            let mut rec = inner.volumes[&id].clone();
+            if size_bytes < rec.size_bytes {
+                return Err(StoreError::ShrinkRefused {
+                    volume: name.to_string(),
+                    size_bytes: rec.size_bytes,
+                    requested_bytes: size_bytes,
+                });
+            }
+            if size_bytes > rec.size_bytes {
+                rec.size_bytes = size_bytes;
+                let mut b = WriteBatch::default();
+                b.put_cf(cf(&sh.db, CF_VOLUMES), meta::id_key(id), rec.encode());
+                sh.db.write(b)?;
+                inner.volumes.insert(id, rec);
+                tracing::info!(volume = name, size_bytes, "resized volume");
+            }
+            inner.volume_info(id).expect("named volume exists")
+        };
+        sh.sync_wal()?;
+        Ok(info)
     }
 
-    /// Deletes a volume. Blocks its snapshots (or clones through them) still read
-    /// stay; the rest go back to the pool.
+    /// Deletes a volume: its record goes at once (durably, before this
+    /// returns), its blocks in the background (`gc`), except those its
+    /// snapshots (or clones through them) still read.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let sh = &self.shared;
-        let mut inner = sh.lock_quiesced();
-        let id = inner.volume_id(name)?;
-        if !inner.trees[&id].busy.is_empty() {
-            return Err(StoreError::FailedPrecondition(format!(
-                "volume {name:?} has writes in flight; retry when they finish"
-            )));
+        {
+            let mut inner = sh.lock_quiesced();
+            let id = inner.volume_id(name)?;
+            if inner.trees[&id].writes_in_flight > 0 {
+                return Err(StoreError::FailedPrecondition(format!(
+                    "volume {name:?} has writes in flight; retry when they finish"
+                )));
+            }
+            let mut b = WriteBatch::default();
+            b.delete_cf(cf(&sh.db, CF_VOLUMES), meta::id_key(id));
+            if let Some(t) = inner.trees.get_mut(&id) {
+                t.rec.live = false;
+                b.put_cf(cf(&sh.db, CF_TREES), meta::id_key(id), t.rec.encode());
+            }
+            gc::mark(sh, &mut b, id);
+            sh.db.write(b)?;
+            inner.volumes.remove(&id);
+            inner.volume_names.remove(name);
+            gc::wake(sh, [id]);
         }
-        let mut b = WriteBatch::default();
-        let mut freed = Vec::new();
-        b.delete_cf(cf(&sh.db, CF_VOLUMES), meta::id_key(id));
-        inner.volumes.remove(&id);
-        inner.volume_names.remove(name);
-        if let Some(t) = inner.trees.get_mut(&id) {
-            t.rec.live = false;
-            b.put_cf(cf(&sh.db, CF_TREES), meta::id_key(id), t.rec.encode());
-        }
-        settle_tree(sh, &mut inner, &mut b, id, &mut freed)?;
-        sh.write_synced(&mut inner, b)?;
-        inner.free_blocks(&freed);
-        let seq = inner.seq;
-        inner.synced(seq);
-        tracing::info!(volume = name, freed_blocks = freed.len(), "deleted volume");
+        sh.sync_wal()?;
+        tracing::info!(volume = name, "deleted volume");
         Ok(())
     }
 
     /// Takes a point-in-time, read-only snapshot of a volume (O(1)). The same
     /// name for the same volume again returns the existing snapshot.
+    ///
+    /// Only this volume pauses: its new writes wait while the writes in
+    /// flight land and the pool syncs (so every write acknowledged before
+    /// the snapshot is in it, durably), then the snapshot is recorded.
     pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<SnapshotInfo> {
         validate_name("snapshot", name)?;
         let sh = &self.shared;
-        let mut inner = sh.lock_quiesced();
-        let vid = inner.volume_id(volume)?;
-        if let Some(&sid) = inner.snap_names.get(name) {
-            let s = &inner.snaps[&sid];
-            if s.rec.tree == vid {
-                return Ok(inner.snapshot_info(sid).expect("named snapshot exists"));
+        // Freeze the volume (one snapshot of it at a time).
+        let vid = {
+            let mut inner = sh.inner.lock();
+            loop {
+                let vid = inner.volume_id(volume)?;
+                if let Some(&sid) = inner.snap_names.get(name) {
+                    drop(inner);
+                    return self.existing_snapshot(sid, vid, name);
+                }
+                room_for(&inner, "snapshot")?;
+                let t = inner.trees.get_mut(&vid).expect("volume has a tree");
+                if !t.frozen {
+                    t.frozen = true;
+                    break vid;
+                }
+                sh.commit_idle.wait(&mut inner);
             }
-            return Err(StoreError::AlreadyExists {
-                kind: "snapshot",
-                name: name.to_string(),
-                detail: "it is a snapshot of another volume".into(),
+        };
+        let taken = self.snapshot_frozen(vid, volume, name);
+        sh.thaw(vid);
+        let info = taken?;
+        sh.sync_wal()?;
+        Ok(info)
+    }
+
+    /// A snapshot that exists already: the same one if it is of this volume.
+    fn existing_snapshot(&self, sid: u64, vid: u64, name: &str) -> Result<SnapshotInfo> {
+        let info = {
+            let inner = self.shared.inner.lock();
+            match inner.snaps.get(&sid) {
+                Some(s) if s.rec.tree == vid => inner.snapshot_info(sid),
+                Some(_) => {
+                    return Err(StoreError::AlreadyExists {
+                        kind: "snapshot",
+                        name: name.to_string(),
+                        detail: "it is a snapshot of another volume".into(),
+                    })
+                }
+                None => None,
+            }
+        };
+        // Another caller may still be syncing it.
+        self.shared.sync_wal()?;
+        info.ok_or_else(|| StoreError::NotFound {
+            kind: "snapshot",
+            name: name.to_string(),
+        })
+    }
+
+    /// The part of a snapshot with its volume frozen.
+    fn snapshot_frozen(&self, vid: u64, volume: &str, name: &str) -> Result<SnapshotInfo> {
+        let sh = &self.shared;
+        if let Some(p) = &sh.pauses {
+            p.at("snapshot-frozen");
+        }
+        {
+            let mut inner = sh.inner.lock();
+            while inner.trees.get(&vid).is_some_and(|t| t.writes_in_flight > 0) {
+                sh.commit_idle.wait(&mut inner);
+            }
+        }
+        // Acknowledged writes are in the pool; make them durable before the
+        // snapshot that captures them is. Off the lock: a slow disk delays
+        // this volume only.
+        sh.sync_pool()?;
+        let mut inner = sh.inner.lock();
+        if inner.volume_id(volume)? != vid {
+            return Err(StoreError::NotFound {
+                kind: "volume",
+                name: volume.to_string(),
             });
         }
-        room_for(&inner, "snapshot")?;
-        // Acknowledged writes are in the pool; make them durable before the
-        // snapshot that captures them is.
-        sh.sync_pool()?;
+        if let Some(&sid) = inner.snap_names.get(name) {
+            drop(inner);
+            return self.existing_snapshot(sid, vid, name);
+        }
         let sid = inner.next_id;
         let tree = inner.trees.get(&vid).expect("volume has a tree");
         let epoch = tree.rec.head_epoch;
@@ -762,7 +923,7 @@ impl Store {
         b.put_cf(cf(&sh.db, CF_TREES), meta::id_key(vid), trec.encode());
         b.put_cf(cf(&sh.db, CF_SNAPSHOTS), meta::id_key(sid), srec.encode());
         b.put_cf(cf(&sh.db, CF_META), b"next_id", (sid + 1).to_le_bytes());
-        sh.write_synced(&mut inner, b)?;
+        sh.db.write(b)?;
         inner.next_id = sid + 1;
         let t = inner.trees.get_mut(&vid).expect("volume has a tree");
         t.rec = trec;
@@ -798,23 +959,20 @@ impl Store {
 
     /// Deletes a snapshot. While clones still read through it, it is only hidden
     /// (its name is free again); its blocks go back when the last clone does.
+    /// Like a volume's, its blocks are collected in the background.
     pub fn delete_snapshot(&self, name: &str) -> Result<()> {
         let sh = &self.shared;
-        let mut inner = sh.lock_quiesced();
-        let sid = inner.snapshot_id(name)?;
-        inner.snap_names.remove(name);
-        let mut b = WriteBatch::default();
-        let mut freed = Vec::new();
-        drop_snapshot(sh, &mut inner, &mut b, sid, &mut freed)?;
-        sh.write_synced(&mut inner, b)?;
-        inner.free_blocks(&freed);
-        let seq = inner.seq;
-        inner.synced(seq);
-        tracing::info!(
-            snapshot = name,
-            freed_blocks = freed.len(),
-            "deleted snapshot"
-        );
+        {
+            let mut inner = sh.lock_quiesced();
+            let sid = inner.snapshot_id(name)?;
+            inner.snap_names.remove(name);
+            let mut b = WriteBatch::default();
+            let walk = drop_snapshot(sh, &mut inner, &mut b, sid);
+            sh.db.write(b)?;
+            gc::wake(sh, walk);
+        }
+        sh.sync_wal()?;
+        tracing::info!(snapshot = name, "deleted snapshot");
         Ok(())
     }
 
@@ -828,28 +986,45 @@ impl Store {
     ) -> Result<VolumeInfo> {
         validate_name("volume", name)?;
         let sh = &self.shared;
-        let mut inner = sh.inner.lock();
-        let sid = inner.snapshot_id(snapshot)?;
-        let src = inner.snaps[&sid].rec.clone();
-        let size_bytes = size_bytes.unwrap_or(src.size_bytes);
-        validate_size(size_bytes)?;
-        if size_bytes < src.size_bytes {
-            return Err(StoreError::InvalidArgument(format!(
-                "clone size {size_bytes} is smaller than snapshot {snapshot:?} ({} bytes)",
-                src.size_bytes
-            )));
+        let info = {
+            let mut inner = sh.inner.lock();
+            let sid = inner.snapshot_id(snapshot)?;
+            let src = inner.snaps[&sid].rec.clone();
+            let size_bytes = size_bytes.unwrap_or(src.size_bytes);
+            validate_size(size_bytes)?;
+            if size_bytes < src.size_bytes {
+                return Err(StoreError::InvalidArgument(format!(
+                    "clone size {size_bytes} is smaller than snapshot {snapshot:?} ({} bytes)",
+                    src.size_bytes
+                )));
+            }
+            let parent = (src.tree, src.epoch, src.size_bytes.div_ceil(BLOCK_SIZE));
+            match inner.volume_names.get(name) {
+                Some(&id) => existing_volume(&inner, id, size_bytes, Some(parent))?,
+                None => {
+                    room_for(&inner, "clone")?;
+                    let id = new_volume(sh, &mut inner, name, size_bytes, Some(parent))?;
+                    if let Some(s) = inner.snaps.get_mut(&sid) {
+                        s.clones += 1;
+                    }
+                    tracing::info!(snapshot, volume = name, "cloned snapshot");
+                    inner.volume_info(id).expect("just inserted")
+                }
+            }
+        };
+        sh.sync_wal()?;
+        Ok(info)
+    }
+
+    /// Waits until the background garbage collection has nothing left to do
+    /// (the space of everything deleted so far is free), or the store stops.
+    pub fn settle(&self) {
+        let sh = &self.shared;
+        let mut q = sh.gc.lock();
+        while (!q.pending.is_empty() || q.running.is_some()) && !sh.shutdown.load(Ordering::SeqCst)
+        {
+            sh.gc_wake.wait(&mut q);
         }
-        let parent = (src.tree, src.epoch, src.size_bytes.div_ceil(BLOCK_SIZE));
-        if let Some(&id) = inner.volume_names.get(name) {
-            return existing_volume(&inner, id, size_bytes, Some(parent));
-        }
-        room_for(&inner, "clone")?;
-        let id = new_volume(sh, &mut inner, name, size_bytes, Some(parent))?;
-        if let Some(s) = inner.snaps.get_mut(&sid) {
-            s.clones += 1;
-        }
-        tracing::info!(snapshot, volume = name, "cloned snapshot");
-        Ok(inner.volume_info(id).expect("just inserted"))
     }
 
     /// The free blocks below which snapshots and clones are refused up front:
@@ -871,9 +1046,11 @@ impl Store {
         }
     }
 
-    /// Makes every acknowledged write durable and returns freed space to the
-    /// allocator (the same as an NBD FLUSH, from a control thread).
+    /// Waits for the garbage collection of everything deleted so far, makes
+    /// every acknowledged write durable and returns freed space to the
+    /// allocator (an NBD FLUSH does the last two): from a control thread.
     pub fn sync(&self) -> Result<()> {
+        self.settle();
         self.flush()
     }
 
@@ -987,12 +1164,13 @@ impl Store {
     /// order from `offset` (what NBD's `base:allocation` reports, so sparse-aware
     /// clients skip holes). Stops early after examining
     /// [`BLOCK_STATUS_MAX_BLOCKS`] mapped blocks: the caller asks again from where
-    /// the answer ends. O(mapped blocks examined), not O(range).
+    /// the answer ends. O(mapped blocks examined), not O(range). The catalog
+    /// lock is held only to find the target's layers: the scan reads RocksDB
+    /// without it (a write racing it may or may not be seen, as with a read).
     pub fn block_status(&self, target: Target, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let sh = &self.shared;
-        let mut inner = sh.inner.lock();
         let mut layers = Vec::new();
-        let size = inner.layers(target, &mut layers)?;
+        let size = sh.inner.lock().layers(target, &mut layers)?;
         let end = offset.checked_add(len).filter(|&e| e <= size && len > 0);
         let Some(end) = end else {
             return Err(StoreError::OutOfRange {
@@ -1028,7 +1206,7 @@ impl Store {
         };
         let mut at = offset;
         for lba in mapped {
-            let value = map::lookup(&sh.db, &mut inner.cache, &layers, lba)?;
+            let (value, _) = map::lookup_uncached(&sh.db, &layers, lba)?;
             if matches!(value, Some(BlockValue::Data { .. })) {
                 let (b0, b1) = (
                     (lba * BLOCK_SIZE).max(offset),
@@ -1125,25 +1303,27 @@ impl Store {
         }))
     }
 
-    /// Zeroes a range; `trim` frees the space (both read back as zeros).
-    pub fn write_zeroes(&self, target: Target, offset: u64, len: u64, fua: bool) -> Result<()> {
+    /// Zeroes a range (see [`Zeroing`] for what `how` adds).
+    pub fn write_zeroes(
+        &self,
+        target: Target,
+        offset: u64,
+        len: u64,
+        how: Zeroing,
+        fua: bool,
+    ) -> Result<()> {
         self.done(self.call(Op::Zero {
             target,
             offset,
             len,
-            trim: false,
+            how,
             fua,
         }))
     }
 
+    /// Frees the whole blocks of a range (they read back as zeros).
     pub fn trim(&self, target: Target, offset: u64, len: u64) -> Result<()> {
-        self.done(self.call(Op::Zero {
-            target,
-            offset,
-            len,
-            trim: true,
-            fua: false,
-        }))
+        self.write_zeroes(target, offset, len, Zeroing::Trim, false)
     }
 
     /// Makes every write acknowledged so far durable.
@@ -1181,6 +1361,18 @@ impl Reply for Waiter {
 impl Drop for Store {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
+        {
+            // Under its lock, so the collector cannot miss the wake-up.
+            let _q = self.shared.gc.lock();
+            self.shared.gc_wake.notify_all();
+        }
+        if let Some(p) = &self.shared.pauses {
+            // A test that failed while holding a point must not hang here.
+            p.release_all();
+        }
+        if let Some(t) = self.collector.take() {
+            let _ = t.join();
+        }
         if let Some(w) = self.shared.waker.get() {
             w.wake();
         }
@@ -1199,7 +1391,8 @@ pub fn block_crc(block: u64, data: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// Records a new volume (and its tree) durably and in the catalog.
+/// Records a new volume (and its tree) in the WAL and in the catalog; the
+/// caller syncs the WAL once it has released the lock.
 fn new_volume(
     sh: &Shared,
     inner: &mut Inner,
@@ -1222,17 +1415,9 @@ fn new_volume(
     b.put_cf(cf(&sh.db, CF_TREES), meta::id_key(id), tree.encode());
     b.put_cf(cf(&sh.db, CF_VOLUMES), meta::id_key(id), vol.encode());
     b.put_cf(cf(&sh.db, CF_META), b"next_id", (id + 1).to_le_bytes());
-    sh.write_synced(inner, b)?;
+    sh.db.write(b)?;
     inner.next_id = id + 1;
-    inner.trees.insert(
-        id,
-        Tree {
-            rec: tree,
-            readers: BTreeMap::new(),
-            busy: Vec::new(),
-            owned_blocks: 0,
-        },
-    );
+    inner.trees.insert(id, Tree::new(tree));
     inner.volumes.insert(id, vol);
     inner.volume_names.insert(name.to_string(), id);
     Ok(id)
@@ -1287,22 +1472,20 @@ fn owner_names(inner: &Inner, tree: u64, head: bool, from: u64, until: u64) -> S
     }
 }
 
-/// Removes a snapshot (or hides it while clones read through it) and collects
-/// what no one sees any more.
-fn drop_snapshot(
+/// Removes a snapshot from the catalog in `b` (or only hides it while clones
+/// read through it); returns the tree whose garbage a walk must now collect,
+/// its `gc` key already in `b`.
+pub(crate) fn drop_snapshot(
     sh: &Shared,
     inner: &mut Inner,
     b: &mut WriteBatch,
     sid: u64,
-    freed: &mut Vec<u64>,
-) -> Result<()> {
-    let Some(s) = inner.snaps.get_mut(&sid) else {
-        return Ok(());
-    };
+) -> Option<u64> {
+    let s = inner.snaps.get_mut(&sid)?;
     if s.clones > 0 {
         s.rec.hidden = true;
         b.put_cf(cf(&sh.db, CF_SNAPSHOTS), meta::id_key(sid), s.rec.encode());
-        return Ok(());
+        return None;
     }
     let rec = s.rec.clone();
     inner.snaps.remove(&sid);
@@ -1310,51 +1493,8 @@ fn drop_snapshot(
     if let Some(t) = inner.trees.get_mut(&rec.tree) {
         t.readers.remove(&rec.epoch);
     }
-    settle_tree(sh, inner, b, rec.tree, freed)
-}
-
-/// After a tree lost its volume or a reader: collect its garbage, and drop it
-/// entirely when no one reads it (which may release its parent snapshot).
-fn settle_tree(
-    sh: &Shared,
-    inner: &mut Inner,
-    b: &mut WriteBatch,
-    tree: u64,
-    freed: &mut Vec<u64>,
-) -> Result<()> {
-    let Inner { trees, cache, .. } = &mut *inner;
-    let Some(t) = trees.get_mut(&tree) else {
-        return Ok(());
-    };
-    let (live, parent) = (t.rec.live, t.rec.parent);
-    let before = freed.len();
-    map::collect_garbage(&sh.db, cache, b, tree, live, &t.readers, freed)?;
-    t.owned_blocks = t.owned_blocks.saturating_sub((freed.len() - before) as u64);
-    if live || !t.readers.is_empty() {
-        return Ok(());
-    }
-    inner.trees.remove(&tree);
-    b.delete_cf(cf(&sh.db, CF_TREES), meta::id_key(tree));
-    if let Some((pt, pe, _)) = parent {
-        let pin = inner
-            .trees
-            .get(&pt)
-            .and_then(|t| t.readers.get(&pe))
-            .copied();
-        if let Some(psid) = pin {
-            let release = match inner.snaps.get_mut(&psid) {
-                Some(s) => {
-                    s.clones = s.clones.saturating_sub(1);
-                    s.clones == 0 && s.rec.hidden
-                }
-                None => false,
-            };
-            if release {
-                drop_snapshot(sh, inner, b, psid, freed)?;
-            }
-        }
-    }
-    Ok(())
+    gc::mark(sh, b, rec.tree);
+    Some(rec.tree)
 }
 
 /// Reads the catalog and rebuilds the allocator from the block maps.
@@ -1387,15 +1527,7 @@ fn load(db: &DB, pool: &Pool, cache_entries: usize) -> Result<Inner> {
     };
     for item in db.iterator_cf(cf(db, CF_TREES), rocksdb::IteratorMode::Start) {
         let (k, v) = item?;
-        inner.trees.insert(
-            be(&k)?,
-            Tree {
-                rec: TreeRec::decode(&v)?,
-                readers: BTreeMap::new(),
-                busy: Vec::new(),
-                owned_blocks: 0,
-            },
-        );
+        inner.trees.insert(be(&k)?, Tree::new(TreeRec::decode(&v)?));
     }
     for item in db.iterator_cf(cf(db, CF_VOLUMES), rocksdb::IteratorMode::Start) {
         let (k, v) = item?;

@@ -3,7 +3,7 @@
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use berth_store::{Store, StoreConfig, StoreError, Target, BLOCK_SIZE};
+use berth_store::{Store, StoreConfig, StoreError, Target, Zeroing, BLOCK_SIZE};
 
 mod common;
 use common::{block, find_in_pool, BS};
@@ -484,6 +484,8 @@ fn allocated_bytes_count_a_volumes_own_blocks_and_survive_reopen() {
     // Trimming unshared blocks gives them back; the snapshot keeps its own.
     store.delete_volume("c").expect("delete clone");
     store.delete_snapshot("s").expect("delete snapshot");
+    // Collected in the background; `settle` waits for it.
+    store.settle();
     assert_eq!(alloc(&store, "v"), 7, "the snapshot's old block is freed");
     let t = store.volume_target("v").expect("t");
     store.trim(t, 0, 1 << 30).expect("trim");
@@ -561,7 +563,7 @@ fn block_status_reports_data_and_holes_through_snapshots_and_clones() {
     );
     store.write(v, 4 * 4096, &block("a"), false).expect("write");
     store.write(v, 5 * 4096, &block("b"), false).expect("write");
-    store.write_zeroes(v, 6 * 4096, 4096, false).expect("zero");
+    store.write_zeroes(v, 6 * 4096, 4096, Zeroing::Zero, false).expect("zero");
     store
         .write(v, 7 * 4096, &vec![0; 4096], false)
         .expect("write zeros");
@@ -611,6 +613,55 @@ fn block_status_reports_data_and_holes_through_snapshots_and_clones() {
         store.block_status(v, 0, 0),
         Err(StoreError::OutOfRange { .. })
     ));
+}
+
+/// NBD's WRITE_ZEROES with NO_HOLE: the range reads as zeros and stays
+/// allocated, over data, over holes and unaligned; without it, zeroing frees.
+#[test]
+fn zeroing_that_allocates_keeps_its_range_allocated() {
+    use berth_store::Extent;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::create(&StoreConfig::new(dir.path(), 64 << 20)).expect("create");
+    store.create_volume("v", 1 << 20).expect("volume");
+    let v = store.volume_target("v").expect("target");
+    store.write(v, 0, &block("a"), false).expect("write");
+    let used = store.stats().used_blocks;
+    store
+        .write_zeroes(v, 0, 4 * 4096, Zeroing::Allocate, false)
+        .expect("allocate zeros");
+    store
+        .write_zeroes(v, 8 * 4096 + 100, 4096, Zeroing::Allocate, true)
+        .expect("unaligned");
+    assert_eq!(
+        store.read(v, 0, 12 * 4096).expect("read"),
+        vec![0; 12 * 4096]
+    );
+    let status = store.block_status(v, 0, 12 * 4096).expect("status");
+    let ext = |blocks: u64, data: bool| Extent {
+        len_bytes: blocks * 4096,
+        data,
+    };
+    assert_eq!(
+        status,
+        vec![ext(4, true), ext(4, false), ext(2, true), ext(2, false)],
+        "the allocated ranges are data, the rest holes"
+    );
+    // The first block's data was replaced (not kept beside): 4 + 2 blocks.
+    store.sync().expect("sync");
+    assert_eq!(store.stats().used_blocks, used - 1 + 6);
+    // Plain zeroing of the same range gives the space back.
+    store
+        .write_zeroes(v, 0, 12 * 4096, Zeroing::Zero, false)
+        .expect("zero");
+    store.sync().expect("sync");
+    assert_eq!(store.stats().used_blocks, used - 1);
+    // Like a write, at most 32 MiB at a time (the NBD server splits).
+    store.create_volume("big", 1 << 30).expect("volume");
+    let big = store.volume_target("big").expect("target");
+    let e = store
+        .write_zeroes(big, 0, 64 << 20, Zeroing::Allocate, false)
+        .expect_err("64 MiB");
+    assert!(matches!(e, StoreError::InvalidArgument(_)), "{e}");
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use berth_store::{Store, StoreConfig, Target, BLOCK_SIZE};
+use berth_store::{Store, StoreConfig, Target, Zeroing, BLOCK_SIZE, MAX_REQUEST_BYTES};
 use proptest::prelude::*;
 
 const BS: usize = BLOCK_SIZE as usize;
@@ -94,6 +94,9 @@ struct Model {
     /// tree -> the snapshot it was cloned from
     parents: BTreeMap<u32, Option<u32>>,
     counter: u32,
+    /// Blocks ever zeroed with `Zeroing::Allocate` (they hold space while
+    /// reading as zeros): added to the bound on blocks in use.
+    provisioned: u64,
 }
 
 impl Model {
@@ -126,6 +129,7 @@ impl Model {
         let count = |d: &Vec<u8>| d.chunks(BS).filter(|c| c.iter().any(|&x| x != 0)).count() as u64;
         self.volumes.values().map(|(d, _)| count(d)).sum::<u64>()
             + self.snaps.values().map(|s| count(&s.data)).sum::<u64>()
+            + self.provisioned
     }
 
     /// Drops a tree no one uses any more, releasing the snapshot it was cloned
@@ -217,11 +221,22 @@ fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
                 let trim = matches!(step, Step::Trim { .. });
                 let Some(v) = m.nth_volume(vol) else { continue };
                 let t = store.volume_target(&v).expect("target");
+                let vol_len = m.volumes[&v].0.len() as u64;
+                let how = if offset % 3 == 0 && len <= MAX_REQUEST_BYTES {
+                    Zeroing::Allocate
+                } else {
+                    Zeroing::Zero
+                };
+                if !trim && how == Zeroing::Allocate && offset + len <= vol_len {
+                    m.provisioned += (offset + len).div_ceil(BLOCK_SIZE) - offset / BLOCK_SIZE;
+                }
                 let data = &mut m.volumes.get_mut(&v).expect("model").0;
                 let res = if trim {
                     store.trim(t, offset, len)
                 } else {
-                    store.write_zeroes(t, offset, len, false)
+                    // Every third zeroing keeps its range allocated (NBD's
+                    // NO_HOLE): it must read back the same.
+                    store.write_zeroes(t, offset, len, how, false)
                 };
                 if offset + len > data.len() as u64 {
                     prop_assert!(res.is_err(), "zeroing past the end succeeded");
