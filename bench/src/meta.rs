@@ -158,6 +158,8 @@ pub fn run(a: MetaArgs) -> Result<(), String> {
             .args(["metadata", "--data"])
             .arg(a.dir.join("meta"))
             .args(["--listen", "127.0.0.1:0", "--heartbeat-ms", "500"])
+            // Loopback only, for the benchmark: plain TCP, asked for by name.
+            .arg("--insecure-plaintext-tcp")
             // Thin 1 GiB volumes on small pools: nothing here writes data.
             .args(["--overcommit", "100"]),
         "berth metadata",
@@ -173,6 +175,7 @@ pub fn run(a: MetaArgs) -> Result<(), String> {
                 .args([
                     "--control-listen",
                     "127.0.0.1:0",
+                    "--insecure-plaintext-tcp",
                     "--metrics-listen",
                     "none",
                 ])

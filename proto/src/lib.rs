@@ -30,7 +30,8 @@ pub mod csi {
 pub mod peer;
 pub mod tls;
 pub mod validate;
-pub use peer::Allow;
+pub use berth_io::private;
+pub use peer::{plaintext_tcp, Allow, INSECURE_TCP_FLAG};
 pub use tls::{TlsDir, TlsError};
 
 /// The request header a caller names itself with ("berthctl:alice",

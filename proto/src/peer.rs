@@ -77,6 +77,38 @@ pub fn peer<T>(r: &tonic::Request<T>) -> Option<Option<String>> {
     Some(certs.first().and_then(|c| cert_name(c)))
 }
 
+/// The flag that lets a gRPC API listen on TCP without certificates.
+pub const INSECURE_TCP_FLAG: &str = "--insecure-plaintext-tcp";
+
+/// Whether a gRPC API (`what`, e.g. "the metadata API") may listen on `addr`
+/// over TCP. Without mutual TLS nothing tells one caller from another: any
+/// user of the node (and of the network, past loopback) could list grants
+/// with their tokens, create, export and delete volumes, and the audit log
+/// would record whatever name the caller claims. So plain TCP is refused
+/// unless asked for by the loudly named [`INSECURE_TCP_FLAG`]; the unix
+/// sockets (0600, root's) are the local way in.
+pub fn plaintext_tcp(
+    what: &str,
+    addr: Option<std::net::SocketAddr>,
+    tls: bool,
+    insecure: bool,
+) -> Result<(), String> {
+    let Some(addr) = addr else { return Ok(()) };
+    if tls {
+        return Ok(());
+    }
+    if !insecure {
+        return Err(format!(
+            "{what} on TCP {addr} needs certificates (--tls-dir): without them any local user could call it as anyone. Use the unix socket, give --tls-dir, or accept that risk with {INSECURE_TCP_FLAG}"
+        ));
+    }
+    tracing::warn!(
+        %addr,
+        "{what} listens on TCP WITHOUT AUTHENTICATION ({INSECURE_TCP_FLAG}): anyone who can reach {addr} can call it as anyone"
+    );
+    Ok(())
+}
+
 /// The certificate names that may call a server over TLS; empty, any
 /// certificate the CA signed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -69,9 +69,11 @@ impl MetaProc {
         if let Some(p) = crash_at {
             cmd.env("BERTH_FAULT_CRASH", p);
         }
-        if let Some(t) = tls {
-            cmd.arg("--tls-dir").arg(t);
-        }
+        match tls {
+            Some(t) => cmd.arg("--tls-dir").arg(t),
+            // A test cluster on loopback: plain TCP, asked for by name.
+            None => cmd.arg("--insecure-plaintext-tcp"),
+        };
         cmd.args(extra);
         let mut child = cmd.spawn().expect("spawn berth metadata");
         let mut line = String::new();
@@ -266,6 +268,7 @@ impl Cluster {
             let mut extra: Vec<String> = [
                 "--control-listen",
                 "127.0.0.1:0",
+                "--insecure-plaintext-tcp",
                 "--metadata",
                 &meta.endpoint,
                 "--node-name",

@@ -136,6 +136,35 @@ impl ServerProc {
         c.wait().expect("wait")
     }
 
+    /// Sends `signal` and waits up to `limit` for the process to end:
+    /// `None` if it is still running then (it is killed, so the test can go on).
+    pub fn signal_and_wait(
+        &mut self,
+        signal: i32,
+        limit: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_ref().expect("running");
+        // SAFETY: sending a signal to our own child's pid has no memory effects.
+        unsafe { libc::kill(c.id() as i32, signal) };
+        self.wait_exit(limit)
+    }
+
+    /// Waits up to `limit` for the process to end by itself: `None` if it is
+    /// still running then (it is killed, so the test can go on).
+    pub fn wait_exit(&mut self, limit: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take().expect("running");
+        let until = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < until {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
     pub fn restart(&mut self) {
         self.kill9();
         *self = ServerProc::start_with(

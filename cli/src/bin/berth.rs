@@ -103,8 +103,10 @@ struct MetadataArgs {
     /// gRPC unix socket (default DATA/meta.sock).
     #[arg(long, env = "BERTH_META_SOCKET")]
     socket: Option<PathBuf>,
-    /// gRPC over TCP, for volume servers and CSI controllers ("none" to disable).
-    #[arg(long, env = "BERTH_META_LISTEN", default_value = "127.0.0.1:9580")]
+    /// gRPC over TCP, for volume servers and CSI controllers on other hosts,
+    /// e.g. 0.0.0.0:9580 ("none": the unix socket only). Needs --tls-dir
+    /// (or --insecure-plaintext-tcp).
+    #[arg(long, env = "BERTH_META_LISTEN", default_value = "none")]
     listen: String,
     #[command(flatten)]
     catalog: CatalogArgs,
@@ -138,13 +140,15 @@ struct VolumeServerArgs {
     /// gRPC control unix socket (default DATA/control.sock).
     #[arg(long, env = "BERTH_CONTROL_SOCKET")]
     control_socket: Option<PathBuf>,
-    /// gRPC control over TCP as well ("none" to disable).
+    /// gRPC control over TCP as well ("none" to disable). Needs --tls-dir
+    /// (or --insecure-plaintext-tcp).
     #[arg(long, env = "BERTH_CONTROL_LISTEN", default_value = "none")]
     control_listen: String,
     /// Prometheus metrics at http://ADDR/metrics ("none" to disable).
     #[arg(long, env = "BERTH_METRICS_LISTEN", default_value = "127.0.0.1:9570")]
     metrics_listen: String,
-    /// Seconds shutdown waits for requests in flight.
+    /// Seconds shutdown waits for requests in flight; the process ends at
+    /// most 5 s after that, whatever hangs.
     #[arg(long, default_value_t = 30)]
     drain_seconds: u64,
     /// Report to this metadata service (http://host:port or unix:///path).
@@ -174,6 +178,12 @@ struct TlsArgs {
     /// are dialed with this certificate. Unix sockets stay plaintext.
     #[arg(long, env = "BERTH_TLS_DIR")]
     tls_dir: Option<PathBuf>,
+    /// Let a gRPC API listen on TCP WITHOUT certificates: anyone who can
+    /// reach the port can then call it as anyone (list grants with their
+    /// tokens, create, export and delete volumes). For throwaway test setups
+    /// only; without --tls-dir, use the unix sockets.
+    #[arg(long, env = "BERTH_INSECURE_PLAINTEXT_TCP")]
+    insecure_plaintext_tcp: bool,
 }
 
 /// Which certificates may call a server's TCP gRPC listeners.
@@ -265,6 +275,10 @@ struct NodeArgs {
     /// quarter of the cores, at least one).
     #[arg(long, env = "BERTH_NBD_THREADS", default_value_t = 0)]
     nbd_threads: usize,
+    /// Request and reply payloads all NBD connections together may hold in
+    /// memory (one connection: a quarter of it).
+    #[arg(long, env = "BERTH_NBD_BUFFER_SIZE", default_value = "512M", value_parser = berth_cli::parse_size)]
+    nbd_buffer_size: u64,
 }
 
 impl NodeArgs {
@@ -305,8 +319,9 @@ struct StandaloneArgs {
     /// Host put in NBD URIs (default: the listen address).
     #[arg(long, env = "BERTH_ADVERTISE_HOST", default_value = "")]
     advertise_host: String,
-    /// The metadata API over TCP as well ("none" to disable).
-    #[arg(long, env = "BERTH_META_LISTEN", default_value = "127.0.0.1:9580")]
+    /// The metadata API over TCP as well, e.g. 127.0.0.1:9580 ("none": the
+    /// unix socket only). Needs --tls-dir (or --insecure-plaintext-tcp).
+    #[arg(long, env = "BERTH_META_LISTEN", default_value = "none")]
     listen: String,
     /// Prometheus metrics of the volume server ("none" to disable).
     #[arg(long, env = "BERTH_METRICS_LISTEN", default_value = "127.0.0.1:9570")]
@@ -357,8 +372,10 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     cfg.metrics_listen = addr("metrics-listen", &a.metrics_listen)?;
     cfg.drain_timeout = Duration::from_secs(a.drain_seconds);
     cfg.nbd_threads = a.node.nbd_threads;
+    cfg.nbd_buffer_bytes = a.node.nbd_buffer_size;
     cfg.tls = a.tls.load()?;
     cfg.tls_allow = a.allow.tls_allow;
+    cfg.insecure_tcp = a.tls.insecure_plaintext_tcp;
     cfg.nbd_tls_optional = a.nbd_tls_optional;
     if let Some(metadata) = a.metadata {
         cfg.heartbeat = Some(
@@ -381,6 +398,7 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     });
     println!("{ready}");
     berth_volume::server::wait_for_signal().await;
+    shutdown_deadline(Duration::from_secs(a.drain_seconds));
     running.shutdown().await.map_err(|e| e.to_string())
 }
 
@@ -393,6 +411,7 @@ async fn metadata(a: MetadataArgs) -> Result<(), String> {
         meta: a.catalog.config(tls.as_ref())?,
         tls,
         tls_allow: a.allow.tls_allow,
+        insecure_tcp: a.tls.insecure_plaintext_tcp,
     };
     let running = berth_metadata::start(cfg)
         .await
@@ -405,6 +424,7 @@ async fn metadata(a: MetadataArgs) -> Result<(), String> {
     });
     println!("{ready}");
     berth_volume::server::wait_for_signal().await;
+    shutdown_deadline(Duration::ZERO);
     running.shutdown().await;
     Ok(())
 }
@@ -434,13 +454,15 @@ async fn csi(a: CsiArgs) -> Result<(), String> {
     });
     println!("{ready}");
     berth_volume::server::wait_for_signal().await;
+    shutdown_deadline(Duration::ZERO);
     running.shutdown().await;
     Ok(())
 }
 
 async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     let d = &a.data;
-    std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    // Sockets, the pool, the catalog and the grants' tokens: 0700.
+    berth_proto::private::dir(d).map_err(|e| format!("{}: {e}", d.display()))?;
     let meta_socket = d.join("meta.sock");
     let control_socket = d.join("control.sock");
     let tls = a.tls.load()?;
@@ -452,6 +474,7 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
         meta: a.catalog.config(None)?,
         tls: tls.clone(),
         tls_allow: a.allow.tls_allow.clone(),
+        insecure_tcp: a.tls.insecure_plaintext_tcp,
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -463,8 +486,10 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     cfg.control_socket = Some(control_socket.clone());
     cfg.metrics_listen = addr("metrics-listen", &a.metrics_listen)?;
     cfg.nbd_threads = a.node.nbd_threads;
+    cfg.nbd_buffer_bytes = a.node.nbd_buffer_size;
     cfg.tls = tls;
     cfg.tls_allow = a.allow.tls_allow;
+    let drain = cfg.drain_timeout;
     let node_name = a.node.node_name.clone().unwrap_or_else(host_name);
     let labels = a.node.labels.iter().cloned().collect();
     // The two talk over their unix sockets: no port needed for control.
@@ -518,13 +543,57 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     });
     println!("{ready}");
     berth_volume::server::wait_for_signal().await;
+    shutdown_deadline(drain);
     csi.shutdown().await;
     let r = node.shutdown().await.map_err(|e| e.to_string());
     meta.shutdown().await;
     r
 }
 
+/// A panic anywhere ends the process at once. Tokio keeps a runtime alive
+/// when one of its tasks panics, and a store thread that died would leave a
+/// server answering health checks while every request hangs: a crash is the
+/// state the supervisor (kubelet, systemd) and the clients' reconnect logic
+/// know how to recover from; a half-dead server is not.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("berth: a thread panicked; aborting the process");
+        std::process::abort();
+    }));
+}
+
+/// Once shutdown has begun it ends within `drain` plus [`SHUTDOWN_GRACE`],
+/// whatever hangs (a disk that stopped answering, say): after that, or at a
+/// second SIGTERM or SIGINT, the process exits with status 1. Every
+/// acknowledged write is already in the WAL; only the final flush and the
+/// clients' clean goodbyes are lost.
+fn shutdown_deadline(drain: Duration) {
+    let limit = drain + SHUTDOWN_GRACE;
+    let spawned = std::thread::Builder::new()
+        .name("berth-deadline".into())
+        .spawn(move || {
+            std::thread::sleep(limit);
+            eprintln!("berth: shutdown did not finish within {limit:?}; exiting");
+            std::process::exit(1);
+        });
+    if let Err(e) = spawned {
+        eprintln!("berth: cannot arm the shutdown deadline: {e}");
+    }
+    tokio::spawn(async {
+        berth_volume::server::wait_for_signal().await;
+        eprintln!("berth: second signal during shutdown; exiting");
+        std::process::exit(1);
+    });
+}
+
+/// Time a server's shutdown may take beyond draining its connections: the
+/// store's final flush and the listeners' goodbyes.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 fn main() -> std::process::ExitCode {
+    abort_on_panic();
     let cli = Cli::parse();
     berth_cli::init_logging(cli.log_json);
     if let Command::Attach(a) = cli.command {

@@ -184,8 +184,10 @@ fn choose_uri(ctx: &HashMap<String, String>) -> Result<String, Status> {
 impl NodeService {
     pub fn new(cfg: NodeConfig, meta: MetadataServiceClient<Channel>) -> Result<Self, CsiError> {
         let staged_dir = cfg.state_dir.join("staged");
-        for d in [&staged_dir, &cfg.state_dir.join("attach")] {
-            std::fs::create_dir_all(d).map_err(|e| CsiError::Io {
+        // Records name every staged volume and its NBD URI (a grant's secret),
+        // and the attachments are its data: root's alone (0700).
+        for d in [&cfg.state_dir, &staged_dir, &cfg.state_dir.join("attach")] {
+            berth_proto::private::dir(d).map_err(|e| CsiError::Io {
                 what: format!("create {}", d.display()),
                 source: e,
             })?;
@@ -247,7 +249,12 @@ impl NodeService {
         let path = self.record_path(&s.volume_id);
         let tmp = path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(s).map_err(|e| internal("encode record", e))?;
-        let mut f = std::fs::File::create(&tmp).map_err(|e| internal(tmp.display(), e))?;
+        let mut f = berth_proto::private::create_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| internal(tmp.display(), e))?;
         f.write_all(&text)
             .and_then(|_| f.sync_all())
             .map_err(|e| internal(tmp.display(), e))?;

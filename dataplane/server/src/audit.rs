@@ -7,7 +7,7 @@
 //! gap or a reordering is visible. A torn last line (crash mid-append) is
 //! skipped at open and the sequence continues after the last whole entry.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -80,7 +80,11 @@ impl AuditLog {
                 }
             }
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = berth_proto::private::create_options()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        berth_proto::private::file(path)?;
         if file.metadata()?.len() > whole {
             tracing::warn!(path = %path.display(), "audit log ends in a torn entry; cutting it off");
             file.set_len(whole)?;

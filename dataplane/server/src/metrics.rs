@@ -40,6 +40,12 @@ pub struct Metrics {
     pub volumes: IntGauge,
     pub snapshots: IntGauge,
     pub pool_checksum_errors: IntGauge,
+    /// Request and reply payloads buffered across all NBD connections.
+    pub nbd_buffered_bytes: IntGauge,
+    pub nbd_handshakes: IntGauge,
+    pub nbd_connections: IntGauge,
+    /// Connections closed at accept: over a connection limit.
+    pub nbd_connections_refused: IntCounter,
 }
 
 /// One operation's handles for one volume.
@@ -136,6 +142,16 @@ impl Metrics {
                 "pool_checksum_errors",
                 "Checksum mismatches seen by reads and scrubs since start",
             ),
+            nbd_buffered_bytes: g(
+                "nbd_buffered_bytes",
+                "Request and reply payload bytes held in memory, all NBD connections",
+            ),
+            nbd_handshakes: g("nbd_handshakes", "NBD connections in the handshake"),
+            nbd_connections: g("nbd_connections", "NBD connections, all phases"),
+            nbd_connections_refused: must(IntCounter::new(
+                "nbd_connections_refused_total",
+                "NBD connections closed at accept because a connection limit was reached",
+            )),
         };
         let r = &m.registry;
         must(r.register(Box::new(m.ops.clone())));
@@ -152,9 +168,13 @@ impl Metrics {
             &m.volumes,
             &m.snapshots,
             &m.pool_checksum_errors,
+            &m.nbd_buffered_bytes,
+            &m.nbd_handshakes,
+            &m.nbd_connections,
         ] {
             must(r.register(Box::new(gauge.clone())));
         }
+        must(r.register(Box::new(m.nbd_connections_refused.clone())));
         m
     }
 

@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditEvent, AuditLog};
+use crate::nbd::limits::{Admission, ConnLimits, PayloadBudget, Refusals};
 use crate::error::{Result, ServerError};
 use crate::metrics::{Metrics, VolumeMetrics};
 use crate::qos::{self, Limiter, Limits, Overrides, PoolGate, TierPolicy};
@@ -96,6 +97,23 @@ pub enum Refusal {
     Policy(String),
 }
 
+/// What NBD clients may take of the node (see `nbd::limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdLimits {
+    pub connections: ConnLimits,
+    /// Payload bytes buffered across all connections.
+    pub buffer_bytes: u64,
+}
+
+impl Default for NbdLimits {
+    fn default() -> Self {
+        NbdLimits {
+            connections: ConnLimits::for_nofile(1 << 20),
+            buffer_bytes: 512 << 20,
+        }
+    }
+}
+
 /// How clients reach this node's exports (for the URIs in grants).
 #[derive(Debug, Clone, Default)]
 pub struct Endpoints {
@@ -116,6 +134,12 @@ pub struct Node {
     pub started: std::time::Instant,
     /// Fires when the server shuts down: connections stop reading requests.
     pub shutdown: CancellationToken,
+    /// NBD connections counted against their limits.
+    pub admission: Arc<Admission>,
+    /// Refused export lookups, summed per peer for the audit log.
+    pub refusals: Refusals,
+    /// Payload bytes all NBD connections may hold in memory.
+    pub budget: PayloadBudget,
     state: Mutex<ServerState>,
     state_file: StateFile,
     runtimes: Mutex<HashMap<(TargetKind, String), Arc<VolumeRuntime>>>,
@@ -132,6 +156,7 @@ impl Node {
         store: Arc<Store>,
         data_dir: &std::path::Path,
         tiers: Vec<TierPolicy>,
+        limits: NbdLimits,
     ) -> Result<Node> {
         let audit = AuditLog::open(&data_dir.join("audit.log"))
             .map_err(ServerError::io("open audit log"))?;
@@ -167,6 +192,9 @@ impl Node {
             endpoints: Mutex::new(Endpoints::default()),
             started: std::time::Instant::now(),
             shutdown: CancellationToken::new(),
+            admission: Admission::new(limits.connections),
+            refusals: Refusals::default(),
+            budget: PayloadBudget::new(limits.buffer_bytes),
             state: Mutex::new(state),
             state_file,
             runtimes: Mutex::new(HashMap::new()),
@@ -715,6 +743,10 @@ impl Node {
                 .checksum_errors
                 .load(Ordering::Relaxed) as i64,
         );
+        m.nbd_buffered_bytes.set(self.budget.held_bytes() as i64);
+        let (handshakes, connections) = self.admission.counts();
+        m.nbd_handshakes.set(handshakes as i64);
+        m.nbd_connections.set(connections as i64);
     }
 
     pub fn runtimes(&self) -> Vec<Arc<VolumeRuntime>> {

@@ -55,9 +55,16 @@ pub struct ServerConfig {
     /// With `tls`: the certificate names that may call the control API over
     /// TCP (empty: any the CA signed).
     pub tls_allow: berth_proto::Allow,
+    /// Serve `control_listen` without `tls` (see [`berth_proto::plaintext_tcp`]).
+    pub insecure_tcp: bool,
     /// With `tls`: NBD clients over TCP may go without STARTTLS (by default
     /// they must use it).
     pub nbd_tls_optional: bool,
+    /// Connection limits; `None`: from the process's descriptor limit (raised
+    /// to its hard limit), keeping descriptors for the control plane.
+    pub nbd_connection_limits: Option<crate::nbd::limits::ConnLimits>,
+    /// Payload bytes all NBD connections together may hold in memory.
+    pub nbd_buffer_bytes: u64,
 }
 
 impl ServerConfig {
@@ -78,7 +85,10 @@ impl ServerConfig {
             nbd_threads: 0,
             tls: None,
             tls_allow: berth_proto::Allow::any(),
+            insecure_tcp: false,
             nbd_tls_optional: false,
+            nbd_connection_limits: None,
+            nbd_buffer_bytes: crate::node::NbdLimits::default().buffer_bytes,
         }
     }
 }
@@ -125,10 +135,18 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
     cfg.tls_allow
         .needs_tls(cfg.tls.is_some())
         .map_err(ServerError::InvalidArgument)?;
+    berth_proto::plaintext_tcp(
+        "the volume server's control API",
+        cfg.control_listen,
+        cfg.tls.is_some(),
+        cfg.insecure_tcp,
+    )
+    .map_err(ServerError::InvalidArgument)?;
     // A fault drill with a mistyped plan must not silently run without faults.
     let faults = berth_store::FaultPlan::from_env()
         .map_err(|e| ServerError::InvalidArgument(format!("BERTH_FAULTS: {e}")))?;
-    std::fs::create_dir_all(&cfg.data_dir).map_err(ServerError::io(format!(
+    // The pool, the grants' tokens and the audit log live here: 0700.
+    berth_proto::private::dir(&cfg.data_dir).map_err(ServerError::io(format!(
         "create {}",
         cfg.data_dir.display()
     )))?;
@@ -138,10 +156,18 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
     let store = tokio::task::spawn_blocking(move || Store::open_or_create(&scfg))
         .await
         .map_err(|e| ServerError::FailedPrecondition(format!("store open task: {e}")))??;
+    let limits = crate::node::NbdLimits {
+        connections: cfg
+            .nbd_connection_limits
+            .unwrap_or_else(crate::nbd::limits::ConnLimits::from_process),
+        buffer_bytes: cfg.nbd_buffer_bytes,
+    };
+    tracing::info!(?limits, "NBD limits");
     let node = Arc::new(Node::new(
         Arc::new(store),
         &cfg.data_dir,
         cfg.tiers.clone(),
+        limits,
     )?);
 
     let nbd_socket = cfg
@@ -228,6 +254,10 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
             nbd_threads.clone(),
         )));
     }
+    tasks.push(tokio::spawn(audit_refusal_summaries(
+        node.clone(),
+        stop_accepting.clone(),
+    )));
     let control = || tonic::service::Routes::new(Service::new(node.clone()).into_server());
     let tls_err = |e: berth_proto::TlsError| ServerError::InvalidArgument(e.to_string());
     tasks.push(
@@ -369,6 +399,21 @@ async fn accept_nbd(
                         Ok(Accepted::Tcp(s.into_std()?, peer))
                     }),
                 }?;
+                let peer = match &s {
+                    Accepted::Unix(_) => Peer::Unix,
+                    Accepted::Tcp(_, a) => Peer::Tcp(*a),
+                };
+                let admitted = match node.admission.admit(&peer) {
+                    Ok(a) => a,
+                    Err(why) => {
+                        // Closed at once (the descriptor is back); counted,
+                        // and audited like a refused lookup, summed per peer.
+                        drop(s);
+                        node.metrics.nbd_connections_refused.inc();
+                        crate::nbd::server::refuse_connection(&node, &peer, why);
+                        return Ok(());
+                    }
+                };
                 let (thread, placed) = threads.place();
                 let node = node.clone();
                 let tls = match &l {
@@ -382,9 +427,9 @@ async fn accept_nbd(
                         type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
                         let served: std::io::Result<Serving> = match s {
                             Accepted::Unix(s) => tokio::net::UnixStream::from_std(s)
-                                .map(|s| Box::pin(serve(node, s, Peer::Unix, None)) as Serving),
-                            Accepted::Tcp(s, peer) => tokio::net::TcpStream::from_std(s)
-                                .map(|s| Box::pin(serve(node, s, Peer::Tcp(peer), tls)) as Serving),
+                                .map(|s| Box::pin(serve(node, s, peer, None, admitted)) as Serving),
+                            Accepted::Tcp(s, _) => tokio::net::TcpStream::from_std(s)
+                                .map(|s| Box::pin(serve(node, s, peer, tls, admitted)) as Serving),
                         };
                         match served {
                             Ok(serving) => serving.await,
@@ -400,6 +445,23 @@ async fn accept_nbd(
             // Out of file descriptors, typically: back off instead of spinning.
             tracing::warn!(error = %e, "nbd accept failed");
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Writes the summaries of refused lookups whose window ended (see
+/// `nbd::limits::Refusals`), and at shutdown the rest.
+async fn audit_refusal_summaries(node: Arc<Node>, stop: CancellationToken) {
+    loop {
+        let all = tokio::select! {
+            _ = stop.cancelled() => true,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+        };
+        for ev in node.refusals.due(std::time::Instant::now(), all) {
+            crate::nbd::server::audit(&node, ev).await;
+        }
+        if all {
+            return;
         }
     }
 }

@@ -91,6 +91,8 @@ impl StateFile {
     }
 
     pub fn load(&self) -> std::io::Result<ServerState> {
+        // An older version wrote it 0644: tighten it before reading tokens.
+        berth_proto::private::file(&self.path)?;
         match std::fs::read(&self.path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| {
                 std::io::Error::new(
@@ -105,7 +107,12 @@ impl StateFile {
 
     pub fn save(&self, s: &ServerState) -> std::io::Result<()> {
         let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
+        // Every grant's token is in here: the owner's alone.
+        let mut f = berth_proto::private::create_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(s).map_err(std::io::Error::other)?)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &self.path)?;

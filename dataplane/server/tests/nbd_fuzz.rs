@@ -1,7 +1,11 @@
 //! Fuzzing the NBD parsers (proptest over raw bytes) and a live server (random
 //! byte streams after the greeting and after GO, some starting from valid
-//! frames). Parsers must never panic and must round-trip what they accept; the
-//! server must answer or close, and keep serving a well-behaved client.
+//! frames whose offsets and lengths sit at the edges of u64 and of the export).
+//! Parsers must never panic and must round-trip what they accept; for every
+//! input the server must answer or close within a second, and still serve a
+//! well-behaved client on another connection. The tests build with overflow
+//! checks (the dev profile), so an unchecked sum of offset and length is a
+//! panic, and a panic on the store's threads ends the test process.
 //!
 //! `BERTH_FUZZ_CASES` sets the number of cases (default 2,000 per parser and
 //! 300 live connections); each test prints how many inputs it ran.
@@ -89,6 +93,34 @@ enum Phase {
     Transmission,
 }
 
+/// The size of the fuzzed export.
+const EXPORT_BYTES: u64 = 16 << 20;
+
+/// Offsets where arithmetic goes wrong: around 0, the export's end, 2^63 and
+/// 2^64, and anywhere.
+fn offsets() -> impl Strategy<Value = u64> {
+    let near = |at: u64| (0u64..(2 << 20)).prop_map(move |d| at.wrapping_add(d).wrapping_sub(1 << 20));
+    prop_oneof![
+        Just(0u64),
+        0u64..(1 << 24),
+        near(EXPORT_BYTES),
+        near(1 << 63),
+        (0u64..(64 << 20)).prop_map(|d| u64::MAX - d),
+        any::<u64>(),
+    ]
+}
+
+/// Lengths around the block size, the 32 MiB request limit and u32::MAX.
+fn lengths() -> impl Strategy<Value = u32> {
+    prop_oneof![
+        0u32..70_000,
+        (0u32..8).prop_map(|d| 4096 - 4 + d),
+        (0u32..8).prop_map(|d| (32 << 20) - 4 + d),
+        (0u32..(1 << 20)).prop_map(|d| u32::MAX - d),
+        any::<u32>(),
+    ]
+}
+
 fn live_input() -> impl Strategy<Value = (Phase, Vec<u8>)> {
     let junk = proptest::collection::vec(any::<u8>(), 0..300);
     // Mostly valid-looking frames with random fields, so the fuzzer gets past magics.
@@ -109,8 +141,8 @@ fn live_input() -> impl Strategy<Value = (Phase, Vec<u8>)> {
         any::<u16>(),
         0u16..10,
         any::<u64>(),
-        prop_oneof![Just(0u64), 0u64..(1 << 24), any::<u64>()],
-        prop_oneof![0u32..70_000, any::<u32>()],
+        offsets(),
+        lengths(),
         proptest::collection::vec(any::<u8>(), 0..200),
     )
         .prop_map(|(flags, command, handle, offset, len, tail)| {
@@ -146,13 +178,22 @@ fn a_live_server_survives_random_input() {
         .unwrap();
     let mut f = rt.block_on(async {
         let mut f = common::start().await;
-        f.volume("fz", 16 << 20).await;
+        f.volume("fz", EXPORT_BYTES).await;
         f
     });
     let export = rt
         .block_on(f.grant(pb::TargetKind::Volume, "fz", "fuzzer"))
         .export_name;
     let addr = f.bound().nbd_tcp.unwrap();
+    // A well-behaved client of another volume, on its own connection,
+    // checked after every input.
+    let good = rt.block_on(async {
+        f.volume("good", 1 << 20).await;
+        let e = f.grant(pb::TargetKind::Volume, "good", "fuzzer").await;
+        let mut good = f.unix(&e.export_name).await;
+        good.write(0, &[0x5c; 4096], true).await.unwrap();
+        tokio::sync::Mutex::new(good)
+    });
     let n = cases(300);
     let mut runner = TestRunner::new(Config {
         failure_persistence: None,
@@ -179,15 +220,26 @@ fn a_live_server_survives_random_input() {
                 let _ = s.write_all(&bytes).await;
                 let _ = s.shutdown().await;
                 // The server answers what it can and closes; it must not hang.
+                // (A read of up to 32 MiB per request is the most it may owe.)
                 let mut sink = Vec::new();
                 let r = tokio::time::timeout(
-                    std::time::Duration::from_secs(35),
+                    std::time::Duration::from_secs(1),
                     s.read_to_end(&mut sink),
                 )
                 .await;
                 assert!(
                     r.is_ok(),
-                    "server neither answered nor closed after {bytes:02x?}"
+                    "server neither answered nor closed within 1 s after {bytes:02x?}"
+                );
+                let mut good = good.lock().await;
+                let served = tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    good.read(0, 4096),
+                )
+                .await;
+                assert!(
+                    matches!(&served, Ok(Ok(d)) if d[..] == [0x5c; 4096][..]),
+                    "a good client was not served within 1 s after {bytes:02x?}: {served:?}"
                 );
             });
             Ok(())

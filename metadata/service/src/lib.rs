@@ -41,6 +41,8 @@ pub struct ServiceConfig {
     /// With `tls`: the certificate names that may call over TCP (empty: any
     /// the CA signed).
     pub tls_allow: berth_proto::Allow,
+    /// Serve `listen` without `tls` (see [`berth_proto::plaintext_tcp`]).
+    pub insecure_tcp: bool,
     pub meta: MetaConfig,
 }
 
@@ -65,6 +67,13 @@ pub async fn start(cfg: ServiceConfig) -> Result<Running> {
     cfg.tls_allow
         .needs_tls(cfg.tls.is_some())
         .map_err(MetaError::InvalidArgument)?;
+    berth_proto::plaintext_tcp(
+        "the metadata API",
+        cfg.listen,
+        cfg.tls.is_some(),
+        cfg.insecure_tcp,
+    )
+    .map_err(MetaError::InvalidArgument)?;
     if let Ok(p) = std::env::var("BERTH_FAULT_CRASH") {
         if !fault::POINTS.contains(&p.as_str()) {
             return Err(MetaError::InvalidArgument(format!(
@@ -74,10 +83,14 @@ pub async fn start(cfg: ServiceConfig) -> Result<Running> {
         }
         tracing::warn!(point = %p, "fault injection armed: the service will abort there");
     }
-    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-        MetaError::FailedPrecondition(format!("create {}: {e}", cfg.data_dir.display()))
-    })?;
+    // The catalog names every volume and holds the audit log: 0700, and the
+    // catalog's own folder too (RocksDB makes its files with the umask's modes).
     let path = cfg.data_dir.join("catalog");
+    for dir in [&cfg.data_dir, &path] {
+        berth_proto::private::dir(dir).map_err(|e| {
+            MetaError::FailedPrecondition(format!("create {}: {e}", dir.display()))
+        })?;
+    }
     let store =
         tokio::task::spawn_blocking(move || berth_catalog_rocksdb::RocksCatalog::open(&path))
             .await

@@ -3,5 +3,6 @@
 //! plugin.
 
 pub use berth_nbd::{client, proto};
+pub mod limits;
 pub mod server;
 pub mod threads;

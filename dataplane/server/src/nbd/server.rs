@@ -23,13 +23,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use berth_store::{Extent, Op, Outcome, ReadDone, Reply, StoreError, MAX_REQUEST_BYTES};
+use berth_store::{
+    Extent, Op, Outcome, ReadDone, Reply, StoreError, Submitter, Target, Zeroing,
+    MAX_REQUEST_BYTES,
+};
 use parking_lot::Mutex;
 use tokio::io::{
     AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt,
 };
 use tokio::sync::{Notify, Semaphore};
 
+use super::limits::STALL_UNDER_PRESSURE;
 use super::proto::*;
 use crate::audit::AuditEvent;
 use crate::node::{ConnCounters, Node, Peer, Refusal, Resolved};
@@ -42,8 +46,8 @@ const MAX_INFLIGHT_UNITS: usize = (128 << 20) / 4096;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a started request frame (header or WRITE payload) may take to arrive.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
-/// BLOCK_STATUS requests one connection may have running at once (each holds
-/// the store's catalog lock while it scans).
+/// BLOCK_STATUS requests one connection may have running at once (each scans
+/// block maps on a blocking thread).
 const MAX_BLOCK_STATUS: usize = 2;
 /// Longest a reply batch may wait for the client to read it.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -154,12 +158,23 @@ fn export_flags(read_only: bool) -> u16 {
 }
 
 /// Serves one accepted connection to its end; `tls` offers STARTTLS.
-pub async fn serve<S: Transport>(node: Arc<Node>, stream: S, peer: Peer, tls: Option<NbdTls>) {
+pub async fn serve<S: Transport>(
+    node: Arc<Node>,
+    stream: S,
+    peer: Peer,
+    tls: Option<NbdTls>,
+    mut admitted: super::limits::Admitted,
+) {
     // A connection still haggling when the server shuts down is simply closed.
     let hs = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&node, stream, &peer, tls)) => r,
         _ = node.shutdown.cancelled() => return,
     };
+    if matches!(hs, Ok(Ok(Negotiated::Plain(..) | Negotiated::Tls(..)))) {
+        // It showed a grant: it no longer counts against the handshake limits
+        // (it still counts as a connection until it ends).
+        admitted.handshake_done();
+    }
     match hs {
         Ok(Ok(Negotiated::Plain(s, stream))) => {
             let (rd, wr) = stream.halves();
@@ -253,34 +268,52 @@ async fn send_reply<W: AsyncWrite + Unpin>(
     wr.flush().await
 }
 
-/// Refused export lookups one connection may make before it is closed: each
-/// one is a durable audit write, which must not be free to repeat.
+/// Refused export lookups one connection may make before it is closed.
 const MAX_REFUSALS: u32 = 4;
 
 /// Appends an audit event (an fdatasync) on a blocking thread, and waits for it
 /// so events stay in order without stalling the async workers.
-async fn audit(node: &Arc<Node>, ev: AuditEvent) {
+pub(crate) async fn audit(node: &Arc<Node>, ev: AuditEvent) {
     let n = node.clone();
     if let Err(e) = tokio::task::spawn_blocking(move || n.audit.record(ev)).await {
         tracing::error!(error = %e, "audit task failed");
     }
 }
 
+/// Audits a refused export lookup: in full if it is the first of its peer's
+/// window, else counted into the window's summary (see `limits::Refusals`).
 async fn audit_refusal(node: &Arc<Node>, export: &str, peer: &Peer, why: &str) {
     let (name, _) = crate::node::split_export_name(export);
     let name: String = name.chars().take(256).collect();
-    audit(
-        node,
-        AuditEvent {
-            action: "refused".into(),
-            client: String::new(),
-            target: name,
-            result: why.to_string(),
-            peer: peer.to_string(),
-            ..Default::default()
-        },
-    )
-    .await;
+    let ev = AuditEvent {
+        action: "refused".into(),
+        client: String::new(),
+        target: name,
+        result: why.to_string(),
+        peer: peer.to_string(),
+        ..Default::default()
+    };
+    if let Some(ev) = node.refusals.note(Instant::now(), peer, ev) {
+        audit(node, ev).await;
+    }
+}
+
+/// A connection closed at accept because a connection limit was reached: the
+/// audit log hears of it like a refused lookup (summed per peer), in the
+/// background, since the accept loop must not wait on a disk write.
+pub(crate) fn refuse_connection(node: &Arc<Node>, peer: &Peer, why: &'static str) {
+    tracing::debug!(peer = %peer, why, "NBD connection refused");
+    let ev = AuditEvent {
+        action: "refused".into(),
+        result: why.to_string(),
+        peer: peer.to_string(),
+        ..Default::default()
+    };
+    if let Some(ev) = node.refusals.note(Instant::now(), peer, ev) {
+        tracing::warn!(peer = %peer, why, "refusing NBD connections");
+        let node = node.clone();
+        tokio::spawn(async move { audit(&node, ev).await });
+    }
 }
 
 fn refusal_reply(r: Refusal) -> (u32, String) {
@@ -637,6 +670,8 @@ struct Conn {
     done: Arc<Completions>,
     slots: Semaphore,
     units: Semaphore,
+    /// The payload units `units` started with: this connection's share.
+    unit_cap: u32,
     block_status: Arc<Semaphore>,
     counters: Arc<ConnCounters>,
     structured: bool,
@@ -721,6 +756,7 @@ where
         },
     )
     .await;
+    let unit_cap = node.budget.per_connection_units(MAX_INFLIGHT_UNITS) as u32;
     let conn = Arc::new(Conn {
         node: node.clone(),
         export: s.export,
@@ -730,7 +766,8 @@ where
             pending: Mutex::new(slab::Slab::with_capacity(MAX_INFLIGHT)),
         }),
         slots: Semaphore::new(MAX_INFLIGHT),
-        units: Semaphore::new(MAX_INFLIGHT_UNITS),
+        units: Semaphore::new(unit_cap as usize),
+        unit_cap,
         block_status: Arc::new(Semaphore::new(MAX_BLOCK_STATUS)),
         counters,
         structured: s.structured,
@@ -890,8 +927,10 @@ async fn handle<R: AsyncRead + Unpin>(
         // Reading a payload this large would be a denial of service (spec).
         return Err(format!("write of {len} bytes exceeds the 32 MiB maximum"));
     }
+    // Capped at what the connection may hold at all (a larger request would
+    // wait forever for units that do not exist).
     let payload_units = if matches!(req.command, CMD_READ | CMD_WRITE) && len <= MAX_REQUEST_BYTES {
-        len.div_ceil(4096).max(1) as u32
+        (len.div_ceil(4096).max(1) as u32).min(conn.unit_cap)
     } else {
         0
     };
@@ -909,6 +948,13 @@ async fn handle<R: AsyncRead + Unpin>(
             .await
             .map_err(|_| "closing".to_string())?;
         u.forget();
+        // And from the node's budget: the memory of all connections together
+        // is bounded too.
+        conn.node
+            .budget
+            .take(payload_units)
+            .await
+            .map_err(|_| "closing".to_string())?;
     }
     let mut pending = Pending {
         handle: req.handle,
@@ -968,11 +1014,33 @@ async fn handle<R: AsyncRead + Unpin>(
             fua,
         },
         CMD_FLUSH => Op::Flush,
-        CMD_TRIM | CMD_WRITE_ZEROES => Op::Zero {
+        CMD_TRIM => Op::Zero {
             target: ex.target,
             offset: req.offset,
             len,
-            trim: req.command == CMD_TRIM,
+            how: Zeroing::Trim,
+            fua,
+        },
+        CMD_WRITE_ZEROES if req.flags & CMD_FLAG_NO_HOLE != 0 => {
+            if req.flags & CMD_FLAG_FAST_ZERO != 0 {
+                // Zeros that stay allocated are written like data: not fast,
+                // and the spec asks for ENOTSUP rather than a slow success.
+                refuse(pending, ENOTSUP, "allocating zeroes are not fast");
+                return Ok(());
+            }
+            Op::Zero {
+                target: ex.target,
+                offset: req.offset,
+                len,
+                how: Zeroing::Allocate,
+                fua,
+            }
+        }
+        CMD_WRITE_ZEROES => Op::Zero {
+            target: ex.target,
+            offset: req.offset,
+            len,
+            how: Zeroing::Zero,
             fua,
         },
         CMD_BLOCK_STATUS => {
@@ -992,14 +1060,7 @@ async fn handle<R: AsyncRead + Unpin>(
             let tag = conn.done.pending.lock().insert(pending) as u64;
             let (store, done, target) = (store.clone(), conn.done.clone(), ex.target);
             tokio::task::spawn_blocking(move || {
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    store.block_status(target, req.offset, len)
-                }))
-                .unwrap_or_else(|_| {
-                    Err(StoreError::FailedPrecondition(
-                        "internal error in block status".into(),
-                    ))
-                });
+                let r = store.block_status(target, req.offset, len);
                 done.push(Completion::Status(tag, r));
                 drop(permit);
             });
@@ -1027,8 +1088,126 @@ async fn handle<R: AsyncRead + Unpin>(
     conn.node.gate.enter(prio).await;
     pending.gated = Some(prio);
     let tag = conn.done.pending.lock().insert(pending) as u64;
-    store.submit(op, tag, conn.done.clone());
+    match op {
+        Op::Zero {
+            target,
+            offset,
+            len,
+            how: Zeroing::Allocate,
+            fua,
+        } if len > ALLOCATE_PART_BYTES => {
+            AllocateInParts::start(store.submitter(), conn.done.clone(), tag, target, offset, len, fua)
+        }
+        op => store.submit(op, tag, conn.done.clone()),
+    }
     Ok(())
+}
+
+/// The largest part of an allocating WRITE_ZEROES the store is given at once.
+const ALLOCATE_PART_BYTES: u64 = 8 << 20;
+
+/// An allocating WRITE_ZEROES (NO_HOLE) larger than one store request, done
+/// in parts one after another: each part is a write of zeros whose buffer is
+/// memory, so a 4 GiB request costs one 8 MiB buffer at a time, not 4 GiB.
+/// Answered once, after the last part or at the first error.
+struct AllocateInParts {
+    me: std::sync::Weak<AllocateInParts>,
+    submitter: Submitter,
+    done: Arc<Completions>,
+    target: Target,
+    fua: bool,
+    /// The range still to zero: (offset, end).
+    left: Mutex<(u64, u64)>,
+}
+
+impl AllocateInParts {
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        submitter: Submitter,
+        done: Arc<Completions>,
+        tag: u64,
+        target: Target,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) {
+        // Past the end of u64 is past the end of the export: the first part
+        // fails with the store's range error.
+        let end = offset.saturating_add(len);
+        let job = Arc::new_cyclic(|me| AllocateInParts {
+            me: me.clone(),
+            submitter,
+            done,
+            target,
+            fua,
+            left: Mutex::new((offset, end)),
+        });
+        job.next(tag);
+    }
+
+    /// Submits the next part; false when none is left.
+    fn next(&self, tag: u64) -> bool {
+        let (offset, len) = {
+            let mut left = self.left.lock();
+            let (offset, end) = *left;
+            if offset >= end {
+                return false;
+            }
+            let len = (end - offset).min(ALLOCATE_PART_BYTES);
+            left.0 = offset + len;
+            (offset, len)
+        };
+        let Some(me) = self.me.upgrade() else {
+            return false;
+        };
+        let op = Op::Zero {
+            target: self.target,
+            offset,
+            len,
+            how: Zeroing::Allocate,
+            fua: self.fua,
+        };
+        self.submitter.submit(op, tag, me);
+        true
+    }
+}
+
+impl Reply for AllocateInParts {
+    fn reply(&self, tag: u64, outcome: Outcome) {
+        let failed = matches!(outcome, Outcome::Done(Err(_)) | Outcome::Read(_));
+        if failed || !self.next(tag) {
+            self.done.push(Completion::Store(tag, outcome));
+        }
+    }
+}
+
+/// Sends a batch of replies; fails if the client does not take them within
+/// [`REPLY_TIMEOUT`], or within [`STALL_UNDER_PRESSURE`] while the node's
+/// payload budget is under pressure.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    conn: &Conn,
+    wr: &mut W,
+    b: &Batch,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let write = write_batch(wr, b);
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            r = &mut write => return r.map_err(|e| format!("reply write failed ({e}): client gone")),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                let waited = started.elapsed();
+                if waited >= REPLY_TIMEOUT {
+                    return Err(format!("client has not read its replies for {REPLY_TIMEOUT:?}"));
+                }
+                if waited >= STALL_UNDER_PRESSURE && conn.node.budget.under_pressure() {
+                    return Err(format!(
+                        "client has not read its replies for {waited:?} while the node's reply memory runs low"
+                    ));
+                }
+            }
+        }
+    }
 }
 
 /// Per-batch scratch: reply headers, and which parts of the batch carry data.
@@ -1078,16 +1257,12 @@ async fn writer<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut wr: W) {
         if !broken {
             // A client that stops reading its replies must not hold the
             // connection (and a shutdown) forever.
-            match tokio::time::timeout(REPLY_TIMEOUT, write_batch(&mut wr, &b)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::info!(error = %e, "reply write failed; client gone");
-                    broken = true;
-                }
-                Err(_) => {
-                    tracing::warn!(
-                        "client has not read its replies for {REPLY_TIMEOUT:?}; dropping them"
-                    );
+            // When the node's payload budget runs low, much sooner: the
+            // memory it holds is everyone's.
+            match write_replies(&conn, &mut wr, &b).await {
+                Ok(()) => {}
+                Err(why) => {
+                    tracing::warn!("{why}; dropping its replies");
                     broken = true;
                 }
             }
@@ -1098,6 +1273,7 @@ async fn writer<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut wr: W) {
         b.reads.clear();
         if b.release_units > 0 {
             conn.units.add_permits(b.release_units as usize);
+            conn.node.budget.give(b.release_units);
         }
         conn.slots.add_permits(b.release_slots as usize);
         b.release_units = 0;

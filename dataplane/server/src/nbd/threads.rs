@@ -62,7 +62,10 @@ impl NbdThreads {
             let done = stop.clone();
             std::thread::Builder::new()
                 .name(format!("berth-nbd-{i}"))
-                .spawn(move || rt.block_on(done.cancelled()))?;
+                .spawn(move || {
+                    let _guard = berth_store::AbortOnPanic("berth-nbd");
+                    rt.block_on(done.cancelled())
+                })?;
             threads.push(Thread {
                 handle,
                 conns: Arc::new(AtomicUsize::new(0)),

@@ -21,9 +21,15 @@ pub async fn start() -> Fixture {
 }
 
 pub async fn start_in(dir: tempfile::TempDir) -> Fixture {
+    start_with(dir, |_| {}).await
+}
+
+/// A server on `dir` with the test defaults, then `tune` applied.
+pub async fn start_with(dir: tempfile::TempDir, tune: impl FnOnce(&mut ServerConfig)) -> Fixture {
     let mut cfg = ServerConfig::new(dir.path(), 256 << 20);
     cfg.nbd_listen = Some("127.0.0.1:0".parse().unwrap());
     cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    tune(&mut cfg);
     let server = berth_volume::start(cfg).await.unwrap();
     let ch = berth_proto::channel(
         &format!("unix://{}", server.bound.control_socket.display()),
@@ -41,6 +47,10 @@ pub async fn start_in(dir: tempfile::TempDir) -> Fixture {
 impl Fixture {
     pub fn bound(&self) -> &berth_volume::Bound {
         &self.server.as_ref().unwrap().bound
+    }
+
+    pub fn node(&self) -> &std::sync::Arc<berth_volume::node::Node> {
+        &self.server.as_ref().unwrap().node
     }
 
     pub async fn volume(&mut self, name: &str, size: u64) -> pb::Volume {
