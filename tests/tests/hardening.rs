@@ -29,12 +29,8 @@ fn a_panic_on_the_io_thread_aborts_the_process() {
         "qemu-io is needed (apt-get install qemu-utils)"
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut srv = ServerProc::start_env(
-        dir.path(),
-        "256M",
-        &[],
-        &[("BERTH_FAULTS", "read:panic:1")],
-    );
+    let mut srv =
+        ServerProc::start_env(dir.path(), "256M", &[], &[("BERTH_FAULTS", "read:panic:1")]);
     let v = srv.volume_export("v", "16M", "q");
     let uri = v["unix_uri"].as_str().expect("uri").to_string();
     // The write needs no read; the read then panics the I/O thread.
@@ -89,7 +85,10 @@ fn sigterm_ends_the_process_within_the_drain_time_whatever_hangs() {
         "it took {:?}",
         t.elapsed()
     );
-    assert!(!st.success(), "a shutdown that gave up is not clean: {st:?}");
+    assert!(
+        !st.success(),
+        "a shutdown that gave up is not clean: {st:?}"
+    );
     // The client learns it: its connection is gone.
     rx.recv_timeout(Duration::from_secs(10))
         .expect("the client was left hanging");
@@ -211,7 +210,12 @@ fn plain_tcp_grpc_needs_to_be_asked_for_by_name() {
     }
     // Asked for by name: it runs, and warns.
     let mut child = Command::new(binary("berth"))
-        .args(["metadata", "--listen", "127.0.0.1:0", "--insecure-plaintext-tcp"])
+        .args([
+            "metadata",
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure-plaintext-tcp",
+        ])
         .arg("--data")
         .arg(root.path().join("m2"))
         .stdout(std::process::Stdio::piped())

@@ -16,9 +16,9 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::nbd::limits::{Admission, ConnLimits, PayloadBudget, Refusals};
 use crate::error::{Result, ServerError};
 use crate::metrics::{Metrics, VolumeMetrics};
+use crate::nbd::limits::{Admission, ConnLimits, PayloadBudget, Refusals};
 use crate::qos::{self, Limiter, Limits, Overrides, PoolGate, TierPolicy};
 use crate::state::{new_token, Grant, ServerState, StateFile, TargetKind, VolumeQos};
 

@@ -941,13 +941,21 @@ async fn requests_at_the_edges_of_u64_and_of_the_export_get_errors_and_the_serve
     ];
     let lens = [1u32, 4095, 4096, 4097, 1 << 20, 32 << 20, u32::MAX];
     let mut refused = 0;
-    for cmd in [CMD_READ, CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS] {
+    for cmd in [
+        CMD_READ,
+        CMD_WRITE,
+        CMD_TRIM,
+        CMD_WRITE_ZEROES,
+        CMD_BLOCK_STATUS,
+    ] {
         for &offset in &offsets {
             for &len in &lens {
                 if cmd == CMD_WRITE && len > 32 << 20 {
                     continue; // a payload that large closes the connection (spec)
                 }
-                let fits = offset.checked_add(len as u64).is_some_and(|end| end <= size);
+                let fits = offset
+                    .checked_add(len as u64)
+                    .is_some_and(|end| end <= size);
                 let payload = if cmd == CMD_WRITE {
                     vec![0x5a; len as usize]
                 } else {
@@ -964,7 +972,10 @@ async fn requests_at_the_edges_of_u64_and_of_the_export_get_errors_and_the_serve
                 if fits {
                     assert_eq!(r.error, 0, "command {cmd} at {offset:#x}+{len}");
                 } else {
-                    assert_ne!(r.error, 0, "command {cmd} at {offset:#x}+{len} past the end");
+                    assert_ne!(
+                        r.error, 0,
+                        "command {cmd} at {offset:#x}+{len} past the end"
+                    );
                     refused += 1;
                 }
             }

@@ -99,7 +99,8 @@ const EXPORT_BYTES: u64 = 16 << 20;
 /// Offsets where arithmetic goes wrong: around 0, the export's end, 2^63 and
 /// 2^64, and anywhere.
 fn offsets() -> impl Strategy<Value = u64> {
-    let near = |at: u64| (0u64..(2 << 20)).prop_map(move |d| at.wrapping_add(d).wrapping_sub(1 << 20));
+    let near =
+        |at: u64| (0u64..(2 << 20)).prop_map(move |d| at.wrapping_add(d).wrapping_sub(1 << 20));
     prop_oneof![
         Just(0u64),
         0u64..(1 << 24),
@@ -232,11 +233,9 @@ fn a_live_server_survives_random_input() {
                     "server neither answered nor closed within 1 s after {bytes:02x?}"
                 );
                 let mut good = good.lock().await;
-                let served = tokio::time::timeout(
-                    std::time::Duration::from_secs(1),
-                    good.read(0, 4096),
-                )
-                .await;
+                let served =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), good.read(0, 4096))
+                        .await;
                 assert!(
                     matches!(&served, Ok(Ok(d)) if d[..] == [0x5c; 4096][..]),
                     "a good client was not served within 1 s after {bytes:02x?}: {served:?}"

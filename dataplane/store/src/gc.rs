@@ -163,7 +163,16 @@ fn walk(sh: &Shared, tree: u64) -> Result<bool> {
         let mut batch = WriteBatch::default();
         let mut freed = Vec::new();
         let mut heads = Vec::new();
-        let more = step(sh, tree, live, &readers, &mut cursor, &mut batch, &mut freed, &mut heads)?;
+        let more = step(
+            sh,
+            tree,
+            live,
+            &readers,
+            &mut cursor,
+            &mut batch,
+            &mut freed,
+            &mut heads,
+        )?;
         if !batch.is_empty() {
             removed += batch.len() as u64;
             sh.db.write(batch)?;
@@ -367,7 +376,12 @@ impl Pauses {
 
     /// Waits until `point` has been reached `times` times in all; false on
     /// timeout.
-    pub fn wait_reached(&self, point: &'static str, times: u64, limit: std::time::Duration) -> bool {
+    pub fn wait_reached(
+        &self,
+        point: &'static str,
+        times: u64,
+        limit: std::time::Duration,
+    ) -> bool {
         let until = std::time::Instant::now() + limit;
         let mut s = self.state.lock();
         while s.reached.get(point).copied().unwrap_or(0) < times {

@@ -1395,7 +1395,6 @@ pub(crate) fn write_buffer(
     (arena.alloc_uninit(span.max(BS)), start)
 }
 
-
 /// Byte range `[lo, hi)` of block `lba` that a write of `len` at `offset`
 /// covers; the rest of the block keeps its old contents.
 fn edge_gap(offset: u64, len: u64, lba: u64) -> (usize, usize) {

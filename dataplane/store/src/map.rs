@@ -173,7 +173,11 @@ pub fn lookup(
 
 /// [`lookup`] from the cache alone: `None` when answering needs RocksDB (a
 /// head the cache does not hold, or a snapshot's history).
-pub fn lookup_cached(cache: &mut HeadCache, layers: &[Layer], lba: u64) -> Option<Option<BlockValue>> {
+pub fn lookup_cached(
+    cache: &mut HeadCache,
+    layers: &[Layer],
+    lba: u64,
+) -> Option<Option<BlockValue>> {
     for l in layers {
         if lba >= l.limit_blocks {
             return Some(None);

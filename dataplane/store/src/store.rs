@@ -887,7 +887,11 @@ impl Store {
         }
         {
             let mut inner = sh.inner.lock();
-            while inner.trees.get(&vid).is_some_and(|t| t.writes_in_flight > 0) {
+            while inner
+                .trees
+                .get(&vid)
+                .is_some_and(|t| t.writes_in_flight > 0)
+            {
                 sh.commit_idle.wait(&mut inner);
             }
         }

@@ -563,7 +563,9 @@ fn block_status_reports_data_and_holes_through_snapshots_and_clones() {
     );
     store.write(v, 4 * 4096, &block("a"), false).expect("write");
     store.write(v, 5 * 4096, &block("b"), false).expect("write");
-    store.write_zeroes(v, 6 * 4096, 4096, Zeroing::Zero, false).expect("zero");
+    store
+        .write_zeroes(v, 6 * 4096, 4096, Zeroing::Zero, false)
+        .expect("zero");
     store
         .write(v, 7 * 4096, &vec![0; 4096], false)
         .expect("write zeros");

@@ -51,7 +51,8 @@ fn a_collection_in_progress_holds_up_no_other_volume() {
     s.write(a, 0, &fill(1, 4096), false).expect("write a");
     // 4,096 mapped blocks: a walk of four steps.
     for m in 0..16u64 {
-        s.write(b, m << 20, &fill(2, 1 << 20), false).expect("write b");
+        s.write(b, m << 20, &fill(2, 1 << 20), false)
+            .expect("write b");
     }
     s.sync().expect("sync");
     let before = s.stats().used_blocks;
@@ -59,7 +60,10 @@ fn a_collection_in_progress_holds_up_no_other_volume() {
     // The delete returns with the collection not even started.
     let s2 = s.clone();
     within("delete_volume", move || s2.delete_volume("b")).expect("delete");
-    assert!(pauses.wait_reached("gc-step", 1, PATIENCE), "the walk began");
+    assert!(
+        pauses.wait_reached("gc-step", 1, PATIENCE),
+        "the walk began"
+    );
     // Held mid-walk: the other volume reads and writes, durably; control
     // work goes on; the name is free again.
     let s2 = s.clone();
@@ -87,7 +91,10 @@ fn a_collection_in_progress_holds_up_no_other_volume() {
         before + 2 - 4096,
         "every block of the deleted volume is free"
     );
-    assert!(pauses.wait_reached("gc-step", 4, PATIENCE), "in bounded steps");
+    assert!(
+        pauses.wait_reached("gc-step", 4, PATIENCE),
+        "in bounded steps"
+    );
 }
 
 #[test]
@@ -101,7 +108,8 @@ fn a_snapshot_freezes_only_its_own_volume_and_holds_every_write_before_it() {
         s.volume_target("a").expect("a"),
         s.volume_target("b").expect("b"),
     );
-    s.write(b, 0, &fill(4, 4096), false).expect("acknowledged before");
+    s.write(b, 0, &fill(4, 4096), false)
+        .expect("acknowledged before");
     pauses.hold("snapshot-frozen");
     let s2 = s.clone();
     let snap = std::thread::spawn(move || s2.create_snapshot("b", "b-snap"));

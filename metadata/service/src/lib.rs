@@ -87,9 +87,8 @@ pub async fn start(cfg: ServiceConfig) -> Result<Running> {
     // catalog's own folder too (RocksDB makes its files with the umask's modes).
     let path = cfg.data_dir.join("catalog");
     for dir in [&cfg.data_dir, &path] {
-        berth_proto::private::dir(dir).map_err(|e| {
-            MetaError::FailedPrecondition(format!("create {}: {e}", dir.display()))
-        })?;
+        berth_proto::private::dir(dir)
+            .map_err(|e| MetaError::FailedPrecondition(format!("create {}: {e}", dir.display())))?;
     }
     let store =
         tokio::task::spawn_blocking(move || berth_catalog_rocksdb::RocksCatalog::open(&path))

@@ -390,7 +390,11 @@ mod tests {
         assert!(r.note(t0, &tcp("10.0.0.1:5"), ev("a")).is_some());
         for i in 0..1000 {
             assert!(r
-                .note(t0, &tcp(&format!("10.0.0.1:{}", 6 + i)), ev(&format!("n{i}")))
+                .note(
+                    t0,
+                    &tcp(&format!("10.0.0.1:{}", 6 + i)),
+                    ev(&format!("n{i}"))
+                )
                 .is_none());
         }
         // Another peer has its own window.
@@ -399,7 +403,11 @@ mod tests {
         let s = r.due(t0 + REFUSAL_WINDOW, false);
         assert_eq!(s.len(), 1, "{s:?}");
         assert_eq!(s[0].peer, "10.0.0.1");
-        assert!(s[0].result.starts_with("1000 more refusals"), "{}", s[0].result);
+        assert!(
+            s[0].result.starts_with("1000 more refusals"),
+            "{}",
+            s[0].result
+        );
         assert!(s[0].detail.starts_with("count=1000 "), "{}", s[0].detail);
         // The window closed: the next refusal is audited in full again.
         assert!(r.note(t0, &tcp("10.0.0.1:9"), ev("c")).is_some());

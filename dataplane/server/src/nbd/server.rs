@@ -24,8 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_store::{
-    Extent, Op, Outcome, ReadDone, Reply, StoreError, Submitter, Target, Zeroing,
-    MAX_REQUEST_BYTES,
+    Extent, Op, Outcome, ReadDone, Reply, StoreError, Submitter, Target, Zeroing, MAX_REQUEST_BYTES,
 };
 use parking_lot::Mutex;
 use tokio::io::{
@@ -1095,9 +1094,15 @@ async fn handle<R: AsyncRead + Unpin>(
             len,
             how: Zeroing::Allocate,
             fua,
-        } if len > ALLOCATE_PART_BYTES => {
-            AllocateInParts::start(store.submitter(), conn.done.clone(), tag, target, offset, len, fua)
-        }
+        } if len > ALLOCATE_PART_BYTES => AllocateInParts::start(
+            store.submitter(),
+            conn.done.clone(),
+            tag,
+            target,
+            offset,
+            len,
+            fua,
+        ),
         op => store.submit(op, tag, conn.done.clone()),
     }
     Ok(())
