@@ -19,6 +19,11 @@
 //!   standard-tier volume (priority 2, limits lifted) floods the pool, and
 //!   while another extreme volume (same priority) floods it, to show what the
 //!   pool gate buys.
+//! - **isolation**: volume A's 4 KiB QD1 random reads alone, and while
+//!   another volume B (2 GiB and 16 GiB, every block written) is snapshotted,
+//!   its snapshot deleted and B itself deleted: A's p99 and slowest read,
+//!   the three calls' times, and how long until B's space is free again
+//!   (garbage collection runs in the background, in bounded steps).
 //! - **CSI**: CreateVolume, CreateSnapshot, DeleteSnapshot and DeleteVolume
 //!   through `berth standalone`'s CSI socket, rates and latency.
 
@@ -145,6 +150,25 @@ pub struct PriorityRow {
     pub flood_iops: f64,
 }
 
+/// Volume A's QD1 reads while volume B's control work runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct IsolationRow {
+    pub condition: String,
+    /// B's size, every block written (0: no B).
+    pub b_bytes: u64,
+    pub iops: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+    /// CreateSnapshot, DeleteSnapshot and DeleteVolume of B, at the API.
+    pub snapshot_ms: f64,
+    pub delete_snapshot_ms: f64,
+    pub delete_volume_ms: f64,
+    /// From DeleteVolume until the pool's used bytes were back to what they
+    /// were before B (None: not within the measurement).
+    pub reclaim_s: Option<f64>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Checksums {
     /// Every data read verifies its blocks' CRC32; this is not optional.
@@ -172,6 +196,7 @@ pub struct Features {
     pub creation: Vec<CreationRow>,
     pub tiers: Vec<TierRow>,
     pub priority: Vec<PriorityRow>,
+    pub isolation: Vec<IsolationRow>,
     pub checksums: Checksums,
     pub csi: Vec<Phase>,
     pub checks: Vec<Check>,
@@ -533,6 +558,108 @@ fn priority(s: &Server, a: &FeatureArgs) -> Result<Vec<PriorityRow>, String> {
     Ok(out)
 }
 
+fn used_bytes(s: &Server) -> Result<u64, String> {
+    s.call("stats", |mut c| async move {
+        c.stats(vpb::StatsRequest {}).await
+    })
+    .map(|r| r.used_bytes)
+}
+
+/// B's sizes: the 2 GiB and 16 GiB (64 MiB and 256 MiB in a quick run).
+fn isolation_sizes(a: &FeatureArgs) -> [u64; 2] {
+    if a.quick {
+        [64 << 20, 256 << 20]
+    } else {
+        [2 << 30, 16 << 30]
+    }
+}
+
+/// A's probe alone, then once per size of B while B is snapshotted, the
+/// snapshot deleted and B deleted (see the module doc).
+fn isolation(s: &Server, a: &FeatureArgs) -> Result<Vec<IsolationRow>, String> {
+    let size = a.size_bytes;
+    let probe = w("4k-randread-qd1", "randread", "4k", 1);
+    let hi = s.target("feat")?;
+    // Long enough for the largest B's collection to finish inside it.
+    let window = if a.quick { 3 } else { a.seconds.max(5) + 10 };
+    let probe_run = |secs: u64| -> Result<std::process::Child, String> {
+        fio_command(&hi, size, &probe, secs, 1)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run fio: {e}"))
+    };
+    let finish = |c: std::process::Child| -> Result<crate::FioReport, String> {
+        let o = c.wait_with_output().map_err(|e| e.to_string())?;
+        if !o.status.success() {
+            return Err(format!(
+                "probe fio failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        crate::fio_summary(&o.stdout)
+    };
+    let mut out = Vec::new();
+    let alone = finish(probe_run(window)?)?;
+    out.push(IsolationRow {
+        condition: "alone".into(),
+        b_bytes: 0,
+        iops: alone.iops,
+        p50_us: alone.p50_us,
+        p99_us: alone.p99_us,
+        max_us: alone.max_us,
+        snapshot_ms: 0.0,
+        delete_snapshot_ms: 0.0,
+        delete_volume_ms: 0.0,
+        reclaim_s: None,
+    });
+    for b in isolation_sizes(a) {
+        let before = used_bytes(s)?;
+        s.create("iso-b", b, "extreme", None)?;
+        eprintln!("features: isolation: filling B ({} MiB)", b >> 20);
+        fio(&s.target("iso-b")?, b, &w("fill", "write", "1m", 8), 0, 1)?;
+        let probe = probe_run(window)?;
+        std::thread::sleep(Duration::from_secs(1));
+        let t = Instant::now();
+        s.snapshot("iso-b", "iso-b-snap")?;
+        let snapshot_ms = ms(t.elapsed());
+        let t = Instant::now();
+        s.delete_snapshot("iso-b-snap")?;
+        let delete_snapshot_ms = ms(t.elapsed());
+        let t = Instant::now();
+        s.delete_volume("iso-b")?;
+        let delete_volume_ms = ms(t.elapsed());
+        let deleted = Instant::now();
+        let mut reclaim_s = None;
+        while deleted.elapsed() < Duration::from_secs(window) {
+            if used_bytes(s)? <= before {
+                reclaim_s = Some(deleted.elapsed().as_secs_f64());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let r = finish(probe)?;
+        out.push(IsolationRow {
+            condition: format!("B of {} MiB snapshotted, snapshot and B deleted", b >> 20),
+            b_bytes: b,
+            iops: r.iops,
+            p50_us: r.p50_us,
+            p99_us: r.p99_us,
+            max_us: r.max_us,
+            snapshot_ms,
+            delete_snapshot_ms,
+            delete_volume_ms,
+            reclaim_s,
+        });
+        // The next B starts from a settled pool.
+        let settle = Instant::now();
+        while used_bytes(s)? > before && settle.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(out)
+}
+
 fn checksums(s: &Server) -> Result<Checksums, String> {
     let t = Instant::now();
     let r = s.call("scrub", |mut c| async move {
@@ -747,6 +874,18 @@ fn checks(f: &Features) -> Vec<Check> {
             }
         }
     }
+    if let Some(alone) = f.isolation.iter().find(|r| r.b_bytes == 0) {
+        for r in f.isolation.iter().filter(|r| r.b_bytes > 0) {
+            out.push(Check {
+                check: format!(
+                    "isolation: A's slowest read while B of {} MiB is snapshotted and deleted, at most 10 ms over its slowest alone",
+                    r.b_bytes >> 20
+                ),
+                met: Some(r.max_us <= alone.max_us + 10_000.0),
+                value: format!("{:.1} ms vs {:.1} ms alone", r.max_us / 1e3, alone.max_us / 1e3),
+            });
+        }
+    }
     out
 }
 
@@ -815,6 +954,33 @@ fn print(f: &Features) {
             p.condition, p.iops, p.p50_us, p.p99_us, p.flood_iops
         );
     }
+    println!("\nisolation: volume A's 4 KiB QD1 random reads while volume B's control work runs");
+    println!(
+        "{:<50} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9}",
+        "condition",
+        "IOPS",
+        "p50 us",
+        "p99 us",
+        "max us",
+        "snap ms",
+        "rm-s ms",
+        "rm-v ms",
+        "reclaim s"
+    );
+    for r in &f.isolation {
+        println!(
+            "{:<50} {:>8.0} {:>8.1} {:>9.1} {:>9.0} {:>8.1} {:>8.1} {:>8.1} {:>9}",
+            r.condition,
+            r.iops,
+            r.p50_us,
+            r.p99_us,
+            r.max_us,
+            r.snapshot_ms,
+            r.delete_snapshot_ms,
+            r.delete_volume_ms,
+            r.reclaim_s.map_or("-".into(), |s| format!("{s:.2}"))
+        );
+    }
     let c = &f.checksums;
     println!(
         "\nchecksums: scrub verified {} blocks in {:.2} s ({:.0} MB/s, {} errors); crc32fast {:.1} GB/s, {:.0} ns per 4 KiB block",
@@ -847,7 +1013,10 @@ pub fn measure_all(mut a: FeatureArgs, folder: &Path) -> Result<Features, String
     let result: Result<Features, String> = (|| {
         // Room for: the filled volume, a snapshot's and a clone's rewrites
         // (freed each repeat), the big volume's sparse data, tier volumes.
-        let pool = a.size_bytes * 8 + a.big_bytes / 16 + (1 << 30);
+        let pool = a.size_bytes * 8
+            + a.big_bytes / 16
+            + isolation_sizes(&a).into_iter().max().unwrap_or(0)
+            + (1 << 30);
         let s = Server::start(&a.dir, pool)?;
         s.create("feat", a.size_bytes, "extreme", None)?;
         let feat = s.target("feat")?;
@@ -861,6 +1030,8 @@ pub fn measure_all(mut a: FeatureArgs, folder: &Path) -> Result<Features, String
         let tiers = tiers(&s, &a)?;
         eprintln!("features: priority");
         let priority = priority(&s, &a)?;
+        eprintln!("features: isolation");
+        let isolation = isolation(&s, &a)?;
         let checksums = checksums(&s)?;
         drop(s);
         eprintln!("features: CSI rates");
@@ -870,6 +1041,7 @@ pub fn measure_all(mut a: FeatureArgs, folder: &Path) -> Result<Features, String
             creation,
             tiers,
             priority,
+            isolation,
             checksums,
             csi,
             checks: Vec::new(),

@@ -265,6 +265,8 @@ struct FioReport {
     p50_us: f64,
     p99_us: f64,
     p999_us: f64,
+    /// The slowest completion.
+    max_us: f64,
     ios: u64,
 }
 
@@ -282,6 +284,7 @@ fn fio_side(side: &serde_json::Value) -> FioReport {
         p50_us: pct("50.000000"),
         p99_us: pct("99.000000"),
         p999_us: pct("99.900000"),
+        max_us: side["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1000.0,
         ios: side["total_ios"].as_u64().unwrap_or(0),
     }
 }
