@@ -70,6 +70,10 @@ pub struct FeatureArgs {
     /// A smoke run: small volumes, 1 s, one repeat.
     #[arg(long)]
     pub quick: bool,
+    /// Only the isolation section (A's reads while B's control work runs),
+    /// for comparing servers quickly.
+    #[arg(long)]
+    pub isolation_only: bool,
     /// Where the run's folder (JSON and plots) is written.
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
@@ -87,6 +91,7 @@ impl FeatureArgs {
             samples: 20,
             csi_calls: 100,
             quick,
+            isolation_only: false,
             out: out.to_path_buf(),
         }
     }
@@ -169,7 +174,7 @@ pub struct IsolationRow {
     pub reclaim_s: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Checksums {
     /// Every data read verifies its blocks' CRC32; this is not optional.
     pub verified_on_every_read: bool,
@@ -1022,6 +1027,22 @@ pub fn measure_all(mut a: FeatureArgs, folder: &Path) -> Result<Features, String
         let feat = s.target("feat")?;
         eprintln!("features: filling a {} MiB volume", a.size_bytes >> 20);
         fio(&feat, a.size_bytes, &w("fill", "write", "1m", 8), 0, 1)?;
+        if a.isolation_only {
+            eprintln!("features: isolation");
+            let isolation = isolation(&s, &a)?;
+            let mut f = Features {
+                cow: Vec::new(),
+                creation: Vec::new(),
+                tiers: Vec::new(),
+                priority: Vec::new(),
+                isolation,
+                checksums: Checksums::default(),
+                csi: Vec::new(),
+                checks: Vec::new(),
+            };
+            f.checks = checks(&f);
+            return Ok(f);
+        }
         eprintln!("features: copy-on-write");
         let cow = cow(&s, &a)?;
         eprintln!("features: snapshot and clone creation time");
@@ -1052,7 +1073,9 @@ pub fn measure_all(mut a: FeatureArgs, folder: &Path) -> Result<Features, String
     let _ = std::fs::remove_dir_all(&a.dir);
     let f = result?;
     print(&f);
-    plots(&f, folder)?;
+    if !f.cow.is_empty() {
+        plots(&f, folder)?;
+    }
     Ok(f)
 }
 

@@ -144,8 +144,19 @@ fn check_features(f: &serde_json::Value, folder: &Path) {
         assert_eq!(p["errors"].as_u64(), Some(0), "{p}");
         assert!(num(p, "per_second") > 0.0, "{p}");
     }
-    // Two creation checks and two per limited tier (three of them).
-    assert_eq!(rows("checks").len(), 8);
+    // A's reads alone, then beside each B's snapshot and deletes: each B's
+    // space came back within the measurement.
+    let isolation = rows("isolation");
+    assert_eq!(isolation.len(), 3, "{isolation:?}");
+    for r in &isolation {
+        assert!(num(r, "iops") > 0.0 && num(r, "max_us") > 0.0, "{r}");
+    }
+    for r in &isolation[1..] {
+        assert!(num(r, "delete_volume_ms") > 0.0, "{r}");
+        assert!(r["reclaim_s"].as_f64().is_some(), "{r}");
+    }
+    // Two creation checks, two per limited tier (three of them), one per B.
+    assert_eq!(rows("checks").len(), 10);
     for plot in ["tiers-iops.svg", "tiers-throughput.svg", "cow-iops.svg"] {
         let svg = std::fs::read_to_string(folder.join(plot)).expect(plot);
         assert!(svg.contains("<svg"), "{plot} is not SVG");

@@ -12,6 +12,21 @@ use std::time::{Duration, Instant};
 
 use berth_tests::server::{binary, have, qemu_io, ServerProc};
 
+/// Starts a server program and reads its "ready" line.
+fn spawn_ready(cmd: &mut Command) -> (std::process::Child, String) {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn berth");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("ready line");
+    (child, line)
+}
+
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p)
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -135,18 +150,11 @@ fn data_folders_and_files_are_private_and_loose_ones_are_tightened() {
         .output()
         .expect("run berth metadata");
     assert!(!out.status.success(), "it must refuse plain TCP");
-    let mut child = Command::new(binary("berth"))
-        .args(["metadata", "--data"])
-        .arg(&meta)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn berth metadata");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("ready line");
+    let (mut child, line) = spawn_ready(
+        Command::new(binary("berth"))
+            .args(["metadata", "--data"])
+            .arg(&meta),
+    );
     assert!(line.contains("\"tcp\":null"), "no TCP by default: {line}");
     let _ = child.kill();
     let _ = child.wait();
@@ -209,25 +217,14 @@ fn plain_tcp_grpc_needs_to_be_asked_for_by_name() {
         );
     }
     // Asked for by name: it runs, and warns.
-    let mut child = Command::new(binary("berth"))
-        .args([
-            "metadata",
-            "--listen",
-            "127.0.0.1:0",
-            "--insecure-plaintext-tcp",
-        ])
-        .arg("--data")
-        .arg(root.path().join("m2"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
-        &mut line,
-    )
-    .expect("ready line");
+    let (child, line) = spawn_ready(
+        Command::new(binary("berth"))
+            .args(["metadata", "--listen", "127.0.0.1:0"])
+            .arg("--insecure-plaintext-tcp")
+            .arg("--data")
+            .arg(root.path().join("m2"))
+            .stderr(std::process::Stdio::piped()),
+    );
     assert!(line.contains("\"tcp\":\"127.0.0.1:"), "{line}");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

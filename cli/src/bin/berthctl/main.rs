@@ -121,6 +121,36 @@ pub fn nonzero(size: u64) -> Result<u64, tonic::Status> {
     Ok(size)
 }
 
+/// Up to `limit` rows (0: all) fetched `page` at a time: `fetch(after,
+/// want)` returns a page's rows and the cursor to go on after (`None`: that
+/// page was the last). A cursor that does not move ends it too, so a
+/// misbehaving server cannot make this loop forever.
+pub async fn in_pages<T>(
+    limit: u64,
+    after: u64,
+    page: u64,
+    mut fetch: impl AsyncFnMut(u64, u64) -> Result<(Vec<T>, Option<u64>), tonic::Status>,
+) -> Result<Vec<T>, tonic::Status> {
+    let mut rows = Vec::new();
+    let mut after = after;
+    loop {
+        let want = match limit {
+            0 => page,
+            l => page.min(l.saturating_sub(rows.len() as u64)),
+        };
+        if want == 0 {
+            break;
+        }
+        let (got, next) = fetch(after, want).await?;
+        rows.extend(got.into_iter().take(want as usize));
+        match next {
+            Some(n) if n > after => after = n,
+            _ => break,
+        }
+    }
+    Ok(rows)
+}
+
 /// A request naming the caller, for the audit logs: the login name, else the uid.
 pub fn req<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);

@@ -596,16 +596,7 @@ pub async fn run(
             // the previous one examined, so any --limit fits the client's
             // message size.
             let (volume, actor) = (volume.unwrap_or_default(), actor.unwrap_or_default());
-            let mut rows = Vec::new();
-            let mut after_seq = after;
-            loop {
-                let want = match limit {
-                    0 => AUDIT_PAGE,
-                    l => AUDIT_PAGE.min(l.saturating_sub(rows.len() as u64)),
-                };
-                if want == 0 {
-                    break;
-                }
+            let rows = crate::in_pages(limit, after, AUDIT_PAGE, async |after_seq, want| {
                 let r = c
                     .query_audit(req(pb::QueryAuditRequest {
                         volume: volume.clone(),
@@ -618,14 +609,11 @@ pub async fn run(
                     }))
                     .await?
                     .into_inner();
-                rows.extend(r.entries.iter().take(want as usize).map(audit_json));
-                // 0: nothing more matches. (A cursor that did not move would
-                // loop forever on a misbehaving server.)
-                if r.next_after_seq <= after_seq {
-                    break;
-                }
-                after_seq = r.next_after_seq;
-            }
+                // 0: nothing more matches.
+                let rows = r.entries.iter().map(audit_json).collect();
+                Ok((rows, Some(r.next_after_seq)))
+            })
+            .await?;
             out.rows(
                 rows,
                 &[

@@ -508,16 +508,7 @@ pub async fn run(
             // the end.
             const PAGE: u64 = 256;
             let (target, client) = (target.unwrap_or_default(), client.unwrap_or_default());
-            let mut rows = Vec::new();
-            let mut after_seq = after;
-            loop {
-                let want = match limit {
-                    0 => PAGE,
-                    l => PAGE.min(l.saturating_sub(rows.len() as u64)),
-                };
-                if want == 0 {
-                    break;
-                }
+            let rows = crate::in_pages(limit, after, PAGE, async |after_seq, want| {
                 let events = c
                     .list_audit_events(req(pb::ListAuditEventsRequest {
                         target: target.clone(),
@@ -529,16 +520,11 @@ pub async fn run(
                     .await?
                     .into_inner()
                     .events;
-                let last = events.last().map_or(after_seq, |e| e.seq);
-                let full = events.len() as u64 >= want;
-                rows.extend(events.iter().take(want as usize).map(|e| json!({"seq": e.seq, "time_unix_ms": e.time_unix_ms, "action": e.action, "client": e.client, "target": e.target, "result": e.result, "peer": e.peer, "read_bytes": e.read_bytes, "write_bytes": e.write_bytes, "detail": e.detail})));
-                // (A cursor that did not move would loop forever on a
-                // misbehaving server.)
-                if !full || last <= after_seq {
-                    break;
-                }
-                after_seq = last;
-            }
+                let next = (events.len() as u64 >= want).then(|| events.last().map_or(after_seq, |e| e.seq));
+                let rows = events.iter().map(|e| json!({"seq": e.seq, "time_unix_ms": e.time_unix_ms, "action": e.action, "client": e.client, "target": e.target, "result": e.result, "peer": e.peer, "read_bytes": e.read_bytes, "write_bytes": e.write_bytes, "detail": e.detail})).collect();
+                Ok((rows, next))
+            })
+            .await?;
             out.rows(
                 rows,
                 &[
