@@ -419,6 +419,7 @@ mod tests {
         let b = PayloadBudget::new(16 * 4096);
         assert_eq!(b.per_connection_units(1000), 4);
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .expect("runtime");
         rt.block_on(async {
