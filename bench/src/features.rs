@@ -1154,6 +1154,8 @@ pub fn run(a: FeatureArgs) -> Result<(), String> {
     let f = measure_all(a, &folder)?;
     let doc = serde_json::json!({"kind": "features", "quick": quick, "features": f});
     let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+    // (An --isolation-only run draws no plots, which made the folder.)
+    std::fs::create_dir_all(&folder).map_err(|e| format!("{}: {e}", folder.display()))?;
     let path = folder.join("features.json");
     std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     eprintln!("wrote {}", folder.display());

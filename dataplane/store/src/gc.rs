@@ -14,7 +14,9 @@
 //!    allocator (reused only after a WAL sync covers the deletes and no read
 //!    that could still see them is in flight), drop cached heads, count the
 //!    tree's blocks down;
-//! 4. sync the WAL, so the space is free for writes.
+//! 4. every [`SYNC_EVERY`] steps, sync the WAL, so the space is free for
+//!    writes; then rest as long as the step took, so the walk never takes
+//!    more than half a core from the data path.
 //!
 //! When the walk ends, a dead tree that nobody reads is dropped (which may
 //! release a hidden parent snapshot and queue its tree in turn) and the `gc`
@@ -44,6 +46,10 @@ use crate::store::{Inner, Shared};
 /// Most map entries one step looks at: a step's batch and its moment under
 /// the catalog lock stay small whatever the size of what is deleted.
 pub(crate) const GC_STEP: usize = 1024;
+
+/// Steps between WAL syncs (which make their frees reusable): a sync per
+/// step was a device flush every millisecond or two.
+const SYNC_EVERY: u32 = 8;
 
 /// Trees waiting for a walk, and the one being walked.
 #[derive(Debug, Default)]
@@ -141,10 +147,12 @@ fn walk(sh: &Shared, tree: u64) -> Result<bool> {
         cur: None,
     };
     let mut removed = 0u64;
+    let mut unsynced = 0;
     loop {
         if let Some(p) = &sh.pauses {
             p.at("gc-step");
         }
+        let started = std::time::Instant::now();
         if sh.shutdown.load(Ordering::SeqCst) {
             return Ok(false);
         }
@@ -186,11 +194,19 @@ fn walk(sh: &Shared, tree: u64) -> Result<bool> {
                 }
                 inner.free_blocks(&freed);
             }
-            sh.sync_wal()?;
+            unsynced += 1;
+            if unsynced == SYNC_EVERY || !more {
+                sh.sync_wal()?;
+                unsynced = 0;
+            }
         }
         if !more {
             break;
         }
+        // Half the time at most: on a small machine the walk would
+        // otherwise take a core the data path needs (measured: a 16 GiB
+        // volume's walk raised another volume's QD1 read p99 fourfold).
+        std::thread::sleep(started.elapsed());
     }
     finish(sh, tree)?;
     tracing::debug!(tree, removed, "garbage collected");
