@@ -1192,8 +1192,8 @@ impl Loop {
         if let Err(e) = &result {
             tracing::error!(error = %e, "block map commit failed");
         }
-        let sh = self.sh.clone();
-        let mut inner = sh.inner.lock();
+        let mut inner = self.sh.inner.lock();
+        let mut again = Vec::new();
         for &i in &ready {
             let s = self.slots[i].as_mut().expect("live slot");
             if let Err(e) = &result {
@@ -1208,10 +1208,7 @@ impl Loop {
                 }
             }
             s.runs.clear();
-        }
-        let mut again = Vec::new();
-        for &i in &ready {
-            self.release_busy(&mut inner, i, &mut again);
+            release_range(&mut self.busy, &self.sh, &mut inner, s, &mut again);
         }
         let sync_needed = inner.alloc.pending_blocks() > PENDING_FREE_SYNC;
         drop(inner);
@@ -1303,35 +1300,6 @@ impl Loop {
         (e > first).then_some(slot)
     }
 
-    /// Ends slot `i`'s claim on its blocks; the writes that waited for it go
-    /// to `again`.
-    fn release_busy(&mut self, inner: &mut Inner, i: usize, again: &mut Vec<Request>) {
-        let mut s = self.slots[i].take().expect("live slot");
-        self.release_range(inner, &mut s, again);
-        self.slots[i] = Some(s);
-    }
-
-    fn release_range(&mut self, inner: &mut Inner, s: &mut Slot, again: &mut Vec<Request>) {
-        if !s.busy {
-            return;
-        }
-        s.busy = false;
-        if let Some(ranges) = self.busy.get_mut(&s.tree) {
-            ranges.remove(&s.first_lba);
-            if ranges.is_empty() {
-                self.busy.remove(&s.tree);
-            }
-        }
-        again.append(&mut s.waiters);
-        if let Some(t) = inner.trees.get_mut(&s.tree) {
-            t.writes_in_flight = t.writes_in_flight.saturating_sub(1);
-            if t.frozen && t.writes_in_flight == 0 {
-                // A snapshot waits for this volume's writes to drain.
-                self.sh.commit_idle.notify_all();
-            }
-        }
-    }
-
     /// Answers a request and recycles its slot.
     fn finish(&mut self, i: usize) {
         let Some(mut s) = self.slots[i].take() else {
@@ -1340,12 +1308,11 @@ impl Loop {
         self.free_slots.push(i);
         if s.busy {
             let mut again = Vec::new();
-            let sh = self.sh.clone();
-            let mut inner = sh.inner.lock();
+            let mut inner = self.sh.inner.lock();
             for (f, l) in s.runs.drain(..) {
                 inner.alloc.unalloc(f, l);
             }
-            self.release_range(&mut inner, &mut s, &mut again);
+            release_range(&mut self.busy, &self.sh, &mut inner, &mut s, &mut again);
             drop(inner);
             for req in again {
                 self.accept_write(req);
@@ -1393,6 +1360,41 @@ pub(crate) fn write_buffer(
     let start = (offset % BLOCK_SIZE) as usize;
     let span = (start + len).div_ceil(BS) * BS;
     (arena.alloc_uninit(span.max(BS)), start)
+}
+
+/// Ends a write's claim on its blocks (`busy` is the I/O thread's index of
+/// ranges in progress); the writes that waited for it go to `again`. A
+/// volume's range map stays while the volume does, so one writing at queue
+/// depth 1 does not rebuild it for every write.
+fn release_range(
+    busy: &mut HashMap<u64, BTreeMap<u64, (u64, usize)>>,
+    sh: &Shared,
+    inner: &mut Inner,
+    s: &mut Slot,
+    again: &mut Vec<Request>,
+) {
+    if !s.busy {
+        return;
+    }
+    s.busy = false;
+    again.append(&mut s.waiters);
+    let tree = inner.trees.get_mut(&s.tree);
+    let live = tree.as_ref().is_some_and(|t| t.rec.live);
+    if let Some(t) = tree {
+        t.writes_in_flight = t.writes_in_flight.saturating_sub(1);
+        if t.frozen && t.writes_in_flight == 0 {
+            // A snapshot waits for this volume's writes to drain.
+            sh.commit_idle.notify_all();
+        }
+    }
+    let emptied = busy.get_mut(&s.tree).is_some_and(|r| {
+        r.remove(&s.first_lba);
+        r.is_empty()
+    });
+    if emptied && !live {
+        // Its volume is gone: so is its index.
+        busy.remove(&s.tree);
+    }
 }
 
 /// Byte range `[lo, hi)` of block `lba` that a write of `len` at `offset`
