@@ -12,6 +12,19 @@ use std::time::{Duration, Instant};
 
 use berth_tests::server::{binary, have, qemu_io, ServerProc};
 
+/// A volume server with `BERTH_FAULTS=plan` and a 16 MiB volume exported to
+/// qemu-io: the server and the export's unix URI.
+fn faulted(dir: &Path, extra: &[String], plan: &str) -> (ServerProc, String) {
+    assert!(
+        have("qemu-io"),
+        "qemu-io is needed (apt-get install qemu-utils)"
+    );
+    let srv = ServerProc::start_env(dir, "256M", extra, &[("BERTH_FAULTS", plan)]);
+    let v = srv.volume_export("v", "16M", "q");
+    let uri = v["unix_uri"].as_str().expect("uri").to_string();
+    (srv, uri)
+}
+
 /// Starts a server program and reads its "ready" line.
 fn spawn_ready(cmd: &mut Command) -> (std::process::Child, String) {
     let mut child = cmd
@@ -39,15 +52,8 @@ fn mode(p: &Path) -> u32 {
 /// of hanging, and nothing is left answering health checks.
 #[test]
 fn a_panic_on_the_io_thread_aborts_the_process() {
-    assert!(
-        have("qemu-io"),
-        "qemu-io is needed (apt-get install qemu-utils)"
-    );
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut srv =
-        ServerProc::start_env(dir.path(), "256M", &[], &[("BERTH_FAULTS", "read:panic:1")]);
-    let v = srv.volume_export("v", "16M", "q");
-    let uri = v["unix_uri"].as_str().expect("uri").to_string();
+    let (mut srv, uri) = faulted(dir.path(), &[], "read:panic:1");
     // The write needs no read; the read then panics the I/O thread.
     let started = Instant::now();
     let (ok, out) = qemu_io(
@@ -70,20 +76,12 @@ fn a_panic_on_the_io_thread_aborts_the_process() {
 /// request can never finish (a read the disk holds for two minutes).
 #[test]
 fn sigterm_ends_the_process_within_the_drain_time_whatever_hangs() {
-    assert!(
-        have("qemu-io"),
-        "qemu-io is needed (apt-get install qemu-utils)"
-    );
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut srv = ServerProc::start_env(
+    let (mut srv, uri) = faulted(
         dir.path(),
-        "256M",
         &["--drain-seconds".into(), "1".into()],
-        &[("BERTH_FAULTS", "read:delay=120000ms")],
+        "read:delay=120000ms",
     );
-    let v = srv.volume_export("v", "16M", "q");
-    let uri = v["unix_uri"].as_str().expect("uri").to_string();
-    srv.ctl_json(&["stats"]);
     // A client whose read the disk holds.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -21,7 +21,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,10 +110,6 @@ impl Admission {
             limits,
             state: Mutex::new(AdmissionState::default()),
         })
-    }
-
-    pub fn limits(&self) -> ConnLimits {
-        self.limits
     }
 
     /// A place for a new connection from `peer`, or why there is none.
@@ -296,9 +291,8 @@ impl Refusals {
 /// Payload bytes buffered in memory across all connections, in 4 KiB units.
 #[derive(Debug)]
 pub struct PayloadBudget {
-    units: Arc<Semaphore>,
+    units: Semaphore,
     total: usize,
-    held: AtomicUsize,
 }
 
 /// How long, with the budget under pressure, a connection's replies may
@@ -309,9 +303,8 @@ impl PayloadBudget {
     pub fn new(bytes: u64) -> PayloadBudget {
         let total = ((bytes / 4096) as usize).clamp(1, Semaphore::MAX_PERMITS);
         PayloadBudget {
-            units: Arc::new(Semaphore::new(total)),
+            units: Semaphore::new(total),
             total,
-            held: AtomicUsize::new(0),
         }
     }
 
@@ -319,25 +312,26 @@ impl PayloadBudget {
     pub async fn take(&self, units: u32) -> Result<(), tokio::sync::AcquireError> {
         let units = units.min(self.total as u32);
         self.units.acquire_many(units).await?.forget();
-        self.held.fetch_add(units as usize, Ordering::Relaxed);
         Ok(())
     }
 
     /// Gives back what [`Self::take`] took.
     pub fn give(&self, units: u32) {
-        let units = (units as usize).min(self.total);
-        self.held.fetch_sub(units, Ordering::Relaxed);
-        self.units.add_permits(units);
+        self.units.add_permits((units as usize).min(self.total));
+    }
+
+    fn held(&self) -> usize {
+        self.total - self.units.available_permits()
     }
 
     /// Bytes buffered now.
     pub fn held_bytes(&self) -> u64 {
-        self.held.load(Ordering::Relaxed) as u64 * 4096
+        self.held() as u64 * 4096
     }
 
     /// Less than a quarter of the budget is left.
     pub fn under_pressure(&self) -> bool {
-        self.held.load(Ordering::Relaxed) * 4 > self.total * 3
+        self.held() * 4 > self.total * 3
     }
 
     /// The most one connection may hold: a quarter of the budget, so one

@@ -283,18 +283,22 @@ pub(crate) async fn audit(node: &Arc<Node>, ev: AuditEvent) {
 /// window, else counted into the window's summary (see `limits::Refusals`).
 async fn audit_refusal(node: &Arc<Node>, export: &str, peer: &Peer, why: &str) {
     let (name, _) = crate::node::split_export_name(export);
-    let name: String = name.chars().take(256).collect();
+    if let Some(ev) = note_refusal(node, peer, name.chars().take(256).collect(), why) {
+        audit(node, ev).await;
+    }
+}
+
+/// A refusal for the audit log: the event to write now if it opens its
+/// peer's window, else `None` (it is counted into the window's summary).
+fn note_refusal(node: &Node, peer: &Peer, target: String, why: &str) -> Option<AuditEvent> {
     let ev = AuditEvent {
         action: "refused".into(),
-        client: String::new(),
-        target: name,
+        target,
         result: why.to_string(),
         peer: peer.to_string(),
         ..Default::default()
     };
-    if let Some(ev) = node.refusals.note(Instant::now(), peer, ev) {
-        audit(node, ev).await;
-    }
+    node.refusals.note(Instant::now(), peer, ev)
 }
 
 /// A connection closed at accept because a connection limit was reached: the
@@ -302,13 +306,7 @@ async fn audit_refusal(node: &Arc<Node>, export: &str, peer: &Peer, why: &str) {
 /// background, since the accept loop must not wait on a disk write.
 pub(crate) fn refuse_connection(node: &Arc<Node>, peer: &Peer, why: &'static str) {
     tracing::debug!(peer = %peer, why, "NBD connection refused");
-    let ev = AuditEvent {
-        action: "refused".into(),
-        result: why.to_string(),
-        peer: peer.to_string(),
-        ..Default::default()
-    };
-    if let Some(ev) = node.refusals.note(Instant::now(), peer, ev) {
+    if let Some(ev) = note_refusal(node, peer, String::new(), why) {
         tracing::warn!(peer = %peer, why, "refusing NBD connections");
         let node = node.clone();
         tokio::spawn(async move { audit(&node, ev).await });
