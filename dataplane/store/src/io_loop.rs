@@ -392,7 +392,12 @@ impl Loop {
                 self.wal_synced = Some(w);
                 self.sync_done();
             }
-            let thawed = std::mem::take(&mut *self.sh.thawed.lock());
+            // A flag first: the list's lock is taken only after a snapshot.
+            let thawed = if self.sh.thaw_pending.swap(false, Ordering::SeqCst) {
+                std::mem::take(&mut *self.sh.thawed.lock())
+            } else {
+                Vec::new()
+            };
             for tree in thawed {
                 for req in self.frozen.remove(&tree).unwrap_or_default() {
                     self.accept_write(req);
@@ -423,7 +428,7 @@ impl Loop {
                 if !self.sh.queue.lock().is_empty()
                     || self.sh.committed.lock().is_some()
                     || self.sh.wal_synced.lock().is_some()
-                    || !self.sh.thawed.lock().is_empty()
+                    || self.sh.thaw_pending.load(Ordering::SeqCst)
                     || self.sh.shutdown.load(Ordering::SeqCst)
                 {
                     self.sh.parked.store(false, Ordering::SeqCst);

@@ -474,6 +474,8 @@ pub(crate) struct Shared {
     /// Trees a snapshot has thawed, for the I/O thread to let their waiting
     /// writes go.
     pub thawed: Mutex<Vec<u64>>,
+    /// Set when `thawed` gains a tree.
+    pub thaw_pending: AtomicBool,
     /// Trees with garbage to collect (see `gc`).
     pub gc: Mutex<GcQueue>,
     /// Signalled when a tree is queued and when a walk ends.
@@ -512,6 +514,7 @@ impl Shared {
             t.frozen = false;
         }
         self.thawed.lock().push(tree);
+        self.thaw_pending.store(true, Ordering::SeqCst);
         if let Some(w) = self.waker.get() {
             w.wake();
         }
@@ -676,6 +679,7 @@ impl Store {
             wal_synced: Mutex::new(None),
             commit_idle: Condvar::new(),
             thawed: Mutex::new(Vec::new()),
+            thaw_pending: AtomicBool::new(false),
             gc: Mutex::new(gc_queue),
             gc_wake: Condvar::new(),
             pauses: cfg.pauses.clone(),
