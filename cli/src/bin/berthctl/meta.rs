@@ -328,6 +328,24 @@ fn check_not_below(size: u64, have: u64, what: &str, why: &str) -> Result<(), to
     Ok(())
 }
 
+/// Whether a snapshot exists, by listing it by id.
+async fn snapshot_exists(
+    c: &mut MetadataServiceClient<Channel>,
+    id: &str,
+) -> Result<Option<pb::Snapshot>, tonic::Status> {
+    Ok(c.list_snapshots(req(pb::ListSnapshotsRequest {
+        snapshot_id: id.to_string(),
+        source_volume_id: String::new(),
+        max_entries: 1,
+        page_token: String::new(),
+    }))
+    .await?
+    .into_inner()
+    .snapshots
+    .into_iter()
+    .next())
+}
+
 /// Whether a volume exists, by asking for it.
 async fn volume_exists(
     c: &mut MetadataServiceClient<Channel>,
@@ -368,17 +386,7 @@ pub async fn run(
                 // existed (CSI asks that) and its reply says nothing, so
                 // look it up first to tell the person which it was. Absent,
                 // nothing is called: a snapshot made meanwhile stays.
-                let found = c
-                    .list_snapshots(req(pb::ListSnapshotsRequest {
-                        snapshot_id: name.clone(),
-                        source_volume_id: String::new(),
-                        max_entries: 1,
-                        page_token: String::new(),
-                    }))
-                    .await?
-                    .into_inner()
-                    .snapshots;
-                if found.is_empty() {
+                if snapshot_exists(&mut c, &name).await?.is_none() {
                     out.done(&format!("snapshot {name} already absent"));
                 } else {
                     c.delete_snapshot(req(pb::DeleteSnapshotRequest {
@@ -433,17 +441,8 @@ pub async fn run(
             if let Some(size) = size {
                 nonzero(size)?;
                 let source_size = match &source {
-                    Source::SourceSnapshotId(s) => c
-                        .list_snapshots(req(pb::ListSnapshotsRequest {
-                            snapshot_id: s.clone(),
-                            source_volume_id: String::new(),
-                            max_entries: 1,
-                            page_token: String::new(),
-                        }))
+                    Source::SourceSnapshotId(s) => snapshot_exists(&mut c, s)
                         .await?
-                        .into_inner()
-                        .snapshots
-                        .first()
                         .map(|s| (format!("snapshot {}", s.id), s.size_bytes)),
                     Source::SourceVolumeId(v) => volume_exists(&mut c, v)
                         .await?
