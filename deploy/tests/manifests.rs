@@ -2580,3 +2580,75 @@ fn the_cli_reader_sees_what_berth_rs_declares() {
     }
     assert!(vs.flags.contains("advertise-control") && vs.flags.contains("metadata"));
 }
+
+/// Whether ClusterRole `role` allows `verb` on `group`/`resource`.
+fn cluster_role_allows(
+    all: &[Manifest],
+    role: &str,
+    group: &str,
+    resource: &str,
+    verb: &str,
+) -> bool {
+    all.iter().any(|m| match &m.object {
+        Object::ClusterRole(r) if r.metadata.name.as_deref() == Some(role) => {
+            r.rules.iter().flatten().any(|rule| {
+                let has = |list: &Option<Vec<String>>, want: &str| {
+                    list.iter().flatten().any(|x| x == want || x == "*")
+                };
+                has(&rule.api_groups, group)
+                    && has(&rule.resources, resource)
+                    && rule.verbs.iter().any(|v| v == verb || v == "*")
+            })
+        }
+        _ => false,
+    })
+}
+
+#[test]
+fn the_snapshotter_role_grants_what_csi_snapshotter_v8_6_asks_for() {
+    // The rules of upstream's deploy/kubernetes/csi-snapshotter/rbac-csi-snapshotter.yaml
+    // at v8.6.0 (the version 05-csi-controller.yaml runs), group snapshots included.
+    let all = manifests();
+    let snap = "snapshot.storage.k8s.io";
+    let group = "groupsnapshot.storage.k8s.io";
+    let needed: &[(&str, &str, &[&str])] = &[
+        (
+            "",
+            "events",
+            &["list", "watch", "create", "update", "patch"],
+        ),
+        (snap, "volumesnapshotclasses", &["get", "list", "watch"]),
+        (
+            snap,
+            "volumesnapshotcontents",
+            &["get", "list", "watch", "update", "patch"],
+        ),
+        (snap, "volumesnapshotcontents/status", &["update", "patch"]),
+        (
+            group,
+            "volumegroupsnapshotclasses",
+            &["get", "list", "watch"],
+        ),
+        (
+            group,
+            "volumegroupsnapshotcontents",
+            &["get", "list", "watch", "update", "patch"],
+        ),
+        (
+            group,
+            "volumegroupsnapshotcontents/status",
+            &["update", "patch"],
+        ),
+    ];
+    let mut problems = Vec::new();
+    for (g, resource, verbs) in needed {
+        for verb in *verbs {
+            if !cluster_role_allows(&all, "berth-external-snapshotter", g, resource, verb) {
+                problems.push(format!(
+                    "berth-external-snapshotter cannot {verb} {g}/{resource}"
+                ));
+            }
+        }
+    }
+    report("csi-snapshotter RBAC", problems);
+}

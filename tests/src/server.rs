@@ -59,6 +59,8 @@ pub struct ServerProc {
     child: Option<Child>,
     pool_size: String,
     extra: Vec<String>,
+    /// A command the server runs under (setpriv, prlimit, ...), kept for restarts.
+    wrapper: Vec<String>,
 }
 
 impl ServerProc {
@@ -78,7 +80,28 @@ impl ServerProc {
         extra: &[String],
         env: &[(&str, &str)],
     ) -> ServerProc {
-        let mut child = Command::new(binary("berth"))
+        Self::start_under(&[], dir, pool_size, extra, env)
+    }
+
+    /// Starts `wrapper... berth volume-server ...`: the server under a command
+    /// that changes its limits or privileges (`prlimit`, `setpriv`).
+    pub fn start_under(
+        wrapper: &[&str],
+        dir: &Path,
+        pool_size: &str,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> ServerProc {
+        let berth = binary("berth");
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&berth);
+                c
+            }
+            None => Command::new(&berth),
+        };
+        let mut child = cmd
             .args(["volume-server", "--data"])
             .arg(dir)
             .args(["--pool-size", pool_size])
@@ -117,6 +140,7 @@ impl ServerProc {
             child: Some(child),
             pool_size: pool_size.to_string(),
             extra: extra.to_vec(),
+            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
         }
     }
 
@@ -167,10 +191,14 @@ impl ServerProc {
 
     pub fn restart(&mut self) {
         self.kill9();
-        *self = ServerProc::start_with(
+        let wrapper = self.wrapper.clone();
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        *self = ServerProc::start_under(
+            &wrapper,
             &self.dir.clone(),
             &self.pool_size.clone(),
             &self.extra.clone(),
+            &[],
         );
     }
 
@@ -215,6 +243,29 @@ impl Drop for ServerProc {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// GET over plain HTTP/1.1 (the metrics endpoint); the whole response.
+pub fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut s = std::net::TcpStream::connect(host).expect("connect metrics");
+    write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out
+}
+
+/// The value of an unlabelled (or fully labelled) series in a metrics text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// Runs qemu-io with commands against an NBD URI; returns (success, output).

@@ -105,9 +105,9 @@ fn a_full_pool_gives_enospc_refuses_snapshots_up_front_and_recovers() {
         "qemu-io is needed (apt-get install qemu-utils)"
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    // 16 MiB pool file: 1 MiB of header, 3,840 data blocks (15 MiB); the
-    // volume is thin and promises 64 MiB.
-    let srv = ServerProc::start(dir.path(), "16M");
+    // A 15 MiB pool: 3,840 data blocks; the volume is thin and promises
+    // 64 MiB.
+    let srv = ServerProc::start(dir.path(), "15M");
     let a = srv.volume_export("a", "64M", "qa");
     let uri = s(&a, "unix_uri");
     let (ok, out) = qemu_io(&uri, &["write -P 0xa1 0 8M".into(), "flush".into()]);

@@ -111,7 +111,10 @@ fn placement_spreads_by_capacity_and_honours_topology() {
         .meta
         .ctl_err(8, &["volume", "create", "huge", "--size", "100G"]);
     assert!(
-        e.contains("n1:") && e.contains("n2:") && e.contains("GiB available"),
+        e.contains("no pool can hold 100 GiB (n1: ")
+            && e.contains("n2: ")
+            && e.contains(" available, ")
+            && e.contains(" short"),
         "{e}"
     );
     // Bad parameters name the key and what is accepted.

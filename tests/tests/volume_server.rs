@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_tests::server::{have, qemu_io, qemu_io_ro, ServerProc};
+use berth_tests::server::{have, http_get, qemu_io, qemu_io_ro, ServerProc};
 
 fn s(v: &serde_json::Value, k: &str) -> String {
     v[k].as_str().unwrap_or_default().to_string()
@@ -205,17 +205,6 @@ fn berthctl_reports_errors_with_exit_codes_and_json() {
     // Metrics are served.
     let metrics = http_get(&srv.ready.metrics);
     assert!(metrics.contains("berth_pool_capacity_bytes"), "{metrics}");
-}
-
-fn http_get(url: &str) -> String {
-    use std::io::{Read, Write};
-    let rest = url.trim_start_matches("http://");
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut s = std::net::TcpStream::connect(host).expect("connect metrics");
-    write!(s, "GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n").expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read");
-    out
 }
 
 // ---- a real filesystem: nbdfuse + loop device + ext4 --------------------------

@@ -124,7 +124,9 @@ struct VolumeServerArgs {
     /// Pool device or file (default DATA/pool.img).
     #[arg(long, env = "BERTH_POOL")]
     pool: Option<PathBuf>,
-    /// Size of a new pool file (ignored for devices and existing pools).
+    /// Usable size of a new pool file: what volumes get (the file is 1 MiB
+    /// larger, for its header). Ignored for devices (usable: their size less
+    /// 1 MiB) and existing pools.
     #[arg(long, env = "BERTH_POOL_SIZE", default_value = "10G", value_parser = berth_cli::parse_size)]
     pool_size: u64,
     /// NBD unix socket (default DATA/nbd.sock).
@@ -223,6 +225,8 @@ struct CatalogArgs {
     #[arg(long, env = "BERTH_RECONCILE_SECONDS", default_value_t = 60)]
     reconcile_seconds: u64,
     /// How much thin volumes may promise beyond the pools' size (1.0: nothing).
+    /// Every volume counts at its full size, clones and restored snapshots too
+    /// (O(1) to make, but each may come to own a full volume's worth).
     #[arg(long, env = "BERTH_OVERCOMMIT", default_value_t = 1.0)]
     overcommit: f64,
 }
@@ -311,6 +315,9 @@ struct StandaloneArgs {
     /// Pool device or file (default DIR/node/pool.img).
     #[arg(long, env = "BERTH_POOL")]
     pool: Option<PathBuf>,
+    /// Usable size of a new pool file: what volumes get (the file is 1 MiB
+    /// larger, for its header). Ignored for devices (usable: their size less
+    /// 1 MiB) and existing pools.
     #[arg(long, env = "BERTH_POOL_SIZE", default_value = "10G", value_parser = berth_cli::parse_size)]
     pool_size: u64,
     /// NBD over TCP ("none" for the unix socket only).
@@ -394,6 +401,7 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
         "control_tcp": b.control_tcp.map(|a| a.to_string()),
         "metrics": b.metrics.map(|a| format!("http://{a}/metrics")),
         "engine": running.node.store.engine_name(),
+        "registered_buffer_bytes": running.node.store.registered_buffer_bytes(),
         "pid": std::process::id(),
     });
     println!("{ready}");
@@ -538,6 +546,7 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
         "nbd_tcp": b.nbd_tcp.map(|a| a.to_string()),
         "metrics": b.metrics.map(|a| format!("http://{a}/metrics")),
         "engine": node.node.store.engine_name(),
+        "registered_buffer_bytes": node.node.store.registered_buffer_bytes(),
         "berthctl": format!("berthctl --data {}", d.display()),
         "pid": std::process::id(),
     });

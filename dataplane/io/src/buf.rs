@@ -95,6 +95,21 @@ impl PageMap {
         None
     }
 
+    /// Stops handing out pages at or past `pages`; false (nothing changed) if one
+    /// of them is in use.
+    fn confine(&mut self, pages: usize) -> bool {
+        if pages == 0 || pages >= self.pages {
+            return pages != 0;
+        }
+        if (pages..self.pages).any(|p| self.is_used(p)) {
+            return false;
+        }
+        self.free -= self.pages - pages;
+        self.pages = pages;
+        self.hint %= pages;
+        true
+    }
+
     fn release(&mut self, first: usize, n: usize) {
         debug_assert!((first..first + n).all(|p| self.is_used(p)));
         self.set(first, n, false);
@@ -148,6 +163,20 @@ impl Arena {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// From now on, hands out only the first `len` bytes (rounded down to
+    /// pages), the part an engine registered with the kernel; requests that do
+    /// not fit go to the heap as when the arena is full. The rest stays mapped
+    /// and untouched (no memory). False, with nothing changed, when a page past
+    /// `len` is in use or `len` is less than a page.
+    pub fn confine(&self, len: usize) -> bool {
+        self.pages.lock().confine(len / PAGE)
+    }
+
+    /// Bytes the arena hands out (its length, or less once confined).
+    pub fn usable_bytes(&self) -> usize {
+        self.pages.lock().pages * PAGE
     }
 
     /// Pages not handed out.
@@ -362,6 +391,36 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(arena.free_bytes(), 16 * PAGE);
+    }
+
+    #[test]
+    fn a_confined_arena_hands_out_only_its_prefix_and_then_the_heap() {
+        let arena = Arena::new(16 * PAGE).expect("arena");
+        let held = arena.alloc(PAGE);
+        assert!(!arena.confine(PAGE / 2), "less than a page");
+        assert!(arena.confine(4 * PAGE));
+        assert_eq!(arena.usable_bytes(), 4 * PAGE);
+        assert_eq!(arena.free_bytes(), 3 * PAGE);
+        let base = arena.iovec().iov_base as usize;
+        let bufs: Vec<IoBuf> = (0..3).map(|_| arena.alloc(PAGE)).collect();
+        for b in &bufs {
+            assert!(b.is_fixed());
+            assert!(b.as_ptr() as usize + b.len() <= base + 4 * PAGE);
+        }
+        let spill = arena.alloc(PAGE);
+        assert!(
+            !spill.is_fixed(),
+            "past the prefix a buffer comes from the heap"
+        );
+        drop(bufs);
+        drop(held);
+        assert_eq!(arena.free_bytes(), 4 * PAGE);
+        // A page in use past the new end refuses the change.
+        let wide = Arena::new(8 * PAGE).expect("arena");
+        let _a = wide.alloc(PAGE);
+        let _b = wide.alloc(PAGE);
+        assert!(!wide.confine(PAGE));
+        assert_eq!(wide.usable_bytes(), 8 * PAGE);
     }
 
     #[test]

@@ -74,6 +74,12 @@ pub trait IoEngine: Send {
 
     /// `"io_uring"` or `"sync"`, for logs and metrics.
     fn name(&self) -> &'static str;
+
+    /// Bytes of the buffer arena registered with the kernel (io_uring's fixed
+    /// buffers, which skip pinning pages on every operation); 0 when none is.
+    fn registered_bytes(&self) -> usize {
+        0
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

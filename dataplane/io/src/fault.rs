@@ -340,6 +340,10 @@ impl IoEngine for FaultEngine {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
+
+    fn registered_bytes(&self) -> usize {
+        self.inner.registered_bytes()
+    }
 }
 
 #[cfg(test)]

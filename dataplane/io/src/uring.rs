@@ -65,6 +65,83 @@ impl std::fmt::Debug for UringEngine {
     }
 }
 
+/// Registers as much of the arena as the kernel accepts, as fixed buffer 0.
+///
+/// Registered pages count against RLIMIT_MEMLOCK (per user, unless the process
+/// has CAP_IPC_LOCK), which is 8 MiB in a default container, and the ring
+/// itself takes some of it: where the whole arena does not fit, the largest
+/// prefix of whole MiB that does is found by bisection (a refused probe costs
+/// one system call). The arena is then confined to that prefix, so every
+/// buffer it hands out is registered and requests that do not fit come from
+/// the heap. Returns the registered range, or `None` when not even 1 MiB fits
+/// (the whole arena is then used unregistered: the kernel pins pages on each
+/// operation).
+fn register_arena(ring: &IoUring, arena: &Arena) -> Option<(usize, usize)> {
+    const MIB: usize = 1 << 20;
+    let full = arena.iovec();
+    let register = |len: usize| {
+        let iov = libc::iovec {
+            iov_base: full.iov_base,
+            iov_len: len,
+        };
+        // SAFETY: the arena outlives the registration: the caller keeps the Arc
+        // for the engine's life (buffers from it hold it too), and the kernel only
+        // uses the region for ops whose IoBuf we own until completion. `len`
+        // never exceeds the arena's length and is a multiple of pages.
+        unsafe { ring.submitter().register_buffers(&[iov]) }
+    };
+    let refused = |e: &io::Error| {
+        if e.raw_os_error() == Some(libc::ENOMEM) {
+            return true;
+        }
+        tracing::warn!(
+            error = %e,
+            "cannot register the buffer arena; using unregistered buffers"
+        );
+        false
+    };
+    let len = match register(full.iov_len) {
+        Ok(()) => return Some((full.iov_base as usize, full.iov_len)),
+        Err(e) if !refused(&e) => return None,
+        Err(_) => {
+            // lo MiB fit (0: none known), hi MiB do not.
+            let (mut lo, mut hi) = (0, full.iov_len / MIB);
+            while hi - lo > 1 {
+                let mid = (lo + hi) / 2;
+                match register(mid * MIB) {
+                    Ok(()) => {
+                        let _ = ring.submitter().unregister_buffers();
+                        lo = mid;
+                    }
+                    Err(e) if refused(&e) => hi = mid,
+                    Err(_) => return None,
+                }
+            }
+            lo * MIB
+        }
+    };
+    if len == 0 || register(len).is_err() {
+        tracing::warn!(
+            arena_bytes = full.iov_len,
+            "RLIMIT_MEMLOCK leaves no room to register the buffer arena; using unregistered buffers (grant CAP_IPC_LOCK or raise the limit)"
+        );
+        return None;
+    }
+    if !arena.confine(len) {
+        // Buffers are already out past the prefix: register none rather than
+        // leave most of them unregistered unknowingly.
+        let _ = ring.submitter().unregister_buffers();
+        tracing::warn!("buffer arena in use before registration; using unregistered buffers");
+        return None;
+    }
+    tracing::info!(
+        registered_bytes = len,
+        arena_bytes = full.iov_len,
+        "registered part of the buffer arena (RLIMIT_MEMLOCK); grant CAP_IPC_LOCK or raise the limit to register all of it"
+    );
+    Some((full.iov_base as usize, len))
+}
+
 impl UringEngine {
     pub fn new(files: &[RawFd], arena: &Arc<Arena>, depth: u32) -> io::Result<Self> {
         let entries = depth.clamp(8, 4096).next_power_of_two();
@@ -74,17 +151,7 @@ impl UringEngine {
         if !files.is_empty() {
             ring.submitter().register_files(files)?;
         }
-        let iov = arena.iovec();
-        // SAFETY: the arena outlives the registration: the caller keeps the Arc for
-        // the engine's life (buffers from it hold it too), and the kernel only uses
-        // the region for ops whose IoBuf we own until completion.
-        let fixed = match unsafe { ring.submitter().register_buffers(&[iov]) } {
-            Ok(()) => Some((iov.iov_base as usize, iov.iov_len)),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot register the buffer arena (RLIMIT_MEMLOCK?); using unregistered buffers");
-                None
-            }
-        };
+        let fixed = register_arena(&ring, arena);
         // SAFETY: plain syscall; the result is checked.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -278,6 +345,10 @@ impl IoEngine for UringEngine {
 
     fn name(&self) -> &'static str {
         "io_uring"
+    }
+
+    fn registered_bytes(&self) -> usize {
+        self.fixed.map_or(0, |(_, len)| len)
     }
 }
 

@@ -41,6 +41,10 @@ pub struct Metrics {
     pub snapshots: IntGauge,
     pub pool_checksum_errors: IntGauge,
     /// Request and reply payloads buffered across all NBD connections.
+    /// 1 for the I/O engine in use (`io_uring` or `sync`, the fallback where the
+    /// kernel or a seccomp profile refuses io_uring).
+    pub io_engine: IntGaugeVec,
+    pub io_registered_buffer_bytes: IntGauge,
     pub nbd_buffered_bytes: IntGauge,
     pub nbd_handshakes: IntGauge,
     pub nbd_connections: IntGauge,
@@ -117,6 +121,13 @@ impl Metrics {
             Opts::new("volume_connections", "Open NBD connections"),
             &["volume"],
         ));
+        let io_engine = must(IntGaugeVec::new(
+            Opts::new(
+                "io_engine",
+                "1 for the pool's I/O engine: io_uring, or sync where io_uring is refused",
+            ),
+            &["engine"],
+        ));
         let g = |n: &str, h: &str| must(IntGauge::new(n, h));
         let m = Metrics {
             registry,
@@ -142,6 +153,11 @@ impl Metrics {
                 "pool_checksum_errors",
                 "Checksum mismatches seen by reads and scrubs since start",
             ),
+            io_engine,
+            io_registered_buffer_bytes: g(
+                "io_registered_buffer_bytes",
+                "Buffer bytes registered with io_uring (0: every I/O pins its pages; RLIMIT_MEMLOCK or CAP_IPC_LOCK)",
+            ),
             nbd_buffered_bytes: g(
                 "nbd_buffered_bytes",
                 "Request and reply payload bytes held in memory, all NBD connections",
@@ -161,6 +177,7 @@ impl Metrics {
         must(r.register(Box::new(m.checksum_errors.clone())));
         must(r.register(Box::new(m.throttled.clone())));
         must(r.register(Box::new(m.connections.clone())));
+        must(r.register(Box::new(m.io_engine.clone())));
         for gauge in [
             &m.pool_total_bytes,
             &m.pool_used_bytes,
@@ -168,6 +185,7 @@ impl Metrics {
             &m.volumes,
             &m.snapshots,
             &m.pool_checksum_errors,
+            &m.io_registered_buffer_bytes,
             &m.nbd_buffered_bytes,
             &m.nbd_handshakes,
             &m.nbd_connections,

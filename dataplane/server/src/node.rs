@@ -737,6 +737,11 @@ impl Node {
             .set((s.pending_free_blocks * s.block_size) as i64);
         m.volumes.set(s.volumes as i64);
         m.snapshots.set(s.snapshots as i64);
+        m.io_engine
+            .with_label_values(&[self.store.engine_name()])
+            .set(1);
+        m.io_registered_buffer_bytes
+            .set(self.store.registered_buffer_bytes() as i64);
         m.pool_checksum_errors.set(
             self.store
                 .counters()

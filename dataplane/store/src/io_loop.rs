@@ -150,7 +150,7 @@ pub(crate) fn spawn(
     choice: EngineChoice,
     depth: u32,
     faults: Option<Arc<berth_io::fault::FaultPlan>>,
-) -> Result<(std::thread::JoinHandle<()>, &'static str)> {
+) -> Result<(std::thread::JoinHandle<()>, &'static str, usize)> {
     use std::os::fd::AsRawFd;
     let io = |source| StoreError::Io {
         op: "start I/O engine",
@@ -164,8 +164,14 @@ pub(crate) fn spawn(
         engine = Box::new(berth_io::fault::FaultEngine::new(engine, plan));
     }
     let name = engine.name();
+    let registered = engine.registered_bytes();
     let _ = sh.waker.set(engine.waker());
-    tracing::info!(engine = name, depth, "I/O engine ready");
+    tracing::info!(
+        engine = name,
+        depth,
+        registered_buffer_bytes = registered,
+        "I/O engine ready"
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     let csh = sh.clone();
     // Each of these threads ends the process if it panics: without it, the
@@ -183,7 +189,7 @@ pub(crate) fn spawn(
         let _ = wal_syncer.join();
     })
     .map_err(io)?;
-    Ok((thread, name))
+    Ok((thread, name, registered))
 }
 
 /// One group commit on its way to RocksDB.

@@ -25,7 +25,12 @@ pub const BLOCK_SIZE: u64 = 4096;
 pub const FORMAT_VERSION: u32 = 1;
 const MAGIC: &[u8; 16] = b"BERTH-POOL\0\0\0\0\0\0";
 /// Data starts at 1 MiB: aligned for every device and room for a future journal.
-const DATA_OFFSET: u64 = 1 << 20;
+/// Where data blocks start: the superblock and room for the format to grow.
+/// A pool file is this much larger than the size asked for; a device's data
+/// area is its size minus this.
+pub const DATA_OFFSET: u64 = 1 << 20;
+/// The largest data area of a pool file (2^60 bytes, as volumes).
+const MAX_FILE_DATA: u64 = 1 << 60;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Superblock {
@@ -190,9 +195,10 @@ impl Pool {
             // fallocate and come back as "Invalid argument (os error 22)".
             let asked = size_bytes
                 .ok_or_else(|| StoreError::InvalidArgument("a pool file needs a size".into()))?;
-            if asked / BLOCK_SIZE * BLOCK_SIZE < min_bytes {
+            if !(16 * BLOCK_SIZE..=MAX_FILE_DATA).contains(&asked) {
                 return Err(StoreError::InvalidArgument(format!(
-                    "a pool of {asked} bytes is too small: a pool file needs at least {min_bytes} bytes (for example --pool-size 1G)"
+                    "a pool of {asked} bytes: a pool file holds between {} and {MAX_FILE_DATA} bytes (for example --pool-size 1G)",
+                    16 * BLOCK_SIZE
                 )));
             }
         }
@@ -213,7 +219,10 @@ impl Pool {
         } else {
             let len = size_bytes
                 .ok_or_else(|| StoreError::InvalidArgument("a pool file needs a size".into()))?;
-            let len = len / BLOCK_SIZE * BLOCK_SIZE;
+            // The size asked for is what volumes get: the header area comes on
+            // top (a --pool-size 4G file holds four 1 GiB volumes). Rounded
+            // down to whole blocks.
+            let len = DATA_OFFSET + len / BLOCK_SIZE * BLOCK_SIZE;
             if let Err(e) = preallocate(&file, len) {
                 let _ = std::fs::remove_file(path);
                 return Err(pool_err(path)(e));
@@ -320,6 +329,24 @@ mod tests {
     }
 
     #[test]
+    fn a_pool_file_holds_exactly_the_size_asked_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pool.img");
+        let pool = Pool::create(&path, Some(4 << 20), NO_WAIT).expect("create");
+        assert_eq!(pool.sb.blocks * BLOCK_SIZE, 4 << 20);
+        let file_len = std::fs::metadata(&path).expect("stat").len();
+        assert_eq!(file_len, DATA_OFFSET + (4 << 20));
+        drop(pool);
+        // Too small or absurd sizes are refused before anything is created.
+        for bad in [0, 16 * BLOCK_SIZE - 1, (1 << 60) + 1] {
+            let p = dir.path().join(format!("bad-{bad}.img"));
+            let e = Pool::create(&p, Some(bad), NO_WAIT).expect_err("refused");
+            assert!(e.to_string().contains("pool file holds between"), "{e}");
+            assert!(!p.exists());
+        }
+    }
+
+    #[test]
     fn second_opener_and_foreign_files_are_refused_without_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("pool.img");
@@ -330,7 +357,7 @@ mod tests {
         ));
         drop(pool);
         let pool = Pool::open(&path, NO_WAIT).expect("reopen after close");
-        assert_eq!(pool.sb.blocks, (8 << 20) / 4096 - 256);
+        assert_eq!(pool.sb.blocks, (8 << 20) / 4096);
         drop(pool);
         // Formatting over an existing pool is refused.
         assert!(matches!(

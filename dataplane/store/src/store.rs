@@ -563,6 +563,7 @@ pub struct Store {
     /// The garbage collector (`gc`).
     collector: Option<std::thread::JoinHandle<()>>,
     engine_name: &'static str,
+    registered_buffer_bytes: usize,
 }
 
 impl std::fmt::Debug for Store {
@@ -684,7 +685,7 @@ impl Store {
             gc_wake: Condvar::new(),
             pauses: cfg.pauses.clone(),
         });
-        let (thread, engine_name) = io_loop::spawn(
+        let (thread, engine_name, registered_buffer_bytes) = io_loop::spawn(
             shared.clone(),
             cfg.engine,
             cfg.queue_depth,
@@ -697,6 +698,7 @@ impl Store {
             thread: Some(thread),
             collector: None,
             engine_name,
+            registered_buffer_bytes,
         };
         // On failure, dropping the store stops the I/O thread.
         store.collector = Some(collector.map_err(|source| StoreError::Io {
@@ -710,6 +712,12 @@ impl Store {
     /// `"io_uring"` or `"sync"`.
     pub fn engine_name(&self) -> &'static str {
         self.engine_name
+    }
+
+    /// Bytes of the buffer arena registered with io_uring (0 on the sync engine,
+    /// or when RLIMIT_MEMLOCK allowed none).
+    pub fn registered_buffer_bytes(&self) -> usize {
+        self.registered_buffer_bytes
     }
 
     pub fn arena(&self) -> &Arc<Arena> {

@@ -161,8 +161,8 @@ fn scrub_reading_runs_of_blocks_names_exactly_the_flipped_ones() {
 #[test]
 fn a_full_pool_refuses_writes_loses_nothing_and_recovers() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // 2 MiB pool file: 1 MiB header area, 256 data blocks.
-    let store = Store::create(&StoreConfig::new(dir.path(), 2 << 20)).expect("create");
+    // A 1 MiB pool: 256 data blocks (the header area is on top).
+    let store = Store::create(&StoreConfig::new(dir.path(), 1 << 20)).expect("create");
     let total = store.stats().total_blocks;
     assert_eq!(total, 256);
     let a = store

@@ -57,8 +57,21 @@ pub fn media_allowed(media: &str, allowed: &[String]) -> bool {
     allowed.is_empty() || allowed.iter().any(|m| m == media)
 }
 
-fn gib(b: u64) -> String {
-    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+/// A size exactly, in the largest binary unit that divides it: "4 GiB",
+/// "1023 MiB", "12345 bytes". Where a size decides an answer, rounding it
+/// would hide why ("1.0 GiB available" for a 1 GiB request that failed).
+pub fn exact_size(b: u64) -> String {
+    const UNITS: [(u64, &str); 5] = [
+        (1 << 50, "PiB"),
+        (1 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ];
+    match UNITS.iter().find(|(u, _)| b >= *u && b.is_multiple_of(*u)) {
+        Some((u, name)) => format!("{} {name}", b / u),
+        None => format!("{b} bytes"),
+    }
 }
 
 /// The index of the chosen candidate, or why none fits, node by node.
@@ -81,7 +94,11 @@ pub fn choose(cands: &[Candidate], req: &Request, overcommit: f64) -> Result<usi
                 req.media.join(", ")
             ))
         } else if avail < req.size_bytes {
-            Some(format!("{} available", gib(avail)))
+            Some(format!(
+                "{} available, {} short",
+                exact_size(avail),
+                exact_size(req.size_bytes - avail)
+            ))
         } else {
             None
         };
@@ -105,7 +122,7 @@ pub fn choose(cands: &[Candidate], req: &Request, overcommit: f64) -> Result<usi
     best.map(|(i, _, _)| i).ok_or_else(|| {
         format!(
             "no pool can hold {} ({})",
-            gib(req.size_bytes),
+            exact_size(req.size_bytes),
             reasons.join("; ")
         )
     })
@@ -166,7 +183,25 @@ mod tests {
             1.0,
         )
         .expect_err("full");
-        assert!(e.contains("a: 0.0 GiB available"), "{e}");
+        assert!(e.contains("a: 0 bytes available, 1 bytes short"), "{e}");
+        // The size that decides is exact: a pool 1 MiB short of a 1 GiB
+        // volume says so (it used to say "1.0 GiB available").
+        let short = [cand("n", "z1", G - (1 << 20), 0)];
+        let e = choose(
+            &short,
+            &Request {
+                size_bytes: G,
+                ..Default::default()
+            },
+            1.0,
+        )
+        .expect_err("1 MiB short");
+        assert_eq!(
+            e,
+            "no pool can hold 1 GiB (n: 1023 MiB available, 1 MiB short)"
+        );
+        assert_eq!(exact_size(4097), "4097 bytes");
+        assert_eq!(exact_size(3 << 40), "3 TiB");
         // Overcommit lets thin volumes promise more than the disk.
         assert!(choose(
             &c,
