@@ -43,6 +43,9 @@ struct PageMap {
     pages: usize,
     free: usize,
     hint: usize,
+    /// Pages `[0, preferred)` are handed out first (first fit), the part of the
+    /// arena an engine registered; 0: no preference.
+    preferred: usize,
 }
 
 impl PageMap {
@@ -60,10 +63,13 @@ impl PageMap {
         }
     }
 
-    /// First fit from the hint, wrapping once.
+    /// The preferred prefix first; then first fit from the hint, wrapping once.
     fn alloc(&mut self, n: usize) -> Option<usize> {
         if n == 0 || n > self.free {
             return None;
+        }
+        if let Some(first) = self.alloc_preferred(n) {
+            return Some(first);
         }
         let mut start = self.hint;
         let mut scanned = 0;
@@ -95,19 +101,24 @@ impl PageMap {
         None
     }
 
-    /// Stops handing out pages at or past `pages`; false (nothing changed) if one
-    /// of them is in use.
-    fn confine(&mut self, pages: usize) -> bool {
-        if pages == 0 || pages >= self.pages {
-            return pages != 0;
+    /// First fit inside `[0, preferred)`.
+    fn alloc_preferred(&mut self, n: usize) -> Option<usize> {
+        let mut start = 0;
+        while start + n <= self.preferred {
+            if start.is_multiple_of(64) && self.used[start / 64] == u64::MAX {
+                start += 64;
+                continue;
+            }
+            match (start..start + n).find(|&p| self.is_used(p)) {
+                None => {
+                    self.set(start, n, true);
+                    self.free -= n;
+                    return Some(start);
+                }
+                Some(used) => start = used + 1,
+            }
         }
-        if (pages..self.pages).any(|p| self.is_used(p)) {
-            return false;
-        }
-        self.free -= self.pages - pages;
-        self.pages = pages;
-        self.hint %= pages;
-        true
+        None
     }
 
     fn release(&mut self, first: usize, n: usize) {
@@ -145,6 +156,7 @@ impl Arena {
                 pages,
                 free: pages,
                 hint: 0,
+                preferred: 0,
             }),
         }))
     }
@@ -165,18 +177,13 @@ impl Arena {
         self.len == 0
     }
 
-    /// From now on, hands out only the first `len` bytes (rounded down to
-    /// pages), the part an engine registered with the kernel; requests that do
-    /// not fit go to the heap as when the arena is full. The rest stays mapped
-    /// and untouched (no memory). False, with nothing changed, when a page past
-    /// `len` is in use or `len` is less than a page.
-    pub fn confine(&self, len: usize) -> bool {
-        self.pages.lock().confine(len / PAGE)
-    }
-
-    /// Bytes the arena hands out (its length, or less once confined).
-    pub fn usable_bytes(&self) -> usize {
-        self.pages.lock().pages * PAGE
+    /// From now on, hands out pages from the first `len` bytes (rounded down to
+    /// pages) first, the part an engine registered with the kernel, so small
+    /// requests all get registered buffers; larger bursts spill into the rest
+    /// of the arena (unregistered, but no heap allocation).
+    pub fn prefer_prefix(&self, len: usize) {
+        let mut map = self.pages.lock();
+        map.preferred = (len / PAGE).min(map.pages);
     }
 
     /// Pages not handed out.
@@ -394,33 +401,32 @@ mod tests {
     }
 
     #[test]
-    fn a_confined_arena_hands_out_only_its_prefix_and_then_the_heap() {
+    fn a_preferred_prefix_is_handed_out_first_then_the_rest_of_the_arena() {
         let arena = Arena::new(16 * PAGE).expect("arena");
-        let held = arena.alloc(PAGE);
-        assert!(!arena.confine(PAGE / 2), "less than a page");
-        assert!(arena.confine(4 * PAGE));
-        assert_eq!(arena.usable_bytes(), 4 * PAGE);
-        assert_eq!(arena.free_bytes(), 3 * PAGE);
         let base = arena.iovec().iov_base as usize;
-        let bufs: Vec<IoBuf> = (0..3).map(|_| arena.alloc(PAGE)).collect();
-        for b in &bufs {
-            assert!(b.is_fixed());
-            assert!(b.as_ptr() as usize + b.len() <= base + 4 * PAGE);
+        let page_of = |b: &IoBuf| (b.as_ptr() as usize - base) / PAGE;
+        // Without a preference, allocation moves on through the arena.
+        let a = arena.alloc(PAGE);
+        let b = arena.alloc(PAGE);
+        assert_eq!((page_of(&a), page_of(&b)), (0, 1));
+        drop(a);
+        let c = arena.alloc(PAGE);
+        assert_eq!(page_of(&c), 2, "next fit");
+        drop((b, c));
+        arena.prefer_prefix(4 * PAGE + 100);
+        // Freed prefix pages are reused at once: small requests stay inside.
+        for _ in 0..3 {
+            let x = arena.alloc(PAGE);
+            let y = arena.alloc(2 * PAGE);
+            assert!(page_of(&x) < 4 && page_of(&y) + 2 <= 4);
         }
-        let spill = arena.alloc(PAGE);
-        assert!(
-            !spill.is_fixed(),
-            "past the prefix a buffer comes from the heap"
-        );
-        drop(bufs);
-        drop(held);
-        assert_eq!(arena.free_bytes(), 4 * PAGE);
-        // A page in use past the new end refuses the change.
-        let wide = Arena::new(8 * PAGE).expect("arena");
-        let _a = wide.alloc(PAGE);
-        let _b = wide.alloc(PAGE);
-        assert!(!wide.confine(PAGE));
-        assert_eq!(wide.usable_bytes(), 8 * PAGE);
+        // A burst larger than the prefix spills into the rest, not the heap.
+        let held: Vec<IoBuf> = (0..4).map(|_| arena.alloc(PAGE)).collect();
+        assert!(held.iter().all(|b| page_of(b) < 4));
+        let spill = arena.alloc(3 * PAGE);
+        assert!(spill.is_fixed() && page_of(&spill) >= 4);
+        drop((held, spill));
+        assert_eq!(arena.free_bytes(), 16 * PAGE);
     }
 
     #[test]

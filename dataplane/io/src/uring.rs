@@ -71,11 +71,12 @@ impl std::fmt::Debug for UringEngine {
 /// has CAP_IPC_LOCK), which is 8 MiB in a default container, and the ring
 /// itself takes some of it: where the whole arena does not fit, the largest
 /// prefix of whole MiB that does is found by bisection (a refused probe costs
-/// one system call). The arena is then confined to that prefix, so every
-/// buffer it hands out is registered and requests that do not fit come from
-/// the heap. Returns the registered range, or `None` when not even 1 MiB fits
-/// (the whole arena is then used unregistered: the kernel pins pages on each
-/// operation).
+/// one system call). The arena then hands out that prefix first, so small
+/// requests all get registered buffers and larger bursts spill into the rest
+/// of the arena, unregistered. (Confining the arena to the prefix sent 1 MiB
+/// reads at QD8 to the heap: 30% slower, bench/scripts/memlock.sh.) Returns
+/// the registered range, or `None` when not even 1 MiB fits (the whole arena
+/// is then used unregistered: the kernel pins pages on each operation).
 fn register_arena(ring: &IoUring, arena: &Arena) -> Option<(usize, usize)> {
     const MIB: usize = 1 << 20;
     let full = arena.iovec();
@@ -127,13 +128,7 @@ fn register_arena(ring: &IoUring, arena: &Arena) -> Option<(usize, usize)> {
         );
         return None;
     }
-    if !arena.confine(len) {
-        // Buffers are already out past the prefix: register none rather than
-        // leave most of them unregistered unknowingly.
-        let _ = ring.submitter().unregister_buffers();
-        tracing::warn!("buffer arena in use before registration; using unregistered buffers");
-        return None;
-    }
+    arena.prefer_prefix(len);
     tracing::info!(
         registered_bytes = len,
         arena_bytes = full.iov_len,
