@@ -14,13 +14,14 @@
 # IMAGE`), a non-root default user, no secrets (nothing is fetched with
 # credentials and no token or key is copied in; see .dockerignore).
 
-# Where the runtime stage takes the binaries from: "build" (compiled below) or
-# "prebuilt" (a prebuilt/ folder in the build context).
-ARG BINARIES=build
+# The base images (scripts/image.sh passes local stand-ins where no registry
+# is reachable; publish only what is built on these).
+ARG RUST_IMAGE=rust:1.95.0-bookworm
+ARG DEBIAN_IMAGE=debian:12.13-slim
 
 # ---- build ------------------------------------------------------------------
 # The toolchain the workspace is tested with (rust-version 1.87 is the floor).
-FROM rust:1.95.0-bookworm AS build
+FROM ${RUST_IMAGE} AS build
 ARG DEBIAN_FRONTEND=noninteractive
 # The same package list as every other build (scripts/deps.sh build): RocksDB's
 # C++ and bindings, protoc and the well-known .proto files.
@@ -32,22 +33,19 @@ WORKDIR /src
 COPY . .
 # The caches keep the registry and RocksDB's build between builds (BuildKit,
 # buildah); the binaries are copied out of the cached target directory in the
-# same step.
+# same step. host-ca is an optional build secret: the CA bundle of a host
+# whose way to crates.io passes a TLS-inspecting proxy (scripts/image.sh
+# passes it); a secret is mounted for this step only, never kept in a layer.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p berth-cli --bins \
+    --mount=type=secret,id=host-ca \
+    if [ -s /run/secrets/host-ca ]; then export CARGO_HTTP_CAINFO=/run/secrets/host-ca; fi \
+ && cargo build --release --locked -p berth-cli --bins \
  && install -D -m 0755 -t /out target/release/berth target/release/berthctl
-
-# ---- prebuilt ---------------------------------------------------------------
-# Binaries built outside the image (same Debian release, same glibc).
-FROM scratch AS prebuilt
-COPY prebuilt/berth prebuilt/berthctl /out/
-
-FROM ${BINARIES} AS binaries
 
 # ---- runtime ----------------------------------------------------------------
 # The same Debian release as the builder (glibc and libstdc++ match).
-FROM debian:12.13-slim AS runtime
+FROM ${DEBIAN_IMAGE} AS runtime-base
 ARG DEBIAN_FRONTEND=noninteractive
 # What the node plugin runs (csi/src/node: fusermount3, losetup, mount,
 # umount, blkid, mkfs.ext4, mkfs.xfs, resize2fs, xfs_growfs, dd), NBD tools for
@@ -61,7 +59,6 @@ RUN bash /tmp/berth-deps runtime && rm -rf /var/lib/apt/lists/* /tmp/berth-deps
 RUN groupadd --system --gid 10001 berth \
  && useradd --system --uid 10001 --gid berth --no-create-home \
       --home-dir /nonexistent --shell /usr/sbin/nologin berth
-COPY --from=binaries /out/berth /out/berthctl /usr/local/bin/
 # Non-root by default: the volume server (on a pool file), the metadata
 # service and the CSI controller need no privilege and run as this user. The
 # CSI node plugin cannot: it mounts filesystems for kubelet, attaches loop
@@ -72,3 +69,14 @@ COPY --from=binaries /out/berth /out/berthctl /usr/local/bin/
 USER 10001:10001
 ENTRYPOINT ["berth"]
 CMD ["--help"]
+
+# ---- the image ----------------------------------------------------------------
+# `--target prebuilt` instead takes berth and berthctl from a prebuilt/ folder
+# in the build context (binaries built on Debian 12 outside the image:
+# scripts/image.sh --prebuilt, the test on CI's build); the default target
+# compiles them in the build stage. Both are the same base, the same COPY.
+FROM runtime-base AS prebuilt
+COPY prebuilt/berth prebuilt/berthctl /usr/local/bin/
+
+FROM runtime-base AS runtime
+COPY --from=build /out/berth /out/berthctl /usr/local/bin/

@@ -8,8 +8,12 @@
 #            end-to-end tests drive: qemu-io/qemu-nbd (qemu-utils),
 #            nbdfuse/nbdcopy/nbdinfo (libnbd-bin, fuse3), nbdkit, mkfs.ext4
 #            (e2fsprogs), xfsprogs, losetup/setpriv/prlimit (util-linux), openssl
-#            s_client; and a container engine for the image test (podman with
-#            runc, mmdebstrap for base images where no registry is reachable).
+#            s_client.
+#   image    a container engine for scripts/image.sh and the image test:
+#            mmdebstrap (base images where no registry is reachable), and
+#            podman with runc unless a Docker engine answers (Docker's
+#            containerd.io package conflicts with Debian's runc: nothing of
+#            Docker's is replaced).
 #   runtime  what the image's programs call (csi/src/node: fusermount3,
 #            losetup, mount, blkid, mkfs.*, resize2fs, xfs_growfs) and NBD
 #            tools for admins; the Dockerfile's runtime stage installs these.
@@ -19,8 +23,7 @@
 # sets named as arguments. build and runtime go without recommended packages,
 # so that the image gets exactly these lists and CI builds with them too.
 build=(build-essential clang libclang-dev pkg-config protobuf-compiler libprotobuf-dev)
-test=(fio qemu-utils libnbd-bin nbdkit fuse3 e2fsprogs xfsprogs util-linux openssl
-  podman runc mmdebstrap)
+test=(fio qemu-utils libnbd-bin nbdkit fuse3 e2fsprogs xfsprogs util-linux openssl)
 runtime=(ca-certificates e2fsprogs fuse3 libnbd-bin mount nbd-client util-linux xfsprogs)
 
 berth_deps_install() {
@@ -47,7 +50,16 @@ berth_deps() {
       build) berth_deps_install no "${build[@]}" ;;
       test) berth_deps_install yes "${test[@]}" ;;
       runtime) berth_deps_install no "${runtime[@]}" ;;
-      *) echo "deps.sh: unknown set $set (build, test, runtime)" >&2; return 2 ;;
+      image)
+        if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+          berth_deps_install yes mmdebstrap
+        elif dpkg-query -W -f='${Status}' containerd.io 2>/dev/null | grep -q "install ok installed"; then
+          berth_deps_install yes podman mmdebstrap
+        else
+          berth_deps_install yes podman runc mmdebstrap
+        fi
+        ;;
+      *) echo "deps.sh: unknown set $set (build, test, image, runtime)" >&2; return 2 ;;
     esac
   done
 }

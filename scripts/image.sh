@@ -53,6 +53,8 @@ fail() { echo "image.sh: FAIL: $*" >&2; exit 1; }
 say() { echo "image.sh: $*"; }
 
 # ---- the engine ---------------------------------------------------------------
+[ "$(id -u)" -eq 0 ] || fail "run this as root: the smoke test hands its data folder to uid 10001 and runs rootful containers"
+bash scripts/deps.sh image
 if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
   engine=docker
 elif command -v podman >/dev/null; then
@@ -65,6 +67,13 @@ build_flags=()
 if [ "$engine" = podman ]; then
   build_flags+=(--pull=never)
 fi
+# Where this host trusts certificate authorities of its own (a TLS-inspecting
+# proxy between it and crates.io, say), cargo in the build must trust them
+# too: the host's bundle goes in as the build secret host-ca, mounted for the
+# cargo step only and kept in no layer.
+if [ -n "$(ls /usr/local/share/ca-certificates 2>/dev/null)" ] && [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+  build_flags+=(--secret id=host-ca,src=/etc/ssl/certs/ca-certificates.crt)
+fi
 
 tmp=$(mktemp -d /var/tmp/berth-image.XXXXXX)
 smoke_name="berth-smoke-$$"
@@ -75,16 +84,19 @@ cleanup() {
 trap cleanup EXIT
 
 # ---- base images --------------------------------------------------------------
+# The official images when present or pullable; otherwise stand-ins made here,
+# under localhost/berth-base/ so that they are never mistaken for the real ones.
 debian_base=docker.io/library/debian:12.13-slim
 rust_base=docker.io/library/rust:1.95.0-bookworm
+stand_ins=""
 
 have_image() { $engine image inspect "$1" >/dev/null 2>&1; }
 
 make_debian() {
   command -v mmdebstrap >/dev/null || fail "mmdebstrap is needed to make $debian_base (apt-get install mmdebstrap)"
-  say "making $debian_base from Debian's packages (mmdebstrap minbase bookworm)"
+  say "making $1, a stand-in for $debian_base, from Debian's packages (mmdebstrap minbase bookworm)"
   mmdebstrap --variant=minbase --quiet bookworm "$tmp/debian.tar" http://deb.debian.org/debian
-  $engine import --change 'CMD ["bash"]' "$tmp/debian.tar" "$debian_base" >/dev/null
+  $engine import --change 'CMD ["bash"]' "$tmp/debian.tar" "$1" >/dev/null
   rm -f "$tmp/debian.tar"
 }
 
@@ -92,34 +104,38 @@ make_rust() {
   local have
   have=$(rustc --version 2>/dev/null | cut -d' ' -f2)
   [ "$have" = 1.95.0 ] || fail "making $rust_base needs this machine's rustc to be 1.95.0 (it is ${have:-missing})"
-  say "making $rust_base from $debian_base and this machine's Rust $have"
+  say "making $1, a stand-in for $rust_base, from $debian_base and this machine's Rust $have"
   mkdir -p "$tmp/rust"
   cp -a "$(rustc --print sysroot)" "$tmp/rust/toolchain"
   rm -rf "$tmp/rust/toolchain/share/doc"
-  cat > "$tmp/rust/Dockerfile" <<'EOF'
-FROM docker.io/library/debian:12.13-slim
+  cat > "$tmp/rust/Dockerfile" <<EOF
+FROM $debian_base
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates gcc g++ libc6-dev make git \
  && rm -rf /var/lib/apt/lists/*
 COPY toolchain /usr/local/rust
-ENV CARGO_HOME=/usr/local/cargo \
+ENV CARGO_HOME=/usr/local/cargo \\
     PATH=/usr/local/cargo/bin:/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 RUN mkdir -p /usr/local/cargo/bin && cargo --version
 EOF
-  $engine build "${build_flags[@]}" "${run_flags[@]}" -t "$rust_base" "$tmp/rust" >/dev/null
+  $engine build "${build_flags[@]}" "${run_flags[@]}" -t "$1" "$tmp/rust" >/dev/null
   rm -rf "$tmp/rust"
 }
 
+# Sets the variable named $1 to the official image $2, or to the stand-in $3
+# (made by $4 if missing).
 ensure_base() {
-  local image=$1 maker=$2
-  have_image "$image" && return 0
-  if [ "$local_bases" = no ] && $engine pull -q "$image" >/dev/null 2>&1; then
+  local var=$1 image=$2 local_image=$3 maker=$4
+  if [ "$local_bases" = no ] && { have_image "$image" || $engine pull -q "$image" >/dev/null 2>&1; }; then
+    printf -v "$var" %s "$image"
     return 0
   fi
-  $maker
+  have_image "$local_image" || $maker "$local_image"
+  printf -v "$var" %s "$local_image"
+  stand_ins="$stand_ins $local_image"
 }
 
-ensure_base "$debian_base" make_debian
+ensure_base debian_base "$debian_base" localhost/berth-base/debian:12.13-slim make_debian
 
 # Some hosts refuse what the engine asks by default: a higher RLIMIT_NOFILE or
 # RLIMIT_NPROC than this process may set (no CAP_SYS_RESOURCE), or crun with
@@ -148,19 +164,21 @@ if [ -n "$prebuilt" ]; then
   cp Dockerfile "$ctx/"
   cp scripts/deps.sh "$ctx/scripts/"
   cp "$prebuilt/berth" "$prebuilt/berthctl" "$ctx/prebuilt/"
-  build_args=(--build-arg BINARIES=prebuilt)
+  build_args=(--target prebuilt)
 else
-  ensure_base "$rust_base" make_rust
+  ensure_base rust_base "$rust_base" localhost/berth-base/rust:1.95.0-bookworm make_rust
   ctx=$repo
-  build_args=()
+  build_args=(--build-arg "RUST_IMAGE=$rust_base")
 fi
 say "building $tag with $engine ($([ -n "$prebuilt" ] && echo "runtime stage on $prebuilt" || echo "all stages"))"
 start=$SECONDS
-$engine build "${build_flags[@]}" "${run_flags[@]}" "${build_args[@]}" -t "$tag" -f Dockerfile "$ctx" > "$tmp/build.log" 2>&1 \
+$engine build "${build_flags[@]}" "${run_flags[@]}" "${build_args[@]}" \
+  --build-arg "DEBIAN_IMAGE=$debian_base" -t "$tag" -f Dockerfile "$ctx" > "$tmp/build.log" 2>&1 \
   || { tail -40 "$tmp/build.log" >&2; fail "the build failed (the last lines are above)"; }
 build_s=$((SECONDS - start))
 size=$($engine image inspect --format '{{.Size}}' "$tag")
 say "built $tag in ${build_s} s; image size $((size / 1024 / 1024)) MiB"
+[ -z "$stand_ins" ] || say "NOTE: built on local stand-in base images ($stand_ins ): for testing here, do not publish it"
 [ "$smoke" = yes ] || exit 0
 
 # ---- smoke test ---------------------------------------------------------------

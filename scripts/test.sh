@@ -10,6 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
+# The image test (tests/tests/image.rs) needs a container engine.
+berth_deps image
 
 cargo fmt --all -- --check
 # The workspace-hack crate must match the dependency graph, or some cargo

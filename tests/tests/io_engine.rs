@@ -1,7 +1,11 @@
 //! The pool's I/O engine as a container gives it: no CAP_IPC_LOCK and an
-//! 8 MiB RLIMIT_MEMLOCK (the default of podman, containerd and Docker). The
-//! server registers what fits of its buffer arena with io_uring, serves I/O
-//! either way, and says what it got in its metrics, not only in a log line.
+//! 8 MiB RLIMIT_MEMLOCK (the kernel's default, which podman, containerd and
+//! Docker pass on). The server registers what fits of its buffer arena with
+//! io_uring, serves I/O either way, and says what it got in its metrics, not
+//! only in a log line. Runs as root (dropping CAP_IPC_LOCK from the bounding
+//! set takes CAP_SETPCAP). How much the ring itself takes from the limit
+//! depends on the kernel (nothing from 5.12 to 6.13, its pages before and
+//! since), so the limits below are checked as bounds, not exact figures.
 
 use std::path::Path;
 
@@ -28,8 +32,8 @@ fn serve_and_scrape(dir: &Path, memlock: Option<u64>) -> String {
     let srv = ServerProc::start_under(&wrapper, dir, "256M", &[], &[]);
     let v = srv.volume_export("v", "64M", "q");
     let uri = v["unix_uri"].as_str().expect("uri");
-    // 4 KiB and 4 MiB requests: the large ones do not fit a confined arena and
-    // take heap buffers.
+    // 4 KiB and 4 MiB requests: the large ones do not fit a 7 MiB registered
+    // prefix twice over and spill into the unregistered rest of the arena.
     let (ok, out) = qemu_io(
         uri,
         &[
@@ -80,21 +84,26 @@ fn under_a_containers_memlock_limit_the_server_registers_what_fits_and_says_so()
     assert_eq!(uring, Some(1.0), "{text}");
     let part = registered.expect("registered bytes");
     assert!(
-        (4.0 * MIB..8.0 * MIB).contains(&part) && part < whole,
+        (1.0 * MIB..=8.0 * MIB).contains(&part) && part < whole,
         "registered {part} of {whole} under an 8 MiB limit"
     );
 
-    // 1 MiB: the ring fits, not even 1 MiB of buffers beside it. io_uring
-    // still serves, with unregistered buffers, and the metric says 0.
-    let text = serve_and_scrape(&tmp.path().join("ring-only"), Some(1 << 20));
+    // 1 MiB: at most 1 MiB registered (none where the ring takes its share),
+    // and io_uring serves either way.
+    let text = serve_and_scrape(&tmp.path().join("one-mib"), Some(1 << 20));
     let (uring, _, registered) = engine_and_registered(&text);
     assert_eq!(uring, Some(1.0), "{text}");
-    assert_eq!(registered, Some(0.0), "{text}");
+    let small = registered.expect("registered bytes");
+    assert!(small <= MIB, "registered {small} under a 1 MiB limit");
 
-    // None at all: the kernel refuses the ring itself, the engine falls back
-    // to the thread pool, and the metrics say so.
+    // None at all: nothing is registered; where the kernel counts the ring
+    // too, io_uring itself is refused and the engine falls back to the thread
+    // pool. Either way the metrics say which, and I/O is served (above).
     let text = serve_and_scrape(&tmp.path().join("none"), Some(0));
     let (uring, sync, registered) = engine_and_registered(&text);
-    assert_eq!((uring, sync), (None, Some(1.0)), "{text}");
     assert_eq!(registered, Some(0.0), "{text}");
+    assert!(
+        matches!((uring, sync), (Some(1.0), None) | (None, Some(1.0))),
+        "exactly one engine is reported: {text}"
+    );
 }

@@ -63,58 +63,38 @@ impl PageMap {
         }
     }
 
-    /// The preferred prefix first; then first fit from the hint, wrapping once.
+    /// The preferred prefix first (first fit); then first fit from the hint,
+    /// wrapping once.
     fn alloc(&mut self, n: usize) -> Option<usize> {
         if n == 0 || n > self.free {
             return None;
         }
-        if let Some(first) = self.alloc_preferred(n) {
-            return Some(first);
-        }
-        let mut start = self.hint;
-        let mut scanned = 0;
-        while scanned < self.pages + n {
-            if start + n > self.pages {
-                scanned += self.pages - start;
-                start = 0;
-                continue;
+        let first = match self.first_fit(0, self.preferred, n) {
+            Some(first) => first,
+            None => {
+                let first = self
+                    .first_fit(self.hint, self.pages, n)
+                    .or_else(|| self.first_fit(0, (self.hint + n).min(self.pages), n))?;
+                self.hint = (first + n) % self.pages;
+                first
             }
+        };
+        self.set(first, n, true);
+        self.free -= n;
+        Some(first)
+    }
+
+    /// The first run of `n` free pages inside `[lo, hi)`.
+    fn first_fit(&self, lo: usize, hi: usize, n: usize) -> Option<usize> {
+        let mut start = lo;
+        while start + n <= hi {
             // Skip whole used words quickly.
             if start.is_multiple_of(64) && self.used[start / 64] == u64::MAX {
                 start += 64;
-                scanned += 64;
                 continue;
             }
             match (start..start + n).find(|&p| self.is_used(p)) {
-                None => {
-                    self.set(start, n, true);
-                    self.free -= n;
-                    self.hint = (start + n) % self.pages;
-                    return Some(start);
-                }
-                Some(used) => {
-                    scanned += used + 1 - start;
-                    start = used + 1;
-                }
-            }
-        }
-        None
-    }
-
-    /// First fit inside `[0, preferred)`.
-    fn alloc_preferred(&mut self, n: usize) -> Option<usize> {
-        let mut start = 0;
-        while start + n <= self.preferred {
-            if start.is_multiple_of(64) && self.used[start / 64] == u64::MAX {
-                start += 64;
-                continue;
-            }
-            match (start..start + n).find(|&p| self.is_used(p)) {
-                None => {
-                    self.set(start, n, true);
-                    self.free -= n;
-                    return Some(start);
-                }
+                None => return Some(start),
                 Some(used) => start = used + 1,
             }
         }

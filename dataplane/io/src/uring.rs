@@ -73,9 +73,9 @@ impl std::fmt::Debug for UringEngine {
 /// prefix of whole MiB that does is found by bisection (a refused probe costs
 /// one system call). The arena then hands out that prefix first, so small
 /// requests all get registered buffers and larger bursts spill into the rest
-/// of the arena, unregistered. (Confining the arena to the prefix sent 1 MiB
-/// reads at QD8 to the heap: 30% slower, bench/scripts/memlock.sh.) Returns
-/// the registered range, or `None` when not even 1 MiB fits (the whole arena
+/// of the arena, unregistered, rather than to the heap (zeroed allocations).
+/// Measured in bench/scripts/memlock.sh and the README. Returns the registered
+/// range, or `None` when not even 1 MiB fits (the whole arena
 /// is then used unregistered: the kernel pins pages on each operation).
 fn register_arena(ring: &IoUring, arena: &Arena) -> Option<(usize, usize)> {
     const MIB: usize = 1 << 20;
@@ -105,8 +105,9 @@ fn register_arena(ring: &IoUring, arena: &Arena) -> Option<(usize, usize)> {
         Ok(()) => return Some((full.iov_base as usize, full.iov_len)),
         Err(e) if !refused(&e) => return None,
         Err(_) => {
-            // lo MiB fit (0: none known), hi MiB do not.
-            let (mut lo, mut hi) = (0, full.iov_len / MIB);
+            // lo MiB fit (0: none known), hi MiB do not (the whole arena,
+            // rounded up to MiB, did not).
+            let (mut lo, mut hi) = (0, full.iov_len.div_ceil(MIB));
             while hi - lo > 1 {
                 let mid = (lo + hi) / 2;
                 match register(mid * MIB) {

@@ -40,11 +40,11 @@ pub struct Metrics {
     pub volumes: IntGauge,
     pub snapshots: IntGauge,
     pub pool_checksum_errors: IntGauge,
-    /// Request and reply payloads buffered across all NBD connections.
     /// 1 for the I/O engine in use (`io_uring` or `sync`, the fallback where the
     /// kernel or a seccomp profile refuses io_uring).
     pub io_engine: IntGaugeVec,
     pub io_registered_buffer_bytes: IntGauge,
+    /// Request and reply payloads buffered across all NBD connections.
     pub nbd_buffered_bytes: IntGauge,
     pub nbd_handshakes: IntGauge,
     pub nbd_connections: IntGauge,

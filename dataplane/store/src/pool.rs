@@ -168,9 +168,10 @@ fn read_exact_at(file: &File, buf: &mut IoBuf, offset: u64) -> std::io::Result<(
 }
 
 impl Pool {
-    /// Formats a new pool. A path that does not exist becomes a file of
-    /// `size_bytes` (allocated up front, so the filesystem cannot run out under
-    /// a volume); a block device is used whole. Anything already holding a Berth
+    /// Formats a new pool. A path that does not exist becomes a file holding
+    /// `size_bytes` of data blocks, plus [`DATA_OFFSET`] for the header
+    /// (allocated up front, so the filesystem cannot run out under a volume); a
+    /// block device is used whole. Anything already holding a Berth
     /// superblock, or a non-empty regular file, is refused.
     pub fn create(
         path: &Path,

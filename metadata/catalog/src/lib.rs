@@ -9,9 +9,12 @@
 //!   The embedded RocksDB backend lives in `berth-catalog-rocksdb`.
 //! - [`records`]: what is stored, versioned JSON per record.
 //! - [`audit`]: the hash-chained audit log kept in the same store.
+//! - [`replication`]: the replica set of a replicated volume and the rules its
+//!   membership changes follow (`docs/replication.md`).
 
 pub mod audit;
 pub mod records;
+pub mod replication;
 
 use std::collections::BTreeMap;
 
