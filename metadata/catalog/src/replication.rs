@@ -19,7 +19,9 @@
 //!    nobody);
 //! 4. a replica becomes in sync only by finishing a rebuild that copied the
 //!    whole of what it lacked ([`ReplicaSet::finish_rebuild`]);
-//! 5. a session at an older generation is refused ([`ReplicaSet::accepts`]).
+//! 5. a replica not in sync at the current generation is neither read nor
+//!    counted, and a session (a nexus, a rebuild) acting at an older
+//!    generation is refused ([`ReplicaSet::accepts`]).
 
 use serde::{Deserialize, Serialize};
 
