@@ -21,7 +21,7 @@ if command -v cargo-hakari >/dev/null; then
   cargo hakari generate --diff
   cargo hakari manage-deps --dry-run
 else
-  echo "SKIP workspace-hack check: cargo-hakari is not installed (cargo install cargo-hakari --locked)"
+  echo "SKIP workspace-hack check: cargo-hakari is not installed (cargo install cargo-hakari --version 0.9.39 --locked)"
 fi
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the `berth` and `berthctl` programs from the
