@@ -78,7 +78,11 @@ fi
 tmp=$(mktemp -d /var/tmp/berth-image.XXXXXX)
 smoke_name="berth-smoke-$$"
 cleanup() {
-  $engine rm -f "$smoke_name" "$smoke_name-default" >/dev/null 2>&1 || true
+  # One at a time: `rm -f A B` stops at A when A is already gone.
+  local c
+  for c in "$smoke_name" "$smoke_name-default"; do
+    $engine rm -f "$c" >/dev/null 2>&1 || true
+  done
   rm -rf "$tmp"
 }
 trap cleanup EXIT
