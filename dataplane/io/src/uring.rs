@@ -91,38 +91,36 @@ fn register_arena(ring: &IoUring, arena: &Arena) -> Option<(usize, usize)> {
         // never exceeds the arena's length and is a multiple of pages.
         unsafe { ring.submitter().register_buffers(&[iov]) }
     };
-    let refused = |e: &io::Error| {
-        if e.raw_os_error() == Some(libc::ENOMEM) {
-            return true;
-        }
-        tracing::warn!(
-            error = %e,
-            "cannot register the buffer arena; using unregistered buffers"
-        );
-        false
-    };
-    let len = match register(full.iov_len) {
-        Ok(()) => return Some((full.iov_base as usize, full.iov_len)),
-        Err(e) if !refused(&e) => return None,
-        Err(_) => {
-            // lo MiB fit (0: none known), hi MiB do not (the whole arena,
-            // rounded up to MiB, did not).
-            let (mut lo, mut hi) = (0, full.iov_len.div_ceil(MIB));
-            while hi - lo > 1 {
-                let mid = (lo + hi) / 2;
-                match register(mid * MIB) {
-                    Ok(()) => {
-                        let _ = ring.submitter().unregister_buffers();
-                        lo = mid;
-                    }
-                    Err(e) if refused(&e) => hi = mid,
-                    Err(_) => return None,
-                }
-            }
-            lo * MIB
+    // Some(true): registered; Some(false): RLIMIT_MEMLOCK refused it; None:
+    // another error (logged), so registering is given up.
+    let fits = |len: usize| match register(len) {
+        Ok(()) => Some(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOMEM) => Some(false),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot register the buffer arena; using unregistered buffers"
+            );
+            None
         }
     };
-    if len == 0 || register(len).is_err() {
+    if fits(full.iov_len)? {
+        return Some((full.iov_base as usize, full.iov_len));
+    }
+    // lo MiB fit (0: none known), hi MiB do not (the whole arena, rounded up
+    // to MiB, did not).
+    let (mut lo, mut hi) = (0, full.iov_len.div_ceil(MIB));
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if fits(mid * MIB)? {
+            let _ = ring.submitter().unregister_buffers();
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let len = lo * MIB;
+    if len == 0 || fits(len) != Some(true) {
         tracing::warn!(
             arena_bytes = full.iov_len,
             "RLIMIT_MEMLOCK leaves no room to register the buffer arena; using unregistered buffers (grant CAP_IPC_LOCK or raise the limit)"
