@@ -18,7 +18,10 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use berth_nbd::proto::{TF_SEND_TRIM, TF_SEND_WRITE_ZEROES};
+use std::sync::Arc;
+
 use berth_nbd::session::{Cmd, Options, Session, Uri};
+use berth_nbd::target::{call, BlockTarget};
 use bytes::Bytes;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
@@ -66,7 +69,8 @@ pub fn nbd_tls(dir: &std::path::Path) -> Result<berth_nbd::client::TlsClient, St
 }
 
 struct DiskFs {
-    session: Session,
+    /// One session, or a nexus over the replicas' sessions.
+    session: Arc<dyn BlockTarget>,
     rt: tokio::runtime::Handle,
     read_only: bool,
     uid: u32,
@@ -118,7 +122,7 @@ impl DiskFs {
                 } else {
                     Cmd::WriteZeroes { offset: at, len }
                 };
-                if let Err(e) = s.call(cmd).await {
+                if let Err(e) = call(&*s, cmd).await {
                     reply.error(errno(e));
                     return;
                 }

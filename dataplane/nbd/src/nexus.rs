@@ -1,0 +1,895 @@
+//! The nexus: one replicated volume as a [`BlockTarget`] over one leg (an NBD
+//! session) per replica. It runs in the attaching process, beside the
+//! consumer (see `docs/replication.md`).
+//!
+//! - **Writes, trims, write-zeroes and flushes** go to every active leg and
+//!   are acknowledged once every active leg has them. A leg that fails one
+//!   (an error, a lost connection that does not come back, or no answer
+//!   within [`NexusOptions::leg_timeout`]) is *leaving*: nothing new is sent
+//!   to it, and every request that it failed or that skipped it holds its
+//!   acknowledgement until the [`Membership`] (the metadata service) has
+//!   durably marked the leg out and moved the generation on. Only then does
+//!   the set go on without it. A request that no leg took is an error; the
+//!   last leg is never reported out.
+//! - **Reads** go to the first active leg (the caller lists the local one
+//!   first). A read that fails there is tried on the next; when another leg
+//!   has the data, the failed range is **repaired**: written back to the
+//!   failing leg under a range lock (client writes to that range wait, the
+//!   ones in flight finish first, and the good data is read again under the
+//!   lock, so a repair never overwrites a newer write).
+//! - **Fencing**: a leg that answers `ESHUTDOWN` says this nexus's
+//!   generation is no longer current (another nexus took the volume over).
+//!   So does a membership that refuses a fault report. The nexus is then
+//!   *deposed*: every request fails with EIO from then on.
+//! - **Pending ranges**: with a fault report go the ranges the leg may be
+//!   missing although the set has them: mutations that failed on it or were
+//!   in flight to it, and those it acknowledged since its last flush (a
+//!   killed volume server may lose them). A delta rebuild copies them.
+//!
+//! Request errors that every replica would give alike (past the end, not
+//! supported, read-only) are passed through and fault nobody.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::{watch, Notify};
+
+use crate::proto::*;
+use crate::session::{Cmd, Done, Outcome};
+use crate::target::{call, BlockTarget, BoxFuture};
+
+/// A byte range `[offset, offset + len)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Range {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Range {
+    fn end(&self) -> u64 {
+        self.offset.saturating_add(self.len)
+    }
+
+    fn overlaps(&self, o: &Range) -> bool {
+        self.offset < o.end() && o.offset < self.end()
+    }
+}
+
+/// Why the membership did not mark a leg out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultError {
+    /// The catalog has moved on past this nexus's generation (another nexus
+    /// owns the volume), or refused the change for good: stop.
+    Deposed(String),
+    /// Not now (the metadata service is unreachable): asked again.
+    Unavailable(String),
+}
+
+/// Who decides which replicas count: the metadata service, in production.
+pub trait Membership: Send + Sync + 'static {
+    /// Marks `leg` out of the set at `generation`, keeping `pending` (the
+    /// ranges it may be missing) for its rebuild. Returns the new generation
+    /// once the change is durable.
+    fn fault(
+        &self,
+        leg: &str,
+        generation: u64,
+        pending: Vec<Range>,
+    ) -> BoxFuture<'static, Result<u64, FaultError>>;
+}
+
+/// One replica: its name (the node) and the session to it.
+pub struct Leg {
+    pub name: String,
+    pub target: Arc<dyn BlockTarget>,
+}
+
+impl std::fmt::Debug for Leg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leg")
+            .field("name", &self.name)
+            .field("size_bytes", &self.target.size_bytes())
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NexusOptions {
+    /// A leg that has not answered a request for this long has failed.
+    pub leg_timeout: Duration,
+    /// The first wait before a fault report is retried (it doubles, to 5 s).
+    pub report_retry: Duration,
+}
+
+impl Default for NexusOptions {
+    fn default() -> Self {
+        NexusOptions {
+            leg_timeout: Duration::from_secs(2),
+            report_retry: Duration::from_millis(100),
+        }
+    }
+}
+
+/// What the nexus counts.
+#[derive(Debug, Default)]
+pub struct NexusStats {
+    /// Legs marked out.
+    pub faults: AtomicU64,
+    /// Reads served by another leg after one failed.
+    pub read_retries: AtomicU64,
+    /// Ranges rewritten on a leg that failed to read them.
+    pub repairs: AtomicU64,
+    /// Repairs abandoned (the good leg failed too, or the bad one left).
+    pub repairs_abandoned: AtomicU64,
+}
+
+/// A leg's state, as the nexus sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LegState {
+    Active,
+    /// Failed; its fault report is on its way.
+    Leaving,
+    /// Marked out: no longer written or read.
+    Out,
+}
+
+const FENCED: &str = "a replica refused this nexus's generation: another nexus owns the volume";
+
+/// Past this many unflushed ranges, a leg's list is coarsened into one.
+const MAX_UNFLUSHED: usize = 1 << 16;
+
+type SlotDone = Box<dyn FnOnce(Outcome) + Send>;
+
+struct Sent {
+    at: Instant,
+    /// The range a mutation changes (none for reads and flushes).
+    range: Option<Range>,
+    done: SlotDone,
+}
+
+enum Status {
+    Active,
+    /// The outcome of the fault report: `Some(true)` marked out, `Some(false)`
+    /// refused (deposed).
+    Leaving(watch::Receiver<Option<bool>>),
+    Out,
+}
+
+struct LegSlot {
+    name: String,
+    target: Option<Arc<dyn BlockTarget>>,
+    status: Status,
+    inflight: HashMap<u64, Sent>,
+    /// Mutation ranges that failed on it (for its fault report).
+    failed: Vec<Range>,
+    /// Mutations acknowledged by it and not yet covered by a flush it
+    /// completed, with the sequence number of each.
+    unflushed: VecDeque<(u64, Range)>,
+    seq: u64,
+}
+
+struct State {
+    generation: u64,
+    legs: Vec<LegSlot>,
+    next_id: u64,
+    deposed: Option<String>,
+    /// Client mutations in flight: id → range.
+    writes: HashMap<u64, Range>,
+    /// Ranges being repaired: client mutations overlapping them wait.
+    repairs: Vec<Range>,
+    parked: VecDeque<(Cmd, Done)>,
+}
+
+struct Inner {
+    st: Mutex<State>,
+    membership: Arc<dyn Membership>,
+    opts: NexusOptions,
+    flags: u16,
+    size: AtomicU64,
+    stats: Arc<NexusStats>,
+    /// Fault reports go one at a time, so each carries the generation the
+    /// previous one produced.
+    report_lock: tokio::sync::Mutex<()>,
+    /// A client mutation finished (repairs wait for the overlapping ones).
+    drained: Notify,
+}
+
+/// A replicated volume: see the module docs. Cheap to clone.
+#[derive(Clone)]
+pub struct Nexus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Nexus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nexus")
+            .field("generation", &self.generation())
+            .field("legs", &self.legs())
+            .finish()
+    }
+}
+
+/// Errors every replica would give alike: the request's fault, not a leg's.
+fn request_error(e: u32) -> bool {
+    matches!(e, EPERM | EINVAL | ENOSPC | EOVERFLOW | ENOTSUP)
+}
+
+fn range_of(cmd: &Cmd) -> Option<Range> {
+    match cmd {
+        Cmd::Write { offset, data } => Some(Range {
+            offset: *offset,
+            len: data.len() as u64,
+        }),
+        Cmd::Trim { offset, len } | Cmd::WriteZeroes { offset, len } => Some(Range {
+            offset: *offset,
+            len: u64::from(*len),
+        }),
+        Cmd::Read { .. } | Cmd::Flush => None,
+    }
+}
+
+/// One client mutation or flush fanned out to the active legs.
+struct Fan {
+    id: u64,
+    range: Option<Range>,
+    m: Mutex<FanState>,
+}
+
+struct FanState {
+    remaining: usize,
+    ok: usize,
+    /// Legs it failed on, and legs that were leaving when it was sent: the
+    /// acknowledgement waits for their reports.
+    wait_for: Vec<usize>,
+    failed_on: Vec<usize>,
+    request_error: Option<u32>,
+    fenced: bool,
+    done: Option<Done>,
+}
+
+impl Nexus {
+    /// A nexus at `generation` over `legs` (the preferred reader first).
+    /// Must be called within a tokio runtime: it starts the watchdog that
+    /// fails legs that stop answering.
+    pub fn new(
+        legs: Vec<Leg>,
+        generation: u64,
+        membership: Arc<dyn Membership>,
+        opts: NexusOptions,
+    ) -> Result<Nexus, String> {
+        if legs.is_empty() {
+            return Err("a nexus needs at least one leg".into());
+        }
+        let size = legs
+            .iter()
+            .map(|l| l.target.size_bytes())
+            .min()
+            .unwrap_or(0);
+        // What every leg accepts: the read-only bit if any is read-only.
+        let flags = legs.iter().fold(u16::MAX, |f, l| f & l.target.flags())
+            | legs
+                .iter()
+                .fold(0, |f, l| f | (l.target.flags() & TF_READ_ONLY));
+        let inner = Arc::new(Inner {
+            st: Mutex::new(State {
+                generation,
+                legs: legs
+                    .into_iter()
+                    .map(|l| LegSlot {
+                        name: l.name,
+                        target: Some(l.target),
+                        status: Status::Active,
+                        inflight: HashMap::new(),
+                        failed: Vec::new(),
+                        unflushed: VecDeque::new(),
+                        seq: 0,
+                    })
+                    .collect(),
+                next_id: 1,
+                deposed: None,
+                writes: HashMap::new(),
+                repairs: Vec::new(),
+                parked: VecDeque::new(),
+            }),
+            membership,
+            opts,
+            flags,
+            size: AtomicU64::new(size),
+            stats: Arc::new(NexusStats::default()),
+            report_lock: tokio::sync::Mutex::new(()),
+            drained: Notify::new(),
+        });
+        tokio::spawn(watchdog(Arc::downgrade(&inner)));
+        Ok(Nexus { inner })
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.inner.st.lock().generation
+    }
+
+    pub fn stats(&self) -> Arc<NexusStats> {
+        self.inner.stats.clone()
+    }
+
+    /// Each leg's name and state, in the order given.
+    pub fn legs(&self) -> Vec<(String, LegState)> {
+        self.inner
+            .st
+            .lock()
+            .legs
+            .iter()
+            .map(|l| {
+                let s = match l.status {
+                    Status::Active => LegState::Active,
+                    Status::Leaving(_) => LegState::Leaving,
+                    Status::Out => LegState::Out,
+                };
+                (l.name.clone(), s)
+            })
+            .collect()
+    }
+
+    /// Why the nexus stopped serving, if it did.
+    pub fn deposed(&self) -> Option<String> {
+        self.inner.st.lock().deposed.clone()
+    }
+}
+
+impl Inner {
+    /// Registers `cmd` for leg `i`; `done` gets its outcome, or EIO if the
+    /// leg fails first. The caller submits it once the state is unlocked (a
+    /// session whose task has ended completes inside `submit`). None if the
+    /// leg has no session any more.
+    fn register(self: &Arc<Self>, st: &mut State, i: usize, cmd: Cmd, done: SlotDone) -> Option<Submission> {
+        let t = st.legs[i].target.clone()?;
+        let id = st.next_id;
+        st.next_id += 1;
+        let range = range_of(&cmd);
+        st.legs[i].inflight.insert(
+            id,
+            Sent {
+                at: Instant::now(),
+                range,
+                done,
+            },
+        );
+        let me = Arc::downgrade(self);
+        Some(Submission {
+            target: t,
+            cmd,
+            done: Box::new(move |r| {
+                if let Some(me) = me.upgrade() {
+                    let sent = me.st.lock().legs[i].inflight.remove(&id);
+                    if let Some(s) = sent {
+                        (s.done)(r);
+                    }
+                }
+            }),
+        })
+    }
+
+    fn submit(self: &Arc<Self>, cmd: Cmd, done: Done) {
+        let mut st = self.st.lock();
+        if st.deposed.is_some() {
+            drop(st);
+            done(Err(EIO));
+            return;
+        }
+        if let Cmd::Read { offset, len } = cmd {
+            drop(st);
+            self.read(offset, len, 0, None, done);
+            return;
+        }
+        if let Some(r) = range_of(&cmd) {
+            if st.repairs.iter().any(|x| x.overlaps(&r)) {
+                st.parked.push_back((cmd, done));
+                return;
+            }
+        }
+        self.fan_out(st, cmd, done);
+    }
+
+    /// Sends a mutation or flush to every active leg.
+    fn fan_out(self: &Arc<Self>, mut st: parking_lot::MutexGuard<'_, State>, cmd: Cmd, done: Done) {
+        let id = st.next_id;
+        st.next_id += 1;
+        let range = range_of(&cmd);
+        let mut targets = Vec::new();
+        let mut wait_for = Vec::new();
+        for (i, l) in st.legs.iter().enumerate() {
+            match l.status {
+                Status::Active if l.target.is_some() => targets.push(i),
+                Status::Leaving(_) => wait_for.push(i),
+                _ => {}
+            }
+        }
+        if targets.is_empty() {
+            drop(st);
+            done(Err(EIO));
+            return;
+        }
+        if let Some(r) = range {
+            st.writes.insert(id, r);
+        }
+        let fan = Arc::new(Fan {
+            id,
+            range,
+            m: Mutex::new(FanState {
+                remaining: targets.len(),
+                ok: 0,
+                wait_for,
+                failed_on: Vec::new(),
+                request_error: None,
+                fenced: false,
+                done: Some(done),
+            }),
+        });
+        let is_flush = cmd == Cmd::Flush;
+        let mut go = Vec::with_capacity(targets.len());
+        for i in targets {
+            let (me, f) = (Arc::downgrade(self), fan.clone());
+            let flush_covers = st.legs[i].seq;
+            let done: SlotDone = Box::new(move |r| {
+                if let Some(me) = me.upgrade() {
+                    me.leg_done(&f, i, r.err(), is_flush.then_some(flush_covers));
+                }
+            });
+            go.extend(self.register(&mut st, i, cmd.clone(), done));
+        }
+        drop(st);
+        for s in go {
+            s.go();
+        }
+    }
+
+    /// One leg's outcome for a fanned-out request.
+    fn leg_done(self: &Arc<Self>, fan: &Arc<Fan>, leg: usize, err: Option<u32>, flush: Option<u64>) {
+        match err {
+            None => {
+                let mut st = self.st.lock();
+                let l = &mut st.legs[leg];
+                if let Some(covers) = flush {
+                    while l.unflushed.front().is_some_and(|(s, _)| *s <= covers) {
+                        l.unflushed.pop_front();
+                    }
+                } else if let Some(r) = fan.range {
+                    l.seq += 1;
+                    let seq = l.seq;
+                    l.unflushed.push_back((seq, r));
+                    if l.unflushed.len() > MAX_UNFLUSHED {
+                        let lo = l.unflushed.iter().map(|(_, r)| r.offset).min().unwrap_or(0);
+                        let hi = l.unflushed.iter().map(|(_, r)| r.end()).max().unwrap_or(0);
+                        l.unflushed.clear();
+                        l.unflushed.push_back((
+                            seq,
+                            Range {
+                                offset: lo,
+                                len: hi - lo,
+                            },
+                        ));
+                    }
+                }
+            }
+            Some(e) if !request_error(e) && e != ESHUTDOWN => {
+                if let Some(r) = fan.range {
+                    self.st.lock().legs[leg].failed.push(r);
+                }
+            }
+            Some(_) => {}
+        }
+        let finished = {
+            let mut f = fan.m.lock();
+            f.remaining -= 1;
+            match err {
+                None => f.ok += 1,
+                Some(ESHUTDOWN) => f.fenced = true,
+                Some(e) if request_error(e) => f.request_error = Some(e),
+                Some(_) => f.failed_on.push(leg),
+            }
+            f.remaining == 0
+        };
+        if finished {
+            self.finish(fan);
+        }
+    }
+
+    fn finish(self: &Arc<Self>, fan: &Arc<Fan>) {
+        let (ok, failed_on, mut wait_for, request_error, fenced, done) = {
+            let mut f = fan.m.lock();
+            (
+                f.ok,
+                std::mem::take(&mut f.failed_on),
+                std::mem::take(&mut f.wait_for),
+                f.request_error,
+                f.fenced,
+                f.done.take(),
+            )
+        };
+        if fan.range.is_some() {
+            self.st.lock().writes.remove(&fan.id);
+            self.drained.notify_waiters();
+        }
+        let Some(done) = done else { return };
+        if fenced {
+            self.depose(FENCED);
+            done(Err(EIO));
+            return;
+        }
+        if ok == 0 {
+            // Nobody has it: an error, and nobody is reported (the set
+            // must keep someone).
+            done(Err(request_error.unwrap_or(EIO)));
+            return;
+        }
+        for &leg in &failed_on {
+            self.leave(leg);
+        }
+        wait_for.extend(failed_on);
+        let outcome = request_error.map_or(Ok(Vec::new()), Err);
+        let waits: Vec<watch::Receiver<Option<bool>>> = {
+            let st = self.st.lock();
+            wait_for
+                .iter()
+                .filter_map(|&i| match &st.legs[i].status {
+                    Status::Leaving(rx) => Some(rx.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        if waits.is_empty() {
+            done(if self.st.lock().deposed.is_some() {
+                Err(EIO)
+            } else {
+                outcome
+            });
+            return;
+        }
+        tokio::spawn(async move {
+            let mut out = outcome;
+            for mut rx in waits {
+                let marked = match rx.wait_for(|v| v.is_some()).await {
+                    Ok(v) => *v == Some(true),
+                    Err(_) => false,
+                };
+                if !marked {
+                    out = Err(EIO);
+                }
+            }
+            done(out);
+        });
+    }
+
+    fn depose(&self, why: &str) {
+        let mut st = self.st.lock();
+        if st.deposed.is_none() {
+            tracing::error!(reason = why, "the nexus stops serving");
+            st.deposed = Some(why.to_string());
+        }
+    }
+
+    /// Starts leg `i`'s fault report (once) and fails what it has in flight.
+    fn leave(self: &Arc<Self>, i: usize) {
+        let (orphans, tx, name) = {
+            let mut st = self.st.lock();
+            let l = &mut st.legs[i];
+            if !matches!(l.status, Status::Active) {
+                return;
+            }
+            let (tx, rx) = watch::channel(None);
+            l.status = Status::Leaving(rx);
+            let orphans: Vec<Sent> = l.inflight.drain().map(|(_, s)| s).collect();
+            for s in &orphans {
+                if let Some(r) = s.range {
+                    l.failed.push(r);
+                }
+            }
+            (orphans, tx, l.name.clone())
+        };
+        tracing::warn!(leg = %name, failed_in_flight = orphans.len(), "a replica failed: reporting it out");
+        for s in orphans {
+            (s.done)(Err(EIO));
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.report(i, name, tx).await });
+    }
+
+    async fn report(self: Arc<Self>, i: usize, name: String, tx: watch::Sender<Option<bool>>) {
+        let _one = self.report_lock.lock().await;
+        let mut wait = self.opts.report_retry;
+        loop {
+            let (generation, pending) = {
+                let st = self.st.lock();
+                if let Some(why) = &st.deposed {
+                    tracing::warn!(leg = %name, reason = %why, "deposed: the fault is not reported");
+                    let _ = tx.send(Some(false));
+                    return;
+                }
+                let l = &st.legs[i];
+                let mut p: Vec<Range> = l.failed.clone();
+                p.extend(l.unflushed.iter().map(|(_, r)| *r));
+                (st.generation, coalesce(p))
+            };
+            match self.membership.fault(&name, generation, pending).await {
+                Ok(g) => {
+                    let target = {
+                        let mut st = self.st.lock();
+                        st.generation = st.generation.max(g);
+                        let l = &mut st.legs[i];
+                        l.status = Status::Out;
+                        l.unflushed.clear();
+                        l.failed.clear();
+                        l.target.take()
+                    };
+                    self.stats.faults.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(leg = %name, generation = g, "replica marked out; the set goes on without it");
+                    let _ = tx.send(Some(true));
+                    // Its session ends in the background: it may be waiting
+                    // for a server that does not answer.
+                    if let Some(t) = target {
+                        tokio::spawn(async move {
+                            let _ = tokio::time::timeout(Duration::from_secs(5), t.close()).await;
+                        });
+                    }
+                    return;
+                }
+                Err(FaultError::Deposed(why)) => {
+                    self.depose(&format!("the fault report for {name} was refused: {why}"));
+                    let _ = tx.send(Some(false));
+                    return;
+                }
+                Err(FaultError::Unavailable(why)) => {
+                    tracing::warn!(leg = %name, error = %why, retry_in = ?wait, "cannot report a failed replica yet; writes wait");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Reads from the `from`-th active leg on; `bad` is a leg that failed it.
+    fn read(self: &Arc<Self>, offset: u64, len: u32, from: usize, bad: Option<usize>, done: Done) {
+        let mut st = self.st.lock();
+        let next = (from..st.legs.len())
+            .find(|&i| matches!(st.legs[i].status, Status::Active) && st.legs[i].target.is_some());
+        let Some(i) = next else {
+            drop(st);
+            done(Err(EIO));
+            return;
+        };
+        let me = Arc::downgrade(self);
+        let sub = self.register(
+            &mut st,
+            i,
+            Cmd::Read { offset, len },
+            Box::new(move |r| {
+                let Some(me) = me.upgrade() else {
+                    done(Err(EIO));
+                    return;
+                };
+                match r {
+                    Ok(data) => {
+                        if let Some(b) = bad {
+                            me.stats.read_retries.fetch_add(1, Ordering::Relaxed);
+                            let m = me.clone();
+                            tokio::spawn(async move { m.repair(b, i, offset, len).await });
+                        }
+                        done(Ok(data));
+                    }
+                    Err(e) if request_error(e) => done(Err(e)),
+                    Err(ESHUTDOWN) => {
+                        me.depose(FENCED);
+                        done(Err(EIO));
+                    }
+                    Err(e) => {
+                        tracing::warn!(leg = i, offset, len, error = e, "a read failed; trying another replica");
+                        me.read(offset, len, i + 1, bad.or(Some(i)), done);
+                    }
+                }
+            }),
+        );
+        drop(st);
+        if let Some(s) = sub {
+            s.go();
+        }
+    }
+
+    /// Rewrites `[offset, offset+len)` on leg `bad` with leg `good`'s data.
+    async fn repair(self: Arc<Self>, bad: usize, good: usize, offset: u64, len: u32) {
+        let range = Range {
+            offset,
+            len: u64::from(len),
+        };
+        self.st.lock().repairs.push(range);
+        // The client writes to the range already sent finish first.
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.st.lock().writes.values().any(|w| w.overlaps(&range)) {
+                break;
+            }
+            notified.await;
+        }
+        let repaired = async {
+            let data = self
+                .leg_call(good, Cmd::Read { offset, len })
+                .await
+                .map_err(|e| format!("the good replica failed too (NBD error {e})"))?;
+            self.leg_call(
+                bad,
+                Cmd::Write {
+                    offset,
+                    data: Bytes::from(data),
+                },
+            )
+            .await
+            .map_err(|e| format!("the rewrite failed (NBD error {e})"))
+        }
+        .await;
+        let (name, parked) = {
+            let mut st = self.st.lock();
+            if let Some(p) = st.repairs.iter().position(|r| *r == range) {
+                st.repairs.swap_remove(p);
+            }
+            (st.legs[bad].name.clone(), std::mem::take(&mut st.parked))
+        };
+        match repaired {
+            Ok(_) => {
+                self.stats.repairs.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(leg = %name, offset, len, "repaired a range that failed to read, from another replica");
+            }
+            Err(why) => {
+                self.stats.repairs_abandoned.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(leg = %name, offset, len, reason = %why, "a repair was abandoned");
+                if why.starts_with("the rewrite") {
+                    self.st.lock().legs[bad].failed.push(range);
+                    self.leave(bad);
+                }
+            }
+        }
+        for (cmd, done) in parked {
+            self.submit(cmd, done);
+        }
+    }
+
+    /// One request to one leg, outside the client's bookkeeping.
+    async fn leg_call(self: &Arc<Self>, i: usize, cmd: Cmd) -> Outcome {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sub = {
+            let mut st = self.st.lock();
+            if !matches!(st.legs[i].status, Status::Active) {
+                return Err(EIO);
+            }
+            self.register(
+                &mut st,
+                i,
+                cmd,
+                Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            )
+        };
+        let Some(sub) = sub else { return Err(EIO) };
+        sub.go();
+        rx.await.unwrap_or(Err(EIO))
+    }
+}
+
+/// A request registered for a leg, to be submitted with the state unlocked.
+struct Submission {
+    target: Arc<dyn BlockTarget>,
+    cmd: Cmd,
+    done: Done,
+}
+
+impl Submission {
+    fn go(self) {
+        self.target.submit(self.cmd, self.done)
+    }
+}
+
+/// Sorted, merged ranges.
+fn coalesce(mut v: Vec<Range>) -> Vec<Range> {
+    v.sort_by_key(|r| r.offset);
+    let mut out: Vec<Range> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(last) if r.offset <= last.end() => {
+                let end = last.end().max(r.end());
+                last.len = end - last.offset;
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Fails legs whose oldest request is older than the leg timeout.
+async fn watchdog(inner: Weak<Inner>) {
+    let period = match inner.upgrade() {
+        Some(i) => (i.opts.leg_timeout / 4).max(Duration::from_millis(10)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(me) = inner.upgrade() else { return };
+        let late: Vec<usize> = {
+            let st = me.st.lock();
+            let now = Instant::now();
+            st.legs
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| {
+                    matches!(l.status, Status::Active)
+                        && l.inflight
+                            .values()
+                            .any(|s| now.duration_since(s.at) > me.opts.leg_timeout)
+                })
+                .map(|(i, _)| i)
+                .collect()
+        };
+        for i in late {
+            let name = me.st.lock().legs[i].name.clone();
+            tracing::warn!(leg = %name, timeout = ?me.opts.leg_timeout, "a replica stopped answering");
+            me.leave(i);
+        }
+    }
+}
+
+impl BlockTarget for Nexus {
+    fn size_bytes(&self) -> u64 {
+        self.inner.size.load(Ordering::Acquire)
+    }
+
+    fn flags(&self) -> u16 {
+        self.inner.flags
+    }
+
+    fn submit(&self, cmd: Cmd, done: Done) {
+        self.inner.submit(cmd, done)
+    }
+
+    fn refresh_size(&self) -> BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async move {
+            let targets: Vec<Arc<dyn BlockTarget>> = {
+                let st = self.inner.st.lock();
+                st.legs
+                    .iter()
+                    .filter(|l| matches!(l.status, Status::Active))
+                    .filter_map(|l| l.target.clone())
+                    .collect()
+            };
+            let mut size = u64::MAX;
+            for t in targets {
+                size = size.min(t.refresh_size().await?);
+            }
+            if size == u64::MAX {
+                return Err("no replica is active".into());
+            }
+            self.inner.size.store(size, Ordering::Release);
+            Ok(size)
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, Outcome> {
+        Box::pin(async move {
+            let flushed = if self.read_only() {
+                Ok(Vec::new())
+            } else {
+                call(self, Cmd::Flush).await
+            };
+            let targets: Vec<Arc<dyn BlockTarget>> = {
+                let mut st = self.inner.st.lock();
+                st.legs.iter_mut().filter_map(|l| l.target.take()).collect()
+            };
+            for t in targets {
+                let _ = t.close().await;
+            }
+            flushed
+        })
+    }
+}

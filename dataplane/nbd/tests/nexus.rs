@@ -1,0 +1,484 @@
+//! The nexus over in-memory replicas whose failures the tests choose: which
+//! requests fail, hang or are refused, and when the membership answers. The
+//! same nexus over real volume servers (killed, paused, corrupted) is in the
+//! workspace's end-to-end tests (`tests/tests/replication.rs`).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_nbd::nexus::{FaultError, Leg, LegState, Membership, Nexus, NexusOptions, Range};
+use berth_nbd::proto::*;
+use berth_nbd::session::{Cmd, Done, Outcome};
+use berth_nbd::target::{call, BlockTarget, BoxFuture};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+const SIZE: u64 = 1 << 20;
+
+/// A replica in memory. Every request completes on a task of its own, never
+/// inside `submit`, as a session's do.
+struct Mem {
+    data: Mutex<Vec<u8>>,
+    fail_writes: AtomicBool,
+    /// Reads of these ranges fail once each (as a checksum error would).
+    bad_reads: Mutex<Vec<Range>>,
+    hang: AtomicBool,
+    fenced: AtomicBool,
+    /// Mutations wait while this is false.
+    writes_open: watch::Sender<bool>,
+    writes_seen: AtomicU64,
+    reads_seen: AtomicU64,
+}
+
+impl Mem {
+    fn new() -> Arc<Mem> {
+        Arc::new(Mem {
+            data: Mutex::new(vec![0; SIZE as usize]),
+            fail_writes: AtomicBool::new(false),
+            bad_reads: Mutex::new(Vec::new()),
+            hang: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            writes_open: watch::channel(true).0,
+            writes_seen: AtomicU64::new(0),
+            reads_seen: AtomicU64::new(0),
+        })
+    }
+
+    fn bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        self.data.lock()[offset as usize..offset as usize + len].to_vec()
+    }
+
+    fn apply(&self, cmd: &Cmd) -> Outcome {
+        if self.fenced.load(Ordering::SeqCst) {
+            return Err(ESHUTDOWN);
+        }
+        let mut d = self.data.lock();
+        match cmd {
+            Cmd::Read { offset, len } => {
+                self.reads_seen.fetch_add(1, Ordering::SeqCst);
+                let r = Range {
+                    offset: *offset,
+                    len: u64::from(*len),
+                };
+                let mut bad = self.bad_reads.lock();
+                if let Some(i) = bad
+                    .iter()
+                    .position(|b| b.offset < r.offset + r.len && r.offset < b.offset + b.len)
+                {
+                    bad.remove(i);
+                    return Err(EIO);
+                }
+                if offset + u64::from(*len) > SIZE {
+                    return Err(EINVAL);
+                }
+                Ok(d[*offset as usize..(*offset + u64::from(*len)) as usize].to_vec())
+            }
+            Cmd::Write { offset, data } => {
+                self.writes_seen.fetch_add(1, Ordering::SeqCst);
+                if self.fail_writes.load(Ordering::SeqCst) {
+                    return Err(EIO);
+                }
+                if offset + data.len() as u64 > SIZE {
+                    return Err(ENOSPC);
+                }
+                d[*offset as usize..*offset as usize + data.len()].copy_from_slice(data);
+                Ok(Vec::new())
+            }
+            Cmd::Flush => {
+                if self.fail_writes.load(Ordering::SeqCst) {
+                    return Err(EIO);
+                }
+                Ok(Vec::new())
+            }
+            Cmd::Trim { offset, len } | Cmd::WriteZeroes { offset, len } => {
+                self.writes_seen.fetch_add(1, Ordering::SeqCst);
+                if self.fail_writes.load(Ordering::SeqCst) {
+                    return Err(EIO);
+                }
+                d[*offset as usize..(*offset + u64::from(*len)) as usize].fill(0);
+                Ok(Vec::new())
+            }
+        }
+    }
+}
+
+struct MemTarget(Arc<Mem>);
+
+impl BlockTarget for MemTarget {
+    fn size_bytes(&self) -> u64 {
+        SIZE
+    }
+    fn flags(&self) -> u16 {
+        TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES
+    }
+    fn submit(&self, cmd: Cmd, done: Done) {
+        let m = self.0.clone();
+        tokio::spawn(async move {
+            if m.hang.load(Ordering::SeqCst) {
+                // Never answers: the request is kept, as a paused server's.
+                std::mem::forget(done);
+                return;
+            }
+            if !matches!(cmd, Cmd::Read { .. } | Cmd::Flush) {
+                let mut open = m.writes_open.subscribe();
+                let _ = open.wait_for(|o| *o).await;
+            }
+            done(m.apply(&cmd));
+        });
+    }
+    fn refresh_size(&self) -> BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async { Ok(SIZE) })
+    }
+    fn close(&self) -> BoxFuture<'_, Outcome> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+/// The membership: records each report; answers as told.
+#[derive(Default)]
+struct Catalog {
+    reports: Mutex<Vec<(String, u64, Vec<Range>)>>,
+    /// Reports answered Unavailable before one is accepted.
+    unavailable: AtomicU64,
+    refuse: AtomicBool,
+    /// Reports wait while this is false.
+    open: Mutex<Option<watch::Sender<bool>>>,
+}
+
+impl Catalog {
+    fn gated() -> Arc<Catalog> {
+        let c = Catalog::default();
+        *c.open.lock() = Some(watch::channel(false).0);
+        Arc::new(c)
+    }
+    fn release(&self) {
+        if let Some(tx) = &*self.open.lock() {
+            let _ = tx.send(true);
+        }
+    }
+}
+
+/// The catalog as the nexus holds it.
+struct Cat(Arc<Catalog>);
+
+impl Membership for Cat {
+    fn fault(
+        &self,
+        leg: &str,
+        generation: u64,
+        pending: Vec<Range>,
+    ) -> BoxFuture<'static, Result<u64, FaultError>> {
+        let me = self.0.clone();
+        let leg = leg.to_string();
+        Box::pin(async move {
+            let gate = me.open.lock().as_ref().map(|t| t.subscribe());
+            if let Some(mut g) = gate {
+                let _ = g.wait_for(|o| *o).await;
+            }
+            if me.refuse.load(Ordering::SeqCst) {
+                return Err(FaultError::Deposed(format!(
+                    "generation {generation} is not current"
+                )));
+            }
+            if me
+                .unavailable
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(FaultError::Unavailable("no leader".into()));
+            }
+            me.reports.lock().push((leg, generation, pending));
+            Ok(generation + 1)
+        })
+    }
+}
+
+fn opts() -> NexusOptions {
+    NexusOptions {
+        leg_timeout: Duration::from_millis(200),
+        report_retry: Duration::from_millis(5),
+    }
+}
+
+fn nexus(mems: &[Arc<Mem>], catalog: &Arc<Catalog>) -> Nexus {
+    let legs = mems
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Leg {
+            name: format!("node-{i}"),
+            target: Arc::new(MemTarget(m.clone())),
+        })
+        .collect();
+    Nexus::new(legs, 7, Arc::new(Cat(catalog.clone())), opts()).unwrap()
+}
+
+fn write(offset: u64, byte: u8, len: usize) -> Cmd {
+    Cmd::Write {
+        offset,
+        data: Bytes::from(vec![byte; len]),
+    }
+}
+
+fn range(offset: u64, len: u64) -> Range {
+    Range { offset, len }
+}
+
+/// Submits `cmd` and returns a receiver of its outcome.
+fn start(n: &Nexus, cmd: Cmd) -> tokio::sync::oneshot::Receiver<Outcome> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    n.submit(
+        cmd,
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    rx
+}
+
+/// Lets the runtime run every ready task a few times over.
+async fn settle() {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn writes_reach_every_replica_and_reads_come_from_the_first() {
+    let mems = [Mem::new(), Mem::new(), Mem::new()];
+    let cat = Arc::new(Catalog::default());
+    let n = nexus(&mems, &cat);
+    call(&n, write(4096, 0xab, 8192)).await.unwrap();
+    call(&n, Cmd::WriteZeroes { offset: 8192, len: 4096 })
+        .await
+        .unwrap();
+    call(&n, Cmd::Flush).await.unwrap();
+    let mut want = vec![0xab; 4096];
+    want.extend(vec![0; 4096]);
+    for m in &mems {
+        assert_eq!(m.bytes(4096, 8192), want);
+    }
+    let got = call(&n, Cmd::Read { offset: 4096, len: 8192 }).await.unwrap();
+    assert_eq!(got, want);
+    assert_eq!(mems[0].reads_seen.load(Ordering::SeqCst), 1);
+    assert_eq!(mems[1].reads_seen.load(Ordering::SeqCst), 0);
+    assert!(cat.reports.lock().is_empty());
+    assert_eq!(n.generation(), 7);
+}
+
+#[tokio::test]
+async fn a_failed_leg_is_reported_out_before_the_write_is_acknowledged() {
+    let mems = [Mem::new(), Mem::new()];
+    let cat = Catalog::gated();
+    let n = nexus(&mems, &cat);
+    // Acknowledged by the second leg and flushed: not pending for it.
+    call(&n, write(0, 1, 4096)).await.unwrap();
+    call(&n, Cmd::Flush).await.unwrap();
+    // Acknowledged and not flushed: pending (a killed server may lose it).
+    call(&n, write(65536, 2, 4096)).await.unwrap();
+    mems[1].fail_writes.store(true, Ordering::SeqCst);
+    let mut w = start(&n, write(8192, 3, 4096));
+    settle().await;
+    assert!(
+        w.try_recv().is_err(),
+        "acknowledged before the catalog marked the failed replica out"
+    );
+    // A write meanwhile skips the leaving leg, and waits for the same report.
+    let mut w2 = start(&n, write(12288, 4, 4096));
+    settle().await;
+    assert!(w2.try_recv().is_err());
+    assert_eq!(n.legs()[1].1, LegState::Leaving);
+    cat.release();
+    w.await.unwrap().unwrap();
+    w2.await.unwrap().unwrap();
+    let reports = cat.reports.lock().clone();
+    assert_eq!(reports.len(), 1);
+    let (leg, generation, pending) = &reports[0];
+    assert_eq!((leg.as_str(), *generation), ("node-1", 7));
+    assert_eq!(pending, &vec![range(8192, 4096), range(65536, 4096)]);
+    assert_eq!(n.generation(), 8);
+    assert_eq!(n.legs()[1].1, LegState::Out);
+    // The set goes on without it.
+    let before = mems[1].writes_seen.load(Ordering::SeqCst);
+    call(&n, write(16384, 5, 4096)).await.unwrap();
+    call(&n, Cmd::Flush).await.unwrap();
+    assert_eq!(mems[1].writes_seen.load(Ordering::SeqCst), before);
+    assert_eq!(mems[0].bytes(8192, 4096), vec![3; 4096]);
+    assert_eq!(mems[0].bytes(16384, 4096), vec![5; 4096]);
+    assert_eq!(n.stats().faults.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn reports_are_retried_while_the_catalog_is_unavailable() {
+    let mems = [Mem::new(), Mem::new()];
+    let cat = Arc::new(Catalog::default());
+    cat.unavailable.store(3, Ordering::SeqCst);
+    let n = nexus(&mems, &cat);
+    mems[0].fail_writes.store(true, Ordering::SeqCst);
+    call(&n, write(0, 9, 4096)).await.unwrap();
+    assert_eq!(cat.unavailable.load(Ordering::SeqCst), 0);
+    assert_eq!(cat.reports.lock().len(), 1);
+    assert_eq!(mems[1].bytes(0, 4096), vec![9; 4096]);
+    // Reads now come from the remaining leg.
+    let got = call(&n, Cmd::Read { offset: 0, len: 4096 }).await.unwrap();
+    assert_eq!(got, vec![9; 4096]);
+}
+
+#[tokio::test]
+async fn the_last_leg_is_never_reported_out() {
+    let mems = [Mem::new(), Mem::new()];
+    let cat = Arc::new(Catalog::default());
+    let n = nexus(&mems, &cat);
+    for m in &mems {
+        m.fail_writes.store(true, Ordering::SeqCst);
+    }
+    assert_eq!(call(&n, write(0, 1, 4096)).await, Err(EIO));
+    assert!(cat.reports.lock().is_empty());
+    assert!(n.legs().iter().all(|(_, s)| *s == LegState::Active));
+    // Back: the set writes again with both.
+    for m in &mems {
+        m.fail_writes.store(false, Ordering::SeqCst);
+    }
+    call(&n, write(0, 2, 4096)).await.unwrap();
+    assert_eq!(mems[1].bytes(0, 4096), vec![2; 4096]);
+}
+
+#[tokio::test]
+async fn request_errors_pass_through_and_fault_nobody() {
+    let mems = [Mem::new(), Mem::new()];
+    let cat = Arc::new(Catalog::default());
+    let n = nexus(&mems, &cat);
+    assert_eq!(call(&n, write(SIZE - 512, 1, 4096)).await, Err(ENOSPC));
+    assert_eq!(
+        call(&n, Cmd::Read { offset: SIZE, len: 512 }).await,
+        Err(EINVAL)
+    );
+    assert!(cat.reports.lock().is_empty());
+    assert!(n.legs().iter().all(|(_, s)| *s == LegState::Active));
+}
+
+#[tokio::test]
+async fn a_leg_that_stops_answering_is_reported_after_the_timeout() {
+    let mems = [Mem::new(), Mem::new(), Mem::new()];
+    let cat = Arc::new(Catalog::default());
+    let n = nexus(&mems, &cat);
+    mems[2].hang.store(true, Ordering::SeqCst);
+    let t = std::time::Instant::now();
+    call(&n, write(0, 7, 4096)).await.unwrap();
+    let waited = t.elapsed();
+    assert!(waited >= opts().leg_timeout, "acknowledged before the hung leg was out ({waited:?})");
+    let reports = cat.reports.lock().clone();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].0, "node-2");
+    assert_eq!(reports[0].2, vec![range(0, 4096)]);
+    assert_eq!(n.legs()[2].1, LegState::Out);
+    // Two faults in a row carry the generation the first produced.
+    mems[1].fail_writes.store(true, Ordering::SeqCst);
+    call(&n, write(4096, 8, 4096)).await.unwrap();
+    let reports = cat.reports.lock().clone();
+    assert_eq!(reports[1].0, "node-1");
+    assert_eq!(reports[1].1, 8);
+    assert_eq!(n.generation(), 9);
+}
+
+#[tokio::test]
+async fn a_fenced_nexus_stops_serving() {
+    let mems = [Mem::new(), Mem::new()];
+    let cat = Arc::new(Catalog::default());
+    let n = nexus(&mems, &cat);
+    mems[0].fenced.store(true, Ordering::SeqCst);
+    assert_eq!(call(&n, write(0, 1, 4096)).await, Err(EIO));
+    assert!(n.deposed().is_some());
+    assert_eq!(call(&n, Cmd::Read { offset: 0, len: 4096 }).await, Err(EIO));
+    assert!(cat.reports.lock().is_empty(), "a deposed nexus reported a fault");
+
+    // A refused report deposes it too, and the write it held fails.
+    let mems = [Mem::new(), Mem::new()];
+    let cat = Arc::new(Catalog::default());
+    cat.refuse.store(true, Ordering::SeqCst);
+    let n = nexus(&mems, &cat);
+    mems[1].fail_writes.store(true, Ordering::SeqCst);
+    assert_eq!(call(&n, write(0, 1, 4096)).await, Err(EIO));
+    assert!(n.deposed().is_some());
+}
+
+#[tokio::test]
+async fn a_failed_read_is_served_by_another_replica_and_repaired() {
+    let mems = [Mem::new(), Mem::new()];
+    let cat = Arc::new(Catalog::default());
+    let n = nexus(&mems, &cat);
+    call(&n, write(0, 0x5a, 16384)).await.unwrap();
+    // The first replica's copy of one block went bad.
+    mems[0].data.lock()[4096..8192].fill(0xff);
+    mems[0].bad_reads.lock().push(range(4096, 4096));
+    let got = call(&n, Cmd::Read { offset: 0, len: 16384 }).await.unwrap();
+    assert_eq!(got, vec![0x5a; 16384]);
+    let stats = n.stats();
+    for _ in 0..200 {
+        if stats.repairs.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(stats.repairs.load(Ordering::SeqCst), 1);
+    assert_eq!(stats.read_retries.load(Ordering::SeqCst), 1);
+    assert_eq!(mems[0].bytes(0, 16384), vec![0x5a; 16384]);
+    assert!(cat.reports.lock().is_empty(), "a repaired replica was reported out");
+}
+
+/// Holds the second replica's writes, sends a write of `new` over `old` at
+/// `offset` (it lands on the first replica only), then fails the first
+/// replica's next read of it: the read is served by the second replica,
+/// with the old data, and a repair starts that must wait for the write.
+async fn repair_behind_a_write(n: &Nexus, mems: &[Arc<Mem>], offset: u64, old: u8, new: u8) -> tokio::sync::oneshot::Receiver<Outcome> {
+    call(n, write(offset, old, 4096)).await.unwrap();
+    mems[1].writes_open.send_replace(false);
+    let w = start(n, write(offset, new, 4096));
+    settle().await;
+    assert_eq!(mems[0].bytes(offset, 4096), vec![new; 4096]);
+    assert_eq!(mems[1].bytes(offset, 4096), vec![old; 4096]);
+    mems[0].bad_reads.lock().push(range(offset, 4096));
+    let got = call(n, Cmd::Read { offset, len: 4096 }).await.unwrap();
+    assert_eq!(got, vec![old; 4096], "the read came from the second replica");
+    settle().await;
+    w
+}
+
+async fn repairs_reach(n: &Nexus, want: u64) {
+    for _ in 0..400 {
+        if n.stats().repairs.load(Ordering::SeqCst) == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("repairs never reached {want}");
+}
+
+#[tokio::test]
+async fn a_repair_never_overwrites_a_newer_write() {
+    let mems = [Mem::new(), Mem::new()];
+    let cat = Arc::new(Catalog::default());
+    let n = nexus(&mems, &cat);
+    // The repair waits for the write in flight, then copies what it wrote.
+    let w = repair_behind_a_write(&n, &mems, 0, 0xaa, 0xbb).await;
+    assert_eq!(n.stats().repairs.load(Ordering::SeqCst), 0, "repaired around a write in flight");
+    mems[1].writes_open.send_replace(true);
+    w.await.unwrap().unwrap();
+    repairs_reach(&n, 1).await;
+    assert_eq!(mems[0].bytes(0, 4096), vec![0xbb; 4096]);
+    assert_eq!(mems[1].bytes(0, 4096), vec![0xbb; 4096]);
+
+    // A write to the range while the repair is under way waits for it.
+    let w = repair_behind_a_write(&n, &mems, 8192, 0x11, 0x22).await;
+    let mut w3 = start(&n, write(8192, 0x33, 4096));
+    settle().await;
+    assert!(w3.try_recv().is_err(), "a write overlapping a repair was not held");
+    mems[1].writes_open.send_replace(true);
+    w.await.unwrap().unwrap();
+    w3.await.unwrap().unwrap();
+    repairs_reach(&n, 2).await;
+    assert_eq!(mems[0].bytes(8192, 4096), vec![0x33; 4096]);
+    assert_eq!(mems[1].bytes(8192, 4096), vec![0x33; 4096]);
+    assert!(cat.reports.lock().is_empty());
+}
