@@ -73,3 +73,13 @@ mod tests {
         }
     }
 }
+
+/// This host's name: the default node name of its volume server and node
+/// plugin, and the node `berthctl volume attach` publishes to.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}

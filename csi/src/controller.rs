@@ -33,6 +33,21 @@ pub const PUB_UNIX_URI: &str = "unixUri";
 pub const PUB_EXPORT: &str = "exportName";
 pub const PUB_SERVER_NODE: &str = "serverNode";
 pub const PUB_READ_ONLY: &str = "readOnly";
+/// A replicated volume: its legs, in JSON ([`PublishedLeg`]s, the local
+/// replica first).
+pub const PUB_REPLICAS: &str = "replicas";
+/// A replicated volume: the generation its nexus's grants carry.
+pub const PUB_GENERATION: &str = "generation";
+
+/// One replica's export in a replicated volume's publish context.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PublishedLeg {
+    pub node: String,
+    #[serde(rename = "tcpUri")]
+    pub tcp_uri: String,
+    #[serde(rename = "unixUri", default)]
+    pub unix_uri: String,
+}
 
 #[derive(Debug, Clone)]
 pub struct Controller {
@@ -344,6 +359,22 @@ impl csi::controller_server::Controller for Controller {
         ]);
         if !a.unix_uri.is_empty() {
             ctx.insert(PUB_UNIX_URI.to_string(), a.unix_uri);
+        }
+        if !a.legs.is_empty() {
+            let legs: Vec<PublishedLeg> = a
+                .legs
+                .into_iter()
+                .map(|l| PublishedLeg {
+                    node: l.node,
+                    tcp_uri: l.tcp_uri,
+                    unix_uri: l.unix_uri,
+                })
+                .collect();
+            ctx.insert(
+                PUB_REPLICAS.to_string(),
+                serde_json::to_string(&legs).map_err(|e| Status::internal(e.to_string()))?,
+            );
+            ctx.insert(PUB_GENERATION.to_string(), a.generation.to_string());
         }
         Ok(Response::new(csi::ControllerPublishVolumeResponse {
             publish_context: ctx,

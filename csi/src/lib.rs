@@ -79,6 +79,9 @@ pub struct NodeConfig {
     pub attach_program: PathBuf,
     /// Certificates `berth attach` uses for NBD over TCP (STARTTLS).
     pub attach_tls_dir: Option<PathBuf>,
+    /// The metadata service as `berth attach` reaches it: a replicated
+    /// volume's nexus reports failed replicas there.
+    pub attach_metadata: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -49,12 +49,18 @@ enum Command {
 struct AttachArgs {
     /// The FUSE mount point.
     dir: PathBuf,
-    /// nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH. Its export
-    /// name is the grant's secret: the node plugin passes it in the
-    /// environment (readable by the process's owner only), not on the
-    /// command line (readable by anyone on the node).
+    /// nbd://HOST:PORT/EXPORT or nbd+unix:///EXPORT?socket=PATH, or a
+    /// replicated volume's legs (berth-replicas:{JSON}, as the node plugin
+    /// writes it). Its export names are grants' secrets: the node plugin
+    /// passes it in the environment (readable by the process's owner only),
+    /// not on the command line (readable by anyone on the node).
     #[arg(long, env = "BERTH_ATTACH_URI", hide_env_values = true)]
     uri: String,
+    /// The metadata service, where a replicated volume's failed replicas are
+    /// reported (http://host:port, https://host:port with --tls-dir, or
+    /// unix:///path).
+    #[arg(long, env = "BERTH_METADATA")]
+    metadata: Option<String>,
     #[arg(long)]
     read_only: bool,
     /// Written with the process id once the file is served.
@@ -351,13 +357,7 @@ fn attach_program() -> PathBuf {
     std::env::current_exe().unwrap_or_else(|_| PathBuf::from("berth"))
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
+use berth_cli::host_name;
 
 fn addr(flag: &str, v: &str) -> Result<Option<SocketAddr>, String> {
     if v.is_empty() || v == "none" {
@@ -444,6 +444,7 @@ async fn csi(a: CsiArgs) -> Result<(), String> {
         state_dir: a.state_dir,
         attach_program: attach_program(),
         attach_tls_dir: a.tls.tls_dir.clone(),
+        attach_metadata: Some(a.metadata.clone()),
     });
     let running = berth_csi::start(berth_csi::CsiConfig {
         socket: a.endpoint,
@@ -524,6 +525,7 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
             state_dir: d.join("csi-node"),
             attach_program: attach_program(),
             attach_tls_dir: a.tls.tls_dir.clone(),
+            attach_metadata: Some(format!("unix://{}", meta_socket.display())),
         }),
     })
     .await;
@@ -614,6 +616,7 @@ fn main() -> std::process::ExitCode {
             pid_file: a.pid_file,
             reconnect_timeout: Duration::from_secs(a.reconnect_timeout),
             tls_dir: a.tls.tls_dir,
+            metadata: a.metadata,
         }) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

@@ -115,6 +115,7 @@ pub async fn attach(
     uri: &str,
     read_only: bool,
     tls_dir: Option<&Path>,
+    metadata: Option<&str>,
 ) -> Result<Attachment, Status> {
     clear_fuse(dir).await?;
     std::fs::create_dir_all(dir)
@@ -130,6 +131,9 @@ pub async fn attach(
     cmd.arg("attach");
     if let Some(t) = tls_dir {
         cmd.env("BERTH_TLS_DIR", t);
+    }
+    if let Some(m) = metadata {
+        cmd.env("BERTH_METADATA", m);
     }
     if read_only {
         cmd.arg("--read-only");
@@ -411,6 +415,10 @@ pub async fn health(a: &Attachment) -> Result<(), Fault> {
 
 /// A URI without its export name, which carries the grant's secret token.
 pub fn redact(uri: &str) -> String {
+    if let Some(Ok(spec)) = super::fuse::ReplicatedSpec::parse(uri) {
+        let legs: Vec<String> = spec.legs.iter().map(|l| format!("{}: {}", l.node, redact(&l.uri))).collect();
+        return format!("replicas of {} [{}]", spec.volume, legs.join(", "));
+    }
     match uri.find("://") {
         Some(i) => {
             let rest = &uri[i + 3..];

@@ -20,8 +20,9 @@ use std::time::{Duration, SystemTime};
 use berth_nbd::proto::{TF_SEND_TRIM, TF_SEND_WRITE_ZEROES};
 use std::sync::Arc;
 
+use berth_nbd::nexus::{FaultError, Leg, Membership, Nexus, NexusOptions, Range};
 use berth_nbd::session::{Cmd, Options, Session, Uri};
-use berth_nbd::target::{call, BlockTarget};
+use berth_nbd::target::{call, BlockTarget, BoxFuture};
 use bytes::Bytes;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
@@ -55,6 +56,224 @@ pub struct AttachOptions {
     /// Certificates: TCP connections then use STARTTLS, verifying the
     /// volume server as `berth-volume-server`.
     pub tls_dir: Option<PathBuf>,
+    /// The metadata service (a replicated volume's nexus reports failed
+    /// replicas to it), with `tls_dir`'s certificates for https.
+    pub metadata: Option<String>,
+}
+
+/// What `uri` holds for a replicated volume: this prefix and a
+/// [`ReplicatedSpec`] in JSON.
+pub const REPLICAS_PREFIX: &str = "berth-replicas:";
+
+/// A replicated volume's attachment: one NBD URI per in-sync replica (the
+/// local one first) and the generation its grants carry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplicatedSpec {
+    pub volume: String,
+    pub generation: u64,
+    pub legs: Vec<LegSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LegSpec {
+    pub node: String,
+    pub uri: String,
+}
+
+impl ReplicatedSpec {
+    /// As `berth attach` takes it in place of an NBD URI.
+    pub fn to_uri(&self) -> String {
+        format!(
+            "{REPLICAS_PREFIX}{}",
+            serde_json::to_string(self).unwrap_or_default()
+        )
+    }
+
+    /// `None` when `uri` is a plain NBD URI.
+    pub fn parse(uri: &str) -> Option<Result<ReplicatedSpec, String>> {
+        let json = uri.strip_prefix(REPLICAS_PREFIX)?;
+        Some(
+            serde_json::from_str::<ReplicatedSpec>(json)
+                .map_err(|e| format!("a replicated attachment that does not parse: {e}"))
+                .and_then(|s| {
+                    if s.legs.is_empty() || s.legs.len() > 3 {
+                        Err(format!("{} replica legs (1 to 3)", s.legs.len()))
+                    } else {
+                        Ok(s)
+                    }
+                }),
+        )
+    }
+}
+
+/// What `berth attach` takes to serve a published volume: the legs of a
+/// replicated one, else its NBD URI; a unix socket wherever the server is on
+/// this host, else TCP.
+pub fn attachment_uri(a: &berth_proto::meta::v1::Attachment) -> Result<String, String> {
+    let pick = |unix: &str, tcp: &str| -> Result<String, String> {
+        let local = unix
+            .split_once("?socket=")
+            .is_some_and(|(_, p)| std::path::Path::new(p).exists());
+        if local {
+            Ok(unix.to_string())
+        } else if !tcp.is_empty() {
+            Ok(tcp.to_string())
+        } else {
+            Err(format!(
+                "volume {} has no NBD address reachable from here",
+                a.volume_id
+            ))
+        }
+    };
+    if a.legs.is_empty() {
+        return pick(&a.unix_uri, &a.tcp_uri);
+    }
+    let legs = a
+        .legs
+        .iter()
+        .map(|l| {
+            Ok(LegSpec {
+                node: l.node.clone(),
+                uri: pick(&l.unix_uri, &l.tcp_uri)?,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(ReplicatedSpec {
+        volume: a.volume_id.clone(),
+        generation: a.generation,
+        legs,
+    }
+    .to_uri())
+}
+
+/// The metadata service as the nexus's membership: a failed replica is
+/// reported there and marked out before the writes it missed are
+/// acknowledged.
+struct MetaMembership {
+    client: berth_proto::meta::v1::metadata_service_client::MetadataServiceClient<
+        tonic::transport::Channel,
+    >,
+    volume: String,
+}
+
+impl Membership for MetaMembership {
+    fn fault(
+        &self,
+        leg: &str,
+        generation: u64,
+        pending: Vec<Range>,
+    ) -> BoxFuture<'static, Result<u64, FaultError>> {
+        use berth_proto::meta::v1 as pb;
+        let mut c = self.client.clone();
+        let req = pb::ReportReplicaFaultRequest {
+            volume_id: self.volume.clone(),
+            node: leg.to_string(),
+            generation,
+            pending: pending
+                .iter()
+                .map(|r| pb::ByteRange {
+                    offset: r.offset,
+                    length: r.len,
+                })
+                .collect(),
+            reason: "the nexus saw it fail (an error, a lost connection or no answer)".into(),
+        };
+        Box::pin(async move {
+            let mut r = tonic::Request::new(req);
+            r.set_timeout(Duration::from_secs(10));
+            match c.report_replica_fault(r).await {
+                Ok(r) => Ok(r.into_inner().generation),
+                Err(s) => match s.code() {
+                    tonic::Code::FailedPrecondition
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::NotFound
+                    | tonic::Code::PermissionDenied => Err(FaultError::Deposed(s.message().into())),
+                    _ => Err(FaultError::Unavailable(format!(
+                        "{:?}: {}",
+                        s.code(),
+                        s.message()
+                    ))),
+                },
+            }
+        })
+    }
+}
+
+/// How long a replica may leave a request unanswered before the nexus
+/// reports it out.
+const LEG_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connects to every replica of `spec` and starts its nexus. A replica that
+/// cannot be reached now is reported out first (the set goes on without it).
+async fn replicated(
+    spec: ReplicatedSpec,
+    o: &AttachOptions,
+    tls: Option<berth_nbd::client::TlsClient>,
+) -> Result<Arc<dyn BlockTarget>, String> {
+    let endpoint = o.metadata.clone().ok_or(
+        "a replicated volume needs the metadata service (--metadata) to report failed replicas to",
+    )?;
+    let ctls = match &o.tls_dir {
+        Some(d) => Some(berth_proto::ClientTls::new(
+            berth_proto::TlsDir::load(d).map_err(|e| format!("--tls-dir: {e}"))?,
+        )),
+        None => None,
+    };
+    let client = crate::metadata_client(&endpoint, ctls.as_ref()).map_err(|e| e.to_string())?;
+    let membership = MetaMembership {
+        client,
+        volume: spec.volume.clone(),
+    };
+    // A leg's session waits for its server only as long as the nexus waits
+    // for a leg: past that, the replica is reported out.
+    let opts = Options {
+        reconnect_timeout: LEG_TIMEOUT,
+        connect_timeout: LEG_TIMEOUT,
+        tls,
+        ..Options::default()
+    };
+    let mut legs = Vec::new();
+    let mut generation = spec.generation;
+    for l in &spec.legs {
+        let uri = Uri::parse(&l.uri)?;
+        match Session::connect(uri, opts.clone()).await {
+            Ok(s) => legs.push(Leg {
+                name: l.node.clone(),
+                target: Arc::new(s),
+            }),
+            Err(e) => {
+                tracing::warn!(leg = %l.node, error = %e, "a replica cannot be reached: reporting it out");
+                generation = report_at_start(&membership, &l.node, generation).await?;
+            }
+        }
+    }
+    if legs.is_empty() {
+        return Err("no replica of the volume can be reached".into());
+    }
+    let nexus = Nexus::new(legs, generation, Arc::new(membership), NexusOptions {
+        leg_timeout: LEG_TIMEOUT,
+        ..NexusOptions::default()
+    })?;
+    tracing::info!(volume = %spec.volume, generation, legs = ?nexus.legs(), "nexus started");
+    Ok(Arc::new(nexus))
+}
+
+/// Reports a replica out before the nexus starts, retrying while the
+/// metadata service is unavailable (for up to a minute).
+async fn report_at_start(m: &MetaMembership, node: &str, generation: u64) -> Result<u64, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match m.fault(node, generation, Vec::new()).await {
+            Ok(g) => return Ok(g),
+            Err(FaultError::Deposed(why)) => {
+                return Err(format!("the replica on {node} cannot be reported out: {why}"))
+            }
+            Err(FaultError::Unavailable(why)) if std::time::Instant::now() > deadline => {
+                return Err(format!("the metadata service is unavailable: {why}"))
+            }
+            Err(FaultError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
 }
 
 /// STARTTLS from a certificate folder (see `berth_proto::tls`).
@@ -375,15 +594,24 @@ pub fn run(o: AttachOptions) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
-    let uri = Uri::parse(&o.uri)?;
-    let opts = Options {
-        reconnect_timeout: o.reconnect_timeout,
-        tls: o.tls_dir.as_deref().map(nbd_tls).transpose()?,
-        ..Options::default()
+    let tls = o.tls_dir.as_deref().map(nbd_tls).transpose()?;
+    let session: Arc<dyn BlockTarget> = match ReplicatedSpec::parse(&o.uri) {
+        Some(spec) => rt
+            .block_on(replicated(spec?, &o, tls))
+            .map_err(|e| format!("cannot attach the replicated volume: {e}"))?,
+        None => {
+            let uri = Uri::parse(&o.uri)?;
+            let opts = Options {
+                reconnect_timeout: o.reconnect_timeout,
+                tls,
+                ..Options::default()
+            };
+            Arc::new(
+                rt.block_on(Session::connect(uri, opts))
+                    .map_err(|e| format!("cannot attach the export: {e}"))?,
+            )
+        }
     };
-    let session = rt
-        .block_on(Session::connect(uri, opts))
-        .map_err(|e| format!("cannot attach the export: {e}"))?;
     if session.read_only() && !o.read_only {
         return Err("the export is read-only: attach it with --read-only".into());
     }

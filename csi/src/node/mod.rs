@@ -35,7 +35,9 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::caps::{self, Access};
-use crate::controller::{meta_req, CTX_FS_TYPE, PUB_READ_ONLY, PUB_TCP_URI, PUB_UNIX_URI};
+use crate::controller::{
+    meta_req, CTX_FS_TYPE, PUB_GENERATION, PUB_READ_ONLY, PUB_REPLICAS, PUB_TCP_URI, PUB_UNIX_URI,
+};
 use crate::locks::InFlight;
 use crate::{CsiError, NodeConfig, TOPOLOGY_NODE_KEY};
 
@@ -163,7 +165,10 @@ fn internal(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Status {
 
 /// The NBD URI to attach with: the unix socket when the volume lives on this
 /// node (no TCP in the data path), else TCP.
-fn choose_uri(ctx: &HashMap<String, String>) -> Result<String, Status> {
+fn choose_uri(volume: &str, ctx: &HashMap<String, String>) -> Result<String, Status> {
+    if let Some(legs) = ctx.get(PUB_REPLICAS) {
+        return replicated_uri(volume, ctx, legs);
+    }
     if let Some(u) = ctx.get(PUB_UNIX_URI).filter(|u| !u.is_empty()) {
         let reachable = u
             .split_once("?socket=")
@@ -179,6 +184,42 @@ fn choose_uri(ctx: &HashMap<String, String>) -> Result<String, Status> {
              (ControllerPublishVolume first)",
         )),
     }
+}
+
+/// A replicated volume's attachment: each leg over its replica's unix
+/// socket where that is on this node, else TCP.
+fn replicated_uri(
+    volume: &str,
+    ctx: &HashMap<String, String>,
+    legs: &str,
+) -> Result<String, Status> {
+    let bad = |why: String| Status::invalid_argument(format!("publish_context {PUB_REPLICAS}: {why}"));
+    let legs: Vec<crate::controller::PublishedLeg> =
+        serde_json::from_str(legs).map_err(|e| bad(e.to_string()))?;
+    let generation = ctx
+        .get(PUB_GENERATION)
+        .and_then(|g| g.parse().ok())
+        .ok_or_else(|| bad(format!("no {PUB_GENERATION}")))?;
+    let legs = legs
+        .into_iter()
+        .map(|l| {
+            let mut c = HashMap::from([(PUB_TCP_URI.to_string(), l.tcp_uri)]);
+            c.insert(PUB_UNIX_URI.to_string(), l.unix_uri);
+            Ok(fuse::LegSpec {
+                uri: choose_uri(volume, &c)?,
+                node: l.node,
+            })
+        })
+        .collect::<Result<Vec<_>, Status>>()?;
+    if legs.is_empty() {
+        return Err(bad("no legs".into()));
+    }
+    Ok(fuse::ReplicatedSpec {
+        volume: volume.to_string(),
+        generation,
+        legs,
+    }
+    .to_uri())
 }
 
 impl NodeService {
@@ -450,6 +491,7 @@ impl NodeService {
             &s.attachment.uri,
             s.read_only,
             self.cfg.attach_tls_dir.as_deref(),
+            self.cfg.attach_metadata.as_deref(),
         )
         .await?;
         let mut fresh = Staged {
@@ -537,7 +579,7 @@ impl csi::node_server::Node for NodeService {
         check_new_id(&r.volume_id)?;
         check_path("staging_target_path", &r.staging_target_path)?;
         let cap = caps::required(r.volume_capability.as_ref())?;
-        let uri = choose_uri(&r.publish_context)?;
+        let uri = choose_uri(&r.volume_id, &r.publish_context)?;
         let read_only = cap.read_only()
             || r.publish_context.get(PUB_READ_ONLY).map(String::as_str) == Some("true");
         // The capability's filesystem is a demand; the volume's (its tier's
@@ -612,6 +654,7 @@ impl csi::node_server::Node for NodeService {
             &uri,
             read_only,
             self.cfg.attach_tls_dir.as_deref(),
+            self.cfg.attach_metadata.as_deref(),
         )
         .await?;
         let fs_type = if block {
@@ -1024,6 +1067,7 @@ mod tests {
                 state_dir: state.to_path_buf(),
                 attach_program: PathBuf::from("/nonexistent/berth"),
                 attach_tls_dir: None,
+                attach_metadata: None,
             },
             meta,
         )
@@ -1148,13 +1192,13 @@ mod tests {
         };
         let unix = format!("nbd+unix:///v@t?socket={}", sock.display());
         assert_eq!(
-            choose_uri(&ctx(&unix)).expect("tcp"),
+            choose_uri("v", &ctx(&unix)).expect("tcp"),
             "nbd://10.0.0.1:10809/v@t"
         );
         std::fs::write(&sock, b"").expect("touch");
-        assert_eq!(choose_uri(&ctx(&unix)).expect("unix"), unix);
+        assert_eq!(choose_uri("v", &ctx(&unix)).expect("unix"), unix);
         assert_eq!(
-            choose_uri(&HashMap::new()).expect_err("none").code(),
+            choose_uri("v", &HashMap::new()).expect_err("none").code(),
             tonic::Code::FailedPrecondition
         );
     }

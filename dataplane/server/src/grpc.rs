@@ -322,7 +322,7 @@ impl VolumeService for Service {
         required("client", &r.client)?;
         let e = self
             .run(move |n| {
-                let g = n.grant(&c, kind, &r.name, &r.client, r.read_only, &r.peer_address)?;
+                let g = n.grant(&c, kind, &r.name, &r.client, r.read_only, &r.peer_address, r.generation)?;
                 let conns = n.connections_by_token().get(&g.token).copied().unwrap_or(0);
                 Ok(export_pb(n, &g, conns))
             })

@@ -45,6 +45,16 @@ pub struct VolumeRuntime {
     pub name: String,
     pub limiter: Limiter,
     pub metrics: VolumeMetrics,
+    /// The volume's fence (see `ServerState::fences`): every request of a
+    /// connection whose grant is older is refused with ESHUTDOWN.
+    pub fence: AtomicU64,
+}
+
+impl VolumeRuntime {
+    /// Whether a connection through `grant` is fenced off.
+    pub fn fenced(&self, grant: &Grant) -> bool {
+        grant.generation < self.fence.load(Ordering::Acquire)
+    }
 }
 
 impl VolumeRuntime {
@@ -267,10 +277,15 @@ impl Node {
             TargetKind::Volume => name.to_string(),
             TargetKind::Snapshot => format!("snapshot:{name}"),
         };
+        let fence = match kind {
+            TargetKind::Volume => self.state.lock().fences.get(name).copied().unwrap_or(0),
+            TargetKind::Snapshot => 0,
+        };
         let rt = Arc::new(VolumeRuntime {
             metrics: self.metrics.volume(&label),
             name: label,
             limiter: Limiter::new(limits),
+            fence: AtomicU64::new(fence),
         });
         Ok(self
             .runtimes
@@ -409,6 +424,7 @@ impl Node {
         let mut st = self.state.lock();
         if kind == TargetKind::Volume {
             st.volumes.remove(name);
+            st.fences.remove(name);
         }
         st.grants.retain(|_, g| !(g.kind == kind && g.name == name));
         self.save(&st)?;
@@ -512,9 +528,15 @@ impl Node {
         client: &str,
         read_only: bool,
         peer_address: &str,
+        generation: u64,
     ) -> Result<Grant> {
         let r = (|| {
             self.check_running()?;
+            if generation > 0 && kind != TargetKind::Volume {
+                return Err(ServerError::InvalidArgument(
+                    "a generation fences a replicated volume's writers; snapshots have none".into(),
+                ));
+            }
             if client.is_empty() || client.len() > 253 || client.chars().any(char::is_control) {
                 return Err(ServerError::InvalidArgument(format!(
                     "client {client:?} must be 1 to 253 printable characters"
@@ -535,11 +557,31 @@ impl Node {
             st.grants.retain(|_, g| {
                 !(g.kind == kind && g.name == name && g.target_id != target_id && g.target_id != 0)
             });
+            if generation > 0 {
+                let fence = st.fences.get(name).copied().unwrap_or(0);
+                if generation < fence {
+                    return Err(ServerError::FailedPrecondition(format!(
+                        "generation {generation} of volume {name} is older than its fence \
+                         ({fence}): a newer nexus owns it"
+                    )));
+                }
+            }
+            // The client's grant from an older generation (its previous
+            // nexus) gives way: its connections are fenced by their grant.
+            st.grants.retain(|_, g| {
+                !(g.kind == kind && g.name == name && g.client == client && g.generation < generation)
+            });
             if let Some(g) = st
                 .grants
                 .values()
                 .find(|g| g.kind == kind && g.name == name && g.client == client)
             {
+                if g.generation > generation {
+                    return Err(ServerError::FailedPrecondition(format!(
+                        "{name} is granted to {client} at generation {}, newer than {generation}",
+                        g.generation
+                    )));
+                }
                 if g.read_only == read_only && g.peer_address == peer_address {
                     return Ok(g.clone());
                 }
@@ -559,9 +601,20 @@ impl Node {
                 token: new_token().map_err(ServerError::io("token"))?,
                 granted_unix: crate::audit::now_unix_ms() / 1000,
                 target_id,
+                generation,
             };
             st.grants.insert(g.token.clone(), g.clone());
+            if generation > 0 {
+                st.fences.insert(name.to_string(), generation);
+            }
             self.save(&st)?;
+            if generation > 0 {
+                // Under the state lock, as connections register: a writer
+                // from an older generation is refused from its next request.
+                if let Some(rt) = self.runtimes.lock().get(&(kind, name.to_string())) {
+                    rt.fence.store(generation, Ordering::Release);
+                }
+            }
             Ok(g)
         })();
         self.audited(caller, "GrantExport", name, r)
@@ -655,6 +708,14 @@ impl Node {
         let runtime = self
             .runtime(grant.kind, &grant.name)
             .map_err(|e| Refusal::Unknown(e.to_string()))?;
+        if runtime.fenced(&grant) {
+            return Err(Refusal::Policy(format!(
+                "export {name:?} is fenced: granted at generation {}, and a newer nexus owns the \
+                 volume (generation {})",
+                grant.generation,
+                runtime.fence.load(Ordering::Acquire)
+            )));
+        }
         Ok(Resolved {
             read_only: grant.read_only || grant.kind == TargetKind::Snapshot,
             grant,

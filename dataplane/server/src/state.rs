@@ -60,6 +60,11 @@ pub struct Grant {
     /// reuses the name is not reachable through this grant.
     #[serde(default)]
     pub target_id: u64,
+    /// For a replicated volume's nexus: the replica set's generation when
+    /// it was published. Its connections are refused once the volume's
+    /// fence is past it (0: the volume is not replicated).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl Grant {
@@ -76,6 +81,10 @@ pub struct ServerState {
     /// By token.
     #[serde(default)]
     pub grants: BTreeMap<String, Grant>,
+    /// Replicated volumes: the generation of the nexus that owns each (the
+    /// highest a grant was made at). Grants at a lower one are fenced.
+    #[serde(default)]
+    pub fences: BTreeMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -164,8 +173,10 @@ mod tests {
                 token,
                 granted_unix: 1,
                 target_id: 7,
+                generation: 3,
             },
         );
+        s.fences.insert("db".into(), 3);
         f.save(&s).expect("save");
         assert_eq!(f.load().expect("load"), s);
         std::fs::write(dir.path().join("server-state.json"), b"{not json").expect("write");

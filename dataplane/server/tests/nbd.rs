@@ -298,6 +298,7 @@ async fn ungranted_clients_are_refused_and_audited() {
             client: "node-b".into(),
             read_only: true,
             peer_address: "10.9.9.9".into(),
+            generation: 0,
         })
         .await
         .unwrap()
@@ -651,6 +652,7 @@ async fn control_api_errors_carry_the_right_codes_and_calls_are_idempotent() {
         client: "c".into(),
         read_only: false,
         peer_address: String::new(),
+        generation: 0,
     };
     assert_eq!(
         api.grant_export(grant(0, "a")).await.unwrap_err().code(),

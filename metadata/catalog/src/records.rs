@@ -180,6 +180,24 @@ pub struct VolumeRecord {
     pub created_ms: u64,
     /// Empty when healthy; what is wrong otherwise (reconcile sets it).
     pub condition: String,
+    /// `replicas` > 1: the copies and their generation. `node`/`pool_id`
+    /// are then the first copy's (where snapshots and clones are anchored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<crate::replication::ReplicaSet>,
+}
+
+impl VolumeRecord {
+    /// Every node holding a copy (the one node of an unreplicated volume).
+    pub fn nodes(&self) -> Vec<(String, String)> {
+        match &self.replicas {
+            Some(set) => set
+                .replicas()
+                .iter()
+                .map(|r| (r.node.clone(), r.pool_id.clone()))
+                .collect(),
+            None => vec![(self.node.clone(), self.pool_id.clone())],
+        }
+    }
 }
 
 impl Record for VolumeRecord {
@@ -220,6 +238,19 @@ pub struct AttachmentRecord {
     pub unix_uri: String,
     pub state: State,
     pub created_ms: u64,
+    /// A replicated volume: one export per replica written at publish.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub legs: Vec<LegRecord>,
+    /// The generation the nexus's grants were made at (0: not replicated).
+    #[serde(default)]
+    pub generation: u64,
+}
+
+/// One replica's export in a replicated volume's attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegRecord {
+    pub node: String,
+    pub export_name: String,
 }
 
 impl AttachmentRecord {
@@ -257,6 +288,7 @@ mod tests {
             topology: BTreeMap::new(),
             created_ms: 1,
             condition: String::new(),
+            replicas: None,
         }
     }
 
@@ -266,6 +298,20 @@ mod tests {
         let bytes = v.encode();
         assert_eq!(bytes[0], FORMAT_V1);
         assert_eq!(VolumeRecord::decode(b"a", &bytes).expect("decode"), v);
+        // A replicated volume's set round-trips; an unreplicated record
+        // stays as it was written before replication existed.
+        assert!(!String::from_utf8_lossy(&bytes).contains("replicas"));
+        let placements = [("n1".to_string(), "p1".to_string()), ("n2".to_string(), "p2".to_string())];
+        let mut set = crate::replication::ReplicaSet::new(&placements).expect("set");
+        set.new_nexus(1).expect("nexus");
+        let r = VolumeRecord {
+            replicas: Some(set),
+            ..vol("r")
+        };
+        let back = VolumeRecord::decode(b"r", &r.encode()).expect("decode");
+        assert_eq!(back, r);
+        assert_eq!(back.replicas.as_ref().map(|s| (s.generation(), s.fence())), Some((2, 2)));
+        assert_eq!(back.nodes(), placements);
         let mut future = bytes.clone();
         future[0] = 2;
         let e = VolumeRecord::decode(b"a", &future).expect_err("format 2");

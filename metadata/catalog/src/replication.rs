@@ -62,6 +62,12 @@ pub struct Replica {
 pub struct ReplicaSet {
     generation: u64,
     replicas: Vec<Replica>,
+    /// The generation the current nexus was published at: volume servers
+    /// refuse sessions through grants older than this (the fence). Faults
+    /// and rebuilds move `generation` on but not the fence: the nexus that
+    /// reported them keeps writing.
+    #[serde(default)]
+    fence: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -98,6 +104,7 @@ impl ReplicaSet {
         let mut set = ReplicaSet {
             generation: 1,
             replicas: Vec::new(),
+            fence: 0,
         };
         for (node, pool) in placements {
             if set.find(node).is_some() {
@@ -123,6 +130,11 @@ impl ReplicaSet {
 
     pub fn replicas(&self) -> &[Replica] {
         &self.replicas
+    }
+
+    /// The generation of the current nexus (0: none yet).
+    pub fn fence(&self) -> u64 {
+        self.fence
     }
 
     fn find(&self, node: &str) -> Option<usize> {
@@ -336,7 +348,9 @@ impl ReplicaSet {
     /// after a restart): the previous nexus is fenced from here on.
     pub fn new_nexus(&mut self, generation: u64) -> Result<u64> {
         self.check(generation)?;
-        Ok(self.bump())
+        let g = self.bump();
+        self.fence = g;
+        Ok(g)
     }
 }
 

@@ -34,6 +34,14 @@ pub enum MetaError {
     },
 }
 
+/// A membership change the replica set refused (an old generation, the last
+/// in-sync copy...): the caller's view is out of date.
+impl From<berth_catalog::replication::MembershipError> for MetaError {
+    fn from(e: berth_catalog::replication::MembershipError) -> Self {
+        MetaError::FailedPrecondition(e.to_string())
+    }
+}
+
 impl MetaError {
     pub fn server(node: &str, s: &Status) -> Self {
         match s.code() {

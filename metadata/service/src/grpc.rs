@@ -81,6 +81,31 @@ pub fn volume_pb(v: &VolumeRecord) -> pb::Volume {
         created_unix_ms: v.created_ms,
         abnormal: !v.condition.is_empty(),
         condition: v.condition.clone(),
+        replicas: v
+            .replicas
+            .iter()
+            .flat_map(|set| set.replicas())
+            .map(|r| pb::Replica {
+                node: r.node.clone(),
+                pool_id: r.pool_id.clone(),
+                state: replica_state(r.state).to_string(),
+                synced_generation: r.synced_generation,
+                rebuild_done_bytes: r.rebuild_done_bytes,
+                rebuild_total_bytes: r.rebuild_total_bytes,
+            })
+            .collect(),
+        generation: v.replicas.as_ref().map_or(0, |s| s.generation()),
+    }
+}
+
+/// A replica's state as the API and berthctl spell it.
+pub fn replica_state(s: berth_catalog::replication::ReplicaState) -> &'static str {
+    use berth_catalog::replication::ReplicaState as S;
+    match s {
+        S::InSync => "in-sync",
+        S::Rebuilding => "rebuilding",
+        S::Faulted => "faulted",
+        S::Stale => "stale",
     }
 }
 
@@ -97,8 +122,23 @@ fn snapshot_pb(s: &SnapshotRecord) -> pb::Snapshot {
     }
 }
 
-fn attachment_pb(a: &AttachmentRecord) -> pb::Attachment {
+fn attachment_pb(meta: &Meta, a: &AttachmentRecord) -> pb::Attachment {
+    let legs = a
+        .legs
+        .iter()
+        .map(|l| {
+            let (tcp_uri, unix_uri) = meta.leg_uris(a, l);
+            pb::AttachmentLeg {
+                node: l.node.clone(),
+                export_name: l.export_name.clone(),
+                tcp_uri,
+                unix_uri,
+            }
+        })
+        .collect();
     pb::Attachment {
+        legs,
+        generation: a.generation,
         volume_id: a.volume.clone(),
         node: a.node.clone(),
         read_only: a.read_only,
@@ -527,7 +567,37 @@ impl MetadataService for Service {
             })
             .await?
         };
-        Ok(Response::new(attachment_pb(&a)))
+        Ok(Response::new(attachment_pb(&self.meta, &a)))
+    }
+
+    async fn report_replica_fault(
+        &self,
+        r: Request<pb::ReportReplicaFaultRequest>,
+    ) -> R<pb::ReportReplicaFaultResponse> {
+        let who = actor(&r);
+        let m = r.into_inner();
+        let call = Call::new(&who, "ReportReplicaFault", &m.volume_id, &m.node);
+        let generation = {
+            let meta = self.meta.clone();
+            detached(&self.meta, async move {
+                let pending: Vec<(u64, u64)> =
+                    m.pending.iter().map(|r| (r.offset, r.length)).collect();
+                meta.audited(call, async |c| {
+                    meta.report_replica_fault(
+                        c,
+                        &m.volume_id,
+                        &m.node,
+                        m.generation,
+                        &pending,
+                        &m.reason,
+                    )
+                    .await
+                })
+                .await
+            })
+            .await?
+        };
+        Ok(Response::new(pb::ReportReplicaFaultResponse { generation }))
     }
 
     async fn unpublish_volume(
@@ -565,7 +635,7 @@ impl MetadataService for Service {
         Ok(Response::new(pb::ListAttachmentsResponse {
             attachments: list
                 .into_iter()
-                .map(|a| attachment_pb(&self.meta.with_current_uris(a)))
+                .map(|a| attachment_pb(&self.meta, &self.meta.with_current_uris(a)))
                 .collect(),
         }))
     }

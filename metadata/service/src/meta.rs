@@ -22,6 +22,7 @@ use berth_catalog::records::{
     self, AttachmentRecord, NodeRecord, NodeState, PoolRecord, Record, SnapshotRecord, Source,
     State, VolumeRecord,
 };
+use berth_catalog::replication::ReplicaSet;
 use berth_catalog::{CatalogStore, Txn};
 use berth_proto::volume::v1 as vpb;
 use berth_proto::volume::v1::volume_service_client::VolumeServiceClient;
@@ -297,7 +298,9 @@ fn size_for(required: u64, limit: u64, floor: u64) -> Result<u64> {
 fn provisioned_by_pool(volumes: Vec<VolumeRecord>) -> HashMap<String, u64> {
     let mut m: HashMap<String, u64> = HashMap::new();
     for v in volumes {
-        *m.entry(v.pool_id).or_default() += v.size_bytes;
+        for (_, pool) in v.nodes() {
+            *m.entry(pool).or_default() += v.size_bytes;
+        }
     }
     m
 }
@@ -822,6 +825,24 @@ impl Meta {
                 ))),
             };
         }
+        if let Some(src) = &req.source {
+            let replicated_source = match src {
+                Source::Volume(v) => self
+                    .get::<VolumeRecord>(v)?
+                    .is_some_and(|v| v.replicas.is_some()),
+                Source::Snapshot(s) => self
+                    .get::<SnapshotRecord>(s)?
+                    .and_then(|s| self.get::<VolumeRecord>(&s.source_volume).ok().flatten())
+                    .is_some_and(|v| v.replicas.is_some()),
+            };
+            if spec.replicas > 1 || replicated_source {
+                return Err(MetaError::FailedPrecondition(format!(
+                    "volume {}: clones of replicated volumes, and replicated clones, are not \
+                     built yet (a clone lives on its source's pools; see docs/replication.md)",
+                    req.name
+                )));
+            }
+        }
         // Clones live on their source's pool: that is what makes them O(1).
         let (floor, placed) = match &req.source {
             Some(Source::Snapshot(s)) => {
@@ -854,6 +875,7 @@ impl Meta {
         let record = {
             let _placing = self.placement.lock().await;
             let cands = self.candidates()?;
+            let mut copies: Vec<(String, String)> = Vec::new();
             let (node, pool_id) = match placed {
                 Some((node, pool_id)) => {
                     self.require_up(&node)?;
@@ -884,11 +906,27 @@ impl Meta {
                         preferred: req.preferred.clone(),
                         media: spec.media.clone(),
                     };
-                    let i = placement::choose(&cands, &r, self.cfg.overcommit).map_err(|why| {
+                    let picked = placement::choose_n(
+                        &cands,
+                        &r,
+                        self.cfg.overcommit,
+                        spec.replicas,
+                        spec.spread.as_deref(),
+                    )
+                    .map_err(|why| {
                         MetaError::Unplaceable(format!("cannot place volume {}: {why}", req.name))
                     })?;
-                    (cands[i].node.clone(), cands[i].pool_id.clone())
+                    copies = picked
+                        .iter()
+                        .map(|&i| (cands[i].node.clone(), cands[i].pool_id.clone()))
+                        .collect();
+                    copies[0].clone()
                 }
+            };
+            let replicas = if spec.replicas > 1 {
+                Some(ReplicaSet::new(&copies)?)
+            } else {
+                None
             };
             let topology = self
                 .get::<NodeRecord>(&node)?
@@ -908,15 +946,16 @@ impl Meta {
                 topology,
                 created_ms: now_ms(),
                 condition: String::new(),
+                replicas,
             };
             // Reserved under the placement lock, so the next placement sees
             // it; made durable after, so creates do not queue behind each
             // other's fsync (recount waits while `_changing` is held).
-            self.reserve(&record.pool_id, i128::from(size));
+            self.reserve_copies(&record, i128::from(size));
             record
         };
         if let Err(e) = self.commit_intent(record.create()).await {
-            self.reserve(&record.pool_id, -i128::from(size));
+            self.reserve_copies(&record, -i128::from(size));
             return Err(e);
         }
         fault::point("create-volume:after-catalog");
@@ -970,8 +1009,23 @@ impl Meta {
         Ok(ready)
     }
 
+    /// Creates the volume on each of its nodes (every copy of a replicated
+    /// one), in order; the first failure stops it.
     async fn create_on_server(&self, call: &Call, spec: &Spec, rec: &VolumeRecord) -> Result<()> {
-        let mut c = self.server(&rec.node).await?;
+        for (node, _) in rec.nodes() {
+            self.create_on(call, spec, rec, &node).await?;
+        }
+        Ok(())
+    }
+
+    async fn create_on(
+        &self,
+        call: &Call,
+        spec: &Spec,
+        rec: &VolumeRecord,
+        node: &str,
+    ) -> Result<()> {
+        let mut c = self.server(node).await?;
         let class = tiers::server_class(spec.tier.priority).to_string();
         let overrides = Some(server_overrides(&rec.qos));
         let r = match &rec.source {
@@ -1006,7 +1060,14 @@ impl Meta {
                 .await
             }
         };
-        r.map(|_| ()).map_err(|s| MetaError::server(&rec.node, &s))
+        r.map(|_| ()).map_err(|s| MetaError::server(node, &s))
+    }
+
+    /// Reserves (or returns) `delta` bytes on every pool holding a copy.
+    fn reserve_copies(&self, v: &VolumeRecord, delta: i128) {
+        for (_, pool) in v.nodes() {
+            self.reserve(&pool, delta);
+        }
     }
 
     /// Removes a half-created volume: from its server (when it is ours), then
@@ -1017,8 +1078,12 @@ impl Meta {
             self.delete_on_server(&rec.node, &rec.id, "reconcile")
                 .await?;
         }
+        // The other copies, wherever the create got to (gone is fine).
+        for (node, _) in rec.nodes().iter().skip(1) {
+            self.delete_on_server(node, &rec.id, "reconcile").await?;
+        }
         self.commit_intent(rec.remove()).await?;
-        self.reserve(&rec.pool_id, -i128::from(rec.size_bytes));
+        self.reserve_copies(rec, -i128::from(rec.size_bytes));
         Ok(())
     }
 
@@ -1055,7 +1120,9 @@ impl Meta {
                 nodes.join(", ")
             )));
         }
-        self.require_up(&v.node)?;
+        for (node, _) in v.nodes() {
+            self.require_up(&node)?;
+        }
         let deleting = VolumeRecord {
             state: State::Deleting,
             ..v.clone()
@@ -1064,12 +1131,18 @@ impl Meta {
             self.commit_intent(deleting.replace(&v)).await?;
         }
         fault::point("delete-volume:after-catalog");
-        if let Err(e) = self.delete_on_server(&v.node, id, &call.actor).await {
-            if !matches!(e, MetaError::Unavailable(_)) && v.state == State::Ready {
-                // The server refused (in use...): the volume stays as it was.
-                self.commit_intent(v.replace(&deleting)).await?;
+        for (node, _) in v.nodes() {
+            if let Err(e) = self.delete_on_server(&node, id, &call.actor).await {
+                if !matches!(e, MetaError::Unavailable(_)) && v.state == State::Ready {
+                    // The server refused (in use...): the volume stays as it
+                    // was (copies deleted before it are recreated by nobody:
+                    // the volume is marked deleting and a retry finishes it).
+                    if node == v.node {
+                        self.commit_intent(v.replace(&deleting)).await?;
+                    }
+                }
+                return Err(e);
             }
-            return Err(e);
         }
         self.commit(
             call,
@@ -1078,7 +1151,7 @@ impl Meta {
             format!("{} bytes freed", v.size_bytes),
         )
         .await?;
-        self.reserve(&v.pool_id, -i128::from(v.size_bytes));
+        self.reserve_copies(&v, -i128::from(v.size_bytes));
         tracing::info!(volume = %id, node = %v.node, "volume deleted");
         Ok(())
     }
@@ -1229,6 +1302,24 @@ impl Meta {
 
     /// A volume with its condition as of now (a down node makes it abnormal).
     pub fn volume_view(&self, mut v: VolumeRecord) -> VolumeRecord {
+        if let Some(set) = v.replicas.as_ref().filter(|s| s.degraded()) {
+            if v.condition.is_empty() {
+                let out: Vec<String> = set
+                    .replicas()
+                    .iter()
+                    .filter(|r| r.state != berth_catalog::replication::ReplicaState::InSync)
+                    .map(|r| format!("{} {:?}", r.node, r.state).to_lowercase())
+                    .collect();
+                v.condition = format!(
+                    "degraded: {} of {} replicas in sync at generation {} ({})",
+                    set.counted().count(),
+                    set.replicas().len(),
+                    set.generation(),
+                    out.join(", ")
+                );
+            }
+            return v;
+        }
         if v.condition.is_empty() && !self.is_up(&v.node) {
             v.condition = format!(
                 "volume server {} is down ({})",
@@ -1385,6 +1476,9 @@ impl Meta {
         if a.export_name.is_empty() {
             return a;
         }
+        if !a.legs.is_empty() {
+            return a; // A replicated volume's: see `leg_uris`.
+        }
         if let Ok(Some(n)) = self.get::<NodeRecord>(&a.server_node) {
             if !n.nbd_address.is_empty() {
                 a.tcp_uri = berth_proto::nbd_tcp_uri(&n.nbd_address, &a.export_name);
@@ -1395,6 +1489,26 @@ impl Meta {
             }
         }
         a
+    }
+
+    /// (tcp, unix) URIs of a replicated attachment's leg, from its node's
+    /// addresses as reported now; the unix one only where the leg's replica
+    /// is on the connecting node.
+    pub fn leg_uris(&self, a: &AttachmentRecord, leg: &records::LegRecord) -> (String, String) {
+        let Ok(Some(n)) = self.get::<NodeRecord>(&leg.node) else {
+            return (String::new(), String::new());
+        };
+        let tcp = if n.nbd_address.is_empty() {
+            String::new()
+        } else {
+            berth_proto::nbd_tcp_uri(&n.nbd_address, &leg.export_name)
+        };
+        let unix = if a.node == leg.node && !n.nbd_socket.is_empty() {
+            berth_proto::nbd_unix_uri(std::path::Path::new(&n.nbd_socket), &leg.export_name)
+        } else {
+            String::new()
+        };
+        (tcp, unix)
     }
 
     pub fn all_attachments(&self) -> Result<Vec<AttachmentRecord>> {
@@ -1442,6 +1556,12 @@ impl Meta {
                 }
             )));
         }
+        if v.replicas.is_some() {
+            let pending = existing.into_iter().find(|a| a.node == node);
+            return self
+                .publish_replicated(call, v, &client, read_only, pending)
+                .await;
+        }
         self.require_up(&v.node)?;
         let rec = match existing.into_iter().find(|a| a.node == node) {
             Some(a) => a,
@@ -1456,6 +1576,8 @@ impl Meta {
                     unix_uri: String::new(),
                     state: State::Creating,
                     created_ms: now_ms(),
+                    legs: Vec::new(),
+                    generation: 0,
                 };
                 self.commit_intent(a.create()).await?;
                 a
@@ -1478,6 +1600,7 @@ impl Meta {
                     client: node_client(node),
                     read_only,
                     peer_address: peer,
+                    generation: 0,
                 },
             ))
             .await
@@ -1515,6 +1638,193 @@ impl Meta {
         Ok(self.with_current_uris(ready))
     }
 
+    /// Publishes a replicated volume to `client` for a new nexus there: the
+    /// set's generation moves on (fencing any earlier nexus), each in-sync
+    /// replica grants the node an export at that generation, and a replica
+    /// whose server cannot be reached is marked out (the set goes on with
+    /// the others; at least one must answer). Called with the volume's name
+    /// lock held.
+    async fn publish_replicated(
+        &self,
+        call: &Call,
+        v: VolumeRecord,
+        client: &NodeRecord,
+        read_only: bool,
+        pending: Option<AttachmentRecord>,
+    ) -> Result<AttachmentRecord> {
+        if read_only {
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume {}: read-only publishing of replicated volumes is not built yet; \
+                 snapshot it and publish the snapshot's clone",
+                v.id
+            )));
+        }
+        let node = client.name.as_str();
+        let rec = match pending {
+            Some(a) => a,
+            None => {
+                let a = AttachmentRecord {
+                    volume: v.id.clone(),
+                    node: node.to_string(),
+                    read_only,
+                    server_node: v.node.clone(),
+                    export_name: String::new(),
+                    tcp_uri: String::new(),
+                    unix_uri: String::new(),
+                    state: State::Creating,
+                    created_ms: now_ms(),
+                    legs: Vec::new(),
+                    generation: 0,
+                };
+                self.commit_intent(a.create()).await?;
+                a
+            }
+        };
+        fault::point("publish-volume:after-catalog");
+        // The new nexus's generation, durable before any grant carries it.
+        let mut set = v.replicas.clone().unwrap_or_else(|| unreachable!("replicated"));
+        let fence = set.new_nexus(set.generation())?;
+        let mut cur = VolumeRecord {
+            replicas: Some(set.clone()),
+            ..v.clone()
+        };
+        self.commit_intent(cur.replace(&v)).await?;
+        fault::point("publish-volume:after-generation");
+        let mut legs = Vec::new();
+        let mut missing = Vec::new();
+        let readable: Vec<String> = set.readable().map(|r| r.node.clone()).collect();
+        for rnode in readable {
+            let peer = if rnode == node {
+                String::new()
+            } else {
+                peer_ip(&client.nbd_address)
+            };
+            let granted = async {
+                self.require_up(&rnode)?;
+                let mut c = self.server(&rnode).await?;
+                c.grant_export(server_req(
+                    call,
+                    vpb::GrantExportRequest {
+                        kind: vpb::TargetKind::Volume as i32,
+                        name: v.id.clone(),
+                        client: node_client(node),
+                        read_only,
+                        peer_address: peer,
+                        generation: fence,
+                    },
+                ))
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(|s| MetaError::server(&rnode, &s))
+            }
+            .await;
+            match granted {
+                Ok(e) => legs.push(records::LegRecord {
+                    node: rnode,
+                    export_name: e.export_name,
+                }),
+                Err(MetaError::Unavailable(why)) => missing.push((rnode, why)),
+                Err(e) => return Err(e),
+            }
+        }
+        if legs.is_empty() {
+            return Err(MetaError::Unavailable(format!(
+                "no replica of volume {} can be reached: {}",
+                v.id,
+                missing
+                    .iter()
+                    .map(|(n, why)| format!("{n}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )));
+        }
+        for (rnode, why) in &missing {
+            let before = cur.clone();
+            set.fault(rnode, set.generation(), &[])?;
+            cur = VolumeRecord {
+                replicas: Some(set.clone()),
+                ..before.clone()
+            };
+            let c = Call::new(&call.actor, "FaultReplica", &v.id, rnode);
+            self.commit(&c, cur.replace(&before), rnode, format!("unreachable at publish: {why}"))
+                .await?;
+            tracing::warn!(volume = %v.id, node = %rnode, error = %why, "replica unreachable at publish: marked out");
+        }
+        fault::point("publish-volume:after-server");
+        // The local replica first: the nexus reads from it.
+        legs.sort_by_key(|l| l.node != node);
+        let ready = AttachmentRecord {
+            legs,
+            generation: set.generation(),
+            state: State::Ready,
+            ..rec.clone()
+        };
+        let detail = format!(
+            "read-write to node {node}, generation {} ({} replica(s): {})",
+            set.generation(),
+            ready.legs.len(),
+            ready
+                .legs
+                .iter()
+                .map(|l| l.node.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.commit(call, ready.replace(&rec), &v.node, detail).await?;
+        Ok(ready)
+    }
+
+    /// A nexus saw the replica on `node` fail: it leaves the set and the
+    /// generation moves on, durably, before the nexus acknowledges the
+    /// writes it holds. Refused at an old generation (a newer nexus owns the
+    /// volume) and for the last in-sync replica.
+    pub async fn report_replica_fault(
+        &self,
+        call: &Call,
+        volume: &str,
+        node: &str,
+        generation: u64,
+        pending: &[(u64, u64)],
+        reason: &str,
+    ) -> Result<u64> {
+        check_name("volume", volume)?;
+        check_name("node", node)?;
+        const MAX_PENDING: usize = 1 << 16;
+        if pending.len() > MAX_PENDING {
+            return Err(MetaError::InvalidArgument(format!(
+                "{} pending ranges, more than {MAX_PENDING}",
+                pending.len()
+            )));
+        }
+        let _name = self.locks.lock(format!("v:{volume}")).await;
+        let v = self.ready_volume(volume)?;
+        let Some(mut set) = v.replicas.clone() else {
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume {volume} is not replicated"
+            )));
+        };
+        if pending.iter().any(|&(o, l)| o.checked_add(l).is_none_or(|e| e > v.size_bytes)) {
+            return Err(MetaError::InvalidArgument(format!(
+                "a pending range lies past the end of volume {volume} ({} bytes)",
+                v.size_bytes
+            )));
+        }
+        let g = set.fault(node, generation, pending)?;
+        let faulted = VolumeRecord {
+            replicas: Some(set),
+            ..v.clone()
+        };
+        fault::point("replica-fault:before-catalog");
+        let detail = format!(
+            "generation {generation} -> {g}; {} pending range(s); {}",
+            pending.len(),
+            berth_proto::validate::bounded(reason, 512)
+        );
+        self.commit(call, faulted.replace(&v), node, detail).await?;
+        tracing::warn!(volume, node, generation = g, reason, "replica marked out");
+        Ok(g)
+    }
+
     pub async fn unpublish(&self, call: &Call, volume: &str, node: &str) -> Result<u32> {
         check_name("volume", volume)?;
         let _name = self.locks.lock(format!("v:{volume}")).await;
@@ -1530,7 +1840,15 @@ impl Meta {
 
     /// Removes one attachment: catalog intent, server revoke, catalog outcome.
     async fn revoke(&self, call: &Call, a: AttachmentRecord) -> Result<u32> {
-        self.require_up(&a.server_node)?;
+        // A replicated volume's grants are on every copy's node; one that is
+        // down keeps its grant, fenced by the next publish's generation.
+        let copies: Vec<String> = match self.get::<VolumeRecord>(&a.volume)? {
+            Some(v) if v.replicas.is_some() => v.nodes().into_iter().map(|(n, _)| n).collect(),
+            _ => Vec::new(),
+        };
+        if copies.is_empty() {
+            self.require_up(&a.server_node)?;
+        }
         let deleting = AttachmentRecord {
             state: State::Deleting,
             ..a.clone()
@@ -1538,9 +1856,26 @@ impl Meta {
         if a.state != State::Deleting {
             self.commit_intent(deleting.replace(&a)).await?;
         }
-        let closed = self
-            .revoke_on_server(call, &a.server_node, &a.volume, &a.node)
-            .await?;
+        let closed = if copies.is_empty() {
+            self.revoke_on_server(call, &a.server_node, &a.volume, &a.node)
+                .await?
+        } else {
+            let mut closed = 0;
+            for n in &copies {
+                if !self.is_up(n) {
+                    tracing::warn!(volume = %a.volume, node = %n, "replica node down: its grant stays, fenced");
+                    continue;
+                }
+                match self.revoke_on_server(call, n, &a.volume, &a.node).await {
+                    Ok(c) => closed += c,
+                    Err(MetaError::Unavailable(why)) => {
+                        tracing::warn!(volume = %a.volume, node = %n, error = %why, "replica node unreachable: its grant stays, fenced");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            closed
+        };
         self.commit(
             call,
             deleting.remove(),
@@ -1639,12 +1974,14 @@ impl Meta {
             tracing::warn!(node, object = id, error = %e, "reconcile could not repair {what}; next pass retries");
         };
         for v in records::list::<VolumeRecord>(&*self.store, None, 0)? {
-            if v.node == node {
+            let copy = v.nodes().into_iter().find(|(n, _)| n == node);
+            if let Some((_, copy_pool)) = copy {
                 let r = self
                     .reconcile_volume(
                         &call,
                         node,
                         &pool_id,
+                        &copy_pool,
                         &v.id,
                         server_vols.get(&v.id).copied(),
                     )
@@ -1697,6 +2034,7 @@ impl Meta {
         call: &Call,
         node: &str,
         pool_id: &str,
+        copy_pool: &str,
         id: &str,
         listed_size: Option<u64>,
     ) -> Result<()> {
@@ -1717,10 +2055,11 @@ impl Meta {
                     .await;
             }
             State::Deleting => {
-                self.delete_on_server(node, id, SERVER_CALLER_PREFIX)
-                    .await?;
+                for (n, _) in v.nodes() {
+                    self.delete_on_server(&n, id, SERVER_CALLER_PREFIX).await?;
+                }
                 self.commit_intent(v.remove()).await?;
-                self.reserve(&v.pool_id, -i128::from(v.size_bytes));
+                self.reserve_copies(&v, -i128::from(v.size_bytes));
                 self.note(node, id, "finished a delete that never finished")
                     .await;
             }
@@ -1732,9 +2071,9 @@ impl Meta {
                     None => self.server_volume_size(call, node, id).await?,
                 };
                 let condition = match size {
-                    None if v.pool_id != pool_id => format!(
-                        "lost: node {node} now serves pool {pool_id}, the volume was on pool {}",
-                        v.pool_id
+                    None if copy_pool != pool_id => format!(
+                        "lost: node {node} now serves pool {pool_id}, the volume was on pool \
+                         {copy_pool}"
                     ),
                     None => format!("lost: volume server {node} does not have it"),
                     Some(_) => String::new(),
@@ -2077,6 +2416,7 @@ mod tests {
             topology: BTreeMap::new(),
             created_ms: 0,
             condition: String::new(),
+            replicas: None,
         };
         store.commit(vol.create()).expect("volume");
         let meta = meta_on(store);

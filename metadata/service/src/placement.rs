@@ -128,6 +128,73 @@ pub fn choose(cands: &[Candidate], req: &Request, overcommit: f64) -> Result<usi
     })
 }
 
+/// `n` candidates on distinct nodes (and, with `spread`, distinct values of
+/// that label), each the best of what the earlier picks leave; or why not,
+/// node by node.
+pub fn choose_n(
+    cands: &[Candidate],
+    req: &Request,
+    overcommit: f64,
+    n: usize,
+    spread: Option<&str>,
+) -> Result<Vec<usize>, String> {
+    let mut chosen: Vec<usize> = Vec::with_capacity(n);
+    while chosen.len() < n {
+        let mut excluded = Vec::new();
+        let allowed: Vec<usize> = (0..cands.len())
+            .filter(|&i| {
+                let c = &cands[i];
+                if let Some(&k) = chosen.iter().find(|&&k| cands[k].node == c.node) {
+                    excluded.push(format!("{}: holds copy {}", c.node, position(&chosen, k)));
+                    return false;
+                }
+                if let Some(label) = spread {
+                    let v = c.labels.get(label);
+                    if let Some(&k) = chosen.iter().find(|&&k| cands[k].labels.get(label) == v) {
+                        excluded.push(format!(
+                            "{}: same {label} ({}) as copy {}",
+                            c.node,
+                            v.map_or("unset", String::as_str),
+                            position(&chosen, k)
+                        ));
+                        return false;
+                    }
+                }
+                true
+            })
+            .collect();
+        let sub: Vec<Candidate> = allowed.iter().map(|&i| cands[i].clone()).collect();
+        let picked = if sub.is_empty() {
+            Err(String::new())
+        } else {
+            choose(&sub, req, overcommit)
+        };
+        match picked {
+            Ok(j) => chosen.push(allowed[j]),
+            Err(why) if n == 1 => return Err(why),
+            Err(why) => {
+                excluded.dedup();
+                let mut parts = excluded;
+                if !why.is_empty() {
+                    parts.push(why);
+                }
+                return Err(format!(
+                    "{n} copies need {n} nodes{}, each with room; found {}: {}",
+                    spread.map_or(String::new(), |l| format!(" in distinct {l} values")),
+                    chosen.len(),
+                    parts.join("; ")
+                ));
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+/// Copy numbers as people count them (1-based).
+fn position(chosen: &[usize], k: usize) -> usize {
+    chosen.iter().position(|&c| c == k).map_or(0, |p| p + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,5 +321,38 @@ mod tests {
         assert!(choose(&[], &pref, 1.0)
             .expect_err("none")
             .contains("no volume server"));
+    }
+
+    #[test]
+    fn copies_go_to_distinct_nodes_and_zones_or_say_why_not() {
+        // Two pools on node a: copies still take distinct nodes.
+        let mut a2 = cand("a", "z1", 8 * G, 0);
+        a2.pool_id = "pool-a2".into();
+        let c = vec![
+            cand("a", "z1", 8 * G, 0),
+            a2,
+            cand("b", "z1", 4 * G, 0),
+            cand("c", "z2", 2 * G, 0),
+        ];
+        let req = Request {
+            size_bytes: G,
+            ..Default::default()
+        };
+        let picked = choose_n(&c, &req, 1.0, 3, None).expect("three nodes");
+        let nodes: Vec<&str> = picked.iter().map(|&i| c[i].node.as_str()).collect();
+        assert_eq!(nodes, ["a", "b", "c"]);
+        // Spread over zones: two zones hold two copies, not three.
+        let two = choose_n(&c, &req, 1.0, 2, Some("zone")).expect("two zones");
+        let zones: Vec<&str> = two.iter().map(|&i| c[i].labels["zone"].as_str()).collect();
+        assert_eq!(zones, ["z1", "z2"]);
+        let e = choose_n(&c, &req, 1.0, 3, Some("zone")).expect_err("two zones only");
+        assert!(e.starts_with("3 copies need 3 nodes in distinct zone values"), "{e}");
+        assert!(e.contains("b: same zone (z1) as copy 1"), "{e}");
+        assert!(e.contains("c: holds copy 2"), "{e}");
+        // A node too full is named with its shortfall.
+        let full = vec![cand("a", "z1", 4 * G, 0), cand("b", "z1", 4 * G, 4 * G)];
+        let e = choose_n(&full, &req, 1.0, 2, None).expect_err("b is full");
+        assert!(e.contains("a: holds copy 1"), "{e}");
+        assert!(e.contains("b: 0 bytes available, 1 GiB short"), "{e}");
     }
 }

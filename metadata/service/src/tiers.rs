@@ -160,7 +160,7 @@ fn scaled(base: u64, per_gib: u64, cap: u64, size_bytes: u64) -> u64 {
 
 /// The keys a volume's parameters may carry.
 pub const PARAMETER_KEYS: &str =
-    "tier, fsType, maxIops, maxMBps, iopsPerGiB, burstSeconds, replicas, media, csi.storage.k8s.io/*";
+    "tier, fsType, maxIops, maxMBps, iopsPerGiB, burstSeconds, replicas, replicaSpread, media, csi.storage.k8s.io/*";
 /// Of those, what ModifyVolume may change on a live volume.
 pub const MUTABLE_KEYS: &str = "tier, maxIops, maxMBps, iopsPerGiB, burstSeconds";
 
@@ -175,7 +175,17 @@ pub struct Spec {
     pub fs_type: String,
     /// Pool media allowed: the parameter's, else the tier's.
     pub media: Vec<String>,
+    /// Copies on distinct nodes (1 to 3).
+    pub replicas: usize,
+    /// A topology label whose values the replicas must all differ in
+    /// (`replicaSpread: zone` is `topology.kubernetes.io/zone`).
+    pub spread: Option<String>,
 }
+
+/// The most copies a volume may have.
+pub const MAX_REPLICAS: usize = 3;
+/// The label `replicaSpread: zone` spreads over.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 impl Spec {
     /// The limits for a volume of `size_bytes`.
@@ -257,6 +267,8 @@ pub fn resolve(tiers: &[Tier], params: &BTreeMap<String, String>) -> Result<Spec
         max_bytes_per_second: None,
         iops_per_gib: None,
         burst_seconds: None,
+        replicas: 1,
+        spread: None,
     };
     for (k, v) in params {
         match k.as_str() {
@@ -278,11 +290,27 @@ pub fn resolve(tiers: &[Tier], params: &BTreeMap<String, String>) -> Result<Spec
                 spec.burst_seconds = Some(b);
             }
             "replicas" => {
-                if v.trim() != "1" {
-                    return Err(MetaError::InvalidArgument(format!(
-                        "parameter replicas={v:?}: only 1 is supported (volumes live on one \
-                         node; use an application that replicates itself for more copies)"
-                    )));
+                spec.replicas = match v.trim().parse::<usize>() {
+                    Ok(n) if (1..=MAX_REPLICAS).contains(&n) => n,
+                    _ => {
+                        return Err(MetaError::InvalidArgument(format!(
+                            "parameter replicas={}: 1, 2 or 3 copies, each on its own node",
+                            berth_proto::validate::quote(v)
+                        )))
+                    }
+                }
+            }
+            "replicaSpread" => {
+                spec.spread = match v.trim() {
+                    "node" => None,
+                    "zone" => Some(ZONE_LABEL.to_string()),
+                    _ => {
+                        return Err(MetaError::InvalidArgument(format!(
+                            "parameter replicaSpread={}: node (the default: distinct nodes) \
+                             or zone (distinct {ZONE_LABEL} values too)",
+                            berth_proto::validate::quote(v)
+                        )))
+                    }
                 }
             }
             "media" => spec.media = vec![v.clone()],
@@ -382,7 +410,12 @@ mod tests {
         );
         assert!(msg(&[("maxIops", "lots")]).contains("maxIops"));
         assert!(msg(&[("fsType", "ntfs")]).contains("ntfs"));
-        assert!(msg(&[("replicas", "3")]).contains("only 1"));
+        assert!(msg(&[("replicas", "4")]).contains("1, 2 or 3"));
+        assert!(msg(&[("replicas", "0")]).contains("1, 2 or 3"));
+        assert!(msg(&[("replicaSpread", "rack")]).contains("node (the default"));
+        let three = resolve(&default_tiers(), &params(&[("replicas", " 3"), ("replicaSpread", "zone")]))
+            .expect("three copies");
+        assert_eq!((three.replicas, three.spread.as_deref()), (3, Some(ZONE_LABEL)));
         assert!(msg(&[("burstSeconds", "0")]).contains("burstSeconds"));
         assert!(check_mutable(&params(&[("fsType", "xfs")])).is_err());
         assert!(check_mutable(&params(&[("tier", "premium")])).is_ok());
@@ -427,6 +460,7 @@ mod tests {
             Just("iopsPerGiB".to_string()),
             Just("burstSeconds".to_string()),
             Just("replicas".to_string()),
+            Just("replicaSpread".to_string()),
             Just("csi.storage.k8s.io/pvc/name".to_string()),
             "\\PC{0,12}",
             ".{0,40}",
@@ -437,6 +471,7 @@ mod tests {
             Just("extreme".to_string()),
             Just("ext4".to_string()),
             Just("xfs".to_string()),
+            Just("zone".to_string()),
             "[0-9]{1,25}",
             "-?[0-9]{0,5}(\\.[0-9]{0,5})?(e[+-]?[0-9]{1,3})?",
             Just("NaN".to_string()),
@@ -466,7 +501,12 @@ mod tests {
                                 prop_assert!(b > 0.0 && b <= 3600.0, "{v:?}");
                             }
                             "fsType" => prop_assert!(v == "ext4" || v == "xfs", "{v:?}"),
-                            "replicas" => prop_assert_eq!(v.trim(), "1"),
+                            "replicas" => {
+                                let n: usize = v.trim().parse().expect("accepted");
+                                prop_assert!((1..=MAX_REPLICAS).contains(&n), "{v:?}");
+                                prop_assert_eq!(spec.replicas, n);
+                            }
+                            "replicaSpread" => prop_assert!(matches!(v.trim(), "node" | "zone")),
                             "tier" => prop_assert_eq!(&spec.tier.name, v),
                             other => prop_assert!(
                                 other.starts_with("csi.storage.k8s.io/"),

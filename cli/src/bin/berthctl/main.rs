@@ -277,12 +277,17 @@ fn main() -> ExitCode {
                 .await
             }
             Cmd::Meta(c) => {
+                let conn = meta::Conn {
+                    endpoint: endpoint.clone(),
+                    tls_dir: cli.tls_dir.clone(),
+                };
                 meta::run(
                     &out,
                     c,
                     berth_proto::meta::v1::metadata_service_client::MetadataServiceClient::new(
                         channel,
                     ),
+                    &conn,
                 )
                 .await
             }

@@ -136,6 +136,28 @@ pub enum VolumeCmd {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Attach the volume on this host as the file DIR/disk, as the CSI node
+    /// plugin does (replicated or not: the fan-out to the replicas runs
+    /// here), until interrupted; then flush, detach and unpublish. DIR must
+    /// be an empty folder (a FUSE mount point).
+    Attach {
+        name: String,
+        dir: std::path::PathBuf,
+        /// This host's node name, as its volume server registered it
+        /// (default: the host name).
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long)]
+        read_only: bool,
+    },
+}
+
+/// How berthctl reached the metadata service: `volume attach` hands it on
+/// to the nexus, which reports failed replicas there.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub endpoint: String,
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -227,7 +249,33 @@ fn volume_json(v: &pb::Volume) -> Value {
         "priority": q.priority, "fs_type": v.fs_type, "source": source,
         "parameters": v.parameters, "topology": v.accessible_topology.clone().unwrap_or_default().segments,
         "created_unix_ms": v.created_unix_ms, "abnormal": v.abnormal, "condition": v.condition,
+        "replicas": v.replicas.iter().map(|r| json!({
+            "node": r.node, "pool_id": r.pool_id, "state": r.state,
+            "synced_generation": r.synced_generation,
+            "rebuild_done_bytes": r.rebuild_done_bytes, "rebuild_total_bytes": r.rebuild_total_bytes,
+        })).collect::<Vec<_>>(),
+        "generation": v.generation,
     })
+}
+
+/// A volume's replicas in one cell: `node state` per replica, with a
+/// rebuild's progress.
+fn replica_summary(v: &pb::Volume) -> String {
+    v.replicas
+        .iter()
+        .map(|r| {
+            if r.state == "rebuilding" && r.rebuild_total_bytes > 0 {
+                format!(
+                    "{} rebuilding {}%",
+                    r.node,
+                    r.rebuild_done_bytes * 100 / r.rebuild_total_bytes
+                )
+            } else {
+                format!("{} {}", r.node, r.state)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 const VOL_COLS: &[&str] = &[
     "id",
@@ -367,9 +415,10 @@ pub async fn run(
     out: &Out,
     cmd: Cmd,
     mut c: MetadataServiceClient<Channel>,
+    conn: &Conn,
 ) -> Result<(), tonic::Status> {
     match cmd {
-        Cmd::Volume(v) => volume(out, v, &mut c).await?,
+        Cmd::Volume(v) => volume(out, v, &mut c, conn).await?,
         Cmd::Snapshot(s) => match s {
             SnapshotCmd::Create { volume, name } => {
                 let s = c
@@ -662,8 +711,64 @@ async fn volume(
     out: &Out,
     v: VolumeCmd,
     c: &mut MetadataServiceClient<Channel>,
+    conn: &Conn,
 ) -> Result<(), tonic::Status> {
     match v {
+        VolumeCmd::Attach {
+            name,
+            dir,
+            node,
+            read_only,
+        } => {
+            let node = node.unwrap_or_else(berth_cli::host_name);
+            let a = c
+                .publish_volume(req(pb::PublishVolumeRequest {
+                    volume_id: name.clone(),
+                    node: node.clone(),
+                    read_only,
+                }))
+                .await?
+                .into_inner();
+            let served = match berth_csi::node::fuse::attachment_uri(&a) {
+                Ok(uri) => {
+                    let opts = berth_csi::node::fuse::AttachOptions {
+                        uri,
+                        dir: dir.clone(),
+                        read_only,
+                        pid_file: None,
+                        reconnect_timeout: std::time::Duration::from_secs(300),
+                        tls_dir: conn.tls_dir.clone(),
+                        metadata: Some(conn.endpoint.clone()),
+                    };
+                    let legs: Vec<&str> = a.legs.iter().map(|l| l.node.as_str()).collect();
+                    errln!(
+                        "berthctl: volume {name} attached at {} ({}); interrupt to detach",
+                        dir.join(berth_csi::node::fuse::FILE).display(),
+                        if legs.is_empty() {
+                            format!("on node {}", a.server_node)
+                        } else {
+                            format!("replicas on {}, generation {}", legs.join(", "), a.generation)
+                        }
+                    );
+                    // The FUSE loop and its runtime on a thread of their own.
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    std::thread::spawn(move || {
+                        let _ = tx.send(berth_csi::node::fuse::run(opts));
+                    });
+                    rx.await
+                        .unwrap_or_else(|_| Err("the attach thread died".into()))
+                }
+                Err(e) => Err(e),
+            };
+            // Unpublished whatever happened: the grants go with the attachment.
+            c.unpublish_volume(req(pb::UnpublishVolumeRequest {
+                volume_id: name.clone(),
+                node,
+            }))
+            .await?;
+            served.map_err(|e| tonic::Status::internal(format!("volume {name}: {e}")))?;
+            out.done(&format!("detached volume {name}"));
+        }
         VolumeCmd::Create {
             name,
             size,
@@ -740,7 +845,16 @@ async fn volume(
                 .get_volume(req(pb::GetVolumeRequest { volume_id: name }))
                 .await?
                 .into_inner();
-            out.one(volume_json(&v), VOL_COLS);
+            if v.replicas.is_empty() || out.mode == Output::Json {
+                out.one(volume_json(&v), VOL_COLS);
+            } else {
+                // A replicated volume's table shows each copy.
+                let mut j = volume_json(&v);
+                j["replicas"] = json!(replica_summary(&v));
+                let mut cols = VOL_COLS.to_vec();
+                cols.extend(["generation", "replicas"]);
+                out.one(j, &cols);
+            }
         }
         VolumeCmd::List { node, page_size } => {
             let node = node.unwrap_or_default();

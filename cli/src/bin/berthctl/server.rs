@@ -371,6 +371,7 @@ pub async fn run(
                         client,
                         read_only,
                         peer_address,
+                        generation: 0,
                     }))
                     .await?
                     .into_inner();

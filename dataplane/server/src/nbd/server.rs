@@ -985,6 +985,10 @@ async fn handle<R: AsyncRead + Unpin>(
         refuse(pending, EINVAL, "flag not valid for this command");
         return Ok(());
     }
+    if ex.runtime.fenced(&ex.grant) {
+        refuse(pending, ESHUTDOWN, "fenced: a newer nexus owns this volume");
+        return Ok(());
+    }
     let write_kind = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if write_kind && ex.read_only {
         refuse(pending, EPERM, "export is read-only");

@@ -74,6 +74,7 @@ impl Fixture {
                 client: client.into(),
                 read_only: false,
                 peer_address: String::new(),
+                generation: 0,
             })
             .await
             .unwrap()
