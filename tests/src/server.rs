@@ -223,6 +223,22 @@ impl ServerProc {
         )
     }
 
+    /// berthctl that must fail; returns (exit code, stderr).
+    pub fn ctl_fails(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(binary("berthctl"))
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.ready.control_socket.display()))
+            .args(["--output", "json", "server"])
+            .args(args)
+            .output()
+            .expect("run berthctl");
+        assert!(!out.status.success(), "berthctl {args:?} succeeded");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
     /// berthctl that must succeed, parsed as JSON.
     pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
         let (code, out) = self.ctl(args);

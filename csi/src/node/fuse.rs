@@ -199,9 +199,13 @@ impl Membership for MetaMembership {
     }
 }
 
-/// How long a replica may leave a request unanswered before the nexus
-/// reports it out.
-const LEG_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a replica with requests outstanding may answer none before the
+/// nexus reports it out (a paused or hung server).
+const LEG_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a leg's session waits for a server that closed its connections
+/// (killed, restarting) before failing its requests: then the nexus reports
+/// the replica out.
+const LEG_RECONNECT: Duration = Duration::from_secs(1);
 
 /// Connects to every replica of `spec` and starts its nexus. A replica that
 /// cannot be reached now is reported out first (the set goes on without it).
@@ -224,10 +228,10 @@ async fn replicated(
         client,
         volume: spec.volume.clone(),
     };
-    // A leg's session waits for its server only as long as the nexus waits
-    // for a leg: past that, the replica is reported out.
+    // A leg's session waits briefly for a server that went away: past that
+    // its requests fail and the replica is reported out.
     let opts = Options {
-        reconnect_timeout: LEG_TIMEOUT,
+        reconnect_timeout: LEG_RECONNECT,
         connect_timeout: LEG_TIMEOUT,
         tls,
         ..Options::default()

@@ -99,7 +99,8 @@ impl std::fmt::Debug for Leg {
 
 #[derive(Debug, Clone)]
 pub struct NexusOptions {
-    /// A leg that has not answered a request for this long has failed.
+    /// A leg with requests outstanding that has answered none of them for
+    /// this long has failed.
     pub leg_timeout: Duration,
     /// The first wait before a fault report is retried (it doubles, to 5 s).
     pub report_retry: Duration,
@@ -170,6 +171,10 @@ struct LegSlot {
     /// completed, with the sequence number of each.
     unflushed: VecDeque<(u64, Range)>,
     seq: u64,
+    /// When it last answered anything: a leg with requests outstanding that
+    /// has not answered for the leg timeout has failed (a slow leg that
+    /// answers, throttled by its QoS, has not).
+    last_answer: Instant,
 }
 
 struct State {
@@ -287,6 +292,7 @@ impl Nexus {
                         failed: Vec::new(),
                         unflushed: VecDeque::new(),
                         seq: 0,
+                        last_answer: Instant::now(),
                     })
                     .collect(),
                 next_id: 1,
@@ -363,7 +369,12 @@ impl Inner {
             cmd,
             done: Box::new(move |r| {
                 if let Some(me) = me.upgrade() {
-                    let sent = me.st.lock().legs[i].inflight.remove(&id);
+                    let sent = {
+                        let mut st = me.st.lock();
+                        let l = &mut st.legs[i];
+                        l.last_answer = Instant::now();
+                        l.inflight.remove(&id)
+                    };
                     if let Some(s) = sent {
                         (s.done)(r);
                     }
@@ -808,7 +819,8 @@ fn coalesce(mut v: Vec<Range>) -> Vec<Range> {
     out
 }
 
-/// Fails legs whose oldest request is older than the leg timeout.
+/// Fails legs that have had requests outstanding, and answered nothing, for
+/// the leg timeout.
 async fn watchdog(inner: Weak<Inner>) {
     let period = match inner.upgrade() {
         Some(i) => (i.opts.leg_timeout / 4).max(Duration::from_millis(10)),
@@ -824,10 +836,11 @@ async fn watchdog(inner: Weak<Inner>) {
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| {
+                    let Some(oldest) = l.inflight.values().map(|s| s.at).min() else {
+                        return false;
+                    };
                     matches!(l.status, Status::Active)
-                        && l.inflight
-                            .values()
-                            .any(|s| now.duration_since(s.at) > me.opts.leg_timeout)
+                        && now.duration_since(oldest.max(l.last_answer)) > me.opts.leg_timeout
                 })
                 .map(|(i, _)| i)
                 .collect()

@@ -860,7 +860,15 @@ impl Actor {
                 } else {
                     tracing::debug!(error = %e, "reconnect failed");
                 }
-                self.next_try = Instant::now() + self.backoff;
+                // Backing off, but trying again when the timeout falls due,
+                // so requests fail at the timeout and not up to 2 s after it.
+                let mut next = Instant::now() + self.backoff;
+                if let Some(due) = self.down_since.map(|t| t + self.opts.reconnect_timeout) {
+                    if !self.failing && due > Instant::now() {
+                        next = next.min(due);
+                    }
+                }
+                self.next_try = next;
                 self.backoff = (self.backoff * 2).min(Duration::from_secs(2));
             }
         }

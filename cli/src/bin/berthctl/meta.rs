@@ -720,6 +720,9 @@ async fn volume(
             node,
             read_only,
         } => {
+            // The attachment runs here: its warnings (a replica reported
+            // out, a lost connection) go to stderr as the daemon's do.
+            berth_cli::init_logging(false);
             let node = node.unwrap_or_else(berth_cli::host_name);
             let a = c
                 .publish_volume(req(pb::PublishVolumeRequest {

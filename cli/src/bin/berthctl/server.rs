@@ -153,6 +153,11 @@ pub enum ExportCmd {
         /// Only TCP connections from this IP may use it.
         #[arg(long, default_value = "")]
         peer_address: String,
+        /// A replicated volume's copy: the generation to grant at (at least
+        /// the volume's fence; a higher one fences its current nexus). For
+        /// inspecting a copy after the volume is detached.
+        #[arg(long, default_value_t = 0)]
+        generation: u64,
     },
     /// Remove a grant (by its export name) and close its connections.
     Revoke {
@@ -354,6 +359,7 @@ pub async fn run(
                 client,
                 read_only,
                 peer_address,
+                generation,
             } => {
                 let (kind, name) = match (volume, snapshot) {
                     (Some(v), _) => (pb::TargetKind::Volume, v),
@@ -371,7 +377,7 @@ pub async fn run(
                         client,
                         read_only,
                         peer_address,
-                        generation: 0,
+                        generation,
                     }))
                     .await?
                     .into_inner();

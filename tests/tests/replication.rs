@@ -1,0 +1,513 @@
+//! Replicated volumes end to end: three real volume servers and the metadata
+//! service on loopback, the volume attached with `berthctl volume attach`
+//! (the nexus runs there, as it runs in the CSI node plugin's attach
+//! process), written by four writers through the attached file while a
+//! replica's volume server is killed with -9; then every copy that stayed
+//! in sync is read back from its own volume server and compared with what
+//! was acknowledged, and with each other. Also: the volume servers' fence
+//! (a grant older than the volume's generation cannot read or write), and
+//! a paused nexus that another nexus replaced.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use berth_nbd::proto::ESHUTDOWN;
+use berth_nbd::session::{Cmd, Options, Session, Uri};
+use berth_tests::meta::{Cluster, NodeSpec};
+use berth_tests::server::{binary, qemu_io, ServerProc};
+use bytes::Bytes;
+use serde_json::Value;
+
+/// FUSE is what `volume attach` serves the volume through.
+fn fuse_missing() -> bool {
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("SKIP: no /dev/fuse: this kernel cannot serve the attached file");
+        return true;
+    }
+    false
+}
+
+fn three_nodes(root: &Path) -> Cluster {
+    let spec = |name| NodeSpec {
+        name,
+        pool_size: "512M",
+        labels: vec![],
+    };
+    Cluster::start(root, &[spec("n1"), spec("n2"), spec("n3")])
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn session_opts() -> Options {
+    Options {
+        reconnect_timeout: Duration::from_secs(5),
+        ..Options::default()
+    }
+}
+
+/// `berthctl volume attach NAME DIR --node NODE`, running until told to stop.
+struct Attached {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Attached {
+    fn start(c: &Cluster, volume: &str, dir: &Path, node: &str) -> Attached {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let child = Command::new(binary("berthctl"))
+            .args(["--endpoint", &c.meta.endpoint])
+            .args(&c.meta.ctl_args)
+            .args(["volume", "attach", volume])
+            .arg(dir)
+            .args(["--node", node])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("berthctl volume attach");
+        let mut a = Attached {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        let file = a.file();
+        let end = Instant::now() + Duration::from_secs(20);
+        while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) == 0 {
+            if let Ok(Some(st)) = a.child.try_wait() {
+                panic!("berthctl volume attach exited early: {st}");
+            }
+            assert!(Instant::now() < end, "{} never appeared", file.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        a
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("disk")
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: a signal to our own child; no memory is shared.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// SIGINT: it flushes, unmounts, unpublishes and exits 0.
+    fn detach(mut self) {
+        self.signal(libc::SIGINT);
+        let st = self.child.wait().expect("wait");
+        assert!(st.success(), "berthctl volume attach ended with {st}");
+    }
+}
+
+impl Drop for Attached {
+    /// Killed (a failed test, or a deposed nexus): its mount is cleared.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+const BLOCK: usize = 16 << 10;
+const WRITERS: u64 = 4;
+
+/// What block `b` holds after its `seq`-th write (0: never written).
+fn content(b: u64, seq: u64) -> Vec<u8> {
+    if seq == 0 {
+        return vec![0; BLOCK];
+    }
+    let mut v = vec![0u8; BLOCK];
+    for (i, chunk) in v.chunks_mut(16).enumerate() {
+        chunk[..8].copy_from_slice(&b.to_le_bytes());
+        chunk[8..].copy_from_slice(&(seq ^ ((i as u64) << 40)).to_le_bytes());
+    }
+    v
+}
+
+/// Four writers, each over its own quarter of `blocks`: random blocks, an
+/// fsync every 16 writes. Returns each block's last acknowledged sequence
+/// number and the longest time one write took.
+fn write_load(file: &Path, blocks: u64, stop: &AtomicBool) -> (Vec<u64>, Duration) {
+    let per = blocks / WRITERS;
+    let results: Vec<(Vec<(u64, u64)>, Duration)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                s.spawn(move || {
+                    let f = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(file)
+                        .expect("open the attached file");
+                    let mut last = vec![0u64; per as usize];
+                    let mut seq = w + 1;
+                    let mut worst = Duration::ZERO;
+                    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ w;
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let i = x % per;
+                        let b = w * per + i;
+                        seq += WRITERS;
+                        let t = Instant::now();
+                        f.write_all_at(&content(b, seq), b * BLOCK as u64)
+                            .expect("a write through the nexus failed");
+                        n += 1;
+                        if n % 16 == 0 {
+                            f.sync_data().expect("fsync through the nexus failed");
+                        }
+                        worst = worst.max(t.elapsed());
+                        last[i as usize] = seq;
+                    }
+                    f.sync_data().expect("the last fsync failed");
+                    let blocks: Vec<(u64, u64)> = last
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| (w * per + i as u64, *s))
+                        .collect();
+                    (blocks, worst)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("writer")).collect()
+    });
+    let mut last = vec![0u64; blocks as usize];
+    let mut worst = Duration::ZERO;
+    for (bs, w) in results {
+        worst = worst.max(w);
+        for (b, s) in bs {
+            last[b as usize] = s;
+        }
+    }
+    (last, worst)
+}
+
+/// Reads the whole volume `name` from one node's volume server, through a
+/// grant at `generation` (the volume must be detached: it fences the nexus).
+fn read_copy(c: &mut Cluster, node: &str, name: &str, generation: u64, size: u64) -> Vec<u8> {
+    let e = c.node(node).ctl_json(&[
+        "export",
+        "grant",
+        "--volume",
+        name,
+        "--client",
+        "replication-test",
+        "--generation",
+        &generation.to_string(),
+    ]);
+    let uri = e["unix_uri"].as_str().expect("unix uri").to_string();
+    rt().block_on(async {
+        let s = Session::connect(Uri::parse(&uri).expect("uri"), session_opts())
+            .await
+            .expect("connect to a copy");
+        let mut all = Vec::with_capacity(size as usize);
+        let chunk = 1u32 << 20;
+        let mut at = 0;
+        while at < size {
+            let d = s
+                .call(Cmd::Read {
+                    offset: at,
+                    len: chunk,
+                })
+                .await
+                .unwrap_or_else(|e| panic!("read {node}'s copy at {at}: NBD error {e}"));
+            all.extend_from_slice(&d);
+            at += u64::from(chunk);
+        }
+        let _ = s.close().await;
+        all
+    })
+}
+
+fn replica_states(v: &Value) -> Vec<(String, String)> {
+    v["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .map(|r| {
+            (
+                r["node"].as_str().unwrap_or_default().to_string(),
+                r["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_replica_killed_under_four_writers_loses_nothing_acknowledged() {
+    if fuse_missing() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut c = three_nodes(root.path());
+    const SIZE: u64 = 32 << 20;
+    let v = c.meta.ctl_json(&[
+        "volume",
+        "create",
+        "db",
+        "--size",
+        "32M",
+        "--param",
+        "replicas=3",
+    ]);
+    let mut nodes: Vec<String> = replica_states(&v).into_iter().map(|(n, _)| n).collect();
+    nodes.sort();
+    assert_eq!(nodes, ["n1", "n2", "n3"], "three copies on three nodes: {v}");
+    assert!(replica_states(&v).iter().all(|(_, s)| s == "in-sync"), "{v}");
+    for n in ["n1", "n2", "n3"] {
+        assert!(c.server_volumes(n).contains(&"db".to_string()), "no copy on {n}");
+    }
+    // Too many copies for the nodes there are: refused, naming why.
+    let e = c.meta.ctl_err(
+        8,
+        &["volume", "create", "x", "--size", "1M", "--param", "replicas=3", "--param", "replicaSpread=zone"],
+    );
+    assert!(e.contains("3 copies need 3 nodes in distinct"), "{e}");
+
+    let a = Attached::start(&c, "db", &root.path().join("mnt"), "n1");
+    let g0 = c.meta.ctl_json(&["volume", "get", "db"])["generation"]
+        .as_u64()
+        .expect("generation");
+    let blocks = SIZE / BLOCK as u64;
+    // A random replica goes, the nexus's own node's included.
+    let victim = ["n1", "n2", "n3"][(std::process::id() % 3) as usize];
+    let stop = AtomicBool::new(false);
+    let (last, worst) = std::thread::scope(|s| {
+        let load = s.spawn(|| write_load(&a.file(), blocks, &stop));
+        std::thread::sleep(Duration::from_millis(1500));
+        c.node(victim).kill9();
+        std::thread::sleep(Duration::from_millis(3500));
+        stop.store(true, Ordering::Relaxed);
+        load.join().expect("writers")
+    });
+    let written = last.iter().filter(|s| **s > 0).count();
+    eprintln!(
+        "killed {victim}'s volume server under 4 writers: {written} blocks written, \
+         longest write {worst:?}"
+    );
+    assert!(written > 100, "the writers barely wrote ({written} blocks)");
+
+    // The catalog moved on without it.
+    let v = c.meta.ctl_json(&["volume", "get", "db"]);
+    let states = replica_states(&v);
+    for (n, s) in &states {
+        let want = if n == victim { "faulted" } else { "in-sync" };
+        assert_eq!(s, want, "{n}: {v}");
+    }
+    let g1 = v["generation"].as_u64().expect("generation");
+    assert!(g1 > g0, "the generation did not move ({g0} -> {g1})");
+    assert_eq!(v["abnormal"], true, "{v}");
+    assert!(
+        v["condition"].as_str().unwrap_or_default().contains("degraded"),
+        "{v}"
+    );
+    let audit = c.meta.ctl_json(&["audit", "list", "--volume", "db"]);
+    assert!(
+        audit
+            .as_array()
+            .expect("audit")
+            .iter()
+            .any(|e| e["action"] == "ReportReplicaFault" && e["result"] == "ok"),
+        "no fault report in the audit log"
+    );
+
+    // Everything acknowledged reads back through the nexus...
+    let f = std::fs::File::open(a.file()).expect("open");
+    let mut buf = vec![0u8; BLOCK];
+    for (b, seq) in last.iter().enumerate() {
+        f.read_exact_at(&mut buf, (b * BLOCK) as u64).expect("read");
+        assert!(buf == content(b as u64, *seq), "block {b} (seq {seq}) through the nexus");
+    }
+    drop(f);
+    a.detach();
+    // ...and from each copy that stayed in sync, on its own server.
+    let mut copies = Vec::new();
+    for n in ["n1", "n2", "n3"].iter().filter(|n| **n != victim) {
+        let data = read_copy(&mut c, n, "db", g1, SIZE);
+        for (b, seq) in last.iter().enumerate() {
+            let got = &data[b * BLOCK..(b + 1) * BLOCK];
+            assert!(got == content(b as u64, *seq), "block {b} (seq {seq}) on {n}'s copy");
+        }
+        copies.push(data);
+    }
+    assert!(copies[0] == copies[1], "the in-sync copies differ");
+
+    // The killed server comes back: its copy stays out of the set (it is
+    // not rebuilt yet) and a new attachment neither reads nor writes it.
+    c.node(victim).restart();
+    c.meta.wait_node(victim, "up");
+    let a = Attached::start(&c, "db", &root.path().join("mnt2"), "n1");
+    let f = std::fs::File::open(a.file()).expect("open");
+    for (b, seq) in last.iter().enumerate().step_by(7) {
+        f.read_exact_at(&mut buf, (b * BLOCK) as u64).expect("read");
+        assert!(buf == content(b as u64, *seq), "block {b} after the restart");
+    }
+    drop(f);
+    let v = c.meta.ctl_json(&["volume", "get", "db"]);
+    assert!(
+        replica_states(&v)
+            .iter()
+            .any(|(n, s)| n == victim && s == "faulted"),
+        "{v}"
+    );
+    a.detach();
+    c.meta.ctl_json(&["volume", "delete", "db"]);
+    for n in ["n1", "n2", "n3"] {
+        assert!(!c.server_volumes(n).contains(&"db".to_string()), "a copy stayed on {n}");
+    }
+}
+
+#[test]
+fn a_grant_older_than_the_volume_fence_can_neither_read_nor_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut srv = ServerProc::start(dir.path(), "256M");
+    srv.ctl_json(&["volume", "create", "v", "--size", "16M"]);
+    let grant = |srv: &ServerProc, client: &str, g: u64| -> String {
+        srv.ctl_json(&[
+            "export",
+            "grant",
+            "--volume",
+            "v",
+            "--client",
+            client,
+            "--generation",
+            &g.to_string(),
+        ])["unix_uri"]
+            .as_str()
+            .expect("uri")
+            .to_string()
+    };
+    let old = grant(&srv, "nexus-a", 2);
+    rt().block_on(async {
+        let a = Session::connect(Uri::parse(&old).expect("uri"), session_opts())
+            .await
+            .expect("connect");
+        let w = |b: u8| Cmd::Write {
+            offset: 0,
+            data: Bytes::from(vec![b; 4096]),
+        };
+        a.call(w(0xaa)).await.expect("write at the fence");
+        // A newer nexus is granted: the fence rises, and the old one's next
+        // request is refused on its open connection.
+        let new = grant(&srv, "nexus-b", 3);
+        assert_eq!(a.call(w(0xab)).await, Err(ESHUTDOWN));
+        assert_eq!(
+            a.call(Cmd::Read {
+                offset: 0,
+                len: 4096
+            })
+            .await,
+            Err(ESHUTDOWN)
+        );
+        let b = Session::connect(Uri::parse(&new).expect("uri"), session_opts())
+            .await
+            .expect("connect the new nexus");
+        b.call(w(0xbb)).await.expect("the new nexus writes");
+        b.close().await.expect("flush");
+    });
+    // Connecting through the old grant is refused; so is a grant without a
+    // generation (a plain client) and a grant below the fence.
+    let (ok, out) = qemu_io(&old, &["read 0 4096".to_string()]);
+    assert!(!ok && out.contains("fenced"), "{out}");
+    let plain = grant(&srv, "plain", 0);
+    let (ok, out) = qemu_io(&plain, &["read 0 4096".to_string()]);
+    assert!(!ok && out.contains("fenced"), "{out}");
+    let (code, msg) = srv.ctl_fails(&[
+        "export",
+        "grant",
+        "--volume",
+        "v",
+        "--client",
+        "late",
+        "--generation",
+        "1",
+    ]);
+    assert_eq!(code, 6, "failed precondition: {msg}");
+    assert!(msg.contains("older than its fence"), "{msg}");
+    // The fence is durable: after a restart the old grant stays fenced and
+    // the new one reads what it wrote.
+    srv.restart();
+    let (ok, out) = qemu_io(&old, &["read 0 4096".to_string()]);
+    assert!(!ok && out.contains("fenced"), "{out}");
+    let newest = grant(&srv, "nexus-c", 3);
+    let (ok, out) = qemu_io(&newest, &["read -P 0xbb 0 4096".to_string()]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn a_paused_nexus_replaced_by_another_cannot_write_when_it_resumes() {
+    if fuse_missing() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let c = three_nodes(root.path());
+    c.meta.ctl_json(&[
+        "volume",
+        "create",
+        "app",
+        "--size",
+        "16M",
+        "--param",
+        "replicas=2",
+    ]);
+    let old = Attached::start(&c, "app", &root.path().join("old"), "n1");
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(old.file())
+            .expect("open");
+        f.write_all_at(&[0x11; 4096], 0).expect("write");
+        f.sync_data().expect("fsync");
+    }
+    // The old nexus's node stops answering (SIGSTOP); the orchestrator
+    // detaches the volume there and attaches it on another node.
+    old.signal(libc::SIGSTOP);
+    c.meta.ctl_json(&["volume", "unexport", "app", "--node", "n1"]);
+    let new = Attached::start(&c, "app", &root.path().join("new"), "n2");
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(new.file())
+            .expect("open");
+        f.write_all_at(&[0x22; 4096], 0).expect("write");
+        f.sync_data().expect("fsync");
+    }
+    // The old one resumes and writes: refused, and the data is the new one's.
+    old.signal(libc::SIGCONT);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(old.file())
+        .expect("open");
+    let stale = f
+        .write_all_at(&[0x33; 4096], 0)
+        .and_then(|_| f.sync_data());
+    assert!(stale.is_err(), "the deposed nexus's write was acknowledged");
+    drop(f);
+    let mut buf = vec![0u8; 4096];
+    std::fs::File::open(new.file())
+        .expect("open")
+        .read_exact_at(&mut buf, 0)
+        .expect("read");
+    assert!(buf.iter().all(|b| *b == 0x22), "the data is not the new nexus's");
+    new.detach();
+    drop(old);
+}
