@@ -197,6 +197,25 @@ impl Membership for MetaMembership {
             }
         })
     }
+
+    fn repaired(&self, leg: &str, range: Range, from: &str) {
+        use berth_proto::meta::v1 as pb;
+        let mut c = self.client.clone();
+        let req = pb::AppendAuditRequest {
+            action: "ReplicaRepaired".into(),
+            volume: self.volume.clone(),
+            target: leg.to_string(),
+            detail: format!(
+                "{} bytes at offset {} failed to read on {leg}'s copy and were rewritten from {from}'s",
+                range.len, range.offset
+            ),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = c.append_audit(req).await {
+                tracing::warn!(error = %e.message(), "cannot record a repair in the audit log");
+            }
+        });
+    }
 }
 
 /// How long a replica with requests outstanding may answer none before the

@@ -80,6 +80,12 @@ pub trait Membership: Send + Sync + 'static {
         generation: u64,
         pending: Vec<Range>,
     ) -> BoxFuture<'static, Result<u64, FaultError>>;
+
+    /// `range` failed to read on `leg` and was rewritten there with the
+    /// copy on `from` (for the audit log). Must not block.
+    fn repaired(&self, leg: &str, range: Range, from: &str) {
+        let _ = (leg, range, from);
+    }
 }
 
 /// One replica: its name (the node) and the session to it.
@@ -741,17 +747,22 @@ impl Inner {
             .map_err(|e| format!("the rewrite failed (NBD error {e})"))
         }
         .await;
-        let (name, parked) = {
+        let (name, from, parked) = {
             let mut st = self.st.lock();
             if let Some(p) = st.repairs.iter().position(|r| *r == range) {
                 st.repairs.swap_remove(p);
             }
-            (st.legs[bad].name.clone(), std::mem::take(&mut st.parked))
+            (
+                st.legs[bad].name.clone(),
+                st.legs[good].name.clone(),
+                std::mem::take(&mut st.parked),
+            )
         };
         match repaired {
             Ok(_) => {
                 self.stats.repairs.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(leg = %name, offset, len, "repaired a range that failed to read, from another replica");
+                tracing::warn!(leg = %name, from = %from, offset, len, "repaired a range that failed to read, from another replica");
+                self.membership.repaired(&name, range, &from);
             }
             Err(why) => {
                 self.stats.repairs_abandoned.fetch_add(1, Ordering::Relaxed);

@@ -145,6 +145,7 @@ struct Catalog {
     refuse: AtomicBool,
     /// Reports wait while this is false.
     open: Mutex<Option<watch::Sender<bool>>>,
+    repaired: Mutex<Vec<(String, Range, String)>>,
 }
 
 impl Catalog {
@@ -192,6 +193,13 @@ impl Membership for Cat {
             me.reports.lock().push((leg, generation, pending));
             Ok(generation + 1)
         })
+    }
+
+    fn repaired(&self, leg: &str, range: Range, from: &str) {
+        self.0
+            .repaired
+            .lock()
+            .push((leg.to_string(), range, from.to_string()));
     }
 }
 
@@ -425,6 +433,12 @@ async fn a_failed_read_is_served_by_another_replica_and_repaired() {
     assert_eq!(stats.read_retries.load(Ordering::SeqCst), 1);
     assert_eq!(mems[0].bytes(0, 16384), vec![0x5a; 16384]);
     assert!(cat.reports.lock().is_empty(), "a repaired replica was reported out");
+    // The whole read was rewritten (the bad block is inside it), from the
+    // replica that served it, and the catalog heard of it.
+    assert_eq!(
+        cat.repaired.lock().clone(),
+        vec![("node-0".to_string(), range(0, 16384), "node-1".to_string())]
+    );
 }
 
 /// Holds the second replica's writes, sends a write of `new` over `old` at
