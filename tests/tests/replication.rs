@@ -666,3 +666,115 @@ fn a_hung_replica_is_reported_out_and_writes_go_on() {
     drop(f);
     a.detach();
 }
+
+/// The metadata service dies inside a fault report (before its catalog
+/// write, or after it and before the nexus hears the answer): the nexus
+/// holds the write that needs the report, asks again when the service is
+/// back, and gets one answer; the set moved on exactly once. A publish that
+/// died after moving the generation on is cleaned up by reconcile.
+#[test]
+fn crashes_of_the_metadata_service_in_fault_handling_converge() {
+    if fuse_missing() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut c = nodes_of(root.path(), "128M");
+    for (i, point) in ["replica-fault:before-catalog", "replica-fault:after-catalog"]
+        .iter()
+        .enumerate()
+    {
+        let name = format!("crash-{i}");
+        let v = c.meta.ctl_json(&[
+            "volume", "create", &name, "--size", "8M", "--param", "replicas=2",
+        ]);
+        let states = replica_states(&v);
+        let (local, victim) = (states[0].0.clone(), states[1].0.clone());
+        let a = Attached::start(&c, &name, &root.path().join(format!("mnt-{i}")), &local);
+        let g0 = c.meta.ctl_json(&["volume", "get", &name])["generation"]
+            .as_u64()
+            .expect("generation");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(a.file())
+            .expect("open");
+        f.write_all_at(&[0x01; 4096], 0).expect("write");
+        f.sync_data().expect("fsync");
+        drop(f);
+        c.meta.restart(Some(point));
+        eprintln!("{point}: armed; killing {victim}");
+        c.node(&victim).kill9();
+        // The write that needs the report, from another process: this one
+        // forks the service again while it is held, and a fork waits for a
+        // thread of its parent that is inside a FUSE request.
+        let mut held = Command::new("qemu-io")
+            .args(["-f", "raw", "-t", "none", "-c", "write -P 0x02 4096 4096", "-c", "flush"])
+            .arg(a.file())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qemu-io");
+        assert!(
+            c.meta.exited_within(Duration::from_secs(15)),
+            "the service did not crash at {point}"
+        );
+        eprintln!("{point}: the service crashed");
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            held.try_wait().expect("qemu-io").is_none(),
+            "{point}: the write was acknowledged without a durable fault report"
+        );
+        c.meta.restart(None);
+        eprintln!("{point}: the service is back");
+        let end = Instant::now() + Duration::from_secs(30);
+        let st = loop {
+            if let Some(st) = held.try_wait().expect("qemu-io") {
+                break st;
+            }
+            assert!(Instant::now() < end, "{point}: the held write never finished");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(st.success(), "{point}: the held write failed");
+        let mut buf = vec![0u8; 8192];
+        std::fs::File::open(a.file())
+            .expect("open")
+            .read_exact_at(&mut buf, 0)
+            .expect("read");
+        assert!(buf[..4096].iter().all(|b| *b == 1) && buf[4096..].iter().all(|b| *b == 2));
+        let v = c.meta.ctl_json(&["volume", "get", &name]);
+        assert_eq!(v["generation"].as_u64(), Some(g0 + 1), "{point}: moved on once: {v}");
+        for (n, s) in replica_states(&v) {
+            assert_eq!(s, if n == victim { "faulted" } else { "in-sync" }, "{point}: {v}");
+        }
+        a.detach();
+        c.node(&victim).restart();
+        c.meta.wait_node(&victim, "up");
+    }
+
+    // A publish that dies after moving the generation on, before granting.
+    c.meta.ctl_json(&[
+        "volume", "create", "pub", "--size", "8M", "--param", "replicas=2",
+    ]);
+    c.meta.restart(Some("publish-volume:after-generation"));
+    let o = c.meta.ctl(&["volume", "export", "pub", "--node", "n1"]);
+    assert_ne!(o.code, 0);
+    assert!(c.meta.exited_within(Duration::from_secs(10)), "no crash at publish");
+    c.meta.restart(None);
+    let end = Instant::now() + Duration::from_secs(20);
+    while !c.meta.ctl_json(&["attachments", "--volume", "pub"])
+        .as_array()
+        .expect("attachments")
+        .is_empty()
+    {
+        assert!(Instant::now() < end, "reconcile left the half-made attachment");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let a = Attached::start(&c, "pub", &root.path().join("mnt-pub"), "n1");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(a.file())
+        .expect("open")
+        .write_all_at(&[7; 4096], 0)
+        .expect("write after the crash");
+    a.detach();
+}

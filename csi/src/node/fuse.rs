@@ -273,10 +273,15 @@ async fn replicated(
     if legs.is_empty() {
         return Err("no replica of the volume can be reached".into());
     }
-    let nexus = Nexus::new(legs, generation, Arc::new(membership), NexusOptions {
-        leg_timeout: LEG_TIMEOUT,
-        ..NexusOptions::default()
-    })?;
+    let nexus = Nexus::new(
+        legs,
+        generation,
+        Arc::new(membership),
+        NexusOptions {
+            leg_timeout: LEG_TIMEOUT,
+            ..NexusOptions::default()
+        },
+    )?;
     tracing::info!(volume = %spec.volume, generation, legs = ?nexus.legs(), "nexus started");
     Ok(Arc::new(nexus))
 }
@@ -562,6 +567,22 @@ impl Filesystem for DiskFs {
             }
             _ => reply.error(Errno::EOPNOTSUPP),
         }
+    }
+
+    // No ioctls (qemu-io asks for the device's geometry and block size):
+    // ENOTTY, as a regular file answers, without fuser's warning for each.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
     }
 
     // No extended attributes. ENOSYS (not ENODATA) tells the kernel never to

@@ -110,6 +110,11 @@ pub struct NexusOptions {
     pub leg_timeout: Duration,
     /// The first wait before a fault report is retried (it doubles, to 5 s).
     pub report_retry: Duration,
+    /// How long a request waits for a fault report (the metadata service
+    /// unreachable) before it fails with EIO. The leg stays out of the set
+    /// meanwhile and the report goes on being retried: nothing is ever
+    /// acknowledged without it.
+    pub hold_timeout: Duration,
 }
 
 impl Default for NexusOptions {
@@ -117,6 +122,7 @@ impl Default for NexusOptions {
         NexusOptions {
             leg_timeout: Duration::from_secs(2),
             report_retry: Duration::from_millis(100),
+            hold_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -565,12 +571,19 @@ impl Inner {
             });
             return;
         }
+        let hold = self.opts.hold_timeout;
         tokio::spawn(async move {
             let mut out = outcome;
+            let until = tokio::time::Instant::now() + hold;
             for mut rx in waits {
-                let marked = match rx.wait_for(|v| v.is_some()).await {
-                    Ok(v) => *v == Some(true),
-                    Err(_) => false,
+                let marked = match tokio::time::timeout_at(until, rx.wait_for(|v| v.is_some())).await
+                {
+                    Ok(Ok(v)) => *v == Some(true),
+                    Ok(Err(_)) => false,
+                    Err(_) => {
+                        tracing::error!(waited = ?hold, "a failed replica could not be reported out in time: the request fails");
+                        false
+                    }
                 };
                 if !marked {
                     out = Err(EIO);

@@ -207,6 +207,7 @@ fn opts() -> NexusOptions {
     NexusOptions {
         leg_timeout: Duration::from_millis(200),
         report_retry: Duration::from_millis(5),
+        hold_timeout: Duration::from_secs(30),
     }
 }
 
@@ -495,4 +496,36 @@ async fn a_repair_never_overwrites_a_newer_write() {
     assert_eq!(mems[0].bytes(8192, 4096), vec![0x33; 4096]);
     assert_eq!(mems[1].bytes(8192, 4096), vec![0x33; 4096]);
     assert!(cat.reports.lock().is_empty());
+}
+
+#[tokio::test]
+async fn a_write_held_for_a_report_that_never_comes_fails_and_the_leg_stays_out() {
+    let mems = [Mem::new(), Mem::new()];
+    let cat = Catalog::gated();
+    let legs = mems
+        .iter()
+        .enumerate()
+        .map(|(i, m)| Leg {
+            name: format!("node-{i}"),
+            target: Arc::new(MemTarget(m.clone())) as Arc<dyn BlockTarget>,
+        })
+        .collect();
+    let n = Nexus::new(
+        legs,
+        7,
+        Arc::new(Cat(cat.clone())),
+        NexusOptions {
+            hold_timeout: Duration::from_millis(100),
+            ..opts()
+        },
+    )
+    .unwrap();
+    mems[1].fail_writes.store(true, Ordering::SeqCst);
+    assert_eq!(call(&n, write(0, 1, 4096)).await, Err(EIO));
+    assert_eq!(n.legs()[1].1, LegState::Leaving);
+    // Still not acknowledged without the report; once it comes, writes go on.
+    assert_eq!(call(&n, write(4096, 2, 4096)).await, Err(EIO));
+    cat.release();
+    call(&n, write(8192, 3, 4096)).await.unwrap();
+    assert_eq!(n.legs()[1].1, LegState::Out);
 }

@@ -68,6 +68,11 @@ pub struct ReplicaSet {
     /// reported them keeps writing.
     #[serde(default)]
     fence: u64,
+    /// The last change, when it was a fault: (node, the generation it was
+    /// reported at). A nexus that did not hear the answer asks again at
+    /// that generation and gets the same one back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_fault: Option<(String, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -105,6 +110,7 @@ impl ReplicaSet {
             generation: 1,
             replicas: Vec::new(),
             fence: 0,
+            last_fault: None,
         };
         for (node, pool) in placements {
             if set.find(node).is_some() {
@@ -199,6 +205,7 @@ impl ReplicaSet {
 
     /// Bumps the generation; in-sync replicas are in sync at the new one.
     fn bump(&mut self) -> u64 {
+        self.last_fault = None;
         self.generation += 1;
         let g = self.generation;
         for r in &mut self.replicas {
@@ -227,13 +234,22 @@ impl ReplicaSet {
     /// too): it leaves the set, with the ranges that were in flight to it.
     /// Returns the new generation, after which the nexus may acknowledge
     /// those writes.
+    ///
+    /// The same report again (its answer was lost) gets the same generation
+    /// back, as long as nothing changed since.
     pub fn fault(&mut self, node: &str, generation: u64, in_flight: &[(u64, u64)]) -> Result<u64> {
+        if self.last_fault.as_ref() == Some(&(node.to_string(), generation)) {
+            let i = self.replica(node)?;
+            self.replicas[i].pending.extend_from_slice(in_flight);
+            return Ok(self.generation);
+        }
         self.check(generation)?;
         let i = self.replica(node)?;
         match self.replicas[i].state {
             ReplicaState::InSync | ReplicaState::Rebuilding => {
                 let g = self.leave(i, ReplicaState::Faulted)?;
                 self.replicas[i].pending.extend_from_slice(in_flight);
+                self.last_fault = Some((node.to_string(), generation));
                 Ok(g)
             }
             _ => Err(self.wrong(i, "in sync or rebuilding")),
@@ -389,6 +405,21 @@ mod tests {
         // b remembers where its delta starts.
         assert_eq!(s.replicas[1].synced_generation, 1);
         assert_eq!(s.replicas[0].synced_generation, 2);
+    }
+
+    #[test]
+    fn a_report_repeated_after_its_answer_was_lost_gets_the_same_answer() {
+        let mut s = set3();
+        let g = s.fault("b", 1, &[(0, 4096)]).expect("fault");
+        assert_eq!(s.fault("b", 1, &[(8192, 4096)]), Ok(g));
+        assert_eq!(s.generation(), g);
+        assert_eq!(s.replicas()[1].pending, [(0, 4096), (8192, 4096)]);
+        // Once the set moved on, it is stale like any other.
+        let g2 = s.new_nexus(g).expect("nexus");
+        assert_eq!(
+            s.fault("b", 1, &[]),
+            Err(MembershipError::StaleGeneration { got: 1, current: g2 })
+        );
     }
 
     #[test]
@@ -603,9 +634,13 @@ mod tests {
                         s.fault(NODES[*n], old, &[]).map(drop)
                     }
                 };
+                // The same report again after its answer was lost.
+                let retry = matches!(st, Step::Stale(n)
+                    if before.last_fault.as_ref().is_some_and(|(node, at)| node == NODES[n] && *at + 1 == g && g.saturating_sub(1 + n as u64) == *at));
                 match (&st, &r) {
                     (Step::Write { .. }, _) => {}
                     (_, Err(_)) => prop_assert_eq!(&s, &before, "a refused {:?} changed the set", st),
+                    (Step::Stale(_), Ok(())) if retry => prop_assert_eq!(s.generation(), g, "a repeated report moved the set"),
                     (Step::Stale(_), Ok(())) => prop_assert!(false, "a report at an old generation was taken"),
                     (Step::Copy(_), Ok(())) => prop_assert_eq!(s.generation(), g),
                     (_, Ok(())) => prop_assert_eq!(s.generation(), g + 1, "{:?} must bump", st),

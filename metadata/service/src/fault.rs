@@ -15,7 +15,10 @@ pub const POINTS: &[&str] = &[
     "create-snapshot:after-catalog",
     "create-snapshot:after-server",
     "publish-volume:after-catalog",
+    "publish-volume:after-generation",
     "publish-volume:after-server",
+    "replica-fault:before-catalog",
+    "replica-fault:after-catalog",
 ];
 
 pub fn point(name: &str) {

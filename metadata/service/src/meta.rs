@@ -1820,7 +1820,10 @@ impl Meta {
             pending.len(),
             berth_proto::validate::bounded(reason, 512)
         );
-        self.commit(call, faulted.replace(&v), node, detail).await?;
+        if faulted != v {
+            self.commit(call, faulted.replace(&v), node, detail).await?;
+        }
+        fault::point("replica-fault:after-catalog");
         tracing::warn!(volume, node, generation = g, reason, "replica marked out");
         Ok(g)
     }
@@ -2154,8 +2157,15 @@ impl Meta {
         if a.state == State::Ready {
             return Ok(()); // Finished by a retry since the listing.
         }
-        self.revoke_on_server(call, node, &a.volume, &a.node)
-            .await?;
+        // A replicated volume's half-made publish may have granted on any
+        // of its copies' nodes.
+        let servers: Vec<String> = match self.get::<VolumeRecord>(&a.volume)? {
+            Some(v) if v.replicas.is_some() => v.nodes().into_iter().map(|(n, _)| n).collect(),
+            _ => vec![node.to_string()],
+        };
+        for s in &servers {
+            self.revoke_on_server(call, s, &a.volume, &a.node).await?;
+        }
         self.commit_intent(a.remove()).await?;
         self.note(
             node,
