@@ -355,6 +355,25 @@ fn a_replica_killed_under_four_writers_loses_nothing_acknowledged() {
     }
     assert!(copies[0] == copies[1], "the in-sync copies differ");
 
+    // A snapshot of the degraded volume is taken on a copy in sync, and a
+    // clone of it holds every acknowledged write.
+    let snap = c.meta.ctl_json(&["snapshot", "create", "db", "db-snap"]);
+    let snap_node = snap["node"].as_str().expect("node").to_string();
+    assert_ne!(snap_node, victim, "a snapshot was taken on the faulted copy");
+    let clone = c.meta.ctl_json(&["clone", "db-clone", "--from-snapshot", "db-snap"]);
+    assert_eq!(clone["node"].as_str(), Some(snap_node.as_str()));
+    let data = read_copy(&mut c, &snap_node, "db-clone", 0, SIZE);
+    assert!(data == copies[0], "the clone differs from the volume it was snapshotted from");
+    // Replicated clones, and clones straight from a replicated volume, are
+    // refused with the reason.
+    let e = c.meta.ctl_err(6, &["clone", "x", "--from-volume", "db"]);
+    assert!(e.contains("snapshot it and clone the snapshot"), "{e}");
+    let e = c.meta.ctl_err(
+        6,
+        &["clone", "x", "--from-snapshot", "db-snap", "--param", "replicas=2"],
+    );
+    assert!(e.contains("replicated clones are not built yet"), "{e}");
+
     // The killed server comes back: its copy stays out of the set (it is
     // not rebuilt yet) and a new attachment neither reads nor writes it.
     c.node(victim).restart();
@@ -374,6 +393,8 @@ fn a_replica_killed_under_four_writers_loses_nothing_acknowledged() {
         "{v}"
     );
     a.detach();
+    c.meta.ctl_json(&["volume", "delete", "db-clone"]);
+    c.meta.ctl_json(&["snapshot", "delete", "db-snap"]);
     c.meta.ctl_json(&["volume", "delete", "db"]);
     for n in ["n1", "n2", "n3"] {
         assert!(!c.server_volumes(n).contains(&"db".to_string()), "a copy stayed on {n}");

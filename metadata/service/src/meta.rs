@@ -826,21 +826,23 @@ impl Meta {
             };
         }
         if let Some(src) = &req.source {
-            let replicated_source = match src {
-                Source::Volume(v) => self
-                    .get::<VolumeRecord>(v)?
-                    .is_some_and(|v| v.replicas.is_some()),
-                Source::Snapshot(s) => self
-                    .get::<SnapshotRecord>(s)?
-                    .and_then(|s| self.get::<VolumeRecord>(&s.source_volume).ok().flatten())
-                    .is_some_and(|v| v.replicas.is_some()),
-            };
-            if spec.replicas > 1 || replicated_source {
+            if spec.replicas > 1 {
                 return Err(MetaError::FailedPrecondition(format!(
-                    "volume {}: clones of replicated volumes, and replicated clones, are not \
-                     built yet (a clone lives on its source's pools; see docs/replication.md)",
+                    "volume {}: replicated clones are not built yet (a clone lives on its \
+                     source's pool; see docs/replication.md)",
                     req.name
                 )));
+            }
+            if let Source::Volume(v) = src {
+                if self
+                    .get::<VolumeRecord>(v)?
+                    .is_some_and(|v| v.replicas.is_some())
+                {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "volume {v} is replicated: snapshot it and clone the snapshot (a \
+                         snapshot is taken on a copy in sync)"
+                    )));
+                }
             }
         }
         // Clones live on their source's pool: that is what makes them O(1).
@@ -1357,13 +1359,29 @@ impl Meta {
             Some(s) => s,
             None => {
                 let v = self.ready_volume(source)?;
-                self.require_up(&v.node)?;
+                // A replicated volume's snapshot is taken on one copy that
+                // is in sync (it holds every acknowledged write), the first
+                // copy if it is: no nexus has to pause for it.
+                let (node, pool_id) = match &v.replicas {
+                    Some(set) => set
+                        .readable()
+                        .find(|r| r.node == v.node && self.is_up(&r.node))
+                        .or_else(|| set.readable().find(|r| self.is_up(&r.node)))
+                        .map(|r| (r.node.clone(), r.pool_id.clone()))
+                        .ok_or_else(|| {
+                            MetaError::Unavailable(format!(
+                                "no copy of volume {source} that is in sync is up"
+                            ))
+                        })?,
+                    None => (v.node.clone(), v.pool_id.clone()),
+                };
+                self.require_up(&node)?;
                 let rec = SnapshotRecord {
                     id: name.to_string(),
                     source_volume: source.to_string(),
                     size_bytes: v.size_bytes,
-                    node: v.node.clone(),
-                    pool_id: v.pool_id.clone(),
+                    node,
+                    pool_id,
                     state: State::Creating,
                     created_ms: now_ms(),
                 };
