@@ -47,6 +47,16 @@ pub fn init_logging(json: bool) {
     }
 }
 
+/// This host's name: the default node name of its volume server and node
+/// plugin, and the node `berthctl volume attach` publishes to.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,14 +82,4 @@ mod tests {
             assert!(parse_topology_label(bad).is_err(), "{bad}");
         }
     }
-}
-
-/// This host's name: the default node name of its volume server and node
-/// plugin, and the node `berthctl volume attach` publishes to.
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".into())
 }

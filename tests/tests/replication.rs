@@ -176,7 +176,7 @@ fn write_load(file: &Path, blocks: u64, stop: &AtomicBool) -> (Vec<u64>, Duratio
                         f.write_all_at(&content(b, seq), b * BLOCK as u64)
                             .expect("a write through the nexus failed");
                         n += 1;
-                        if n % 16 == 0 {
+                        if n.is_multiple_of(16) {
                             f.sync_data().expect("fsync through the nexus failed");
                         }
                         worst = worst.max(t.elapsed());
@@ -275,15 +275,35 @@ fn a_replica_killed_under_four_writers_loses_nothing_acknowledged() {
     ]);
     let mut nodes: Vec<String> = replica_states(&v).into_iter().map(|(n, _)| n).collect();
     nodes.sort();
-    assert_eq!(nodes, ["n1", "n2", "n3"], "three copies on three nodes: {v}");
-    assert!(replica_states(&v).iter().all(|(_, s)| s == "in-sync"), "{v}");
+    assert_eq!(
+        nodes,
+        ["n1", "n2", "n3"],
+        "three copies on three nodes: {v}"
+    );
+    assert!(
+        replica_states(&v).iter().all(|(_, s)| s == "in-sync"),
+        "{v}"
+    );
     for n in ["n1", "n2", "n3"] {
-        assert!(c.server_volumes(n).contains(&"db".to_string()), "no copy on {n}");
+        assert!(
+            c.server_volumes(n).contains(&"db".to_string()),
+            "no copy on {n}"
+        );
     }
     // Too many copies for the nodes there are: refused, naming why.
     let e = c.meta.ctl_err(
         8,
-        &["volume", "create", "x", "--size", "1M", "--param", "replicas=3", "--param", "replicaSpread=zone"],
+        &[
+            "volume",
+            "create",
+            "x",
+            "--size",
+            "1M",
+            "--param",
+            "replicas=3",
+            "--param",
+            "replicaSpread=zone",
+        ],
     );
     assert!(e.contains("3 copies need 3 nodes in distinct"), "{e}");
 
@@ -321,7 +341,10 @@ fn a_replica_killed_under_four_writers_loses_nothing_acknowledged() {
     assert!(g1 > g0, "the generation did not move ({g0} -> {g1})");
     assert_eq!(v["abnormal"], true, "{v}");
     assert!(
-        v["condition"].as_str().unwrap_or_default().contains("degraded"),
+        v["condition"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("degraded"),
         "{v}"
     );
     let audit = c.meta.ctl_json(&["audit", "list", "--volume", "db"]);
@@ -339,7 +362,10 @@ fn a_replica_killed_under_four_writers_loses_nothing_acknowledged() {
     let mut buf = vec![0u8; BLOCK];
     for (b, seq) in last.iter().enumerate() {
         f.read_exact_at(&mut buf, (b * BLOCK) as u64).expect("read");
-        assert!(buf == content(b as u64, *seq), "block {b} (seq {seq}) through the nexus");
+        assert!(
+            buf == content(b as u64, *seq),
+            "block {b} (seq {seq}) through the nexus"
+        );
     }
     drop(f);
     a.detach();
@@ -349,7 +375,10 @@ fn a_replica_killed_under_four_writers_loses_nothing_acknowledged() {
         let data = read_copy(&mut c, n, "db", g1, SIZE);
         for (b, seq) in last.iter().enumerate() {
             let got = &data[b * BLOCK..(b + 1) * BLOCK];
-            assert!(got == content(b as u64, *seq), "block {b} (seq {seq}) on {n}'s copy");
+            assert!(
+                got == content(b as u64, *seq),
+                "block {b} (seq {seq}) on {n}'s copy"
+            );
         }
         copies.push(data);
     }
@@ -359,18 +388,33 @@ fn a_replica_killed_under_four_writers_loses_nothing_acknowledged() {
     // clone of it holds every acknowledged write.
     let snap = c.meta.ctl_json(&["snapshot", "create", "db", "db-snap"]);
     let snap_node = snap["node"].as_str().expect("node").to_string();
-    assert_ne!(snap_node, victim, "a snapshot was taken on the faulted copy");
-    let clone = c.meta.ctl_json(&["clone", "db-clone", "--from-snapshot", "db-snap"]);
+    assert_ne!(
+        snap_node, victim,
+        "a snapshot was taken on the faulted copy"
+    );
+    let clone = c
+        .meta
+        .ctl_json(&["clone", "db-clone", "--from-snapshot", "db-snap"]);
     assert_eq!(clone["node"].as_str(), Some(snap_node.as_str()));
     let data = read_copy(&mut c, &snap_node, "db-clone", 0, SIZE);
-    assert!(data == copies[0], "the clone differs from the volume it was snapshotted from");
+    assert!(
+        data == copies[0],
+        "the clone differs from the volume it was snapshotted from"
+    );
     // Replicated clones, and clones straight from a replicated volume, are
     // refused with the reason.
     let e = c.meta.ctl_err(6, &["clone", "x", "--from-volume", "db"]);
     assert!(e.contains("snapshot it and clone the snapshot"), "{e}");
     let e = c.meta.ctl_err(
         6,
-        &["clone", "x", "--from-snapshot", "db-snap", "--param", "replicas=2"],
+        &[
+            "clone",
+            "x",
+            "--from-snapshot",
+            "db-snap",
+            "--param",
+            "replicas=2",
+        ],
     );
     assert!(e.contains("replicated clones are not built yet"), "{e}");
 
@@ -382,7 +426,10 @@ fn a_replica_killed_under_four_writers_loses_nothing_acknowledged() {
     let f = std::fs::File::open(a.file()).expect("open");
     for (b, seq) in last.iter().enumerate().step_by(7) {
         f.read_exact_at(&mut buf, (b * BLOCK) as u64).expect("read");
-        assert!(buf == content(b as u64, *seq), "block {b} after the restart");
+        assert!(
+            buf == content(b as u64, *seq),
+            "block {b} after the restart"
+        );
     }
     drop(f);
     let v = c.meta.ctl_json(&["volume", "get", "db"]);
@@ -397,7 +444,10 @@ fn a_replica_killed_under_four_writers_loses_nothing_acknowledged() {
     c.meta.ctl_json(&["snapshot", "delete", "db-snap"]);
     c.meta.ctl_json(&["volume", "delete", "db"]);
     for n in ["n1", "n2", "n3"] {
-        assert!(!c.server_volumes(n).contains(&"db".to_string()), "a copy stayed on {n}");
+        assert!(
+            !c.server_volumes(n).contains(&"db".to_string()),
+            "a copy stayed on {n}"
+        );
     }
 }
 
@@ -506,7 +556,8 @@ fn a_paused_nexus_replaced_by_another_cannot_write_when_it_resumes() {
     // The old nexus's node stops answering (SIGSTOP); the orchestrator
     // detaches the volume there and attaches it on another node.
     old.signal(libc::SIGSTOP);
-    c.meta.ctl_json(&["volume", "unexport", "app", "--node", "n1"]);
+    c.meta
+        .ctl_json(&["volume", "unexport", "app", "--node", "n1"]);
     let new = Attached::start(&c, "app", &root.path().join("new"), "n2");
     {
         let f = std::fs::OpenOptions::new()
@@ -522,9 +573,7 @@ fn a_paused_nexus_replaced_by_another_cannot_write_when_it_resumes() {
         .write(true)
         .open(old.file())
         .expect("open");
-    let stale = f
-        .write_all_at(&[0x33; 4096], 0)
-        .and_then(|_| f.sync_data());
+    let stale = f.write_all_at(&[0x33; 4096], 0).and_then(|_| f.sync_data());
     assert!(stale.is_err(), "the deposed nexus's write was acknowledged");
     drop(f);
     let mut buf = vec![0u8; 4096];
@@ -532,7 +581,10 @@ fn a_paused_nexus_replaced_by_another_cannot_write_when_it_resumes() {
         .expect("open")
         .read_exact_at(&mut buf, 0)
         .expect("read");
-    assert!(buf.iter().all(|b| *b == 0x22), "the data is not the new nexus's");
+    assert!(
+        buf.iter().all(|b| *b == 0x22),
+        "the data is not the new nexus's"
+    );
     new.detach();
     drop(old);
 }
@@ -604,8 +656,12 @@ fn a_flipped_bit_in_one_copy_is_read_from_another_and_repaired() {
     // The read returns the right bytes: the other copy's.
     let mut buf = vec![0u8; 4096];
     let f = std::fs::File::open(a.file()).expect("open");
-    f.read_exact_at(&mut buf, 1 << 20).expect("a read of a flipped block");
-    assert!(buf.iter().all(|b| *b == 0x5a), "wrong bytes for the flipped block");
+    f.read_exact_at(&mut buf, 1 << 20)
+        .expect("a read of a flipped block");
+    assert!(
+        buf.iter().all(|b| *b == 0x5a),
+        "wrong bytes for the flipped block"
+    );
     drop(f);
     // The local copy counted the checksum error, and the nexus rewrote the
     // block there and said so in the audit log.
@@ -621,17 +677,26 @@ fn a_flipped_bit_in_one_copy_is_read_from_another_and_repaired() {
         if let Some(r) = r {
             break r;
         }
-        assert!(Instant::now() < end, "no ReplicaRepaired entry in the audit log");
+        assert!(
+            Instant::now() < end,
+            "no ReplicaRepaired entry in the audit log"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(repaired["target"], local.as_str(), "{repaired}");
     assert!(
-        repaired["detail"].as_str().unwrap_or_default().contains(&other),
+        repaired["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&other),
         "{repaired}"
     );
     // No copy was marked out for it.
     let v = c.meta.ctl_json(&["volume", "get", "heal"]);
-    assert!(replica_states(&v).iter().all(|(_, s)| s == "in-sync"), "{v}");
+    assert!(
+        replica_states(&v).iter().all(|(_, s)| s == "in-sync"),
+        "{v}"
+    );
     a.detach();
     // The local copy itself reads right again, on its own server.
     let g = v["generation"].as_u64().expect("generation");
@@ -700,13 +765,22 @@ fn crashes_of_the_metadata_service_in_fault_handling_converge() {
     }
     let root = tempfile::tempdir().expect("tempdir");
     let mut c = nodes_of(root.path(), "128M");
-    for (i, point) in ["replica-fault:before-catalog", "replica-fault:after-catalog"]
-        .iter()
-        .enumerate()
+    for (i, point) in [
+        "replica-fault:before-catalog",
+        "replica-fault:after-catalog",
+    ]
+    .iter()
+    .enumerate()
     {
         let name = format!("crash-{i}");
         let v = c.meta.ctl_json(&[
-            "volume", "create", &name, "--size", "8M", "--param", "replicas=2",
+            "volume",
+            "create",
+            &name,
+            "--size",
+            "8M",
+            "--param",
+            "replicas=2",
         ]);
         let states = replica_states(&v);
         let (local, victim) = (states[0].0.clone(), states[1].0.clone());
@@ -729,7 +803,16 @@ fn crashes_of_the_metadata_service_in_fault_handling_converge() {
         // forks the service again while it is held, and a fork waits for a
         // thread of its parent that is inside a FUSE request.
         let mut held = Command::new("qemu-io")
-            .args(["-f", "raw", "-t", "none", "-c", "write -P 0x02 4096 4096", "-c", "flush"])
+            .args([
+                "-f",
+                "raw",
+                "-t",
+                "none",
+                "-c",
+                "write -P 0x02 4096 4096",
+                "-c",
+                "flush",
+            ])
             .arg(a.file())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -752,7 +835,10 @@ fn crashes_of_the_metadata_service_in_fault_handling_converge() {
             if let Some(st) = held.try_wait().expect("qemu-io") {
                 break st;
             }
-            assert!(Instant::now() < end, "{point}: the held write never finished");
+            assert!(
+                Instant::now() < end,
+                "{point}: the held write never finished"
+            );
             std::thread::sleep(Duration::from_millis(50));
         };
         assert!(st.success(), "{point}: the held write failed");
@@ -763,9 +849,17 @@ fn crashes_of_the_metadata_service_in_fault_handling_converge() {
             .expect("read");
         assert!(buf[..4096].iter().all(|b| *b == 1) && buf[4096..].iter().all(|b| *b == 2));
         let v = c.meta.ctl_json(&["volume", "get", &name]);
-        assert_eq!(v["generation"].as_u64(), Some(g0 + 1), "{point}: moved on once: {v}");
+        assert_eq!(
+            v["generation"].as_u64(),
+            Some(g0 + 1),
+            "{point}: moved on once: {v}"
+        );
         for (n, s) in replica_states(&v) {
-            assert_eq!(s, if n == victim { "faulted" } else { "in-sync" }, "{point}: {v}");
+            assert_eq!(
+                s,
+                if n == victim { "faulted" } else { "in-sync" },
+                "{point}: {v}"
+            );
         }
         a.detach();
         c.node(&victim).restart();
@@ -774,20 +868,34 @@ fn crashes_of_the_metadata_service_in_fault_handling_converge() {
 
     // A publish that dies after moving the generation on, before granting.
     c.meta.ctl_json(&[
-        "volume", "create", "pub", "--size", "8M", "--param", "replicas=2",
+        "volume",
+        "create",
+        "pub",
+        "--size",
+        "8M",
+        "--param",
+        "replicas=2",
     ]);
     c.meta.restart(Some("publish-volume:after-generation"));
     let o = c.meta.ctl(&["volume", "export", "pub", "--node", "n1"]);
     assert_ne!(o.code, 0);
-    assert!(c.meta.exited_within(Duration::from_secs(10)), "no crash at publish");
+    assert!(
+        c.meta.exited_within(Duration::from_secs(10)),
+        "no crash at publish"
+    );
     c.meta.restart(None);
     let end = Instant::now() + Duration::from_secs(20);
-    while !c.meta.ctl_json(&["attachments", "--volume", "pub"])
+    while !c
+        .meta
+        .ctl_json(&["attachments", "--volume", "pub"])
         .as_array()
         .expect("attachments")
         .is_empty()
     {
-        assert!(Instant::now() < end, "reconcile left the half-made attachment");
+        assert!(
+            Instant::now() < end,
+            "reconcile left the half-made attachment"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let a = Attached::start(&c, "pub", &root.path().join("mnt-pub"), "n1");

@@ -416,7 +416,11 @@ pub async fn health(a: &Attachment) -> Result<(), Fault> {
 /// A URI without its export name, which carries the grant's secret token.
 pub fn redact(uri: &str) -> String {
     if let Some(Ok(spec)) = super::fuse::ReplicatedSpec::parse(uri) {
-        let legs: Vec<String> = spec.legs.iter().map(|l| format!("{}: {}", l.node, redact(&l.uri))).collect();
+        let legs: Vec<String> = spec
+            .legs
+            .iter()
+            .map(|l| format!("{}: {}", l.node, redact(&l.uri)))
+            .collect();
         return format!("replicas of {} [{}]", spec.volume, legs.join(", "));
     }
     match uri.find("://") {

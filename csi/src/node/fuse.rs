@@ -294,7 +294,9 @@ async fn report_at_start(m: &MetaMembership, node: &str, generation: u64) -> Res
         match m.fault(node, generation, Vec::new()).await {
             Ok(g) => return Ok(g),
             Err(FaultError::Deposed(why)) => {
-                return Err(format!("the replica on {node} cannot be reported out: {why}"))
+                return Err(format!(
+                    "the replica on {node} cannot be reported out: {why}"
+                ))
             }
             Err(FaultError::Unavailable(why)) if std::time::Instant::now() > deadline => {
                 return Err(format!("the metadata service is unavailable: {why}"))

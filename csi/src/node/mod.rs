@@ -193,7 +193,8 @@ fn replicated_uri(
     ctx: &HashMap<String, String>,
     legs: &str,
 ) -> Result<String, Status> {
-    let bad = |why: String| Status::invalid_argument(format!("publish_context {PUB_REPLICAS}: {why}"));
+    let bad =
+        |why: String| Status::invalid_argument(format!("publish_context {PUB_REPLICAS}: {why}"));
     let legs: Vec<crate::controller::PublishedLeg> =
         serde_json::from_str(legs).map_err(|e| bad(e.to_string()))?;
     let generation = ctx

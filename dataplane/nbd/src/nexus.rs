@@ -362,7 +362,13 @@ impl Inner {
     /// leg fails first. The caller submits it once the state is unlocked (a
     /// session whose task has ended completes inside `submit`). None if the
     /// leg has no session any more.
-    fn register(self: &Arc<Self>, st: &mut State, i: usize, cmd: Cmd, done: SlotDone) -> Option<Submission> {
+    fn register(
+        self: &Arc<Self>,
+        st: &mut State,
+        i: usize,
+        cmd: Cmd,
+        done: SlotDone,
+    ) -> Option<Submission> {
         let t = st.legs[i].target.clone()?;
         let id = st.next_id;
         st.next_id += 1;
@@ -470,7 +476,13 @@ impl Inner {
     }
 
     /// One leg's outcome for a fanned-out request.
-    fn leg_done(self: &Arc<Self>, fan: &Arc<Fan>, leg: usize, err: Option<u32>, flush: Option<u64>) {
+    fn leg_done(
+        self: &Arc<Self>,
+        fan: &Arc<Fan>,
+        leg: usize,
+        err: Option<u32>,
+        flush: Option<u64>,
+    ) {
         match err {
             None => {
                 let mut st = self.st.lock();
@@ -576,7 +588,8 @@ impl Inner {
             let mut out = outcome;
             let until = tokio::time::Instant::now() + hold;
             for mut rx in waits {
-                let marked = match tokio::time::timeout_at(until, rx.wait_for(|v| v.is_some())).await
+                let marked = match tokio::time::timeout_at(until, rx.wait_for(|v| v.is_some()))
+                    .await
                 {
                     Ok(Ok(v)) => *v == Some(true),
                     Ok(Err(_)) => false,
@@ -715,7 +728,13 @@ impl Inner {
                         done(Err(EIO));
                     }
                     Err(e) => {
-                        tracing::warn!(leg = i, offset, len, error = e, "a read failed; trying another replica");
+                        tracing::warn!(
+                            leg = i,
+                            offset,
+                            len,
+                            error = e,
+                            "a read failed; trying another replica"
+                        );
                         me.read(offset, len, i + 1, bad.or(Some(i)), done);
                     }
                 }

@@ -220,7 +220,7 @@ fn nexus(mems: &[Arc<Mem>], catalog: &Arc<Catalog>) -> Nexus {
             target: Arc::new(MemTarget(m.clone())),
         })
         .collect();
-    Nexus::new(legs, 7, Arc::new(Cat(catalog.clone())), opts()).unwrap()
+    Nexus::new(legs, 7, Arc::new(Cat(catalog.clone())), opts()).expect("nexus")
 }
 
 fn write(offset: u64, byte: u8, len: usize) -> Cmd {
@@ -258,17 +258,31 @@ async fn writes_reach_every_replica_and_reads_come_from_the_first() {
     let mems = [Mem::new(), Mem::new(), Mem::new()];
     let cat = Arc::new(Catalog::default());
     let n = nexus(&mems, &cat);
-    call(&n, write(4096, 0xab, 8192)).await.unwrap();
-    call(&n, Cmd::WriteZeroes { offset: 8192, len: 4096 })
-        .await
-        .unwrap();
-    call(&n, Cmd::Flush).await.unwrap();
+    call(&n, write(4096, 0xab, 8192)).await.expect("acknowledged");
+    call(
+        &n,
+        Cmd::WriteZeroes {
+            offset: 8192,
+            len: 4096,
+        },
+    )
+    .await
+    .expect("acknowledged");
+    call(&n, Cmd::Flush).await.expect("acknowledged");
     let mut want = vec![0xab; 4096];
     want.extend(vec![0; 4096]);
     for m in &mems {
         assert_eq!(m.bytes(4096, 8192), want);
     }
-    let got = call(&n, Cmd::Read { offset: 4096, len: 8192 }).await.unwrap();
+    let got = call(
+        &n,
+        Cmd::Read {
+            offset: 4096,
+            len: 8192,
+        },
+    )
+    .await
+    .expect("acknowledged");
     assert_eq!(got, want);
     assert_eq!(mems[0].reads_seen.load(Ordering::SeqCst), 1);
     assert_eq!(mems[1].reads_seen.load(Ordering::SeqCst), 0);
@@ -282,10 +296,10 @@ async fn a_failed_leg_is_reported_out_before_the_write_is_acknowledged() {
     let cat = Catalog::gated();
     let n = nexus(&mems, &cat);
     // Acknowledged by the second leg and flushed: not pending for it.
-    call(&n, write(0, 1, 4096)).await.unwrap();
-    call(&n, Cmd::Flush).await.unwrap();
+    call(&n, write(0, 1, 4096)).await.expect("acknowledged");
+    call(&n, Cmd::Flush).await.expect("acknowledged");
     // Acknowledged and not flushed: pending (a killed server may lose it).
-    call(&n, write(65536, 2, 4096)).await.unwrap();
+    call(&n, write(65536, 2, 4096)).await.expect("acknowledged");
     mems[1].fail_writes.store(true, Ordering::SeqCst);
     let mut w = start(&n, write(8192, 3, 4096));
     settle().await;
@@ -299,8 +313,8 @@ async fn a_failed_leg_is_reported_out_before_the_write_is_acknowledged() {
     assert!(w2.try_recv().is_err());
     assert_eq!(n.legs()[1].1, LegState::Leaving);
     cat.release();
-    w.await.unwrap().unwrap();
-    w2.await.unwrap().unwrap();
+    w.await.expect("answered").expect("acknowledged");
+    w2.await.expect("answered").expect("acknowledged");
     let reports = cat.reports.lock().clone();
     assert_eq!(reports.len(), 1);
     let (leg, generation, pending) = &reports[0];
@@ -310,8 +324,8 @@ async fn a_failed_leg_is_reported_out_before_the_write_is_acknowledged() {
     assert_eq!(n.legs()[1].1, LegState::Out);
     // The set goes on without it.
     let before = mems[1].writes_seen.load(Ordering::SeqCst);
-    call(&n, write(16384, 5, 4096)).await.unwrap();
-    call(&n, Cmd::Flush).await.unwrap();
+    call(&n, write(16384, 5, 4096)).await.expect("acknowledged");
+    call(&n, Cmd::Flush).await.expect("acknowledged");
     assert_eq!(mems[1].writes_seen.load(Ordering::SeqCst), before);
     assert_eq!(mems[0].bytes(8192, 4096), vec![3; 4096]);
     assert_eq!(mems[0].bytes(16384, 4096), vec![5; 4096]);
@@ -325,12 +339,20 @@ async fn reports_are_retried_while_the_catalog_is_unavailable() {
     cat.unavailable.store(3, Ordering::SeqCst);
     let n = nexus(&mems, &cat);
     mems[0].fail_writes.store(true, Ordering::SeqCst);
-    call(&n, write(0, 9, 4096)).await.unwrap();
+    call(&n, write(0, 9, 4096)).await.expect("acknowledged");
     assert_eq!(cat.unavailable.load(Ordering::SeqCst), 0);
     assert_eq!(cat.reports.lock().len(), 1);
     assert_eq!(mems[1].bytes(0, 4096), vec![9; 4096]);
     // Reads now come from the remaining leg.
-    let got = call(&n, Cmd::Read { offset: 0, len: 4096 }).await.unwrap();
+    let got = call(
+        &n,
+        Cmd::Read {
+            offset: 0,
+            len: 4096,
+        },
+    )
+    .await
+    .expect("acknowledged");
     assert_eq!(got, vec![9; 4096]);
 }
 
@@ -349,7 +371,7 @@ async fn the_last_leg_is_never_reported_out() {
     for m in &mems {
         m.fail_writes.store(false, Ordering::SeqCst);
     }
-    call(&n, write(0, 2, 4096)).await.unwrap();
+    call(&n, write(0, 2, 4096)).await.expect("acknowledged");
     assert_eq!(mems[1].bytes(0, 4096), vec![2; 4096]);
 }
 
@@ -360,7 +382,14 @@ async fn request_errors_pass_through_and_fault_nobody() {
     let n = nexus(&mems, &cat);
     assert_eq!(call(&n, write(SIZE - 512, 1, 4096)).await, Err(ENOSPC));
     assert_eq!(
-        call(&n, Cmd::Read { offset: SIZE, len: 512 }).await,
+        call(
+            &n,
+            Cmd::Read {
+                offset: SIZE,
+                len: 512
+            }
+        )
+        .await,
         Err(EINVAL)
     );
     assert!(cat.reports.lock().is_empty());
@@ -374,9 +403,12 @@ async fn a_leg_that_stops_answering_is_reported_after_the_timeout() {
     let n = nexus(&mems, &cat);
     mems[2].hang.store(true, Ordering::SeqCst);
     let t = std::time::Instant::now();
-    call(&n, write(0, 7, 4096)).await.unwrap();
+    call(&n, write(0, 7, 4096)).await.expect("acknowledged");
     let waited = t.elapsed();
-    assert!(waited >= opts().leg_timeout, "acknowledged before the hung leg was out ({waited:?})");
+    assert!(
+        waited >= opts().leg_timeout,
+        "acknowledged before the hung leg was out ({waited:?})"
+    );
     let reports = cat.reports.lock().clone();
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].0, "node-2");
@@ -384,7 +416,7 @@ async fn a_leg_that_stops_answering_is_reported_after_the_timeout() {
     assert_eq!(n.legs()[2].1, LegState::Out);
     // Two faults in a row carry the generation the first produced.
     mems[1].fail_writes.store(true, Ordering::SeqCst);
-    call(&n, write(4096, 8, 4096)).await.unwrap();
+    call(&n, write(4096, 8, 4096)).await.expect("acknowledged");
     let reports = cat.reports.lock().clone();
     assert_eq!(reports[1].0, "node-1");
     assert_eq!(reports[1].1, 8);
@@ -399,8 +431,21 @@ async fn a_fenced_nexus_stops_serving() {
     mems[0].fenced.store(true, Ordering::SeqCst);
     assert_eq!(call(&n, write(0, 1, 4096)).await, Err(EIO));
     assert!(n.deposed().is_some());
-    assert_eq!(call(&n, Cmd::Read { offset: 0, len: 4096 }).await, Err(EIO));
-    assert!(cat.reports.lock().is_empty(), "a deposed nexus reported a fault");
+    assert_eq!(
+        call(
+            &n,
+            Cmd::Read {
+                offset: 0,
+                len: 4096
+            }
+        )
+        .await,
+        Err(EIO)
+    );
+    assert!(
+        cat.reports.lock().is_empty(),
+        "a deposed nexus reported a fault"
+    );
 
     // A refused report deposes it too, and the write it held fails.
     let mems = [Mem::new(), Mem::new()];
@@ -417,11 +462,19 @@ async fn a_failed_read_is_served_by_another_replica_and_repaired() {
     let mems = [Mem::new(), Mem::new()];
     let cat = Arc::new(Catalog::default());
     let n = nexus(&mems, &cat);
-    call(&n, write(0, 0x5a, 16384)).await.unwrap();
+    call(&n, write(0, 0x5a, 16384)).await.expect("acknowledged");
     // The first replica's copy of one block went bad.
     mems[0].data.lock()[4096..8192].fill(0xff);
     mems[0].bad_reads.lock().push(range(4096, 4096));
-    let got = call(&n, Cmd::Read { offset: 0, len: 16384 }).await.unwrap();
+    let got = call(
+        &n,
+        Cmd::Read {
+            offset: 0,
+            len: 16384,
+        },
+    )
+    .await
+    .expect("acknowledged");
     assert_eq!(got, vec![0x5a; 16384]);
     let stats = n.stats();
     for _ in 0..200 {
@@ -433,7 +486,10 @@ async fn a_failed_read_is_served_by_another_replica_and_repaired() {
     assert_eq!(stats.repairs.load(Ordering::SeqCst), 1);
     assert_eq!(stats.read_retries.load(Ordering::SeqCst), 1);
     assert_eq!(mems[0].bytes(0, 16384), vec![0x5a; 16384]);
-    assert!(cat.reports.lock().is_empty(), "a repaired replica was reported out");
+    assert!(
+        cat.reports.lock().is_empty(),
+        "a repaired replica was reported out"
+    );
     // The whole read was rewritten (the bad block is inside it), from the
     // replica that served it, and the catalog heard of it.
     assert_eq!(
@@ -446,16 +502,26 @@ async fn a_failed_read_is_served_by_another_replica_and_repaired() {
 /// `offset` (it lands on the first replica only), then fails the first
 /// replica's next read of it: the read is served by the second replica,
 /// with the old data, and a repair starts that must wait for the write.
-async fn repair_behind_a_write(n: &Nexus, mems: &[Arc<Mem>], offset: u64, old: u8, new: u8) -> tokio::sync::oneshot::Receiver<Outcome> {
-    call(n, write(offset, old, 4096)).await.unwrap();
+async fn repair_behind_a_write(
+    n: &Nexus,
+    mems: &[Arc<Mem>],
+    offset: u64,
+    old: u8,
+    new: u8,
+) -> tokio::sync::oneshot::Receiver<Outcome> {
+    call(n, write(offset, old, 4096)).await.expect("acknowledged");
     mems[1].writes_open.send_replace(false);
     let w = start(n, write(offset, new, 4096));
     settle().await;
     assert_eq!(mems[0].bytes(offset, 4096), vec![new; 4096]);
     assert_eq!(mems[1].bytes(offset, 4096), vec![old; 4096]);
     mems[0].bad_reads.lock().push(range(offset, 4096));
-    let got = call(n, Cmd::Read { offset, len: 4096 }).await.unwrap();
-    assert_eq!(got, vec![old; 4096], "the read came from the second replica");
+    let got = call(n, Cmd::Read { offset, len: 4096 }).await.expect("acknowledged");
+    assert_eq!(
+        got,
+        vec![old; 4096],
+        "the read came from the second replica"
+    );
     settle().await;
     w
 }
@@ -477,9 +543,13 @@ async fn a_repair_never_overwrites_a_newer_write() {
     let n = nexus(&mems, &cat);
     // The repair waits for the write in flight, then copies what it wrote.
     let w = repair_behind_a_write(&n, &mems, 0, 0xaa, 0xbb).await;
-    assert_eq!(n.stats().repairs.load(Ordering::SeqCst), 0, "repaired around a write in flight");
+    assert_eq!(
+        n.stats().repairs.load(Ordering::SeqCst),
+        0,
+        "repaired around a write in flight"
+    );
     mems[1].writes_open.send_replace(true);
-    w.await.unwrap().unwrap();
+    w.await.expect("answered").expect("acknowledged");
     repairs_reach(&n, 1).await;
     assert_eq!(mems[0].bytes(0, 4096), vec![0xbb; 4096]);
     assert_eq!(mems[1].bytes(0, 4096), vec![0xbb; 4096]);
@@ -488,10 +558,13 @@ async fn a_repair_never_overwrites_a_newer_write() {
     let w = repair_behind_a_write(&n, &mems, 8192, 0x11, 0x22).await;
     let mut w3 = start(&n, write(8192, 0x33, 4096));
     settle().await;
-    assert!(w3.try_recv().is_err(), "a write overlapping a repair was not held");
+    assert!(
+        w3.try_recv().is_err(),
+        "a write overlapping a repair was not held"
+    );
     mems[1].writes_open.send_replace(true);
-    w.await.unwrap().unwrap();
-    w3.await.unwrap().unwrap();
+    w.await.expect("answered").expect("acknowledged");
+    w3.await.expect("answered").expect("acknowledged");
     repairs_reach(&n, 2).await;
     assert_eq!(mems[0].bytes(8192, 4096), vec![0x33; 4096]);
     assert_eq!(mems[1].bytes(8192, 4096), vec![0x33; 4096]);
@@ -519,13 +592,13 @@ async fn a_write_held_for_a_report_that_never_comes_fails_and_the_leg_stays_out(
             ..opts()
         },
     )
-    .unwrap();
+    .expect("nexus");
     mems[1].fail_writes.store(true, Ordering::SeqCst);
     assert_eq!(call(&n, write(0, 1, 4096)).await, Err(EIO));
     assert_eq!(n.legs()[1].1, LegState::Leaving);
     // Still not acknowledged without the report; once it comes, writes go on.
     assert_eq!(call(&n, write(4096, 2, 4096)).await, Err(EIO));
     cat.release();
-    call(&n, write(8192, 3, 4096)).await.unwrap();
+    call(&n, write(8192, 3, 4096)).await.expect("acknowledged");
     assert_eq!(n.legs()[1].1, LegState::Out);
 }

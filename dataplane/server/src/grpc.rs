@@ -322,7 +322,17 @@ impl VolumeService for Service {
         required("client", &r.client)?;
         let e = self
             .run(move |n| {
-                let g = n.grant(&c, kind, &r.name, &r.client, r.read_only, &r.peer_address, r.generation)?;
+                let g = n.grant(
+                    &c,
+                    &crate::node::GrantRequest {
+                        kind,
+                        name: &r.name,
+                        client: &r.client,
+                        read_only: r.read_only,
+                        peer_address: &r.peer_address,
+                        generation: r.generation,
+                    },
+                )?;
                 let conns = n.connections_by_token().get(&g.token).copied().unwrap_or(0);
                 Ok(export_pb(n, &g, conns))
             })

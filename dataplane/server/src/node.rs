@@ -520,16 +520,15 @@ impl Node {
 
     // ---- exports ---------------------------------------------------------------
 
-    pub fn grant(
-        &self,
-        caller: &Caller,
-        kind: TargetKind,
-        name: &str,
-        client: &str,
-        read_only: bool,
-        peer_address: &str,
-        generation: u64,
-    ) -> Result<Grant> {
+    pub fn grant(&self, caller: &Caller, req: &GrantRequest<'_>) -> Result<Grant> {
+        let GrantRequest {
+            kind,
+            name,
+            client,
+            read_only,
+            peer_address,
+            generation,
+        } = *req;
         let r = (|| {
             self.check_running()?;
             if generation > 0 && kind != TargetKind::Volume {
@@ -569,7 +568,10 @@ impl Node {
             // The client's grant from an older generation (its previous
             // nexus) gives way: its connections are fenced by their grant.
             st.grants.retain(|_, g| {
-                !(g.kind == kind && g.name == name && g.client == client && g.generation < generation)
+                !(g.kind == kind
+                    && g.name == name
+                    && g.client == client
+                    && g.generation < generation)
             });
             if let Some(g) = st
                 .grants
@@ -818,6 +820,21 @@ impl Node {
     pub fn runtimes(&self) -> Vec<Arc<VolumeRuntime>> {
         self.runtimes.lock().values().cloned().collect()
     }
+}
+
+/// What a grant is asked for (GrantExport).
+#[derive(Debug, Clone, Copy)]
+pub struct GrantRequest<'a> {
+    pub kind: TargetKind,
+    /// The volume or snapshot.
+    pub name: &'a str,
+    /// Who is granted (recorded in every audit event).
+    pub client: &'a str,
+    pub read_only: bool,
+    /// TCP peers must have this IP address when it is not empty.
+    pub peer_address: &'a str,
+    /// A replicated volume's nexus: its generation (0: not replicated).
+    pub generation: u64,
 }
 
 /// `NAME@TOKEN` → (NAME, TOKEN); a name without `@` has an empty token.

@@ -301,7 +301,10 @@ mod tests {
         // A replicated volume's set round-trips; an unreplicated record
         // stays as it was written before replication existed.
         assert!(!String::from_utf8_lossy(&bytes).contains("replicas"));
-        let placements = [("n1".to_string(), "p1".to_string()), ("n2".to_string(), "p2".to_string())];
+        let placements = [
+            ("n1".to_string(), "p1".to_string()),
+            ("n2".to_string(), "p2".to_string()),
+        ];
         let mut set = crate::replication::ReplicaSet::new(&placements).expect("set");
         set.new_nexus(1).expect("nexus");
         let r = VolumeRecord {
@@ -310,7 +313,10 @@ mod tests {
         };
         let back = VolumeRecord::decode(b"r", &r.encode()).expect("decode");
         assert_eq!(back, r);
-        assert_eq!(back.replicas.as_ref().map(|s| (s.generation(), s.fence())), Some((2, 2)));
+        assert_eq!(
+            back.replicas.as_ref().map(|s| (s.generation(), s.fence())),
+            Some((2, 2))
+        );
         assert_eq!(back.nodes(), placements);
         let mut future = bytes.clone();
         future[0] = 2;

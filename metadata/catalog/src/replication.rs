@@ -418,7 +418,10 @@ mod tests {
         let g2 = s.new_nexus(g).expect("nexus");
         assert_eq!(
             s.fault("b", 1, &[]),
-            Err(MembershipError::StaleGeneration { got: 1, current: g2 })
+            Err(MembershipError::StaleGeneration {
+                got: 1,
+                current: g2
+            })
         );
     }
 

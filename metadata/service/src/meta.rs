@@ -1574,10 +1574,10 @@ impl Meta {
                 }
             )));
         }
-        if v.replicas.is_some() {
+        if let Some(set) = v.replicas.clone() {
             let pending = existing.into_iter().find(|a| a.node == node);
             return self
-                .publish_replicated(call, v, &client, read_only, pending)
+                .publish_replicated(call, v, set, &client, read_only, pending)
                 .await;
         }
         self.require_up(&v.node)?;
@@ -1666,6 +1666,7 @@ impl Meta {
         &self,
         call: &Call,
         v: VolumeRecord,
+        mut set: ReplicaSet,
         client: &NodeRecord,
         read_only: bool,
         pending: Option<AttachmentRecord>,
@@ -1700,7 +1701,6 @@ impl Meta {
         };
         fault::point("publish-volume:after-catalog");
         // The new nexus's generation, durable before any grant carries it.
-        let mut set = v.replicas.clone().unwrap_or_else(|| unreachable!("replicated"));
         let fence = set.new_nexus(set.generation())?;
         let mut cur = VolumeRecord {
             replicas: Some(set.clone()),
@@ -1764,8 +1764,13 @@ impl Meta {
                 ..before.clone()
             };
             let c = Call::new(&call.actor, "FaultReplica", &v.id, rnode);
-            self.commit(&c, cur.replace(&before), rnode, format!("unreachable at publish: {why}"))
-                .await?;
+            self.commit(
+                &c,
+                cur.replace(&before),
+                rnode,
+                format!("unreachable at publish: {why}"),
+            )
+            .await?;
             tracing::warn!(volume = %v.id, node = %rnode, error = %why, "replica unreachable at publish: marked out");
         }
         fault::point("publish-volume:after-server");
@@ -1788,7 +1793,8 @@ impl Meta {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        self.commit(call, ready.replace(&rec), &v.node, detail).await?;
+        self.commit(call, ready.replace(&rec), &v.node, detail)
+            .await?;
         Ok(ready)
     }
 
@@ -1821,7 +1827,10 @@ impl Meta {
                 "volume {volume} is not replicated"
             )));
         };
-        if pending.iter().any(|&(o, l)| o.checked_add(l).is_none_or(|e| e > v.size_bytes)) {
+        if pending
+            .iter()
+            .any(|&(o, l)| o.checked_add(l).is_none_or(|e| e > v.size_bytes))
+        {
             return Err(MetaError::InvalidArgument(format!(
                 "a pending range lies past the end of volume {volume} ({} bytes)",
                 v.size_bytes

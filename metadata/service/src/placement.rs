@@ -164,7 +164,9 @@ pub fn choose_n(
             })
             .collect();
         let sub: Vec<Candidate> = allowed.iter().map(|&i| cands[i].clone()).collect();
-        let picked = if sub.is_empty() {
+        // With nothing left after earlier picks, the exclusions say why;
+        // with nothing at all, `choose` does.
+        let picked = if sub.is_empty() && !chosen.is_empty() {
             Err(String::new())
         } else {
             choose(&sub, req, overcommit)
@@ -346,7 +348,10 @@ mod tests {
         let zones: Vec<&str> = two.iter().map(|&i| c[i].labels["zone"].as_str()).collect();
         assert_eq!(zones, ["z1", "z2"]);
         let e = choose_n(&c, &req, 1.0, 3, Some("zone")).expect_err("two zones only");
-        assert!(e.starts_with("3 copies need 3 nodes in distinct zone values"), "{e}");
+        assert!(
+            e.starts_with("3 copies need 3 nodes in distinct zone values"),
+            "{e}"
+        );
         assert!(e.contains("b: same zone (z1) as copy 1"), "{e}");
         assert!(e.contains("c: holds copy 2"), "{e}");
         // A node too full is named with its shortfall.
@@ -354,5 +359,10 @@ mod tests {
         let e = choose_n(&full, &req, 1.0, 2, None).expect_err("b is full");
         assert!(e.contains("a: holds copy 1"), "{e}");
         assert!(e.contains("b: 0 bytes available, 1 GiB short"), "{e}");
+        // No node at all: said so, for one copy or three.
+        for n in [1, 3] {
+            let e = choose_n(&[], &req, 1.0, n, None).expect_err("no nodes");
+            assert!(e.contains("no volume server has registered"), "{n}: {e}");
+        }
     }
 }

@@ -413,9 +413,15 @@ mod tests {
         assert!(msg(&[("replicas", "4")]).contains("1, 2 or 3"));
         assert!(msg(&[("replicas", "0")]).contains("1, 2 or 3"));
         assert!(msg(&[("replicaSpread", "rack")]).contains("node (the default"));
-        let three = resolve(&default_tiers(), &params(&[("replicas", " 3"), ("replicaSpread", "zone")]))
-            .expect("three copies");
-        assert_eq!((three.replicas, three.spread.as_deref()), (3, Some(ZONE_LABEL)));
+        let three = resolve(
+            &default_tiers(),
+            &params(&[("replicas", " 3"), ("replicaSpread", "zone")]),
+        )
+        .expect("three copies");
+        assert_eq!(
+            (three.replicas, three.spread.as_deref()),
+            (3, Some(ZONE_LABEL))
+        );
         assert!(msg(&[("burstSeconds", "0")]).contains("burstSeconds"));
         assert!(check_mutable(&params(&[("fsType", "xfs")])).is_err());
         assert!(check_mutable(&params(&[("tier", "premium")])).is_ok());

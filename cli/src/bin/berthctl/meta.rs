@@ -750,7 +750,11 @@ async fn volume(
                         if legs.is_empty() {
                             format!("on node {}", a.server_node)
                         } else {
-                            format!("replicas on {}, generation {}", legs.join(", "), a.generation)
+                            format!(
+                                "replicas on {}, generation {}",
+                                legs.join(", "),
+                                a.generation
+                            )
                         }
                     );
                     // The FUSE loop and its runtime on a thread of their own.
