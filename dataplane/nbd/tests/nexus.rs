@@ -258,7 +258,9 @@ async fn writes_reach_every_replica_and_reads_come_from_the_first() {
     let mems = [Mem::new(), Mem::new(), Mem::new()];
     let cat = Arc::new(Catalog::default());
     let n = nexus(&mems, &cat);
-    call(&n, write(4096, 0xab, 8192)).await.expect("acknowledged");
+    call(&n, write(4096, 0xab, 8192))
+        .await
+        .expect("acknowledged");
     call(
         &n,
         Cmd::WriteZeroes {
@@ -509,14 +511,18 @@ async fn repair_behind_a_write(
     old: u8,
     new: u8,
 ) -> tokio::sync::oneshot::Receiver<Outcome> {
-    call(n, write(offset, old, 4096)).await.expect("acknowledged");
+    call(n, write(offset, old, 4096))
+        .await
+        .expect("acknowledged");
     mems[1].writes_open.send_replace(false);
     let w = start(n, write(offset, new, 4096));
     settle().await;
     assert_eq!(mems[0].bytes(offset, 4096), vec![new; 4096]);
     assert_eq!(mems[1].bytes(offset, 4096), vec![old; 4096]);
     mems[0].bad_reads.lock().push(range(offset, 4096));
-    let got = call(n, Cmd::Read { offset, len: 4096 }).await.expect("acknowledged");
+    let got = call(n, Cmd::Read { offset, len: 4096 })
+        .await
+        .expect("acknowledged");
     assert_eq!(
         got,
         vec![old; 4096],
