@@ -907,3 +907,164 @@ fn crashes_of_the_metadata_service_in_fault_handling_converge() {
         .expect("write after the crash");
     a.detach();
 }
+
+/// The CSI path as the sidecars and kubelet drive it, against a plugin for
+/// node n1 (`berth csi` as its own process): a replicated volume created
+/// from StorageClass parameters, published, staged (ext4 on a loop device
+/// over `berth attach`'s FUSE file, with the nexus inside) and mounted;
+/// files written and fsynced while the other copy's volume server is killed;
+/// ControllerGetVolume reports the volume abnormal; then unmounted,
+/// detached and deleted.
+#[test]
+fn a_replicated_volume_through_the_csi_services_rides_through_a_lost_copy() {
+    use berth_proto::csi::v1 as csi;
+    use berth_tests::csi::{mount_cap, node_support, params, AccessModeKind, Cleanup, Csi};
+    if let Err(why) = node_support() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let _cleanup = Cleanup {
+        root: root.path().to_path_buf(),
+    };
+    let mut c = nodes_of(root.path(), "256M");
+    let sock = root.path().join("csi.sock");
+    let mut plugin = Command::new(binary("berth"))
+        .args(["csi", "--mode", "all", "--endpoint"])
+        .arg(&sock)
+        .args([
+            "--metadata",
+            &c.meta.endpoint,
+            "--node-id",
+            "n1",
+            "--state-dir",
+        ])
+        .arg(root.path().join("csi-state"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("berth csi");
+    let end = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < end, "the CSI socket never appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let staging = root.path().join("staging");
+    let target = root.path().join("target");
+    let cap = mount_cap("ext4", AccessModeKind::SingleNodeWriter);
+    let rt = rt();
+    let mut csi = rt.block_on(Csi::connect(&sock));
+    let created = rt
+        .block_on(csi.controller.create_volume(csi::CreateVolumeRequest {
+            name: "pg".into(),
+            capacity_range: Some(csi::CapacityRange {
+                required_bytes: 64 << 20,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![cap.clone()],
+            parameters: params(&[("replicas", "2"), ("tier", "premium")]),
+            ..Default::default()
+        }))
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("volume");
+    let v = c.meta.ctl_json(&["volume", "get", "pg"]);
+    let copies: Vec<String> = replica_states(&v).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(copies.len(), 2, "{v}");
+    let publish_context = rt.block_on(csi.publish("pg", "n1", &cap));
+    assert!(
+        publish_context.contains_key("replicas"),
+        "{publish_context:?}"
+    );
+    rt.block_on(csi.node.node_stage_volume(csi::NodeStageVolumeRequest {
+        volume_id: "pg".into(),
+        publish_context: publish_context.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(cap.clone()),
+        volume_context: created.volume_context.clone(),
+        ..Default::default()
+    }))
+    .expect("NodeStageVolume");
+    rt.block_on(csi.node.node_publish_volume(csi::NodePublishVolumeRequest {
+        volume_id: "pg".into(),
+        publish_context,
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(cap.clone()),
+        volume_context: created.volume_context.clone(),
+        ..Default::default()
+    }))
+    .expect("NodePublishVolume");
+    let write = |name: &str, seed: u8| {
+        use std::io::Write;
+        let data: Vec<u8> = (0..(1 << 20)).map(|i| (i as u8) ^ seed).collect();
+        let mut f = std::fs::File::create(target.join(name)).expect("create");
+        f.write_all(&data).expect("write");
+        f.sync_all().expect("fsync through the nexus");
+        data
+    };
+    let first = write("before", 0x31);
+    // The copy that is not on this node goes (n1's own may hold the other).
+    let victim = copies
+        .iter()
+        .find(|n| n.as_str() != "n1")
+        .expect("a copy elsewhere")
+        .clone();
+    c.node(&victim).kill9();
+    let second = write("after", 0x47);
+    assert!(std::fs::read(target.join("before")).expect("read") == first);
+    assert!(std::fs::read(target.join("after")).expect("read") == second);
+    let status = rt
+        .block_on(
+            csi.controller
+                .controller_get_volume(csi::ControllerGetVolumeRequest {
+                    volume_id: "pg".into(),
+                }),
+        )
+        .expect("ControllerGetVolume")
+        .into_inner()
+        .status
+        .expect("status")
+        .volume_condition
+        .expect("condition");
+    assert!(status.abnormal, "a degraded volume is abnormal: {status:?}");
+    assert!(status.message.contains("degraded"), "{status:?}");
+    rt.block_on(
+        csi.node
+            .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {
+                volume_id: "pg".into(),
+                target_path: target.display().to_string(),
+            }),
+    )
+    .expect("NodeUnpublishVolume");
+    rt.block_on(csi.node.node_unstage_volume(csi::NodeUnstageVolumeRequest {
+        volume_id: "pg".into(),
+        staging_target_path: staging.display().to_string(),
+    }))
+    .expect("NodeUnstageVolume");
+    rt.block_on(csi.controller.controller_unpublish_volume(
+        csi::ControllerUnpublishVolumeRequest {
+            volume_id: "pg".into(),
+            node_id: "n1".into(),
+            ..Default::default()
+        },
+    ))
+    .expect("ControllerUnpublishVolume");
+    // Every copy's node must be up to delete the volume.
+    c.node(&victim).restart();
+    c.meta.wait_node(&victim, "up");
+    rt.block_on(csi.controller.delete_volume(csi::DeleteVolumeRequest {
+        volume_id: "pg".into(),
+        ..Default::default()
+    }))
+    .expect("DeleteVolume");
+    for n in ["n1", "n2", "n3"] {
+        assert!(
+            !c.server_volumes(n).contains(&"pg".to_string()),
+            "a copy stayed on {n}"
+        );
+    }
+    let _ = plugin.kill();
+    let _ = plugin.wait();
+}
