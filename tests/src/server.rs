@@ -202,15 +202,20 @@ impl ServerProc {
         );
     }
 
-    /// Runs berthctl against this server; returns (exit code, stdout).
-    pub fn ctl(&self, args: &[&str]) -> (i32, String) {
-        let out = Command::new(binary("berthctl"))
+    /// `berthctl --output json server ARGS...` against this server.
+    fn ctl_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary("berthctl"))
             .arg("--endpoint")
             .arg(format!("unix://{}", self.ready.control_socket.display()))
             .args(["--output", "json", "server"])
             .args(args)
             .output()
-            .expect("run berthctl");
+            .expect("run berthctl")
+    }
+
+    /// Runs berthctl against this server; returns (exit code, stdout).
+    pub fn ctl(&self, args: &[&str]) -> (i32, String) {
+        let out = self.ctl_output(args);
         if !out.status.success() {
             eprintln!(
                 "berthctl {args:?}: {}",
@@ -225,13 +230,7 @@ impl ServerProc {
 
     /// berthctl that must fail; returns (exit code, stderr).
     pub fn ctl_fails(&self, args: &[&str]) -> (i32, String) {
-        let out = Command::new(binary("berthctl"))
-            .arg("--endpoint")
-            .arg(format!("unix://{}", self.ready.control_socket.display()))
-            .args(["--output", "json", "server"])
-            .args(args)
-            .output()
-            .expect("run berthctl");
+        let out = self.ctl_output(args);
         assert!(!out.status.success(), "berthctl {args:?} succeeded");
         (
             out.status.code().unwrap_or(-1),
@@ -259,6 +258,16 @@ impl Drop for ServerProc {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Offsets in a pool file of the 4 KiB blocks made only of `byte`: where a
+/// test wrote a pattern, to flip a bit under it.
+pub fn blocks_of(pool: &[u8], byte: u8) -> Vec<u64> {
+    pool.chunks(4096)
+        .enumerate()
+        .filter(|(_, c)| c.iter().all(|&b| b == byte))
+        .map(|(i, _)| (i * 4096) as u64)
+        .collect()
 }
 
 /// GET over plain HTTP/1.1 (the metrics endpoint); the whole response.

@@ -3,7 +3,7 @@
 //! counted against the volume, a failed write is never visible, and the
 //! server keeps serving every volume.
 
-use berth_tests::server::{have, qemu_io, ServerProc};
+use berth_tests::server::{blocks_of, have, qemu_io, ServerProc};
 
 fn s(v: &serde_json::Value, k: &str) -> String {
     v[k].as_str().unwrap_or_default().to_string()
@@ -161,15 +161,6 @@ fn a_full_pool_gives_enospc_refuses_snapshots_up_front_and_recovers() {
     srv.ctl_json(&["clone", "c3", "--from-snapshot", "s3"]);
     let scrub = srv.ctl_json(&["scrub"]);
     assert_eq!(scrub["errors"].as_array().map(Vec::len), Some(0), "{scrub}");
-}
-
-/// The pool byte offsets of the 4 KiB blocks whose every byte is `byte`.
-fn blocks_of(pool: &[u8], byte: u8) -> Vec<u64> {
-    pool.chunks(4096)
-        .enumerate()
-        .filter(|(_, c)| c.iter().all(|&b| b == byte))
-        .map(|(i, _)| (i * 4096) as u64)
-        .collect()
 }
 
 /// Bit rot under a live volume, its snapshot and a clone of it, on a

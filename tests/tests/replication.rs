@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use berth_nbd::proto::ESHUTDOWN;
 use berth_nbd::session::{Cmd, Options, Session, Uri};
 use berth_tests::meta::{Cluster, NodeSpec};
-use berth_tests::server::{binary, qemu_io, ServerProc};
+use berth_tests::server::{binary, blocks_of, qemu_io, ServerProc};
 use bytes::Bytes;
 use serde_json::Value;
 
@@ -587,15 +587,6 @@ fn a_paused_nexus_replaced_by_another_cannot_write_when_it_resumes() {
     );
     new.detach();
     drop(old);
-}
-
-/// Pool-file offsets of the 4 KiB blocks made only of `byte`.
-fn blocks_of(pool: &[u8], byte: u8) -> Vec<u64> {
-    pool.chunks(4096)
-        .enumerate()
-        .filter(|(_, c)| c.iter().all(|&b| b == byte))
-        .map(|(i, _)| (i * 4096) as u64)
-        .collect()
 }
 
 fn audit_actions(c: &Cluster, volume: &str) -> Vec<Value> {

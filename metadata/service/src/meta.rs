@@ -1581,26 +1581,8 @@ impl Meta {
                 .await;
         }
         self.require_up(&v.node)?;
-        let rec = match existing.into_iter().find(|a| a.node == node) {
-            Some(a) => a,
-            None => {
-                let a = AttachmentRecord {
-                    volume: volume.to_string(),
-                    node: node.to_string(),
-                    read_only,
-                    server_node: v.node.clone(),
-                    export_name: String::new(),
-                    tcp_uri: String::new(),
-                    unix_uri: String::new(),
-                    state: State::Creating,
-                    created_ms: now_ms(),
-                    legs: Vec::new(),
-                    generation: 0,
-                };
-                self.commit_intent(a.create()).await?;
-                a
-            }
-        };
+        let pending = existing.into_iter().find(|a| a.node == node);
+        let rec = self.attachment_intent(&v, node, read_only, pending).await?;
         fault::point("publish-volume:after-catalog");
         // Connections from another node must come from its address.
         let peer = if node == v.node {
@@ -1656,6 +1638,35 @@ impl Meta {
         Ok(self.with_current_uris(ready))
     }
 
+    /// The attachment a publish works on: the one a failed attempt left, or
+    /// a new intent (Creating), durable before any server is asked.
+    async fn attachment_intent(
+        &self,
+        v: &VolumeRecord,
+        node: &str,
+        read_only: bool,
+        pending: Option<AttachmentRecord>,
+    ) -> Result<AttachmentRecord> {
+        if let Some(a) = pending {
+            return Ok(a);
+        }
+        let a = AttachmentRecord {
+            volume: v.id.clone(),
+            node: node.to_string(),
+            read_only,
+            server_node: v.node.clone(),
+            export_name: String::new(),
+            tcp_uri: String::new(),
+            unix_uri: String::new(),
+            state: State::Creating,
+            created_ms: now_ms(),
+            legs: Vec::new(),
+            generation: 0,
+        };
+        self.commit_intent(a.create()).await?;
+        Ok(a)
+    }
+
     /// Publishes a replicated volume to `client` for a new nexus there: the
     /// set's generation moves on (fencing any earlier nexus), each in-sync
     /// replica grants the node an export at that generation, and a replica
@@ -1679,26 +1690,7 @@ impl Meta {
             )));
         }
         let node = client.name.as_str();
-        let rec = match pending {
-            Some(a) => a,
-            None => {
-                let a = AttachmentRecord {
-                    volume: v.id.clone(),
-                    node: node.to_string(),
-                    read_only,
-                    server_node: v.node.clone(),
-                    export_name: String::new(),
-                    tcp_uri: String::new(),
-                    unix_uri: String::new(),
-                    state: State::Creating,
-                    created_ms: now_ms(),
-                    legs: Vec::new(),
-                    generation: 0,
-                };
-                self.commit_intent(a.create()).await?;
-                a
-            }
-        };
+        let rec = self.attachment_intent(&v, node, read_only, pending).await?;
         fault::point("publish-volume:after-catalog");
         // The new nexus's generation, durable before any grant carries it.
         let fence = set.new_nexus(set.generation())?;
