@@ -528,6 +528,16 @@ fn a_grant_older_than_the_volume_fence_can_neither_read_nor_write() {
     assert!(ok, "{out}");
 }
 
+/// Writes 4 KiB of `byte` at offset 0 and fsyncs.
+fn write_synced(file: &Path, byte: u8) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .expect("open");
+    f.write_all_at(&[byte; 4096], 0).expect("write");
+    f.sync_data().expect("fsync");
+}
+
 #[test]
 fn a_paused_nexus_replaced_by_another_cannot_write_when_it_resumes() {
     if fuse_missing() {
@@ -545,28 +555,14 @@ fn a_paused_nexus_replaced_by_another_cannot_write_when_it_resumes() {
         "replicas=2",
     ]);
     let old = Attached::start(&c, "app", &root.path().join("old"), "n1");
-    {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(old.file())
-            .expect("open");
-        f.write_all_at(&[0x11; 4096], 0).expect("write");
-        f.sync_data().expect("fsync");
-    }
+    write_synced(&old.file(), 0x11);
     // The old nexus's node stops answering (SIGSTOP); the orchestrator
     // detaches the volume there and attaches it on another node.
     old.signal(libc::SIGSTOP);
     c.meta
         .ctl_json(&["volume", "unexport", "app", "--node", "n1"]);
     let new = Attached::start(&c, "app", &root.path().join("new"), "n2");
-    {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(new.file())
-            .expect("open");
-        f.write_all_at(&[0x22; 4096], 0).expect("write");
-        f.sync_data().expect("fsync");
-    }
+    write_synced(&new.file(), 0x22);
     // The old one resumes and writes: refused, and the data is the new one's.
     old.signal(libc::SIGCONT);
     let f = std::fs::OpenOptions::new()

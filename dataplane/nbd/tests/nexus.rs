@@ -212,6 +212,11 @@ fn opts() -> NexusOptions {
 }
 
 fn nexus(mems: &[Arc<Mem>], catalog: &Arc<Catalog>) -> Nexus {
+    nexus_with(mems, catalog, opts())
+}
+
+/// A nexus at generation 7 over `mems` (leg i is `node-i`).
+fn nexus_with(mems: &[Arc<Mem>], catalog: &Arc<Catalog>, o: NexusOptions) -> Nexus {
     let legs = mems
         .iter()
         .enumerate()
@@ -220,7 +225,7 @@ fn nexus(mems: &[Arc<Mem>], catalog: &Arc<Catalog>) -> Nexus {
             target: Arc::new(MemTarget(m.clone())),
         })
         .collect();
-    Nexus::new(legs, 7, Arc::new(Cat(catalog.clone())), opts()).expect("nexus")
+    Nexus::new(legs, 7, Arc::new(Cat(catalog.clone())), o).expect("nexus")
 }
 
 fn write(offset: u64, byte: u8, len: usize) -> Cmd {
@@ -581,24 +586,14 @@ async fn a_repair_never_overwrites_a_newer_write() {
 async fn a_write_held_for_a_report_that_never_comes_fails_and_the_leg_stays_out() {
     let mems = [Mem::new(), Mem::new()];
     let cat = Catalog::gated();
-    let legs = mems
-        .iter()
-        .enumerate()
-        .map(|(i, m)| Leg {
-            name: format!("node-{i}"),
-            target: Arc::new(MemTarget(m.clone())) as Arc<dyn BlockTarget>,
-        })
-        .collect();
-    let n = Nexus::new(
-        legs,
-        7,
-        Arc::new(Cat(cat.clone())),
+    let n = nexus_with(
+        &mems,
+        &cat,
         NexusOptions {
             hold_timeout: Duration::from_millis(100),
             ..opts()
         },
-    )
-    .expect("nexus");
+    );
     mems[1].fail_writes.store(true, Ordering::SeqCst);
     assert_eq!(call(&n, write(0, 1, 4096)).await, Err(EIO));
     assert_eq!(n.legs()[1].1, LegState::Leaving);
