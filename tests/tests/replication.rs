@@ -1017,6 +1017,27 @@ fn a_replicated_volume_through_the_csi_services_rides_through_a_lost_copy() {
         .expect("condition");
     assert!(status.abnormal, "a degraded volume is abnormal: {status:?}");
     assert!(status.message.contains("degraded"), "{status:?}");
+    // The node's view says so too, and still measures the filesystem.
+    let stats = rt
+        .block_on(
+            csi.node
+                .node_get_volume_stats(csi::NodeGetVolumeStatsRequest {
+                    volume_id: "pg".into(),
+                    volume_path: target.display().to_string(),
+                    ..Default::default()
+                }),
+        )
+        .expect("NodeGetVolumeStats")
+        .into_inner();
+    let cond = stats.volume_condition.expect("condition");
+    assert!(
+        cond.abnormal && cond.message.contains("degraded"),
+        "{cond:?}"
+    );
+    assert!(
+        !stats.usage.is_empty(),
+        "a degraded volume still has its usage measured"
+    );
     rt.block_on(
         csi.node
             .node_unpublish_volume(csi::NodeUnpublishVolumeRequest {

@@ -372,6 +372,31 @@ impl NodeService {
         Ok(())
     }
 
+    /// What the catalog says is wrong with a volume (a replicated volume
+    /// with a copy out of the set), if anything; nothing when the metadata
+    /// service does not answer within 2 s (the device's own health stands).
+    async fn catalog_condition(&self, volume: &str) -> Option<String> {
+        let who = format!("csi-node:{}", self.cfg.node_id);
+        let mut meta = self.meta.clone();
+        let call = meta.get_volume(meta_req(
+            &who,
+            mpb::GetVolumeRequest {
+                volume_id: volume.to_string(),
+            },
+        ));
+        match tokio::time::timeout(Duration::from_secs(2), call).await {
+            Ok(Ok(v)) => {
+                let v = v.into_inner();
+                v.abnormal.then_some(v.condition)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(%volume, error = %e, "cannot ask the catalog for the volume's condition");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
     /// Records a node event in the audit log ("who accessed this volume").
     /// The volume server records the NBD connection itself, so a metadata
     /// service that cannot be reached is logged, not fatal.
@@ -912,7 +937,7 @@ impl csi::node_server::Node for NodeService {
         // that is not here, or a path it is not at, whatever the path's form.
         let s = self.staged_at(&r.volume_id, &r.volume_path)?;
         let path = PathBuf::from(&r.volume_path);
-        let condition = match attach::health(&s.attachment).await {
+        let mut condition = match attach::health(&s.attachment).await {
             Ok(()) => csi::VolumeCondition {
                 abnormal: false,
                 message: "ok".into(),
@@ -922,13 +947,24 @@ impl csi::node_server::Node for NodeService {
                 message: fault.message().to_string(),
             },
         };
+        // A replicated volume whose device works may still be degraded (a
+        // copy out of the set): the catalog says so.
+        let device_ok = !condition.abnormal;
+        if device_ok && fuse::ReplicatedSpec::parse(&s.attachment.uri).is_some() {
+            if let Some(why) = self.catalog_condition(&r.volume_id).await {
+                condition = csi::VolumeCondition {
+                    abnormal: true,
+                    message: why,
+                };
+            }
+        }
         let usage = if s.block {
             vec![csi::VolumeUsage {
                 total: i64::try_from(mount::size_of(&s.attachment.device)?).unwrap_or(i64::MAX),
                 unit: Unit::Bytes as i32,
                 ..Default::default()
             }]
-        } else if condition.abnormal {
+        } else if !device_ok {
             // statvfs of a filesystem whose device is gone can hang or lie.
             Vec::new()
         } else {
