@@ -1076,3 +1076,82 @@ fn a_replicated_volume_through_the_csi_services_rides_through_a_lost_copy() {
     let _ = plugin.kill();
     let _ = plugin.wait();
 }
+
+/// A request of the old nexus that passed the fence check just before a
+/// newer grant raised the fence lands before that grant returns, so the new
+/// nexus (which starts after) always writes last. The old request is held
+/// in flight by the fault plan: its pool write completes 800 ms late.
+#[test]
+fn a_grant_that_raises_the_fence_waits_for_the_requests_it_fences() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = ServerProc::start_env(
+        dir.path(),
+        "256M",
+        &[],
+        // The first data write (past the pool's 1 MiB header) is held.
+        &[("BERTH_FAULTS", "write:delay=800ms:1@1048576-268435456")],
+    );
+    srv.ctl_json(&["volume", "create", "v", "--size", "16M"]);
+    let grant = |client: &str, g: u64| -> String {
+        srv.ctl_json(&[
+            "export",
+            "grant",
+            "--volume",
+            "v",
+            "--client",
+            client,
+            "--generation",
+            &g.to_string(),
+        ])["unix_uri"]
+            .as_str()
+            .expect("uri")
+            .to_string()
+    };
+    let old = grant("nexus-a", 2);
+    rt().block_on(async {
+        let a = Session::connect(Uri::parse(&old).expect("uri"), session_opts())
+            .await
+            .expect("connect");
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        a.submit(
+            Cmd::Write {
+                offset: 0,
+                data: Bytes::from(vec![0xaa; 4096]),
+            },
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        // Past the fence check and held in the pool.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(rx.try_recv().is_err(), "the old write was not held");
+        let t = Instant::now();
+        let new = grant("nexus-b", 3);
+        let waited = t.elapsed();
+        assert!(
+            matches!(rx.try_recv(), Ok(Ok(_))),
+            "the grant returned ({waited:?}) before the request it fenced had landed"
+        );
+        let b = Session::connect(Uri::parse(&new).expect("uri"), session_opts())
+            .await
+            .expect("connect the new nexus");
+        b.call(Cmd::Write {
+            offset: 0,
+            data: Bytes::from(vec![0xbb; 4096]),
+        })
+        .await
+        .expect("the new nexus writes");
+        let got = b
+            .call(Cmd::Read {
+                offset: 0,
+                len: 4096,
+            })
+            .await
+            .expect("read");
+        assert!(
+            got.iter().all(|x| *x == 0xbb),
+            "the old nexus's write landed last"
+        );
+        b.close().await.expect("flush");
+    });
+}

@@ -48,12 +48,51 @@ pub struct VolumeRuntime {
     /// The volume's fence (see `ServerState::fences`): every request of a
     /// connection whose grant is older is refused with ESHUTDOWN.
     pub fence: AtomicU64,
+    /// Requests that passed the fence check and have not finished: a grant
+    /// that raises the fence waits for them, so no request it fences lands
+    /// after it returns.
+    pub past_fence: AtomicU64,
 }
 
 impl VolumeRuntime {
     /// Whether a connection through `grant` is fenced off.
     pub fn fenced(&self, grant: &Grant) -> bool {
         grant.generation < self.fence.load(Ordering::Acquire)
+    }
+
+    /// Checks a request of a connection through `grant` against the fence;
+    /// when it passes, the guard counts it until it is dropped (with the
+    /// request, once answered).
+    pub fn admit_past_fence(self: &Arc<Self>, grant: &Grant) -> Option<FenceGuard> {
+        self.past_fence.fetch_add(1, Ordering::AcqRel);
+        let g = FenceGuard(self.clone());
+        // Counted before the check: a grant that raises the fence after this
+        // load waits for it; one that raised it before is seen here.
+        (!self.fenced(grant)).then_some(g)
+    }
+
+    /// Waits (up to `limit`) for the requests that passed the fence check to
+    /// finish; false if some are still running then.
+    pub fn drain_past_fence(&self, limit: std::time::Duration) -> bool {
+        let until = std::time::Instant::now() + limit;
+        while self.past_fence.load(Ordering::Acquire) > 0 {
+            if std::time::Instant::now() > until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
+    }
+}
+
+/// One request counted past the fence check (see
+/// [`VolumeRuntime::admit_past_fence`]).
+#[derive(Debug)]
+pub struct FenceGuard(Arc<VolumeRuntime>);
+
+impl Drop for FenceGuard {
+    fn drop(&mut self) {
+        self.0.past_fence.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -286,6 +325,7 @@ impl Node {
             name: label,
             limiter: Limiter::new(limits),
             fence: AtomicU64::new(fence),
+            past_fence: AtomicU64::new(0),
         });
         Ok(self
             .runtimes
@@ -610,11 +650,22 @@ impl Node {
                 st.fences.insert(name.to_string(), generation);
             }
             self.save(&st)?;
+            let mut raised = None;
             if generation > 0 {
                 // Under the state lock, as connections register: a writer
                 // from an older generation is refused from its next request.
                 if let Some(rt) = self.runtimes.lock().get(&(kind, name.to_string())) {
-                    rt.fence.store(generation, Ordering::Release);
+                    if rt.fence.swap(generation, Ordering::AcqRel) < generation {
+                        raised = Some(rt.clone());
+                    }
+                }
+            }
+            drop(st);
+            // The requests that passed the check before the fence rose land
+            // before the new nexus can start: it starts once this returns.
+            if let Some(rt) = raised {
+                if !rt.drain_past_fence(FENCE_DRAIN) {
+                    tracing::warn!(volume = name, waited = ?FENCE_DRAIN, "requests from before the fence are still running");
                 }
             }
             Ok(g)
@@ -821,6 +872,9 @@ impl Node {
         self.runtimes.lock().values().cloned().collect()
     }
 }
+
+/// How long a grant that raises a fence waits for the requests it fences.
+const FENCE_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a grant is asked for (GrantExport).
 #[derive(Debug, Clone, Copy)]

@@ -629,6 +629,8 @@ struct Pending {
     units: u32,
     /// The priority it was counted under in the pool's gate, if it was.
     gated: Option<usize>,
+    /// Counted as past the volume's fence check until it is answered.
+    _fence: Option<crate::node::FenceGuard>,
 }
 
 #[derive(Debug)]
@@ -894,6 +896,7 @@ async fn refuse_remaining<R: AsyncRead + Unpin>(conn: &Arc<Conn>, rd: &mut R) {
             started: Instant::now(),
             units: 0,
             gated: None,
+            _fence: None,
         }) as u64;
         conn.done.push(Completion::Refused(
             tag,
@@ -962,6 +965,7 @@ async fn handle<R: AsyncRead + Unpin>(
         started,
         units: payload_units,
         gated: None,
+        _fence: None,
     };
     let ex = &conn.export;
     let store = &conn.node.store;
@@ -985,9 +989,12 @@ async fn handle<R: AsyncRead + Unpin>(
         refuse(pending, EINVAL, "flag not valid for this command");
         return Ok(());
     }
-    if ex.runtime.fenced(&ex.grant) {
-        refuse(pending, ESHUTDOWN, "fenced: a newer nexus owns this volume");
-        return Ok(());
+    match ex.runtime.admit_past_fence(&ex.grant) {
+        Some(g) => pending._fence = Some(g),
+        None => {
+            refuse(pending, ESHUTDOWN, "fenced: a newer nexus owns this volume");
+            return Ok(());
+        }
     }
     let write_kind = matches!(req.command, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if write_kind && ex.read_only {
