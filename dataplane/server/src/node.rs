@@ -60,15 +60,26 @@ impl VolumeRuntime {
         grant.generation < self.fence.load(Ordering::Acquire)
     }
 
-    /// Checks a request of a connection through `grant` against the fence;
-    /// when it passes, the guard counts it until it is dropped (with the
-    /// request, once answered).
-    pub fn admit_past_fence(self: &Arc<Self>, grant: &Grant) -> Option<FenceGuard> {
+    /// Checks a request of a connection through `grant` against the fence.
+    /// A request that passes on a replicated volume is counted until its
+    /// guard is dropped (with the request, once answered). Unreplicated
+    /// volumes (no fence, no generation) pay one atomic load and count
+    /// nothing; so a plain (generation 0) request racing a replicated
+    /// volume's first publish is not waited for: only an administrator's
+    /// grant makes one.
+    pub fn admit_past_fence(self: &Arc<Self>, grant: &Grant) -> FenceCheck {
+        if grant.generation == 0 && self.fence.load(Ordering::Acquire) == 0 {
+            return FenceCheck::Open(None);
+        }
         self.past_fence.fetch_add(1, Ordering::AcqRel);
         let g = FenceGuard(self.clone());
         // Counted before the check: a grant that raises the fence after this
         // load waits for it; one that raised it before is seen here.
-        (!self.fenced(grant)).then_some(g)
+        if self.fenced(grant) {
+            FenceCheck::Fenced
+        } else {
+            FenceCheck::Open(Some(g))
+        }
     }
 
     /// Waits (up to `limit`) for the requests that passed the fence check to
@@ -83,6 +94,14 @@ impl VolumeRuntime {
         }
         true
     }
+}
+
+/// A request's fence check: open (counted on a replicated volume), or
+/// fenced off.
+#[derive(Debug)]
+pub enum FenceCheck {
+    Open(Option<FenceGuard>),
+    Fenced,
 }
 
 /// One request counted past the fence check (see

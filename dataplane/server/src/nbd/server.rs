@@ -990,8 +990,8 @@ async fn handle<R: AsyncRead + Unpin>(
         return Ok(());
     }
     match ex.runtime.admit_past_fence(&ex.grant) {
-        Some(g) => pending._fence = Some(g),
-        None => {
+        crate::node::FenceCheck::Open(g) => pending._fence = g,
+        crate::node::FenceCheck::Fenced => {
             refuse(pending, ESHUTDOWN, "fenced: a newer nexus owns this volume");
             return Ok(());
         }
