@@ -400,7 +400,26 @@ fn a_hundred_concurrent_creates_of_one_name_make_one_volume() {
 
 /// Runs `op` against a metadata service set to crash at `point`, restarts it
 /// and waits until catalog and volume servers agree.
-fn crash_then_reconcile(c: &mut Cluster, point: &str, op: &[&str]) {
+/// Reconcile's own entries in the audit log.
+fn reconcile_notes(c: &Cluster) -> usize {
+    c.meta
+        .ctl_json(&["audit", "list", "--actor", "berth-metadata"])
+        .as_array()
+        .expect("audit")
+        .iter()
+        .filter(|e| e["action"] == "Reconcile")
+        .count()
+}
+
+/// `done` crash points have been reconciled so far: their notes are in the
+/// audit log before this kills the service again (reconcile logs its note
+/// once the repair is made, and a kill between the two would lose it).
+fn crash_then_reconcile(c: &mut Cluster, point: &str, op: &[&str], done: usize) {
+    wait_for(
+        &format!("reconcile's {done} notes before {point}"),
+        Duration::from_secs(20),
+        || reconcile_notes(c) >= done,
+    );
     c.meta.restart(Some(point));
     let o = c.meta.ctl(op);
     assert_ne!(o.code, 0, "{op:?} should have lost its server at {point}");
@@ -427,12 +446,15 @@ fn reconcile_leaves_no_orphans_after_crashes_between_the_catalog_and_the_volume_
 
     // Killed after the catalog recorded the intent, before the server call;
     // then after the server call, before the catalog recorded the outcome.
+    let mut crashed = 0;
     for point in ["create-volume:after-catalog", "create-volume:after-server"] {
         crash_then_reconcile(
             &mut c,
             point,
             &["volume", "create", "half", "--size", "64M"],
+            crashed,
         );
+        crashed += 1;
         wait_for(
             &format!("reconcile after {point}"),
             Duration::from_secs(20),
@@ -453,7 +475,9 @@ fn reconcile_leaves_no_orphans_after_crashes_between_the_catalog_and_the_volume_
         &mut c,
         "delete-volume:after-catalog",
         &["volume", "delete", "doomed"],
+        crashed,
     );
+    crashed += 1;
     wait_for("reconcile of a delete", Duration::from_secs(20), || {
         catalog_vols(&c).is_empty() && server_vols(&mut c).is_empty()
     });
@@ -466,7 +490,13 @@ fn reconcile_leaves_no_orphans_after_crashes_between_the_catalog_and_the_volume_
         "create-snapshot:after-catalog",
         "create-snapshot:after-server",
     ] {
-        crash_then_reconcile(&mut c, point, &["snapshot", "create", "base", "half-snap"]);
+        crash_then_reconcile(
+            &mut c,
+            point,
+            &["snapshot", "create", "base", "half-snap"],
+            crashed,
+        );
+        crashed += 1;
         wait_for(
             &format!("reconcile after {point}"),
             Duration::from_secs(20),
@@ -480,7 +510,8 @@ fn reconcile_leaves_no_orphans_after_crashes_between_the_catalog_and_the_volume_
         "publish-volume:after-catalog",
         "publish-volume:after-server",
     ] {
-        crash_then_reconcile(&mut c, point, &["volume", "export", "base"]);
+        crash_then_reconcile(&mut c, point, &["volume", "export", "base"], crashed);
+        crashed += 1;
         wait_for(
             &format!("reconcile after {point}"),
             Duration::from_secs(20),
@@ -502,17 +533,11 @@ fn reconcile_leaves_no_orphans_after_crashes_between_the_catalog_and_the_volume_
             .map(Vec::len),
         Some(1)
     );
-    // What reconcile did is in the audit log.
-    let notes = c
-        .meta
-        .ctl_json(&["audit", "list", "--actor", "berth-metadata"]);
-    let reconciled = notes
-        .as_array()
-        .expect("audit")
-        .iter()
-        .filter(|e| e["action"] == "Reconcile")
-        .count();
-    assert!(reconciled >= 7, "{notes}");
+    // What reconcile did is in the audit log: a note for each crash.
+    assert_eq!(crashed, 7);
+    wait_for("reconcile's notes", Duration::from_secs(20), || {
+        reconcile_notes(&c) >= crashed
+    });
     // Volumes made outside the catalog are left alone.
     c.node("n1")
         .ctl_json(&["volume", "create", "handmade", "--size", "16M"]);
