@@ -207,18 +207,25 @@ fn write_load(file: &Path, blocks: u64, stop: &AtomicBool) -> (Vec<u64>, Duratio
 
 /// Reads the whole volume `name` from one node's volume server, through a
 /// grant at `generation` (the volume must be detached: it fences the nexus).
-fn read_copy(c: &mut Cluster, node: &str, name: &str, generation: u64, size: u64) -> Vec<u8> {
-    let e = c.node(node).ctl_json(&[
+/// A grant of `volume` on one volume server at `generation`: its unix URI.
+fn grant_at(srv: &ServerProc, volume: &str, client: &str, generation: u64) -> String {
+    srv.ctl_json(&[
         "export",
         "grant",
         "--volume",
-        name,
+        volume,
         "--client",
-        "replication-test",
+        client,
         "--generation",
         &generation.to_string(),
-    ]);
-    let uri = e["unix_uri"].as_str().expect("unix uri").to_string();
+    ])["unix_uri"]
+        .as_str()
+        .expect("unix uri")
+        .to_string()
+}
+
+fn read_copy(c: &mut Cluster, node: &str, name: &str, generation: u64, size: u64) -> Vec<u8> {
+    let uri = grant_at(c.node(node), name, "replication-test", generation);
     rt().block_on(async {
         let s = Session::connect(Uri::parse(&uri).expect("uri"), session_opts())
             .await
@@ -456,21 +463,7 @@ fn a_grant_older_than_the_volume_fence_can_neither_read_nor_write() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut srv = ServerProc::start(dir.path(), "256M");
     srv.ctl_json(&["volume", "create", "v", "--size", "16M"]);
-    let grant = |srv: &ServerProc, client: &str, g: u64| -> String {
-        srv.ctl_json(&[
-            "export",
-            "grant",
-            "--volume",
-            "v",
-            "--client",
-            client,
-            "--generation",
-            &g.to_string(),
-        ])["unix_uri"]
-            .as_str()
-            .expect("uri")
-            .to_string()
-    };
+    let grant = |srv: &ServerProc, client: &str, g: u64| grant_at(srv, "v", client, g);
     let old = grant(&srv, "nexus-a", 2);
     rt().block_on(async {
         let a = Session::connect(Uri::parse(&old).expect("uri"), session_opts())
@@ -1092,21 +1085,7 @@ fn a_grant_that_raises_the_fence_waits_for_the_requests_it_fences() {
         &[("BERTH_FAULTS", "write:delay=800ms:1@1048576-268435456")],
     );
     srv.ctl_json(&["volume", "create", "v", "--size", "16M"]);
-    let grant = |client: &str, g: u64| -> String {
-        srv.ctl_json(&[
-            "export",
-            "grant",
-            "--volume",
-            "v",
-            "--client",
-            client,
-            "--generation",
-            &g.to_string(),
-        ])["unix_uri"]
-            .as_str()
-            .expect("uri")
-            .to_string()
-    };
+    let grant = |client: &str, g: u64| grant_at(&srv, "v", client, g);
     let old = grant("nexus-a", 2);
     rt().block_on(async {
         let a = Session::connect(Uri::parse(&old).expect("uri"), session_opts())

@@ -372,14 +372,18 @@ impl NodeService {
         Ok(())
     }
 
+    /// Who this plugin is in the metadata service's audit log.
+    fn actor(&self) -> String {
+        format!("csi-node:{}", self.cfg.node_id)
+    }
+
     /// What the catalog says is wrong with a volume (a replicated volume
     /// with a copy out of the set), if anything; nothing when the metadata
     /// service does not answer within 2 s (the device's own health stands).
     async fn catalog_condition(&self, volume: &str) -> Option<String> {
-        let who = format!("csi-node:{}", self.cfg.node_id);
         let mut meta = self.meta.clone();
         let call = meta.get_volume(meta_req(
-            &who,
+            &self.actor(),
             mpb::GetVolumeRequest {
                 volume_id: volume.to_string(),
             },
@@ -401,10 +405,9 @@ impl NodeService {
     /// The volume server records the NBD connection itself, so a metadata
     /// service that cannot be reached is logged, not fatal.
     async fn audit(&self, action: &str, volume: &str, target: &Path, detail: String) {
-        let who = format!("csi-node:{}", self.cfg.node_id);
         let mut meta = self.meta.clone();
         let call = meta.append_audit(meta_req(
-            &who,
+            &self.actor(),
             mpb::AppendAuditRequest {
                 action: action.to_string(),
                 volume: volume.to_string(),

@@ -161,6 +161,8 @@ struct Sent {
     at: Instant,
     /// The range a mutation changes (none for reads and flushes).
     range: Option<Range>,
+    /// A flush: the leg's last acknowledged mutation when it was sent.
+    flush_covers: Option<u64>,
     done: SlotDone,
 }
 
@@ -187,6 +189,55 @@ struct LegSlot {
     /// has not answered for the leg timeout has failed (a slow leg that
     /// answers, throttled by its QoS, has not).
     last_answer: Instant,
+}
+
+impl LegSlot {
+    /// Keeps what a fault report needs from an answer: a mutation it
+    /// acknowledged stays unflushed until a flush sent after it succeeds; one
+    /// that failed on it is pending for its rebuild.
+    fn answered(&mut self, s: &Sent, r: &Outcome) {
+        self.last_answer = Instant::now();
+        match r {
+            Ok(_) => {
+                if let Some(covers) = s.flush_covers {
+                    while self.unflushed.front().is_some_and(|(q, _)| *q <= covers) {
+                        self.unflushed.pop_front();
+                    }
+                } else if let Some(range) = s.range {
+                    self.seq += 1;
+                    self.unflushed.push_back((self.seq, range));
+                    if self.unflushed.len() > MAX_UNFLUSHED {
+                        let lo = self
+                            .unflushed
+                            .iter()
+                            .map(|(_, r)| r.offset)
+                            .min()
+                            .unwrap_or(0);
+                        let hi = self
+                            .unflushed
+                            .iter()
+                            .map(|(_, r)| r.end())
+                            .max()
+                            .unwrap_or(0);
+                        self.unflushed.clear();
+                        self.unflushed.push_back((
+                            self.seq,
+                            Range {
+                                offset: lo,
+                                len: hi - lo,
+                            },
+                        ));
+                    }
+                }
+            }
+            Err(e) if !request_error(*e) && *e != ESHUTDOWN => {
+                if let Some(range) = s.range {
+                    self.failed.push(range);
+                }
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 struct State {
@@ -373,11 +424,14 @@ impl Inner {
         let id = st.next_id;
         st.next_id += 1;
         let range = range_of(&cmd);
-        st.legs[i].inflight.insert(
+        let l = &mut st.legs[i];
+        let flush_covers = (cmd == Cmd::Flush).then_some(l.seq);
+        l.inflight.insert(
             id,
             Sent {
                 at: Instant::now(),
                 range,
+                flush_covers,
                 done,
             },
         );
@@ -390,8 +444,11 @@ impl Inner {
                     let sent = {
                         let mut st = me.st.lock();
                         let l = &mut st.legs[i];
-                        l.last_answer = Instant::now();
-                        l.inflight.remove(&id)
+                        let sent = l.inflight.remove(&id);
+                        if let Some(s) = &sent {
+                            l.answered(s, &r);
+                        }
+                        sent
                     };
                     if let Some(s) = sent {
                         (s.done)(r);
@@ -457,14 +514,13 @@ impl Inner {
                 done: Some(done),
             }),
         });
-        let is_flush = cmd == Cmd::Flush;
+
         let mut go = Vec::with_capacity(targets.len());
         for i in targets {
             let (me, f) = (Arc::downgrade(self), fan.clone());
-            let flush_covers = st.legs[i].seq;
             let done: SlotDone = Box::new(move |r| {
                 if let Some(me) = me.upgrade() {
-                    me.leg_done(&f, i, r.err(), is_flush.then_some(flush_covers));
+                    me.leg_done(&f, i, r.err());
                 }
             });
             go.extend(self.register(&mut st, i, cmd.clone(), done));
@@ -475,47 +531,9 @@ impl Inner {
         }
     }
 
-    /// One leg's outcome for a fanned-out request.
-    fn leg_done(
-        self: &Arc<Self>,
-        fan: &Arc<Fan>,
-        leg: usize,
-        err: Option<u32>,
-        flush: Option<u64>,
-    ) {
-        match err {
-            None => {
-                let mut st = self.st.lock();
-                let l = &mut st.legs[leg];
-                if let Some(covers) = flush {
-                    while l.unflushed.front().is_some_and(|(s, _)| *s <= covers) {
-                        l.unflushed.pop_front();
-                    }
-                } else if let Some(r) = fan.range {
-                    l.seq += 1;
-                    let seq = l.seq;
-                    l.unflushed.push_back((seq, r));
-                    if l.unflushed.len() > MAX_UNFLUSHED {
-                        let lo = l.unflushed.iter().map(|(_, r)| r.offset).min().unwrap_or(0);
-                        let hi = l.unflushed.iter().map(|(_, r)| r.end()).max().unwrap_or(0);
-                        l.unflushed.clear();
-                        l.unflushed.push_back((
-                            seq,
-                            Range {
-                                offset: lo,
-                                len: hi - lo,
-                            },
-                        ));
-                    }
-                }
-            }
-            Some(e) if !request_error(e) && e != ESHUTDOWN => {
-                if let Some(r) = fan.range {
-                    self.st.lock().legs[leg].failed.push(r);
-                }
-            }
-            Some(_) => {}
-        }
+    /// One leg's outcome for a fanned-out request (its bookkeeping on the
+    /// leg is done: `LegSlot::answered`).
+    fn leg_done(self: &Arc<Self>, fan: &Arc<Fan>, leg: usize, err: Option<u32>) {
         let finished = {
             let mut f = fan.m.lock();
             f.remaining -= 1;
@@ -799,8 +817,8 @@ impl Inner {
             Err(why) => {
                 self.stats.repairs_abandoned.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(leg = %name, offset, len, reason = %why, "a repair was abandoned");
+                // A failed rewrite is pending on the leg already (its answer).
                 if why.starts_with("the rewrite") {
-                    self.st.lock().legs[bad].failed.push(range);
                     self.leave(bad);
                 }
             }

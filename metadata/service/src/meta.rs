@@ -1497,14 +1497,12 @@ impl Meta {
         if !a.legs.is_empty() {
             return a; // A replicated volume's: see `leg_uris`.
         }
-        if let Ok(Some(n)) = self.get::<NodeRecord>(&a.server_node) {
-            if !n.nbd_address.is_empty() {
-                a.tcp_uri = berth_proto::nbd_tcp_uri(&n.nbd_address, &a.export_name);
-            }
-            if a.node == a.server_node && !n.nbd_socket.is_empty() {
-                a.unix_uri =
-                    berth_proto::nbd_unix_uri(std::path::Path::new(&n.nbd_socket), &a.export_name);
-            }
+        let (tcp, unix) = self.current_uris(&a.server_node, &a.node, &a.export_name);
+        if let Some(t) = tcp {
+            a.tcp_uri = t;
+        }
+        if let Some(u) = unix {
+            a.unix_uri = u;
         }
         a
     }
@@ -1513,19 +1511,26 @@ impl Meta {
     /// addresses as reported now; the unix one only where the leg's replica
     /// is on the connecting node.
     pub fn leg_uris(&self, a: &AttachmentRecord, leg: &records::LegRecord) -> (String, String) {
-        let Ok(Some(n)) = self.get::<NodeRecord>(&leg.node) else {
-            return (String::new(), String::new());
+        let (tcp, unix) = self.current_uris(&leg.node, &a.node, &leg.export_name);
+        (tcp.unwrap_or_default(), unix.unwrap_or_default())
+    }
+
+    /// The URIs of `export` on `server` as that node reports its addresses
+    /// now: TCP where it listens, the unix socket only for a `client` on the
+    /// same node. `None` for what cannot be built.
+    fn current_uris(
+        &self,
+        server: &str,
+        client: &str,
+        export: &str,
+    ) -> (Option<String>, Option<String>) {
+        let Ok(Some(n)) = self.get::<NodeRecord>(server) else {
+            return (None, None);
         };
-        let tcp = if n.nbd_address.is_empty() {
-            String::new()
-        } else {
-            berth_proto::nbd_tcp_uri(&n.nbd_address, &leg.export_name)
-        };
-        let unix = if a.node == leg.node && !n.nbd_socket.is_empty() {
-            berth_proto::nbd_unix_uri(std::path::Path::new(&n.nbd_socket), &leg.export_name)
-        } else {
-            String::new()
-        };
+        let tcp =
+            (!n.nbd_address.is_empty()).then(|| berth_proto::nbd_tcp_uri(&n.nbd_address, export));
+        let unix = (client == server && !n.nbd_socket.is_empty())
+            .then(|| berth_proto::nbd_unix_uri(std::path::Path::new(&n.nbd_socket), export));
         (tcp, unix)
     }
 
