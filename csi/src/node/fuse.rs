@@ -106,24 +106,30 @@ impl ReplicatedSpec {
     }
 }
 
+/// The URI to reach an export by: its unix socket when that is on this
+/// host (no TCP in the data path), else TCP; `None` when neither works.
+pub fn pick_uri(unix: &str, tcp: &str) -> Option<String> {
+    let local = unix
+        .split_once("?socket=")
+        .is_some_and(|(_, p)| std::path::Path::new(p).exists());
+    if local {
+        Some(unix.to_string())
+    } else {
+        (!tcp.is_empty()).then(|| tcp.to_string())
+    }
+}
+
 /// What `berth attach` takes to serve a published volume: the legs of a
 /// replicated one, else its NBD URI; a unix socket wherever the server is on
 /// this host, else TCP.
 pub fn attachment_uri(a: &berth_proto::meta::v1::Attachment) -> Result<String, String> {
-    let pick = |unix: &str, tcp: &str| -> Result<String, String> {
-        let local = unix
-            .split_once("?socket=")
-            .is_some_and(|(_, p)| std::path::Path::new(p).exists());
-        if local {
-            Ok(unix.to_string())
-        } else if !tcp.is_empty() {
-            Ok(tcp.to_string())
-        } else {
-            Err(format!(
+    let pick = |unix: &str, tcp: &str| {
+        pick_uri(unix, tcp).ok_or_else(|| {
+            format!(
                 "volume {} has no NBD address reachable from here",
                 a.volume_id
-            ))
-        }
+            )
+        })
     };
     if a.legs.is_empty() {
         return pick(&a.unix_uri, &a.tcp_uri);

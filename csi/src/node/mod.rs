@@ -169,21 +169,13 @@ fn choose_uri(volume: &str, ctx: &HashMap<String, String>) -> Result<String, Sta
     if let Some(legs) = ctx.get(PUB_REPLICAS) {
         return replicated_uri(volume, ctx, legs);
     }
-    if let Some(u) = ctx.get(PUB_UNIX_URI).filter(|u| !u.is_empty()) {
-        let reachable = u
-            .split_once("?socket=")
-            .is_some_and(|(_, p)| Path::new(p).exists());
-        if reachable {
-            return Ok(u.clone());
-        }
-    }
-    match ctx.get(PUB_TCP_URI).filter(|u| !u.is_empty()) {
-        Some(u) => Ok(u.clone()),
-        None => Err(Status::failed_precondition(
+    let get = |k: &str| ctx.get(k).map_or("", String::as_str);
+    fuse::pick_uri(get(PUB_UNIX_URI), get(PUB_TCP_URI)).ok_or_else(|| {
+        Status::failed_precondition(
             "publish_context has no NBD URI: the volume was not published to this node \
              (ControllerPublishVolume first)",
-        )),
-    }
+        )
+    })
 }
 
 /// A replicated volume's attachment: each leg over its replica's unix
@@ -204,12 +196,13 @@ fn replicated_uri(
     let legs = legs
         .into_iter()
         .map(|l| {
-            let mut c = HashMap::from([(PUB_TCP_URI.to_string(), l.tcp_uri)]);
-            c.insert(PUB_UNIX_URI.to_string(), l.unix_uri);
-            Ok(fuse::LegSpec {
-                uri: choose_uri(volume, &c)?,
-                node: l.node,
-            })
+            let uri = fuse::pick_uri(&l.unix_uri, &l.tcp_uri).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "publish_context: the replica on {} has no NBD URI reachable from here",
+                    l.node
+                ))
+            })?;
+            Ok(fuse::LegSpec { uri, node: l.node })
         })
         .collect::<Result<Vec<_>, Status>>()?;
     if legs.is_empty() {
