@@ -1458,6 +1458,7 @@ fn stage(
         parents: &s.layers[1..],
     };
     let old = map::heads_in(&sh.db, cache, s.tree, s.first_lba, s.blocks)?;
+    let tracking = tree.tracking.is_some();
     match s.kind {
         Kind::Write => {
             let mut old = old.into_iter().peekable();
@@ -1471,6 +1472,9 @@ fn stage(
                     _ => None,
                 };
                 let new = v.unwrap_or(BlockValue::Zero);
+                if tracking {
+                    crate::changes::mark(&sh.db, batch, s.tree, lba);
+                }
                 if prev.is_none() && new == BlockValue::Zero && upd.parents.is_empty() {
                     continue; // zeros over a never-written block: nothing to record
                 }
@@ -1490,6 +1494,9 @@ fn stage(
                 }
             }
             for (lba, prev) in lbas {
+                if tracking {
+                    crate::changes::mark(&sh.db, batch, s.tree, lba);
+                }
                 upd.stage(cache, batch, lba, prev, BlockValue::Zero, freed, staged)?;
             }
         }

@@ -51,6 +51,7 @@
 //! holding the pool's lock refuse the open and change nothing.
 
 mod alloc;
+mod changes;
 pub mod error;
 mod gc;
 mod io_loop;

@@ -203,6 +203,8 @@ pub(crate) struct Tree {
     /// space, in O(1) (a clone's blocks shared with its source are the
     /// source's).
     pub owned_blocks: u64,
+    /// Change tracking: the point it started at, while on (`changes`).
+    pub tracking: Option<u64>,
 }
 
 impl Tree {
@@ -213,6 +215,7 @@ impl Tree {
             writes_in_flight: 0,
             frozen: false,
             owned_blocks: 0,
+            tracking: None,
         }
     }
 }
@@ -803,6 +806,83 @@ impl Store {
         Ok(info)
     }
 
+    /// Starts recording which blocks of volume `name` change (see
+    /// `changes`), from `point` (a replica-set generation, for the caller's
+    /// bookkeeping) on. Writes staged after this returns are recorded.
+    /// Already tracking: nothing changes, and the earlier point is returned.
+    pub fn track_changes(&self, name: &str, point: u64) -> Result<u64> {
+        let sh = &self.shared;
+        let point = {
+            let mut inner = sh.inner.lock();
+            let id = inner.volume_id(name)?;
+            let t = inner.trees.get_mut(&id).expect("a volume has its tree");
+            if let Some(p) = t.tracking {
+                return Ok(p);
+            }
+            sh.db.put_cf(
+                cf(&sh.db, CF_META),
+                crate::changes::track_key(id),
+                point.to_le_bytes(),
+            )?;
+            t.tracking = Some(point);
+            tracing::info!(volume = name, point, "tracking changed blocks");
+            point
+        };
+        sh.sync_wal()?;
+        Ok(point)
+    }
+
+    /// The point volume `name` tracks changes from, if it does.
+    pub fn tracking(&self, name: &str) -> Result<Option<u64>> {
+        let inner = self.shared.inner.lock();
+        let id = inner.volume_id(name)?;
+        Ok(inner.trees.get(&id).and_then(|t| t.tracking))
+    }
+
+    /// The byte ranges `(offset, len)` of volume `name` changed since its
+    /// tracking started, sorted and merged: None when it is not tracking,
+    /// or when there are more than `max_ranges` (copy everything instead).
+    /// Writes not yet landed are not listed.
+    pub fn changed_ranges(
+        &self,
+        name: &str,
+        max_ranges: usize,
+    ) -> Result<Option<(u64, Vec<(u64, u64)>)>> {
+        let sh = &self.shared;
+        let (id, point) = {
+            let inner = sh.inner.lock();
+            let id = inner.volume_id(name)?;
+            match inner.trees.get(&id).and_then(|t| t.tracking) {
+                Some(p) => (id, p),
+                None => return Ok(None),
+            }
+        };
+        let bs = BLOCK_SIZE;
+        Ok(crate::changes::ranges(&sh.db, id, max_ranges)?.map(|v| {
+            let v = v.into_iter().map(|(lba, n)| (lba * bs, n * bs)).collect();
+            (point, v)
+        }))
+    }
+
+    /// Stops tracking volume `name` and forgets what it recorded.
+    pub fn stop_tracking(&self, name: &str) -> Result<()> {
+        let sh = &self.shared;
+        {
+            let mut inner = sh.inner.lock();
+            let id = inner.volume_id(name)?;
+            let t = inner.trees.get_mut(&id).expect("a volume has its tree");
+            if t.tracking.take().is_none() {
+                return Ok(());
+            }
+            let mut b = WriteBatch::default();
+            crate::changes::clear(&sh.db, &mut b, id);
+            sh.db.write(b)?;
+            tracing::info!(volume = name, "stopped tracking changed blocks");
+        }
+        sh.sync_wal()?;
+        Ok(())
+    }
+
     /// Deletes a volume: its record goes at once (durably, before this
     /// returns), its blocks in the background (`gc`), except those its
     /// snapshots (or clones through them) still read.
@@ -823,6 +903,11 @@ impl Store {
                 b.put_cf(cf(&sh.db, CF_TREES), meta::id_key(id), t.rec.encode());
             }
             gc::mark(sh, &mut b, id);
+            if let Some(t) = inner.trees.get_mut(&id) {
+                if t.tracking.take().is_some() {
+                    crate::changes::clear(&sh.db, &mut b, id);
+                }
+            }
             sh.db.write(b)?;
             inner.volumes.remove(&id);
             inner.volume_names.remove(name);
@@ -1565,6 +1650,17 @@ fn load(db: &DB, pool: &Pool, cache_entries: usize) -> Result<Inner> {
             inner.snap_names.insert(rec.name.clone(), id);
         }
         inner.snaps.insert(id, Snap { rec, clones: 0 });
+    }
+    for (tree, point) in crate::changes::load(db)? {
+        match inner.trees.get_mut(&tree) {
+            Some(t) => t.tracking = Some(point),
+            None => {
+                return Err(corrupt(
+                    "change tracking",
+                    format!("tree {tree} does not exist"),
+                ))
+            }
+        }
     }
     let parents: Vec<(u64, u64)> = inner
         .trees
