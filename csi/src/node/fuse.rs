@@ -250,7 +250,7 @@ async fn replicated(
     };
     let client = crate::metadata_client(&endpoint, ctls.as_ref()).map_err(|e| e.to_string())?;
     let membership = MetaMembership {
-        client,
+        client: client.clone(),
         volume: spec.volume.clone(),
     };
     // A leg's session waits briefly for a server that went away: past that
@@ -289,7 +289,224 @@ async fn replicated(
         },
     )?;
     tracing::info!(volume = %spec.volume, generation, legs = ?nexus.legs(), "nexus started");
+    tokio::spawn(rebuilder(nexus.clone(), client, spec.volume.clone(), opts));
     Ok(Arc::new(nexus))
+}
+
+type MetaClient = berth_proto::meta::v1::metadata_service_client::MetadataServiceClient<
+    tonic::transport::Channel,
+>;
+
+/// How often the nexus asks the catalog for faulted replicas to rebuild.
+const REBUILD_POLL: Duration = Duration::from_secs(2);
+/// What a rebuild copies at a time: one piece in flight, so client I/O
+/// keeps the volume's tier (the copy is background work).
+const REBUILD_CHUNK: u64 = 1 << 20;
+/// How often a rebuild's progress is recorded in the catalog.
+const REBUILD_REPORT: Duration = Duration::from_secs(1);
+
+/// Rebuilds the faulted replicas of the nexus's volume as their servers
+/// come back, one at a time, for as long as the nexus serves.
+async fn rebuilder(nexus: Nexus, mut client: MetaClient, volume: String, opts: Options) {
+    use berth_proto::meta::v1 as pb;
+    loop {
+        tokio::time::sleep(REBUILD_POLL).await;
+        if nexus.deposed().is_some() {
+            return;
+        }
+        let v = match client
+            .get_volume(pb::GetVolumeRequest {
+                volume_id: volume.clone(),
+            })
+            .await
+        {
+            Ok(v) => v.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => return,
+            Err(s) => {
+                tracing::debug!(error = %s.message(), "cannot read the replica set");
+                continue;
+            }
+        };
+        let faulted: Vec<String> = v
+            .replicas
+            .iter()
+            .filter(|r| r.state == "faulted")
+            .map(|r| r.node.clone())
+            .collect();
+        for node in faulted {
+            if let Err(e) = rebuild_one(&nexus, &mut client, &volume, &node, &opts).await {
+                tracing::warn!(%volume, leg = %node, error = %e, "rebuild stopped; it starts again when the replica can be reached");
+            }
+        }
+    }
+}
+
+/// Starts, runs and finishes the rebuild of the replica on `node`.
+async fn rebuild_one(
+    nexus: &Nexus,
+    client: &mut MetaClient,
+    volume: &str,
+    node: &str,
+    opts: &Options,
+) -> Result<(), String> {
+    use berth_proto::meta::v1 as pb;
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let c = client.clone();
+    let start = nexus
+        .change_membership(|generation| async move {
+            let mut c = c;
+            let r = c
+                .start_rebuild(pb::StartRebuildRequest {
+                    volume_id: volume.to_string(),
+                    node: node.to_string(),
+                    generation,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            Ok((r.generation, r.leg))
+        })
+        .await;
+    let leg = match start {
+        Ok(Some(leg)) => leg,
+        Ok(None) => return Err("the metadata service named no export".into()),
+        // Its server is down, or another change came first: asked again later.
+        Err(e) => {
+            tracing::debug!(leg = node, error = %e, "no rebuild yet");
+            return Ok(());
+        }
+    };
+    // From here the catalog has it rebuilding: any failure faults it again.
+    let joined = async {
+        let uri = pick_uri(&leg.unix_uri, &leg.tcp_uri)
+            .ok_or_else(|| format!("no NBD address of {node} reachable from here"))?;
+        let s = Session::connect(Uri::parse(&uri)?, opts.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        nexus.join(node, Arc::new(s))
+    }
+    .await;
+    if let Err(e) = joined {
+        let reason = format!("its rebuild could not start: {e}");
+        nexus
+            .change_membership(|generation| {
+                let mut c = client.clone();
+                async move {
+                    let r = c
+                        .report_replica_fault(pb::ReportReplicaFaultRequest {
+                            volume_id: volume.to_string(),
+                            node: node.to_string(),
+                            generation,
+                            pending: Vec::new(),
+                            reason,
+                        })
+                        .await
+                        .map_err(status)?;
+                    Ok((r.into_inner().generation, ()))
+                }
+            })
+            .await?;
+        return Err(e);
+    }
+    let copied = copy_all(nexus, client, volume, node).await;
+    let finished = match copied {
+        Ok((bytes, full)) => {
+            nexus
+                .change_membership(|generation| {
+                    let mut c = client.clone();
+                    async move {
+                        let r = c
+                            .finish_rebuild(pb::FinishRebuildRequest {
+                                volume_id: volume.to_string(),
+                                node: node.to_string(),
+                                generation,
+                            })
+                            .await
+                            .map_err(status)?;
+                        Ok((r.into_inner().generation, (bytes, full)))
+                    }
+                })
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    match finished {
+        Ok((bytes, full)) => {
+            nexus.promote(node)?;
+            tracing::info!(
+                volume,
+                leg = node,
+                bytes,
+                full,
+                "replica rebuilt: in sync again"
+            );
+            Ok(())
+        }
+        Err(e) => {
+            nexus.fail_leg(node).await;
+            Err(e)
+        }
+    }
+}
+
+/// Copies what the catalog lists for the joined leg `node`, then flushes
+/// it; returns the bytes copied and whether it was a full copy.
+async fn copy_all(
+    nexus: &Nexus,
+    client: &mut MetaClient,
+    volume: &str,
+    node: &str,
+) -> Result<(u64, bool), String> {
+    use berth_proto::meta::v1 as pb;
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let plan = client
+        .list_rebuild_ranges(pb::ListRebuildRangesRequest {
+            volume_id: volume.to_string(),
+            node: node.to_string(),
+            generation: nexus.generation(),
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let total: u64 = plan.ranges.iter().map(|r| r.length).sum();
+    tracing::info!(volume, leg = node, full = plan.full, source = %plan.source, ranges = plan.ranges.len(), total, "rebuilding");
+    let mut done = 0u64;
+    let mut reported = std::time::Instant::now();
+    for r in &plan.ranges {
+        let end = r.offset.saturating_add(r.length);
+        let mut at = r.offset;
+        while at < end {
+            let len = (end - at).min(REBUILD_CHUNK);
+            nexus.copy(node, Range { offset: at, len }).await?;
+            at += len;
+            done += len;
+            if reported.elapsed() >= REBUILD_REPORT {
+                reported = std::time::Instant::now();
+                let progress = client
+                    .report_rebuild_progress(pb::ReportRebuildProgressRequest {
+                        volume_id: volume.to_string(),
+                        node: node.to_string(),
+                        generation: nexus.generation(),
+                        done_bytes: done,
+                    })
+                    .await;
+                if let Err(s) = progress {
+                    tracing::debug!(error = %s.message(), "cannot record rebuild progress");
+                }
+            }
+        }
+    }
+    nexus.flush_leg(node).await?;
+    client
+        .report_rebuild_progress(pb::ReportRebuildProgressRequest {
+            volume_id: volume.to_string(),
+            node: node.to_string(),
+            generation: nexus.generation(),
+            done_bytes: done,
+        })
+        .await
+        .map_err(status)?;
+    Ok((done, plan.full))
 }
 
 /// Reports a replica out before the nexus starts, retrying while the

@@ -50,7 +50,7 @@ pub struct Range {
 }
 
 impl Range {
-    fn end(&self) -> u64 {
+    pub fn end(&self) -> u64 {
         self.offset.saturating_add(self.len)
     }
 
@@ -138,12 +138,16 @@ pub struct NexusStats {
     pub repairs: AtomicU64,
     /// Repairs abandoned (the good leg failed too, or the bad one left).
     pub repairs_abandoned: AtomicU64,
+    /// Bytes copied into rebuilding legs.
+    pub rebuilt_bytes: AtomicU64,
 }
 
 /// A leg's state, as the nexus sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LegState {
     Active,
+    /// Written, not read: catching up through a rebuild.
+    Rebuilding,
     /// Failed; its fault report is on its way.
     Leaving,
     /// Marked out: no longer written or read.
@@ -178,6 +182,8 @@ struct LegSlot {
     name: String,
     target: Option<Arc<dyn BlockTarget>>,
     status: Status,
+    /// Read from (in sync); a leg that is catching up is only written.
+    readable: bool,
     inflight: HashMap<u64, Sent>,
     /// Mutation ranges that failed on it (for its fault report).
     failed: Vec<Range>,
@@ -351,6 +357,7 @@ impl Nexus {
                         name: l.name,
                         target: Some(l.target),
                         status: Status::Active,
+                        readable: true,
                         inflight: HashMap::new(),
                         failed: Vec::new(),
                         unflushed: VecDeque::new(),
@@ -393,6 +400,7 @@ impl Nexus {
             .iter()
             .map(|l| {
                 let s = match l.status {
+                    Status::Active if !l.readable => LegState::Rebuilding,
                     Status::Active => LegState::Active,
                     Status::Leaving(_) => LegState::Leaving,
                     Status::Out => LegState::Out,
@@ -400,6 +408,132 @@ impl Nexus {
                 (l.name.clone(), s)
             })
             .collect()
+    }
+
+    /// Adds `target` as leg `name`, written and not read, to be caught up
+    /// by [`Nexus::copy`] and then [`Nexus::promote`]d. A leg of that name
+    /// that was marked out is replaced.
+    pub fn join(&self, name: &str, target: Arc<dyn BlockTarget>) -> Result<(), String> {
+        let mut st = self.inner.st.lock();
+        if let Some(why) = &st.deposed {
+            return Err(why.clone());
+        }
+        let size = self.inner.size.load(Ordering::Acquire);
+        if target.size_bytes() < size {
+            return Err(format!(
+                "the replica on {name} has {} bytes, the volume {size}",
+                target.size_bytes()
+            ));
+        }
+        let slot = LegSlot {
+            name: name.to_string(),
+            target: Some(target),
+            status: Status::Active,
+            readable: false,
+            inflight: HashMap::new(),
+            failed: Vec::new(),
+            unflushed: VecDeque::new(),
+            seq: 0,
+            last_answer: Instant::now(),
+        };
+        match st.legs.iter().position(|l| l.name == name) {
+            Some(i) if matches!(st.legs[i].status, Status::Out) => st.legs[i] = slot,
+            Some(_) => return Err(format!("{name} is a member already")),
+            None => st.legs.push(slot),
+        }
+        tracing::info!(
+            leg = name,
+            "a replica joins as a write member to be rebuilt"
+        );
+        Ok(())
+    }
+
+    /// Copies `range` from a readable leg to the joining leg `name` (see
+    /// `copy_locked`).
+    pub async fn copy(&self, name: &str, range: Range) -> Result<(), String> {
+        let i = self.leg_index(name)?;
+        match self.inner.copy_locked(i, None, range).await {
+            Ok(_) => {
+                self.inner
+                    .stats
+                    .rebuilt_bytes
+                    .fetch_add(range.len, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(CopyError::Write(why)) => {
+                // It failed a write: it leaves like any failing leg.
+                self.inner.leave(i);
+                Err(why)
+            }
+            Err(CopyError::Read(why)) => Err(why),
+        }
+    }
+
+    /// Flushes leg `name` alone (a rebuild's copy made durable).
+    pub async fn flush_leg(&self, name: &str) -> Result<(), String> {
+        let i = self.leg_index(name)?;
+        match self.inner.leg_call(i, Cmd::Flush).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.inner.leave(i);
+                Err(format!(
+                    "flushing the replica on {name} failed (NBD error {e})"
+                ))
+            }
+        }
+    }
+
+    /// The joining leg `name` is in sync: it is read from now on.
+    pub fn promote(&self, name: &str) -> Result<(), String> {
+        let i = self.leg_index(name)?;
+        self.inner.st.lock().legs[i].readable = true;
+        Ok(())
+    }
+
+    /// Runs a membership change of this nexus's own (starting or finishing
+    /// a rebuild) at its current generation, one at a time with its fault
+    /// reports, and adopts the generation `change` returns with its answer.
+    pub async fn change_membership<T, F, Fut>(&self, change: F) -> Result<T, String>
+    where
+        F: FnOnce(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<(u64, T), String>>,
+    {
+        let _one = self.inner.report_lock.lock().await;
+        let generation = {
+            let st = self.inner.st.lock();
+            if let Some(why) = &st.deposed {
+                return Err(why.clone());
+            }
+            st.generation
+        };
+        let (g, answer) = change(generation).await?;
+        let mut st = self.inner.st.lock();
+        st.generation = st.generation.max(g);
+        Ok(answer)
+    }
+
+    /// Reports leg `name` out as if it had failed (a rebuild that cannot go
+    /// on); returns once the report is settled.
+    pub async fn fail_leg(&self, name: &str) {
+        let Ok(i) = self.leg_index(name) else { return };
+        self.inner.leave(i);
+        let rx = match &self.inner.st.lock().legs[i].status {
+            Status::Leaving(rx) => Some(rx.clone()),
+            _ => None,
+        };
+        if let Some(mut rx) = rx {
+            let _ = rx.wait_for(|v| v.is_some()).await;
+        }
+    }
+
+    /// The index of an active leg.
+    fn leg_index(&self, name: &str) -> Result<usize, String> {
+        let st = self.inner.st.lock();
+        match st.legs.iter().position(|l| l.name == name) {
+            Some(i) if matches!(st.legs[i].status, Status::Active) => Ok(i),
+            Some(_) => Err(format!("the replica on {name} left the set")),
+            None => Err(format!("no replica on {name}")),
+        }
     }
 
     /// Why the nexus stopped serving, if it did.
@@ -486,10 +620,16 @@ impl Inner {
         let range = range_of(&cmd);
         let mut targets = Vec::new();
         let mut wait_for = Vec::new();
-        for (i, l) in st.legs.iter().enumerate() {
+        for (i, l) in st.legs.iter_mut().enumerate() {
             match l.status {
                 Status::Active if l.target.is_some() => targets.push(i),
-                Status::Leaving(_) => wait_for.push(i),
+                Status::Leaving(_) => {
+                    // It misses this one: pending for its rebuild.
+                    if let Some(r) = range {
+                        l.failed.push(r);
+                    }
+                    wait_for.push(i)
+                }
                 _ => {}
             }
         }
@@ -662,7 +802,7 @@ impl Inner {
         let _one = self.report_lock.lock().await;
         let mut wait = self.opts.report_retry;
         loop {
-            let (generation, pending) = {
+            let (generation, pending, mut sent) = {
                 let st = self.st.lock();
                 if let Some(why) = &st.deposed {
                     tracing::warn!(leg = %name, reason = %why, "deposed: the fault is not reported");
@@ -672,9 +812,27 @@ impl Inner {
                 let l = &st.legs[i];
                 let mut p: Vec<Range> = l.failed.clone();
                 p.extend(l.unflushed.iter().map(|(_, r)| *r));
-                (st.generation, coalesce(p))
+                (st.generation, coalesce(p), l.failed.len())
             };
-            match self.membership.fault(&name, generation, pending).await {
+            let mut answer = self.membership.fault(&name, generation, pending).await;
+            // Mutations that skipped the leg while the report was on its way
+            // may have reached the others before they recorded changes: the
+            // same report again (it gets the same answer) adds them.
+            while answer.is_ok() {
+                let extra: Vec<Range> = {
+                    let st = self.st.lock();
+                    st.legs[i].failed.get(sent..).unwrap_or_default().to_vec()
+                };
+                if extra.is_empty() {
+                    break;
+                }
+                sent += extra.len();
+                answer = self
+                    .membership
+                    .fault(&name, generation, coalesce(extra))
+                    .await;
+            }
+            match answer {
                 Ok(g) => {
                     let target = {
                         let mut st = self.st.lock();
@@ -714,8 +872,10 @@ impl Inner {
     /// Reads from the `from`-th active leg on; `bad` is a leg that failed it.
     fn read(self: &Arc<Self>, offset: u64, len: u32, from: usize, bad: Option<usize>, done: Done) {
         let mut st = self.st.lock();
-        let next = (from..st.legs.len())
-            .find(|&i| matches!(st.legs[i].status, Status::Active) && st.legs[i].target.is_some());
+        let next = (from..st.legs.len()).find(|&i| {
+            let l = &st.legs[i];
+            matches!(l.status, Status::Active) && l.readable && l.target.is_some()
+        });
         let Some(i) = next else {
             drop(st);
             done(Err(EIO));
@@ -770,6 +930,39 @@ impl Inner {
             offset,
             len: u64::from(len),
         };
+        let repaired = self.copy_locked(bad, Some(good), range).await;
+        let name = self.st.lock().legs[bad].name.clone();
+        match repaired {
+            Ok(from) => {
+                self.stats.repairs.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(leg = %name, from = %from, offset, len, "repaired a range that failed to read, from another replica");
+                self.membership.repaired(&name, range, &from);
+            }
+            Err(CopyError::Write(why)) => {
+                self.stats.repairs_abandoned.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(leg = %name, offset, len, reason = %why, "a repair was abandoned");
+                // A failed rewrite is pending on the leg already (its answer).
+                self.leave(bad);
+            }
+            Err(CopyError::Read(why)) => {
+                self.stats.repairs_abandoned.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(leg = %name, offset, len, reason = %why, "a repair was abandoned");
+            }
+        }
+    }
+
+    /// Copies `range` to leg `dst` from a readable leg (`prefer` first)
+    /// under a range lock: client mutations of the range wait, the ones
+    /// already sent finish first, and the data is read under the lock, so
+    /// the copy never puts back older data than a write that raced it.
+    /// Zeros are written as write-zeroes (a thin copy stays thin). Returns
+    /// the name of the leg the data came from.
+    async fn copy_locked(
+        self: &Arc<Self>,
+        dst: usize,
+        prefer: Option<usize>,
+        range: Range,
+    ) -> Result<String, CopyError> {
         self.st.lock().repairs.push(range);
         // The client writes to the range already sent finish first.
         loop {
@@ -781,51 +974,69 @@ impl Inner {
             }
             notified.await;
         }
-        let repaired = async {
-            let data = self
-                .leg_call(good, Cmd::Read { offset, len })
-                .await
-                .map_err(|e| format!("the good replica failed too (NBD error {e})"))?;
-            self.leg_call(
-                bad,
-                Cmd::Write {
-                    offset,
-                    data: Bytes::from(data),
-                },
-            )
-            .await
-            .map_err(|e| format!("the rewrite failed (NBD error {e})"))
+        let copied = async {
+            let sources: Vec<usize> = {
+                let st = self.st.lock();
+                let mut v: Vec<usize> = (0..st.legs.len())
+                    .filter(|&i| i != dst && st.legs[i].readable)
+                    .collect();
+                if let Some(p) = prefer {
+                    v.sort_by_key(|&i| i != p);
+                }
+                v
+            };
+            let len =
+                u32::try_from(range.len).map_err(|_| CopyError::Read("range too long".into()))?;
+            let mut last = String::from("no replica to read from");
+            for src in sources {
+                let data = match self
+                    .leg_call(
+                        src,
+                        Cmd::Read {
+                            offset: range.offset,
+                            len,
+                        },
+                    )
+                    .await
+                {
+                    Ok(d) => d,
+                    Err(e) => {
+                        last = format!("reading it failed (NBD error {e})");
+                        continue;
+                    }
+                };
+                let cmd = if data.iter().all(|&b| b == 0) {
+                    Cmd::WriteZeroes {
+                        offset: range.offset,
+                        len,
+                    }
+                } else {
+                    Cmd::Write {
+                        offset: range.offset,
+                        data: Bytes::from(data),
+                    }
+                };
+                self.leg_call(dst, cmd)
+                    .await
+                    .map_err(|e| CopyError::Write(format!("the rewrite failed (NBD error {e})")))?;
+                return Ok(self.st.lock().legs[src].name.clone());
+            }
+            Err(CopyError::Read(format!(
+                "the good replica failed too: {last}"
+            )))
         }
         .await;
-        let (name, from, parked) = {
+        let parked = {
             let mut st = self.st.lock();
             if let Some(p) = st.repairs.iter().position(|r| *r == range) {
                 st.repairs.swap_remove(p);
             }
-            (
-                st.legs[bad].name.clone(),
-                st.legs[good].name.clone(),
-                std::mem::take(&mut st.parked),
-            )
+            std::mem::take(&mut st.parked)
         };
-        match repaired {
-            Ok(_) => {
-                self.stats.repairs.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(leg = %name, from = %from, offset, len, "repaired a range that failed to read, from another replica");
-                self.membership.repaired(&name, range, &from);
-            }
-            Err(why) => {
-                self.stats.repairs_abandoned.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(leg = %name, offset, len, reason = %why, "a repair was abandoned");
-                // A failed rewrite is pending on the leg already (its answer).
-                if why.starts_with("the rewrite") {
-                    self.leave(bad);
-                }
-            }
-        }
         for (cmd, done) in parked {
             self.submit(cmd, done);
         }
+        copied
     }
 
     /// One request to one leg, outside the client's bookkeeping.
@@ -849,6 +1060,13 @@ impl Inner {
         sub.go();
         rx.await.unwrap_or(Err(EIO))
     }
+}
+
+/// Why a copy to a leg failed: reading it from every other leg, or
+/// writing it to the leg.
+enum CopyError {
+    Read(String),
+    Write(String),
 }
 
 /// A request registered for a leg, to be submitted with the state unlocked.

@@ -389,6 +389,66 @@ impl VolumeService for Service {
         Ok(Response::new(v))
     }
 
+    async fn track_changes(
+        &self,
+        r: Request<pb::TrackChangesRequest>,
+    ) -> Result<Response<pb::TrackChangesResponse>, Status> {
+        let r = r.into_inner();
+        required("volume", &r.volume)?;
+        let point = self
+            .run(move |n| Ok(n.store.track_changes(&r.volume, r.point)?))
+            .await?;
+        Ok(Response::new(pb::TrackChangesResponse { point }))
+    }
+
+    async fn list_changes(
+        &self,
+        r: Request<pb::ListChangesRequest>,
+    ) -> Result<Response<pb::ListChangesResponse>, Status> {
+        let r = r.into_inner();
+        required("volume", &r.volume)?;
+        let max = match r.max_ranges {
+            0 => MAX_CHANGED_RANGES,
+            m => (m as usize).min(MAX_CHANGED_RANGES),
+        };
+        let out = self
+            .run(move |n| {
+                let tracking = n.store.tracking(&r.volume)?;
+                let listed = n.store.changed_ranges(&r.volume, max)?;
+                Ok(match (tracking, listed) {
+                    (None, _) => pb::ListChangesResponse::default(),
+                    (Some(point), None) => pb::ListChangesResponse {
+                        tracking: true,
+                        point,
+                        too_many: true,
+                        ranges: Vec::new(),
+                    },
+                    (Some(_), Some((point, ranges))) => pb::ListChangesResponse {
+                        tracking: true,
+                        point,
+                        too_many: false,
+                        ranges: ranges
+                            .into_iter()
+                            .map(|(offset, length)| pb::ChangedRange { offset, length })
+                            .collect(),
+                    },
+                })
+            })
+            .await?;
+        Ok(Response::new(out))
+    }
+
+    async fn stop_tracking(
+        &self,
+        r: Request<pb::StopTrackingRequest>,
+    ) -> Result<Response<pb::StopTrackingResponse>, Status> {
+        let r = r.into_inner();
+        required("volume", &r.volume)?;
+        self.run(move |n| Ok(n.store.stop_tracking(&r.volume)?))
+            .await?;
+        Ok(Response::new(pb::StopTrackingResponse {}))
+    }
+
     async fn scrub(
         &self,
         r: Request<pb::ScrubRequest>,
@@ -519,3 +579,7 @@ impl VolumeService for Service {
         }))
     }
 }
+
+/// The most changed ranges one `ListChanges` answers (about 2 MB of reply):
+/// a volume changed in more places is copied whole.
+const MAX_CHANGED_RANGES: usize = 100_000;

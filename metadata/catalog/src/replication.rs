@@ -272,7 +272,21 @@ impl ReplicaSet {
         Ok(self.bump())
     }
 
-    /// Records a rebuild's progress (the cursor a restart resumes from).
+    /// The rebuild of the replica on `node` copies `total_bytes` (known once
+    /// the nexus writes to it and the changed blocks are listed).
+    pub fn plan_rebuild(&mut self, node: &str, generation: u64, total_bytes: u64) -> Result<()> {
+        self.check(generation)?;
+        let i = self.replica(node)?;
+        if self.replicas[i].state != ReplicaState::Rebuilding {
+            return Err(self.wrong(i, "rebuilding"));
+        }
+        let r = &mut self.replicas[i];
+        r.rebuild_total_bytes = total_bytes;
+        r.rebuild_done_bytes = 0;
+        Ok(())
+    }
+
+    /// Records a rebuild's progress.
     pub fn rebuild_progress(&mut self, node: &str, generation: u64, done_bytes: u64) -> Result<()> {
         self.check(generation)?;
         let i = self.replica(node)?;
@@ -361,9 +375,18 @@ impl ReplicaSet {
     }
 
     /// The volume is published to a new nexus (another node, or the same one
-    /// after a restart): the previous nexus is fenced from here on.
+    /// after a restart): the previous nexus is fenced from here on. A
+    /// replica the previous nexus was rebuilding is faulted again: the new
+    /// nexus does not write to it until it starts its rebuild anew.
     pub fn new_nexus(&mut self, generation: u64) -> Result<u64> {
         self.check(generation)?;
+        for r in &mut self.replicas {
+            if r.state == ReplicaState::Rebuilding {
+                r.state = ReplicaState::Faulted;
+                r.rebuild_done_bytes = 0;
+                r.rebuild_total_bytes = 0;
+            }
+        }
         let g = self.bump();
         self.fence = g;
         Ok(g)

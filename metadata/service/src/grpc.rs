@@ -600,6 +600,91 @@ impl MetadataService for Service {
         Ok(Response::new(pb::ReportReplicaFaultResponse { generation }))
     }
 
+    async fn start_rebuild(
+        &self,
+        r: Request<pb::StartRebuildRequest>,
+    ) -> R<pb::StartRebuildResponse> {
+        let who = actor(&r);
+        let m = r.into_inner();
+        let call = Call::new(&who, "StartRebuild", &m.volume_id, &m.node);
+        // Not `audited`: a nexus asks again every few seconds while the
+        // replica's node is down; only a rebuild that starts is recorded.
+        let meta = self.meta.clone();
+        let (generation, a, leg) = detached(&self.meta, async move {
+            meta.start_rebuild(&call, &m.volume_id, &m.node, m.generation)
+                .await
+        })
+        .await?;
+        let (tcp_uri, unix_uri) = self.meta.leg_uris(&a, &leg);
+        Ok(Response::new(pb::StartRebuildResponse {
+            generation,
+            leg: Some(pb::AttachmentLeg {
+                node: leg.node,
+                export_name: leg.export_name,
+                tcp_uri,
+                unix_uri,
+            }),
+        }))
+    }
+
+    async fn list_rebuild_ranges(
+        &self,
+        r: Request<pb::ListRebuildRangesRequest>,
+    ) -> R<pb::ListRebuildRangesResponse> {
+        let who = actor(&r);
+        let m = r.into_inner();
+        let call = Call::new(&who, "ListRebuildRanges", &m.volume_id, &m.node);
+        let meta = self.meta.clone();
+        let (ranges, full, source) = detached(&self.meta, async move {
+            meta.rebuild_ranges(&call, &m.volume_id, &m.node, m.generation)
+                .await
+        })
+        .await?;
+        Ok(Response::new(pb::ListRebuildRangesResponse {
+            ranges: ranges
+                .into_iter()
+                .map(|(offset, length)| pb::ByteRange { offset, length })
+                .collect(),
+            full,
+            source,
+        }))
+    }
+
+    async fn report_rebuild_progress(
+        &self,
+        r: Request<pb::ReportRebuildProgressRequest>,
+    ) -> R<pb::ReportRebuildProgressResponse> {
+        let m = r.into_inner();
+        let meta = self.meta.clone();
+        detached(&self.meta, async move {
+            meta.rebuild_progress(&m.volume_id, &m.node, m.generation, m.done_bytes)
+                .await
+        })
+        .await?;
+        Ok(Response::new(pb::ReportRebuildProgressResponse {}))
+    }
+
+    async fn finish_rebuild(
+        &self,
+        r: Request<pb::FinishRebuildRequest>,
+    ) -> R<pb::FinishRebuildResponse> {
+        let who = actor(&r);
+        let m = r.into_inner();
+        let call = Call::new(&who, "FinishRebuild", &m.volume_id, &m.node);
+        let generation = {
+            let meta = self.meta.clone();
+            detached(&self.meta, async move {
+                meta.audited(call, async |c| {
+                    meta.finish_rebuild(c, &m.volume_id, &m.node, m.generation)
+                        .await
+                })
+                .await
+            })
+            .await?
+        };
+        Ok(Response::new(pb::FinishRebuildResponse { generation }))
+    }
+
     async fn unpublish_volume(
         &self,
         r: Request<pb::UnpublishVolumeRequest>,

@@ -22,7 +22,7 @@ use berth_catalog::records::{
     self, AttachmentRecord, NodeRecord, NodeState, PoolRecord, Record, SnapshotRecord, Source,
     State, VolumeRecord,
 };
-use berth_catalog::replication::ReplicaSet;
+use berth_catalog::replication::{MembershipError, ReplicaSet};
 use berth_catalog::{CatalogStore, Txn};
 use berth_proto::volume::v1 as vpb;
 use berth_proto::volume::v1::volume_service_client::VolumeServiceClient;
@@ -1755,7 +1755,9 @@ impl Meta {
         }
         for (rnode, why) in &missing {
             let before = cur.clone();
-            set.fault(rnode, set.generation(), &[])?;
+            let g = set.fault(rnode, set.generation(), &[])?;
+            let survivors: Vec<String> = set.counted().map(|r| r.node.clone()).collect();
+            self.track_changes_on(call, &v.id, &survivors, g).await;
             cur = VolumeRecord {
                 replicas: Some(set.clone()),
                 ..before.clone()
@@ -1834,6 +1836,10 @@ impl Meta {
             )));
         }
         let g = set.fault(node, generation, pending)?;
+        // The copies that go on record what changes from here, before the
+        // nexus may write without this one.
+        let survivors: Vec<String> = set.counted().map(|r| r.node.clone()).collect();
+        self.track_changes_on(call, volume, &survivors, g).await;
         let faulted = VolumeRecord {
             replicas: Some(set),
             ..v.clone()
@@ -1849,6 +1855,308 @@ impl Meta {
         }
         fault::point("replica-fault:after-catalog");
         tracing::warn!(volume, node, generation = g, reason, "replica marked out");
+        Ok(g)
+    }
+
+    /// Starts recording changed blocks on the copies of `volume` on `nodes`
+    /// (the ones still in sync when another left at `generation`), so the
+    /// one that left can be rebuilt from what changed. Best effort: a copy
+    /// that cannot start is only not a delta source (the rebuild copies
+    /// everything from another, or from it, instead).
+    async fn track_changes_on(&self, call: &Call, volume: &str, nodes: &[String], generation: u64) {
+        for n in nodes {
+            let started = async {
+                self.require_up(n)?;
+                let mut c = self.server(n).await?;
+                c.track_changes(server_req(
+                    call,
+                    vpb::TrackChangesRequest {
+                        volume: volume.to_string(),
+                        point: generation,
+                    },
+                ))
+                .await
+                .map_err(|s| MetaError::server(n, &s))
+            }
+            .await;
+            if let Err(e) = started {
+                tracing::warn!(volume, node = %n, error = %e, "cannot track changed blocks on a replica: rebuilds of the others copy everything from it");
+            }
+        }
+    }
+
+    /// The replicated volume `volume`, its set, and its read-write
+    /// attachment (a rebuild runs in that attachment's nexus).
+    fn replicated_attached(
+        &self,
+        volume: &str,
+    ) -> Result<(VolumeRecord, ReplicaSet, AttachmentRecord)> {
+        let v = self.ready_volume(volume)?;
+        let Some(set) = v.replicas.clone() else {
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume {volume} is not replicated"
+            )));
+        };
+        let a = self
+            .attachments(volume)?
+            .into_iter()
+            .find(|a| a.state == State::Ready && !a.read_only && !a.legs.is_empty())
+            .ok_or_else(|| {
+                MetaError::FailedPrecondition(format!(
+                    "volume {volume} is not attached: a rebuild runs in the nexus of its attachment"
+                ))
+            })?;
+        Ok((v, set, a))
+    }
+
+    /// The nexus at `generation` rebuilds the faulted replica on `node`: its
+    /// server grants the nexus's node an export at the fence, the
+    /// attachment lists the leg (so unpublishing revokes it), and the
+    /// replica becomes a write member (`Rebuilding`). Returns the new
+    /// generation and the leg. The nexus then adds the leg and asks for
+    /// the ranges to copy ([`Meta::rebuild_ranges`]).
+    pub async fn start_rebuild(
+        &self,
+        call: &Call,
+        volume: &str,
+        node: &str,
+        generation: u64,
+    ) -> Result<(u64, AttachmentRecord, records::LegRecord)> {
+        check_name("volume", volume)?;
+        check_name("node", node)?;
+        let _name = self.locks.lock(format!("v:{volume}")).await;
+        let (v, mut set, a) = self.replicated_attached(volume)?;
+        if !set.accepts(generation) {
+            return Err(MembershipError::StaleGeneration {
+                got: generation,
+                current: set.generation(),
+            }
+            .into());
+        }
+        self.require_up(node)?;
+        let peer = if a.node == node {
+            String::new()
+        } else {
+            match self.get::<NodeRecord>(&a.node)? {
+                Some(n) => peer_ip(&n.nbd_address),
+                None => String::new(),
+            }
+        };
+        let g = set.start_rebuild(node, generation, v.size_bytes)?;
+        let mut c = self.server(node).await?;
+        let e = c
+            .grant_export(server_req(
+                call,
+                vpb::GrantExportRequest {
+                    kind: vpb::TargetKind::Volume as i32,
+                    name: v.id.clone(),
+                    client: node_client(&a.node),
+                    read_only: false,
+                    peer_address: peer,
+                    generation: set.fence(),
+                },
+            ))
+            .await
+            .map_err(|s| MetaError::server(node, &s))?
+            .into_inner();
+        let leg = records::LegRecord {
+            node: node.to_string(),
+            export_name: e.export_name,
+        };
+        let mut legs: Vec<records::LegRecord> =
+            a.legs.iter().filter(|l| l.node != node).cloned().collect();
+        legs.push(leg.clone());
+        let attached = AttachmentRecord { legs, ..a.clone() };
+        let rebuilding = VolumeRecord {
+            replicas: Some(set),
+            ..v.clone()
+        };
+        self.commit(
+            call,
+            rebuilding.replace(&v).merge(attached.replace(&a)),
+            node,
+            format!(
+                "generation {generation} -> {g}: rebuilding into the nexus on {}",
+                a.node
+            ),
+        )
+        .await?;
+        Ok((g, attached, leg))
+    }
+
+    /// What the rebuild of the replica on `node` must copy, once the nexus
+    /// writes to it: the blocks an in-sync replica recorded as changed
+    /// since it left, plus the ranges the nexus reported pending for it;
+    /// everything when no replica tracked from early enough (or it is new).
+    /// Returns (ranges, whether it is a full copy, the source consulted).
+    pub async fn rebuild_ranges(
+        &self,
+        call: &Call,
+        volume: &str,
+        node: &str,
+        generation: u64,
+    ) -> Result<(Vec<(u64, u64)>, bool, String)> {
+        check_name("volume", volume)?;
+        check_name("node", node)?;
+        let _name = self.locks.lock(format!("v:{volume}")).await;
+        let v = self.ready_volume(volume)?;
+        let Some(mut set) = v.replicas.clone() else {
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume {volume} is not replicated"
+            )));
+        };
+        let r = set
+            .replicas()
+            .iter()
+            .find(|r| r.node == node)
+            .cloned()
+            .ok_or_else(|| MembershipError::NoSuchReplica(node.to_string()))?;
+        // Tracking that started when it left (or before) covers it.
+        let left_at = r.synced_generation + 1;
+        let sources: Vec<String> = set.readable().map(|r| r.node.clone()).collect();
+        let mut delta = None;
+        if r.synced_generation > 0 {
+            for s in &sources {
+                let listed = async {
+                    self.require_up(s)?;
+                    let mut c = self.server(s).await?;
+                    c.list_changes(server_req(
+                        call,
+                        vpb::ListChangesRequest {
+                            volume: volume.to_string(),
+                            max_ranges: 0,
+                        },
+                    ))
+                    .await
+                    .map(tonic::Response::into_inner)
+                    .map_err(|e| MetaError::server(s, &e))
+                }
+                .await;
+                match listed {
+                    Ok(l) if l.tracking && !l.too_many && l.point <= left_at => {
+                        delta = Some((
+                            l.ranges
+                                .iter()
+                                .map(|r| (r.offset, r.length))
+                                .collect::<Vec<_>>(),
+                            s.clone(),
+                        ));
+                        break;
+                    }
+                    Ok(l) => {
+                        tracing::info!(volume, source = %s, tracking = l.tracking, point = l.point, left_at, too_many = l.too_many, "replica cannot serve a delta rebuild")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume, source = %s, error = %e, "cannot list changed blocks")
+                    }
+                }
+            }
+        }
+        let (ranges, full, source) = match delta {
+            Some((mut ranges, source)) => {
+                ranges.extend(r.pending.iter().copied());
+                (coalesce_ranges(ranges, v.size_bytes), false, source)
+            }
+            None => (vec![(0, v.size_bytes)], true, String::new()),
+        };
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        set.plan_rebuild(node, generation, total)?;
+        let planned = VolumeRecord {
+            replicas: Some(set),
+            ..v.clone()
+        };
+        self.commit_intent(planned.replace(&v)).await?;
+        tracing::info!(volume, node, full, total, source = %source, ranges = ranges.len(), "rebuild planned");
+        Ok((ranges, full, source))
+    }
+
+    /// Records a rebuild's progress (shown by `volume get`).
+    pub async fn rebuild_progress(
+        &self,
+        volume: &str,
+        node: &str,
+        generation: u64,
+        done: u64,
+    ) -> Result<()> {
+        check_name("volume", volume)?;
+        check_name("node", node)?;
+        let _name = self.locks.lock(format!("v:{volume}")).await;
+        let v = self.ready_volume(volume)?;
+        let Some(mut set) = v.replicas.clone() else {
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume {volume} is not replicated"
+            )));
+        };
+        set.rebuild_progress(node, generation, done)?;
+        let cur = VolumeRecord {
+            replicas: Some(set),
+            ..v.clone()
+        };
+        if cur != v {
+            self.commit_intent(cur.replace(&v)).await?;
+        }
+        Ok(())
+    }
+
+    /// The nexus copied everything to the replica on `node` (and flushed
+    /// it): it counts again. When none is left out, the replicas stop
+    /// recording changed blocks.
+    pub async fn finish_rebuild(
+        &self,
+        call: &Call,
+        volume: &str,
+        node: &str,
+        generation: u64,
+    ) -> Result<u64> {
+        check_name("volume", volume)?;
+        check_name("node", node)?;
+        let _name = self.locks.lock(format!("v:{volume}")).await;
+        let v = self.ready_volume(volume)?;
+        let Some(mut set) = v.replicas.clone() else {
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume {volume} is not replicated"
+            )));
+        };
+        let (done, total) = set
+            .replicas()
+            .iter()
+            .find(|r| r.node == node)
+            .map_or((0, 0), |r| (r.rebuild_done_bytes, r.rebuild_total_bytes));
+        let g = set.finish_rebuild(node, generation)?;
+        let whole = !set.degraded();
+        let nodes: Vec<String> = set.replicas().iter().map(|r| r.node.clone()).collect();
+        let cur = VolumeRecord {
+            replicas: Some(set),
+            ..v.clone()
+        };
+        fault::point("rebuild:before-catalog");
+        self.commit(
+            call,
+            cur.replace(&v),
+            node,
+            format!("generation {generation} -> {g}: in sync again after copying {done} of {total} bytes"),
+        )
+        .await?;
+        fault::point("rebuild:after-catalog");
+        if whole {
+            for n in &nodes {
+                let stopped = async {
+                    let mut c = self.server(n).await?;
+                    c.stop_tracking(server_req(
+                        call,
+                        vpb::StopTrackingRequest {
+                            volume: volume.to_string(),
+                        },
+                    ))
+                    .await
+                    .map_err(|s| MetaError::server(n, &s))
+                }
+                .await;
+                if let Err(e) = stopped {
+                    tracing::warn!(volume, node = %n, error = %e, "cannot stop tracking changed blocks (it costs a key per write until it does)");
+                }
+            }
+        }
         Ok(g)
     }
 
@@ -2489,4 +2797,21 @@ mod tests {
         );
         assert!(locks.try_lock("a".into()).is_some());
     }
+}
+
+/// Sorted, merged byte ranges, clipped to `size`.
+fn coalesce_ranges(mut v: Vec<(u64, u64)>, size: u64) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (o, l) in v {
+        let end = o.saturating_add(l).min(size);
+        if end <= o {
+            continue;
+        }
+        match out.last_mut() {
+            Some((lo, ll)) if o <= *lo + *ll => *ll = (*ll).max(end - *lo),
+            _ => out.push((o, end - o)),
+        }
+    }
+    out
 }

@@ -136,6 +136,18 @@ pub enum VolumeCmd {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Show the rebuild of a replicated volume's faulted replicas. Their
+    /// rebuild runs in the nexus of the volume's attachment (the CSI node
+    /// plugin's, or `volume attach`'s) as soon as their servers answer.
+    Rebuild {
+        name: String,
+        /// Wait, with a progress bar, until every replica is in sync.
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds (0: never).
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+    },
     /// Attach the volume on this host as the file DIR/disk, as the CSI node
     /// plugin does (replicated or not: the fan-out to the replicas runs
     /// here), until interrupted; then flush, detach and unpublish. DIR must
@@ -714,6 +726,87 @@ async fn volume(
     conn: &Conn,
 ) -> Result<(), tonic::Status> {
     match v {
+        VolumeCmd::Rebuild {
+            name,
+            wait,
+            timeout,
+        } => {
+            let get = |c: &mut MetadataServiceClient<Channel>| {
+                let mut c = c.clone();
+                let name = name.clone();
+                async move {
+                    c.get_volume(req(pb::GetVolumeRequest { volume_id: name }))
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
+            };
+            let v = get(c).await?;
+            if v.replicas.is_empty() {
+                return Err(tonic::Status::failed_precondition(format!(
+                    "volume {name} is not replicated: nothing to rebuild"
+                )));
+            }
+            let behind = |v: &pb::Volume| v.replicas.iter().any(|r| r.state != "in-sync");
+            if behind(&v) {
+                let attached = c
+                    .list_attachments(req(pb::ListAttachmentsRequest {
+                        volume_id: name.clone(),
+                    }))
+                    .await?
+                    .into_inner()
+                    .attachments
+                    .iter()
+                    .any(|a| !a.legs.is_empty());
+                if !attached {
+                    return Err(tonic::Status::failed_precondition(format!(
+                        "volume {name} is not attached: its rebuild runs in the nexus of an \
+                         attachment (berthctl volume attach {name} DIR, or a pod using it)"
+                    )));
+                }
+            }
+            if !wait {
+                out.one(
+                    json!({"id": v.id, "generation": v.generation, "replicas": replica_summary(&v)}),
+                    &["id", "generation", "replicas"],
+                );
+                return Ok(());
+            }
+            let bar = indicatif::ProgressBar::new(100);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {wide_bar} {pos}% {msg}",
+                )
+                .map_err(|e| tonic::Status::internal(e.to_string()))?,
+            );
+            let started = std::time::Instant::now();
+            let mut v = v;
+            while behind(&v) {
+                let (done, total) = v
+                    .replicas
+                    .iter()
+                    .filter(|r| r.state == "rebuilding")
+                    .fold((0, 0), |(d, t), r| {
+                        (d + r.rebuild_done_bytes, t + r.rebuild_total_bytes)
+                    });
+                bar.set_position(if total > 0 { done * 100 / total } else { 0 });
+                bar.set_message(replica_summary(&v));
+                if timeout > 0 && started.elapsed().as_secs() >= timeout {
+                    bar.abandon();
+                    return Err(tonic::Status::deadline_exceeded(format!(
+                        "volume {name} is not in sync after {timeout} s: {}",
+                        replica_summary(&v)
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                v = get(c).await?;
+            }
+            bar.set_position(100);
+            bar.finish_with_message(replica_summary(&v));
+            out.one(
+                json!({"id": v.id, "generation": v.generation, "replicas": replica_summary(&v)}),
+                &["id", "generation", "replicas"],
+            );
+        }
         VolumeCmd::Attach {
             name,
             dir,
