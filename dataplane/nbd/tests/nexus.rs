@@ -156,7 +156,7 @@ impl Catalog {
     }
     fn release(&self) {
         if let Some(tx) = &*self.open.lock() {
-            let _ = tx.send(true);
+            tx.send_replace(true);
         }
     }
 }
@@ -323,10 +323,20 @@ async fn a_failed_leg_is_reported_out_before_the_write_is_acknowledged() {
     w.await.expect("answered").expect("acknowledged");
     w2.await.expect("answered").expect("acknowledged");
     let reports = cat.reports.lock().clone();
-    assert_eq!(reports.len(), 1);
-    let (leg, generation, pending) = &reports[0];
-    assert_eq!((leg.as_str(), *generation), ("node-1", 7));
-    assert_eq!(pending, &vec![range(8192, 4096), range(65536, 4096)]);
+    // The report, then the same report again with the write that skipped
+    // the leg while the first was on its way (the other copies may have
+    // applied it before they started recording changes).
+    assert_eq!(
+        reports,
+        vec![
+            (
+                "node-1".to_string(),
+                7,
+                vec![range(8192, 4096), range(65536, 4096)]
+            ),
+            ("node-1".to_string(), 7, vec![range(12288, 4096)]),
+        ]
+    );
     assert_eq!(n.generation(), 8);
     assert_eq!(n.legs()[1].1, LegState::Out);
     // The set goes on without it.
@@ -602,4 +612,94 @@ async fn a_write_held_for_a_report_that_never_comes_fails_and_the_leg_stays_out(
     cat.release();
     call(&n, write(8192, 3, 4096)).await.expect("acknowledged");
     assert_eq!(n.legs()[1].1, LegState::Out);
+}
+
+#[tokio::test]
+async fn a_joining_leg_is_written_not_read_and_its_copy_never_puts_back_older_data() {
+    let (m0, m1) = (Mem::new(), Mem::new());
+    let cat = Catalog::gated();
+    cat.release();
+    let n = nexus(std::slice::from_ref(&m0), &cat);
+    call(&n, write(0, 1, 65536)).await.expect("acknowledged");
+    n.join("node-1", Arc::new(MemTarget(m1.clone())))
+        .expect("join");
+    assert_eq!(
+        n.legs().iter().map(|l| l.1.clone()).collect::<Vec<_>>(),
+        vec![LegState::Active, LegState::Rebuilding]
+    );
+    assert!(n.join("node-1", Arc::new(MemTarget(m1.clone()))).is_err());
+    // Written, not read.
+    call(&n, write(131072, 2, 4096))
+        .await
+        .expect("acknowledged");
+    assert_eq!(m1.bytes(131072, 4096), vec![2; 4096]);
+    call(
+        &n,
+        Cmd::Read {
+            offset: 0,
+            len: 4096,
+        },
+    )
+    .await
+    .expect("read");
+    assert_eq!(m1.reads_seen.load(Ordering::SeqCst), 0);
+
+    // A client write to the range is in flight (the in-sync leg holds it)
+    // when the copy of the range starts: the copy waits for it and reads
+    // the range after it, so the joining leg never ends up with the data
+    // the write replaced.
+    m0.writes_open.send_replace(false);
+    let mut w = start(&n, write(4096, 9, 4096));
+    settle().await;
+    assert_eq!(
+        m1.bytes(4096, 4096),
+        vec![9; 4096],
+        "the joining leg has it"
+    );
+    let n2 = n.clone();
+    let mut copy = tokio::spawn(async move { n2.copy("node-1", range(0, 65536)).await });
+    settle().await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), &mut copy)
+            .await
+            .is_err(),
+        "the copy did not wait for the write in flight to its range"
+    );
+    // A new write to the range waits for the copy.
+    let mut w2 = start(&n, write(8192, 7, 4096));
+    m0.writes_open.send_replace(true);
+    w.try_recv().ok();
+    copy.await.expect("copy task").expect("copied");
+    w2.try_recv().ok();
+    settle().await;
+    call(&n, Cmd::Flush).await.expect("flushed");
+    assert_eq!(m1.bytes(0, 65536), m0.bytes(0, 65536));
+    assert_eq!(m1.bytes(4096, 4096), vec![9; 4096]);
+    assert_eq!(m1.bytes(8192, 4096), vec![7; 4096]);
+    // Zeros are copied as write-zeroes; the bytes match either way.
+    n.copy("node-1", range(65536, 65536)).await.expect("copied");
+    assert_eq!(m1.bytes(0, 262144), m0.bytes(0, 262144));
+    assert_eq!(
+        n.stats().rebuilt_bytes.load(Ordering::SeqCst),
+        131072,
+        "bytes copied"
+    );
+    n.flush_leg("node-1").await.expect("flushed");
+    n.promote("node-1").expect("promote");
+    assert_eq!(n.legs()[1].1, LegState::Active);
+
+    // A joining leg that fails a write leaves like any other.
+    let m2 = Mem::new();
+    let n = nexus(std::slice::from_ref(&m0), &cat);
+    n.join("node-1", Arc::new(MemTarget(m2.clone())))
+        .expect("join");
+    m2.fail_writes.store(true, Ordering::SeqCst);
+    call(&n, write(0, 3, 4096)).await.expect("acknowledged");
+    assert_eq!(n.legs()[1].1, LegState::Out);
+    assert!(n.copy("node-1", range(0, 4096)).await.is_err());
+    let reports = cat.reports.lock().clone();
+    assert_eq!(reports.last().map(|r| r.0.as_str()), Some("node-1"));
+    // And a replacement of that leg may join again.
+    n.join("node-1", Arc::new(MemTarget(m1.clone())))
+        .expect("join again");
 }
