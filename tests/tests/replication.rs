@@ -913,6 +913,58 @@ fn crashes_of_the_metadata_service_in_fault_handling_converge() {
         c.meta.wait_node(&victim, "up");
     }
 
+    // Crashes while a rebuild finishes: the nexus asks again (the same step
+    // gets the same answer), the copy ends in sync exactly once, with
+    // everything it missed.
+    for (i, point) in ["rebuild:before-catalog", "rebuild:after-catalog"]
+        .iter()
+        .enumerate()
+    {
+        let name = format!("rb-{i}");
+        let v = c.meta.ctl_json(&[
+            "volume",
+            "create",
+            &name,
+            "--size",
+            "8M",
+            "--param",
+            "replicas=2",
+        ]);
+        let states = replica_states(&v);
+        let (local, victim) = (states[0].0.clone(), states[1].0.clone());
+        let a = Attached::start(&c, &name, &root.path().join(format!("mnt-rb-{i}")), &local);
+        write_synced(&a.file(), 0x01);
+        c.node(&victim).kill9();
+        // Missed by the victim: the fault is reported first.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(a.file())
+            .expect("open");
+        f.write_all_at(&[0x02; 4096], 1 << 20).expect("write");
+        f.sync_data().expect("fsync");
+        drop(f);
+        c.meta.restart(Some(point));
+        c.node(&victim).restart();
+        assert!(
+            c.meta.exited_within(Duration::from_secs(30)),
+            "the service did not crash at {point}"
+        );
+        c.meta.restart(None);
+        let v = wait_in_sync(&c, &name, Duration::from_secs(60));
+        let finished = audit_actions(&c, &name)
+            .into_iter()
+            .filter(|e| e["action"] == "FinishRebuild" && e["result"] == "ok")
+            .count();
+        assert_eq!(finished, 1, "{point}: in sync once: {v}");
+        a.detach();
+        let g = v["generation"].as_u64().expect("generation");
+        let ours = read_copy(&mut c, &local, &name, g, 8 << 20);
+        let theirs = read_copy(&mut c, &victim, &name, g, 8 << 20);
+        assert!(ours == theirs, "{point}: the copies differ");
+        assert!(ours[(1 << 20)..(1 << 20) + 4096].iter().all(|b| *b == 2));
+        assert!(ours[..4096].iter().all(|b| *b == 1));
+    }
+
     // A publish that dies after moving the generation on, before granting.
     c.meta.ctl_json(&[
         "volume",

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use berth_nbd::proto::{TF_SEND_TRIM, TF_SEND_WRITE_ZEROES};
 use std::sync::Arc;
 
-use berth_nbd::nexus::{FaultError, Leg, Membership, Nexus, NexusOptions, Range};
+use berth_nbd::nexus::{FaultError, Leg, LegState, Membership, Nexus, NexusOptions, Range};
 use berth_nbd::session::{Cmd, Options, Session, Uri};
 use berth_nbd::target::{call, BlockTarget, BoxFuture};
 use bytes::Bytes;
@@ -327,16 +327,60 @@ async fn rebuilder(nexus: Nexus, mut client: MetaClient, volume: String, opts: O
                 continue;
             }
         };
+        // Faulted ones; and rebuilding ones this nexus does not write to
+        // (a start whose answer it never got: asked again, it gets the
+        // same answer).
+        let mine = nexus.legs();
         let faulted: Vec<String> = v
             .replicas
             .iter()
-            .filter(|r| r.state == "faulted")
+            .filter(|r| {
+                r.state == "faulted"
+                    || (r.state == "rebuilding"
+                        && !mine
+                            .iter()
+                            .any(|(n, s)| *n == r.node && *s != LegState::Out))
+            })
             .map(|r| r.node.clone())
             .collect();
         for node in faulted {
             if let Err(e) = rebuild_one(&nexus, &mut client, &volume, &node, &opts).await {
                 tracing::warn!(%volume, leg = %node, error = %e, "rebuild stopped; it starts again when the replica can be reached");
             }
+        }
+    }
+}
+
+/// How long a rebuild step whose answer was lost is asked again.
+const STEP_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Asks again while the answer is unknown (the metadata service is down or
+/// restarting: the step may or may not have been taken; the same step
+/// again gets the same answer), for up to [`STEP_PATIENCE`].
+async fn until_answered<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let end = tokio::time::Instant::now() + STEP_PATIENCE;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), call()).await {
+            Ok(Ok(r)) => return Ok(r),
+            Ok(Err(s))
+                if !matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                ) || tokio::time::Instant::now() > end =>
+            {
+                return Err(s)
+            }
+            Err(_) if tokio::time::Instant::now() > end => {
+                return Err(tonic::Status::deadline_exceeded("no answer"))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
         }
     }
 }
@@ -354,16 +398,20 @@ async fn rebuild_one(
     let c = client.clone();
     let start = nexus
         .change_membership(|generation| async move {
-            let mut c = c;
-            let r = c
-                .start_rebuild(pb::StartRebuildRequest {
-                    volume_id: volume.to_string(),
-                    node: node.to_string(),
-                    generation,
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
+            let r = until_answered(|| {
+                let mut c = c.clone();
+                async move {
+                    c.start_rebuild(pb::StartRebuildRequest {
+                        volume_id: volume.to_string(),
+                        node: node.to_string(),
+                        generation,
+                    })
+                    .await
+                }
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
             Ok((r.generation, r.leg))
         })
         .await;
@@ -413,16 +461,21 @@ async fn rebuild_one(
         Ok((bytes, full)) => {
             nexus
                 .change_membership(|generation| {
-                    let mut c = client.clone();
+                    let c = client.clone();
                     async move {
-                        let r = c
-                            .finish_rebuild(pb::FinishRebuildRequest {
-                                volume_id: volume.to_string(),
-                                node: node.to_string(),
-                                generation,
-                            })
-                            .await
-                            .map_err(status)?;
+                        let r = until_answered(|| {
+                            let mut c = c.clone();
+                            async move {
+                                c.finish_rebuild(pb::FinishRebuildRequest {
+                                    volume_id: volume.to_string(),
+                                    node: node.to_string(),
+                                    generation,
+                                })
+                                .await
+                            }
+                        })
+                        .await
+                        .map_err(status)?;
                         Ok((r.into_inner().generation, (bytes, full)))
                     }
                 })

@@ -423,11 +423,12 @@ impl VolumeService for Service {
                         too_many: true,
                         ranges: Vec::new(),
                     },
-                    (Some(_), Some((point, ranges))) => pb::ListChangesResponse {
+                    (Some(_), Some(c)) => pb::ListChangesResponse {
                         tracking: true,
-                        point,
+                        point: c.point,
                         too_many: false,
-                        ranges: ranges
+                        ranges: c
+                            .ranges
                             .into_iter()
                             .map(|(offset, length)| pb::ChangedRange { offset, length })
                             .collect(),

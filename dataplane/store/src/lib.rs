@@ -67,7 +67,7 @@ pub use gc::Pauses;
 pub use io_loop::{Op, Outcome, ReadDone, Reply, Zeroing, MAX_REQUEST_BYTES};
 pub use pool::BLOCK_SIZE;
 pub use store::{
-    block_crc, validate_name, Counters, Extent, PoolStats, ScrubError, ScrubReport, SnapshotInfo,
-    Store, StoreConfig, Submitter, Target, VolumeInfo, BLOCK_STATUS_MAX_BLOCKS, MAX_NAME_BYTES,
-    MAX_VOLUME_BYTES,
+    block_crc, validate_name, Changes, Counters, Extent, PoolStats, ScrubError, ScrubReport,
+    SnapshotInfo, Store, StoreConfig, Submitter, Target, VolumeInfo, BLOCK_STATUS_MAX_BLOCKS,
+    MAX_NAME_BYTES, MAX_VOLUME_BYTES,
 };

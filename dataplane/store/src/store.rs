@@ -170,6 +170,15 @@ struct ScrubItem {
     key: Vec<u8>,
 }
 
+/// The blocks of a volume changed since its tracking started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// The point tracking started at.
+    pub point: u64,
+    /// Sorted, merged byte ranges (offset, length).
+    pub ranges: Vec<(u64, u64)>,
+}
+
 /// What a data request addresses: a volume's head, or a snapshot (read-only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Target {
@@ -843,11 +852,7 @@ impl Store {
     /// tracking started, sorted and merged: None when it is not tracking,
     /// or when there are more than `max_ranges` (copy everything instead).
     /// Writes not yet landed are not listed.
-    pub fn changed_ranges(
-        &self,
-        name: &str,
-        max_ranges: usize,
-    ) -> Result<Option<(u64, Vec<(u64, u64)>)>> {
+    pub fn changed_ranges(&self, name: &str, max_ranges: usize) -> Result<Option<Changes>> {
         let sh = &self.shared;
         let (id, point) = {
             let inner = sh.inner.lock();
@@ -859,8 +864,8 @@ impl Store {
         };
         let bs = BLOCK_SIZE;
         Ok(crate::changes::ranges(&sh.db, id, max_ranges)?.map(|v| {
-            let v = v.into_iter().map(|(lba, n)| (lba * bs, n * bs)).collect();
-            (point, v)
+            let ranges = v.into_iter().map(|(lba, n)| (lba * bs, n * bs)).collect();
+            Changes { point, ranges }
         }))
     }
 

@@ -2,7 +2,11 @@
 //! blocks changed while tracking are listed, across writes, zeroing, trims
 //! and a reopen; stopping forgets them; a deleted volume leaves nothing.
 
-use berth_store::{Store, StoreConfig, Zeroing, BLOCK_SIZE};
+use berth_store::{Changes, Store, StoreConfig, Zeroing, BLOCK_SIZE};
+
+fn changes(point: u64, ranges: Vec<(u64, u64)>) -> Option<Changes> {
+    Some(Changes { point, ranges })
+}
 
 const BS: u64 = BLOCK_SIZE;
 
@@ -40,11 +44,9 @@ fn lists_exactly_the_blocks_changed_while_tracking_and_survives_a_reopen() {
         s.write(o, 20 * BS, &vec![5u8; BS as usize], false)
             .expect("w");
 
-        let (point, ranges) = s.changed_ranges("v", 100).expect("list").expect("tracking");
-        assert_eq!(point, 7);
         assert_eq!(
-            ranges,
-            vec![(2 * BS, 3 * BS), (6 * BS, BS), (10 * BS, BS)],
+            s.changed_ranges("v", 100).expect("list"),
+            changes(7, vec![(2 * BS, 3 * BS), (6 * BS, BS), (10 * BS, BS)]),
             "blocks 2-4, the trimmed 6 and 10; zeroing blocks that held nothing changes nothing"
         );
         // Too many ranges for the caller: None (it copies everything).
@@ -53,22 +55,21 @@ fn lists_exactly_the_blocks_changed_while_tracking_and_survives_a_reopen() {
     }
     // The set is as durable as the writes it lists.
     let s = Store::open(&cfg).expect("reopen");
-    let (point, ranges) = s.changed_ranges("v", 100).expect("list").expect("tracking");
-    assert_eq!(point, 7);
-    assert_eq!(ranges.len(), 3);
+    let c = s.changed_ranges("v", 100).expect("list").expect("tracking");
+    assert_eq!((c.point, c.ranges.len()), (7, 3));
     s.stop_tracking("v").expect("stop");
     assert_eq!(s.changed_ranges("v", 100).expect("list"), None);
     // Tracking anew starts empty.
     s.track_changes("v", 12).expect("track");
     assert_eq!(
         s.changed_ranges("v", 100).expect("list"),
-        Some((12, Vec::new()))
+        changes(12, Vec::new())
     );
     let v = s.volume_target("v").expect("v");
     s.write(v, 0, &vec![6u8; BS as usize], false).expect("w");
     assert_eq!(
         s.changed_ranges("v", 100).expect("list"),
-        Some((12, vec![(0, BS)]))
+        changes(12, vec![(0, BS)])
     );
     // A deleted volume's record goes with it: a new volume of the same name
     // does not inherit it.

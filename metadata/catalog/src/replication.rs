@@ -73,6 +73,10 @@ pub struct ReplicaSet {
     /// that generation and gets the same one back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_fault: Option<(String, u64)>,
+    /// The last change, when it started or finished a rebuild: (what,
+    /// node, the generation it was asked at), answered the same way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_step: Option<(String, String, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +115,7 @@ impl ReplicaSet {
             replicas: Vec::new(),
             fence: 0,
             last_fault: None,
+            last_step: None,
         };
         for (node, pool) in placements {
             if set.find(node).is_some() {
@@ -206,6 +211,7 @@ impl ReplicaSet {
     /// Bumps the generation; in-sync replicas are in sync at the new one.
     fn bump(&mut self) -> u64 {
         self.last_fault = None;
+        self.last_step = None;
         self.generation += 1;
         let g = self.generation;
         for r in &mut self.replicas {
@@ -259,7 +265,13 @@ impl ReplicaSet {
     /// A faulted replica is back (its server restarted within the grace
     /// period): it becomes a write member and is rebuilt from its
     /// `synced_generation` on; `total_bytes` is what the rebuild must copy.
+    ///
+    /// The same call again (its answer was lost) gets the same generation
+    /// back, as long as nothing changed since.
     pub fn start_rebuild(&mut self, node: &str, generation: u64, total_bytes: u64) -> Result<u64> {
+        if self.repeated("start", node, generation) {
+            return Ok(self.generation);
+        }
         self.check(generation)?;
         let i = self.replica(node)?;
         if self.replicas[i].state != ReplicaState::Faulted {
@@ -269,7 +281,15 @@ impl ReplicaSet {
         r.state = ReplicaState::Rebuilding;
         r.rebuild_done_bytes = 0;
         r.rebuild_total_bytes = total_bytes;
-        Ok(self.bump())
+        let g = self.bump();
+        self.last_step = Some(("start".into(), node.to_string(), generation));
+        Ok(g)
+    }
+
+    fn repeated(&self, what: &str, node: &str, generation: u64) -> bool {
+        self.last_step
+            .as_ref()
+            .is_some_and(|(w, n, g)| w == what && n == node && *g == generation)
     }
 
     /// The rebuild of the replica on `node` copies `total_bytes` (known once
@@ -301,7 +321,11 @@ impl ReplicaSet {
     /// The rebuild copied everything: the replica counts again. The nexus
     /// calls this with no write to the replica outstanding (it holds new ones
     /// for the call), so nothing acknowledged meanwhile can be missing.
+    /// Repeated after a lost answer: the same generation back.
     pub fn finish_rebuild(&mut self, node: &str, generation: u64) -> Result<u64> {
+        if self.repeated("finish", node, generation) {
+            return Ok(self.generation);
+        }
         self.check(generation)?;
         let i = self.replica(node)?;
         let r = &self.replicas[i];
@@ -317,7 +341,9 @@ impl ReplicaSet {
         }
         self.replicas[i].state = ReplicaState::InSync;
         self.replicas[i].pending.clear();
-        Ok(self.bump())
+        let g = self.bump();
+        self.last_step = Some(("finish".into(), node.to_string(), generation));
+        Ok(g)
     }
 
     /// The replica's node is gone for good: it is to be replaced.
@@ -397,6 +423,23 @@ impl ReplicaSet {
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
+
+    #[test]
+    fn a_rebuild_step_repeated_after_a_lost_answer_gets_the_same_answer() {
+        let mut s = set3();
+        let g = s.fault("c", 1, &[]).expect("fault");
+        let g1 = s.start_rebuild("c", g, 10).expect("start");
+        assert_eq!(s.start_rebuild("c", g, 10), Ok(g1), "repeated start");
+        s.rebuild_progress("c", g1, 10).expect("progress");
+        let g2 = s.finish_rebuild("c", g1).expect("finish");
+        let before = s.clone();
+        assert_eq!(s.finish_rebuild("c", g1), Ok(g2), "repeated finish");
+        assert_eq!(s, before, "a repeat changes nothing");
+        // Not once something else changed.
+        assert!(s.start_rebuild("c", g, 10).is_err());
+        s.fault("b", g2, &[]).expect("fault");
+        assert!(s.finish_rebuild("c", g1).is_err());
+    }
 
     fn set3() -> ReplicaSet {
         ReplicaSet::new(&[

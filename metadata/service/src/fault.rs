@@ -19,6 +19,8 @@ pub const POINTS: &[&str] = &[
     "publish-volume:after-server",
     "replica-fault:before-catalog",
     "replica-fault:after-catalog",
+    "rebuild:before-catalog",
+    "rebuild:after-catalog",
 ];
 
 pub fn point(name: &str) {

@@ -1926,14 +1926,13 @@ impl Meta {
         check_name("node", node)?;
         let _name = self.locks.lock(format!("v:{volume}")).await;
         let (v, mut set, a) = self.replicated_attached(volume)?;
-        if !set.accepts(generation) {
-            return Err(MembershipError::StaleGeneration {
-                got: generation,
-                current: set.generation(),
-            }
-            .into());
+        // Not UNAVAILABLE: that says "this service, ask again" to the nexus.
+        if !self.is_up(node) {
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume server {node} is down ({}): its replica is rebuilt once it is back",
+                self.down_since(node)
+            )));
         }
-        self.require_up(node)?;
         let peer = if a.node == node {
             String::new()
         } else {
@@ -1971,16 +1970,18 @@ impl Meta {
             replicas: Some(set),
             ..v.clone()
         };
-        self.commit(
-            call,
-            rebuilding.replace(&v).merge(attached.replace(&a)),
-            node,
-            format!(
-                "generation {generation} -> {g}: rebuilding into the nexus on {}",
-                a.node
-            ),
-        )
-        .await?;
+        if rebuilding != v || attached != a {
+            self.commit(
+                call,
+                rebuilding.replace(&v).merge(attached.replace(&a)),
+                node,
+                format!(
+                    "generation {generation} -> {g}: rebuilding into the nexus on {}",
+                    a.node
+                ),
+            )
+            .await?;
+        }
         Ok((g, attached, leg))
     }
 
@@ -2129,6 +2130,9 @@ impl Meta {
             replicas: Some(set),
             ..v.clone()
         };
+        if cur == v {
+            return Ok(g); // The same call again: done already.
+        }
         fault::point("rebuild:before-catalog");
         self.commit(
             call,
@@ -2678,6 +2682,23 @@ fn server_req<T>(call: &Call, msg: T) -> tonic::Request<T> {
     r
 }
 
+/// Sorted, merged byte ranges, clipped to `size`.
+fn coalesce_ranges(mut v: Vec<(u64, u64)>, size: u64) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (o, l) in v {
+        let end = o.saturating_add(l).min(size);
+        if end <= o {
+            continue;
+        }
+        match out.last_mut() {
+            Some((lo, ll)) if o <= *lo + *ll => *ll = (*ll).max(end - *lo),
+            _ => out.push((o, end - o)),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2702,6 +2723,25 @@ mod tests {
             );
         }
         assert_eq!(size_for(1 << 60, 0, 0).expect("largest"), 1 << 60);
+    }
+
+    #[test]
+    fn rebuild_ranges_are_sorted_merged_and_clipped() {
+        assert_eq!(
+            coalesce_ranges(
+                vec![
+                    (8192, 4096),
+                    (0, 4096),
+                    (4096, 100),
+                    (100, 10),
+                    (90, 5000),
+                    (60, 0)
+                ],
+                10000
+            ),
+            vec![(0, 5090), (8192, 1808)]
+        );
+        assert_eq!(coalesce_ranges(vec![(20000, 10)], 10000), vec![]);
     }
 
     #[test]
@@ -2797,21 +2837,4 @@ mod tests {
         );
         assert!(locks.try_lock("a".into()).is_some());
     }
-}
-
-/// Sorted, merged byte ranges, clipped to `size`.
-fn coalesce_ranges(mut v: Vec<(u64, u64)>, size: u64) -> Vec<(u64, u64)> {
-    v.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
-    for (o, l) in v {
-        let end = o.saturating_add(l).min(size);
-        if end <= o {
-            continue;
-        }
-        match out.last_mut() {
-            Some((lo, ll)) if o <= *lo + *ll => *ll = (*ll).max(end - *lo),
-            _ => out.push((o, end - o)),
-        }
-    }
-    out
 }

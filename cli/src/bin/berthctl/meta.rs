@@ -788,7 +788,7 @@ async fn volume(
                     .fold((0, 0), |(d, t), r| {
                         (d + r.rebuild_done_bytes, t + r.rebuild_total_bytes)
                     });
-                bar.set_position(if total > 0 { done * 100 / total } else { 0 });
+                bar.set_position((done * 100).checked_div(total).unwrap_or(0));
                 bar.set_message(replica_summary(&v));
                 if timeout > 0 && started.elapsed().as_secs() >= timeout {
                     bar.abandon();
