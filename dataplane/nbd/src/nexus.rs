@@ -256,6 +256,9 @@ struct State {
     /// Ranges being repaired: client mutations overlapping them wait.
     repairs: Vec<Range>,
     parked: VecDeque<(Cmd, Done)>,
+    /// Paused for a snapshot (see [`Nexus::quiesce`]): mutations and
+    /// flushes are parked.
+    paused: u32,
 }
 
 struct Inner {
@@ -370,6 +373,7 @@ impl Nexus {
                 writes: HashMap::new(),
                 repairs: Vec::new(),
                 parked: VecDeque::new(),
+                paused: 0,
             }),
             membership,
             opts,
@@ -526,6 +530,60 @@ impl Nexus {
         }
     }
 
+    /// Pauses the volume for a snapshot every replica takes at the same
+    /// point: new mutations and flushes wait, the ones in flight finish
+    /// (and any replica that failed one is reported out first), and every
+    /// in-sync leg is flushed. The pause lasts until the guard is dropped.
+    pub async fn quiesce(&self) -> Result<Quiesced, String> {
+        self.inner.st.lock().paused += 1;
+        let guard = Quiesced {
+            inner: self.inner.clone(),
+        };
+        loop {
+            let notified = self.inner.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.st.lock().writes.is_empty() {
+                break;
+            }
+            notified.await;
+        }
+        // Fault reports of legs that failed a write, settled first: the
+        // snapshot is then taken on the replicas that have every write.
+        let leaving: Vec<watch::Receiver<Option<bool>>> = {
+            let st = self.inner.st.lock();
+            st.legs
+                .iter()
+                .filter_map(|l| match &l.status {
+                    Status::Leaving(rx) => Some(rx.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        for mut rx in leaving {
+            let _ = rx.wait_for(|v| v.is_some()).await;
+        }
+        if let Some(why) = self.deposed() {
+            return Err(why);
+        }
+        let readable: Vec<usize> = {
+            let st = self.inner.st.lock();
+            (0..st.legs.len())
+                .filter(|&i| {
+                    let l = &st.legs[i];
+                    l.readable && matches!(l.status, Status::Active)
+                })
+                .collect()
+        };
+        for i in readable {
+            if let Err(e) = self.inner.leg_call(i, Cmd::Flush).await {
+                self.inner.leave(i);
+                return Err(format!("a replica failed to flush (NBD error {e})"));
+            }
+        }
+        Ok(guard)
+    }
+
     /// The index of an active leg.
     fn leg_index(&self, name: &str) -> Result<usize, String> {
         let st = self.inner.st.lock();
@@ -602,6 +660,10 @@ impl Inner {
         if let Cmd::Read { offset, len } = cmd {
             drop(st);
             self.read(offset, len, 0, None, done);
+            return;
+        }
+        if st.paused > 0 {
+            st.parked.push_back((cmd, done));
             return;
         }
         if let Some(r) = range_of(&cmd) {
@@ -1059,6 +1121,34 @@ impl Inner {
         let Some(sub) = sub else { return Err(EIO) };
         sub.go();
         rx.await.unwrap_or(Err(EIO))
+    }
+}
+
+/// A pause of the nexus ([`Nexus::quiesce`]); dropping it lets the parked
+/// requests go.
+pub struct Quiesced {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Quiesced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Quiesced")
+    }
+}
+
+impl Drop for Quiesced {
+    fn drop(&mut self) {
+        let parked = {
+            let mut st = self.inner.st.lock();
+            st.paused -= 1;
+            if st.paused > 0 {
+                return;
+            }
+            std::mem::take(&mut st.parked)
+        };
+        for (cmd, done) in parked {
+            self.inner.submit(cmd, done);
+        }
     }
 }
 

@@ -703,3 +703,51 @@ async fn a_joining_leg_is_written_not_read_and_its_copy_never_puts_back_older_da
     n.join("node-1", Arc::new(MemTarget(m1.clone())))
         .expect("join again");
 }
+
+#[tokio::test]
+async fn a_quiesced_nexus_parks_new_writes_after_the_ones_in_flight_land() {
+    let mems = [Mem::new(), Mem::new()];
+    let cat = Catalog::gated();
+    cat.release();
+    let n = nexus(&mems, &cat);
+    // A write in flight (held by the second replica) when the pause starts.
+    mems[1].writes_open.send_replace(false);
+    let mut w = start(&n, write(0, 1, 4096));
+    settle().await;
+    let n2 = n.clone();
+    let mut q = tokio::spawn(async move { n2.quiesce().await });
+    settle().await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), &mut q)
+            .await
+            .is_err(),
+        "the pause did not wait for the write in flight"
+    );
+    mems[1].writes_open.send_replace(true);
+    let guard = q.await.expect("task").expect("quiesced");
+    w.try_recv()
+        .expect("the write in flight was answered before the pause")
+        .expect("acknowledged");
+    // Both replicas hold the same data now, and a new write waits.
+    assert_eq!(mems[0].bytes(0, 4096), mems[1].bytes(0, 4096));
+    let mut w2 = start(&n, write(0, 2, 4096));
+    let mut f = start(&n, Cmd::Flush);
+    settle().await;
+    assert!(w2.try_recv().is_err() && f.try_recv().is_err());
+    assert_eq!(mems[0].bytes(0, 4096), vec![1; 4096]);
+    // Reads go on.
+    let got = call(
+        &n,
+        Cmd::Read {
+            offset: 0,
+            len: 4096,
+        },
+    )
+    .await
+    .expect("read");
+    assert_eq!(got, vec![1; 4096]);
+    drop(guard);
+    w2.await.expect("answered").expect("acknowledged");
+    f.await.expect("answered").expect("flushed");
+    assert_eq!(mems[1].bytes(0, 4096), vec![2; 4096]);
+}
