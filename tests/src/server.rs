@@ -190,6 +190,12 @@ impl ServerProc {
     }
 
     pub fn restart(&mut self) {
+        self.restart_env(&[]);
+    }
+
+    /// kill -9, then start again on the same data with `env` added (a
+    /// fault plan, say).
+    pub fn restart_env(&mut self, env: &[(&str, &str)]) {
         self.kill9();
         let wrapper = self.wrapper.clone();
         let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
@@ -198,7 +204,7 @@ impl ServerProc {
             &self.dir.clone(),
             &self.pool_size.clone(),
             &self.extra.clone(),
-            &[],
+            env,
         );
     }
 

@@ -485,36 +485,19 @@ fn a_replica_killed_under_four_writers_is_rebuilt_by_delta_and_loses_nothing() {
         "the copies differ"
     );
 
-    // A snapshot is taken on a copy in sync, and a clone of it holds every
-    // acknowledged write.
-    let snap = c.meta.ctl_json(&["snapshot", "create", "db", "db-snap"]);
-    let snap_node = snap["node"].as_str().expect("node").to_string();
-    let clone = c
-        .meta
-        .ctl_json(&["clone", "db-clone", "--from-snapshot", "db-snap"]);
-    assert_eq!(clone["node"].as_str(), Some(snap_node.as_str()));
-    let data = read_copy(&mut c, &snap_node, "db-clone", 0, SIZE);
+    // A snapshot is taken on every copy at one point, and a clone of it is
+    // replicated on the same copies, each holding every acknowledged write.
+    c.meta.ctl_json(&["snapshot", "create", "db", "db-snap"]);
+    let (data, nodes) = clone_copies(&mut c, "db-snap", SIZE);
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
     assert!(
         data == copies[0],
         "the clone differs from the volume it was snapshotted from"
     );
-    // Replicated clones, and clones straight from a replicated volume, are
-    // refused with the reason.
+    // Clones straight from a replicated volume are refused with the reason.
     let e = c.meta.ctl_err(6, &["clone", "x", "--from-volume", "db"]);
     assert!(e.contains("snapshot it and clone the snapshot"), "{e}");
-    let e = c.meta.ctl_err(
-        6,
-        &[
-            "clone",
-            "x",
-            "--from-snapshot",
-            "db-snap",
-            "--param",
-            "replicas=2",
-        ],
-    );
-    assert!(e.contains("replicated clones are not built yet"), "{e}");
-    c.meta.ctl_json(&["volume", "delete", "db-clone"]);
+    c.meta.ctl_json(&["volume", "delete", "clone-db-snap"]);
     c.meta.ctl_json(&["snapshot", "delete", "db-snap"]);
     c.meta.ctl_json(&["volume", "delete", "db"]);
     for n in ["n1", "n2", "n3"] {
@@ -1252,4 +1235,159 @@ fn a_grant_that_raises_the_fence_waits_for_the_requests_it_fences() {
         );
         b.close().await.expect("flush");
     });
+}
+
+/// Whether every 16 KiB block of `data` is zeros or what the writers write
+/// to that block (some version of it): a torn or misplaced block is not.
+fn well_formed(data: &[u8]) -> bool {
+    data.chunks(BLOCK).enumerate().all(|(b, blk)| {
+        blk.iter().all(|x| *x == 0) || {
+            let seq = u64::from_le_bytes(blk[8..16].try_into().expect("8 bytes"));
+            blk == content(b as u64, seq).as_slice()
+        }
+    })
+}
+
+/// A replicated clone of `snap`, read back from each of its copies; the
+/// copies must be identical. Returns the data and the copies' nodes.
+fn clone_copies(c: &mut Cluster, snap: &str, size: u64) -> (Vec<u8>, Vec<String>) {
+    let name = format!("clone-{snap}");
+    let v = c.meta.ctl_json(&["clone", &name, "--from-snapshot", snap]);
+    let nodes: Vec<String> = replica_states(&v).into_iter().map(|(n, _)| n).collect();
+    let g = v["generation"].as_u64().expect("generation");
+    let mut first: Option<Vec<u8>> = None;
+    for n in &nodes {
+        let d = read_copy(c, n, &name, g, size);
+        match &first {
+            Some(f) => assert!(*f == d, "the copies of {name} differ ({n})"),
+            None => first = Some(d),
+        }
+    }
+    (first.expect("a copy"), nodes)
+}
+
+#[test]
+fn snapshots_of_a_replicated_volume_are_one_point_on_every_copy() {
+    if fuse_missing() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut c = three_nodes(root.path());
+    const SIZE: u64 = 32 << 20;
+    c.meta.ctl_json(&[
+        "volume",
+        "create",
+        "sv",
+        "--size",
+        "32M",
+        "--param",
+        "replicas=3",
+    ]);
+    let a = Attached::start(&c, "sv", &root.path().join("mnt"), "n1");
+    let marker = |byte: u8| {
+        // Acknowledged (and flushed) before the snapshot is asked for.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(a.file())
+            .expect("open");
+        f.write_all_at(&[byte; 4096], SIZE - 4096).expect("write");
+        f.sync_data().expect("fsync");
+    };
+    let blocks = (SIZE - (1 << 20)) / BLOCK as u64;
+    let stop = AtomicBool::new(false);
+    let mut snaps = Vec::new();
+    std::thread::scope(|s| {
+        let load = s.spawn(|| write_load(&a.file(), blocks, 0, &stop));
+        std::thread::sleep(Duration::from_millis(700));
+        // In sync, under four writers: the nexus pauses for it.
+        marker(0xa1);
+        let t = Instant::now();
+        let sn = c.meta.ctl_json(&["snapshot", "create", "sv", "s-live"]);
+        eprintln!("snapshot of three copies under load: {:?}", t.elapsed());
+        snaps.push(("s-live", 0xa1, sn));
+        // Degraded: on the two copies in sync.
+        c.node("n3").kill9();
+        let end = Instant::now() + Duration::from_secs(20);
+        while !replica_states(&c.meta.ctl_json(&["volume", "get", "sv"]))
+            .iter()
+            .any(|(n, st)| n == "n3" && st == "faulted")
+        {
+            assert!(Instant::now() < end, "n3 never marked out");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        marker(0xa2);
+        snaps.push((
+            "s-degraded",
+            0xa2,
+            c.meta.ctl_json(&["snapshot", "create", "sv", "s-degraded"]),
+        ));
+        stop.store(true, Ordering::Relaxed);
+        load.join().expect("writers");
+    });
+    // Rebuilding (slowed: its first writes to the pool take 300 ms each):
+    // on the copies in sync, not the one catching up.
+    c.node("n3")
+        .restart_env(&[("BERTH_FAULTS", "write:delay=300ms:12@1048576-536870912")]);
+    let end = Instant::now() + Duration::from_secs(30);
+    while !replica_states(&c.meta.ctl_json(&["volume", "get", "sv"]))
+        .iter()
+        .any(|(n, st)| n == "n3" && st == "rebuilding")
+    {
+        assert!(Instant::now() < end, "n3 never started rebuilding");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    marker(0xa3);
+    snaps.push((
+        "s-rebuilding",
+        0xa3,
+        c.meta
+            .ctl_json(&["snapshot", "create", "sv", "s-rebuilding"]),
+    ));
+    let v = c.meta.ctl_json(&["volume", "get", "sv"]);
+    eprintln!("after the snapshot while rebuilding: {}", v["replicas"]);
+    wait_in_sync(&c, "sv", Duration::from_secs(60));
+    a.detach();
+
+    for (snap, byte, rec) in &snaps {
+        let (data, nodes) = clone_copies(&mut c, snap, SIZE);
+        let want: &[&str] = if *snap == "s-live" {
+            &["n1", "n2", "n3"]
+        } else {
+            &["n1", "n2"]
+        };
+        let mut sorted = nodes.clone();
+        sorted.sort();
+        assert_eq!(sorted, want, "{snap}: {rec}");
+        assert!(
+            data[(SIZE - 4096) as usize..].iter().all(|x| x == byte),
+            "{snap} lacks a write acknowledged before it"
+        );
+        assert!(
+            well_formed(&data[..(SIZE - (1 << 20)) as usize]),
+            "{snap} holds a torn block"
+        );
+    }
+    // Asking a clone for other copies than its snapshot's is refused.
+    let e = c.meta.ctl_err(
+        6,
+        &[
+            "clone",
+            "x",
+            "--from-snapshot",
+            "s-degraded",
+            "--param",
+            "replicas=3",
+        ],
+    );
+    assert!(e.contains("a clone has its snapshot's copies (2"), "{e}");
+    for (snap, _, _) in &snaps {
+        c.meta
+            .ctl_json(&["volume", "delete", &format!("clone-{snap}")]);
+        c.meta.ctl_json(&["snapshot", "delete", snap]);
+    }
+    c.meta.ctl_json(&["volume", "delete", "sv"]);
+    for n in ["n1", "n2", "n3"] {
+        let left = c.node(n).ctl_json(&["snapshot", "list"]);
+        assert_eq!(left.as_array().map(Vec::len), Some(0), "{n}: {left}");
+    }
 }

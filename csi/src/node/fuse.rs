@@ -72,6 +72,10 @@ pub struct ReplicatedSpec {
     pub volume: String,
     pub generation: u64,
     pub legs: Vec<LegSpec>,
+    /// The node the nexus runs on (it listens to the metadata service as
+    /// that node's).
+    #[serde(default)]
+    pub node: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -148,6 +152,7 @@ pub fn attachment_uri(a: &berth_proto::meta::v1::Attachment) -> Result<String, S
         volume: a.volume_id.clone(),
         generation: a.generation,
         legs,
+        node: a.node.clone(),
     }
     .to_uri())
 }
@@ -289,6 +294,12 @@ async fn replicated(
         },
     )?;
     tracing::info!(volume = %spec.volume, generation, legs = ?nexus.legs(), "nexus started");
+    tokio::spawn(listener(
+        nexus.clone(),
+        client.clone(),
+        spec.volume.clone(),
+        spec.node.clone(),
+    ));
     tokio::spawn(rebuilder(nexus.clone(), client, spec.volume.clone(), opts));
     Ok(Arc::new(nexus))
 }
@@ -349,6 +360,82 @@ async fn rebuilder(nexus: Nexus, mut client: MetaClient, volume: String, opts: O
             }
         }
     }
+}
+
+/// Listens to the metadata service for what it needs of the nexus (a pause
+/// for a snapshot), reconnecting while the nexus serves.
+async fn listener(nexus: Nexus, mut client: MetaClient, volume: String, node: String) {
+    use berth_proto::meta::v1 as pb;
+    if node.is_empty() {
+        tracing::warn!(%volume, "the nexus does not know its node: snapshots of the volume cannot pause it");
+        return;
+    }
+    loop {
+        if nexus.deposed().is_some() {
+            return;
+        }
+        let stream = client
+            .watch_nexus(pb::WatchNexusRequest {
+                volume_id: volume.clone(),
+                node: node.clone(),
+            })
+            .await;
+        match stream {
+            Ok(s) => {
+                let mut s = s.into_inner();
+                loop {
+                    match s.message().await {
+                        Ok(Some(ev)) => pause_for(&nexus, &mut client, &volume, ev).await,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(error = %e.message(), "the metadata service's stream ended");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e.message(), "cannot listen to the metadata service")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The longest the nexus stays paused for the metadata service.
+const MAX_PAUSE: Duration = Duration::from_secs(60);
+
+/// Pauses the nexus and tells the service, which answers once the
+/// snapshot is taken; then the nexus goes on.
+async fn pause_for(
+    nexus: &Nexus,
+    client: &mut MetaClient,
+    volume: &str,
+    ev: berth_proto::meta::v1::NexusEvent,
+) {
+    use berth_proto::meta::v1 as pb;
+    tracing::info!(volume, reason = %ev.reason, "pausing writes");
+    let t = std::time::Instant::now();
+    let paused = tokio::time::timeout(Duration::from_secs(10), nexus.quiesce()).await;
+    let (guard, error) = match paused {
+        Ok(Ok(g)) => (Some(g), String::new()),
+        Ok(Err(e)) => (None, e),
+        Err(_) => (
+            None,
+            "the writes in flight did not finish within 10 s".to_string(),
+        ),
+    };
+    let mut r = tonic::Request::new(pb::QuiescedRequest {
+        volume_id: volume.to_string(),
+        token: ev.quiesce_token,
+        error,
+    });
+    r.set_timeout(MAX_PAUSE);
+    if let Err(e) = client.quiesced(r).await {
+        tracing::warn!(volume, error = %e.message(), "the pause was not acknowledged");
+    }
+    drop(guard);
+    tracing::info!(volume, paused = ?t.elapsed(), "writes go on");
 }
 
 /// How long a rebuild step whose answer was lost is asked again.

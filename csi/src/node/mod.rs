@@ -165,9 +165,9 @@ fn internal(what: impl std::fmt::Display, e: impl std::fmt::Display) -> Status {
 
 /// The NBD URI to attach with: the unix socket when the volume lives on this
 /// node (no TCP in the data path), else TCP.
-fn choose_uri(volume: &str, ctx: &HashMap<String, String>) -> Result<String, Status> {
+fn choose_uri(volume: &str, node: &str, ctx: &HashMap<String, String>) -> Result<String, Status> {
     if let Some(legs) = ctx.get(PUB_REPLICAS) {
-        return replicated_uri(volume, ctx, legs);
+        return replicated_uri(volume, node, ctx, legs);
     }
     let get = |k: &str| ctx.get(k).map_or("", String::as_str);
     fuse::pick_uri(get(PUB_UNIX_URI), get(PUB_TCP_URI)).ok_or_else(|| {
@@ -182,6 +182,7 @@ fn choose_uri(volume: &str, ctx: &HashMap<String, String>) -> Result<String, Sta
 /// socket where that is on this node, else TCP.
 fn replicated_uri(
     volume: &str,
+    node: &str,
     ctx: &HashMap<String, String>,
     legs: &str,
 ) -> Result<String, Status> {
@@ -212,6 +213,7 @@ fn replicated_uri(
         volume: volume.to_string(),
         generation,
         legs,
+        node: node.to_string(),
     }
     .to_uri())
 }
@@ -601,7 +603,7 @@ impl csi::node_server::Node for NodeService {
         check_new_id(&r.volume_id)?;
         check_path("staging_target_path", &r.staging_target_path)?;
         let cap = caps::required(r.volume_capability.as_ref())?;
-        let uri = choose_uri(&r.volume_id, &r.publish_context)?;
+        let uri = choose_uri(&r.volume_id, &self.cfg.node_id, &r.publish_context)?;
         let read_only = cap.read_only()
             || r.publish_context.get(PUB_READ_ONLY).map(String::as_str) == Some("true");
         // The capability's filesystem is a demand; the volume's (its tier's
@@ -1225,13 +1227,15 @@ mod tests {
         };
         let unix = format!("nbd+unix:///v@t?socket={}", sock.display());
         assert_eq!(
-            choose_uri("v", &ctx(&unix)).expect("tcp"),
+            choose_uri("v", "n", &ctx(&unix)).expect("tcp"),
             "nbd://10.0.0.1:10809/v@t"
         );
         std::fs::write(&sock, b"").expect("touch");
-        assert_eq!(choose_uri("v", &ctx(&unix)).expect("unix"), unix);
+        assert_eq!(choose_uri("v", "n", &ctx(&unix)).expect("unix"), unix);
         assert_eq!(
-            choose_uri("v", &HashMap::new()).expect_err("none").code(),
+            choose_uri("v", "n", &HashMap::new())
+                .expect_err("none")
+                .code(),
             tonic::Code::FailedPrecondition
         );
     }

@@ -216,6 +216,21 @@ pub struct SnapshotRecord {
     pub pool_id: String,
     pub state: State,
     pub created_ms: u64,
+    /// A replicated volume's snapshot: every copy that takes it (node,
+    /// pool), `node`/`pool_id` first. Empty for a single copy's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<(String, String)>,
+}
+
+impl SnapshotRecord {
+    /// Every node holding a copy of it.
+    pub fn nodes(&self) -> Vec<(String, String)> {
+        if self.copies.is_empty() {
+            vec![(self.node.clone(), self.pool_id.clone())]
+        } else {
+            self.copies.clone()
+        }
+    }
 }
 
 impl Record for SnapshotRecord {

@@ -685,6 +685,32 @@ impl MetadataService for Service {
         Ok(Response::new(pb::FinishRebuildResponse { generation }))
     }
 
+    type WatchNexusStream = tokio_stream::wrappers::ReceiverStream<Result<pb::NexusEvent, Status>>;
+
+    async fn watch_nexus(&self, r: Request<pb::WatchNexusRequest>) -> R<Self::WatchNexusStream> {
+        let m = r.into_inner();
+        crate::meta::check_name("volume", &m.volume_id)?;
+        crate::meta::check_name("node", &m.node)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        self.meta.nexuses.watch(&m.volume_id, &m.node, tx);
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn quiesced(&self, r: Request<pb::QuiescedRequest>) -> R<pb::QuiescedResponse> {
+        let m = r.into_inner();
+        self.meta
+            .nexuses
+            .paused(
+                &m.volume_id,
+                &m.token,
+                &berth_proto::validate::bounded(&m.error, 512),
+            )
+            .await?;
+        Ok(Response::new(pb::QuiescedResponse {}))
+    }
+
     async fn unpublish_volume(
         &self,
         r: Request<pb::UnpublishVolumeRequest>,

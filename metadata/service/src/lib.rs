@@ -15,6 +15,7 @@ pub mod error;
 pub mod fault;
 pub mod grpc;
 pub mod meta;
+pub mod nexus;
 pub mod placement;
 pub mod tiers;
 

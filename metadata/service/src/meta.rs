@@ -57,6 +57,9 @@ const BLOCK: u64 = 4096;
 pub const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
 /// Who the volume servers see as the caller (the person is appended).
 pub const SERVER_CALLER_PREFIX: &str = "berth-metadata";
+/// How long a snapshot waits for the nexus of a replicated volume to be
+/// listening (it reconnects within a second or two of a restart).
+const NEXUS_FIND_WITHIN: Duration = Duration::from_secs(5);
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -212,6 +215,8 @@ pub struct Meta {
     /// Calls between a catalog change of a volume's size and the matching
     /// change of `provisioned` (a recount then would count them wrong).
     changing: std::sync::atomic::AtomicUsize,
+    /// The nexuses of replicated volumes, listening (see `nexus`).
+    pub nexuses: crate::nexus::Nexuses,
 }
 
 /// Marks a call that changes `provisioned` as in progress.
@@ -350,6 +355,7 @@ impl Meta {
             placement: tokio::sync::Mutex::new(()),
             reconciling: Mutex::new(Default::default()),
             changing: std::sync::atomic::AtomicUsize::new(0),
+            nexuses: crate::nexus::Nexuses::default(),
         }))
     }
 
@@ -826,13 +832,6 @@ impl Meta {
             };
         }
         if let Some(src) = &req.source {
-            if spec.replicas > 1 {
-                return Err(MetaError::FailedPrecondition(format!(
-                    "volume {}: replicated clones are not built yet (a clone lives on its \
-                     source's pool; see docs/replication.md)",
-                    req.name
-                )));
-            }
             if let Source::Volume(v) = src {
                 if self
                     .get::<VolumeRecord>(v)?
@@ -846,6 +845,8 @@ impl Meta {
             }
         }
         // Clones live on their source's pool: that is what makes them O(1).
+        // A replicated snapshot's clone is replicated on the same copies.
+        let mut source_copies: Vec<(String, String)> = Vec::new();
         let (floor, placed) = match &req.source {
             Some(Source::Snapshot(s)) => {
                 let snap: SnapshotRecord = self.get(s)?.ok_or_else(|| {
@@ -857,6 +858,22 @@ impl Meta {
                         snap.state
                     )));
                 }
+                let copies = snap.copies.len().max(1);
+                let asked = req.parameters.contains_key("replicas");
+                if (asked && spec.replicas != copies) || (!asked && spec.replicas > copies) {
+                    return Err(MetaError::FailedPrecondition(format!(
+                        "volume {}: a clone has its snapshot's copies ({copies}, snapshot {s} is \
+                         on {}); {} replicas cannot be made from it",
+                        req.name,
+                        snap.nodes()
+                            .iter()
+                            .map(|(n, _)| n.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        spec.replicas
+                    )));
+                }
+                source_copies = snap.copies.clone();
                 (snap.size_bytes, Some((snap.node, snap.pool_id)))
             }
             Some(Source::Volume(src)) => {
@@ -880,24 +897,37 @@ impl Meta {
             let mut copies: Vec<(String, String)> = Vec::new();
             let (node, pool_id) = match placed {
                 Some((node, pool_id)) => {
-                    self.require_up(&node)?;
-                    let c = cands.iter().find(|c| c.pool_id == pool_id).ok_or_else(|| {
-                        MetaError::Unavailable(format!(
-                            "the source's pool {pool_id} on node {node} is no longer reported"
-                        ))
-                    })?;
-                    if !placement::in_topology(&c.labels, &req.requisite) {
-                        return Err(MetaError::Unplaceable(format!(
-                            "the source lives on node {node}, outside the requested topology \
-                             (a clone must stay on its source's pool)"
-                        )));
+                    let on = if source_copies.is_empty() {
+                        vec![(node.clone(), pool_id.clone())]
+                    } else {
+                        source_copies.clone()
+                    };
+                    for (node, pool_id) in &on {
+                        self.require_up(node)?;
+                        let c = cands
+                            .iter()
+                            .find(|c| c.pool_id == *pool_id)
+                            .ok_or_else(|| {
+                                MetaError::Unavailable(format!(
+                                "the source's pool {pool_id} on node {node} is no longer reported"
+                            ))
+                            })?;
+                        if !placement::in_topology(&c.labels, &req.requisite) {
+                            return Err(MetaError::Unplaceable(format!(
+                                "the source lives on node {node}, outside the requested topology \
+                                 (a clone must stay on its source's pool)"
+                            )));
+                        }
+                        if c.available(self.cfg.overcommit) < size {
+                            return Err(MetaError::Unplaceable(format!(
+                                "pool {pool_id} on node {node}, where the source lives, has {} \
+                                 bytes left to promise; the clone needs {size}",
+                                c.available(self.cfg.overcommit)
+                            )));
+                        }
                     }
-                    if c.available(self.cfg.overcommit) < size {
-                        return Err(MetaError::Unplaceable(format!(
-                            "pool {pool_id} on node {node}, where the source lives, has {} bytes \
-                             left to promise; the clone needs {size}",
-                            c.available(self.cfg.overcommit)
-                        )));
+                    if on.len() > 1 {
+                        copies = on;
                     }
                     (node, pool_id)
                 }
@@ -925,7 +955,7 @@ impl Meta {
                     copies[0].clone()
                 }
             };
-            let replicas = if spec.replicas > 1 {
+            let replicas = if copies.len() > 1 {
                 Some(ReplicaSet::new(&copies)?)
             } else {
                 None
@@ -1359,22 +1389,26 @@ impl Meta {
             Some(s) => s,
             None => {
                 let v = self.ready_volume(source)?;
-                // A replicated volume's snapshot is taken on one copy that
-                // is in sync (it holds every acknowledged write), the first
-                // copy if it is: no nexus has to pause for it.
-                let (node, pool_id) = match &v.replicas {
-                    Some(set) => set
-                        .readable()
-                        .find(|r| r.node == v.node && self.is_up(&r.node))
-                        .or_else(|| set.readable().find(|r| self.is_up(&r.node)))
-                        .map(|r| (r.node.clone(), r.pool_id.clone()))
-                        .ok_or_else(|| {
-                            MetaError::Unavailable(format!(
-                                "no copy of volume {source} that is in sync is up"
-                            ))
-                        })?,
-                    None => (v.node.clone(), v.pool_id.clone()),
+                // A replicated volume's snapshot is taken on every copy in
+                // sync (each holds every acknowledged write) at one point:
+                // its nexus pauses meanwhile.
+                let copies: Vec<(String, String)> = match &v.replicas {
+                    Some(set) => {
+                        let c: Vec<(String, String)> = set
+                            .readable()
+                            .map(|r| (r.node.clone(), r.pool_id.clone()))
+                            .collect();
+                        for (n, _) in &c {
+                            self.require_up(n)?;
+                        }
+                        c
+                    }
+                    None => Vec::new(),
                 };
+                let (node, pool_id) = copies
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| (v.node.clone(), v.pool_id.clone()));
                 self.require_up(&node)?;
                 let rec = SnapshotRecord {
                     id: name.to_string(),
@@ -1384,6 +1418,7 @@ impl Meta {
                     pool_id,
                     state: State::Creating,
                     created_ms: now_ms(),
+                    copies,
                 };
                 self.commit_intent(rec.create()).await?;
                 rec
@@ -1391,20 +1426,50 @@ impl Meta {
         };
         fault::point("create-snapshot:after-catalog");
         let made = async {
-            let mut c = self.server(&rec.node).await?;
-            c.create_snapshot(server_req(
-                call,
-                vpb::CreateSnapshotRequest {
-                    volume: source.to_string(),
-                    name: name.to_string(),
-                },
-            ))
-            .await
-            .map_err(|s| MetaError::server(&rec.node, &s))
+            // A replicated volume in use: its nexus pauses while every copy
+            // takes the snapshot.
+            let _pause = match self.writer_of(&rec)? {
+                Some(nexus_node) => Some(
+                    self.nexuses
+                        .pause(
+                            source,
+                            &nexus_node,
+                            &format!("snapshot {name}"),
+                            NEXUS_FIND_WITHIN,
+                        )
+                        .await?,
+                ),
+                None => None,
+            };
+            for (node, _) in rec.nodes() {
+                let mut c = self.server(&node).await?;
+                c.create_snapshot(server_req(
+                    call,
+                    vpb::CreateSnapshotRequest {
+                        volume: source.to_string(),
+                        name: name.to_string(),
+                    },
+                ))
+                .await
+                .map_err(|s| MetaError::server(&node, &s))?;
+            }
+            Ok::<(), MetaError>(())
         }
         .await;
         if let Err(e) = made {
-            if !matches!(e, MetaError::Unavailable(_)) {
+            // Undone on every copy that may have it; one out of reach is
+            // reconcile's (the intent stays).
+            let mut undone = true;
+            for (node, _) in rec.nodes() {
+                if self
+                    .delete_snapshot_on_server(call, &node, name)
+                    .await
+                    .is_err()
+                {
+                    undone = false;
+                }
+            }
+            if undone {
                 self.commit_intent(rec.remove()).await?;
             }
             return Err(e);
@@ -1414,14 +1479,35 @@ impl Meta {
             state: State::Ready,
             ..rec.clone()
         };
-        self.commit(
-            call,
-            ready.replace(&rec),
-            &rec.node,
-            format!("of {} bytes", rec.size_bytes),
-        )
-        .await?;
+        let detail = if rec.copies.is_empty() {
+            format!("of {} bytes", rec.size_bytes)
+        } else {
+            format!(
+                "of {} bytes, on every copy in sync at one point: {}",
+                rec.size_bytes,
+                rec.copies
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        self.commit(call, ready.replace(&rec), &rec.node, detail)
+            .await?;
         Ok(ready)
+    }
+
+    /// The node whose nexus writes the replicated volume a snapshot is of,
+    /// if it is attached read-write.
+    fn writer_of(&self, s: &SnapshotRecord) -> Result<Option<String>> {
+        if s.copies.is_empty() {
+            return Ok(None);
+        }
+        Ok(self
+            .attachments(&s.source_volume)?
+            .into_iter()
+            .find(|a| !a.read_only && a.state == State::Ready && !a.legs.is_empty())
+            .map(|a| a.node))
     }
 
     pub async fn delete_snapshot(&self, call: &Call, id: &str) -> Result<()> {
@@ -1430,7 +1516,9 @@ impl Meta {
         let Some(s) = self.get::<SnapshotRecord>(id)? else {
             return Ok(());
         };
-        self.require_up(&s.node)?;
+        for (node, _) in s.nodes() {
+            self.require_up(&node)?;
+        }
         let deleting = SnapshotRecord {
             state: State::Deleting,
             ..s.clone()
@@ -1438,7 +1526,9 @@ impl Meta {
         if s.state != State::Deleting {
             self.commit_intent(deleting.replace(&s)).await?;
         }
-        self.delete_snapshot_on_server(call, &s.node, id).await?;
+        for (node, _) in s.nodes() {
+            self.delete_snapshot_on_server(call, &node, id).await?;
+        }
         self.commit(call, deleting.remove(), &s.node, String::new())
             .await
     }
@@ -2472,8 +2562,11 @@ impl Meta {
             return Ok(());
         }
         // Whatever a listing said: a timed-out server call may have finished
-        // since. Deleting what is not there is fine.
-        self.delete_snapshot_on_server(call, node, id).await?;
+        // since. Deleting what is not there is fine; a replicated volume's
+        // may be on each of its copies.
+        for (n, _) in s.nodes() {
+            self.delete_snapshot_on_server(call, &n, id).await?;
+        }
         self.commit_intent(s.remove()).await?;
         self.note(
             node,
