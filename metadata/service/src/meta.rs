@@ -831,17 +831,15 @@ impl Meta {
                 ))),
             };
         }
-        if let Some(src) = &req.source {
-            if let Source::Volume(v) = src {
-                if self
-                    .get::<VolumeRecord>(v)?
-                    .is_some_and(|v| v.replicas.is_some())
-                {
-                    return Err(MetaError::FailedPrecondition(format!(
-                        "volume {v} is replicated: snapshot it and clone the snapshot (a \
-                         snapshot is taken on a copy in sync)"
-                    )));
-                }
+        if let Some(Source::Volume(v)) = &req.source {
+            if self
+                .get::<VolumeRecord>(v)?
+                .is_some_and(|v| v.replicas.is_some())
+            {
+                return Err(MetaError::FailedPrecondition(format!(
+                    "volume {v} is replicated: snapshot it and clone the snapshot (a \
+                     snapshot is taken on every copy in sync at one point)"
+                )));
             }
         }
         // Clones live on their source's pool: that is what makes them O(1).
