@@ -100,24 +100,38 @@ fn topology(t: &csi::Topology) -> mpb::Topology {
 
 /// Where a volume may be used from. Volumes are served to any node over NBD,
 /// so the node itself is not a constraint; the other labels of the node that
-/// holds it (zone, rack...) are. Empty: anywhere.
+/// holds it (zone, rack...) are: of any of its copies for a replicated one
+/// (a pod may run near any copy). Empty: anywhere.
 fn accessible(v: &mpb::Volume) -> Vec<csi::Topology> {
-    let segments: HashMap<String, String> = v
-        .accessible_topology
-        .as_ref()
-        .map(|t| {
+    let without_node = |t: Option<&mpb::Topology>| -> HashMap<String, String> {
+        t.map(|t| {
             t.segments
                 .iter()
                 .filter(|(k, _)| k.as_str() != TOPOLOGY_NODE_KEY)
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()
         })
-        .unwrap_or_default();
-    if segments.is_empty() {
-        Vec::new()
+        .unwrap_or_default()
+    };
+    let mut out: Vec<csi::Topology> = Vec::new();
+    let each: Vec<HashMap<String, String>> = if v.replicas.iter().any(|r| r.topology.is_some()) {
+        v.replicas
+            .iter()
+            .map(|r| without_node(r.topology.as_ref()))
+            .collect()
     } else {
-        vec![csi::Topology { segments }]
+        vec![without_node(v.accessible_topology.as_ref())]
+    };
+    for segments in each {
+        // A copy whose node has no other label: reachable from anywhere.
+        if segments.is_empty() {
+            return Vec::new();
+        }
+        if !out.iter().any(|t| t.segments == segments) {
+            out.push(csi::Topology { segments });
+        }
     }
+    out
 }
 
 fn context(v: &mpb::Volume) -> HashMap<String, String> {
@@ -719,5 +733,63 @@ impl csi::controller_server::Controller for Controller {
             }))
             .await?;
         Ok(Response::new(csi::ControllerModifyVolumeResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topo(pairs: &[(&str, &str)]) -> mpb::Topology {
+        mpb::Topology {
+            segments: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn zones(t: &[csi::Topology]) -> Vec<String> {
+        let mut z: Vec<String> = t
+            .iter()
+            .map(|t| t.segments["topology.kubernetes.io/zone"].clone())
+            .collect();
+        z.sort();
+        z
+    }
+
+    #[test]
+    fn a_replicated_volume_is_accessible_near_any_of_its_copies() {
+        let replica = |node: &str, zone: &str| mpb::Replica {
+            node: node.into(),
+            topology: Some(topo(&[
+                (TOPOLOGY_NODE_KEY, node),
+                ("topology.kubernetes.io/zone", zone),
+            ])),
+            ..Default::default()
+        };
+        let v = mpb::Volume {
+            accessible_topology: Some(topo(&[
+                (TOPOLOGY_NODE_KEY, "a"),
+                ("topology.kubernetes.io/zone", "z1"),
+            ])),
+            replicas: vec![replica("a", "z1"), replica("b", "z2"), replica("c", "z1")],
+            ..Default::default()
+        };
+        let t = accessible(&v);
+        assert_eq!(zones(&t), ["z1", "z2"], "one term per zone, no node key");
+        assert!(t
+            .iter()
+            .all(|t| !t.segments.contains_key(TOPOLOGY_NODE_KEY)));
+        // A single copy: its own labels.
+        let single = mpb::Volume {
+            replicas: Vec::new(),
+            ..v.clone()
+        };
+        assert_eq!(zones(&accessible(&single)), ["z1"]);
+        // A copy on a node with no other label: anywhere.
+        let mut anywhere = v.clone();
+        anywhere.replicas[1].topology = Some(topo(&[(TOPOLOGY_NODE_KEY, "b")]));
+        assert!(accessible(&anywhere).is_empty());
     }
 }

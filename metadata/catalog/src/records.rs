@@ -177,6 +177,10 @@ pub struct VolumeRecord {
     pub state: State,
     /// The node's labels when it was placed: where the volume is reachable.
     pub topology: BTreeMap<String, String>,
+    /// A replicated volume: each copy's node's labels, in the order of its
+    /// replicas (a pod may run near any of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copy_topology: Vec<BTreeMap<String, String>>,
     pub created_ms: u64,
     /// Empty when healthy; what is wrong otherwise (reconcile sets it).
     pub condition: String,
@@ -301,6 +305,7 @@ mod tests {
             source: Some(Source::Snapshot("s".into())),
             state: State::Creating,
             topology: BTreeMap::new(),
+            copy_topology: Vec::new(),
             created_ms: 1,
             condition: String::new(),
             replicas: None,

@@ -84,8 +84,12 @@ pub fn volume_pb(v: &VolumeRecord) -> pb::Volume {
         replicas: v
             .replicas
             .iter()
-            .flat_map(|set| set.replicas())
-            .map(|r| pb::Replica {
+            .flat_map(|set| set.replicas().iter().enumerate())
+            .map(|(i, r)| pb::Replica {
+                topology: v
+                    .copy_topology
+                    .get(i)
+                    .map(|t| pb::Topology { segments: map(t) }),
                 node: r.node.clone(),
                 pool_id: r.pool_id.clone(),
                 state: replica_state(r.state).to_string(),

@@ -958,10 +958,20 @@ impl Meta {
             } else {
                 None
             };
-            let topology = self
-                .get::<NodeRecord>(&node)?
-                .map(|n| n.labels)
-                .unwrap_or_default();
+            let labels = |n: &str| -> Result<BTreeMap<String, String>> {
+                Ok(self
+                    .get::<NodeRecord>(n)?
+                    .map(|n| n.labels)
+                    .unwrap_or_default())
+            };
+            let topology = labels(&node)?;
+            let copy_topology = match &replicas {
+                Some(_) => copies
+                    .iter()
+                    .map(|(n, _)| labels(n))
+                    .collect::<Result<Vec<_>>>()?,
+                None => Vec::new(),
+            };
             let record = VolumeRecord {
                 id: req.name.clone(),
                 size_bytes: size,
@@ -974,6 +984,7 @@ impl Meta {
                 source: req.source.clone(),
                 state: State::Creating,
                 topology,
+                copy_topology,
                 created_ms: now_ms(),
                 condition: String::new(),
                 replicas,
@@ -2887,6 +2898,7 @@ mod tests {
             source: None,
             state: State::Ready,
             topology: BTreeMap::new(),
+            copy_topology: Vec::new(),
             created_ms: 0,
             condition: String::new(),
             replicas: None,
