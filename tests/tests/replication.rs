@@ -1324,10 +1324,12 @@ fn snapshots_of_a_replicated_volume_are_one_point_on_every_copy() {
         stop.store(true, Ordering::Relaxed);
         load.join().expect("writers");
     });
-    // Rebuilding (slowed: its first writes to the pool take 300 ms each):
-    // on the copies in sync, not the one catching up.
+    // Rebuilding (slowed: its first writes to the pool take 3 s):
+    // on the copies in sync, not the one catching up. (The marker goes
+    // first: a flush through the nexus would wait for the slowed copy.)
+    marker(0xa3);
     c.node("n3")
-        .restart_env(&[("BERTH_FAULTS", "write:delay=300ms:12@1048576-536870912")]);
+        .restart_env(&[("BERTH_FAULTS", "write:delay=3000ms:4@1048576-536870912")]);
     let end = Instant::now() + Duration::from_secs(30);
     while !replica_states(&c.meta.ctl_json(&["volume", "get", "sv"]))
         .iter()
@@ -1336,7 +1338,6 @@ fn snapshots_of_a_replicated_volume_are_one_point_on_every_copy() {
         assert!(Instant::now() < end, "n3 never started rebuilding");
         std::thread::sleep(Duration::from_millis(50));
     }
-    marker(0xa3);
     snaps.push((
         "s-rebuilding",
         0xa3,

@@ -310,9 +310,13 @@ type MetaClient = berth_proto::meta::v1::metadata_service_client::MetadataServic
 
 /// How often the nexus asks the catalog for faulted replicas to rebuild.
 const REBUILD_POLL: Duration = Duration::from_secs(2);
-/// What a rebuild copies at a time: one piece in flight, so client I/O
-/// keeps the volume's tier (the copy is background work).
+/// The largest piece a rebuild copies at once.
 const REBUILD_CHUNK: u64 = 1 << 20;
+/// Pieces a rebuild keeps in flight, and the bytes they may add up to: the
+/// copy is background work, and client I/O keeps most of the volume's
+/// tier.
+const REBUILD_PIECES: usize = 128;
+const REBUILD_BYTES: u64 = 4 << 20;
 /// How often a rebuild's progress is recorded in the catalog.
 const REBUILD_REPORT: Duration = Duration::from_secs(1);
 
@@ -612,27 +616,58 @@ async fn copy_all(
     tracing::info!(volume, leg = node, full = plan.full, source = %plan.source, ranges = plan.ranges.len(), total, "rebuilding");
     let mut done = 0u64;
     let mut reported = std::time::Instant::now();
-    for r in &plan.ranges {
-        let end = r.offset.saturating_add(r.length);
-        let mut at = r.offset;
-        while at < end {
-            let len = (end - at).min(REBUILD_CHUNK);
-            nexus.copy(node, Range { offset: at, len }).await?;
-            at += len;
-            done += len;
-            if reported.elapsed() >= REBUILD_REPORT {
-                reported = std::time::Instant::now();
-                let progress = client
-                    .report_rebuild_progress(pb::ReportRebuildProgressRequest {
-                        volume_id: volume.to_string(),
-                        node: node.to_string(),
-                        generation: nexus.generation(),
-                        done_bytes: done,
-                    })
-                    .await;
-                if let Err(s) = progress {
-                    tracing::debug!(error = %s.message(), "cannot record rebuild progress");
-                }
+    // A few pieces in flight (small ranges of a delta are each a round trip
+    // to both copies), within a byte budget, so client I/O keeps its share.
+    let mut copies = tokio::task::JoinSet::new();
+    let mut in_flight = 0u64;
+    // The next piece: range `ri` of the plan, from `at`.
+    let (mut ri, mut at) = (0usize, plan.ranges.first().map_or(0, |r| r.offset));
+    loop {
+        while copies.len() < REBUILD_PIECES && in_flight < REBUILD_BYTES {
+            let Some(r) = plan.ranges.get(ri) else { break };
+            let end = r.offset.saturating_add(r.length);
+            if at >= end {
+                ri += 1;
+                at = plan.ranges.get(ri).map_or(0, |r| r.offset);
+                continue;
+            }
+            let p = Range {
+                offset: at,
+                len: (end - at).min(REBUILD_CHUNK),
+            };
+            at += p.len;
+            let (n, leg) = (nexus.clone(), node.to_string());
+            in_flight += p.len;
+            copies.spawn(async move { n.copy(&leg, p).await.map(|()| p.len) });
+        }
+        let Some(finished) = copies.join_next().await else {
+            break;
+        };
+        let len = match finished
+            .map_err(|e| format!("a copy task failed: {e}"))
+            .and_then(|r| r)
+        {
+            Ok(len) => len,
+            Err(e) => {
+                // The others finish (each holds a range of the volume).
+                while copies.join_next().await.is_some() {}
+                return Err(e);
+            }
+        };
+        in_flight -= len;
+        done += len;
+        if reported.elapsed() >= REBUILD_REPORT {
+            reported = std::time::Instant::now();
+            let progress = client
+                .report_rebuild_progress(pb::ReportRebuildProgressRequest {
+                    volume_id: volume.to_string(),
+                    node: node.to_string(),
+                    generation: nexus.generation(),
+                    done_bytes: done,
+                })
+                .await;
+            if let Err(s) = progress {
+                tracing::debug!(error = %s.message(), "cannot record rebuild progress");
             }
         }
     }

@@ -1026,6 +1026,8 @@ impl Inner {
         range: Range,
     ) -> Result<String, CopyError> {
         self.st.lock().repairs.push(range);
+        // Released however this ends (a caller that drops the copy too).
+        let _lock = RangeLock { inner: self, range };
         // The client writes to the range already sent finish first.
         loop {
             let notified = self.drained.notified();
@@ -1088,16 +1090,6 @@ impl Inner {
             )))
         }
         .await;
-        let parked = {
-            let mut st = self.st.lock();
-            if let Some(p) = st.repairs.iter().position(|r| *r == range) {
-                st.repairs.swap_remove(p);
-            }
-            std::mem::take(&mut st.parked)
-        };
-        for (cmd, done) in parked {
-            self.submit(cmd, done);
-        }
         copied
     }
 
@@ -1143,6 +1135,28 @@ impl Drop for Quiesced {
             st.paused -= 1;
             if st.paused > 0 {
                 return;
+            }
+            std::mem::take(&mut st.parked)
+        };
+        for (cmd, done) in parked {
+            self.inner.submit(cmd, done);
+        }
+    }
+}
+
+/// A range being copied: client mutations of it wait until this is dropped,
+/// and then go.
+struct RangeLock<'a> {
+    inner: &'a Arc<Inner>,
+    range: Range,
+}
+
+impl Drop for RangeLock<'_> {
+    fn drop(&mut self) {
+        let parked = {
+            let mut st = self.inner.st.lock();
+            if let Some(p) = st.repairs.iter().position(|r| *r == self.range) {
+                st.repairs.swap_remove(p);
             }
             std::mem::take(&mut st.parked)
         };

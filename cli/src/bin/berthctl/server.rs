@@ -116,6 +116,16 @@ pub enum VolumeCmd {
         name: String,
     },
     List,
+    /// The blocks of a volume changed since its copy elsewhere left its
+    /// replica set (recorded for that copy's delta rebuild).
+    Changes {
+        name: String,
+    },
+    /// Stop recording changed blocks and forget them: the next rebuild of
+    /// the volume's other copies from this one copies everything.
+    StopTracking {
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -281,6 +291,37 @@ pub async fn run(
                     .await?
                     .into_inner();
                 out.rows(l.volumes.iter().map(volume_json).collect(), VOL_COLS);
+            }
+            VolumeCmd::Changes { name } => {
+                let l = c
+                    .list_changes(req(pb::ListChangesRequest {
+                        volume: name.clone(),
+                        max_ranges: 0,
+                    }))
+                    .await?
+                    .into_inner();
+                let bytes: u64 = l.ranges.iter().map(|r| r.length).sum();
+                out.one(
+                    json!({
+                        "volume": name,
+                        "tracking": l.tracking,
+                        "since_generation": l.point,
+                        "too_many": l.too_many,
+                        "ranges": l.ranges.len(),
+                        "changed_bytes": bytes,
+                    }),
+                    &[
+                        "volume",
+                        "tracking",
+                        "since_generation",
+                        "ranges",
+                        "changed_bytes",
+                    ],
+                );
+            }
+            VolumeCmd::StopTracking { name } => {
+                c.stop_tracking(req(pb::StopTrackingRequest { volume: name }))
+                    .await?;
             }
         },
         Cmd::Snapshot(s) => match s {
