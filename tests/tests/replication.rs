@@ -1392,3 +1392,134 @@ fn snapshots_of_a_replicated_volume_are_one_point_on_every_copy() {
         assert_eq!(left.as_array().map(Vec::len), Some(0), "{n}: {left}");
     }
 }
+
+#[test]
+fn a_drained_node_s_copies_move_elsewhere_and_are_rebuilt_in_full() {
+    if fuse_missing() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut c = three_nodes(root.path());
+    const SIZE: u64 = 16 << 20;
+    let v = c.meta.ctl_json(&[
+        "volume",
+        "create",
+        "dv",
+        "--size",
+        "16M",
+        "--param",
+        "replicas=2",
+    ]);
+    let states = replica_states(&v);
+    let (local, leaving) = (states[0].0.clone(), states[1].0.clone());
+    let third = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != local && *n != leaving)
+        .expect("a third node")
+        .to_string();
+    // An unreplicated volume on the node cannot move.
+    c.meta.ctl_json(&[
+        "volume",
+        "create",
+        "single",
+        "--size",
+        "1M",
+        "--topology",
+        &format!("topology.berth.dev/node={leaving}"),
+    ]);
+    let a = Attached::start(&c, "dv", &root.path().join("mnt"), &local);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.file())
+        .expect("open");
+    let mut want = vec![0u8; SIZE as usize];
+    for (i, chunk) in want.chunks_mut(1 << 20).enumerate().step_by(3) {
+        chunk.fill(i as u8 + 1);
+        f.write_all_at(chunk, (i as u64) << 20).expect("write");
+    }
+    f.sync_data().expect("fsync");
+
+    let moved = c.meta.ctl_json(&["drain", &leaving]);
+    let rows = moved.as_array().expect("rows");
+    let row = |vol: &str| {
+        rows.iter()
+            .find(|r| r["volume"] == vol)
+            .unwrap_or_else(|| panic!("{vol} not in {moved}"))
+            .clone()
+    };
+    assert_eq!(row("dv")["to_node"], third.as_str(), "{moved}");
+    assert!(
+        row("single")["outcome"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not replicated"),
+        "{moved}"
+    );
+    let nodes = c.meta.ctl_json(&["nodes"]);
+    assert!(
+        nodes
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .any(|n| n["name"] == leaving.as_str() && n["cordoned"] == true),
+        "{nodes}"
+    );
+    // Written while the new copy is rebuilt: it has it too.
+    f.write_all_at(&[0xee; 4096], SIZE - 4096).expect("write");
+    f.sync_data().expect("fsync");
+    want[(SIZE - 4096) as usize..].fill(0xee);
+    drop(f);
+    let v = wait_in_sync(&c, "dv", Duration::from_secs(60));
+    let mut now: Vec<String> = replica_states(&v).into_iter().map(|(n, _)| n).collect();
+    now.sort();
+    let mut expect = vec![local.clone(), third.clone()];
+    expect.sort();
+    assert_eq!(now, expect, "the retired copy is dropped: {v}");
+    assert!(
+        !c.server_volumes(&leaving).contains(&"dv".to_string()),
+        "the retired copy stayed on {leaving}"
+    );
+    // A full copy: the whole volume.
+    let rebuilt = rebuilt_bytes(&c, "dv", &third, 0);
+    assert_eq!(rebuilt, SIZE, "a new copy is copied in full");
+    // Nothing new lands on the drained node.
+    let v2 = c.meta.ctl_json(&[
+        "volume",
+        "create",
+        "after",
+        "--size",
+        "1M",
+        "--param",
+        "replicas=2",
+    ]);
+    assert!(
+        replica_states(&v2).iter().all(|(n, _)| *n != leaving),
+        "{v2}"
+    );
+    a.detach();
+    let g = v["generation"].as_u64().expect("generation");
+    for n in [&local, &third] {
+        let data = read_copy(&mut c, n, "dv", g, SIZE);
+        assert!(data == want, "{n}'s copy differs from what was written");
+    }
+
+    // A node lost for good, with nowhere left to put its copy (the other
+    // node is drained, the last holds the other copy): said so.
+    c.node(&third).kill9();
+    c.meta.wait_node(&third, "down");
+    let moved = c.meta.ctl_json(&["drain", &third]);
+    let why = moved
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["volume"] == "dv")
+        .and_then(|r| r["outcome"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        why.contains("no node for a new copy of dv")
+            && why.contains("no other node takes new volumes"),
+        "{moved}"
+    );
+}

@@ -342,6 +342,16 @@ async fn rebuilder(nexus: Nexus, mut client: MetaClient, volume: String, opts: O
                 continue;
             }
         };
+        // Retired ones (their node was drained) are no longer written.
+        for (leg, st) in nexus.legs() {
+            let kept = v
+                .replicas
+                .iter()
+                .any(|r| r.node == leg && r.state != "stale");
+            if st != LegState::Out && !kept {
+                nexus.drop_leg(&leg);
+            }
+        }
         // Faulted ones; and rebuilding ones this nexus does not write to
         // (a start whose answer it never got: asked again, it gets the
         // same answer).

@@ -530,6 +530,29 @@ impl Nexus {
         }
     }
 
+    /// Stops using leg `name` without reporting it (the membership retired
+    /// it already): nothing more is sent to it; what it has in flight
+    /// still completes.
+    pub fn drop_leg(&self, name: &str) {
+        let target = {
+            let mut st = self.inner.st.lock();
+            let Some(l) = st.legs.iter_mut().find(|l| l.name == name) else {
+                return;
+            };
+            if matches!(l.status, Status::Out) {
+                return;
+            }
+            l.status = Status::Out;
+            l.target.take()
+        };
+        tracing::info!(leg = name, "a retired replica is no longer written");
+        if let Some(t) = target {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), t.close()).await;
+            });
+        }
+    }
+
     /// Pauses the volume for a snapshot every replica takes at the same
     /// point: new mutations and flushes wait, the ones in flight finish
     /// (and any replica that failed one is reported out first), and every

@@ -118,6 +118,9 @@ pub struct NodeRecord {
     /// pool they belong to (a new pool starts numbering again).
     pub audit_cursor: u64,
     pub audit_pool_id: String,
+    /// Drained: nothing new is placed on it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cordoned: bool,
 }
 
 impl Record for NodeRecord {

@@ -178,10 +178,26 @@ impl ReplicaSet {
         self.counted().count() < self.replicas.len()
     }
 
-    /// Whether a session (a nexus, a rebuild) acting at `generation` may still
-    /// write: only at the current one.
+    /// Whether the nexus acting at `generation` is the current one: it was
+    /// published at the fence or later (an earlier nexus never saw a
+    /// generation that high). Changes the metadata service made on its own
+    /// since (a replica retired or added) leave it current: they only take
+    /// replicas out of what it must count, and it adopts the generation
+    /// they moved to with its next answer.
     pub fn accepts(&self, generation: u64) -> bool {
-        generation == self.generation
+        generation >= self.fence && generation <= self.generation
+    }
+
+    /// For the metadata service's own changes: exactly the current one.
+    fn check_exact(&self, generation: u64) -> Result<()> {
+        if generation == self.generation {
+            Ok(())
+        } else {
+            Err(MembershipError::StaleGeneration {
+                got: generation,
+                current: self.generation,
+            })
+        }
     }
 
     fn check(&self, generation: u64) -> Result<()> {
@@ -258,7 +274,13 @@ impl ReplicaSet {
                 self.last_fault = Some((node.to_string(), generation));
                 Ok(g)
             }
-            _ => Err(self.wrong(i, "in sync or rebuilding")),
+            // Out already (the service retired it, or an answer was lost
+            // and something changed since): what the nexus asks holds.
+            ReplicaState::Faulted => {
+                self.replicas[i].pending.extend_from_slice(in_flight);
+                Ok(self.generation)
+            }
+            ReplicaState::Stale => Ok(self.generation),
         }
     }
 
@@ -348,7 +370,7 @@ impl ReplicaSet {
 
     /// The replica's node is gone for good: it is to be replaced.
     pub fn retire(&mut self, node: &str, generation: u64) -> Result<u64> {
-        self.check(generation)?;
+        self.check_exact(generation)?;
         let i = self.replica(node)?;
         if self.replicas[i].state == ReplicaState::Stale {
             return Err(self.wrong(i, "not already stale"));
@@ -356,16 +378,11 @@ impl ReplicaSet {
         self.leave(i, ReplicaState::Stale)
     }
 
-    /// A new replica on `node` (a replacement, or `replicas` raised): a write
-    /// member that a full copy of `total_bytes` makes in sync.
-    pub fn add(
-        &mut self,
-        node: &str,
-        pool_id: &str,
-        generation: u64,
-        total_bytes: u64,
-    ) -> Result<u64> {
-        self.check(generation)?;
+    /// A new replica on `node` (a replacement, or `replicas` raised): out
+    /// of the set until a rebuild copies everything to it (it was never in
+    /// sync, so no delta can serve it).
+    pub fn add(&mut self, node: &str, pool_id: &str, generation: u64) -> Result<u64> {
+        self.check_exact(generation)?;
         if self.find(node).is_some() {
             return Err(MembershipError::SameNode(node.to_string()));
         }
@@ -380,10 +397,10 @@ impl ReplicaSet {
         self.replicas.push(Replica {
             node: node.to_string(),
             pool_id: pool_id.to_string(),
-            state: ReplicaState::Rebuilding,
+            state: ReplicaState::Faulted,
             synced_generation: 0,
             rebuild_done_bytes: 0,
-            rebuild_total_bytes: total_bytes,
+            rebuild_total_bytes: 0,
             pending: Vec::new(),
         });
         Ok(self.bump())
@@ -391,7 +408,7 @@ impl ReplicaSet {
 
     /// Forgets a stale replica (after its replacement, or its data is gone).
     pub fn remove_stale(&mut self, node: &str, generation: u64) -> Result<u64> {
-        self.check(generation)?;
+        self.check_exact(generation)?;
         let i = self.replica(node)?;
         if self.replicas[i].state != ReplicaState::Stale {
             return Err(self.wrong(i, "stale"));
@@ -405,7 +422,7 @@ impl ReplicaSet {
     /// replica the previous nexus was rebuilding is faulted again: the new
     /// nexus does not write to it until it starts its rebuild anew.
     pub fn new_nexus(&mut self, generation: u64) -> Result<u64> {
-        self.check(generation)?;
+        self.check_exact(generation)?;
         for r in &mut self.replicas {
             if r.state == ReplicaState::Rebuilding {
                 r.state = ReplicaState::Faulted;
@@ -453,24 +470,29 @@ mod tests {
     #[test]
     fn a_fault_bumps_the_generation_and_a_stale_report_is_refused() {
         let mut s = set3();
-        let g = s.fault("b", 1, &[(0, 4096)]).expect("fault");
-        assert_eq!(g, 2);
+        let fence = s.new_nexus(1).expect("nexus");
+        let g = s.fault("b", fence, &[(0, 4096)]).expect("fault");
+        assert_eq!(g, 3);
         assert!(s.degraded());
         assert_eq!(
             s.readable().map(|r| r.node.as_str()).collect::<Vec<_>>(),
             ["a", "c"]
         );
-        // A second nexus that still believes generation 1 is refused.
+        // A nexus from before the fence (it saw generation 1) is refused.
         let before = s.clone();
         assert_eq!(
             s.fault("c", 1, &[]),
-            Err(MembershipError::StaleGeneration { got: 1, current: 2 })
+            Err(MembershipError::StaleGeneration { got: 1, current: 3 })
         );
         assert_eq!(s, before, "a refused call changes nothing");
-        assert!(!s.accepts(1) && s.accepts(2));
+        // The current nexus is heard at any generation since its fence
+        // (the service may have moved the set on without it).
+        assert!(!s.accepts(1) && s.accepts(2) && s.accepts(3) && !s.accepts(4));
+        // Reporting a replica that is out already changes nothing.
+        assert_eq!(s.fault("b", 2, &[]), Ok(3));
         // b remembers where its delta starts.
-        assert_eq!(s.replicas[1].synced_generation, 1);
-        assert_eq!(s.replicas[0].synced_generation, 2);
+        assert_eq!(s.replicas[1].synced_generation, 2);
+        assert_eq!(s.replicas[0].synced_generation, 3);
     }
 
     #[test]
@@ -546,13 +568,16 @@ mod tests {
             Err(MembershipError::SameNode("a".into()))
         );
         let mut s = set3();
-        assert_eq!(s.add("d", "pd", 1, 10), Err(MembershipError::Count(4)));
+        assert_eq!(s.add("d", "pd", 1), Err(MembershipError::Count(4)));
         let g = s.retire("c", 1).expect("retire");
         assert_eq!(
-            s.add("a", "pa", g, 10),
+            s.add("a", "pa", g),
             Err(MembershipError::SameNode("a".into()))
         );
-        let g = s.add("d", "pd", g, 10).expect("add");
+        let g = s.add("d", "pd", g).expect("add");
+        // Out until a full copy: it was never in sync.
+        let d = s.replicas().iter().find(|r| r.node == "d").expect("d");
+        assert_eq!((d.state, d.synced_generation), (ReplicaState::Faulted, 0));
         let g = s.remove_stale("c", g).expect("remove");
         assert_eq!(s.replicas.len(), 3);
         assert_eq!(s.new_nexus(g), Ok(g + 1));
@@ -690,7 +715,7 @@ mod tests {
                     Step::Add(n) => {
                         // A new replica starts empty (an old copy on its node
                         // is gone).
-                        let r = s.add(NODES[*n], "p", g, 1);
+                        let r = s.add(NODES[*n], "p", g);
                         if r.is_ok() {
                             m.held[*n].clear();
                         }
@@ -706,11 +731,26 @@ mod tests {
                 // The same report again after its answer was lost.
                 let retry = matches!(st, Step::Stale(n)
                     if before.last_fault.as_ref().is_some_and(|(node, at)| node == NODES[n] && *at + 1 == g && g.saturating_sub(1 + n as u64) == *at));
+                // A report of a replica that is out already holds as it is.
+                let out_already = |n: usize| {
+                    before.replicas().iter().any(|r| {
+                        r.node == NODES[n]
+                            && matches!(r.state, ReplicaState::Faulted | ReplicaState::Stale)
+                    })
+                };
                 match (&st, &r) {
                     (Step::Write { .. }, _) => {}
                     (_, Err(_)) => prop_assert_eq!(&s, &before, "a refused {:?} changed the set", st),
-                    (Step::Stale(_), Ok(())) if retry => prop_assert_eq!(s.generation(), g, "a repeated report moved the set"),
-                    (Step::Stale(_), Ok(())) => prop_assert!(false, "a report at an old generation was taken"),
+                    (Step::Stale(n) | Step::Fault(n), Ok(())) if retry || out_already(*n) => {
+                        prop_assert_eq!(s.generation(), g, "{:?} moved the set", st)
+                    }
+                    (Step::Stale(n), Ok(())) => {
+                        prop_assert!(
+                            g.saturating_sub(1 + *n as u64) >= before.fence(),
+                            "a report from a nexus before the fence was taken"
+                        );
+                        prop_assert_eq!(s.generation(), g + 1, "{:?} must bump", st)
+                    }
                     (Step::Copy(_), Ok(())) => prop_assert_eq!(s.generation(), g),
                     (_, Ok(())) => prop_assert_eq!(s.generation(), g + 1, "{:?} must bump", st),
                 }

@@ -330,6 +330,7 @@ impl MetadataService for Service {
                 last_heartbeat_unix_ms: n.last_heartbeat_ms,
                 registered_unix_ms: n.registered_ms,
                 version: n.version,
+                cordoned: n.cordoned,
                 pool_id: n.pool_id,
             })
             .collect();
@@ -713,6 +714,28 @@ impl MetadataService for Service {
             )
             .await?;
         Ok(Response::new(pb::QuiescedResponse {}))
+    }
+
+    async fn drain_node(&self, r: Request<pb::DrainNodeRequest>) -> R<pb::DrainNodeResponse> {
+        let who = actor(&r);
+        let m = r.into_inner();
+        let call = Call::new(&who, "DrainNode", "", &m.node);
+        let meta = self.meta.clone();
+        let moved = detached(&self.meta, async move {
+            meta.audited(call, async |c| meta.drain_node(c, &m.node).await)
+                .await
+        })
+        .await?;
+        Ok(Response::new(pb::DrainNodeResponse {
+            volumes: moved
+                .into_iter()
+                .map(|(volume_id, to_node, outcome)| pb::DrainedVolume {
+                    volume_id,
+                    to_node,
+                    outcome,
+                })
+                .collect(),
+        }))
     }
 
     async fn unpublish_volume(

@@ -22,7 +22,7 @@ use berth_catalog::records::{
     self, AttachmentRecord, NodeRecord, NodeState, PoolRecord, Record, SnapshotRecord, Source,
     State, VolumeRecord,
 };
-use berth_catalog::replication::{MembershipError, ReplicaSet};
+use berth_catalog::replication::{MembershipError, ReplicaSet, ReplicaState};
 use berth_catalog::{CatalogStore, Txn};
 use berth_proto::volume::v1 as vpb;
 use berth_proto::volume::v1::volume_service_client::VolumeServiceClient;
@@ -558,6 +558,7 @@ impl Meta {
             audit_pool_id: old
                 .as_ref()
                 .map_or_else(String::new, |o| o.audit_pool_id.clone()),
+            cordoned: old.as_ref().is_some_and(|o| o.cordoned),
         };
         let pool = r.pool.clone();
         if let Some(o) = old.as_ref().filter(|o| o.pool_id != rec.pool_id) {
@@ -716,7 +717,8 @@ impl Meta {
             .into_iter()
             .filter_map(|v| {
                 let n: NodeRecord = self.get(&v.pool.node).ok().flatten()?;
-                Some(self.candidate(&n, &v.pool, v.provisioned_bytes))
+                // A drained node takes nothing new.
+                (!n.cordoned).then(|| self.candidate(&n, &v.pool, v.provisioned_bytes))
             })
             .collect())
     }
@@ -2241,6 +2243,9 @@ impl Meta {
         )
         .await?;
         fault::point("rebuild:after-catalog");
+        if let Err(e) = self.drop_retired(call, volume).await {
+            tracing::warn!(volume, error = %e, "cannot drop retired copies yet");
+        }
         if whole {
             for n in &nodes {
                 let stopped = async {
@@ -2261,6 +2266,256 @@ impl Meta {
             }
         }
         Ok(g)
+    }
+
+    /// Moves every replica off `node` (see the `DrainNode` call): returns,
+    /// per volume with a copy there, where its new copy is or why it cannot
+    /// move.
+    pub async fn drain_node(
+        &self,
+        call: &Call,
+        node: &str,
+    ) -> Result<Vec<(String, String, String)>> {
+        check_name("node", node)?;
+        let rec: NodeRecord = self
+            .get(node)?
+            .ok_or_else(|| MetaError::NotFound(format!("node {node} is not registered")))?;
+        if !rec.cordoned {
+            let cordoned = NodeRecord {
+                cordoned: true,
+                ..rec.clone()
+            };
+            self.commit(
+                call,
+                cordoned.replace(&rec),
+                node,
+                "cordoned: no new volumes".into(),
+            )
+            .await?;
+        }
+        let mut out = Vec::new();
+        for v in records::list::<VolumeRecord>(&*self.store, None, 0)? {
+            let on_it = v.nodes().iter().any(|(n, _)| n == node);
+            if !on_it {
+                continue;
+            }
+            let outcome = match &v.replicas {
+                None => Err(MetaError::FailedPrecondition(
+                    "not replicated: its only copy cannot move".into(),
+                )),
+                Some(set)
+                    if set
+                        .replicas()
+                        .iter()
+                        .any(|r| r.node == node && r.state == ReplicaState::Stale) =>
+                {
+                    Ok(("".to_string(), "retired already".to_string()))
+                }
+                Some(_) => self.replace_copy(call, &v.id, node).await,
+            };
+            let (to, what) = match outcome {
+                Ok(x) => x,
+                Err(e) => (String::new(), e.to_string()),
+            };
+            out.push((v.id.clone(), to, what));
+        }
+        Ok(out)
+    }
+
+    /// Places a new copy of replicated volume `volume` away from `node`,
+    /// creates it there (empty), and in one catalog change retires the copy
+    /// on `node` and adds the new one (out of sync: its nexus rebuilds it in
+    /// full). Returns the new copy's node and what happens next.
+    async fn replace_copy(
+        &self,
+        call: &Call,
+        volume: &str,
+        node: &str,
+    ) -> Result<(String, String)> {
+        let _changing = self.changing();
+        let _name = self.locks.lock(format!("v:{volume}")).await;
+        let v = self.ready_volume(volume)?;
+        let Some(mut set) = v.replicas.clone() else {
+            return Err(MetaError::FailedPrecondition(format!(
+                "volume {volume} is not replicated"
+            )));
+        };
+        let spec = self.spec_of(&v)?;
+        let kept: Vec<String> = set
+            .replicas()
+            .iter()
+            .filter(|r| r.node != node && r.state != ReplicaState::Stale)
+            .map(|r| r.node.clone())
+            .collect();
+        let holding: Vec<String> = set.replicas().iter().map(|r| r.node.clone()).collect();
+        let (to, pool) = {
+            let _placing = self.placement.lock().await;
+            let mut excluded = Vec::new();
+            let spread_values: Vec<Option<String>> = match spec.spread.as_deref() {
+                Some(label) => kept
+                    .iter()
+                    .map(|n| {
+                        self.get::<NodeRecord>(n)
+                            .ok()
+                            .flatten()
+                            .and_then(|r| r.labels.get(label).cloned())
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            let cands: Vec<Candidate> = self
+                .candidates()?
+                .into_iter()
+                .filter(|c| {
+                    if holding.contains(&c.node) {
+                        excluded.push(format!("{}: holds a copy", c.node));
+                        return false;
+                    }
+                    if let Some(label) = spec.spread.as_deref() {
+                        let val = c.labels.get(label).cloned();
+                        if spread_values.contains(&val) {
+                            excluded.push(format!("{}: same {label} as a copy it keeps", c.node));
+                            return false;
+                        }
+                    }
+                    true
+                })
+                .collect();
+            let r = placement::Request {
+                size_bytes: v.size_bytes,
+                requisite: Vec::new(),
+                preferred: Vec::new(),
+                media: spec.media.clone(),
+            };
+            let mut why_not = |why: String| {
+                excluded.push(why);
+                MetaError::Unplaceable(format!(
+                    "no node for a new copy of {volume}: {}",
+                    excluded.join("; ")
+                ))
+            };
+            if cands.is_empty() {
+                return Err(why_not(
+                    "no other node takes new volumes (drained nodes do not)".into(),
+                ));
+            }
+            let picked =
+                placement::choose_n(&cands, &r, self.cfg.overcommit, 1, None).map_err(why_not)?;
+            let c = &cands[picked[0]];
+            self.reserve(&c.pool_id, i128::from(v.size_bytes));
+            (c.node.clone(), c.pool_id.clone())
+        };
+        let made = async {
+            let mut c = self.server(&to).await?;
+            c.create_volume(server_req(
+                call,
+                vpb::CreateVolumeRequest {
+                    name: v.id.clone(),
+                    size_bytes: v.size_bytes,
+                    tier: tiers::server_class(spec.tier.priority).to_string(),
+                    overrides: Some(server_overrides(&v.qos)),
+                },
+            ))
+            .await
+            .map_err(|s| MetaError::server(&to, &s))
+        }
+        .await;
+        let changed = made.and_then(|_| {
+            let g = set.retire(node, set.generation())?;
+            Ok(set.add(&to, &pool, g)?)
+        });
+        let g = match changed {
+            Ok(g) => g,
+            Err(e) => {
+                self.reserve(&pool, -i128::from(v.size_bytes));
+                let _ = self.delete_on_server(&to, volume, &call.actor).await;
+                return Err(e);
+            }
+        };
+        let mut copy_topology = v.copy_topology.clone();
+        copy_topology.push(
+            self.get::<NodeRecord>(&to)?
+                .map(|n| n.labels)
+                .unwrap_or_default(),
+        );
+        let cur = VolumeRecord {
+            replicas: Some(set),
+            copy_topology,
+            ..v.clone()
+        };
+        self.commit(
+            call,
+            cur.replace(&v),
+            node,
+            format!(
+                "generation {g}: the copy on {node} is retired, a new one on {to} is to be rebuilt"
+            ),
+        )
+        .await?;
+        let attached = self
+            .attachments(volume)?
+            .iter()
+            .any(|a| !a.read_only && !a.legs.is_empty());
+        Ok((
+            to,
+            if attached {
+                "moving: its nexus copies it to the new copy".into()
+            } else {
+                "moving once attached: a nexus copies it".into()
+            },
+        ))
+    }
+
+    /// Forgets the retired copies of a volume whose copies are all in sync
+    /// again, deleting them where their server answers (one that does not
+    /// stays retired: never read or counted, its space on that pool still
+    /// promised, until it answers).
+    async fn drop_retired(&self, call: &Call, volume: &str) -> Result<()> {
+        let v = self.ready_volume(volume)?;
+        let Some(set) = v.replicas.clone() else {
+            return Ok(());
+        };
+        let retired: Vec<(usize, String, String)> = set
+            .replicas()
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state == ReplicaState::Stale)
+            .map(|(i, r)| (i, r.node.clone(), r.pool_id.clone()))
+            .collect();
+        if retired.is_empty()
+            || set
+                .replicas()
+                .iter()
+                .any(|r| !matches!(r.state, ReplicaState::Stale | ReplicaState::InSync))
+        {
+            return Ok(());
+        }
+        let mut cur = v.clone();
+        // From the last, so the indexes of the others hold.
+        for (i, node, pool) in retired.into_iter().rev() {
+            if let Err(e) = self.delete_on_server(&node, volume, &call.actor).await {
+                tracing::warn!(volume, node = %node, error = %e, "the retired copy stays until its server answers");
+                continue;
+            }
+            let before = cur.clone();
+            let Some(mut set) = cur.replicas.clone() else {
+                break;
+            };
+            set.remove_stale(&node, set.generation())?;
+            if i < cur.copy_topology.len() {
+                cur.copy_topology.remove(i);
+            }
+            cur.replicas = Some(set);
+            self.commit(
+                call,
+                cur.replace(&before),
+                &node,
+                "the retired copy is deleted".into(),
+            )
+            .await?;
+            self.reserve(&pool, -i128::from(v.size_bytes));
+        }
+        Ok(())
     }
 
     pub async fn unpublish(&self, call: &Call, volume: &str, node: &str) -> Result<u32> {

@@ -42,6 +42,12 @@ pub enum Cmd {
     Tiers,
     /// Volume servers: state, addresses, labels.
     Nodes,
+    /// Move every replica off a node (for maintenance, or a node lost for
+    /// good): each replicated volume with a copy there gets a new copy on
+    /// another node, which its nexus rebuilds in full; the old copy is
+    /// retired and deleted once the new one is in sync. The node takes no
+    /// new volumes from then on. Unreplicated volumes cannot move.
+    Drain { node: String },
     /// Pools: size, use, what is promised and what is left.
     Pools,
     /// Which node each volume is published to.
@@ -561,6 +567,18 @@ pub async fn run(
                 ],
             );
         }
+        Cmd::Drain { node } => {
+            let l = c
+                .drain_node(req(pb::DrainNodeRequest { node }))
+                .await?
+                .into_inner();
+            let rows = l
+                .volumes
+                .iter()
+                .map(|v| json!({"volume": v.volume_id, "to_node": v.to_node, "outcome": v.outcome}))
+                .collect();
+            out.rows(rows, &["volume", "to_node", "outcome"]);
+        }
         Cmd::Nodes => {
             let l = c
                 .list_nodes(req(pb::ListNodesRequest {}))
@@ -569,7 +587,7 @@ pub async fn run(
             let rows = l
                 .nodes
                 .iter()
-                .map(|n| json!({"name": n.name, "state": n.state, "control_endpoint": n.control_endpoint,
+                .map(|n| json!({"name": n.name, "state": n.state, "cordoned": n.cordoned, "control_endpoint": n.control_endpoint,
                     "nbd_address": n.nbd_address, "nbd_socket": n.nbd_socket, "labels": n.labels,
                     "pool_id": n.pool_id, "version": n.version,
                     "last_heartbeat_unix_ms": n.last_heartbeat_unix_ms, "registered_unix_ms": n.registered_unix_ms}))
