@@ -40,6 +40,12 @@ impl MetaProc {
         Self::spawn(dir, "127.0.0.1:0", None, None, &[])
     }
 
+    /// With `extra` flags for `berth metadata`, kept across restarts.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> MetaProc {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(dir, "127.0.0.1:0", None, None, &extra)
+    }
+
     /// Serving mutual TLS on TCP with the certificates in `tls_dir`, and
     /// `extra` flags; its berthctl calls present `client_tls`'s.
     pub fn start_tls(dir: &Path, tls_dir: &Path, client_tls: &Path, extra: &[&str]) -> MetaProc {
@@ -262,7 +268,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(root: &Path, specs: &[NodeSpec]) -> Cluster {
-        let meta = MetaProc::start(&root.join("meta"));
+        Self::start_with(root, specs, &[])
+    }
+
+    /// With `meta_extra` flags for the metadata service.
+    pub fn start_with(root: &Path, specs: &[NodeSpec], meta_extra: &[&str]) -> Cluster {
+        let meta = MetaProc::start_with(&root.join("meta"), meta_extra);
         let mut nodes = Vec::new();
         for s in specs {
             let mut extra: Vec<String> = [

@@ -1523,3 +1523,86 @@ fn a_drained_node_s_copies_move_elsewhere_and_are_rebuilt_in_full() {
         "{moved}"
     );
 }
+
+#[test]
+fn a_node_down_past_the_grace_period_has_its_copies_replaced() {
+    if fuse_missing() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let spec = |name| NodeSpec {
+        name,
+        pool_size: "256M",
+        labels: vec![],
+    };
+    let mut c = Cluster::start_with(
+        root.path(),
+        &[spec("n1"), spec("n2"), spec("n3")],
+        &["--replica-grace-seconds", "2"],
+    );
+    const SIZE: u64 = 8 << 20;
+    let v = c.meta.ctl_json(&[
+        "volume",
+        "create",
+        "gv",
+        "--size",
+        "8M",
+        "--param",
+        "replicas=2",
+    ]);
+    let states = replica_states(&v);
+    let (local, lost) = (states[0].0.clone(), states[1].0.clone());
+    let third = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != local && *n != lost)
+        .expect("a third node")
+        .to_string();
+    let a = Attached::start(&c, "gv", &root.path().join("mnt"), &local);
+    write_synced(&a.file(), 0x5a);
+    c.node(&lost).kill9();
+    // Noticed by the nexus at its next write.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(a.file())
+        .expect("open");
+    f.write_all_at(&[0x6b; 4096], SIZE - 4096).expect("write");
+    f.sync_data().expect("fsync");
+    drop(f);
+    // Past the grace period the copy is replaced on the third node and
+    // rebuilt there, with no one asking.
+    let end = Instant::now() + Duration::from_secs(60);
+    let v = loop {
+        let v = c.meta.ctl_json(&["volume", "get", "gv"]);
+        let st = replica_states(&v);
+        if st.contains(&(third.clone(), "in-sync".to_string())) {
+            break v;
+        }
+        assert!(Instant::now() < end, "never replaced: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        replica_states(&v).contains(&(lost.clone(), "stale".to_string())),
+        "the lost copy is retired: {v}"
+    );
+    // The lost node comes back: its retired copy is deleted.
+    c.node(&lost).restart();
+    c.meta.wait_node(&lost, "up");
+    let end = Instant::now() + Duration::from_secs(30);
+    while c.server_volumes(&lost).contains(&"gv".to_string()) {
+        assert!(Instant::now() < end, "the retired copy stayed on {lost}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let v = wait_in_sync(&c, "gv", Duration::from_secs(10));
+    let mut nodes: Vec<String> = replica_states(&v).into_iter().map(|(n, _)| n).collect();
+    nodes.sort();
+    let mut want = vec![local.clone(), third.clone()];
+    want.sort();
+    assert_eq!(nodes, want, "{v}");
+    a.detach();
+    let g = v["generation"].as_u64().expect("generation");
+    let ours = read_copy(&mut c, &local, "gv", g, SIZE);
+    let theirs = read_copy(&mut c, &third, "gv", g, SIZE);
+    assert!(ours == theirs, "the copies differ");
+    assert!(ours[..4096].iter().all(|b| *b == 0x5a));
+    assert!(ours[(SIZE - 4096) as usize..].iter().all(|b| *b == 0x6b));
+}

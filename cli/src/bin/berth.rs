@@ -230,6 +230,11 @@ struct CatalogArgs {
     /// Seconds between full comparisons of each node with the catalog.
     #[arg(long, env = "BERTH_RECONCILE_SECONDS", default_value_t = 60)]
     reconcile_seconds: u64,
+    /// Seconds a node may stay down before the replicas on it are replaced
+    /// on other nodes (rebuilt in full); 0: never by itself (`berthctl
+    /// drain NODE` does it at once).
+    #[arg(long, env = "BERTH_REPLICA_GRACE_SECONDS", default_value_t = 600)]
+    replica_grace_seconds: u64,
     /// How much thin volumes may promise beyond the pools' size (1.0: nothing).
     /// Every volume counts at its full size, clones and restored snapshots too
     /// (O(1) to make, but each may come to own a full volume's worth).
@@ -259,6 +264,8 @@ impl CatalogArgs {
             heartbeat_interval: Duration::from_millis(self.heartbeat_ms.max(100)),
             node_timeout: Duration::from_millis(self.node_timeout_ms.max(self.heartbeat_ms * 2)),
             reconcile_interval: Duration::from_secs(self.reconcile_seconds.max(1)),
+            replica_grace: (self.replica_grace_seconds > 0)
+                .then(|| Duration::from_secs(self.replica_grace_seconds)),
             overcommit: self.overcommit,
             tiers: berth_metadata::tiers::load(tiers_json.as_deref()).map_err(|e| e.to_string())?,
             volume_tls: tls.map(|t| berth_proto::ClientTls {

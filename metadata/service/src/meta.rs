@@ -43,6 +43,9 @@ pub struct MetaConfig {
     pub node_timeout: Duration,
     /// How often every up node is compared with the catalog.
     pub reconcile_interval: Duration,
+    /// How long a node may be down before its replicas are replaced
+    /// elsewhere (None: only by `DrainNode`).
+    pub replica_grace: Option<Duration>,
     /// Pool size multiplier for thin provisioning (1.0: never promise more
     /// than the disk holds).
     pub overcommit: f64,
@@ -2466,6 +2469,56 @@ impl Meta {
         ))
     }
 
+    /// Replaces the copies on nodes down for longer than the grace period
+    /// (each once: the replaced copy is retired). A copy that cannot be
+    /// placed is tried again at the next pass.
+    async fn replace_lost(&self) -> Result<()> {
+        let Some(grace) = self.cfg.replica_grace else {
+            return Ok(());
+        };
+        let lost: Vec<String> = {
+            let live = self.live.lock();
+            records::list::<NodeRecord>(&*self.store, None, 0)?
+                .into_iter()
+                .filter(|n| {
+                    live.get(&n.name)
+                        .is_some_and(|t| t.elapsed() >= grace + self.cfg.node_timeout)
+                })
+                .map(|n| n.name)
+                .collect()
+        };
+        for v in records::list::<VolumeRecord>(&*self.store, None, 0)? {
+            let Some(set) = &v.replicas else { continue };
+            // Retired copies whose node answers again are deleted now.
+            if set
+                .replicas()
+                .iter()
+                .any(|r| r.state == ReplicaState::Stale && self.is_up(&r.node))
+            {
+                let call = Call::new(SERVER_CALLER_PREFIX, "DropRetired", &v.id, "");
+                let _name = self.locks.lock(format!("v:{}", v.id)).await;
+                if let Err(e) = self.drop_retired(&call, &v.id).await {
+                    tracing::warn!(volume = %v.id, error = %e, "cannot drop retired copies yet");
+                }
+            }
+            for r in set.replicas() {
+                if r.state == ReplicaState::Stale || !lost.contains(&r.node) {
+                    continue;
+                }
+                let call = Call::new(SERVER_CALLER_PREFIX, "ReplaceReplica", &v.id, &r.node);
+                match self.replace_copy(&call, &v.id, &r.node).await {
+                    Ok((to, _)) => {
+                        tracing::warn!(volume = %v.id, from = %r.node, %to, ?grace, "a node stayed down past the grace period: its copy is replaced")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %v.id, node = %r.node, error = %e, "cannot replace the copy of a lost node yet")
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets the retired copies of a volume whose copies are all in sync
     /// again, deleting them where their server answers (one that does not
     /// stays retired: never read or counted, its space on that pool still
@@ -2987,6 +3040,11 @@ impl Meta {
                 return;
             }
         };
+        if full_reconcile {
+            if let Err(e) = self.replace_lost().await {
+                tracing::error!(error = %e, "replacing the copies of lost nodes failed");
+            }
+        }
         for n in up {
             let me = self.clone();
             tokio::spawn(async move {
@@ -3127,6 +3185,7 @@ mod tests {
                 heartbeat_interval: Duration::from_secs(1),
                 node_timeout: Duration::from_secs(5),
                 reconcile_interval: Duration::from_secs(30),
+                replica_grace: None,
                 overcommit: 1.0,
                 tiers: tiers::default_tiers(),
                 volume_tls: None,
