@@ -803,17 +803,7 @@ fn crashes_of_the_metadata_service_in_fault_handling_converge() {
     .enumerate()
     {
         let name = format!("crash-{i}");
-        let v = c.meta.ctl_json(&[
-            "volume",
-            "create",
-            &name,
-            "--size",
-            "8M",
-            "--param",
-            "replicas=2",
-        ]);
-        let states = replica_states(&v);
-        let (local, victim) = (states[0].0.clone(), states[1].0.clone());
+        let (local, victim, _) = two_copies(&c, &name, "8M");
         let a = Attached::start(&c, &name, &root.path().join(format!("mnt-{i}")), &local);
         let g0 = c.meta.ctl_json(&["volume", "get", &name])["generation"]
             .as_u64()
@@ -904,17 +894,7 @@ fn crashes_of_the_metadata_service_in_fault_handling_converge() {
         .enumerate()
     {
         let name = format!("rb-{i}");
-        let v = c.meta.ctl_json(&[
-            "volume",
-            "create",
-            &name,
-            "--size",
-            "8M",
-            "--param",
-            "replicas=2",
-        ]);
-        let states = replica_states(&v);
-        let (local, victim) = (states[0].0.clone(), states[1].0.clone());
+        let (local, victim, _) = two_copies(&c, &name, "8M");
         let a = Attached::start(&c, &name, &root.path().join(format!("mnt-rb-{i}")), &local);
         write_synced(&a.file(), 0x01);
         c.node(&victim).kill9();
@@ -1237,6 +1217,28 @@ fn a_grant_that_raises_the_fence_waits_for_the_requests_it_fences() {
     });
 }
 
+/// A volume with two copies on three nodes: (its first copy's node, its
+/// second's, the node without a copy).
+fn two_copies(c: &Cluster, name: &str, size: &str) -> (String, String, String) {
+    let v = c.meta.ctl_json(&[
+        "volume",
+        "create",
+        name,
+        "--size",
+        size,
+        "--param",
+        "replicas=2",
+    ]);
+    let states = replica_states(&v);
+    let (first, second) = (states[0].0.clone(), states[1].0.clone());
+    let third = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != first && *n != second)
+        .expect("a third node")
+        .to_string();
+    (first, second, third)
+}
+
 /// Whether every 16 KiB block of `data` is zeros or what the writers write
 /// to that block (some version of it): a torn or misplaced block is not.
 fn well_formed(data: &[u8]) -> bool {
@@ -1401,22 +1403,7 @@ fn a_drained_node_s_copies_move_elsewhere_and_are_rebuilt_in_full() {
     let root = tempfile::tempdir().expect("tempdir");
     let mut c = three_nodes(root.path());
     const SIZE: u64 = 16 << 20;
-    let v = c.meta.ctl_json(&[
-        "volume",
-        "create",
-        "dv",
-        "--size",
-        "16M",
-        "--param",
-        "replicas=2",
-    ]);
-    let states = replica_states(&v);
-    let (local, leaving) = (states[0].0.clone(), states[1].0.clone());
-    let third = ["n1", "n2", "n3"]
-        .into_iter()
-        .find(|n| *n != local && *n != leaving)
-        .expect("a third node")
-        .to_string();
+    let (local, leaving, third) = two_copies(&c, "dv", "16M");
     // An unreplicated volume on the node cannot move.
     c.meta.ctl_json(&[
         "volume",
@@ -1541,22 +1528,7 @@ fn a_node_down_past_the_grace_period_has_its_copies_replaced() {
         &["--replica-grace-seconds", "2"],
     );
     const SIZE: u64 = 8 << 20;
-    let v = c.meta.ctl_json(&[
-        "volume",
-        "create",
-        "gv",
-        "--size",
-        "8M",
-        "--param",
-        "replicas=2",
-    ]);
-    let states = replica_states(&v);
-    let (local, lost) = (states[0].0.clone(), states[1].0.clone());
-    let third = ["n1", "n2", "n3"]
-        .into_iter()
-        .find(|n| *n != local && *n != lost)
-        .expect("a third node")
-        .to_string();
+    let (local, lost, third) = two_copies(&c, "gv", "8M");
     let a = Attached::start(&c, "gv", &root.path().join("mnt"), &local);
     write_synced(&a.file(), 0x5a);
     c.node(&lost).kill9();

@@ -819,9 +819,15 @@ impl Store {
     /// `changes`), from `point` (a replica-set generation, for the caller's
     /// bookkeeping) on. Writes staged after this returns are recorded.
     /// Already tracking: nothing changes, and the earlier point is returned.
+    ///
+    /// Not synced: the caller is in a fault's critical path, and the WAL
+    /// keeps order, so any later write that survives a crash finds the
+    /// tracking point with it; a point lost with the WAL's unsynced tail is
+    /// lost with every change it would have listed (the volume then says it
+    /// is not tracking, and a rebuild from it copies everything).
     pub fn track_changes(&self, name: &str, point: u64) -> Result<u64> {
         let sh = &self.shared;
-        let point = {
+        {
             let mut inner = sh.inner.lock();
             let id = inner.volume_id(name)?;
             let t = inner.trees.get_mut(&id).expect("a volume has its tree");
@@ -835,9 +841,7 @@ impl Store {
             )?;
             t.tracking = Some(point);
             tracing::info!(volume = name, point, "tracking changed blocks");
-            point
-        };
-        sh.sync_wal()?;
+        }
         Ok(point)
     }
 

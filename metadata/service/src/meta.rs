@@ -1925,11 +1925,7 @@ impl Meta {
         }
         let _name = self.locks.lock(format!("v:{volume}")).await;
         let v = self.ready_volume(volume)?;
-        let Some(mut set) = v.replicas.clone() else {
-            return Err(MetaError::FailedPrecondition(format!(
-                "volume {volume} is not replicated"
-            )));
-        };
+        let mut set = replica_set(&v)?;
         if pending
             .iter()
             .any(|&(o, l)| o.checked_add(l).is_none_or(|e| e > v.size_bytes))
@@ -1968,7 +1964,8 @@ impl Meta {
     /// that cannot start is only not a delta source (the rebuild copies
     /// everything from another, or from it, instead).
     async fn track_changes_on(&self, call: &Call, volume: &str, nodes: &[String], generation: u64) {
-        for n in nodes {
+        // All at once: the nexus holds writes until this is done.
+        let each = nodes.iter().map(|n| async move {
             let started = async {
                 self.require_up(n)?;
                 let mut c = self.server(n).await?;
@@ -1986,7 +1983,8 @@ impl Meta {
             if let Err(e) = started {
                 tracing::warn!(volume, node = %n, error = %e, "cannot track changed blocks on a replica: rebuilds of the others copy everything from it");
             }
-        }
+        });
+        futures_util::future::join_all(each).await;
     }
 
     /// The replicated volume `volume`, its set, and its read-write
@@ -1996,11 +1994,7 @@ impl Meta {
         volume: &str,
     ) -> Result<(VolumeRecord, ReplicaSet, AttachmentRecord)> {
         let v = self.ready_volume(volume)?;
-        let Some(set) = v.replicas.clone() else {
-            return Err(MetaError::FailedPrecondition(format!(
-                "volume {volume} is not replicated"
-            )));
-        };
+        let set = replica_set(&v)?;
         let a = self
             .attachments(volume)?
             .into_iter()
@@ -2105,11 +2099,7 @@ impl Meta {
         check_name("node", node)?;
         let _name = self.locks.lock(format!("v:{volume}")).await;
         let v = self.ready_volume(volume)?;
-        let Some(mut set) = v.replicas.clone() else {
-            return Err(MetaError::FailedPrecondition(format!(
-                "volume {volume} is not replicated"
-            )));
-        };
+        let mut set = replica_set(&v)?;
         let r = set
             .replicas()
             .iter()
@@ -2187,11 +2177,7 @@ impl Meta {
         check_name("node", node)?;
         let _name = self.locks.lock(format!("v:{volume}")).await;
         let v = self.ready_volume(volume)?;
-        let Some(mut set) = v.replicas.clone() else {
-            return Err(MetaError::FailedPrecondition(format!(
-                "volume {volume} is not replicated"
-            )));
-        };
+        let mut set = replica_set(&v)?;
         set.rebuild_progress(node, generation, done)?;
         let cur = VolumeRecord {
             replicas: Some(set),
@@ -2217,11 +2203,7 @@ impl Meta {
         check_name("node", node)?;
         let _name = self.locks.lock(format!("v:{volume}")).await;
         let v = self.ready_volume(volume)?;
-        let Some(mut set) = v.replicas.clone() else {
-            return Err(MetaError::FailedPrecondition(format!(
-                "volume {volume} is not replicated"
-            )));
-        };
+        let mut set = replica_set(&v)?;
         let (done, total) = set
             .replicas()
             .iter()
@@ -2338,11 +2320,7 @@ impl Meta {
         let _changing = self.changing();
         let _name = self.locks.lock(format!("v:{volume}")).await;
         let v = self.ready_volume(volume)?;
-        let Some(mut set) = v.replicas.clone() else {
-            return Err(MetaError::FailedPrecondition(format!(
-                "volume {volume} is not replicated"
-            )));
-        };
+        let mut set = replica_set(&v)?;
         let spec = self.spec_of(&v)?;
         let kept: Vec<String> = set
             .replicas()
@@ -3095,6 +3073,13 @@ fn server_req<T>(call: &Call, msg: T) -> tonic::Request<T> {
     r.set_timeout(Duration::from_secs(30));
     berth_proto::name_caller(&mut r, &format!("{SERVER_CALLER_PREFIX}:{}", call.actor));
     r
+}
+
+/// A replicated volume's set; FAILED_PRECONDITION for any other volume.
+fn replica_set(v: &VolumeRecord) -> Result<ReplicaSet> {
+    v.replicas
+        .clone()
+        .ok_or_else(|| MetaError::FailedPrecondition(format!("volume {} is not replicated", v.id)))
 }
 
 /// Sorted, merged byte ranges, clipped to `size`.
