@@ -4,12 +4,14 @@
 # The metadata service and two volume servers on loopback, all on this
 # machine's one disk; a 4 GiB extreme volume with 2 copies, attached with
 # `berthctl volume attach` (the nexus runs there and copies) and filled.
-# Each round kills -9 the second copy's server, changes 1% of the volume
-# with 4 KiB random writes (fio, O_DIRECT, through the attached file),
-# restarts the server and times it until `volume get` says every copy is in
-# sync; the bytes copied come from the FinishRebuild audit entry. The full
-# round first makes the first copy forget its changed blocks
-# (`berthctl server volume stop-tracking`), so the rebuild copies everything.
+# Each round changes 1% of the volume with 4 KiB random writes (fio,
+# O_DIRECT, through the attached file) and, 1 s in, kills -9 the second
+# copy's server (or stops it: the "hung" round); fio's longest write is the
+# stall. Then the server is restarted (or continued) and timed until
+# `volume get` says every copy is in sync; the bytes copied come from the
+# FinishRebuild audit entry. The full round first makes the first copy
+# forget its changed blocks (`berthctl server volume stop-tracking`), so the
+# rebuild copies everything.
 # Usage: bench/scripts/rebuild.sh [DIR] [SIZE_GIB]
 #        (binaries from CARGO_TARGET_DIR/debug, or BERTH_BIN)
 set -euo pipefail
@@ -55,14 +57,31 @@ for _ in $(seq 100); do [ -s "$D/m/disk" ] && break; sleep 0.1; done
 fio --filename="$D/m/disk" --direct=1 --ioengine=libaio --rw=write --bs=1M --iodepth=8 \
   --size="${GIB}G" --name=fill > /dev/null 2>&1
 CHANGE=$((GIB * 1024 * 1024 * 1024 / 100))
-round() { # LABEL [full]
-  kill -9 "$N2"
-  wait "$N2" 2> /dev/null || true
+round() { # LABEL [full|hung]
+  # The change: 4 KiB random writes at QD32 for 4 s, paced to add up to 1%
+  # of the volume; n2 goes 1 s in (killed, or stopped when "hung"). fio's
+  # longest completion is the stall the loss caused.
   fio --filename="$D/m/disk" --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=32 \
-    --size="${GIB}G" --io_size="$CHANGE" --randrepeat=0 --name=change > /dev/null 2>&1
+    --size="${GIB}G" --time_based --runtime=4 --rate_iops="$((CHANGE / 4096 / 4))" \
+    --randrepeat=0 --name=change --output-format=json > "$D/change.json" 2> /dev/null &
+  local fp=$!
+  sleep 1
+  if [ "${2:-}" = hung ]; then kill -STOP "$N2"; else kill -9 "$N2"; fi
+  wait "$fp"
+  python3 -c '
+import json,sys
+w = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+stall, n = w["clat_ns"]["max"] / 1e6, w["total_ios"]
+print(f"{sys.argv[2]}: longest write across the loss of the copy: {stall:.0f} ms ({n} writes)")
+' "$D/change.json" "$1"
   [ "${2:-}" = full ] && "$B/berthctl" --data "$D/n1" server volume stop-tracking r
-  server 2
-  N2=$!
+  if [ "${2:-}" = hung ]; then
+    kill -CONT "$N2"
+  else
+    wait "$N2" 2> /dev/null || true
+    server 2
+    N2=$!
+  fi
   local t0 t1
   t0=$(date +%s.%N)
   for _ in $(seq 6000); do
@@ -85,6 +104,7 @@ print(f"{label}: changed {change/2**20:.0f} MiB, copied {copied/2**20:.0f} MiB "
 ' "$1" "$CHANGE" "$(python3 -c "print($t1-$t0)")"
 }
 round "delta rebuild"
+round "delta rebuild after a hung server" hung
 round "full rebuild" full
 kill -INT "$AP"
 wait "$AP"

@@ -47,6 +47,21 @@ pub fn init_logging(json: bool) {
     }
 }
 
+/// A panic anywhere ends the process at once. Tokio keeps a runtime alive
+/// when one of its tasks panics, and a store thread that died would leave a
+/// server answering health checks while every request hangs (a nexus task
+/// that died, a volume whose rebuilds or pauses silently stopped): a crash
+/// is the state the supervisor (kubelet, systemd) and the clients' reconnect
+/// logic know how to recover from; a half-dead process is not.
+pub fn abort_on_panic(program: &'static str) {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("{program}: a thread panicked; aborting the process");
+        std::process::abort();
+    }));
+}
+
 /// This host's name: the default node name of its volume server and node
 /// plugin, and the node `berthctl volume attach` publishes to.
 pub fn host_name() -> String {

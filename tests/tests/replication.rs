@@ -1578,3 +1578,99 @@ fn a_node_down_past_the_grace_period_has_its_copies_replaced() {
     assert!(ours[..4096].iter().all(|b| *b == 0x5a));
     assert!(ours[(SIZE - 4096) as usize..].iter().all(|b| *b == 0x6b));
 }
+
+/// A replica's `rebuild_done_bytes` and `rebuild_total_bytes` in `volume get`.
+fn rebuild_progress(c: &Cluster, volume: &str, node: &str) -> (String, u64, u64) {
+    let v = c.meta.ctl_json(&["volume", "get", volume]);
+    let r = v["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .find(|r| r["node"] == node)
+        .unwrap_or_else(|| panic!("no replica on {node}: {v}"))
+        .clone();
+    (
+        r["state"].as_str().unwrap_or_default().to_string(),
+        r["rebuild_done_bytes"].as_u64().unwrap_or(0),
+        r["rebuild_total_bytes"].as_u64().unwrap_or(0),
+    )
+}
+
+#[test]
+fn a_rebuild_interrupted_by_a_restart_resumes_where_it_stopped() {
+    if fuse_missing() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut c = three_nodes(root.path());
+    const SIZE: u64 = 64 << 20;
+    let (local, victim, _) = two_copies(&c, "rv", "64M");
+    let a = Attached::start(&c, "rv", &root.path().join("mnt"), &local);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.file())
+        .expect("open");
+    let mut want = vec![0u8; SIZE as usize];
+    for (i, chunk) in want.chunks_mut(1 << 20).enumerate() {
+        chunk.fill(i as u8 + 1);
+        f.write_all_at(chunk, (i as u64) << 20).expect("fill");
+    }
+    f.sync_data().expect("fsync");
+    c.node(&victim).kill9();
+    f.write_all_at(&[0xd1; 4096], 0).expect("write");
+    f.sync_data().expect("fsync");
+    want[..4096].fill(0xd1);
+    // The copy in sync forgets what changed: the rebuild copies everything,
+    // slowly (each pool write on the victim takes 150 ms).
+    c.node(&local).ctl_json(&["volume", "stop-tracking", "rv"]);
+    c.node(&victim)
+        .restart_env(&[("BERTH_FAULTS", "write:delay=150ms:100000@1048576-536870912")]);
+    let end = Instant::now() + Duration::from_secs(60);
+    let (first_total, copied) = loop {
+        let (st, done, total) = rebuild_progress(&c, "rv", &victim);
+        if st == "rebuilding" && done >= 16 << 20 {
+            break (total, done);
+        }
+        assert!(
+            Instant::now() < end,
+            "the first rebuild never got far: {st} {done}/{total}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(first_total, SIZE, "the first rebuild is a full copy");
+    // Its server restarts mid-copy (this time at full speed); meanwhile,
+    // once it is out of the set, a block below where it stopped is written
+    // (only the survivors' record of changes since then has it).
+    c.node(&victim).kill9();
+    let end = Instant::now() + Duration::from_secs(20);
+    while rebuild_progress(&c, "rv", &victim).0 != "faulted" {
+        assert!(
+            Instant::now() < end,
+            "the interrupted rebuild's replica was never marked out"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f.write_all_at(&[0xd2; 4096], 4096).expect("write");
+    f.sync_data().expect("fsync");
+    want[4096..8192].fill(0xd2);
+    c.node(&victim).restart();
+    let v = wait_in_sync(&c, "rv", Duration::from_secs(60));
+    drop(f);
+    // The second rebuild copied what was left, plus what changed below
+    // where the first stopped: not the whole volume again.
+    let second = rebuilt_bytes(&c, "rv", &victim, 0);
+    eprintln!(
+        "first rebuild: {copied} of {first_total} bytes when interrupted; the resumed one copied {second}"
+    );
+    assert!(
+        second <= SIZE - copied + (2 << 20),
+        "the rebuild started over: {second} bytes after {copied} were copied"
+    );
+    a.detach();
+    let g = v["generation"].as_u64().expect("generation");
+    for n in [&local, &victim] {
+        let data = read_copy(&mut c, n, "rv", g, SIZE);
+        assert!(data == want, "{n}'s copy differs from what was written");
+    }
+}

@@ -568,20 +568,6 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     r
 }
 
-/// A panic anywhere ends the process at once. Tokio keeps a runtime alive
-/// when one of its tasks panics, and a store thread that died would leave a
-/// server answering health checks while every request hangs: a crash is the
-/// state the supervisor (kubelet, systemd) and the clients' reconnect logic
-/// know how to recover from; a half-dead server is not.
-fn abort_on_panic() {
-    let report = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        report(info);
-        eprintln!("berth: a thread panicked; aborting the process");
-        std::process::abort();
-    }));
-}
-
 /// Once shutdown has begun it ends within `drain` plus [`SHUTDOWN_GRACE`],
 /// whatever hangs (a disk that stopped answering, say): after that, or at a
 /// second SIGTERM or SIGINT, the process exits with status 1. Every
@@ -611,7 +597,7 @@ fn shutdown_deadline(drain: Duration) {
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 fn main() -> std::process::ExitCode {
-    abort_on_panic();
+    berth_cli::abort_on_panic("berth");
     let cli = Cli::parse();
     berth_cli::init_logging(cli.log_json);
     if let Command::Attach(a) = cli.command {

@@ -623,7 +623,10 @@ async fn copy_all(
         .map_err(status)?
         .into_inner();
     let total: u64 = plan.ranges.iter().map(|r| r.length).sum();
-    tracing::info!(volume, leg = node, full = plan.full, source = %plan.source, ranges = plan.ranges.len(), total, "rebuilding");
+    tracing::info!(volume, leg = node, full = plan.full, source = %plan.source, ranges = plan.ranges.len(), total, resumed_from = plan.resumed_from, "rebuilding");
+    // Pieces in flight by offset: everything below the lowest one (or below
+    // the next to start) is copied; a rebuild after this one resumes there.
+    let mut pending_at: std::collections::BTreeMap<u64, u32> = Default::default();
     let mut done = 0u64;
     let mut reported = std::time::Instant::now();
     // A few pieces in flight (small ranges of a delta are each a round trip
@@ -648,16 +651,17 @@ async fn copy_all(
             at += p.len;
             let (n, leg) = (nexus.clone(), node.to_string());
             in_flight += p.len;
-            copies.spawn(async move { n.copy(&leg, p).await.map(|()| p.len) });
+            *pending_at.entry(p.offset).or_default() += 1;
+            copies.spawn(async move { n.copy(&leg, p).await.map(|()| (p.offset, p.len)) });
         }
         let Some(finished) = copies.join_next().await else {
             break;
         };
-        let len = match finished
+        let (offset, len) = match finished
             .map_err(|e| format!("a copy task failed: {e}"))
             .and_then(|r| r)
         {
-            Ok(len) => len,
+            Ok(x) => x,
             Err(e) => {
                 // The others finish (each holds a range of the volume).
                 while copies.join_next().await.is_some() {}
@@ -666,14 +670,33 @@ async fn copy_all(
         };
         in_flight -= len;
         done += len;
+        if let Some(n) = pending_at.get_mut(&offset) {
+            *n -= 1;
+            if *n == 0 {
+                pending_at.remove(&offset);
+            }
+        }
         if reported.elapsed() >= REBUILD_REPORT {
             reported = std::time::Instant::now();
+            let next = if plan.ranges.get(ri).is_some() {
+                at
+            } else {
+                u64::MAX
+            };
+            let cursor = pending_at.keys().next().copied().unwrap_or(next).min(next);
+            // Durable before it is recorded: a replica killed later keeps
+            // what is below the cursor (and its unflushed rest is pending).
+            if let Err(e) = nexus.flush_leg(node).await {
+                while copies.join_next().await.is_some() {}
+                return Err(e);
+            }
             let progress = client
                 .report_rebuild_progress(pb::ReportRebuildProgressRequest {
                     volume_id: volume.to_string(),
                     node: node.to_string(),
                     generation: nexus.generation(),
                     done_bytes: done,
+                    cursor: if cursor == u64::MAX { 0 } else { cursor },
                 })
                 .await;
             if let Err(s) = progress {
@@ -688,6 +711,7 @@ async fn copy_all(
             node: node.to_string(),
             generation: nexus.generation(),
             done_bytes: done,
+            cursor: 0,
         })
         .await
         .map_err(status)?;

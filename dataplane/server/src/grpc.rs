@@ -395,10 +395,10 @@ impl VolumeService for Service {
     ) -> Result<Response<pb::TrackChangesResponse>, Status> {
         let r = r.into_inner();
         required("volume", &r.volume)?;
-        let point = self
+        let (point, round) = self
             .run(move |n| Ok(n.store.track_changes(&r.volume, r.point)?))
             .await?;
-        Ok(Response::new(pb::TrackChangesResponse { point }))
+        Ok(Response::new(pb::TrackChangesResponse { point, round }))
     }
 
     async fn list_changes(
@@ -414,7 +414,7 @@ impl VolumeService for Service {
         let out = self
             .run(move |n| {
                 let tracking = n.store.tracking(&r.volume)?;
-                let listed = n.store.changed_ranges(&r.volume, max)?;
+                let listed = n.store.changed_ranges(&r.volume, r.since_round, max)?;
                 Ok(match (tracking, listed) {
                     (None, _) => pb::ListChangesResponse::default(),
                     (Some(point), None) => pb::ListChangesResponse {
@@ -422,10 +422,12 @@ impl VolumeService for Service {
                         point,
                         too_many: true,
                         ranges: Vec::new(),
+                        round: 0,
                     },
                     (Some(_), Some(c)) => pb::ListChangesResponse {
                         tracking: true,
                         point: c.point,
+                        round: c.round,
                         too_many: false,
                         ranges: c
                             .ranges

@@ -8,10 +8,16 @@
 //! listing it costs O(changed), not O(volume). Nothing is recorded while a
 //! volume is not tracking.
 //!
+//! Tracking goes in *rounds*: each [`crate::Store::track_changes`] call
+//! starts a new one, and a block records the round it last changed in. So
+//! "changed since tracking started" and "changed since round r" (what a
+//! rebuild that was interrupted missed since) are both one scan of the
+//! recorded blocks.
+//!
 //! | key                 | value                          |
 //! |---------------------|--------------------------------|
-//! | `ct` tree           | the point (a replica-set generation) tracking started at |
-//! | `cd` tree lba       | empty: the block changed since |
+//! | `ct` tree           | the point (a replica-set generation) tracking started at, the current round |
+//! | `cd` tree lba       | the round the block last changed in |
 
 use rocksdb::{WriteBatch, DB};
 
@@ -36,10 +42,26 @@ pub(crate) fn dirty_key(tree: u64, lba: u64) -> [u8; 18] {
     k
 }
 
-/// Records that `lba` of `tree` changed (the caller stages it with the map
-/// update).
-pub(crate) fn mark(db: &DB, batch: &mut WriteBatch, tree: u64, lba: u64) {
-    batch.put_cf(cf(db, CF_META), dirty_key(tree, lba), []);
+/// A volume's tracking: the point it started at and the current round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tracking {
+    pub point: u64,
+    pub round: u64,
+}
+
+impl Tracking {
+    pub(crate) fn encode(&self) -> [u8; 16] {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&self.point.to_le_bytes());
+        v[8..].copy_from_slice(&self.round.to_le_bytes());
+        v
+    }
+}
+
+/// Records that `lba` of `tree` changed in `round` (the caller stages it
+/// with the map update).
+pub(crate) fn mark(db: &DB, batch: &mut WriteBatch, tree: u64, lba: u64, round: u64) {
+    batch.put_cf(cf(db, CF_META), dirty_key(tree, lba), round.to_le_bytes());
 }
 
 /// Stages the end of `tree`'s tracking: its point and every recorded block.
@@ -56,8 +78,8 @@ pub(crate) fn clear(db: &DB, batch: &mut WriteBatch, tree: u64) {
     }
 }
 
-/// Every tree's tracking point, at open.
-pub(crate) fn load(db: &DB) -> Result<Vec<(u64, u64)>> {
+/// Every tree's tracking, at open.
+pub(crate) fn load(db: &DB) -> Result<Vec<(u64, Tracking)>> {
     let mut out = Vec::new();
     let mut it = db.raw_iterator_cf(cf(db, CF_META));
     it.seek(TRACK);
@@ -65,28 +87,52 @@ pub(crate) fn load(db: &DB) -> Result<Vec<(u64, u64)>> {
         if k.len() != 10 || &k[..2] != TRACK {
             break;
         }
-        let point: [u8; 8] = v.try_into().map_err(|_| StoreError::Corrupt {
-            what: "change tracking point".into(),
-            detail: format!("{v:?}"),
-        })?;
+        if v.len() != 16 {
+            return Err(StoreError::Corrupt {
+                what: "change tracking point".into(),
+                detail: format!("{v:?}"),
+            });
+        }
+        let le = |b: &[u8]| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(b);
+            u64::from_le_bytes(x)
+        };
         let mut id = [0u8; 8];
         id.copy_from_slice(&k[2..]);
-        out.push((u64::from_be_bytes(id), u64::from_le_bytes(point)));
+        out.push((
+            u64::from_be_bytes(id),
+            Tracking {
+                point: le(&v[..8]),
+                round: le(&v[8..]),
+            },
+        ));
         it.next();
     }
     it.status()?;
     Ok(out)
 }
 
-/// The blocks of `tree` recorded as changed, as sorted, merged block ranges
-/// `(first_lba, blocks)`; None when there are more than `max_ranges`.
-pub(crate) fn ranges(db: &DB, tree: u64, max_ranges: usize) -> Result<Option<Vec<(u64, u64)>>> {
+/// The blocks of `tree` recorded as changed in round `since` or later, as
+/// sorted, merged block ranges `(first_lba, blocks)`; None when there are
+/// more than `max_ranges`.
+pub(crate) fn ranges(
+    db: &DB,
+    tree: u64,
+    since: u64,
+    max_ranges: usize,
+) -> Result<Option<Vec<(u64, u64)>>> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut it = db.raw_iterator_cf(cf(db, CF_META));
     it.seek(dirty_key(tree, 0));
-    while let Some(k) = it.key() {
+    while let (Some(k), Some(v)) = (it.key(), it.value()) {
         if k.len() != 18 || &k[..2] != DIRTY || k[2..10] != tree.to_be_bytes() {
             break;
+        }
+        let round = <[u8; 8]>::try_from(v).map_or(0, u64::from_le_bytes);
+        if round < since {
+            it.next();
+            continue;
         }
         let mut b = [0u8; 8];
         b.copy_from_slice(&k[10..]);

@@ -1458,7 +1458,7 @@ fn stage(
         parents: &s.layers[1..],
     };
     let old = map::heads_in(&sh.db, cache, s.tree, s.first_lba, s.blocks)?;
-    let tracking = tree.tracking.is_some();
+    let tracking = tree.tracking.map(|t| t.round);
     match s.kind {
         Kind::Write => {
             let mut old = old.into_iter().peekable();
@@ -1472,8 +1472,8 @@ fn stage(
                     _ => None,
                 };
                 let new = v.unwrap_or(BlockValue::Zero);
-                if tracking {
-                    crate::changes::mark(&sh.db, batch, s.tree, lba);
+                if let Some(round) = tracking {
+                    crate::changes::mark(&sh.db, batch, s.tree, lba, round);
                 }
                 if prev.is_none() && new == BlockValue::Zero && upd.parents.is_empty() {
                     continue; // zeros over a never-written block: nothing to record
@@ -1494,8 +1494,8 @@ fn stage(
                 }
             }
             for (lba, prev) in lbas {
-                if tracking {
-                    crate::changes::mark(&sh.db, batch, s.tree, lba);
+                if let Some(round) = tracking {
+                    crate::changes::mark(&sh.db, batch, s.tree, lba, round);
                 }
                 upd.stage(cache, batch, lba, prev, BlockValue::Zero, freed, staged)?;
             }

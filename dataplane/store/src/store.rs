@@ -170,11 +170,14 @@ struct ScrubItem {
     key: Vec<u8>,
 }
 
-/// The blocks of a volume changed since its tracking started.
+/// The blocks of a volume changed since its tracking started (or since a
+/// round of it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Changes {
     /// The point tracking started at.
     pub point: u64,
+    /// The current round.
+    pub round: u64,
     /// Sorted, merged byte ranges (offset, length).
     pub ranges: Vec<(u64, u64)>,
 }
@@ -212,8 +215,8 @@ pub(crate) struct Tree {
     /// space, in O(1) (a clone's blocks shared with its source are the
     /// source's).
     pub owned_blocks: u64,
-    /// Change tracking: the point it started at, while on (`changes`).
-    pub tracking: Option<u64>,
+    /// Change tracking, while on (`changes`).
+    pub tracking: Option<crate::changes::Tracking>,
 }
 
 impl Tree {
@@ -817,60 +820,84 @@ impl Store {
 
     /// Starts recording which blocks of volume `name` change (see
     /// `changes`), from `point` (a replica-set generation, for the caller's
-    /// bookkeeping) on. Writes staged after this returns are recorded.
-    /// Already tracking: nothing changes, and the earlier point is returned.
+    /// bookkeeping) on, and starts a new round: writes staged after this
+    /// returns are recorded in it (or a later one). Already tracking: the
+    /// earlier point stays. Returns the point and the new round.
     ///
     /// Not synced: the caller is in a fault's critical path, and the WAL
     /// keeps order, so any later write that survives a crash finds the
     /// tracking point with it; a point lost with the WAL's unsynced tail is
     /// lost with every change it would have listed (the volume then says it
     /// is not tracking, and a rebuild from it copies everything).
-    pub fn track_changes(&self, name: &str, point: u64) -> Result<u64> {
+    pub fn track_changes(&self, name: &str, point: u64) -> Result<(u64, u64)> {
         let sh = &self.shared;
-        {
-            let mut inner = sh.inner.lock();
-            let id = inner.volume_id(name)?;
-            let t = inner.trees.get_mut(&id).expect("a volume has its tree");
-            if let Some(p) = t.tracking {
-                return Ok(p);
-            }
-            sh.db.put_cf(
-                cf(&sh.db, CF_META),
-                crate::changes::track_key(id),
-                point.to_le_bytes(),
-            )?;
-            t.tracking = Some(point);
-            tracing::info!(volume = name, point, "tracking changed blocks");
-        }
-        Ok(point)
+        let mut inner = sh.inner.lock();
+        let id = inner.volume_id(name)?;
+        let t = inner.trees.get_mut(&id).expect("a volume has its tree");
+        let next = match t.tracking {
+            Some(c) => crate::changes::Tracking {
+                point: c.point,
+                round: c.round + 1,
+            },
+            None => crate::changes::Tracking { point, round: 1 },
+        };
+        sh.db.put_cf(
+            cf(&sh.db, CF_META),
+            crate::changes::track_key(id),
+            next.encode(),
+        )?;
+        t.tracking = Some(next);
+        tracing::info!(
+            volume = name,
+            point = next.point,
+            round = next.round,
+            "tracking changed blocks"
+        );
+        Ok((next.point, next.round))
     }
 
     /// The point volume `name` tracks changes from, if it does.
     pub fn tracking(&self, name: &str) -> Result<Option<u64>> {
         let inner = self.shared.inner.lock();
         let id = inner.volume_id(name)?;
-        Ok(inner.trees.get(&id).and_then(|t| t.tracking))
+        Ok(inner
+            .trees
+            .get(&id)
+            .and_then(|t| t.tracking)
+            .map(|t| t.point))
     }
 
     /// The byte ranges `(offset, len)` of volume `name` changed since its
     /// tracking started, sorted and merged: None when it is not tracking,
     /// or when there are more than `max_ranges` (copy everything instead).
     /// Writes not yet landed are not listed.
-    pub fn changed_ranges(&self, name: &str, max_ranges: usize) -> Result<Option<Changes>> {
+    /// `since`: only the blocks changed in that round or later (0: all).
+    pub fn changed_ranges(
+        &self,
+        name: &str,
+        since: u64,
+        max_ranges: usize,
+    ) -> Result<Option<Changes>> {
         let sh = &self.shared;
-        let (id, point) = {
+        let (id, t) = {
             let inner = sh.inner.lock();
             let id = inner.volume_id(name)?;
             match inner.trees.get(&id).and_then(|t| t.tracking) {
-                Some(p) => (id, p),
+                Some(t) => (id, t),
                 None => return Ok(None),
             }
         };
         let bs = BLOCK_SIZE;
-        Ok(crate::changes::ranges(&sh.db, id, max_ranges)?.map(|v| {
-            let ranges = v.into_iter().map(|(lba, n)| (lba * bs, n * bs)).collect();
-            Changes { point, ranges }
-        }))
+        Ok(
+            crate::changes::ranges(&sh.db, id, since, max_ranges)?.map(|v| {
+                let ranges = v.into_iter().map(|(lba, n)| (lba * bs, n * bs)).collect();
+                Changes {
+                    point: t.point,
+                    round: t.round,
+                    ranges,
+                }
+            }),
+        )
     }
 
     /// Stops tracking volume `name` and forgets what it recorded.
@@ -1660,9 +1687,9 @@ fn load(db: &DB, pool: &Pool, cache_entries: usize) -> Result<Inner> {
         }
         inner.snaps.insert(id, Snap { rec, clones: 0 });
     }
-    for (tree, point) in crate::changes::load(db)? {
+    for (tree, tracking) in crate::changes::load(db)? {
         match inner.trees.get_mut(&tree) {
-            Some(t) => t.tracking = Some(point),
+            Some(t) => t.tracking = Some(tracking),
             None => {
                 return Err(corrupt(
                     "change tracking",

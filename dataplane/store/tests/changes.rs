@@ -4,8 +4,12 @@
 
 use berth_store::{Changes, Store, StoreConfig, Zeroing, BLOCK_SIZE};
 
-fn changes(point: u64, ranges: Vec<(u64, u64)>) -> Option<Changes> {
-    Some(Changes { point, ranges })
+fn changes(point: u64, round: u64, ranges: Vec<(u64, u64)>) -> Option<Changes> {
+    Some(Changes {
+        point,
+        round,
+        ranges,
+    })
 }
 
 const BS: u64 = BLOCK_SIZE;
@@ -22,12 +26,12 @@ fn lists_exactly_the_blocks_changed_while_tracking_and_survives_a_reopen() {
         // Before tracking: not listed, and listing says "not tracking".
         s.write(v, 0, &vec![1u8; 8 * BS as usize], false)
             .expect("w");
-        assert_eq!(s.changed_ranges("v", 100).expect("list"), None);
+        assert_eq!(s.changed_ranges("v", 0, 100).expect("list"), None);
         assert_eq!(s.tracking("v").expect("tracking"), None);
 
-        assert_eq!(s.track_changes("v", 7).expect("track"), 7);
-        // Tracking again keeps the first point.
-        assert_eq!(s.track_changes("v", 9).expect("track"), 7);
+        assert_eq!(s.track_changes("v", 7).expect("track"), (7, 1));
+        // Tracking again keeps the first point and starts a new round.
+        assert_eq!(s.track_changes("v", 9).expect("track"), (7, 2));
         s.write(v, 2 * BS, &vec![2u8; 2 * BS as usize], false)
             .expect("w");
         s.write(v, 10 * BS, &vec![3u8; BS as usize], false)
@@ -45,37 +49,72 @@ fn lists_exactly_the_blocks_changed_while_tracking_and_survives_a_reopen() {
             .expect("w");
 
         assert_eq!(
-            s.changed_ranges("v", 100).expect("list"),
-            changes(7, vec![(2 * BS, 3 * BS), (6 * BS, BS), (10 * BS, BS)]),
+            s.changed_ranges("v", 0, 100).expect("list"),
+            changes(7, 2, vec![(2 * BS, 3 * BS), (6 * BS, BS), (10 * BS, BS)]),
             "blocks 2-4, the trimmed 6 and 10; zeroing blocks that held nothing changes nothing"
         );
+        // A new round: only what changes from now on is listed since it,
+        // and a block changed again moves to it.
+        assert_eq!(s.track_changes("v", 7).expect("track"), (7, 3));
+        assert_eq!(
+            s.changed_ranges("v", 3, 100).expect("list"),
+            changes(7, 3, Vec::new())
+        );
+        s.write(v, 3 * BS, &vec![7u8; BS as usize], false)
+            .expect("w");
+        s.write(v, 50 * BS, &vec![7u8; BS as usize], false)
+            .expect("w");
+        assert_eq!(
+            s.changed_ranges("v", 3, 100).expect("list"),
+            changes(7, 3, vec![(3 * BS, BS), (50 * BS, BS)])
+        );
+        assert_eq!(
+            s.changed_ranges("v", 0, 100).expect("list"),
+            changes(
+                7,
+                3,
+                vec![(2 * BS, 3 * BS), (6 * BS, BS), (10 * BS, BS), (50 * BS, BS)]
+            ),
+        );
         // Too many ranges for the caller: None (it copies everything).
-        assert_eq!(s.changed_ranges("v", 2).expect("list"), None);
-        assert_eq!(s.changed_ranges("other", 100).expect("list"), None);
+        assert_eq!(s.changed_ranges("v", 0, 2).expect("list"), None);
+        assert_eq!(s.changed_ranges("other", 0, 100).expect("list"), None);
     }
     // The set is as durable as the writes it lists.
     let s = Store::open(&cfg).expect("reopen");
-    let c = s.changed_ranges("v", 100).expect("list").expect("tracking");
-    assert_eq!((c.point, c.ranges.len()), (7, 3));
+    let c = s
+        .changed_ranges("v", 0, 100)
+        .expect("list")
+        .expect("tracking");
+    assert_eq!((c.point, c.round, c.ranges.len()), (7, 3, 4));
+    let c = s
+        .changed_ranges("v", 3, 100)
+        .expect("list")
+        .expect("tracking");
+    assert_eq!(
+        c.ranges,
+        vec![(3 * BS, BS), (50 * BS, BS)],
+        "rounds survive"
+    );
     s.stop_tracking("v").expect("stop");
-    assert_eq!(s.changed_ranges("v", 100).expect("list"), None);
+    assert_eq!(s.changed_ranges("v", 0, 100).expect("list"), None);
     // Tracking anew starts empty.
     s.track_changes("v", 12).expect("track");
     assert_eq!(
-        s.changed_ranges("v", 100).expect("list"),
-        changes(12, Vec::new())
+        s.changed_ranges("v", 0, 100).expect("list"),
+        changes(12, 1, Vec::new())
     );
     let v = s.volume_target("v").expect("v");
     s.write(v, 0, &vec![6u8; BS as usize], false).expect("w");
     assert_eq!(
-        s.changed_ranges("v", 100).expect("list"),
-        changes(12, vec![(0, BS)])
+        s.changed_ranges("v", 0, 100).expect("list"),
+        changes(12, 1, vec![(0, BS)])
     );
     // A deleted volume's record goes with it: a new volume of the same name
     // does not inherit it.
     s.delete_volume("v").expect("delete");
     s.create_volume("v", 16 << 20).expect("again");
-    assert_eq!(s.changed_ranges("v", 100).expect("list"), None);
+    assert_eq!(s.changed_ranges("v", 0, 100).expect("list"), None);
     drop(s);
     let s = Store::open(&cfg).expect("reopen");
     assert_eq!(s.tracking("v").expect("tracking"), None);

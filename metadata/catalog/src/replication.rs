@@ -54,6 +54,16 @@ pub struct Replica {
     /// their dirty sets (kept from the bump on) miss them; its rebuild copies
     /// them too. Bounded by what one nexus keeps in flight.
     pub pending: Vec<(u64, u64)>,
+    /// A rebuild that stopped: the offset below which its copy was done
+    /// (in the order it copies), kept so the next one resumes there.
+    #[serde(default)]
+    pub rebuild_cursor: u64,
+    /// For each replica in sync when this one last stopped receiving
+    /// writes: (node, the point its recording of changes started at, the
+    /// round it started then). With the cursor: what a resumed rebuild must
+    /// copy again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_rounds: Vec<(String, u64, u64)>,
 }
 
 /// Its fields change only through the methods below (they are private), so
@@ -129,6 +139,8 @@ impl ReplicaSet {
                 rebuild_done_bytes: 0,
                 rebuild_total_bytes: 0,
                 pending: Vec::new(),
+                rebuild_cursor: 0,
+                left_rounds: Vec::new(),
             });
         }
         Ok(set)
@@ -269,8 +281,14 @@ impl ReplicaSet {
         let i = self.replica(node)?;
         match self.replicas[i].state {
             ReplicaState::InSync | ReplicaState::Rebuilding => {
+                let was_rebuilding = self.replicas[i].state == ReplicaState::Rebuilding;
                 let g = self.leave(i, ReplicaState::Faulted)?;
-                self.replicas[i].pending.extend_from_slice(in_flight);
+                let r = &mut self.replicas[i];
+                r.pending.extend_from_slice(in_flight);
+                r.left_rounds.clear();
+                if !was_rebuilding {
+                    r.rebuild_cursor = 0;
+                }
                 self.last_fault = Some((node.to_string(), generation));
                 Ok(g)
             }
@@ -315,7 +333,9 @@ impl ReplicaSet {
     }
 
     /// The rebuild of the replica on `node` copies `total_bytes` (known once
-    /// the nexus writes to it and the changed blocks are listed).
+    /// the nexus writes to it and the changed blocks are listed, from the
+    /// cursor of the rebuild before, which this one replaces: the copy is in
+    /// offset order, and below this one's cursor everything is up to date).
     pub fn plan_rebuild(&mut self, node: &str, generation: u64, total_bytes: u64) -> Result<()> {
         self.check(generation)?;
         let i = self.replica(node)?;
@@ -325,11 +345,31 @@ impl ReplicaSet {
         let r = &mut self.replicas[i];
         r.rebuild_total_bytes = total_bytes;
         r.rebuild_done_bytes = 0;
+        r.rebuild_cursor = 0;
         Ok(())
     }
 
-    /// Records a rebuild's progress.
-    pub fn rebuild_progress(&mut self, node: &str, generation: u64, done_bytes: u64) -> Result<()> {
+    /// Where each replica in sync started a new round of recording changes
+    /// when the faulted replica on `node` stopped receiving writes (the
+    /// metadata service asks them in the fault's critical path).
+    pub fn note_left_rounds(&mut self, node: &str, rounds: Vec<(String, u64, u64)>) -> Result<()> {
+        let i = self.replica(node)?;
+        if self.replicas[i].state != ReplicaState::Faulted {
+            return Err(self.wrong(i, "faulted"));
+        }
+        self.replicas[i].left_rounds = rounds;
+        Ok(())
+    }
+
+    /// Records a rebuild's progress: bytes copied, and the offset below
+    /// which the copy is done (a later rebuild resumes there).
+    pub fn rebuild_progress(
+        &mut self,
+        node: &str,
+        generation: u64,
+        done_bytes: u64,
+        cursor: u64,
+    ) -> Result<()> {
         self.check(generation)?;
         let i = self.replica(node)?;
         if self.replicas[i].state != ReplicaState::Rebuilding {
@@ -337,6 +377,7 @@ impl ReplicaSet {
         }
         let r = &mut self.replicas[i];
         r.rebuild_done_bytes = done_bytes.min(r.rebuild_total_bytes);
+        r.rebuild_cursor = r.rebuild_cursor.max(cursor);
         Ok(())
     }
 
@@ -361,8 +402,11 @@ impl ReplicaSet {
                 total: r.rebuild_total_bytes,
             });
         }
-        self.replicas[i].state = ReplicaState::InSync;
-        self.replicas[i].pending.clear();
+        let r = &mut self.replicas[i];
+        r.state = ReplicaState::InSync;
+        r.pending.clear();
+        r.rebuild_cursor = 0;
+        r.left_rounds.clear();
         let g = self.bump();
         self.last_step = Some(("finish".into(), node.to_string(), generation));
         Ok(g)
@@ -402,6 +446,8 @@ impl ReplicaSet {
             rebuild_done_bytes: 0,
             rebuild_total_bytes: 0,
             pending: Vec::new(),
+            rebuild_cursor: 0,
+            left_rounds: Vec::new(),
         });
         Ok(self.bump())
     }
@@ -425,9 +471,13 @@ impl ReplicaSet {
         self.check_exact(generation)?;
         for r in &mut self.replicas {
             if r.state == ReplicaState::Rebuilding {
+                // What it missed since the last nexus stopped is not
+                // recorded apart: its next rebuild starts over.
                 r.state = ReplicaState::Faulted;
                 r.rebuild_done_bytes = 0;
                 r.rebuild_total_bytes = 0;
+                r.rebuild_cursor = 0;
+                r.left_rounds.clear();
             }
         }
         let g = self.bump();
@@ -447,7 +497,7 @@ mod tests {
         let g = s.fault("c", 1, &[]).expect("fault");
         let g1 = s.start_rebuild("c", g, 10).expect("start");
         assert_eq!(s.start_rebuild("c", g, 10), Ok(g1), "repeated start");
-        s.rebuild_progress("c", g1, 10).expect("progress");
+        s.rebuild_progress("c", g1, 10, 0).expect("progress");
         let g2 = s.finish_rebuild("c", g1).expect("finish");
         let before = s.clone();
         assert_eq!(s.finish_rebuild("c", g1), Ok(g2), "repeated finish");
@@ -544,7 +594,7 @@ mod tests {
             "written while catching up"
         );
         assert!(!s.readable().any(|r| r.node == "a"), "not read");
-        s.rebuild_progress("a", g, 60).expect("progress");
+        s.rebuild_progress("a", g, 60, 0).expect("progress");
         assert!(matches!(
             s.finish_rebuild("a", g),
             Err(MembershipError::RebuildIncomplete {
@@ -553,7 +603,7 @@ mod tests {
                 ..
             })
         ));
-        s.rebuild_progress("a", g, 100).expect("progress");
+        s.rebuild_progress("a", g, 100, 0).expect("progress");
         let g = s.finish_rebuild("a", g).expect("finish");
         assert!(!s.degraded());
         assert_eq!(s.replicas[0].synced_generation, g);
@@ -705,7 +755,7 @@ mod tests {
                                 for id in delta {
                                     m.held[*n].entry(id).or_insert(g);
                                 }
-                                s.rebuild_progress(node, g, 1)
+                                s.rebuild_progress(node, g, 1, 0)
                             }
                             _ => Ok(()),
                         }

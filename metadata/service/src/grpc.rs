@@ -640,7 +640,7 @@ impl MetadataService for Service {
         let m = r.into_inner();
         let call = Call::new(&who, "ListRebuildRanges", &m.volume_id, &m.node);
         let meta = self.meta.clone();
-        let (ranges, full, source) = detached(&self.meta, async move {
+        let (ranges, full, source, resumed_from) = detached(&self.meta, async move {
             meta.rebuild_ranges(&call, &m.volume_id, &m.node, m.generation)
                 .await
         })
@@ -652,6 +652,7 @@ impl MetadataService for Service {
                 .collect(),
             full,
             source,
+            resumed_from,
         }))
     }
 
@@ -662,7 +663,7 @@ impl MetadataService for Service {
         let m = r.into_inner();
         let meta = self.meta.clone();
         detached(&self.meta, async move {
-            meta.rebuild_progress(&m.volume_id, &m.node, m.generation, m.done_bytes)
+            meta.rebuild_progress(&m.volume_id, &m.node, m.generation, m.done_bytes, m.cursor)
                 .await
         })
         .await?;

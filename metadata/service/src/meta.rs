@@ -1861,7 +1861,8 @@ impl Meta {
             let before = cur.clone();
             let g = set.fault(rnode, set.generation(), &[])?;
             let survivors: Vec<String> = set.counted().map(|r| r.node.clone()).collect();
-            self.track_changes_on(call, &v.id, &survivors, g).await;
+            let rounds = self.track_changes_on(call, &v.id, &survivors, g).await;
+            set.note_left_rounds(rnode, rounds)?;
             cur = VolumeRecord {
                 replicas: Some(set.clone()),
                 ..before.clone()
@@ -1935,11 +1936,21 @@ impl Meta {
                 v.size_bytes
             )));
         }
+        let was_in = v.replicas.as_ref().is_some_and(|s| {
+            s.replicas().iter().any(|r| {
+                r.node == node && matches!(r.state, ReplicaState::InSync | ReplicaState::Rebuilding)
+            })
+        });
         let g = set.fault(node, generation, pending)?;
         // The copies that go on record what changes from here, before the
         // nexus may write without this one.
         let survivors: Vec<String> = set.counted().map(|r| r.node.clone()).collect();
-        self.track_changes_on(call, volume, &survivors, g).await;
+        let rounds = self.track_changes_on(call, volume, &survivors, g).await;
+        if was_in {
+            // Only when it leaves now: a repeated report must not move the
+            // rounds past writes it missed.
+            set.note_left_rounds(node, rounds)?;
+        }
         let faulted = VolumeRecord {
             replicas: Some(set),
             ..v.clone()
@@ -1963,7 +1974,13 @@ impl Meta {
     /// one that left can be rebuilt from what changed. Best effort: a copy
     /// that cannot start is only not a delta source (the rebuild copies
     /// everything from another, or from it, instead).
-    async fn track_changes_on(&self, call: &Call, volume: &str, nodes: &[String], generation: u64) {
+    async fn track_changes_on(
+        &self,
+        call: &Call,
+        volume: &str,
+        nodes: &[String],
+        generation: u64,
+    ) -> Vec<(String, u64, u64)> {
         // All at once: the nexus holds writes until this is done.
         let each = nodes.iter().map(|n| async move {
             let started = async {
@@ -1977,14 +1994,23 @@ impl Meta {
                     },
                 ))
                 .await
+                .map(tonic::Response::into_inner)
                 .map_err(|s| MetaError::server(n, &s))
             }
             .await;
-            if let Err(e) = started {
-                tracing::warn!(volume, node = %n, error = %e, "cannot track changed blocks on a replica: rebuilds of the others copy everything from it");
+            match started {
+                Ok(t) => Some((n.clone(), t.point, t.round)),
+                Err(e) => {
+                    tracing::warn!(volume, node = %n, error = %e, "cannot track changed blocks on a replica: rebuilds of the others copy everything from it");
+                    None
+                }
             }
         });
-        futures_util::future::join_all(each).await;
+        futures_util::future::join_all(each)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// The replicated volume `volume`, its set, and its read-write
@@ -2094,7 +2120,7 @@ impl Meta {
         volume: &str,
         node: &str,
         generation: u64,
-    ) -> Result<(Vec<(u64, u64)>, bool, String)> {
+    ) -> Result<(Vec<(u64, u64)>, bool, String, u64)> {
         check_name("volume", volume)?;
         check_name("node", node)?;
         let _name = self.locks.lock(format!("v:{volume}")).await;
@@ -2109,33 +2135,30 @@ impl Meta {
         // Tracking that started when it left (or before) covers it.
         let left_at = r.synced_generation + 1;
         let sources: Vec<String> = set.readable().map(|r| r.node.clone()).collect();
+        let list = |s: String, since: u64| async move {
+            self.require_up(&s)?;
+            let mut c = self.server(&s).await?;
+            c.list_changes(server_req(
+                call,
+                vpb::ListChangesRequest {
+                    volume: volume.to_string(),
+                    max_ranges: 0,
+                    since_round: since,
+                },
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|e| MetaError::server(&s, &e))
+        };
+        let pairs = |l: &vpb::ListChangesResponse| -> Vec<(u64, u64)> {
+            l.ranges.iter().map(|r| (r.offset, r.length)).collect()
+        };
         let mut delta = None;
         if r.synced_generation > 0 {
             for s in &sources {
-                let listed = async {
-                    self.require_up(s)?;
-                    let mut c = self.server(s).await?;
-                    c.list_changes(server_req(
-                        call,
-                        vpb::ListChangesRequest {
-                            volume: volume.to_string(),
-                            max_ranges: 0,
-                        },
-                    ))
-                    .await
-                    .map(tonic::Response::into_inner)
-                    .map_err(|e| MetaError::server(s, &e))
-                }
-                .await;
-                match listed {
+                match list(s.clone(), 0).await {
                     Ok(l) if l.tracking && !l.too_many && l.point <= left_at => {
-                        delta = Some((
-                            l.ranges
-                                .iter()
-                                .map(|r| (r.offset, r.length))
-                                .collect::<Vec<_>>(),
-                            s.clone(),
-                        ));
+                        delta = Some((pairs(&l), s.clone()));
                         break;
                     }
                     Ok(l) => {
@@ -2147,13 +2170,49 @@ impl Meta {
                 }
             }
         }
-        let (ranges, full, source) = match delta {
-            Some((mut ranges, source)) => {
-                ranges.extend(r.pending.iter().copied());
-                (coalesce_ranges(ranges, v.size_bytes), false, source)
+        let full = delta.is_none();
+        let (base, source) = delta.unwrap_or_else(|| (vec![(0, v.size_bytes)], String::new()));
+        // The rebuild before stopped at its cursor: below it only what
+        // changed since it stopped is copied again, as a source that was in
+        // sync then (in the same recording of changes) lists it.
+        let mut resumed = None;
+        if r.rebuild_cursor > 0 {
+            let mut by: Vec<&(String, u64, u64)> = r
+                .left_rounds
+                .iter()
+                .filter(|(n, _, _)| sources.contains(n))
+                .collect();
+            by.sort_by_key(|(n, _, _)| *n != source);
+            for (s, point, round) in by {
+                match list(s.clone(), *round).await {
+                    Ok(l) if l.tracking && !l.too_many && l.point == *point => {
+                        resumed = Some((r.rebuild_cursor, pairs(&l)));
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(volume, source = %s, error = %e, "cannot list changed blocks")
+                    }
+                }
             }
-            None => (vec![(0, v.size_bytes)], true, String::new()),
+        }
+        let mut ranges: Vec<(u64, u64)> = match &resumed {
+            Some((cursor, since)) => {
+                let mut v: Vec<(u64, u64)> = base
+                    .iter()
+                    .filter_map(|&(o, l)| {
+                        let end = o.saturating_add(l);
+                        (end > *cursor).then(|| (o.max(*cursor), end - o.max(*cursor)))
+                    })
+                    .collect();
+                v.extend(since.iter().copied());
+                v
+            }
+            None => base,
         };
+        ranges.extend(r.pending.iter().copied());
+        let ranges = coalesce_ranges(ranges, v.size_bytes);
+        let resumed_from = resumed.map_or(0, |(c, _)| c);
         let total: u64 = ranges.iter().map(|r| r.1).sum();
         set.plan_rebuild(node, generation, total)?;
         let planned = VolumeRecord {
@@ -2161,8 +2220,8 @@ impl Meta {
             ..v.clone()
         };
         self.commit_intent(planned.replace(&v)).await?;
-        tracing::info!(volume, node, full, total, source = %source, ranges = ranges.len(), "rebuild planned");
-        Ok((ranges, full, source))
+        tracing::info!(volume, node, full, total, source = %source, ranges = ranges.len(), resumed_from, "rebuild planned");
+        Ok((ranges, full, source, resumed_from))
     }
 
     /// Records a rebuild's progress (shown by `volume get`).
@@ -2172,13 +2231,14 @@ impl Meta {
         node: &str,
         generation: u64,
         done: u64,
+        cursor: u64,
     ) -> Result<()> {
         check_name("volume", volume)?;
         check_name("node", node)?;
         let _name = self.locks.lock(format!("v:{volume}")).await;
         let v = self.ready_volume(volume)?;
         let mut set = replica_set(&v)?;
-        set.rebuild_progress(node, generation, done)?;
+        set.rebuild_progress(node, generation, done, cursor)?;
         let cur = VolumeRecord {
             replicas: Some(set),
             ..v.clone()

@@ -832,8 +832,10 @@ async fn volume(
             read_only,
         } => {
             // The attachment runs here: its warnings (a replica reported
-            // out, a lost connection) go to stderr as the daemon's do.
+            // out, a lost connection) go to stderr as the daemon's do, and a
+            // panic in any of its tasks ends it, as it ends the daemon.
             berth_cli::init_logging(false);
+            berth_cli::abort_on_panic("berthctl");
             let node = node.unwrap_or_else(berth_cli::host_name);
             let a = c
                 .publish_volume(req(pb::PublishVolumeRequest {

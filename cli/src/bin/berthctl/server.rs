@@ -297,6 +297,7 @@ pub async fn run(
                     .list_changes(req(pb::ListChangesRequest {
                         volume: name.clone(),
                         max_ranges: 0,
+                        since_round: 0,
                     }))
                     .await?
                     .into_inner();
@@ -306,6 +307,7 @@ pub async fn run(
                         "volume": name,
                         "tracking": l.tracking,
                         "since_generation": l.point,
+                        "round": l.round,
                         "too_many": l.too_many,
                         "ranges": l.ranges.len(),
                         "changed_bytes": bytes,
@@ -320,8 +322,14 @@ pub async fn run(
                 );
             }
             VolumeCmd::StopTracking { name } => {
-                c.stop_tracking(req(pb::StopTrackingRequest { volume: name }))
-                    .await?;
+                c.stop_tracking(req(pb::StopTrackingRequest {
+                    volume: name.clone(),
+                }))
+                .await?;
+                out.one(
+                    json!({"volume": name, "tracking": false}),
+                    &["volume", "tracking"],
+                );
             }
         },
         Cmd::Snapshot(s) => match s {
