@@ -58,22 +58,26 @@ fio --filename="$D/m/disk" --direct=1 --ioengine=libaio --rw=write --bs=1M --iod
   --size="${GIB}G" --name=fill > /dev/null 2>&1
 CHANGE=$((GIB * 1024 * 1024 * 1024 / 100))
 round() { # LABEL [full|hung]
-  # The change: 4 KiB random writes at QD32 for 4 s, paced to add up to 1%
-  # of the volume; n2 goes 1 s in (killed, or stopped when "hung"). fio's
-  # longest completion is the stall the loss caused.
+  # The loss: 4 KiB random writes at QD32, paced at 1,000 a second for
+  # 4 s; n2 goes 1 s in (killed, or stopped when "hung"). fio's longest
+  # completion is the stall the loss caused.
   fio --filename="$D/m/disk" --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=32 \
-    --size="${GIB}G" --time_based --runtime=4 --rate_iops="$((CHANGE / 4096 / 4))" \
-    --randrepeat=0 --name=change --output-format=json > "$D/change.json" 2> /dev/null &
+    --size="${GIB}G" --time_based --runtime=4 --rate_iops=1000 \
+    --randrepeat=0 --name=loss --output-format=json > "$D/loss.json" 2> /dev/null &
   local fp=$!
   sleep 1
   if [ "${2:-}" = hung ]; then kill -STOP "$N2"; else kill -9 "$N2"; fi
   wait "$fp"
-  python3 -c '
+  local before
+  before=$(python3 -c '
 import json,sys
 w = json.load(open(sys.argv[1]))["jobs"][0]["write"]
 stall, n = w["clat_ns"]["max"] / 1e6, w["total_ios"]
-print(f"{sys.argv[2]}: longest write across the loss of the copy: {stall:.0f} ms ({n} writes)")
-' "$D/change.json" "$1"
+print(f"{sys.argv[2]}: longest write across the loss of the copy: {stall:.0f} ms ({n} writes)", file=sys.stderr)
+print(n * 4096)' "$D/loss.json" "$1")
+  # The change while it is away: 1% of the volume.
+  fio --filename="$D/m/disk" --direct=1 --ioengine=libaio --rw=randwrite --bs=4k --iodepth=32 \
+    --size="${GIB}G" --io_size="$CHANGE" --randrepeat=0 --name=change > /dev/null 2>&1
   [ "${2:-}" = full ] && "$B/berthctl" --data "$D/n1" server volume stop-tracking r
   if [ "${2:-}" = hung ]; then
     kill -CONT "$N2"
@@ -93,15 +97,17 @@ print(f"{sys.argv[2]}: longest write across the loss of the copy: {stall:.0f} ms
   "${C[@]}" --output json audit list --volume r | python3 -c '
 import json,sys
 label, change, wall = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+# At most: the 1% plus every write of the loss phase (a quarter of them
+# reached both copies before the loss).
 es = json.load(sys.stdin)
 fin = [x for x in es if x["action"] == "FinishRebuild" and x["result"] == "ok"][-1]
 start = [x for x in es if x["action"] == "StartRebuild" and x["result"] == "ok"][-1]
 copied = int(fin["detail"].split("after copying ")[1].split(" ")[0])
 t = (fin["time_unix_ms"] - start["time_unix_ms"]) / 1000
-print(f"{label}: changed {change/2**20:.0f} MiB, copied {copied/2**20:.0f} MiB "
+print(f"{label}: changed at most {change/2**20:.0f} MiB, copied {copied/2**20:.0f} MiB "
       f"({copied/change:.2f}x the change) in {t:.2f} s ({copied/2**20/max(t,1e-3):.0f} MiB/s) "
       f"from StartRebuild to FinishRebuild; {wall:.1f} s from the restart to in sync")
-' "$1" "$CHANGE" "$(python3 -c "print($t1-$t0)")"
+' "$1" "$((CHANGE + before))" "$(python3 -c "print($t1-$t0)")"
 }
 round "delta rebuild"
 round "delta rebuild after a hung server" hung
