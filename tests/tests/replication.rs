@@ -1674,3 +1674,60 @@ fn a_rebuild_interrupted_by_a_restart_resumes_where_it_stopped() {
         assert!(data == want, "{n}'s copy differs from what was written");
     }
 }
+
+#[test]
+fn a_volume_nobody_attaches_is_rebuilt_by_volume_rebuild_wait() {
+    if fuse_missing() {
+        return;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut c = three_nodes(root.path());
+    const SIZE: u64 = 8 << 20;
+    let (local, leaving, third) = two_copies(&c, "idle", "8M");
+    let a = Attached::start(&c, "idle", &root.path().join("mnt"), &local);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(a.file())
+        .expect("open");
+    let want: Vec<u8> = (0..SIZE).map(|i| (i / 4096) as u8 ^ 0x3c).collect();
+    f.write_all_at(&want, 0).expect("write");
+    f.sync_data().expect("fsync");
+    drop(f);
+    a.detach();
+    // Its copy moves while nobody attaches it: the new copy waits, empty.
+    c.meta.ctl_json(&["drain", &leaving]);
+    let (st, _, _) = rebuild_progress(&c, "idle", &third);
+    assert_eq!(st, "faulted", "the new copy waits for a nexus");
+    let e = c.meta.ctl_err(6, &["volume", "rebuild", "idle"]);
+    assert!(e.contains("is not attached"), "{e}");
+    // --wait attaches it here meanwhile, and detaches once it is in sync.
+    let v = c.meta.ctl_json(&[
+        "volume",
+        "rebuild",
+        "idle",
+        "--wait",
+        "--node",
+        &local,
+        "--timeout",
+        "60",
+    ]);
+    assert!(
+        v["replicas"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("{third} in-sync")),
+        "{v}"
+    );
+    let att = c.meta.ctl_json(&["attachments", "--volume", "idle"]);
+    assert_eq!(
+        att.as_array().map(Vec::len),
+        Some(0),
+        "left attached: {att}"
+    );
+    let v = wait_in_sync(&c, "idle", Duration::from_secs(10));
+    let g = v["generation"].as_u64().expect("generation");
+    for n in [&local, &third] {
+        let data = read_copy(&mut c, n, "idle", g, SIZE);
+        assert!(data == want, "{n}'s copy differs from what was written");
+    }
+}

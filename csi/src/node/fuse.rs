@@ -1062,6 +1062,31 @@ impl Filesystem for DiskFs {
     }
 }
 
+/// Connects to what `o.uri` names: one NBD session, or the nexus of a
+/// replicated volume (which reports failed replicas, rebuilds the ones that
+/// come back and pauses for snapshots for as long as it is open). Must run
+/// within a tokio runtime, which then runs the nexus's work.
+pub async fn open(o: &AttachOptions) -> Result<Arc<dyn BlockTarget>, String> {
+    let tls = o.tls_dir.as_deref().map(nbd_tls).transpose()?;
+    match ReplicatedSpec::parse(&o.uri) {
+        Some(spec) => replicated(spec?, o, tls)
+            .await
+            .map_err(|e| format!("cannot attach the replicated volume: {e}")),
+        None => {
+            let uri = Uri::parse(&o.uri)?;
+            let opts = Options {
+                reconnect_timeout: o.reconnect_timeout,
+                tls,
+                ..Options::default()
+            };
+            let s = Session::connect(uri, opts)
+                .await
+                .map_err(|e| format!("cannot attach the export: {e}"))?;
+            Ok(Arc::new(s))
+        }
+    }
+}
+
 /// Serves the export until the mount is unmounted (SIGTERM/SIGINT unmount
 /// it, lazily if it is busy; or `fusermount3 -u`), then flushes and
 /// disconnects.
@@ -1072,24 +1097,7 @@ pub fn run(o: AttachOptions) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
-    let tls = o.tls_dir.as_deref().map(nbd_tls).transpose()?;
-    let session: Arc<dyn BlockTarget> = match ReplicatedSpec::parse(&o.uri) {
-        Some(spec) => rt
-            .block_on(replicated(spec?, &o, tls))
-            .map_err(|e| format!("cannot attach the replicated volume: {e}"))?,
-        None => {
-            let uri = Uri::parse(&o.uri)?;
-            let opts = Options {
-                reconnect_timeout: o.reconnect_timeout,
-                tls,
-                ..Options::default()
-            };
-            Arc::new(
-                rt.block_on(Session::connect(uri, opts))
-                    .map_err(|e| format!("cannot attach the export: {e}"))?,
-            )
-        }
-    };
+    let session = rt.block_on(open(&o))?;
     if session.read_only() && !o.read_only {
         return Err("the export is read-only: attach it with --read-only".into());
     }

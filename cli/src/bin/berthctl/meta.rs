@@ -144,7 +144,9 @@ pub enum VolumeCmd {
     },
     /// Show the rebuild of a replicated volume's faulted replicas. Their
     /// rebuild runs in the nexus of the volume's attachment (the CSI node
-    /// plugin's, or `volume attach`'s) as soon as their servers answer.
+    /// plugin's, or `volume attach`'s) as soon as their servers answer; with
+    /// --wait, a volume nobody attaches is attached here (no file) until its
+    /// copies are in sync.
     Rebuild {
         name: String,
         /// Wait, with a progress bar, until every replica is in sync.
@@ -153,6 +155,11 @@ pub enum VolumeCmd {
         /// Give up waiting after this many seconds (0: never).
         #[arg(long, default_value_t = 0)]
         timeout: u64,
+        /// With --wait, for a volume nobody attaches: the node to attach it
+        /// on meanwhile, as its volume server registered (default: the host
+        /// name).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Attach the volume on this host as the file DIR/disk, as the CSI node
     /// plugin does (replicated or not: the fan-out to the replicas runs
@@ -748,6 +755,7 @@ async fn volume(
             name,
             wait,
             timeout,
+            node,
         } => {
             let get = |c: &mut MetadataServiceClient<Channel>| {
                 let mut c = c.clone();
@@ -764,23 +772,27 @@ async fn volume(
                     "volume {name} is not replicated: nothing to rebuild"
                 )));
             }
-            let behind = |v: &pb::Volume| v.replicas.iter().any(|r| r.state != "in-sync");
-            if behind(&v) {
-                let attached = c
-                    .list_attachments(req(pb::ListAttachmentsRequest {
-                        volume_id: name.clone(),
-                    }))
-                    .await?
-                    .into_inner()
-                    .attachments
+            // Retired copies (stale) are not waited for: nothing rebuilds them.
+            let behind = |v: &pb::Volume| {
+                v.replicas
                     .iter()
-                    .any(|a| !a.legs.is_empty());
-                if !attached {
-                    return Err(tonic::Status::failed_precondition(format!(
-                        "volume {name} is not attached: its rebuild runs in the nexus of an \
-                         attachment (berthctl volume attach {name} DIR, or a pod using it)"
-                    )));
-                }
+                    .any(|r| r.state == "faulted" || r.state == "rebuilding")
+            };
+            let attached = c
+                .list_attachments(req(pb::ListAttachmentsRequest {
+                    volume_id: name.clone(),
+                }))
+                .await?
+                .into_inner()
+                .attachments
+                .iter()
+                .any(|a| !a.legs.is_empty());
+            if behind(&v) && !attached && !wait {
+                return Err(tonic::Status::failed_precondition(format!(
+                    "volume {name} is not attached: its rebuild runs in the nexus of an \
+                     attachment (a pod using it, berthctl volume attach {name} DIR, or \
+                     berthctl volume rebuild {name} --wait, which attaches it here meanwhile)"
+                )));
             }
             if !wait {
                 out.one(
@@ -788,6 +800,46 @@ async fn volume(
                     &["id", "generation", "replicas"],
                 );
                 return Ok(());
+            }
+            // Not attached: a nexus here (no file) rebuilds it meanwhile.
+            let mut held = None;
+            if behind(&v) && !attached {
+                let node = node.unwrap_or_else(berth_cli::host_name);
+                let a = c
+                    .publish_volume(req(pb::PublishVolumeRequest {
+                        volume_id: name.clone(),
+                        node: node.clone(),
+                        read_only: false,
+                    }))
+                    .await?
+                    .into_inner();
+                let opened = async {
+                    let opts = berth_csi::node::fuse::AttachOptions {
+                        uri: berth_csi::node::fuse::attachment_uri(&a)?,
+                        dir: std::path::PathBuf::new(),
+                        read_only: false,
+                        pid_file: None,
+                        reconnect_timeout: std::time::Duration::from_secs(300),
+                        tls_dir: conn.tls_dir.clone(),
+                        metadata: Some(conn.endpoint.clone()),
+                    };
+                    berth_csi::node::fuse::open(&opts).await
+                }
+                .await;
+                match opened {
+                    Ok(t) => {
+                        errln!("berthctl: volume {name} is attached on node {node} while its copies are rebuilt");
+                        held = Some((t, node));
+                    }
+                    Err(e) => {
+                        c.unpublish_volume(req(pb::UnpublishVolumeRequest {
+                            volume_id: name.clone(),
+                            node,
+                        }))
+                        .await?;
+                        return Err(tonic::Status::unavailable(format!("volume {name}: {e}")));
+                    }
+                }
             }
             let bar = indicatif::ProgressBar::new(100);
             bar.set_style(
@@ -797,27 +849,40 @@ async fn volume(
                 .map_err(|e| tonic::Status::internal(e.to_string()))?,
             );
             let started = std::time::Instant::now();
-            let mut v = v;
-            while behind(&v) {
-                let (done, total) = v
-                    .replicas
-                    .iter()
-                    .filter(|r| r.state == "rebuilding")
-                    .fold((0, 0), |(d, t), r| {
-                        (d + r.rebuild_done_bytes, t + r.rebuild_total_bytes)
-                    });
-                bar.set_position((done * 100).checked_div(total).unwrap_or(0));
-                bar.set_message(replica_summary(&v));
-                if timeout > 0 && started.elapsed().as_secs() >= timeout {
-                    bar.abandon();
-                    return Err(tonic::Status::deadline_exceeded(format!(
-                        "volume {name} is not in sync after {timeout} s: {}",
-                        replica_summary(&v)
-                    )));
+            let waited = async {
+                let mut v = v;
+                while behind(&v) {
+                    let (done, total) = v
+                        .replicas
+                        .iter()
+                        .filter(|r| r.state == "rebuilding")
+                        .fold((0, 0), |(d, t), r| {
+                            (d + r.rebuild_done_bytes, t + r.rebuild_total_bytes)
+                        });
+                    bar.set_position((done * 100).checked_div(total).unwrap_or(0));
+                    bar.set_message(replica_summary(&v));
+                    if timeout > 0 && started.elapsed().as_secs() >= timeout {
+                        bar.abandon();
+                        return Err(tonic::Status::deadline_exceeded(format!(
+                            "volume {name} is not in sync after {timeout} s: {}",
+                            replica_summary(&v)
+                        )));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    v = get(c).await?;
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                v = get(c).await?;
+                Ok(v)
             }
+            .await;
+            if let Some((t, node)) = held {
+                let _ = t.close().await;
+                c.unpublish_volume(req(pb::UnpublishVolumeRequest {
+                    volume_id: name.clone(),
+                    node,
+                }))
+                .await?;
+            }
+            let v = waited?;
             bar.set_position(100);
             bar.finish_with_message(replica_summary(&v));
             out.one(
