@@ -486,6 +486,27 @@ where
     }
 }
 
+/// A gRPC status as the rebuild's errors say it.
+fn status(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+/// One membership change of the nexus's own (`call` at its generation,
+/// answering the new generation and a result), asked again while its
+/// answer is unknown: the same step again gets the same answer.
+async fn step<R, F, Fut>(nexus: &Nexus, call: F) -> Result<R, String>
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<(u64, R), tonic::Status>>,
+{
+    nexus
+        .change_membership(|generation| {
+            let call = &call;
+            async move { until_answered(|| call(generation)).await.map_err(status) }
+        })
+        .await
+}
+
 /// Starts, runs and finishes the rebuild of the replica on `node`.
 async fn rebuild_one(
     nexus: &Nexus,
@@ -495,27 +516,21 @@ async fn rebuild_one(
     opts: &Options,
 ) -> Result<(), String> {
     use berth_proto::meta::v1 as pb;
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
-    let c = client.clone();
-    let start = nexus
-        .change_membership(|generation| async move {
-            let r = until_answered(|| {
-                let mut c = c.clone();
-                async move {
-                    c.start_rebuild(pb::StartRebuildRequest {
-                        volume_id: volume.to_string(),
-                        node: node.to_string(),
-                        generation,
-                    })
-                    .await
-                }
-            })
-            .await
-            .map_err(status)?
-            .into_inner();
+    let start = step(nexus, |generation| {
+        let mut c = client.clone();
+        async move {
+            let r = c
+                .start_rebuild(pb::StartRebuildRequest {
+                    volume_id: volume.to_string(),
+                    node: node.to_string(),
+                    generation,
+                })
+                .await?
+                .into_inner();
             Ok((r.generation, r.leg))
-        })
-        .await;
+        }
+    })
+    .await;
     let leg = match start {
         Ok(Some(leg)) => leg,
         Ok(None) => return Err("the metadata service named no export".into()),
@@ -537,50 +552,42 @@ async fn rebuild_one(
     .await;
     if let Err(e) = joined {
         let reason = format!("its rebuild could not start: {e}");
-        nexus
-            .change_membership(|generation| {
-                let mut c = client.clone();
-                async move {
-                    let r = c
-                        .report_replica_fault(pb::ReportReplicaFaultRequest {
-                            volume_id: volume.to_string(),
-                            node: node.to_string(),
-                            generation,
-                            pending: Vec::new(),
-                            reason,
-                        })
-                        .await
-                        .map_err(status)?;
-                    Ok((r.into_inner().generation, ()))
-                }
-            })
-            .await?;
+        step(nexus, |generation| {
+            let mut c = client.clone();
+            let reason = reason.clone();
+            async move {
+                let r = c
+                    .report_replica_fault(pb::ReportReplicaFaultRequest {
+                        volume_id: volume.to_string(),
+                        node: node.to_string(),
+                        generation,
+                        pending: Vec::new(),
+                        reason,
+                    })
+                    .await?;
+                Ok((r.into_inner().generation, ()))
+            }
+        })
+        .await?;
         return Err(e);
     }
     let copied = copy_all(nexus, client, volume, node).await;
     let finished = match copied {
-        Ok((bytes, full)) => {
-            nexus
-                .change_membership(|generation| {
-                    let c = client.clone();
-                    async move {
-                        let r = until_answered(|| {
-                            let mut c = c.clone();
-                            async move {
-                                c.finish_rebuild(pb::FinishRebuildRequest {
-                                    volume_id: volume.to_string(),
-                                    node: node.to_string(),
-                                    generation,
-                                })
-                                .await
-                            }
+        Ok(done) => {
+            step(nexus, |generation| {
+                let mut c = client.clone();
+                async move {
+                    let r = c
+                        .finish_rebuild(pb::FinishRebuildRequest {
+                            volume_id: volume.to_string(),
+                            node: node.to_string(),
+                            generation,
                         })
-                        .await
-                        .map_err(status)?;
-                        Ok((r.into_inner().generation, (bytes, full)))
-                    }
-                })
-                .await
+                        .await?;
+                    Ok((r.into_inner().generation, done))
+                }
+            })
+            .await
         }
         Err(e) => Err(e),
     };
@@ -612,7 +619,6 @@ async fn copy_all(
     node: &str,
 ) -> Result<(u64, bool), String> {
     use berth_proto::meta::v1 as pb;
-    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let plan = client
         .list_rebuild_ranges(pb::ListRebuildRangesRequest {
             volume_id: volume.to_string(),

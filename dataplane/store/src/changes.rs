@@ -22,7 +22,7 @@
 use rocksdb::{WriteBatch, DB};
 
 use crate::error::{Result, StoreError};
-use crate::meta::{cf, CF_META};
+use crate::meta::{cf, Dec, CF_META};
 
 const TRACK: &[u8; 2] = b"ct";
 const DIRTY: &[u8; 2] = b"cd";
@@ -93,18 +93,14 @@ pub(crate) fn load(db: &DB) -> Result<Vec<(u64, Tracking)>> {
                 detail: format!("{v:?}"),
             });
         }
-        let le = |b: &[u8]| {
-            let mut x = [0u8; 8];
-            x.copy_from_slice(b);
-            u64::from_le_bytes(x)
-        };
         let mut id = [0u8; 8];
         id.copy_from_slice(&k[2..]);
+        let mut d = Dec(v);
         out.push((
             u64::from_be_bytes(id),
             Tracking {
-                point: le(&v[..8]),
-                round: le(&v[8..]),
+                point: d.u64(),
+                round: d.u64(),
             },
         ));
         it.next();

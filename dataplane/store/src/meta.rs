@@ -160,7 +160,7 @@ pub fn id_key(id: u64) -> [u8; 8] {
 }
 
 /// Little-endian field reader over a checked-length record.
-struct Dec<'a>(&'a [u8]);
+pub(crate) struct Dec<'a>(pub(crate) &'a [u8]);
 
 impl Dec<'_> {
     fn take(&mut self, n: usize) -> &[u8] {
@@ -168,7 +168,7 @@ impl Dec<'_> {
         self.0 = b;
         a
     }
-    fn u64(&mut self) -> u64 {
+    pub(crate) fn u64(&mut self) -> u64 {
         let mut x = [0u8; 8];
         let s = self.take(8);
         x[..s.len()].copy_from_slice(s);

@@ -202,18 +202,16 @@ impl ReplicaSet {
 
     /// For the metadata service's own changes: exactly the current one.
     fn check_exact(&self, generation: u64) -> Result<()> {
-        if generation == self.generation {
-            Ok(())
-        } else {
-            Err(MembershipError::StaleGeneration {
-                got: generation,
-                current: self.generation,
-            })
-        }
+        self.refuse_unless(generation == self.generation, generation)
     }
 
+    /// For the nexus's calls: see [`ReplicaSet::accepts`].
     fn check(&self, generation: u64) -> Result<()> {
-        if self.accepts(generation) {
+        self.refuse_unless(self.accepts(generation), generation)
+    }
+
+    fn refuse_unless(&self, ok: bool, generation: u64) -> Result<()> {
+        if ok {
             Ok(())
         } else {
             Err(MembershipError::StaleGeneration {

@@ -2013,6 +2013,22 @@ impl Meta {
             .collect()
     }
 
+    /// What a membership step on the replica of `volume` on `node` works
+    /// on, names checked, under the volume's name lock: the lock, the
+    /// volume and its replica set.
+    async fn replica_step(
+        &self,
+        volume: &str,
+        node: &str,
+    ) -> Result<(NameGuard<'_>, VolumeRecord, ReplicaSet)> {
+        check_name("volume", volume)?;
+        check_name("node", node)?;
+        let name = self.locks.lock(format!("v:{volume}")).await;
+        let v = self.ready_volume(volume)?;
+        let set = replica_set(&v)?;
+        Ok((name, v, set))
+    }
+
     /// The replicated volume `volume`, its set, and its read-write
     /// attachment (a rebuild runs in that attachment's nexus).
     fn replicated_attached(
@@ -2121,11 +2137,7 @@ impl Meta {
         node: &str,
         generation: u64,
     ) -> Result<(Vec<(u64, u64)>, bool, String, u64)> {
-        check_name("volume", volume)?;
-        check_name("node", node)?;
-        let _name = self.locks.lock(format!("v:{volume}")).await;
-        let v = self.ready_volume(volume)?;
-        let mut set = replica_set(&v)?;
+        let (_name, v, mut set) = self.replica_step(volume, node).await?;
         let r = set
             .replicas()
             .iter()
@@ -2233,11 +2245,7 @@ impl Meta {
         done: u64,
         cursor: u64,
     ) -> Result<()> {
-        check_name("volume", volume)?;
-        check_name("node", node)?;
-        let _name = self.locks.lock(format!("v:{volume}")).await;
-        let v = self.ready_volume(volume)?;
-        let mut set = replica_set(&v)?;
+        let (_name, v, mut set) = self.replica_step(volume, node).await?;
         set.rebuild_progress(node, generation, done, cursor)?;
         let cur = VolumeRecord {
             replicas: Some(set),
@@ -2259,11 +2267,7 @@ impl Meta {
         node: &str,
         generation: u64,
     ) -> Result<u64> {
-        check_name("volume", volume)?;
-        check_name("node", node)?;
-        let _name = self.locks.lock(format!("v:{volume}")).await;
-        let v = self.ready_volume(volume)?;
-        let mut set = replica_set(&v)?;
+        let (_name, v, mut set) = self.replica_step(volume, node).await?;
         let (done, total) = set
             .replicas()
             .iter()
