@@ -23,7 +23,7 @@
 # sets named as arguments. build and runtime go without recommended packages,
 # so that the image gets exactly these lists and CI builds with them too.
 build=(build-essential clang libclang-dev pkg-config protobuf-compiler libprotobuf-dev)
-test=(fio qemu-utils libnbd-bin nbdkit fuse3 e2fsprogs xfsprogs util-linux openssl)
+test=(etcd-server fio qemu-utils libnbd-bin nbdkit fuse3 e2fsprogs xfsprogs util-linux openssl)
 runtime=(ca-certificates e2fsprogs fuse3 libnbd-bin mount nbd-client util-linux xfsprogs)
 
 berth_deps_install() {

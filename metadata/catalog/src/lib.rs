@@ -62,6 +62,14 @@ pub enum CatalogError {
     Conflict { table: &'static str, key: String },
     #[error("catalog backend: {0}")]
     Backend(String),
+    /// The store cannot be reached or has no quorum now; nothing is known to
+    /// have been written. Worth trying again later.
+    #[error("catalog unavailable: {0}")]
+    Unavailable(String),
+    /// This process no longer leads: the store refused the write because
+    /// another process holds the leadership (see [`Role`]). Nothing was written.
+    #[error("catalog refused the write: {0}")]
+    Fenced(String),
     #[error("corrupt record {table}/{key}: {reason}")]
     Corrupt {
         table: &'static str,
@@ -136,6 +144,39 @@ pub trait CatalogStore: Send + Sync + 'static {
     fn scan(&self, table: Table, start_after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>>;
     /// Applies `txn` if every condition holds, else `CatalogError::Conflict`.
     fn commit(&self, txn: Txn) -> Result<()>;
+}
+
+/// What one metadata service may do with a shared catalog now.
+///
+/// A backend shared by several processes (etcd) elects one of them; the
+/// leader gets a store whose every transaction carries a compare on its own
+/// leadership, so that a leader that lost its lease (paused, partitioned) has
+/// every write refused with [`CatalogError::Fenced`] from that moment on.
+/// An embedded backend has one process and so one permanent leader.
+#[derive(Clone)]
+pub enum Role {
+    Leader {
+        /// Increases with every new leadership (etcd: the revision at which
+        /// the leadership key was created).
+        term: u64,
+        /// Writes through this store are refused once the term ends.
+        store: std::sync::Arc<dyn CatalogStore>,
+    },
+    Follower {
+        /// Where the leader says it can be reached, when one leads.
+        leader: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Leader { term, .. } => f.debug_struct("Leader").field("term", term).finish(),
+            Role::Follower { leader } => {
+                f.debug_struct("Follower").field("leader", leader).finish()
+            }
+        }
+    }
 }
 
 type Tables = BTreeMap<(Table, Vec<u8>), Vec<u8>>;
@@ -279,6 +320,64 @@ pub mod conformance {
             keys(s.scan(Table::Snapshots, None, 0).expect("scan")),
             ["z"]
         );
+    }
+}
+
+/// The model test every backend runs: random transactions with random
+/// conditions, compared with [`MemStore`] (feature `model`, for backends'
+/// tests).
+#[cfg(feature = "model")]
+pub mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub const TABLES: [Table; 2] = [Table::Volumes, Table::Audit];
+
+    fn key() -> impl Strategy<Value = (usize, Vec<u8>)> {
+        (0..2usize, 0..4u8).prop_map(|(t, k)| (t, vec![b'k', b'0' + k]))
+    }
+
+    /// Up to three conditions and one to three ops on four keys of two
+    /// tables, so that conflicts, repeated keys and put-then-delete happen.
+    pub fn txn() -> impl Strategy<Value = Txn> {
+        let cond = prop_oneof![
+            key().prop_map(|(t, k)| Condition::Absent(TABLES[t], k)),
+            (key(), 0..3u8).prop_map(|((t, k), v)| Condition::Equals(TABLES[t], k, vec![v])),
+        ];
+        let op = prop_oneof![
+            (key(), 0..3u8).prop_map(|((t, k), v)| Op::Put(TABLES[t], k, vec![v])),
+            key().prop_map(|(t, k)| Op::Delete(TABLES[t], k)),
+        ];
+        (
+            proptest::collection::vec(cond, 0..3),
+            proptest::collection::vec(op, 1..4),
+        )
+            .prop_map(|(conditions, ops)| Txn { conditions, ops })
+    }
+
+    /// Every table the model touches, scanned whole.
+    pub fn dump(s: &dyn CatalogStore) -> Vec<(Table, Vec<Entry>)> {
+        TABLES
+            .iter()
+            .map(|t| (*t, s.scan(*t, None, 0).expect("scan")))
+            .collect()
+    }
+
+    /// Applies `txns` to `store` (empty at the start) and to a fresh model:
+    /// the store must accept and refuse exactly what the model does and end
+    /// in the same state.
+    pub fn check(
+        store: &dyn CatalogStore,
+        txns: Vec<Txn>,
+    ) -> std::result::Result<MemStore, TestCaseError> {
+        let model = MemStore::new();
+        for t in txns {
+            let want = model.commit(t.clone()).is_ok();
+            let got = store.commit(t.clone());
+            prop_assert_eq!(got.is_ok(), want, "{:?}: {:?}", t, got);
+        }
+        prop_assert_eq!(dump(store), dump(&model));
+        Ok(model)
     }
 }
 

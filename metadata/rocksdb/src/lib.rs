@@ -139,37 +139,7 @@ mod tests {
 
     mod model {
         use super::*;
-        use berth_catalog::{Condition, MemStore};
         use proptest::prelude::*;
-
-        const TABLES: [Table; 2] = [Table::Volumes, Table::Audit];
-
-        fn key() -> impl Strategy<Value = (usize, Vec<u8>)> {
-            (0..2usize, 0..4u8).prop_map(|(t, k)| (t, vec![b'k', b'0' + k]))
-        }
-
-        fn txn() -> impl Strategy<Value = Txn> {
-            let cond = prop_oneof![
-                key().prop_map(|(t, k)| Condition::Absent(TABLES[t], k)),
-                (key(), 0..3u8).prop_map(|((t, k), v)| Condition::Equals(TABLES[t], k, vec![v])),
-            ];
-            let op = prop_oneof![
-                (key(), 0..3u8).prop_map(|((t, k), v)| Op::Put(TABLES[t], k, vec![v])),
-                key().prop_map(|(t, k)| Op::Delete(TABLES[t], k)),
-            ];
-            (
-                proptest::collection::vec(cond, 0..3),
-                proptest::collection::vec(op, 1..4),
-            )
-                .prop_map(|(conditions, ops)| Txn { conditions, ops })
-        }
-
-        fn dump(s: &dyn CatalogStore) -> Vec<(Table, Vec<Entry>)> {
-            TABLES
-                .iter()
-                .map(|t| (*t, s.scan(*t, None, 0).expect("scan")))
-                .collect()
-        }
 
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(64))]
@@ -177,20 +147,14 @@ mod tests {
             /// refuses exactly what the in-memory model does, ends in the same
             /// state, and keeps it across a reopen.
             #[test]
-            fn rocksdb_matches_the_in_memory_model(txns in proptest::collection::vec(txn(), 1..40)) {
+            fn rocksdb_matches_the_in_memory_model(txns in proptest::collection::vec(berth_catalog::model::txn(), 1..40)) {
                 let dir = tempfile::tempdir().expect("tempdir");
-                let model = MemStore::new();
-                {
+                let model = {
                     let db = RocksCatalog::open(dir.path()).expect("open");
-                    for t in txns {
-                        let want = model.commit(t.clone()).is_ok();
-                        let got = db.commit(t).is_ok();
-                        prop_assert_eq!(got, want);
-                    }
-                    prop_assert_eq!(dump(&db), dump(&model));
-                }
+                    berth_catalog::model::check(&db, txns)?
+                };
                 let db = RocksCatalog::open(dir.path()).expect("reopen");
-                prop_assert_eq!(dump(&db), dump(&model));
+                prop_assert_eq!(berth_catalog::model::dump(&db), berth_catalog::model::dump(&model));
             }
         }
     }

@@ -78,6 +78,11 @@ impl MetaError {
             MetaError::Unavailable(_) => Code::Unavailable,
             MetaError::Aborted(_) => Code::Aborted,
             MetaError::Catalog(CatalogError::Conflict { .. }) => Code::Aborted,
+            // Ask again: the store is back, or another service leads and the
+            // client finds it.
+            MetaError::Catalog(CatalogError::Unavailable(_) | CatalogError::Fenced(_)) => {
+                Code::Unavailable
+            }
             MetaError::Catalog(_) => Code::Internal,
             MetaError::Server { code, .. } => *code,
         }

@@ -1,0 +1,176 @@
+//! Real etcd clusters on loopback for tests and benchmarks: `etcd` processes
+//! (Debian's `etcd-server`) on free ports, in a temporary folder that goes
+//! with the cluster. Members can be killed and started again.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    child: Option<Child>,
+}
+
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    dir: tempfile::TempDir,
+    token: String,
+}
+
+/// The `etcd` program, or a failure that says how to get it.
+fn program() -> PathBuf {
+    let p = std::env::var_os("BERTH_ETCD").map_or_else(|| PathBuf::from("etcd"), PathBuf::from);
+    match Command::new(&p).arg("--version").output() {
+        Ok(o) if o.status.success() => p,
+        _ => panic!(
+            "{} is not runnable: the etcd tests need a real etcd (apt-get install etcd-server, \
+             which scripts/deps.sh installs; or BERTH_ETCD=/path/to/etcd)",
+            p.display()
+        ),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until the cluster answers.
+    pub fn start(n: usize) -> EtcdCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let members = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: free_port(),
+                peer: free_port(),
+                child: None,
+            })
+            .collect();
+        let mut c = EtcdCluster {
+            members,
+            dir,
+            token: format!("berth-test-{}", std::process::id()),
+        };
+        for i in 0..n {
+            c.spawn(i, "new");
+        }
+        c.wait_ready(&c.endpoints(), Duration::from_secs(30));
+        c
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) {
+        let initial = self.initial_cluster();
+        let data = self.dir.path().join(&self.members[i].name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(
+                self.dir
+                    .path()
+                    .join(format!("{}.log", self.members[i].name)),
+            )
+            .expect("etcd log");
+        let m = &mut self.members[i];
+        let client = format!("http://127.0.0.1:{}", m.client);
+        let peer = format!("http://127.0.0.1:{}", m.peer);
+        let child = Command::new(program())
+            .args(["--name", &m.name])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial])
+            .args(["--initial-cluster-state", state])
+            .args(["--initial-cluster-token", &self.token])
+            // The group commits of the audit log put many records in one
+            // transaction (docs/ha.md says the same of production).
+            .args(["--max-txn-ops", "4096"])
+            .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start etcd");
+        m.child = Some(child);
+    }
+
+    /// Waits until a write through `endpoints` succeeds.
+    fn wait_ready(&self, endpoints: &[String], within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut cfg = crate::EtcdConfig::new(endpoints.to_vec());
+        cfg.request_timeout = Duration::from_secs(2);
+        cfg.prefix = "/berth-test-ready".into();
+        loop {
+            let ok = crate::EtcdCatalog::connect(&cfg).and_then(|c| {
+                berth_catalog::CatalogStore::commit(
+                    &*c,
+                    berth_catalog::Txn::new().put(berth_catalog::Table::Meta, "ready", vec![1]),
+                )
+            });
+            match ok {
+                Ok(()) => return,
+                Err(e) if Instant::now() > deadline => {
+                    panic!(
+                        "etcd did not answer within {within:?}: {e}; logs in {}",
+                        self.dir.path().display()
+                    )
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .collect()
+    }
+
+    /// kill -9 of member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data (after [`kill`](Self::kill)).
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.members[i].child.is_none(), "member {i} is running");
+        self.spawn(i, "existing");
+    }
+
+    /// Waits until member `i` alone answers a write (the cluster has a
+    /// leader and `i` is part of it).
+    pub fn wait_member(&self, i: usize, within: Duration) {
+        self.wait_ready(&[self.endpoints()[i].clone()], within);
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}

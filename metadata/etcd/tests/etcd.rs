@@ -1,0 +1,213 @@
+//! The etcd backend against a real etcd on loopback: the catalog contract,
+//! the model test, pagination, and the fencing of a leader whose lease is
+//! gone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_catalog::{CatalogError, CatalogStore, Role, Table, Txn};
+use berth_catalog_etcd::testing::EtcdCluster;
+use berth_catalog_etcd::{campaign, EtcdCatalog, EtcdConfig};
+use proptest::prelude::*;
+
+fn catalog(etcd: &EtcdCluster, prefix: &str) -> Arc<EtcdCatalog> {
+    let mut cfg = EtcdConfig::new(etcd.endpoints());
+    cfg.prefix = format!("/t/{prefix}");
+    EtcdCatalog::connect(&cfg).expect("connect")
+}
+
+#[test]
+fn meets_the_catalog_contract() {
+    let etcd = EtcdCluster::start(1);
+    berth_catalog::conformance::run(&*catalog(&etcd, "contract"));
+}
+
+/// Random transactions with random conditions: etcd accepts and refuses
+/// exactly what the in-memory model does and ends in the same state, seen
+/// again through a second client. (A runner of our own rather than
+/// `proptest!`, so that one etcd serves every case and stops with the test.)
+#[test]
+fn etcd_matches_the_in_memory_model() {
+    use proptest::test_runner::{Config, TestRunner};
+    let etcd = EtcdCluster::start(1);
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        ..Config::default()
+    });
+    runner
+        .run(
+            &proptest::collection::vec(berth_catalog::model::txn(), 1..30),
+            |txns| {
+                let prefix = format!(
+                    "model{}",
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                );
+                let model = berth_catalog::model::check(&*catalog(&etcd, &prefix), txns)?;
+                prop_assert_eq!(
+                    berth_catalog::model::dump(&*catalog(&etcd, &prefix)),
+                    berth_catalog::model::dump(&model)
+                );
+                Ok(())
+            },
+        )
+        .expect("etcd behaves as the model");
+}
+
+#[test]
+fn scans_page_through_long_tables_at_one_revision() {
+    let etcd = EtcdCluster::start(1);
+    let c = catalog(&etcd, "pages");
+    // More than two of the backend's pages, in batches.
+    let n = 1200usize;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
+        let mut t = Txn::new();
+        for i in chunk {
+            t = t.put(Table::Volumes, format!("v{i:05}"), vec![(*i % 251) as u8]);
+        }
+        c.commit(t).expect("batch");
+    }
+    let all = c.scan(Table::Volumes, None, 0).expect("scan");
+    assert_eq!(all.len(), n);
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "key order");
+    assert_eq!(all[777].0, b"v00777");
+    let page = c.scan(Table::Volumes, Some(b"v00511"), 600).expect("scan");
+    assert_eq!(page.len(), 600);
+    assert_eq!(page[0].0, b"v00512");
+    assert_eq!(page[599].0, b"v01111");
+    assert_eq!(
+        c.scan(Table::Volumes, Some(b"v00511"), 0)
+            .expect("scan")
+            .len(),
+        n - 512
+    );
+    // Other tables and other prefixes are not in the range.
+    assert!(c.scan(Table::Snapshots, None, 0).expect("scan").is_empty());
+    assert!(catalog(&etcd, "pages-other")
+        .scan(Table::Volumes, None, 0)
+        .expect("scan")
+        .is_empty());
+}
+
+fn wait_role(
+    rx: &mut tokio::sync::watch::Receiver<Role>,
+    what: &str,
+    want: impl Fn(&Role) -> bool,
+) -> Role {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = rx.borrow().clone();
+        if want(&r) {
+            return r;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: still {r:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two services campaign on one catalog: one leads, the other follows it
+/// and names it. When the leadership key goes (as when the leader's lease
+/// expires), the follower leads a later term, and etcd refuses every write
+/// of the old leader's store, which then steps down.
+#[test]
+fn one_leader_and_a_deposed_leader_cannot_write() {
+    let etcd = EtcdCluster::start(1);
+    let a = catalog(&etcd, "elect");
+    let b = catalog(&etcd, "elect");
+    let ttl = Duration::from_secs(2);
+    let mut ra = campaign(&a, "http://a".into(), ttl);
+    let Role::Leader {
+        term: ta,
+        store: sa,
+    } = wait_role(&mut ra, "a leads", |r| matches!(r, Role::Leader { .. }))
+    else {
+        unreachable!()
+    };
+    let mut rb = campaign(&b, "http://b".into(), ttl);
+    wait_role(
+        &mut rb,
+        "b follows a",
+        |r| matches!(r, Role::Follower { leader: Some(l) } if l == "http://a"),
+    );
+    sa.commit(Txn::new().put(Table::Volumes, "by-a", vec![1]))
+        .expect("the leader writes");
+
+    // The key goes: b campaigns and wins a later term.
+    let mut client = a.client();
+    let key = a.leader_key().to_vec();
+    tokio::runtime::Runtime::new()
+        .expect("rt")
+        .block_on(client.delete(key, None))
+        .expect("delete the leader key");
+    let Role::Leader {
+        term: tb,
+        store: sb,
+    } = wait_role(&mut rb, "b leads", |r| matches!(r, Role::Leader { .. }))
+    else {
+        unreachable!()
+    };
+    assert!(tb > ta, "terms grow: {ta} then {tb}");
+    // a's store is refused by etcd, whatever a believes.
+    let e = sa
+        .commit(Txn::new().put(Table::Volumes, "by-a", vec![2]))
+        .expect_err("a deposed leader's write");
+    assert!(matches!(e, CatalogError::Fenced(_)), "{e}");
+    assert!(
+        e.to_string().contains("http://b"),
+        "names the new leader: {e}"
+    );
+    sb.commit(
+        Txn::new()
+            .require_equals(Table::Volumes, "by-a", vec![1])
+            .put(Table::Volumes, "by-a", vec![3]),
+    )
+    .expect("b writes over a's last acknowledged write");
+    // And a steps down and follows b.
+    wait_role(
+        &mut ra,
+        "a follows b",
+        |r| matches!(r, Role::Follower { leader: Some(l) } if l == "http://b"),
+    );
+    assert_eq!(a.get(Table::Volumes, b"by-a").expect("get"), Some(vec![3]));
+}
+
+/// Conditions that fail are told apart from a lost leadership, and name
+/// their key.
+#[test]
+fn a_refused_condition_names_its_key() {
+    let etcd = EtcdCluster::start(1);
+    let c = catalog(&etcd, "conflict");
+    c.commit(Txn::new().put(Table::Volumes, "x", b"1".to_vec()))
+        .expect("put");
+    let e = c
+        .commit(
+            Txn::new()
+                .require_absent(Table::Volumes, "y")
+                .require_equals(Table::Volumes, "x", b"2".to_vec())
+                .put(Table::Volumes, "y", vec![]),
+        )
+        .expect_err("stale");
+    match e {
+        CatalogError::Conflict { table, key } => {
+            assert_eq!((table, key.as_str()), ("volumes", "x"));
+        }
+        e => panic!("{e}"),
+    }
+}
+
+/// An etcd nobody answers on is Unavailable, within the request timeout.
+#[test]
+fn an_unreachable_etcd_is_unavailable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut cfg = EtcdConfig::new(vec![format!("http://127.0.0.1:{port}")]);
+    cfg.request_timeout = Duration::from_secs(1);
+    let t = std::time::Instant::now();
+    let r = EtcdCatalog::connect(&cfg).and_then(|c| c.get(Table::Volumes, b"x"));
+    let e = r.expect_err("nobody listens");
+    assert!(matches!(e, CatalogError::Unavailable(_)), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
