@@ -10,8 +10,6 @@ use std::collections::{BTreeMap, HashMap};
 use berth_proto::csi::v1 as csi;
 use berth_proto::meta::v1 as mpb;
 use csi::controller_service_capability::rpc::Type as Rpc;
-use mpb::metadata_service_client::MetadataServiceClient;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use crate::caps::{self, Access};
@@ -51,7 +49,7 @@ pub struct PublishedLeg {
 
 #[derive(Debug, Clone)]
 pub struct Controller {
-    meta: MetadataServiceClient<Channel>,
+    meta: berth_proto::MetaClient,
     inflight: InFlight,
 }
 
@@ -212,7 +210,7 @@ fn fs_type_of(caps: &[caps::Capability]) -> Result<String, Status> {
 }
 
 impl Controller {
-    pub fn new(meta: MetadataServiceClient<Channel>) -> Self {
+    pub fn new(meta: berth_proto::MetaClient) -> Self {
         Controller {
             meta,
             inflight: InFlight::default(),

@@ -7,8 +7,6 @@ use std::time::Duration;
 use berth_proto::csi::v1 as csi;
 use berth_proto::meta::v1 as mpb;
 use csi::plugin_capability::{self, service, volume_expansion};
-use mpb::metadata_service_client::MetadataServiceClient;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::node::NodeService;
@@ -17,16 +15,12 @@ use crate::{Mode, DRIVER_NAME};
 #[derive(Debug, Clone)]
 pub struct Identity {
     mode: Mode,
-    meta: MetadataServiceClient<Channel>,
+    meta: berth_proto::MetaClient,
     node: Option<Arc<NodeService>>,
 }
 
 impl Identity {
-    pub fn new(
-        mode: Mode,
-        meta: MetadataServiceClient<Channel>,
-        node: Option<Arc<NodeService>>,
-    ) -> Self {
+    pub fn new(mode: Mode, meta: berth_proto::MetaClient, node: Option<Arc<NodeService>>) -> Self {
         Identity { mode, meta, node }
     }
 }

@@ -130,20 +130,15 @@ impl Running {
     }
 }
 
-/// A lazily connected client of the metadata service: the plugin starts (and
-/// answers Probe with "not ready") while the service is still coming up.
+/// A lazily connected client of the metadata service (`A` or `A,B,C`: the
+/// one that leads): the plugin starts (and answers Probe with "not ready")
+/// while the service is still coming up.
 pub fn metadata_client(
     endpoint: &str,
     tls: Option<&berth_proto::ClientTls>,
-) -> Result<
-    berth_proto::meta::v1::metadata_service_client::MetadataServiceClient<
-        tonic::transport::Channel,
-    >,
-    CsiError,
-> {
-    let ch = berth_proto::lazy_channel(endpoint, tls)
-        .map_err(|e| CsiError::Config(format!("metadata endpoint {endpoint:?}: {e}")))?;
-    Ok(berth_proto::meta::v1::metadata_service_client::MetadataServiceClient::new(ch))
+) -> Result<berth_proto::MetaClient, CsiError> {
+    berth_proto::meta_client(endpoint, tls)
+        .map_err(|e| CsiError::Config(format!("metadata endpoint {endpoint:?}: {e}")))
 }
 
 /// Binds the socket and serves Identity plus the services of `cfg.mode`. In

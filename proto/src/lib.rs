@@ -27,10 +27,12 @@ pub mod csi {
     }
 }
 
+pub mod endpoints;
 pub mod peer;
 pub mod tls;
 pub mod validate;
 pub use berth_io::private;
+pub use endpoints::{meta_client, LeaderChannel, MetaClient};
 pub use peer::{plaintext_tcp, Allow, INSECURE_TCP_FLAG};
 pub use tls::{TlsDir, TlsError};
 

@@ -1,7 +1,8 @@
 //! `berth`: one binary for Berth's server programs.
 //!
 //! - `berth volume-server --data DIR`: the per-node volume server;
-//! - `berth metadata --data DIR`: the cluster's catalog and placement;
+//! - `berth metadata --data DIR [--catalog rocksdb:DIR | etcd:URL,...]`: the
+//!   cluster's catalog and placement (several over etcd: one leads);
 //! - `berth csi --mode controller|node|all`: the CSI driver (csi.berth.dev);
 //! - `berth standalone --data DIR`: the metadata service, a volume server and
 //!   the CSI driver on one folder, in one process;
@@ -103,9 +104,16 @@ struct CsiArgs {
 
 #[derive(Debug, clap::Args)]
 struct MetadataArgs {
-    /// Data directory: the catalog (RocksDB) and the default socket.
+    /// Data directory: the default socket, and the catalog when it is RocksDB.
     #[arg(long, env = "BERTH_META_DATA")]
     data: PathBuf,
+    /// Where the catalog is kept: `rocksdb:DIR` (embedded, one service;
+    /// default DATA/catalog) or `etcd:URL[,URL...]` (several services share
+    /// it; one leads, the others send clients to it).
+    #[arg(long = "catalog", env = "BERTH_CATALOG")]
+    store: Option<String>,
+    #[command(flatten)]
+    etcd: EtcdArgs,
     /// gRPC unix socket (default DATA/meta.sock).
     #[arg(long, env = "BERTH_META_SOCKET")]
     socket: Option<PathBuf>,
@@ -213,6 +221,29 @@ impl TlsArgs {
             .map(|d| berth_proto::TlsDir::load(d).map_err(|e| format!("--tls-dir: {e}")))
             .transpose()
     }
+}
+
+/// The catalog on etcd.
+#[derive(Debug, clap::Args)]
+struct EtcdArgs {
+    /// With etcd: every key of this catalog starts with this prefix (one
+    /// etcd may hold several clusters' catalogs).
+    #[arg(long, env = "BERTH_ETCD_PREFIX", default_value = "/berth")]
+    etcd_prefix: String,
+    /// With etcd: a folder with ca.crt, tls.crt and tls.key (a cert-manager
+    /// Secret) to dial https:// etcd endpoints with a client certificate.
+    #[arg(long, env = "BERTH_ETCD_TLS_DIR")]
+    etcd_tls_dir: Option<PathBuf>,
+    /// With etcd: the leadership lease in seconds. A leader that dies is
+    /// replaced about this long after; one that is paused or cut off has
+    /// its writes refused by etcd from then on.
+    #[arg(long, env = "BERTH_LEASE_SECONDS", default_value_t = 3)]
+    lease_seconds: u64,
+    /// With etcd: the address followers send clients to, e.g.
+    /// https://berth-metadata-0.berth-metadata:9580 (default: the --listen
+    /// address, else the unix socket).
+    #[arg(long, env = "BERTH_ADVERTISE")]
+    advertise: Option<String>,
 }
 
 /// How the catalog runs (shared by `metadata` and `standalone`).
@@ -417,18 +448,76 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     running.shutdown().await.map_err(|e| e.to_string())
 }
 
+/// The catalog `--catalog` names, and who may write it.
+fn open_catalog(
+    a: &MetadataArgs,
+    socket: &std::path::Path,
+    tls: bool,
+) -> Result<(berth_metadata::Catalog, Option<berth_catalog_etcd::Resign>), String> {
+    let spec = a
+        .store
+        .clone()
+        .unwrap_or_else(|| format!("rocksdb:{}", a.data.join("catalog").display()));
+    if let Some(dir) = spec.strip_prefix("rocksdb:") {
+        // The catalog names every volume and holds the audit log: 0700.
+        let dir = PathBuf::from(dir);
+        berth_proto::private::dir(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let store = berth_catalog_rocksdb::RocksCatalog::open(&dir).map_err(|e| e.to_string())?;
+        return Ok((
+            berth_metadata::Catalog::Single(std::sync::Arc::new(store)),
+            None,
+        ));
+    }
+    let Some(list) = spec.strip_prefix("etcd:") else {
+        return Err(format!(
+            "--catalog {spec:?}: give rocksdb:DIR or etcd:URL[,URL...]"
+        ));
+    };
+    let mut cfg = berth_catalog_etcd::EtcdConfig::new(berth_catalog_etcd::parse_endpoints(list)?);
+    cfg.prefix = a.etcd.etcd_prefix.clone();
+    if let Some(d) = &a.etcd.etcd_tls_dir {
+        let dir = berth_proto::TlsDir::load(d).map_err(|e| format!("--etcd-tls-dir: {e}"))?;
+        cfg.tls = Some(dir.grpc_client(None));
+    }
+    if !(2..=60).contains(&a.etcd.lease_seconds) {
+        return Err(format!(
+            "--lease-seconds {} must be between 2 and 60",
+            a.etcd.lease_seconds
+        ));
+    }
+    let me = match (&a.etcd.advertise, addr("listen", &a.listen)?) {
+        (Some(me), _) => me.clone(),
+        (None, Some(l)) if l.ip().is_unspecified() => {
+            return Err(format!(
+                "--listen {l} is every address: give --advertise, the address clients reach this \
+                 service at"
+            ))
+        }
+        (None, Some(l)) => format!("{}://{l}", if tls { "https" } else { "http" }),
+        (None, None) => format!("unix://{}", socket.display()),
+    };
+    let cat = berth_catalog_etcd::EtcdCatalog::connect(&cfg).map_err(|e| e.to_string())?;
+    // The campaign holds the catalog (its client and runtime) as long as it runs.
+    let (roles, resign) =
+        berth_catalog_etcd::campaign(&cat, me, Duration::from_secs(a.etcd.lease_seconds));
+    Ok((berth_metadata::Catalog::Elected(roles), Some(resign)))
+}
+
 async fn metadata(a: MetadataArgs) -> Result<(), String> {
     let tls = a.tls.load()?;
+    let socket = a.socket.clone().unwrap_or_else(|| a.data.join("meta.sock"));
+    let (catalog, resign) =
+        tokio::task::block_in_place(|| open_catalog(&a, &socket, tls.is_some()))?;
     let cfg = berth_metadata::ServiceConfig {
         data_dir: a.data,
-        socket: a.socket,
+        socket: Some(socket),
         listen: addr("listen", &a.listen)?,
         meta: a.catalog.config(tls.as_ref())?,
         tls,
         tls_allow: a.allow.tls_allow,
         insecure_tcp: a.tls.insecure_plaintext_tcp,
     };
-    let running = berth_metadata::start(cfg)
+    let running = berth_metadata::start(cfg, catalog)
         .await
         .map_err(|e| e.to_string())?;
     let ready = serde_json::json!({
@@ -441,6 +530,9 @@ async fn metadata(a: MetadataArgs) -> Result<(), String> {
     berth_volume::server::wait_for_signal().await;
     shutdown_deadline(Duration::ZERO);
     running.shutdown().await;
+    if let Some(r) = resign {
+        r.now().await;
+    }
     Ok(())
 }
 
@@ -482,16 +574,25 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     let meta_socket = d.join("meta.sock");
     let control_socket = d.join("control.sock");
     let tls = a.tls.load()?;
-    let meta = berth_metadata::start(berth_metadata::ServiceConfig {
-        data_dir: d.join("metadata"),
-        socket: Some(meta_socket.clone()),
-        listen: addr("listen", &a.listen)?,
-        // The volume server is dialed on its unix socket.
-        meta: a.catalog.config(None)?,
-        tls: tls.clone(),
-        tls_allow: a.allow.tls_allow.clone(),
-        insecure_tcp: a.tls.insecure_plaintext_tcp,
-    })
+    let catalog_dir = d.join("metadata").join("catalog");
+    berth_proto::private::dir(&catalog_dir)
+        .map_err(|e| format!("create {}: {e}", catalog_dir.display()))?;
+    let store =
+        tokio::task::block_in_place(|| berth_catalog_rocksdb::RocksCatalog::open(&catalog_dir))
+            .map_err(|e| e.to_string())?;
+    let meta = berth_metadata::start(
+        berth_metadata::ServiceConfig {
+            data_dir: d.join("metadata"),
+            socket: Some(meta_socket.clone()),
+            listen: addr("listen", &a.listen)?,
+            // The volume server is dialed on its unix socket.
+            meta: a.catalog.config(None)?,
+            tls: tls.clone(),
+            tls_allow: a.allow.tls_allow.clone(),
+            insecure_tcp: a.tls.insecure_plaintext_tcp,
+        },
+        berth_metadata::Catalog::Single(std::sync::Arc::new(store)),
+    )
     .await
     .map_err(|e| e.to_string())?;
     let mut cfg = berth_volume::ServerConfig::new(d.join("node"), a.pool_size);

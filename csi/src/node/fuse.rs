@@ -161,9 +161,7 @@ pub fn attachment_uri(a: &berth_proto::meta::v1::Attachment) -> Result<String, S
 /// reported there and marked out before the writes it missed are
 /// acknowledged.
 struct MetaMembership {
-    client: berth_proto::meta::v1::metadata_service_client::MetadataServiceClient<
-        tonic::transport::Channel,
-    >,
+    client: berth_proto::MetaClient,
     volume: String,
 }
 
@@ -304,9 +302,7 @@ async fn replicated(
     Ok(Arc::new(nexus))
 }
 
-type MetaClient = berth_proto::meta::v1::metadata_service_client::MetadataServiceClient<
-    tonic::transport::Channel,
->;
+type MetaClient = berth_proto::MetaClient;
 
 /// How often the nexus asks the catalog for faulted replicas to rebuild.
 const REBUILD_POLL: Duration = Duration::from_secs(2);

@@ -27,11 +27,9 @@ use std::time::Duration;
 use berth_proto::csi::v1 as csi;
 use berth_proto::meta::v1 as mpb;
 use csi::node_service_capability::rpc::Type as Rpc;
-use mpb::metadata_service_client::MetadataServiceClient;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::caps::{self, Access};
@@ -92,7 +90,7 @@ pub struct Target {
 #[derive(Debug)]
 pub struct NodeService {
     cfg: NodeConfig,
-    meta: MetadataServiceClient<Channel>,
+    meta: berth_proto::MetaClient,
     inflight: InFlight,
     staged: Mutex<BTreeMap<String, Staged>>,
 }
@@ -219,7 +217,7 @@ fn replicated_uri(
 }
 
 impl NodeService {
-    pub fn new(cfg: NodeConfig, meta: MetadataServiceClient<Channel>) -> Result<Self, CsiError> {
+    pub fn new(cfg: NodeConfig, meta: berth_proto::MetaClient) -> Result<Self, CsiError> {
         let staged_dir = cfg.state_dir.join("staged");
         // Records name every staged volume and its NBD URI (a grant's secret),
         // and the attachments are its data: root's alone (0700).

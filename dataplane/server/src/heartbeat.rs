@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use berth_proto::meta::v1 as mpb;
-use berth_proto::meta::v1::metadata_service_client::MetadataServiceClient;
 use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
@@ -62,7 +61,7 @@ pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationTo
         .entry(NODE_LABEL.to_string())
         .or_insert_with(|| cfg.node_name.clone());
     let nbd_socket = node.endpoints.lock().nbd_socket.display().to_string();
-    let mut client: Option<MetadataServiceClient<tonic::transport::Channel>> = None;
+    let mut client: Option<berth_proto::MetaClient> = None;
     let mut registered = false;
     let mut interval = Duration::from_secs(1);
     let mut last_warning: Option<Instant> = None;
@@ -71,10 +70,11 @@ pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationTo
             let c = match &mut client {
                 Some(c) => c,
                 None => {
-                    let ch = berth_proto::channel(&cfg.metadata, cfg.tls.as_ref())
+                    // A,B,C: the metadata service that leads.
+                    let ch = berth_proto::LeaderChannel::connect(&cfg.metadata, cfg.tls.as_ref())
                         .await
                         .map_err(|e| format!("cannot reach {}: {e}", cfg.metadata))?;
-                    client.insert(MetadataServiceClient::new(ch))
+                    client.insert(berth_proto::MetaClient::new(ch))
                 }
             };
             let pool = Some(pool_status(&node, &cfg.media));

@@ -115,7 +115,7 @@ fn one_leader_and_a_deposed_leader_cannot_write() {
     let a = catalog(&etcd, "elect");
     let b = catalog(&etcd, "elect");
     let ttl = Duration::from_secs(2);
-    let mut ra = campaign(&a, "http://a".into(), ttl);
+    let (mut ra, _resign_a) = campaign(&a, "http://a".into(), ttl);
     let Role::Leader {
         term: ta,
         store: sa,
@@ -123,7 +123,7 @@ fn one_leader_and_a_deposed_leader_cannot_write() {
     else {
         unreachable!()
     };
-    let mut rb = campaign(&b, "http://b".into(), ttl);
+    let (mut rb, resign_b) = campaign(&b, "http://b".into(), ttl);
     wait_role(
         &mut rb,
         "b follows a",
@@ -169,6 +169,19 @@ fn one_leader_and_a_deposed_leader_cannot_write() {
         |r| matches!(r, Role::Follower { leader: Some(l) } if l == "http://b"),
     );
     assert_eq!(a.get(Table::Volumes, b"by-a").expect("get"), Some(vec![3]));
+    // b resigns: a leads at once, without waiting for b's lease to expire.
+    let t = std::time::Instant::now();
+    tokio::runtime::Runtime::new()
+        .expect("rt")
+        .block_on(resign_b.now());
+    wait_role(&mut ra, "a leads after b resigned", |r| {
+        matches!(r, Role::Leader { .. })
+    });
+    assert!(
+        t.elapsed() < ttl,
+        "a took over in {:?}, not after b's lease",
+        t.elapsed()
+    );
 }
 
 /// Conditions that fail are told apart from a lost leadership, and name

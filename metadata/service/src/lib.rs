@@ -8,12 +8,18 @@
 //! - `tiers`: QoS tiers and StorageClass parameters;
 //! - `fault`: crash points for tests.
 //!
-//! The catalog itself is `berth-catalog` (trait, records, audit chain) over
-//! `berth-catalog-rocksdb`.
+//! - `lead`: serving only while this process leads the catalog (several
+//!   services over one etcd), answering UNAVAILABLE with the leader's address
+//!   otherwise.
+//!
+//! The catalog itself is `berth-catalog` (trait, records, audit chain); which
+//! store it is kept in (embedded RocksDB, etcd) is the program's choice: the
+//! service takes a [`Catalog`].
 
 pub mod error;
 pub mod fault;
 pub mod grpc;
+pub mod lead;
 pub mod meta;
 pub mod nexus;
 pub mod placement;
@@ -25,13 +31,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use error::{MetaError, Result};
+pub use lead::Catalog;
 pub use meta::{Meta, MetaConfig};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
-    /// Holds the catalog (DATA/catalog) and the default socket.
+    /// Holds the default socket.
     pub data_dir: PathBuf,
     /// gRPC unix socket; default DATA/meta.sock.
     pub socket: Option<PathBuf>,
@@ -56,15 +63,15 @@ pub struct Bound {
 
 #[derive(Debug)]
 pub struct Running {
-    pub meta: Arc<Meta>,
     pub bound: Bound,
+    serving: tokio::sync::watch::Receiver<lead::Serving>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// Opens the catalog, binds the listeners and starts the background loop
-/// (liveness, audit pulls, reconcile).
-pub async fn start(cfg: ServiceConfig) -> Result<Running> {
+/// Binds the listeners and serves the catalog while this process leads it,
+/// with the background loop (liveness, audit pulls, reconcile) of each term.
+pub async fn start(cfg: ServiceConfig, catalog: Catalog) -> Result<Running> {
     cfg.tls_allow
         .needs_tls(cfg.tls.is_some())
         .map_err(MetaError::InvalidArgument)?;
@@ -84,25 +91,16 @@ pub async fn start(cfg: ServiceConfig) -> Result<Running> {
         }
         tracing::warn!(point = %p, "fault injection armed: the service will abort there");
     }
-    // The catalog names every volume and holds the audit log: 0700, and the
-    // catalog's own folder too (RocksDB makes its files with the umask's modes).
-    let path = cfg.data_dir.join("catalog");
-    for dir in [&cfg.data_dir, &path] {
-        berth_proto::private::dir(dir)
-            .map_err(|e| MetaError::FailedPrecondition(format!("create {}: {e}", dir.display())))?;
-    }
-    let store =
-        tokio::task::spawn_blocking(move || berth_catalog_rocksdb::RocksCatalog::open(&path))
-            .await
-            .map_err(|e| MetaError::FailedPrecondition(format!("catalog open task: {e}")))??;
-    let meta = Meta::new(Arc::new(store), cfg.meta.clone())?;
-
+    berth_proto::private::dir(&cfg.data_dir).map_err(|e| {
+        MetaError::FailedPrecondition(format!("create {}: {e}", cfg.data_dir.display()))
+    })?;
     let socket = cfg
         .socket
         .clone()
         .unwrap_or_else(|| cfg.data_dir.join("meta.sock"));
-    // A socket left by a process that died is in the way; the catalog's lock
-    // already proved no other service runs on this folder.
+    // A socket left by a process that died is in the way (the program checked
+    // that no other service runs on this folder: RocksDB's lock, or one
+    // service per folder with etcd).
     let _ = std::fs::remove_file(&socket);
     let unix = UnixListener::bind(&socket)
         .map_err(|e| MetaError::FailedPrecondition(format!("bind {}: {e}", socket.display())))?;
@@ -125,7 +123,8 @@ pub async fn start(cfg: ServiceConfig) -> Result<Running> {
         tcp: tcp.as_ref().and_then(|l| l.local_addr().ok()),
     };
     let stop = CancellationToken::new();
-    let api = || tonic::service::Routes::new(grpc::Service::new(meta.clone()).into_server());
+    let (serving_tx, serving) = tokio::sync::watch::channel(lead::Serving::Follower(None));
+    let api = || tonic::service::Routes::new(lead::Switch::new(serving.clone()));
     let tls_err = |e: berth_proto::TlsError| MetaError::InvalidArgument(e.to_string());
     let mut tasks = vec![berth_proto::spawn_server(
         api(),
@@ -147,10 +146,15 @@ pub async fn start(cfg: ServiceConfig) -> Result<Running> {
             .map_err(tls_err)?,
         );
     }
-    tasks.push(tokio::spawn(background(meta.clone(), stop.clone())));
+    tasks.push(tokio::spawn(lead::govern(
+        catalog,
+        cfg.meta.clone(),
+        serving_tx,
+        stop.clone(),
+    )));
     tracing::info!(socket = %bound.socket.display(), tcp = ?bound.tcp, "metadata service ready");
     Ok(Running {
-        meta,
+        serving,
         bound,
         stop,
         tasks,
@@ -159,7 +163,7 @@ pub async fn start(cfg: ServiceConfig) -> Result<Running> {
 
 /// Liveness every half heartbeat; audit pulls with it; a full reconcile of
 /// every up node at start and every reconcile interval.
-async fn background(meta: Arc<Meta>, stop: CancellationToken) {
+pub(crate) async fn background(meta: Arc<Meta>, stop: CancellationToken) {
     let tick = (meta.cfg.heartbeat_interval / 2).max(Duration::from_millis(100));
     let mut last_full: Option<Instant> = None;
     loop {
@@ -176,20 +180,20 @@ async fn background(meta: Arc<Meta>, stop: CancellationToken) {
 }
 
 impl Running {
+    /// The service's state while it leads (None while it follows).
+    pub fn meta(&self) -> Option<Arc<Meta>> {
+        match &*self.serving.borrow() {
+            lead::Serving::Leader(m, _) => Some(m.clone()),
+            lead::Serving::Follower(_) => None,
+        }
+    }
+
     pub async fn shutdown(self) {
         self.stop.cancel();
+        // The governing task ends the term: calls whose clients left still
+        // finish their catalog changes.
         for t in self.tasks {
             let _ = t.await;
-        }
-        // Calls whose clients left still finish their catalog changes.
-        self.meta.calls.close();
-        if tokio::time::timeout(Duration::from_secs(60), self.meta.calls.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "calls still running after 60 s; stopping anyway (reconcile finishes them)"
-            );
         }
         tracing::info!("metadata service stopped");
     }

@@ -68,6 +68,13 @@ impl Drop for Pause {
 }
 
 impl Nexuses {
+    /// Lets every nexus go (this service stops leading): their streams end
+    /// and they find the new leader; pauses in progress are released.
+    pub fn close_all(&self) {
+        self.watchers.lock().clear();
+        self.pending.lock().clear();
+    }
+
     /// A nexus on `node` listens for `volume` (the latest one replaces any
     /// earlier: a volume has one nexus).
     pub fn watch(&self, volume: &str, node: &str, tx: EventSender) {

@@ -47,7 +47,8 @@ Closing berthctl's output early (| head) ends it quietly by SIGPIPE, as it ends 
 )]
 struct Cli {
     /// Endpoint: unix:///path.sock or http://host:port (the metadata service,
-    /// or the volume server for `server` commands).
+    /// or the volume server for `server` commands). Several metadata
+    /// services as A,B,C: commands go to the one that leads.
     #[arg(long, env = "BERTH_ENDPOINT", conflicts_with = "data", global = true)]
     endpoint: Option<String>,
     /// Data directory of a local service (DATA/meta.sock, or DATA/control.sock
@@ -257,16 +258,16 @@ fn main() -> ExitCode {
     };
     let out = Out { mode: cli.output };
     rt.block_on(async move {
-        let channel = match berth_proto::channel(&endpoint, tls.as_ref()).await {
-            Ok(c) => c,
-            Err(e) => {
-                let (code, msg) = connect_failure(what, &endpoint, &e);
-                errln!("berthctl: {msg}");
-                return ExitCode::from(code);
-            }
-        };
         let r = match cli.command {
             Cmd::Server(c) => {
+                let channel = match berth_proto::channel(&endpoint, tls.as_ref()).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let (code, msg) = connect_failure(what, &endpoint, &e);
+                        errln!("berthctl: {msg}");
+                        return ExitCode::from(code);
+                    }
+                };
                 server::run(
                     &out,
                     c,
@@ -277,19 +278,21 @@ fn main() -> ExitCode {
                 .await
             }
             Cmd::Meta(c) => {
+                // A list of services (A,B,C): calls go to the one that leads.
+                let channel =
+                    match berth_proto::LeaderChannel::connect(&endpoint, tls.as_ref()).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let (code, msg) = connect_failure(what, &endpoint, &e);
+                            errln!("berthctl: {msg}");
+                            return ExitCode::from(code);
+                        }
+                    };
                 let conn = meta::Conn {
                     endpoint: endpoint.clone(),
                     tls_dir: cli.tls_dir.clone(),
                 };
-                meta::run(
-                    &out,
-                    c,
-                    berth_proto::meta::v1::metadata_service_client::MetadataServiceClient::new(
-                        channel,
-                    ),
-                    &conn,
-                )
-                .await
+                meta::run(&out, c, berth_proto::MetaClient::new(channel), &conn).await
             }
             // Handled before connecting.
             Cmd::Tls(_) => Ok(()),

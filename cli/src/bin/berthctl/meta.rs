@@ -3,10 +3,8 @@
 use std::collections::HashMap;
 
 use berth_proto::meta::v1 as pb;
-use berth_proto::meta::v1::metadata_service_client::MetadataServiceClient;
 use clap::Subcommand;
 use serde_json::{json, Value};
-use tonic::transport::Channel;
 
 use super::{nonzero, req, Out, Output};
 use crate::out::human_bytes;
@@ -403,7 +401,7 @@ fn check_not_below(size: u64, have: u64, what: &str, why: &str) -> Result<(), to
 
 /// Whether a snapshot exists, by listing it by id.
 async fn snapshot_exists(
-    c: &mut MetadataServiceClient<Channel>,
+    c: &mut berth_proto::MetaClient,
     id: &str,
 ) -> Result<Option<pb::Snapshot>, tonic::Status> {
     Ok(c.list_snapshots(req(pb::ListSnapshotsRequest {
@@ -421,7 +419,7 @@ async fn snapshot_exists(
 
 /// Whether a volume exists, by asking for it.
 async fn volume_exists(
-    c: &mut MetadataServiceClient<Channel>,
+    c: &mut berth_proto::MetaClient,
     name: &str,
 ) -> Result<Option<pb::Volume>, tonic::Status> {
     match c
@@ -439,7 +437,7 @@ async fn volume_exists(
 pub async fn run(
     out: &Out,
     cmd: Cmd,
-    mut c: MetadataServiceClient<Channel>,
+    mut c: berth_proto::MetaClient,
     conn: &Conn,
 ) -> Result<(), tonic::Status> {
     match cmd {
@@ -747,7 +745,7 @@ pub async fn run(
 async fn volume(
     out: &Out,
     v: VolumeCmd,
-    c: &mut MetadataServiceClient<Channel>,
+    c: &mut berth_proto::MetaClient,
     conn: &Conn,
 ) -> Result<(), tonic::Status> {
     match v {
@@ -757,7 +755,7 @@ async fn volume(
             timeout,
             node,
         } => {
-            let get = |c: &mut MetadataServiceClient<Channel>| {
+            let get = |c: &mut berth_proto::MetaClient| {
                 let mut c = c.clone();
                 let name = name.clone();
                 async move {
