@@ -225,7 +225,12 @@ fn tcp_endpoint(
     endpoint: &str,
     tls: Option<&ClientTls>,
 ) -> Result<tonic::transport::Endpoint, ChannelError> {
-    let e = tonic::transport::Endpoint::from_shared(endpoint.to_string())?;
+    // A peer that accepts connections but never answers (a paused process)
+    // fails calls after the keep-alive instead of holding them forever.
+    let e = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .http2_keep_alive_interval(std::time::Duration::from_secs(5))
+        .keep_alive_timeout(std::time::Duration::from_secs(5));
     match (endpoint.starts_with("https://"), tls) {
         (true, Some(t)) => Ok(e.tls_config(t.dir.grpc_client(t.server_name.as_deref()))?),
         (true, None) => Err(ChannelError::Endpoint(format!(

@@ -32,6 +32,8 @@ pub struct MetaProc {
     tls_dir: Option<PathBuf>,
     /// More flags for `berth metadata`, kept across restarts.
     extra: Vec<String>,
+    /// Where its log goes (else the test's stderr), kept across restarts.
+    pub log: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -44,6 +46,15 @@ impl MetaProc {
     pub fn start_with(dir: &Path, extra: &[&str]) -> MetaProc {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         Self::spawn(dir, "127.0.0.1:0", None, None, &extra)
+    }
+
+    /// Listening on `listen` (a fixed port: a service of several over etcd
+    /// advertises it), with `extra` flags; its log (stderr) goes to `log`.
+    pub fn start_at(dir: &Path, listen: &str, extra: &[&str], log: &Path) -> MetaProc {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut m = Self::spawn_logged(dir, listen, None, None, &extra, Some(log));
+        m.log = Some(log.to_path_buf());
+        m
     }
 
     /// Serving mutual TLS on TCP with the certificates in `tls_dir`, and
@@ -62,6 +73,17 @@ impl MetaProc {
         tls: Option<&Path>,
         extra: &[String],
     ) -> MetaProc {
+        Self::spawn_logged(dir, listen, crash_at, tls, extra, None)
+    }
+
+    fn spawn_logged(
+        dir: &Path,
+        listen: &str,
+        crash_at: Option<&str>,
+        tls: Option<&Path>,
+        extra: &[String],
+        log: Option<&Path>,
+    ) -> MetaProc {
         let mut cmd = Command::new(binary("berth"));
         cmd.args(["metadata", "--data"])
             .arg(dir)
@@ -71,7 +93,16 @@ impl MetaProc {
             .args(["--reconcile-seconds", "2"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(match log {
+                Some(p) => Stdio::from(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(p)
+                        .expect("log file"),
+                ),
+                None => Stdio::inherit(),
+            });
         if let Some(p) = crash_at {
             cmd.env("BERTH_FAULT_CRASH", p);
         }
@@ -96,6 +127,7 @@ impl MetaProc {
             listen: tcp,
             tls_dir: tls.map(Path::to_path_buf),
             extra: extra.to_vec(),
+            log: log.map(Path::to_path_buf),
             child: Some(child),
         }
     }
@@ -106,10 +138,11 @@ impl MetaProc {
         self.kill9();
         let dir = self.dir.clone();
         let listen = self.listen.clone();
-        let (tls, ctl_args, extra) = (
+        let (tls, ctl_args, extra, log) = (
             self.tls_dir.clone(),
             self.ctl_args.clone(),
             self.extra.clone(),
+            self.log.clone(),
         );
         // The port was just released; retry briefly if the kernel still holds it.
         for _ in 0..50 {
@@ -119,7 +152,14 @@ impl MetaProc {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        *self = Self::spawn(&dir, &listen, crash_at, tls.as_deref(), &extra);
+        *self = Self::spawn_logged(
+            &dir,
+            &listen,
+            crash_at,
+            tls.as_deref(),
+            &extra,
+            log.as_deref(),
+        );
         self.ctl_args = ctl_args;
     }
 
@@ -128,6 +168,11 @@ impl MetaProc {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// SIGTERM and wait.

@@ -487,10 +487,11 @@ fn open_catalog(
     }
     let me = match (&a.etcd.advertise, addr("listen", &a.listen)?) {
         (Some(me), _) => me.clone(),
-        (None, Some(l)) if l.ip().is_unspecified() => {
+        (None, Some(l)) if l.ip().is_unspecified() || l.port() == 0 => {
             return Err(format!(
-                "--listen {l} is every address: give --advertise, the address clients reach this \
-                 service at"
+                "--listen {l} is not an address clients can reach (every address, or a port \
+                 the kernel picks): give --advertise, the address clients reach this service \
+                 at, or a fixed address"
             ))
         }
         (None, Some(l)) => format!("{}://{l}", if tls { "https" } else { "http" }),

@@ -244,6 +244,21 @@ impl EtcdCatalog {
         &self.leader_key
     }
 
+    /// Who leads now: the address it advertises and its term.
+    pub fn leader(&self) -> Result<Option<(String, u64)>> {
+        let mut kv = self.client.kv_client();
+        let key = self.leader_key.clone();
+        self.run(async move {
+            let r = kv.get(key, None).await.map_err(|e| etcd_error("get", e))?;
+            Ok(r.kvs().first().map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                    kv.create_revision() as u64,
+                )
+            }))
+        })
+    }
+
     /// The client, for tools that need more of etcd.
     pub fn client(&self) -> Client {
         self.client.clone()
