@@ -1101,6 +1101,18 @@ fn go_duration(s: &str) -> Option<u64> {
 /// Issuer, each with the usages of a server and a client, a new key at each
 /// renewal, and durations that leave time to restart the pods (the programs
 /// read their certificates once, at start).
+/// CA Issuers over a CA that is not Berth's: etcd's, which signs the
+/// metadata service's etcd client certificate (`--etcd-tls-dir`). The
+/// administrator makes their Secret from that CA (the file's comments show
+/// the `kubectl create secret tls`); what they issue is a client
+/// certificate only.
+const EXTERNAL_CA_ISSUERS: &[&str] = &["berth-etcd-ca"];
+
+/// A Certificate issued by one of [`EXTERNAL_CA_ISSUERS`].
+fn is_external(c: &Certificate) -> bool {
+    EXTERNAL_CA_ISSUERS.contains(&c.spec.issuer_ref.name.as_str())
+}
+
 fn certificate_problems(idx: &Index) -> Vec<String> {
     let mut problems = Vec::new();
     let mut cas = Vec::new();
@@ -1113,7 +1125,18 @@ fn certificate_problems(idx: &Index) -> Vec<String> {
                     let is_ca = idx
                         .certificate_for_secret(&ca.secret_name)
                         .is_some_and(|c| c.spec.is_ca == Some(true));
-                    if !is_ca {
+                    let external = i
+                        .metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| EXTERNAL_CA_ISSUERS.contains(&n));
+                    if external && idx.certificate_for_secret(&ca.secret_name).is_some() {
+                        problems.push(format!(
+                            "{}: the Secret {} of an external CA is the administrator's, not a Certificate's",
+                            m.at, ca.secret_name
+                        ));
+                    }
+                    if !is_ca && !external {
                         problems.push(format!(
                             "{}: ca.secretName {} is not the Secret of a Certificate with isCA: true",
                             m.at, ca.secret_name
@@ -1179,6 +1202,21 @@ fn certificate_problems(idx: &Index) -> Vec<String> {
                             m.at
                         ));
                     }
+                } else if is_external(c) {
+                    // A client certificate for a store outside Berth (etcd).
+                    let usages: Vec<&str> = s.usages.iter().flatten().map(String::as_str).collect();
+                    if !usages.contains(&"client auth") || issuer.spec.ca.is_none() {
+                        problems.push(format!(
+                            "{}: a certificate of an external CA is a client certificate (usages client auth) from its CA Issuer",
+                            m.at
+                        ));
+                    }
+                    if rotation != Some("Always") {
+                        problems.push(format!(
+                            "{}: privateKey.rotationPolicy {rotation:?}, expected Always (a new key at each renewal)",
+                            m.at
+                        ));
+                    }
                 } else {
                     longest = longest.max(duration);
                     if issuer.spec.ca.is_none() {
@@ -1227,6 +1265,37 @@ fn certificate_problems(idx: &Index) -> Vec<String> {
         )),
     }
     problems
+}
+
+/// The Secrets Berth containers mount at their `--etcd-tls-dir`.
+fn etcd_tls_secrets(all: &[Manifest]) -> Vec<&str> {
+    let mut out = Vec::new();
+    for w in workloads(all) {
+        let Some(spec) = w.template.spec.as_ref() else {
+            continue;
+        };
+        for c in containers(w.template).into_iter().filter(|c| is_berth(c)) {
+            let Some(dir) = flag(c, "etcd-tls-dir").or_else(|| env_value(c, "BERTH_ETCD_TLS_DIR"))
+            else {
+                continue;
+            };
+            let mount = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.mount_path.trim_end_matches('/') == dir.trim_end_matches('/'));
+            let secret = mount.and_then(|m| {
+                spec.volumes
+                    .iter()
+                    .flatten()
+                    .find(|v| v.name == m.name)
+                    .and_then(|v| v.secret.as_ref())
+                    .and_then(|s| s.secret_name.as_deref())
+            });
+            out.extend(secret);
+        }
+    }
+    out
 }
 
 /// A Berth container with certificates: the Secret at its `--tls-dir` and
@@ -1461,9 +1530,19 @@ fn tls_problems(all: &[Manifest], volume_server_name: &str) -> Vec<String> {
         }
     }
     problems.extend(allow_problems(&uses));
-    // A program's certificate that no container uses is a typo somewhere.
+    // A program's certificate that no container uses is a typo somewhere
+    // (an external CA's, for etcd, is used at --etcd-tls-dir).
     for m in all {
         if let Object::Certificate(c) = &m.object {
+            if is_external(c) {
+                if !etcd_tls_secrets(all).contains(&c.spec.secret_name.as_str()) {
+                    problems.push(format!(
+                        "{}: no Berth container uses Secret {} as its --etcd-tls-dir",
+                        m.at, c.spec.secret_name
+                    ));
+                }
+                continue;
+            }
             if c.spec.is_ca != Some(true) && !uses.iter().any(|u| u.secret == c.spec.secret_name) {
                 problems.push(format!(
                     "{}: no Berth container uses Secret {} as its --tls-dir",
@@ -2089,6 +2168,21 @@ fn certificates_tls_dirs_and_https_endpoints_agree() {
             continue;
         }
         let secret = &c.spec.secret_name;
+        if is_external(c) {
+            // Its CA's Secret is the administrator's to make, as the file says.
+            let issuer = &c.spec.issuer_ref.name;
+            let ca_secret = idx
+                .issuer(issuer)
+                .and_then(|i| i.spec.ca.as_ref())
+                .map(|ca| ca.secret_name.clone())
+                .unwrap_or_default();
+            if !text.contains(&format!("create secret tls {ca_secret}")) {
+                problems.push(format!(
+                    "{CERTIFICATES_FILE}: no `kubectl -n {NAMESPACE} create secret tls {ca_secret}` for the external CA of {secret}"
+                ));
+            }
+            continue;
+        }
         let cmd = format!("create secret generic {secret} --from-file=pki/");
         let Some(i) = text.find(&cmd) else {
             problems.push(format!(

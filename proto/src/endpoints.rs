@@ -251,10 +251,16 @@ impl Service<http::Request<tonic::body::Body>> for LeaderChannel {
                     Ok(resp) => match leader_hint(&resp) {
                         None => return Ok(resp),
                         Some(_) if late => return Ok(resp),
+                        Some(leader) if leader.is_empty() => {
+                            inner.advance(i);
+                            misses += 2;
+                        }
                         Some(leader) => {
-                            if leader.is_empty() || !inner.point_to(&leader) {
-                                inner.advance(i);
-                                misses += 1;
+                            if !inner.point_to(&leader) {
+                                // A leader this client cannot dial (https://
+                                // without certificates, say): the refusal,
+                                // which names it, is the answer.
+                                return Ok(resp);
                             }
                             misses += 1;
                         }
