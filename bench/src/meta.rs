@@ -7,6 +7,12 @@
 //! Every call is a synced catalog write or two (intent, outcome + audit
 //! entry) and a volume server call that itself syncs its block store, so the
 //! figures are bounded by fsync latency; that is the point of measuring them.
+//!
+//! `--catalog rocksdb,etcd` (the default) runs everything once per catalog
+//! in the same run: the embedded RocksDB, then a three-member etcd on
+//! loopback (real `etcd` processes, each syncing its own WAL on the same
+//! disk) under one metadata service that leads it, and prints etcd's rate as
+//! a share of RocksDB's.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -34,6 +40,12 @@ pub struct MetaArgs {
     /// Concurrent callers, one run each (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     concurrency: Vec<usize>,
+    /// Catalogs to run on, one after the other (comma-separated: rocksdb, etcd).
+    #[arg(long, value_delimiter = ',', default_value = "rocksdb,etcd")]
+    catalog: Vec<String>,
+    /// Members of the etcd cluster started for `--catalog etcd`.
+    #[arg(long, default_value_t = 3)]
+    etcd_members: usize,
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
 }
@@ -50,6 +62,9 @@ pub(crate) struct Phase {
     pub max_ms: f64,
     /// CPU the serving process (the metadata service, or standalone) used per call.
     pub meta_cpu_us_per_call: f64,
+    /// The catalog behind the service (`meta` only).
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub catalog: String,
 }
 
 /// Starts a Berth program and reads its one-line JSON ready report.
@@ -147,23 +162,93 @@ where
         p99_ms: quantile(&lat, 0.99),
         max_ms: quantile(&lat, 1.0),
         meta_cpu_us_per_call: cpu * 1e6 / count.max(1) as f64,
+        catalog: String::new(),
     }
 }
 
 pub fn run(a: MetaArgs) -> Result<(), String> {
+    let mut results = Vec::new();
+    for cat in &a.catalog {
+        let mut phases = match cat.as_str() {
+            "rocksdb" => run_on(&a, None)?,
+            "etcd" => {
+                let etcd = berth_catalog_etcd::testing::EtcdCluster::start(a.etcd_members);
+                let r = run_on(&a, Some(&etcd.endpoints().join(",")));
+                drop(etcd);
+                r?
+            }
+            other => return Err(format!("--catalog {other}: rocksdb or etcd")),
+        };
+        for p in &mut phases {
+            p.catalog = cat.clone();
+        }
+        println!("catalog: {cat}");
+        print_phases(&phases);
+        results.extend(phases);
+    }
+    // etcd's rate as a share of RocksDB's, phase by phase.
+    let mut shares = Vec::new();
+    for e in results.iter().filter(|p| p.catalog == "etcd") {
+        if let Some(r) = results.iter().find(|r| {
+            r.catalog == "rocksdb" && r.phase == e.phase && r.concurrency == e.concurrency
+        }) {
+            let share = e.per_second / r.per_second.max(f64::MIN_POSITIVE);
+            println!(
+                "{:<20} {:>3} callers: etcd {:>7.1}/s = {:>4.0}% of RocksDB's {:>7.1}/s",
+                e.phase,
+                e.concurrency,
+                e.per_second,
+                share * 100.0,
+                r.per_second
+            );
+            shares.push(serde_json::json!({
+                "phase": e.phase, "concurrency": e.concurrency, "etcd_share_of_rocksdb": share,
+            }));
+        }
+    }
+    let doc = serde_json::json!({
+        "kind": "meta",
+        "nodes": a.nodes,
+        "count": a.count,
+        "etcd_members": a.etcd_members,
+        "results": results,
+        "etcd_vs_rocksdb": shares,
+    });
+    crate::write_result(&a.out, "meta", &doc)?;
+    if results.iter().any(|p| p.errors > 0) {
+        return Err("some calls failed (see above)".into());
+    }
+    Ok(())
+}
+
+/// One metadata service on the catalog (`etcd`: its endpoints; else
+/// RocksDB) and `a.nodes` volume servers; every phase at every concurrency.
+fn run_on(a: &MetaArgs, etcd: Option<&str>) -> Result<Vec<Phase>, String> {
     let _ = std::fs::remove_dir_all(&a.dir);
     std::fs::create_dir_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
-    let (meta, ready) = start(
-        Command::new(sibling("berth")?)
-            .args(["metadata", "--data"])
-            .arg(a.dir.join("meta"))
-            .args(["--listen", "127.0.0.1:0", "--heartbeat-ms", "500"])
-            // Loopback only, for the benchmark: plain TCP, asked for by name.
-            .arg("--insecure-plaintext-tcp")
-            // Thin 1 GiB volumes on small pools: nothing here writes data.
-            .args(["--overcommit", "100"]),
-        "berth metadata",
-    )?;
+    let mut cmd = Command::new(sibling("berth")?);
+    cmd.args(["metadata", "--data"])
+        .arg(a.dir.join("meta"))
+        .args(["--heartbeat-ms", "500"])
+        // Loopback only, for the benchmark: plain TCP, asked for by name.
+        .arg("--insecure-plaintext-tcp")
+        // Thin 1 GiB volumes on small pools: nothing here writes data.
+        .args(["--overcommit", "100"]);
+    match etcd {
+        // A service over etcd advertises its address: a fixed port.
+        Some(urls) => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| e.to_string())?
+                .port();
+            cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--catalog", &format!("etcd:{urls}")]);
+        }
+        None => {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+    }
+    let (meta, ready) = start(&mut cmd, "berth metadata")?;
     let endpoint = format!("http://{}", ready["tcp"].as_str().unwrap_or_default());
     let mut servers = Vec::new();
     for i in 0..a.nodes {
@@ -195,19 +280,17 @@ pub fn run(a: MetaArgs) -> Result<(), String> {
         let c = MetadataServiceClient::new(ch);
         let t = Instant::now();
         loop {
-            let nodes = c
-                .clone()
-                .list_nodes(pb::ListNodesRequest {})
-                .await
-                .map_err(|e| e.to_string())?;
-            if nodes
-                .into_inner()
-                .nodes
-                .iter()
-                .filter(|n| n.state == "up")
-                .count()
-                == a.nodes
-            {
+            // Over etcd the service answers once it leads.
+            let up = match c.clone().list_nodes(pb::ListNodesRequest {}).await {
+                Ok(nodes) => nodes
+                    .into_inner()
+                    .nodes
+                    .iter()
+                    .filter(|n| n.state == "up")
+                    .count(),
+                Err(_) => 0,
+            };
+            if up == a.nodes {
                 break;
             }
             if t.elapsed() > Duration::from_secs(30) {
@@ -294,19 +377,8 @@ pub fn run(a: MetaArgs) -> Result<(), String> {
     })?;
     drop(servers);
     drop(meta);
-    print_phases(&results);
-    let doc = serde_json::json!({
-        "kind": "meta",
-        "nodes": a.nodes,
-        "count": a.count,
-        "results": results,
-    });
     let _ = std::fs::remove_dir_all(&a.dir);
-    if results.iter().any(|p| p.errors > 0) {
-        crate::write_result(&a.out, "meta", &doc)?;
-        return Err("some calls failed (see above)".into());
-    }
-    crate::write_result(&a.out, "meta", &doc)
+    Ok(results)
 }
 
 /// The phases as a table.

@@ -2,7 +2,13 @@
 //! decides where volumes live.
 //!
 //! - `meta`: state and operations (idempotent by name, intent → volume server
-//!   → outcome, reconcile);
+//!   → outcome), one file per kind of object (`meta/volumes.rs`,
+//!   `snapshots.rs`, `attachments.rs`, `replicas.rs`, `reconcile.rs`). The
+//!   catalog is injected (any `CatalogStore`: `MemStore` in tests), volume
+//!   servers are dialed by their registered endpoints (in-process ones on
+//!   unix sockets in tests), and crash points can be simulated in the process
+//!   (`Meta::simulate_crash_at`): `tests/in_process.rs` runs all of it
+//!   without a child process;
 //! - `grpc`: `berth.meta.v1.MetadataService`;
 //! - `placement`: choosing a pool by room, topology and media;
 //! - `tiers`: QoS tiers and StorageClass parameters;
