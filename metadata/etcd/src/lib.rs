@@ -420,30 +420,111 @@ impl CatalogStore for EtcdCatalog {
 /// The leader's view of the catalog: every transaction carries the compare
 /// on its term, so it is refused once another service leads. A refusal wakes
 /// the campaign, which steps down.
+///
+/// During its term the leader is the only writer (the fence), so it keeps
+/// every table but the audit log in memory, loaded at the first read and
+/// changed by its own commits once etcd has them: reads cost no round trip
+/// to etcd (a create reads nodes, pools and volumes several times; over the
+/// network each read is a quorum read). A commit whose outcome is unknown
+/// (etcd unreachable, timed out) drops the copy, which is read again. The
+/// audit log is read from etcd, so `audit verify` checks what etcd holds.
 #[derive(Debug)]
 pub struct Fenced {
     inner: Arc<EtcdCatalog>,
     term: i64,
     lost: Arc<tokio::sync::Notify>,
+    cache: parking_lot::RwLock<Option<Arc<berth_catalog::MemStore>>>,
+    /// Commits, and loads of the copy, one at a time (so that a load never
+    /// misses a commit that lands while it reads).
+    commits: parking_lot::Mutex<()>,
+}
+
+/// Tables the leader keeps in memory: all but the audit log, which only
+/// grows.
+fn cached(t: Table) -> bool {
+    t != Table::Audit
+}
+
+impl Fenced {
+    fn new(inner: Arc<EtcdCatalog>, term: i64, lost: Arc<tokio::sync::Notify>) -> Self {
+        Fenced {
+            inner,
+            term,
+            lost,
+            cache: parking_lot::RwLock::new(None),
+            commits: parking_lot::Mutex::new(()),
+        }
+    }
+
+    /// The copy in memory, read from etcd first when there is none.
+    fn copy(&self) -> Result<Arc<berth_catalog::MemStore>> {
+        if let Some(c) = self.cache.read().as_ref() {
+            return Ok(c.clone());
+        }
+        let _one = self.commits.lock();
+        if let Some(c) = self.cache.read().as_ref() {
+            return Ok(c.clone());
+        }
+        let copy = berth_catalog::MemStore::new();
+        for t in Table::ALL.into_iter().filter(|t| cached(*t)) {
+            let mut txn = Txn::new();
+            for (k, v) in self.inner.scan(t, None, 0)? {
+                txn = txn.put(t, k, v);
+            }
+            copy.commit(txn)?;
+        }
+        let copy = Arc::new(copy);
+        *self.cache.write() = Some(copy.clone());
+        Ok(copy)
+    }
 }
 
 impl CatalogStore for Fenced {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.inner.get(table, key)
+        if !cached(table) {
+            return self.inner.get(table, key);
+        }
+        self.copy()?.get(table, key)
     }
 
     fn scan(&self, table: Table, start_after: Option<&[u8]>, limit: usize) -> Result<Vec<Entry>> {
-        self.inner.scan(table, start_after, limit)
+        if !cached(table) {
+            return self.inner.scan(table, start_after, limit);
+        }
+        self.copy()?.scan(table, start_after, limit)
     }
 
     fn commit(&self, txn: Txn) -> Result<()> {
+        let _one = self.commits.lock();
+        let ops: Vec<Op> = txn
+            .ops
+            .iter()
+            .filter(|op| match op {
+                Op::Put(t, ..) | Op::Delete(t, _) => cached(*t),
+            })
+            .cloned()
+            .collect();
         let r = self.inner.commit_fenced(txn, Some(self.term));
-        if let Err(CatalogError::Fenced(why)) = &r {
-            tracing::warn!(
-                term = self.term,
-                "etcd refused a write of this service: {why}"
-            );
-            self.lost.notify_one();
+        match &r {
+            Ok(()) => {
+                if let Some(c) = self.cache.read().as_ref() {
+                    c.commit(Txn {
+                        conditions: Vec::new(),
+                        ops,
+                    })?;
+                }
+            }
+            Err(CatalogError::Fenced(why)) => {
+                tracing::warn!(
+                    term = self.term,
+                    "etcd refused a write of this service: {why}"
+                );
+                self.lost.notify_one();
+            }
+            // Nothing was written, but a condition the copy held was false
+            // in etcd (someone wrote behind the leader's back), or the
+            // outcome is unknown: read the catalog again.
+            Err(_) => *self.cache.write() = None,
         }
         r
     }
@@ -543,11 +624,7 @@ async fn elect(
             Ok(r) if r.succeeded() => {
                 let term = r.header().map_or(0, |h| h.revision());
                 let lost = Arc::new(tokio::sync::Notify::new());
-                let store = Arc::new(Fenced {
-                    inner: c.clone(),
-                    term,
-                    lost: lost.clone(),
-                });
+                let store = Arc::new(Fenced::new(c.clone(), term, lost.clone()));
                 drop(c);
                 tracing::info!(term, me = %me, "leading the catalog");
                 let _ = tx.send(Role::Leader {

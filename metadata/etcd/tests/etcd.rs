@@ -24,7 +24,7 @@ fn meets_the_catalog_contract() {
 
 /// Random transactions with random conditions: etcd accepts and refuses
 /// exactly what the in-memory model does and ends in the same state, seen
-/// again through a second client. (A runner of our own rather than
+/// again through a second client; and so does a leader's fenced store. (A runner of our own rather than
 /// `proptest!`, so that one etcd serves every case and stops with the test.)
 #[test]
 fn etcd_matches_the_in_memory_model() {
@@ -43,9 +43,24 @@ fn etcd_matches_the_in_memory_model() {
                     "model{}",
                     n.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 );
-                let model = berth_catalog::model::check(&*catalog(&etcd, &prefix), txns)?;
+                let model = berth_catalog::model::check(&*catalog(&etcd, &prefix), txns.clone())?;
                 prop_assert_eq!(
                     berth_catalog::model::dump(&*catalog(&etcd, &prefix)),
+                    berth_catalog::model::dump(&model)
+                );
+                // The same through a leader's store (its copy in memory, its
+                // fence), seen again through a plain client.
+                let leader_prefix = format!("{prefix}-leader");
+                let c = catalog(&etcd, &leader_prefix);
+                let (mut roles, _resign) = campaign(&c, "http://me".into(), Duration::from_secs(2));
+                let Role::Leader { store, .. } =
+                    wait_role(&mut roles, "leads", |r| matches!(r, Role::Leader { .. }))
+                else {
+                    unreachable!()
+                };
+                let model = berth_catalog::model::check(&*store, txns)?;
+                prop_assert_eq!(
+                    berth_catalog::model::dump(&*catalog(&etcd, &leader_prefix)),
                     berth_catalog::model::dump(&model)
                 );
                 Ok(())
@@ -223,4 +238,49 @@ fn an_unreachable_etcd_is_unavailable() {
     let e = r.expect_err("nobody listens");
     assert!(matches!(e, CatalogError::Unavailable(_)), "{e}");
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
+/// The leader reads from its copy of the catalog, but etcd decides: a
+/// write that someone made behind its back makes its stale compare fail,
+/// and its next reads see etcd's value.
+#[test]
+fn the_leaders_copy_yields_to_what_etcd_holds() {
+    let etcd = EtcdCluster::start(1);
+    let a = catalog(&etcd, "copy");
+    let (mut ra, _resign) = campaign(&a, "http://a".into(), Duration::from_secs(2));
+    let Role::Leader { store, .. } =
+        wait_role(&mut ra, "a leads", |r| matches!(r, Role::Leader { .. }))
+    else {
+        unreachable!()
+    };
+    store
+        .commit(Txn::new().put(Table::Volumes, "v", b"1".to_vec()))
+        .expect("put");
+    assert_eq!(
+        store.get(Table::Volumes, b"v").expect("get"),
+        Some(b"1".to_vec())
+    );
+    // Behind the leader's back (an administrator with etcdctl).
+    a.commit(Txn::new().put(Table::Volumes, "v", b"2".to_vec()))
+        .expect("outside write");
+    let e = store
+        .commit(
+            Txn::new()
+                .require_equals(Table::Volumes, "v", b"1".to_vec())
+                .put(Table::Volumes, "v", b"3".to_vec()),
+        )
+        .expect_err("a compare on the stale copy");
+    assert!(matches!(e, CatalogError::Conflict { .. }), "{e}");
+    assert_eq!(
+        store.get(Table::Volumes, b"v").expect("get"),
+        Some(b"2".to_vec())
+    );
+    assert_eq!(store.scan(Table::Volumes, None, 0).expect("scan").len(), 1);
+    // The audit log is always read from etcd.
+    a.commit(Txn::new().put(Table::Audit, "e1", b"x".to_vec()))
+        .expect("audit");
+    assert_eq!(
+        store.get(Table::Audit, b"e1").expect("get"),
+        Some(b"x".to_vec())
+    );
 }
