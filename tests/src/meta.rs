@@ -201,17 +201,13 @@ impl MetaProc {
     }
 
     pub fn ctl(&self, args: &[&str]) -> CtlOut {
-        let out = Command::new(binary("berthctl"))
-            .args(["--endpoint", &self.endpoint, "--output", "json"])
-            .args(&self.ctl_args)
-            .args(args)
-            .output()
-            .expect("run berthctl");
-        CtlOut {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).to_string(),
-        }
+        let all: Vec<&str> = self
+            .ctl_args
+            .iter()
+            .map(String::as_str)
+            .chain(args.iter().copied())
+            .collect();
+        ctl_at(&self.endpoint, &all)
     }
 
     /// berthctl's table output, which must succeed, trimmed.
@@ -280,6 +276,20 @@ impl MetaProc {
 impl Drop for MetaProc {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// berthctl with JSON output against `endpoint` (`A` or `A,B,C`).
+pub fn ctl_at(endpoint: &str, args: &[&str]) -> CtlOut {
+    let out = Command::new(binary("berthctl"))
+        .args(["--endpoint", endpoint, "--output", "json"])
+        .args(args)
+        .output()
+        .expect("run berthctl");
+    CtlOut {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
     }
 }
 

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use berth_catalog_etcd::testing::EtcdCluster;
 use berth_catalog_etcd::{EtcdCatalog, EtcdConfig};
-use berth_tests::meta::{names, wait_for, CtlOut, MetaProc};
-use berth_tests::server::{binary, ServerProc};
+use berth_tests::meta::{ctl_at, names, wait_for, CtlOut, MetaProc};
+use berth_tests::server::ServerProc;
 use serde_json::Value;
 
 /// The leadership lease of the services under test, in seconds.
@@ -42,19 +42,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
-}
-
-fn ctl_at(endpoint: &str, args: &[&str]) -> CtlOut {
-    let out = std::process::Command::new(binary("berthctl"))
-        .args(["--endpoint", endpoint, "--output", "json"])
-        .args(args)
-        .output()
-        .expect("run berthctl");
-    CtlOut {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).to_string(),
-        stderr: String::from_utf8_lossy(&out.stderr).to_string(),
-    }
 }
 
 impl Ha {
@@ -241,7 +228,7 @@ fn workload(list: String, stop: Arc<AtomicBool>, rec: Arc<Mutex<Record>>) {
         }
         // Volumes go again two rounds later, but for every 25th, which
         // stays to the end (the pools hold the long run's).
-        if i >= 2 && (i - 2) % 25 != 0 {
+        if i >= 2 && !(i - 2).is_multiple_of(25) {
             let old = format!("v{}", i - 2);
             if !call(s(&["volume", "delete", &old])) {
                 return;
@@ -404,6 +391,7 @@ fn a_paused_leader_is_refused_by_etcd_and_steps_down() {
         &["volume", "create", "during", "--size", "16M"],
     );
     assert_eq!(o.code, 0, "{}", o.stderr);
+    // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     wait_for(
         "the resumed leader to have its write refused by etcd",

@@ -19,6 +19,9 @@ pub struct EtcdCluster {
     members: Vec<Member>,
     dir: tempfile::TempDir,
     token: String,
+    /// Serving clients over TLS with this certificate folder (tls.crt,
+    /// tls.key, ca.crt), requiring client certificates signed by its CA.
+    tls: Option<PathBuf>,
 }
 
 /// The `etcd` program, or a failure that says how to get it.
@@ -44,6 +47,26 @@ fn free_port() -> u16 {
 impl EtcdCluster {
     /// Starts `n` members and waits until the cluster answers.
     pub fn start(n: usize) -> EtcdCluster {
+        Self::start_with(n, None, None)
+    }
+
+    /// Starts `n` members serving clients over TLS with the certificate in
+    /// `server` (tls.crt, tls.key, ca.crt: the CA that client certificates
+    /// must be signed by), and waits until the cluster answers a client
+    /// presenting `client` (a TLS configuration with its certificate).
+    pub fn start_tls(
+        n: usize,
+        server: &std::path::Path,
+        client: etcd_client::TlsOptions,
+    ) -> EtcdCluster {
+        Self::start_with(n, Some(server.to_path_buf()), Some(client))
+    }
+
+    fn start_with(
+        n: usize,
+        tls: Option<PathBuf>,
+        client: Option<etcd_client::TlsOptions>,
+    ) -> EtcdCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let members = (0..n)
             .map(|i| Member {
@@ -57,11 +80,12 @@ impl EtcdCluster {
             members,
             dir,
             token: format!("berth-test-{}", std::process::id()),
+            tls,
         };
         for i in 0..n {
             c.spawn(i, "new");
         }
-        c.wait_ready(&c.endpoints(), Duration::from_secs(30));
+        c.wait_ready(&c.endpoints(), client, Duration::from_secs(30));
         c
     }
 
@@ -85,10 +109,21 @@ impl EtcdCluster {
                     .join(format!("{}.log", self.members[i].name)),
             )
             .expect("etcd log");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         let m = &mut self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client);
+        let client = format!("{scheme}://127.0.0.1:{}", m.client);
         let peer = format!("http://127.0.0.1:{}", m.peer);
-        let child = Command::new(program())
+        let mut cmd = Command::new(program());
+        if let Some(d) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(d.join("tls.crt"))
+                .arg("--key-file")
+                .arg(d.join("tls.key"))
+                .arg("--trusted-ca-file")
+                .arg(d.join("ca.crt"))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&data)
@@ -113,9 +148,15 @@ impl EtcdCluster {
     }
 
     /// Waits until a write through `endpoints` succeeds.
-    fn wait_ready(&self, endpoints: &[String], within: Duration) {
+    fn wait_ready(
+        &self,
+        endpoints: &[String],
+        tls: Option<etcd_client::TlsOptions>,
+        within: Duration,
+    ) {
         let deadline = Instant::now() + within;
         let mut cfg = crate::EtcdConfig::new(endpoints.to_vec());
+        cfg.tls = tls;
         cfg.request_timeout = Duration::from_secs(2);
         cfg.prefix = "/berth-test-ready".into();
         loop {
@@ -140,9 +181,10 @@ impl EtcdCluster {
 
     /// Every member's client URL.
     pub fn endpoints(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
         self.members
             .iter()
-            .map(|m| format!("http://127.0.0.1:{}", m.client))
+            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client))
             .collect()
     }
 
@@ -163,7 +205,8 @@ impl EtcdCluster {
     /// Waits until member `i` alone answers a write (the cluster has a
     /// leader and `i` is part of it).
     pub fn wait_member(&self, i: usize, within: Duration) {
-        self.wait_ready(&[self.endpoints()[i].clone()], within);
+        assert!(self.tls.is_none(), "wait_member: plaintext clusters only");
+        self.wait_ready(&[self.endpoints()[i].clone()], None, within);
     }
 }
 

@@ -284,3 +284,34 @@ fn the_leaders_copy_yields_to_what_etcd_holds() {
         Some(b"x".to_vec())
     );
 }
+
+/// etcd with client certificate authentication, as a cluster runs it: the
+/// catalog works with a certificate its CA signed, and a client without one
+/// is turned away.
+#[test]
+fn over_tls_with_a_client_certificate() {
+    let pki = tempfile::tempdir().expect("tempdir");
+    let issues: Vec<berth_proto::tls::Issue> = ["etcd=127.0.0.1,localhost", "berth-metadata"]
+        .iter()
+        .map(|s| s.parse().expect("issue"))
+        .collect();
+    berth_proto::tls::generate(&pki.path().join("pki"), &issues, 1).expect("certificates");
+    let dir = |n: &str| pki.path().join("pki").join(n);
+    let client = berth_proto::TlsDir::load(dir("berth-metadata")).expect("client certificate");
+    let etcd = EtcdCluster::start_tls(1, &dir("etcd"), client.grpc_client(None));
+    let mut cfg = EtcdConfig::new(etcd.endpoints());
+    cfg.prefix = "/t/tls".into();
+    cfg.tls = Some(client.grpc_client(None));
+    berth_catalog::conformance::run(&*EtcdCatalog::connect(&cfg).expect("connect over TLS"));
+
+    // The same CA but no certificate of one's own: refused.
+    let ca = std::fs::read(dir("etcd").join("ca.crt")).expect("ca");
+    cfg.tls =
+        Some(etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca)));
+    cfg.request_timeout = Duration::from_secs(2);
+    let r = EtcdCatalog::connect(&cfg).and_then(|c| c.get(Table::Volumes, b"a"));
+    assert!(
+        r.is_err(),
+        "a client without a certificate was served: {r:?}"
+    );
+}
