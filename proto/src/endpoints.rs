@@ -140,6 +140,14 @@ impl LeaderChannel {
         Ok(lazy)
     }
 
+    /// Calls go to the next endpoint from now on: for a caller whose call
+    /// got no answer in time (a paused process holds calls without
+    /// refusing them), where the call may safely be asked again elsewhere.
+    pub fn skip(&self) {
+        let i = self.inner.endpoints.lock().1;
+        self.inner.advance(i);
+    }
+
     /// The endpoint calls go to now.
     pub fn current(&self) -> String {
         let e = self.inner.endpoints.lock();

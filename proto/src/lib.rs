@@ -229,8 +229,8 @@ fn tcp_endpoint(
     // fails calls after the keep-alive instead of holding them forever.
     let e = tonic::transport::Endpoint::from_shared(endpoint.to_string())?
         .connect_timeout(std::time::Duration::from_secs(5))
-        .http2_keep_alive_interval(std::time::Duration::from_secs(5))
-        .keep_alive_timeout(std::time::Duration::from_secs(5));
+        .http2_keep_alive_interval(std::time::Duration::from_secs(2))
+        .keep_alive_timeout(std::time::Duration::from_secs(3));
     match (endpoint.starts_with("https://"), tls) {
         (true, Some(t)) => Ok(e.tls_config(t.dir.grpc_client(t.server_name.as_deref()))?),
         (true, None) => Err(ChannelError::Endpoint(format!(

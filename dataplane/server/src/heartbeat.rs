@@ -62,11 +62,16 @@ pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationTo
         .or_insert_with(|| cfg.node_name.clone());
     let nbd_socket = node.endpoints.lock().nbd_socket.display().to_string();
     let mut client: Option<berth_proto::MetaClient> = None;
+    // The same channel, to move past a service that does not answer.
+    let mut channel: Option<berth_proto::LeaderChannel> = None;
     let mut registered = false;
     let mut interval = Duration::from_secs(1);
     let mut last_warning: Option<Instant> = None;
     loop {
-        let outcome: Result<(), String> = async {
+        // A paused service holds a call without refusing it: past twice the
+        // interval (at least 2 s), ask the next one.
+        let answer_within = (interval * 2).max(Duration::from_secs(2));
+        let outcome: Result<(), String> = tokio::time::timeout(answer_within, async {
             let c = match &mut client {
                 Some(c) => c,
                 None => {
@@ -74,6 +79,7 @@ pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationTo
                     let ch = berth_proto::LeaderChannel::connect(&cfg.metadata, cfg.tls.as_ref())
                         .await
                         .map_err(|e| format!("cannot reach {}: {e}", cfg.metadata))?;
+                    channel = Some(ch.clone());
                     client.insert(berth_proto::MetaClient::new(ch))
                 }
             };
@@ -112,11 +118,28 @@ pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationTo
             };
             interval = Duration::from_millis(u64::from(ms.clamp(100, 60_000)));
             Ok(())
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| {
+            // The channel moves on; reconnecting would start over at the
+            // first endpoint, which may be the paused one.
+            if let Some(ch) = &channel {
+                ch.skip();
+            }
+            Err(format!(
+                "no answer within {} ms; asking the next service",
+                answer_within.as_millis()
+            ))
+        });
         if let Err(e) = outcome {
-            // Reconnect next time; the channel may point at a dead process.
-            client = None;
+            // Reconnect next time (the channel may point at a dead process),
+            // unless it just moved past one that did not answer.
+            if channel
+                .as_ref()
+                .is_none_or(|_| !e.starts_with("no answer within"))
+            {
+                client = None;
+            }
             registered = false;
             if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                 tracing::warn!(node = %cfg.node_name, error = %e, "metadata service unreachable; retrying");

@@ -531,6 +531,8 @@ impl CatalogStore for Fenced {
 }
 
 /// Campaigns for the leadership of the catalog until the process ends,
+/// on the catalog's own runtime (so nothing in the campaign may call the
+/// store's blocking methods: they wait for that runtime),
 /// publishing this service's role. `me` is where clients reach this service
 /// (what followers tell them); `ttl` the lease (etcd's minimum is about
 /// 2 s; failover takes about one `ttl` after a leader dies).
@@ -554,7 +556,8 @@ pub fn campaign(
 }
 
 /// Ends a campaign: a leader revokes its lease, so that another service
-/// leads at once instead of one lease later (a rolling update).
+/// leads at once instead of one lease later (a rolling update). Dropping it
+/// ends the campaign too, without waiting for the revoke.
 #[derive(Debug)]
 pub struct Resign {
     stop: tokio::sync::watch::Sender<bool>,
@@ -632,29 +635,54 @@ async fn elect(
                     store: store.clone(),
                 });
                 let why = lead(&client, lease, granted, ttl, &lost, &mut stop).await;
+                // Serve nothing more from this term, first: what follows
+                // waits on etcd, which may be gone.
+                let _ = tx.send(Role::Follower { leader: None });
+                announced = None;
+                drop(store);
                 if *stop.borrow() {
-                    let _ = tx.send(Role::Follower { leader: None });
                     let _ = lease_client.revoke(lease).await;
                     tracing::info!(term, "resigned: the lease is revoked");
                     return;
                 }
                 tracing::warn!(term, "stepping down: {why}");
-                // Show that etcd itself refuses this term now (or the step
-                // down was of our own caution): an empty fenced transaction.
-                match store.commit(Txn::new()) {
-                    Err(CatalogError::Fenced(w)) => {
-                        tracing::warn!(term, "confirmed: etcd refuses writes of term {term}: {w}")
+                // Show that etcd itself refuses this term now (or that the
+                // step down was of this service's own caution): an empty
+                // transaction under the term's compare. Asynchronous: the
+                // store's own calls block, and this runs on its runtime.
+                let fence = etcd_client::Txn::new()
+                    .when([Compare::create_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        term,
+                    )])
+                    .or_else([TxnOp::get(key.clone(), None)]);
+                match client.kv_client().txn(fence).await {
+                    Ok(r) if !r.succeeded() => {
+                        let now = r.op_responses().into_iter().find_map(|o| match o {
+                            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| {
+                                format!(
+                                    "{} leads (term {})",
+                                    String::from_utf8_lossy(kv.value()),
+                                    kv.create_revision()
+                                )
+                            }),
+                            _ => None,
+                        });
+                        tracing::warn!(
+                            term,
+                            "confirmed: etcd refuses writes of term {term}: {}",
+                            now.unwrap_or_else(|| "no service leads".into())
+                        )
                     }
                     other => tracing::warn!(
                         term,
-                        ?other,
-                        "etcd still accepted term {term}; revoking its lease"
+                        ok = other.is_ok(),
+                        "etcd still accepted term {term}, or did not answer; revoking its lease"
                     ),
                 }
                 // Frees the key now if the lease still holds it.
                 let _ = lease_client.revoke(lease).await;
-                announced = None;
-                follow(None, &mut announced);
             }
             Ok(r) => {
                 drop(c);
