@@ -69,8 +69,9 @@ pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationTo
     let mut last_warning: Option<Instant> = None;
     loop {
         // A paused service holds a call without refusing it: past twice the
-        // interval (at least 2 s), ask the next one.
-        let answer_within = (interval * 2).max(Duration::from_secs(2));
+        // interval (at least 5 s: a registration starts a reconcile pass),
+        // ask the next one.
+        let answer_within = (interval * 2).max(Duration::from_secs(5));
         let outcome: Result<(), String> = tokio::time::timeout(answer_within, async {
             let c = match &mut client {
                 Some(c) => c,
