@@ -237,10 +237,7 @@ fn run_on(a: &MetaArgs, etcd: Option<&str>) -> Result<Vec<Phase>, String> {
     match etcd {
         // A service over etcd advertises its address: a fixed port.
         Some(urls) => {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map_err(|e| e.to_string())?
-                .port();
+            let port = berth_catalog_etcd::testing::free_port();
             cmd.args(["--listen", &format!("127.0.0.1:{port}")])
                 .args(["--catalog", &format!("etcd:{urls}")]);
         }

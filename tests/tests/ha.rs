@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_catalog_etcd::testing::EtcdCluster;
+use berth_catalog_etcd::testing::{free_port, EtcdCluster};
 use berth_catalog_etcd::{EtcdCatalog, EtcdConfig};
 use berth_tests::meta::{ctl_at, names, wait_for, CtlOut, MetaProc};
 use berth_tests::server::ServerProc;
@@ -35,13 +35,6 @@ struct Ha {
     /// Every service: what clients are given.
     list: String,
     cat: Arc<EtcdCatalog>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 impl Ha {

@@ -37,7 +37,9 @@ fn program() -> PathBuf {
     }
 }
 
-fn free_port() -> u16 {
+/// A loopback port nobody listens on now (for a program that must be told
+/// its port: etcd, a metadata service that advertises its address).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
