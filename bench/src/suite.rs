@@ -278,11 +278,136 @@ pub(crate) fn nbd_target(name: &'static str, uri: &str, pid: u32) -> Target {
     }
 }
 
+/// A volume as a pod gets it: `berth attach` (the node plugin's FUSE file,
+/// over the volume server's unix socket) and a loop device with direct I/O
+/// on that file, which fio drives like a disk. Dropping it detaches the loop
+/// device, then stops the attachment (which flushes and unmounts).
+pub(crate) struct Attached {
+    mnt: PathBuf,
+    loop_dev: String,
+    attach: Option<Proc>,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup")
+            .args(["-d", &self.loop_dev])
+            .status();
+        drop(self.attach.take());
+        // Only if the attachment could not unmount by itself.
+        let _ = Command::new("fusermount3")
+            .args(["-u", "-z", "-q"])
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The `pod` target: a second volume `pod` on the volume server at
+/// `dir/berth`, attached as a pod's would be.
+fn start_pod(dir: &Path, size: u64, server_pid: u32) -> Result<(Attached, Target), String> {
+    if !Path::new("/dev/fuse").exists() || !have("losetup") {
+        return Err("needs /dev/fuse and losetup (FUSE and loop devices)".into());
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("needs root (a loop device)".into());
+    }
+    let data = dir.join("berth");
+    let ctl = |args: &[&str]| -> Result<serde_json::Value, String> {
+        let out = Command::new(crate::nbd::sibling("berthctl")?)
+            .arg("--data")
+            .arg(&data)
+            .args(["-o", "json", "server"])
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "berthctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    };
+    let size_s = size.to_string();
+    ctl(&[
+        "volume", "create", "pod", "--size", &size_s, "--tier", "extreme",
+    ])?;
+    let grant = ctl(&[
+        "export",
+        "grant",
+        "--volume",
+        "pod",
+        "--client",
+        "berth-bench-pod",
+    ])?;
+    let uri = grant["unix_uri"].as_str().unwrap_or_default().to_string();
+    let mnt = dir.join("pod");
+    std::fs::create_dir_all(&mnt).map_err(|e| format!("{}: {e}", mnt.display()))?;
+    let pid_file = dir.join("pod.pid");
+    let child = Command::new(crate::nbd::sibling("berth")?)
+        .arg("attach")
+        .arg(&mnt)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        // The export's name is a grant's secret: in the environment.
+        .env("BERTH_ATTACH_URI", &uri)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start berth attach: {e}"))?;
+    let attach = Proc {
+        child,
+        name: "berth attach",
+    };
+    let t = Instant::now();
+    while !pid_file.exists() {
+        if t.elapsed() > Duration::from_secs(20) {
+            return Err("berth attach did not serve its file within 20 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let disk = mnt.join("disk");
+    let out = Command::new("losetup")
+        .args(["--direct-io=on", "--find", "--show"])
+        .arg(&disk)
+        .output()
+        .map_err(|e| format!("losetup: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "losetup {}: {}",
+            disk.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let loop_dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let target = Target {
+        name: "pod",
+        fio_args: vec![
+            "--ioengine=io_uring".into(),
+            "--direct=1".into(),
+            format!("--filename={loop_dev}"),
+        ],
+        // The attachment's CPU is the pod side's; the server's is counted.
+        server_pid: Some(server_pid),
+    };
+    Ok((
+        Attached {
+            mnt,
+            loop_dev,
+            attach: Some(attach),
+        },
+        target,
+    ))
+}
+
 /// The targets, started, or why each is skipped.
 fn start_targets(
     dir: &Path,
     size: u64,
     procs: &mut Vec<Proc>,
+    pods: &mut Vec<Attached>,
 ) -> Vec<(&'static str, Result<Target, String>)> {
     let mut out = Vec::new();
     let raw = dir.join("raw.img");
@@ -302,10 +427,18 @@ fn start_targets(
         Ok((p, unix, tcp)) => {
             out.push(("berth-unix", Ok(nbd_target("berth-unix", &unix, p.pid()))));
             out.push(("berth-tcp", Ok(nbd_target("berth-tcp", &tcp, p.pid()))));
+            match start_pod(dir, size, p.pid()) {
+                Ok((a, t)) => {
+                    pods.push(a);
+                    out.push(("pod", Ok(t)));
+                }
+                Err(e) => out.push(("pod", Err(e))),
+            }
             procs.push(p);
         }
         Err(e) => {
             out.push(("berth-unix", Err(e.clone())));
+            out.push(("pod", Err(e.clone())));
             out.push(("berth-tcp", Err(e)));
         }
     }
@@ -362,18 +495,30 @@ fn pick<'a>(list: &Option<String>, all: &'a [&'a str]) -> Result<Vec<&'a str>, S
     }
 }
 
-const TARGETS: &[&str] = &["raw", "berth-unix", "berth-tcp", "qemu-nbd", "nbdkit"];
+const TARGETS: &[&str] = &[
+    "raw",
+    "berth-unix",
+    "berth-tcp",
+    "pod",
+    "qemu-nbd",
+    "nbdkit",
+];
 
-/// The compass the project steers by (from the benchmark issue): Berth over
-/// its unix socket against a peer on a workload, by IOPS (at least the
-/// bound) or by p99 latency (at most the bound).
-const COMPASS: &[(&str, &str, bool, f64)] = &[
-    ("qemu-nbd", "4k-randread-qd32", true, 1.5),
-    ("qemu-nbd", "4k-randwrite-qd32", true, 1.5),
-    ("raw", "4k-randread-qd32", true, 0.8),
-    ("qemu-nbd", "1m-read-qd8", true, 1.0),
-    ("qemu-nbd", "1m-write-qd8", true, 1.0),
-    ("qemu-nbd", "4k-write-qd1-fsync", false, 1.0),
+/// The compass the project steers by (from the benchmark and pod-path
+/// issues): a Berth target (over its unix socket, or `pod`, a loop device
+/// on the node attachment) against a peer on a workload, by IOPS (at least
+/// the bound) or by p99 latency (at most the bound).
+const COMPASS: &[(&str, &str, &str, bool, f64)] = &[
+    ("berth-unix", "qemu-nbd", "4k-randread-qd32", true, 1.5),
+    ("berth-unix", "qemu-nbd", "4k-randwrite-qd32", true, 1.5),
+    ("berth-unix", "raw", "4k-randread-qd32", true, 0.8),
+    ("berth-unix", "qemu-nbd", "1m-read-qd8", true, 1.0),
+    ("berth-unix", "qemu-nbd", "1m-write-qd8", true, 1.0),
+    ("berth-unix", "qemu-nbd", "4k-write-qd1-fsync", false, 1.0),
+    ("pod", "raw", "4k-randread-qd32", true, 0.6),
+    ("pod", "raw", "4k-randwrite-qd32", true, 0.6),
+    ("pod", "raw", "4k-randread-qd1", true, 0.7),
+    ("pod", "raw", "4k-randwrite-qd1", true, 0.7),
 ];
 
 /// Each compass check, and whether this run meets it (None: not measured).
@@ -381,15 +526,15 @@ fn compass(cells: &[Cell]) -> Vec<(String, Option<bool>, String)> {
     let get = |t: &str, w: &str| cells.iter().find(|c| c.target == t && c.workload == w);
     COMPASS
         .iter()
-        .map(|&(peer, w, by_iops, bound)| {
+        .map(|&(berth, peer, w, by_iops, bound)| {
             let metric = |r: &Run| if by_iops { r.iops } else { r.p99_us };
-            let got = get("berth-unix", w)
+            let got = get(berth, w)
                 .zip(get(peer, w))
                 .map(|(b, p)| metric(&b.median) / metric(&p.median).max(1e-9));
             let what = if by_iops {
-                format!("{w}: berth-unix / {peer} IOPS >= {bound}")
+                format!("{w}: {berth} / {peer} IOPS >= {bound}")
             } else {
-                format!("{w}: berth-unix / {peer} p99 <= {bound}")
+                format!("{w}: {berth} / {peer} p99 <= {bound}")
             };
             (
                 what,
@@ -420,9 +565,10 @@ pub fn run(mut a: SuiteArgs) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&a.dir);
     std::fs::create_dir_all(&a.dir).map_err(|e| format!("{}: {e}", a.dir.display()))?;
     let mut procs = Vec::new();
+    let mut pods = Vec::new();
     let mut targets = Vec::new();
     let mut skipped = Vec::new();
-    for (name, t) in start_targets(&a.dir, a.size_bytes, &mut procs) {
+    for (name, t) in start_targets(&a.dir, a.size_bytes, &mut procs, &mut pods) {
         if !target_names.contains(&name) {
             continue;
         }
@@ -484,11 +630,13 @@ pub fn run(mut a: SuiteArgs) -> Result<(), String> {
             std::thread::sleep(Duration::from_secs(a.idle_seconds));
             (cpu_seconds(p.pid()) - c0) * 100.0 / t0.elapsed().as_secs_f64()
         });
+    // The attachment first: it flushes to the volume server.
+    drop(pods);
     drop(procs);
     let _ = std::fs::remove_dir_all(&a.dir);
 
     let mut ratios = Vec::new();
-    for b in ["berth-unix", "berth-tcp"] {
+    for b in ["berth-unix", "berth-tcp", "pod"] {
         for p in ["raw", "qemu-nbd", "nbdkit"] {
             for w in &workloads {
                 let get = |t: &str| cells.iter().find(|c| c.target == t && c.workload == w.name);
@@ -526,10 +674,13 @@ pub fn run(mut a: SuiteArgs) -> Result<(), String> {
         );
     }
     println!();
-    for r in ratios.iter().filter(|r| r.berth == "berth-unix") {
+    for r in ratios
+        .iter()
+        .filter(|r| r.berth == "berth-unix" || r.berth == "pod")
+    {
         println!(
-            "{:<32} berth-unix / {:<9} IOPS {:>5.2}x   p99 {:>5.2}x",
-            r.workload, r.peer, r.iops_ratio, r.p99_ratio
+            "{:<32} {:>10} / {:<9} IOPS {:>5.2}x   p99 {:>5.2}x",
+            r.workload, r.berth, r.peer, r.iops_ratio, r.p99_ratio
         );
     }
     let compass = compass(&cells);
@@ -583,6 +734,7 @@ pub fn run(mut a: SuiteArgs) -> Result<(), String> {
             "qemu-nbd": "qemu-nbd -f raw -t --cache=none --aio=io_uring --shared=8 (unix socket)",
             "nbdkit": "nbdkit -t 16 file cache=none (unix socket)",
             "raw": "fio --ioengine=io_uring --direct=1 on a file",
+            "pod": "fio --ioengine=io_uring --direct=1 on a loop device (--direct-io=on) over berth attach's FUSE file, over the volume server's unix socket",
         },
     });
     let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;

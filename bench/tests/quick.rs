@@ -61,6 +61,13 @@ fn a_quick_run_measures_every_target_workload_and_feature_and_writes_json_and_pl
         .filter_map(|s| s["target"].as_str())
         .collect();
     let mut must = vec!["raw", "berth-unix", "berth-tcp"];
+    // What pods get (FUSE and a loop device) where the machine allows it.
+    // SAFETY: geteuid has no preconditions.
+    if Path::new("/dev/fuse").exists() && unsafe { libc::geteuid() } == 0 {
+        must.push("pod");
+    } else {
+        assert!(skipped.contains(&"pod"), "pod neither measured nor skipped");
+    }
     // A peer is measured wherever it is installed; skipped, with its
     // reason, only where it is not.
     for (peer, program) in [("qemu-nbd", "qemu-nbd"), ("nbdkit", "nbdkit")] {
@@ -96,7 +103,18 @@ fn a_quick_run_measures_every_target_workload_and_feature_and_writes_json_and_pl
             }
         }
     }
-    assert_eq!(doc["compass"].as_array().map(Vec::len), Some(6));
+    let compass = doc["compass"].as_array().expect("compass");
+    assert_eq!(compass.len(), 10);
+    // The pod path's targets are judged whenever pod was measured.
+    if must.contains(&"pod") {
+        for c in compass.iter().filter(|c| {
+            c["check"]
+                .as_str()
+                .is_some_and(|s| s.contains("pod / raw") && s.contains("qd"))
+        }) {
+            assert!(c["met"].is_boolean(), "{c}");
+        }
+    }
     assert!(doc["idle_cpu_percent"].as_f64().is_some());
     assert!(stdout.contains("berth-unix / qemu-nbd") || !must.contains(&"qemu-nbd"));
     for plot in ["iops-4k.svg", "p99-4k.svg", "throughput-1m.svg"] {
