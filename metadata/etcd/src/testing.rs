@@ -69,26 +69,50 @@ impl EtcdCluster {
         tls: Option<PathBuf>,
         client: Option<etcd_client::TlsOptions>,
     ) -> EtcdCluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let members = (0..n)
-            .map(|i| Member {
-                name: format!("m{i}"),
-                client: free_port(),
-                peer: free_port(),
-                child: None,
-            })
-            .collect();
-        let mut c = EtcdCluster {
-            members,
-            dir,
-            token: format!("berth-test-{}", std::process::id()),
-            tls,
-        };
-        for i in 0..n {
-            c.spawn(i, "new");
+        // A free port can be taken by another test between the check and
+        // etcd's bind (etcd then exits): start again on other ports.
+        let mut last = String::new();
+        for _attempt in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let members = (0..n)
+                .map(|i| Member {
+                    name: format!("m{i}"),
+                    client: free_port(),
+                    peer: free_port(),
+                    child: None,
+                })
+                .collect();
+            let mut c = EtcdCluster {
+                members,
+                dir,
+                token: format!("berth-test-{}", std::process::id()),
+                tls: tls.clone(),
+            };
+            for i in 0..n {
+                c.spawn(i, "new");
+            }
+            match c.wait_ready(&c.endpoints(), client.clone(), Duration::from_secs(30)) {
+                Ok(()) => return c,
+                Err(e) => last = e,
+            }
         }
-        c.wait_ready(&c.endpoints(), client, Duration::from_secs(30));
-        c
+        panic!("etcd did not start in 5 attempts: {last}");
+    }
+
+    /// A member that has exited (it could not bind its ports, say).
+    fn exited(&mut self) -> Option<String> {
+        let dir = self.dir.path().to_path_buf();
+        self.members.iter_mut().find_map(|m| {
+            let c = m.child.as_mut()?;
+            let status = c.try_wait().ok().flatten()?;
+            let log =
+                std::fs::read_to_string(dir.join(format!("{}.log", m.name))).unwrap_or_default();
+            Some(format!(
+                "etcd {} exited ({status}): {}",
+                m.name,
+                log.lines().last().unwrap_or("")
+            ))
+        })
     }
 
     fn initial_cluster(&self) -> String {
@@ -149,13 +173,14 @@ impl EtcdCluster {
         m.child = Some(child);
     }
 
-    /// Waits until a write through `endpoints` succeeds.
+    /// Waits until a write through `endpoints` succeeds; fails at once if
+    /// a member exits.
     fn wait_ready(
-        &self,
+        &mut self,
         endpoints: &[String],
         tls: Option<etcd_client::TlsOptions>,
         within: Duration,
-    ) {
+    ) -> Result<(), String> {
         let deadline = Instant::now() + within;
         let mut cfg = crate::EtcdConfig::new(endpoints.to_vec());
         cfg.tls = tls;
@@ -169,14 +194,19 @@ impl EtcdCluster {
                 )
             });
             match ok {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
-                    panic!(
+                    return Err(format!(
                         "etcd did not answer within {within:?}: {e}; logs in {}",
                         self.dir.path().display()
-                    )
+                    ))
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                Err(_) => {
+                    if let Some(why) = self.exited() {
+                        return Err(why);
+                    }
+                    std::thread::sleep(Duration::from_millis(100))
+                }
             }
         }
     }
@@ -202,13 +232,6 @@ impl EtcdCluster {
     pub fn restart(&mut self, i: usize) {
         assert!(self.members[i].child.is_none(), "member {i} is running");
         self.spawn(i, "existing");
-    }
-
-    /// Waits until member `i` alone answers a write (the cluster has a
-    /// leader and `i` is part of it).
-    pub fn wait_member(&self, i: usize, within: Duration) {
-        assert!(self.tls.is_none(), "wait_member: plaintext clusters only");
-        self.wait_ready(&[self.endpoints()[i].clone()], None, within);
     }
 }
 
