@@ -51,10 +51,21 @@ impl MetaProc {
     /// Listening on `listen` (a fixed port: a service of several over etcd
     /// advertises it), with `extra` flags; its log (stderr) goes to `log`.
     pub fn start_at(dir: &Path, listen: &str, extra: &[&str], log: &Path) -> MetaProc {
+        Self::try_start_at(dir, listen, extra, log).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`start_at`](Self::start_at), or why the service did not start (the
+    /// port was taken, say).
+    pub fn try_start_at(
+        dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        log: &Path,
+    ) -> Result<MetaProc, String> {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let mut m = Self::spawn_logged(dir, listen, None, None, &extra, Some(log));
+        let mut m = Self::try_spawn(dir, listen, None, None, &extra, Some(log))?;
         m.log = Some(log.to_path_buf());
-        m
+        Ok(m)
     }
 
     /// Serving mutual TLS on TCP with the certificates in `tls_dir`, and
@@ -84,6 +95,17 @@ impl MetaProc {
         extra: &[String],
         log: Option<&Path>,
     ) -> MetaProc {
+        Self::try_spawn(dir, listen, crash_at, tls, extra, log).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_spawn(
+        dir: &Path,
+        listen: &str,
+        crash_at: Option<&str>,
+        tls: Option<&Path>,
+        extra: &[String],
+        log: Option<&Path>,
+    ) -> Result<MetaProc, String> {
         let mut cmd = Command::new(binary("berth"));
         cmd.args(["metadata", "--data"])
             .arg(dir)
@@ -117,10 +139,16 @@ impl MetaProc {
         BufReader::new(child.stdout.take().expect("stdout"))
             .read_line(&mut line)
             .expect("read ready line");
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("metadata service did not start ({e}): {line:?}"));
+        let v: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("metadata service did not start ({e}): {line:?}"));
+            }
+        };
         let tcp = v["tcp"].as_str().expect("tcp address").to_string();
-        MetaProc {
+        Ok(MetaProc {
             dir: dir.to_path_buf(),
             endpoint: format!("{}://{tcp}", if tls.is_some() { "https" } else { "http" }),
             ctl_args: Vec::new(),
@@ -129,7 +157,7 @@ impl MetaProc {
             extra: extra.to_vec(),
             log: log.map(Path::to_path_buf),
             child: Some(child),
-        }
+        })
     }
 
     /// kill -9 (if running) and start again on the same port, optionally set

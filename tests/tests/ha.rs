@@ -43,17 +43,23 @@ impl Ha {
         let etcd = EtcdCluster::start(3);
         let catalog = format!("etcd:{}", etcd.endpoints().join(","));
         let lease = LEASE_SECONDS.to_string();
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let metas: Vec<MetaProc> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                MetaProc::start_at(
-                    &root.path().join(format!("meta{i}")),
-                    &format!("127.0.0.1:{p}"),
-                    &["--catalog", &catalog, "--lease-seconds", &lease],
-                    &root.path().join(format!("meta{i}.log")),
-                )
+        let metas: Vec<MetaProc> = (0..3)
+            .map(|i| {
+                // A free port can be taken before the service binds it:
+                // then another.
+                let mut last = String::new();
+                for _ in 0..5 {
+                    match MetaProc::try_start_at(
+                        &root.path().join(format!("meta{i}")),
+                        &format!("127.0.0.1:{}", free_port()),
+                        &["--catalog", &catalog, "--lease-seconds", &lease],
+                        &root.path().join(format!("meta{i}.log")),
+                    ) {
+                        Ok(m) => return m,
+                        Err(e) => last = e,
+                    }
+                }
+                panic!("metadata service {i}: {last}")
             })
             .collect();
         let list = metas

@@ -448,12 +448,19 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     running.shutdown().await.map_err(|e| e.to_string())
 }
 
-/// The catalog `--catalog` names, and who may write it.
-fn open_catalog(
-    a: &MetadataArgs,
-    socket: &std::path::Path,
-    tls: bool,
-) -> Result<(berth_metadata::Catalog, Option<berth_catalog_etcd::Resign>), String> {
+/// The catalog `--catalog` names.
+enum Opened {
+    Single(std::sync::Arc<berth_catalog_rocksdb::RocksCatalog>),
+    /// Shared: the campaign starts once the service listens (a service that
+    /// cannot bind its port must not lead, even for a lease).
+    Etcd {
+        cat: std::sync::Arc<berth_catalog_etcd::EtcdCatalog>,
+        me: String,
+        ttl: Duration,
+    },
+}
+
+fn open_catalog(a: &MetadataArgs, socket: &std::path::Path, tls: bool) -> Result<Opened, String> {
     let spec = a
         .store
         .clone()
@@ -463,10 +470,7 @@ fn open_catalog(
         let dir = PathBuf::from(dir);
         berth_proto::private::dir(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let store = berth_catalog_rocksdb::RocksCatalog::open(&dir).map_err(|e| e.to_string())?;
-        return Ok((
-            berth_metadata::Catalog::Single(std::sync::Arc::new(store)),
-            None,
-        ));
+        return Ok(Opened::Single(std::sync::Arc::new(store)));
     }
     let Some(list) = spec.strip_prefix("etcd:") else {
         return Err(format!(
@@ -498,17 +502,25 @@ fn open_catalog(
         (None, None) => format!("unix://{}", socket.display()),
     };
     let cat = berth_catalog_etcd::EtcdCatalog::connect(&cfg).map_err(|e| e.to_string())?;
-    // The campaign holds the catalog (its client and runtime) as long as it runs.
-    let (roles, resign) =
-        berth_catalog_etcd::campaign(&cat, me, Duration::from_secs(a.etcd.lease_seconds));
-    Ok((berth_metadata::Catalog::Elected(roles), Some(resign)))
+    Ok(Opened::Etcd {
+        cat,
+        me,
+        ttl: Duration::from_secs(a.etcd.lease_seconds),
+    })
 }
 
 async fn metadata(a: MetadataArgs) -> Result<(), String> {
     let tls = a.tls.load()?;
     let socket = a.socket.clone().unwrap_or_else(|| a.data.join("meta.sock"));
-    let (catalog, resign) =
-        tokio::task::block_in_place(|| open_catalog(&a, &socket, tls.is_some()))?;
+    let opened = tokio::task::block_in_place(|| open_catalog(&a, &socket, tls.is_some()))?;
+    // Over etcd the service starts as a follower; its role follows the
+    // campaign, which starts once it listens.
+    let (roles_tx, roles_rx) =
+        tokio::sync::watch::channel(berth_catalog::Role::Follower { leader: None });
+    let catalog = match &opened {
+        Opened::Single(store) => berth_metadata::Catalog::Single(store.clone()),
+        Opened::Etcd { .. } => berth_metadata::Catalog::Elected(roles_rx),
+    };
     let cfg = berth_metadata::ServiceConfig {
         data_dir: a.data,
         socket: Some(socket),
@@ -521,6 +533,23 @@ async fn metadata(a: MetadataArgs) -> Result<(), String> {
     let running = berth_metadata::start(cfg, catalog)
         .await
         .map_err(|e| e.to_string())?;
+    let resign = match opened {
+        Opened::Single(_) => None,
+        Opened::Etcd { cat, me, ttl } => {
+            // The campaign holds the catalog (its client and runtime) as
+            // long as it runs.
+            let (mut roles, resign) = berth_catalog_etcd::campaign(&cat, me, ttl);
+            tokio::spawn(async move {
+                loop {
+                    let r = roles.borrow_and_update().clone();
+                    if roles_tx.send(r).is_err() || roles.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Some(resign)
+        }
+    };
     let ready = serde_json::json!({
         "event": "ready",
         "socket": running.bound.socket,
