@@ -169,10 +169,24 @@ pub(crate) fn start_berth(
         child,
         name: "berth volume-server",
     };
+    let e = volume_export(&data, "bench", size, "berth-bench")?;
+    let uri = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+    Ok((proc, uri("unix_uri"), uri("tcp_uri")))
+}
+
+/// On the volume server whose data folder is `data`: a volume `name` of
+/// `size` bytes (tier extreme: no QoS limit) and an export of it to
+/// `client`; the grant as berthctl prints it (`unix_uri`, `tcp_uri`).
+pub(crate) fn volume_export(
+    data: &Path,
+    name: &str,
+    size: u64,
+    client: &str,
+) -> Result<serde_json::Value, String> {
     let ctl = |args: &[&str]| -> Result<serde_json::Value, String> {
         let out = Command::new(sibling("berthctl")?)
             .arg("--data")
-            .arg(&data)
+            .arg(data)
             .args(["-o", "json", "server"])
             .args(args)
             .output()
@@ -185,25 +199,11 @@ pub(crate) fn start_berth(
         }
         serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
     };
+    let size = size.to_string();
     ctl(&[
-        "volume",
-        "create",
-        "bench",
-        "--size",
-        &size.to_string(),
-        "--tier",
-        "extreme",
+        "volume", "create", name, "--size", &size, "--tier", "extreme",
     ])?;
-    let e = ctl(&[
-        "export",
-        "grant",
-        "--volume",
-        "bench",
-        "--client",
-        "berth-bench",
-    ])?;
-    let uri = |k: &str| e[k].as_str().unwrap_or_default().to_string();
-    Ok((proc, uri("unix_uri"), uri("tcp_uri")))
+    ctl(&["export", "grant", "--volume", name, "--client", client])
 }
 
 pub(crate) fn start_qemu_nbd(dir: &Path, size: u64, tcp: bool) -> Result<(Proc, String), String> {

@@ -313,35 +313,7 @@ fn start_pod(dir: &Path, size: u64, server_pid: u32) -> Result<(Attached, Target
     if unsafe { libc::geteuid() } != 0 {
         return Err("needs root (a loop device)".into());
     }
-    let data = dir.join("berth");
-    let ctl = |args: &[&str]| -> Result<serde_json::Value, String> {
-        let out = Command::new(crate::nbd::sibling("berthctl")?)
-            .arg("--data")
-            .arg(&data)
-            .args(["-o", "json", "server"])
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(format!(
-                "berthctl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
-    };
-    let size_s = size.to_string();
-    ctl(&[
-        "volume", "create", "pod", "--size", &size_s, "--tier", "extreme",
-    ])?;
-    let grant = ctl(&[
-        "export",
-        "grant",
-        "--volume",
-        "pod",
-        "--client",
-        "berth-bench-pod",
-    ])?;
+    let grant = crate::nbd::volume_export(&dir.join("berth"), "pod", size, "berth-bench-pod")?;
     let uri = grant["unix_uri"].as_str().unwrap_or_default().to_string();
     let mnt = dir.join("pod");
     std::fs::create_dir_all(&mnt).map_err(|e| format!("{}: {e}", mnt.display()))?;

@@ -72,10 +72,6 @@ pub fn split(list: &str) -> Vec<String> {
         .collect()
 }
 
-fn open(endpoint: &str, tls: Option<&ClientTls>) -> Result<Channel, ChannelError> {
-    crate::lazy_channel(endpoint, tls)
-}
-
 impl LeaderChannel {
     /// Channels to every endpoint of `list` (`A,B,C`: each as
     /// [`crate::channel`] takes it), connected on first use.
@@ -88,7 +84,7 @@ impl LeaderChannel {
         }
         let mut v = Vec::with_capacity(names.len());
         for n in names {
-            let ch = open(&n, tls)?;
+            let ch = crate::lazy_channel(&n, tls)?;
             v.push((n, ch));
         }
         Ok(LeaderChannel {
@@ -109,35 +105,21 @@ impl LeaderChannel {
     ) -> Result<LeaderChannel, ChannelError> {
         let lazy = LeaderChannel::new(list, tls)?;
         let mut first_err = None;
-        let mut up = None;
-        let names: Vec<String> = lazy
-            .inner
-            .endpoints
-            .lock()
-            .0
-            .iter()
-            .map(|(a, _)| a.clone())
-            .collect();
-        for (i, n) in names.iter().enumerate() {
+        for (i, n) in split(list).iter().enumerate() {
             match crate::channel(n, tls).await {
                 Ok(ch) => {
-                    up = Some((i, ch));
-                    break;
+                    let mut e = lazy.inner.endpoints.lock();
+                    e.0[i].1 = ch;
+                    e.1 = i;
+                    drop(e);
+                    return Ok(lazy);
                 }
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
             }
         }
-        let Some((i, ch)) = up else {
-            return Err(first_err.unwrap_or_else(|| ChannelError::Endpoint("no endpoint".into())));
-        };
-        {
-            let mut e = lazy.inner.endpoints.lock();
-            e.0[i].1 = ch;
-            e.1 = i;
-        }
-        Ok(lazy)
+        Err(first_err.unwrap_or_else(|| ChannelError::Endpoint("no endpoint".into())))
     }
 
     /// Calls go to the next endpoint from now on: for a caller whose call
@@ -146,12 +128,6 @@ impl LeaderChannel {
     pub fn skip(&self) {
         let i = self.inner.endpoints.lock().1;
         self.inner.advance(i);
-    }
-
-    /// The endpoint calls go to now.
-    pub fn current(&self) -> String {
-        let e = self.inner.endpoints.lock();
-        e.0[e.1].0.clone()
     }
 }
 
@@ -179,7 +155,7 @@ impl Inner {
         if e.0.len() >= MAX_ENDPOINTS {
             return false;
         }
-        match open(leader, self.tls.as_ref()) {
+        match crate::lazy_channel(leader, self.tls.as_ref()) {
             Ok(ch) => {
                 e.0.push((leader.to_string(), ch));
                 e.1 = e.0.len() - 1;

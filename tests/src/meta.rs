@@ -39,13 +39,13 @@ pub struct MetaProc {
 
 impl MetaProc {
     pub fn start(dir: &Path) -> MetaProc {
-        Self::spawn(dir, "127.0.0.1:0", None, None, &[])
+        Self::spawn(dir, "127.0.0.1:0", None, None, &[], None)
     }
 
     /// With `extra` flags for `berth metadata`, kept across restarts.
     pub fn start_with(dir: &Path, extra: &[&str]) -> MetaProc {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        Self::spawn(dir, "127.0.0.1:0", None, None, &extra)
+        Self::spawn(dir, "127.0.0.1:0", None, None, &extra, None)
     }
 
     /// Listening on `listen` (a fixed port: a service of several over etcd
@@ -72,22 +72,13 @@ impl MetaProc {
     /// `extra` flags; its berthctl calls present `client_tls`'s.
     pub fn start_tls(dir: &Path, tls_dir: &Path, client_tls: &Path, extra: &[&str]) -> MetaProc {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let mut m = Self::spawn(dir, "127.0.0.1:0", None, Some(tls_dir), &extra);
+        let mut m = Self::spawn(dir, "127.0.0.1:0", None, Some(tls_dir), &extra, None);
         m.ctl_args = vec!["--tls-dir".into(), client_tls.display().to_string()];
         m
     }
 
+    /// Starts the service; panics if it does not start.
     fn spawn(
-        dir: &Path,
-        listen: &str,
-        crash_at: Option<&str>,
-        tls: Option<&Path>,
-        extra: &[String],
-    ) -> MetaProc {
-        Self::spawn_logged(dir, listen, crash_at, tls, extra, None)
-    }
-
-    fn spawn_logged(
         dir: &Path,
         listen: &str,
         crash_at: Option<&str>,
@@ -180,7 +171,7 @@ impl MetaProc {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        *self = Self::spawn_logged(
+        *self = Self::spawn(
             &dir,
             &listen,
             crash_at,

@@ -98,6 +98,15 @@ impl Attached {
         self.dir.join("disk")
     }
 
+    /// The attached file, open for reading and writing.
+    fn open(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.file())
+            .expect("open the attached file")
+    }
+
     fn pid(&self) -> i32 {
         self.child.id() as i32
     }
@@ -608,10 +617,7 @@ fn a_paused_nexus_replaced_by_another_cannot_write_when_it_resumes() {
     write_synced(&new.file(), 0x22);
     // The old one resumes and writes: refused, and the data is the new one's.
     old.signal(libc::SIGCONT);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(old.file())
-        .expect("open");
+    let f = old.open();
     let stale = f.write_all_at(&[0x33; 4096], 0).and_then(|_| f.sync_data());
     assert!(stale.is_err(), "the deposed nexus's write was acknowledged");
     drop(f);
@@ -657,10 +663,7 @@ fn a_flipped_bit_in_one_copy_is_read_from_another_and_repaired() {
     let (local, other) = (states[0].0.clone(), states[1].0.clone());
     let a = Attached::start(&c, "heal", &root.path().join("mnt"), &local);
     {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(a.file())
-            .expect("open");
+        let f = a.open();
         f.write_all_at(&[0x5a; 4096], 1 << 20).expect("write");
         f.write_all_at(&[0x6b; 4096], 2 << 20).expect("write");
         f.sync_data().expect("fsync");
@@ -808,11 +811,7 @@ fn crashes_of_the_metadata_service_in_fault_handling_converge() {
         let g0 = c.meta.ctl_json(&["volume", "get", &name])["generation"]
             .as_u64()
             .expect("generation");
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(a.file())
-            .expect("open");
+        let f = a.open();
         f.write_all_at(&[0x01; 4096], 0).expect("write");
         f.sync_data().expect("fsync");
         drop(f);
@@ -899,10 +898,7 @@ fn crashes_of_the_metadata_service_in_fault_handling_converge() {
         write_synced(&a.file(), 0x01);
         c.node(&victim).kill9();
         // Missed by the victim: the fault is reported first.
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(a.file())
-            .expect("open");
+        let f = a.open();
         f.write_all_at(&[0x02; 4096], 1 << 20).expect("write");
         f.sync_data().expect("fsync");
         drop(f);
@@ -961,10 +957,7 @@ fn crashes_of_the_metadata_service_in_fault_handling_converge() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let a = Attached::start(&c, "pub", &root.path().join("mnt-pub"), "n1");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(a.file())
-        .expect("open")
+    a.open()
         .write_all_at(&[7; 4096], 0)
         .expect("write after the crash");
     a.detach();
@@ -1288,10 +1281,7 @@ fn snapshots_of_a_replicated_volume_are_one_point_on_every_copy() {
     let a = Attached::start(&c, "sv", &root.path().join("mnt"), "n1");
     let marker = |byte: u8| {
         // Acknowledged (and flushed) before the snapshot is asked for.
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(a.file())
-            .expect("open");
+        let f = a.open();
         f.write_all_at(&[byte; 4096], SIZE - 4096).expect("write");
         f.sync_data().expect("fsync");
     };
@@ -1415,11 +1405,7 @@ fn a_drained_node_s_copies_move_elsewhere_and_are_rebuilt_in_full() {
         &format!("topology.berth.dev/node={leaving}"),
     ]);
     let a = Attached::start(&c, "dv", &root.path().join("mnt"), &local);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(a.file())
-        .expect("open");
+    let f = a.open();
     let mut want = vec![0u8; SIZE as usize];
     for (i, chunk) in want.chunks_mut(1 << 20).enumerate().step_by(3) {
         chunk.fill(i as u8 + 1);
@@ -1533,10 +1519,7 @@ fn a_node_down_past_the_grace_period_has_its_copies_replaced() {
     write_synced(&a.file(), 0x5a);
     c.node(&lost).kill9();
     // Noticed by the nexus at its next write.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(a.file())
-        .expect("open");
+    let f = a.open();
     f.write_all_at(&[0x6b; 4096], SIZE - 4096).expect("write");
     f.sync_data().expect("fsync");
     drop(f);
@@ -1606,11 +1589,7 @@ fn a_rebuild_interrupted_by_a_restart_resumes_where_it_stopped() {
     const SIZE: u64 = 64 << 20;
     let (local, victim, _) = two_copies(&c, "rv", "64M");
     let a = Attached::start(&c, "rv", &root.path().join("mnt"), &local);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(a.file())
-        .expect("open");
+    let f = a.open();
     let mut want = vec![0u8; SIZE as usize];
     for (i, chunk) in want.chunks_mut(1 << 20).enumerate() {
         chunk.fill(i as u8 + 1);
@@ -1685,10 +1664,7 @@ fn a_volume_nobody_attaches_is_rebuilt_by_volume_rebuild_wait() {
     const SIZE: u64 = 8 << 20;
     let (local, leaving, third) = two_copies(&c, "idle", "8M");
     let a = Attached::start(&c, "idle", &root.path().join("mnt"), &local);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(a.file())
-        .expect("open");
+    let f = a.open();
     let want: Vec<u8> = (0..SIZE).map(|i| (i / 4096) as u8 ^ 0x3c).collect();
     f.write_all_at(&want, 0).expect("write");
     f.sync_data().expect("fsync");

@@ -72,7 +72,7 @@ pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationTo
         // interval (at least 5 s: a registration starts a reconcile pass),
         // ask the next one.
         let answer_within = (interval * 2).max(Duration::from_secs(5));
-        let outcome: Result<(), String> = tokio::time::timeout(answer_within, async {
+        let answered = tokio::time::timeout(answer_within, async {
             let c = match &mut client {
                 Some(c) => c,
                 None => {
@@ -120,27 +120,27 @@ pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationTo
             interval = Duration::from_millis(u64::from(ms.clamp(100, 60_000)));
             Ok(())
         })
-        .await
-        .unwrap_or_else(|_| {
+        .await;
+        let outcome: Result<(), String> = match answered {
+            Ok(Ok(())) => Ok(()),
+            // Reconnect next time: the channel may point at a dead process.
+            Ok(Err(e)) => {
+                client = None;
+                Err(e)
+            }
             // The channel moves on; reconnecting would start over at the
             // first endpoint, which may be the paused one.
-            if let Some(ch) = &channel {
-                ch.skip();
+            Err(_) => {
+                if let Some(ch) = &channel {
+                    ch.skip();
+                }
+                Err(format!(
+                    "no answer within {} ms; asking the next service",
+                    answer_within.as_millis()
+                ))
             }
-            Err(format!(
-                "no answer within {} ms; asking the next service",
-                answer_within.as_millis()
-            ))
-        });
+        };
         if let Err(e) = outcome {
-            // Reconnect next time (the channel may point at a dead process),
-            // unless it just moved past one that did not answer.
-            if channel
-                .as_ref()
-                .is_none_or(|_| !e.starts_with("no answer within"))
-            {
-                client = None;
-            }
             registered = false;
             if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                 tracing::warn!(node = %cfg.node_name, error = %e, "metadata service unreachable; retrying");

@@ -60,9 +60,6 @@ impl std::fmt::Debug for Serving {
     }
 }
 
-/// The gRPC metadata header naming the leader in a follower's refusal.
-pub const LEADER_HEADER: &str = berth_proto::endpoints::LEADER_HEADER;
-
 /// The metadata API, answered by the current term or refused with the
 /// leader's address.
 #[derive(Clone, Debug)]
@@ -107,7 +104,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for Switch {
                         .to_string(),
                 });
                 if let Ok(v) = leader.unwrap_or_default().parse() {
-                    st.metadata_mut().insert(LEADER_HEADER, v);
+                    st.metadata_mut()
+                        .insert(berth_proto::endpoints::LEADER_HEADER, v);
                 }
                 Box::pin(std::future::ready(Ok(st.into_http())))
             }

@@ -417,6 +417,19 @@ async fn snapshot_exists(
     .next())
 }
 
+/// A volume's attachments.
+async fn attachments_of(
+    c: &mut berth_proto::MetaClient,
+    volume: &str,
+) -> Result<Vec<pb::Attachment>, tonic::Status> {
+    Ok(c.list_attachments(req(pb::ListAttachmentsRequest {
+        volume_id: volume.to_string(),
+    }))
+    .await?
+    .into_inner()
+    .attachments)
+}
+
 /// Whether a volume exists, by asking for it.
 async fn volume_exists(
     c: &mut berth_proto::MetaClient,
@@ -776,13 +789,8 @@ async fn volume(
                     .iter()
                     .any(|r| r.state == "faulted" || r.state == "rebuilding")
             };
-            let attached = c
-                .list_attachments(req(pb::ListAttachmentsRequest {
-                    volume_id: name.clone(),
-                }))
+            let attached = attachments_of(c, &name)
                 .await?
-                .into_inner()
-                .attachments
                 .iter()
                 .any(|a| !a.legs.is_empty());
             if behind(&v) && !attached && !wait {
@@ -1101,13 +1109,8 @@ async fn volume(
             // connections, so look the attachments up first. None: nothing
             // is called, so an export made meanwhile stays.
             let node = node.unwrap_or_default();
-            let exported = c
-                .list_attachments(req(pb::ListAttachmentsRequest {
-                    volume_id: name.clone(),
-                }))
+            let exported = attachments_of(c, &name)
                 .await?
-                .into_inner()
-                .attachments
                 .iter()
                 .any(|a| a.volume_id == name && (node.is_empty() || a.node == node));
             let to = if node.is_empty() {
