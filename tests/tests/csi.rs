@@ -680,8 +680,9 @@ fn durable_write_works(path: &Path) -> bool {
 
 /// kill -9 of the whole standalone process (metadata service, volume server
 /// and CSI driver) while an ext4 volume is mounted: the attach process
-/// reconnects to the restarted volume server by itself, replays what was
-/// acknowledged but not flushed, and the mounted filesystem never notices:
+/// hands the mount to the restarted volume server by itself, what was
+/// acknowledged but not flushed is there, and the mounted filesystem never
+/// notices:
 /// same device, same attach process, no repair. Then the attach process
 /// itself is killed, and kubelet's NodeStage retry (or the repair pass)
 /// attaches the volume again and rebuilds the mounts.
@@ -759,7 +760,13 @@ fn a_mounted_volume_rides_through_a_crash_and_a_dead_attachment_is_repaired() {
         "same device, same attach process: nothing was re-attached"
     );
     let log = std::fs::read_to_string(data.join("csi-node/attach/db.log")).expect("attach log");
-    assert!(log.contains("NBD connection back"), "{log}");
+    // The volume server serves a local attachment's FUSE file itself: the
+    // attach process handed the mount to the restarted server, and the
+    // kernel sent it again whatever the dead one had not answered.
+    assert!(
+        log.contains("volume server back: the mount is served again"),
+        "{log}"
+    );
 
     // Now the attach process itself dies: the filesystem above it breaks,
     // and NodeStage (kubelet's retry) repairs it.

@@ -146,6 +146,10 @@ struct VolumeServerArgs {
     /// NBD unix socket (default DATA/nbd.sock).
     #[arg(long, env = "BERTH_NBD_SOCKET")]
     nbd_socket: Option<PathBuf>,
+    /// Do not serve local attachments' FUSE mounts (`fuse.sock` beside the
+    /// NBD socket): `berth attach` then speaks NBD.
+    #[arg(long, env = "BERTH_NO_FUSE")]
+    no_fuse: bool,
     /// NBD over TCP ("none" to disable).
     #[arg(long, env = "BERTH_NBD_LISTEN", default_value = "127.0.0.1:10809")]
     nbd_listen: String,
@@ -410,6 +414,7 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     let mut cfg = berth_volume::ServerConfig::new(&a.data, a.pool_size);
     cfg.pool_path = a.pool;
     cfg.nbd_socket = a.nbd_socket;
+    cfg.fuse = !a.no_fuse;
     cfg.nbd_listen = addr("nbd-listen", &a.nbd_listen)?;
     cfg.advertise_host = a.advertise_host;
     cfg.control_socket = a.control_socket;
@@ -434,6 +439,7 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     let ready = serde_json::json!({
         "event": "ready",
         "nbd_socket": b.nbd_socket,
+        "fuse_socket": b.fuse_socket,
         "nbd_tcp": b.nbd_tcp.map(|a| a.to_string()),
         "control_socket": b.control_socket,
         "control_tcp": b.control_tcp.map(|a| a.to_string()),

@@ -1093,6 +1093,9 @@ pub async fn open(o: &AttachOptions) -> Result<Arc<dyn BlockTarget>, String> {
 /// it, lazily if it is busy; or `fusermount3 -u`), then flushes and
 /// disconnects.
 pub fn run(o: AttachOptions) -> Result<(), String> {
+    if let Some(l) = super::local::eligible(&o) {
+        return super::local::run(&o, &l);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("berth-attach")

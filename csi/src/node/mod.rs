@@ -16,6 +16,7 @@
 
 pub mod attach;
 pub mod fuse;
+pub mod local;
 pub mod mount;
 
 use std::collections::{BTreeMap, HashMap};

@@ -7,6 +7,7 @@
 //! depend on this crate and on nothing of each other.
 
 pub mod client;
+pub mod handoff;
 pub mod nexus;
 pub mod proto;
 pub mod session;

@@ -3,6 +3,7 @@
 //! Prometheus metrics and a durable audit log.
 //!
 //! - `nbd`: the NBD protocol and the connection handling (the data path);
+//! - `fuse`: local attachments' FUSE requests, answered from the store;
 //! - `grpc`: `berth.volume.v1.VolumeService`;
 //! - `node`: shared state and the control operations;
 //! - `qos`: tiers, token buckets, priority between tiers;
@@ -12,6 +13,7 @@
 
 pub mod audit;
 pub mod error;
+pub mod fuse;
 pub mod grpc;
 pub mod heartbeat;
 pub mod metrics;

@@ -31,6 +31,9 @@ pub struct ServerConfig {
     pub pool_size_bytes: u64,
     /// NBD unix socket; default `DATA/nbd.sock`.
     pub nbd_socket: Option<PathBuf>,
+    /// Serve local attachments' FUSE mounts on `fuse.sock` beside the NBD
+    /// socket (see [`crate::fuse`]).
+    pub fuse: bool,
     /// NBD over TCP; `None` serves the unix socket only.
     pub nbd_listen: Option<SocketAddr>,
     /// Host put in TCP URIs; default the listen address.
@@ -74,6 +77,7 @@ impl ServerConfig {
             pool_path: None,
             pool_size_bytes,
             nbd_socket: None,
+            fuse: true,
             nbd_listen: None,
             advertise_host: String::new(),
             control_socket: None,
@@ -97,6 +101,8 @@ impl ServerConfig {
 #[derive(Debug, Clone)]
 pub struct Bound {
     pub nbd_socket: PathBuf,
+    /// Local attachments hand their FUSE mounts over here.
+    pub fuse_socket: Option<PathBuf>,
     pub nbd_tcp: Option<SocketAddr>,
     pub control_socket: PathBuf,
     pub control_tcp: Option<SocketAddr>,
@@ -179,6 +185,17 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
         .clone()
         .unwrap_or_else(|| cfg.data_dir.join("control.sock"));
     let nbd_unix = bind_unix(&nbd_socket)?;
+    // Beside the NBD socket, where `berth attach` looks for it.
+    let fuse_socket = cfg.fuse.then(|| {
+        nbd_socket
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(berth_nbd::handoff::SOCKET)
+    });
+    let fuse_unix = match &fuse_socket {
+        Some(p) => Some(bind_unix(p)?),
+        None => None,
+    };
     let nbd_tcp = match cfg.nbd_listen {
         Some(a) => Some(
             TcpListener::bind(a)
@@ -207,6 +224,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
     let local = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     let bound = Bound {
         nbd_socket: nbd_socket.clone(),
+        fuse_socket,
         nbd_tcp: local(&nbd_tcp),
         control_socket,
         control_tcp: local(&ctl_tcp),
@@ -247,6 +265,15 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
     .flatten()
     {
         tasks.push(tokio::spawn(accept_nbd(
+            l,
+            node.clone(),
+            stop_accepting.clone(),
+            conns.clone(),
+            nbd_threads.clone(),
+        )));
+    }
+    if let Some(l) = fuse_unix {
+        tasks.push(tokio::spawn(accept_fuse(
             l,
             node.clone(),
             stop_accepting.clone(),
@@ -446,6 +473,53 @@ async fn accept_nbd(
             tracing::warn!(error = %e, "nbd accept failed");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// Accepts local attachments' FUSE handoffs until `stop`; each session runs
+/// on one of the NBD threads, tracked like an NBD connection (and limited
+/// like one from a unix socket).
+async fn accept_fuse(
+    l: UnixListener,
+    node: Arc<Node>,
+    stop: CancellationToken,
+    conns: tokio_util::task::TaskTracker,
+    threads: Arc<NbdThreads>,
+) {
+    loop {
+        let s = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = l.accept() => r.and_then(|(s, _)| s.into_std()),
+        };
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "fuse accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admitted = match node.admission.admit(&Peer::Unix) {
+            Ok(a) => a,
+            Err(why) => {
+                drop(s);
+                node.metrics.nbd_connections_refused.inc();
+                crate::nbd::server::refuse_connection(&node, &Peer::Unix, why);
+                continue;
+            }
+        };
+        let (thread, placed) = threads.place();
+        let node = node.clone();
+        conns.spawn_on(
+            async move {
+                let _placed = placed;
+                match tokio::net::UnixStream::from_std(s) {
+                    Ok(s) => crate::fuse::serve(node, s, admitted).await,
+                    Err(e) => tracing::warn!(error = %e, "cannot serve a FUSE handoff on its thread"),
+                }
+            },
+            &thread,
+        );
     }
 }
 

@@ -272,7 +272,9 @@ enum Phase {
 /// A request in flight. Slots are reused, so their vectors keep their capacity.
 struct Slot {
     tag: u64,
-    reply: Arc<dyn Reply>,
+    /// Taken when the request is answered: a spare slot holds no client's
+    /// reply (a FUSE session's closes its `/dev/fuse` when the last goes).
+    reply: Option<Arc<dyn Reply>>,
     phase: Phase,
     kind: Kind,
     target: Target,
@@ -456,7 +458,7 @@ impl Loop {
     fn new_slot(&mut self, tag: u64, reply: Arc<dyn Reply>, kind: Kind) -> usize {
         let mut s = self.spare.pop().unwrap_or_else(|| Slot {
             tag: 0,
-            reply: reply.clone(),
+            reply: None,
             phase: Phase::Commit,
             kind,
             target: Target::Volume(0),
@@ -479,7 +481,7 @@ impl Loop {
             layers: Vec::new(),
         });
         s.tag = tag;
-        s.reply = reply;
+        s.reply = Some(reply);
         s.kind = kind;
         s.ops_left = 0;
         s.error = None;
@@ -1354,10 +1356,12 @@ impl Loop {
             _ => Outcome::Done(s.error.take().map_or(Ok(()), Err)),
         };
         s.pieces.clear();
-        let reply = s.reply.clone();
+        let reply = s.reply.take();
         let tag = s.tag;
         self.spare.push(s);
-        reply.reply(tag, outcome);
+        if let Some(reply) = reply {
+            reply.reply(tag, outcome);
+        }
     }
 }
 

@@ -281,7 +281,7 @@ pub(crate) async fn audit(node: &Arc<Node>, ev: AuditEvent) {
 
 /// Audits a refused export lookup: in full if it is the first of its peer's
 /// window, else counted into the window's summary (see `limits::Refusals`).
-async fn audit_refusal(node: &Arc<Node>, export: &str, peer: &Peer, why: &str) {
+pub(crate) async fn audit_refusal(node: &Arc<Node>, export: &str, peer: &Peer, why: &str) {
     let (name, _) = crate::node::split_export_name(export);
     if let Some(ev) = note_refusal(node, peer, name.chars().take(256).collect(), why) {
         audit(node, ev).await;
