@@ -515,7 +515,9 @@ async fn accept_fuse(
                 let _placed = placed;
                 match tokio::net::UnixStream::from_std(s) {
                     Ok(s) => crate::fuse::serve(node, s, admitted).await,
-                    Err(e) => tracing::warn!(error = %e, "cannot serve a FUSE handoff on its thread"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot serve a FUSE handoff on its thread")
+                    }
                 }
             },
             &thread,

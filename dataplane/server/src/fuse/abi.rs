@@ -141,11 +141,7 @@ impl Attr {
             0u32, // atimensec
             0,    // mtimensec
             0,    // ctimensec
-            self.mode,
-            self.nlink,
-            self.uid,
-            self.gid,
-            0,    // rdev
+            self.mode, self.nlink, self.uid, self.gid, 0,    // rdev
             4096, // blksize
             0,    // flags
         ] {
@@ -194,7 +190,14 @@ pub fn init_out(minor: u32, max_write: u32, max_background: u16) -> Vec<u8> {
 
 /// One `struct fuse_dirent` (padded to 8 bytes); false when it does not fit
 /// in `room` bytes.
-pub fn put_dirent(out: &mut Vec<u8>, room: usize, ino: u64, off: u64, kind: u32, name: &str) -> bool {
+pub fn put_dirent(
+    out: &mut Vec<u8>,
+    room: usize,
+    ino: u64,
+    off: u64,
+    kind: u32,
+    name: &str,
+) -> bool {
     let len = (24 + name.len()).next_multiple_of(8);
     if out.len() + len > room {
         return false;

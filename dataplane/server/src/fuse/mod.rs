@@ -419,7 +419,9 @@ impl Session {
         let store = &self.node.store;
         let size = match self.export.target {
             Target::Volume(_) => store.volume(&self.export.grant.name).map(|v| v.size_bytes),
-            Target::Snapshot(_) => store.snapshot(&self.export.grant.name).map(|s| s.size_bytes),
+            Target::Snapshot(_) => store
+                .snapshot(&self.export.grant.name)
+                .map(|s| s.size_bytes),
         }
         .unwrap_or_else(|_| self.size.load(Ordering::Relaxed));
         self.size.store(size, Ordering::Relaxed);
