@@ -152,7 +152,8 @@ pub(crate) fn start_berth(
     let mut cmd = Command::new(sibling("berth")?);
     cmd.args(["volume-server", "--data"])
         .arg(&data)
-        .args(["--pool-size", &(size * 2 + (256 << 20)).to_string()])
+        // The NBD volume and the two pod volumes, and room to redirect writes.
+        .args(["--pool-size", &(size * 3 + (512 << 20)).to_string()])
         .args(["--nbd-listen", if tcp { "127.0.0.1:0" } else { "none" }])
         .args(["--metrics-listen", "none"])
         .env("RUST_LOG", "warn")

@@ -304,8 +304,16 @@ impl Drop for Attached {
 }
 
 /// The `pod` target: a second volume `pod` on the volume server at
-/// `dir/berth`, attached as a pod's would be.
-fn start_pod(dir: &Path, size: u64, server_pid: u32) -> Result<(Attached, Target), String> {
+/// `dir/berth`, attached as a pod's would be (the volume server serves the
+/// FUSE file). `pod-nbd` (`nbd`): the same through NBD, as attachments of
+/// volumes on other nodes go (and as local ones did before the handoff).
+fn start_pod(
+    dir: &Path,
+    size: u64,
+    server_pid: u32,
+    nbd: bool,
+) -> Result<(Attached, Target), String> {
+    let name = if nbd { "pod-nbd" } else { "pod" };
     if !Path::new("/dev/fuse").exists() || !have("losetup") {
         return Err("needs /dev/fuse and losetup (FUSE and loop devices)".into());
     }
@@ -313,12 +321,17 @@ fn start_pod(dir: &Path, size: u64, server_pid: u32) -> Result<(Attached, Target
     if unsafe { libc::geteuid() } != 0 {
         return Err("needs root (a loop device)".into());
     }
-    let grant = crate::nbd::volume_export(&dir.join("berth"), "pod", size, "berth-bench-pod")?;
+    let grant = crate::nbd::volume_export(&dir.join("berth"), name, size, "berth-bench-pod")?;
     let uri = grant["unix_uri"].as_str().unwrap_or_default().to_string();
-    let mnt = dir.join("pod");
+    let mnt = dir.join(name);
     std::fs::create_dir_all(&mnt).map_err(|e| format!("{}: {e}", mnt.display()))?;
-    let pid_file = dir.join("pod.pid");
-    let child = Command::new(crate::nbd::sibling("berth")?)
+    let pid_file = dir.join(format!("{name}.pid"));
+    let mut attach = Command::new(crate::nbd::sibling("berth")?);
+    if nbd {
+        // berth_csi::node::local::FORCE_NBD
+        attach.env("BERTH_ATTACH_NBD", "1");
+    }
+    let child = attach
         .arg("attach")
         .arg(&mnt)
         .arg("--pid-file")
@@ -355,7 +368,7 @@ fn start_pod(dir: &Path, size: u64, server_pid: u32) -> Result<(Attached, Target
     }
     let loop_dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let target = Target {
-        name: "pod",
+        name,
         fio_args: vec![
             "--ioengine=io_uring".into(),
             "--direct=1".into(),
@@ -399,18 +412,22 @@ fn start_targets(
         Ok((p, unix, tcp)) => {
             out.push(("berth-unix", Ok(nbd_target("berth-unix", &unix, p.pid()))));
             out.push(("berth-tcp", Ok(nbd_target("berth-tcp", &tcp, p.pid()))));
-            match start_pod(dir, size, p.pid()) {
-                Ok((a, t)) => {
-                    pods.push(a);
-                    out.push(("pod", Ok(t)));
+            for nbd in [false, true] {
+                let name = if nbd { "pod-nbd" } else { "pod" };
+                match start_pod(dir, size, p.pid(), nbd) {
+                    Ok((a, t)) => {
+                        pods.push(a);
+                        out.push((name, Ok(t)));
+                    }
+                    Err(e) => out.push((name, Err(e))),
                 }
-                Err(e) => out.push(("pod", Err(e))),
             }
             procs.push(p);
         }
         Err(e) => {
             out.push(("berth-unix", Err(e.clone())));
             out.push(("pod", Err(e.clone())));
+            out.push(("pod-nbd", Err(e.clone())));
             out.push(("berth-tcp", Err(e)));
         }
     }
@@ -472,6 +489,7 @@ const TARGETS: &[&str] = &[
     "berth-unix",
     "berth-tcp",
     "pod",
+    "pod-nbd",
     "qemu-nbd",
     "nbdkit",
 ];
@@ -493,9 +511,25 @@ const COMPASS: &[(&str, &str, &str, bool, f64)] = &[
     ("pod", "raw", "4k-randwrite-qd1", true, 0.7),
 ];
 
+/// The layout's compass: a target's sequential reads after the random
+/// overwrites against its own on the fresh layout, by throughput (at least
+/// the bound).
+const LAYOUT_COMPASS: &[(&str, f64)] = &[("berth-unix", 0.8), ("pod", 0.8)];
+
 /// Each compass check, and whether this run meets it (None: not measured).
 fn compass(cells: &[Cell]) -> Vec<(String, Option<bool>, String)> {
     let get = |t: &str, w: &str| cells.iter().find(|c| c.target == t && c.workload == w);
+    let layout = LAYOUT_COMPASS.iter().map(|&(t, bound)| {
+        let (after, fresh) = ("1m-read-qd8-after-random-writes", "1m-read-qd8");
+        let got = get(t, after)
+            .zip(get(t, fresh))
+            .map(|(a, f)| a.median.mb_per_s / f.median.mb_per_s.max(1e-9));
+        (
+            format!("{t}: {after} / {fresh} MB/s >= {bound}"),
+            got.map(|g| g >= bound),
+            got.map_or("not measured".into(), |g| format!("{g:.2}")),
+        )
+    });
     COMPASS
         .iter()
         .map(|&(berth, peer, w, by_iops, bound)| {
@@ -514,6 +548,7 @@ fn compass(cells: &[Cell]) -> Vec<(String, Option<bool>, String)> {
                 got.map_or("not measured".into(), |g| format!("{g:.2}")),
             )
         })
+        .chain(layout)
         .collect()
 }
 
@@ -608,7 +643,7 @@ pub fn run(mut a: SuiteArgs) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&a.dir);
 
     let mut ratios = Vec::new();
-    for b in ["berth-unix", "berth-tcp", "pod"] {
+    for b in ["berth-unix", "berth-tcp", "pod", "pod-nbd"] {
         for p in ["raw", "qemu-nbd", "nbdkit"] {
             for w in &workloads {
                 let get = |t: &str| cells.iter().find(|c| c.target == t && c.workload == w.name);
@@ -648,7 +683,7 @@ pub fn run(mut a: SuiteArgs) -> Result<(), String> {
     println!();
     for r in ratios
         .iter()
-        .filter(|r| r.berth == "berth-unix" || r.berth == "pod")
+        .filter(|r| matches!(r.berth.as_str(), "berth-unix" | "pod" | "pod-nbd"))
     {
         println!(
             "{:<32} {:>10} / {:<9} IOPS {:>5.2}x   p99 {:>5.2}x",
@@ -706,7 +741,8 @@ pub fn run(mut a: SuiteArgs) -> Result<(), String> {
             "qemu-nbd": "qemu-nbd -f raw -t --cache=none --aio=io_uring --shared=8 (unix socket)",
             "nbdkit": "nbdkit -t 16 file cache=none (unix socket)",
             "raw": "fio --ioengine=io_uring --direct=1 on a file",
-            "pod": "fio --ioengine=io_uring --direct=1 on a loop device (--direct-io=on) over berth attach's FUSE file, over the volume server's unix socket",
+            "pod": "fio --ioengine=io_uring --direct=1 on a loop device (--direct-io=on) over berth attach's FUSE file, which the volume server serves (the mount handed over fuse.sock)",
+            "pod-nbd": "as pod, with berth attach speaking NBD to the volume server's unix socket (BERTH_ATTACH_NBD=1), as attachments of remote volumes do",
         },
     });
     let text = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;

@@ -64,7 +64,7 @@ fn a_quick_run_measures_every_target_workload_and_feature_and_writes_json_and_pl
     // What pods get (FUSE and a loop device) where the machine allows it.
     // SAFETY: geteuid has no preconditions.
     if Path::new("/dev/fuse").exists() && unsafe { libc::geteuid() } == 0 {
-        must.push("pod");
+        must.extend(["pod", "pod-nbd"]);
     } else {
         assert!(skipped.contains(&"pod"), "pod neither measured nor skipped");
     }
@@ -104,7 +104,7 @@ fn a_quick_run_measures_every_target_workload_and_feature_and_writes_json_and_pl
         }
     }
     let compass = doc["compass"].as_array().expect("compass");
-    assert_eq!(compass.len(), 10);
+    assert_eq!(compass.len(), 12);
     // The pod path's targets are judged whenever pod was measured.
     if must.contains(&"pod") {
         for c in compass.iter().filter(|c| {

@@ -34,8 +34,13 @@ use crate::store::{block_crc, Inner, Shared, Target};
 const BS: usize = BLOCK_SIZE as usize;
 /// Largest single request (the NBD maximum payload).
 pub const MAX_REQUEST_BYTES: u64 = 32 << 20;
-/// Freed blocks waiting for a WAL sync before the loop syncs on its own.
+/// Freed blocks waiting for a WAL sync before the loop syncs on its own (or
+/// a 64th of the pool, if less: overwrites reuse the space freed in their
+/// allocation group, whose slack is a ninth of the pool).
 const PENDING_FREE_SYNC: u64 = 8192;
+/// As many, once overwrites have found their group full: a small volume's
+/// groups have less slack than the pool-wide bound would hold back.
+const PENDING_FREE_SYNC_NEAR: u64 = 1024;
 const PIECE_BITS: u32 = 20;
 /// Completions taken per engine call: the loop resubmits between small
 /// batches, so the device is fed steadily instead of in bursts (measured: 4 KiB
@@ -43,6 +48,11 @@ const PIECE_BITS: u32 = 20;
 const REAP_MAX: usize = 4;
 /// Most writes committed in one metadata batch.
 const GROUP_MAX: usize = 64;
+/// A read whose blocks are not contiguous in the pool but lie close together
+/// (an overwritten volume, see `alloc`) reads the whole pool window they lie
+/// in with one I/O when the window is at most 5/4 of the blocks wanted and at
+/// most this many blocks (4 MiB).
+const GATHER_MAX_BLOCKS: u64 = 1024;
 
 #[derive(Debug)]
 pub enum Op {
@@ -296,6 +306,9 @@ struct Slot {
     pieces: Vec<Option<IoBuf>>,
     /// First block (relative) of each piece.
     piece_start: Vec<u64>,
+    /// Gathered read pieces: (piece, where its blocks go, the window's
+    /// first pool block). The I/O reads the window; see `submit_runs`.
+    gathers: Vec<(usize, IoBuf, u64)>,
     /// Per block: the mapping read (reads) or the value to commit (writes).
     values: Vec<Option<BlockValue>>,
     /// Pool runs allocated for a write, returned if it fails.
@@ -476,6 +489,7 @@ impl Loop {
             waiters: Vec::new(),
             pieces: Vec::new(),
             piece_start: Vec::new(),
+            gathers: Vec::new(),
             values: Vec::new(),
             runs: Vec::new(),
             layers: Vec::new(),
@@ -489,6 +503,7 @@ impl Loop {
         s.busy = false;
         s.fua = false;
         s.provision = false;
+        s.gathers.clear();
         s.pieces.clear();
         s.piece_start.clear();
         s.values.clear();
@@ -682,6 +697,25 @@ impl Loop {
                 }
                 end += 1;
             }
+            // Not contiguous, but close: one read of the window they lie in.
+            let mut gather = None;
+            if let (OpKind::Read, Some(BlockValue::Data { block, .. })) = (kind, first) {
+                let (mut lo, mut hi) = (block, block + (end - start) as u64 - 1);
+                let mut k = end;
+                while let Some(Some(BlockValue::Data { block: b, .. })) = s.values.get(k) {
+                    let (l, h) = (lo.min(*b), hi.max(*b));
+                    if h - l + 1 > GATHER_MAX_BLOCKS {
+                        break;
+                    }
+                    (lo, hi, k) = (l, h, k + 1);
+                    if (hi - lo + 1) * 4 <= (k - start) as u64 * 5 {
+                        gather = Some((k, lo, hi));
+                    }
+                }
+            }
+            if let Some((k, _, _)) = gather {
+                end = k;
+            }
             let rest = if end < n {
                 Some(buf.split_off((end - start) * BS))
             } else {
@@ -691,6 +725,23 @@ impl Loop {
             let idx = s.pieces.len();
             s.piece_start.push(start as u64);
             match first {
+                Some(BlockValue::Data { .. }) if gather.is_some() => {
+                    let (_, lo, hi) = gather.unwrap_or_default();
+                    s.ops_left += 1;
+                    s.pieces.push(None);
+                    s.gathers.push((idx, piece, lo));
+                    self.sh
+                        .counters
+                        .gathered_reads
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.engine.push(IoOp {
+                        kind,
+                        file: 0,
+                        offset: pool_offset + lo * BLOCK_SIZE,
+                        buf: Some(self.sh.arena.alloc_uninit((hi - lo + 1) as usize * BS)),
+                        user_data: ((i as u64) << PIECE_BITS) | idx as u64,
+                    });
+                }
                 Some(BlockValue::Data { block, .. }) => {
                     s.ops_left += 1;
                     s.pieces.push(None);
@@ -955,7 +1006,8 @@ impl Loop {
         }));
         let need = s.values.iter().filter(|v| v.is_none()).count() as u64;
         let mut runs = std::mem::take(&mut s.runs);
-        let ok = need == 0 || self.allocate(need, &mut runs);
+        let hint = self.old_copy(i);
+        let ok = need == 0 || self.allocate(need, &mut runs, hint);
         if !ok {
             let free = self.sh.inner.lock().alloc.free_blocks();
             let s = self.slot(i);
@@ -988,9 +1040,35 @@ impl Loop {
         }
     }
 
-    fn allocate(&mut self, need: u64, runs: &mut Vec<(u64, u64)>) -> bool {
+    /// Where the old copy of the first block a write puts data in is (a
+    /// write's new blocks go to the same allocation group, so an overwritten
+    /// volume keeps its layout; see `alloc`). For a small write a head the
+    /// cache lacks is read from RocksDB into it: the commit needs it next
+    /// (`stage`), so the lookup only comes earlier. A large write asks the
+    /// cache alone.
+    fn old_copy(&self, i: usize) -> Option<u64> {
+        let s = self.slots[i].as_ref()?;
+        let k = s.values.iter().position(|v| v.is_none())?;
+        let (tree, lba) = (s.layers.first()?.tree, s.first_lba + k as u64);
         let mut inner = self.sh.inner.lock();
-        if inner.alloc.alloc(need, runs) {
+        let head = if s.blocks <= 16 {
+            inner.cache.get(&self.sh.db, tree, lba).ok()?
+        } else {
+            inner.cache.peek(tree, lba)?
+        };
+        match head?.value {
+            BlockValue::Data { block, .. } => Some(block),
+            BlockValue::Zero => None,
+        }
+    }
+
+    fn allocate(&mut self, need: u64, runs: &mut Vec<(u64, u64)>, hint: Option<u64>) -> bool {
+        let mut inner = self.sh.inner.lock();
+        let alloc = |inner: &mut crate::store::Inner, runs: &mut Vec<(u64, u64)>| match hint {
+            Some(h) => inner.alloc.alloc_near(h, need, runs),
+            None => inner.alloc.alloc(need, runs),
+        };
+        if alloc(&mut inner, runs) {
             return true;
         }
         if inner.alloc.pending_blocks() == 0 {
@@ -1005,7 +1083,7 @@ impl Loop {
         }
         let mut inner = self.sh.inner.lock();
         inner.synced(seq);
-        inner.alloc.alloc(need, runs)
+        alloc(&mut inner, runs)
     }
 
     fn complete(&mut self, c: IoCompletion) {
@@ -1043,7 +1121,15 @@ impl Loop {
         }
         match s.phase {
             Phase::Reading | Phase::Edges => {
-                if let Some(buf) = c.buf {
+                let gathered = s
+                    .gathers
+                    .iter()
+                    .position(|g| g.0 == piece)
+                    .map(|at| s.gathers.swap_remove(at));
+                if let (Some(window), Some((_, dest, lo))) = (&c.buf, gathered) {
+                    let dest = self.pick_gathered(i, piece, window, dest, lo);
+                    self.slot(i).pieces[piece] = Some(dest);
+                } else if let Some(buf) = c.buf {
                     self.verify_piece(i, piece, &buf);
                     let s = self.slot(i);
                     if s.phase == Phase::Edges {
@@ -1100,27 +1186,62 @@ impl Loop {
         for (k, v) in values.iter().enumerate() {
             if let Some(BlockValue::Data { block, crc }) = *v {
                 if block_crc(block, &buf.as_slice()[k * BS..(k + 1) * BS]) != crc {
-                    let offset = (s.first_lba + (start + k) as u64) * BLOCK_SIZE;
-                    let volume = describe(&self.sh.inner.lock(), s.target);
-                    self.sh
-                        .counters
-                        .checksum_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
-                        volume,
-                        offset,
-                        pool_block = block,
-                        "checksum mismatch on read"
-                    );
-                    s.error = Some(StoreError::Integrity {
-                        volume,
-                        offset,
-                        pool_block: block,
-                    });
-                    return;
+                    return self.checksum_mismatch(i, start + k, block);
                 }
             }
         }
+    }
+
+    /// Records a block of slot `i` (by its index in `values`) whose data
+    /// does not match its checksum: the request fails with EIO.
+    fn checksum_mismatch(&mut self, i: usize, k: usize, block: u64) {
+        let s = self.slots[i].as_mut().expect("live slot");
+        let offset = (s.first_lba + k as u64) * BLOCK_SIZE;
+        let volume = describe(&self.sh.inner.lock(), s.target);
+        self.sh
+            .counters
+            .checksum_errors
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            volume,
+            offset,
+            pool_block = block,
+            "checksum mismatch on read"
+        );
+        s.error = Some(StoreError::Integrity {
+            volume,
+            offset,
+            pool_block: block,
+        });
+    }
+
+    /// A gathered piece's window arrived: checks each wanted block and
+    /// copies it to its place in the piece.
+    fn pick_gathered(
+        &mut self,
+        i: usize,
+        piece: usize,
+        window: &IoBuf,
+        mut dest: IoBuf,
+        lo: u64,
+    ) -> IoBuf {
+        let s = self.slots[i].as_mut().expect("live slot");
+        if s.error.is_some() {
+            return dest;
+        }
+        let start = s.piece_start[piece] as usize;
+        for k in 0..dest.len() / BS {
+            if let Some(BlockValue::Data { block, crc }) = s.values[start + k] {
+                let at = (block - lo) as usize * BS;
+                let data = &window.as_slice()[at..at + BS];
+                if block_crc(block, data) != crc {
+                    self.checksum_mismatch(i, start + k, block);
+                    return dest;
+                }
+                dest.as_mut_slice()[k * BS..(k + 1) * BS].copy_from_slice(data);
+            }
+        }
+        dest
     }
 
     /// Stages every write and zeroing ready so far as one batch and hands it to
@@ -1223,7 +1344,9 @@ impl Loop {
             s.runs.clear();
             release_range(&mut self.busy, &self.sh, &mut inner, s, &mut again);
         }
-        let sync_needed = inner.alloc.pending_blocks() > PENDING_FREE_SYNC;
+        let pending = inner.alloc.pending_blocks();
+        let sync_needed = pending > PENDING_FREE_SYNC.min(inner.alloc.blocks() / 64)
+            || (pending > PENDING_FREE_SYNC_NEAR && inner.alloc.take_near_misses() > 0);
         drop(inner);
         for i in ready {
             let s = self.slot(i);
@@ -1355,6 +1478,7 @@ impl Loop {
             }
             _ => Outcome::Done(s.error.take().map_or(Ok(()), Err)),
         };
+        s.gathers.clear();
         s.pieces.clear();
         let reply = s.reply.take();
         let tag = s.tag;

@@ -101,7 +101,7 @@ impl HeadCache {
     }
 
     /// The cached head of (tree, lba), if the cache knows it.
-    fn peek(&mut self, tree: u64, lba: u64) -> Option<Option<MapEntry>> {
+    pub fn peek(&mut self, tree: u64, lba: u64) -> Option<Option<MapEntry>> {
         let e = self.lru.get(&(tree, lba)).copied();
         match e {
             Some(_) => self.hits += 1,

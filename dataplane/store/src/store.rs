@@ -199,6 +199,9 @@ pub struct Counters {
     pub flushes: AtomicU64,
     pub checksum_errors: AtomicU64,
     pub io_errors: AtomicU64,
+    /// Pool reads that fetched a window of scattered blocks at once (an
+    /// overwritten layout; see `alloc`).
+    pub gathered_reads: AtomicU64,
 }
 
 #[derive(Debug)]

@@ -406,10 +406,10 @@ impl Session {
             size,
             mode,
             nlink,
-            // SAFETY: getuid/getgid take no arguments and cannot fail.
-            uid: unsafe { libc::getuid() },
-            // SAFETY: as above.
-            gid: unsafe { libc::getgid() },
+            // Root's, who mounted it (only root hands mounts over): not this
+            // server's user, which may be any.
+            uid: 0,
+            gid: 0,
             time: 0,
         }
     }
