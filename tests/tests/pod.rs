@@ -242,6 +242,17 @@ fn the_volume_server_serves_a_local_attachment_and_a_kill_of_either_side_loses_n
         "--verify_only=1",
     ]);
     assert!(ok, "the first writes read back after the crash:\n{out}");
+    // Sequential 1 MiB reads, which the kernel cuts in two FUSE reads that
+    // the server merges back into one store read.
+    let (ok, out) = pod.fio(&[
+        "--rw=write",
+        "--bs=1M",
+        "--iodepth=8",
+        "--offset=192M",
+        "--size=64M",
+        "--do_verify=1",
+    ]);
+    assert!(ok, "1 MiB writes read back in order:\n{out}");
 
     // kill -9 of the attach process: the server lets go of the mount, and
     // I/O on the loop device fails instead of waiting forever.

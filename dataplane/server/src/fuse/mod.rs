@@ -67,6 +67,11 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the reader waits for: a request, or the kernel ending the
 /// connection (poll says EPOLLERR then, never readable).
 const WATCH: Interest = Interest::READABLE.add(Interest::ERROR);
+/// Reads in a row (the kernel cuts a loop device's 1 MiB read into two FUSE
+/// reads at a page boundary) are merged up to this size into one store read,
+/// so an overwritten volume's window is fetched once (see the store's
+/// gathered reads).
+const MERGE_MAX: u32 = 4 << 20;
 /// How long a session that ends waits for the requests it submitted.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -214,6 +219,10 @@ fn is_fuse_device(fd: &OwnedFd) -> Result<(), String> {
 /// A request in the store.
 struct Pending {
     unique: u64,
+    /// Bytes the first request wants (of `len`), and the reads merged after
+    /// it: (unique, bytes), in order.
+    first_len: u32,
+    more: Vec<(u64, u32)>,
     opcode: u32,
     len: u32,
     offset: u64,
@@ -318,6 +327,9 @@ impl Session {
             Err(e) => return format!("cannot watch /dev/fuse: {e}"),
         };
         let mut buf = vec![0u8; BUF_BYTES];
+        // A read kept back for the next one to join (only while more
+        // requests are queued: never across a wait).
+        let mut held: Option<Held> = None;
         loop {
             let mut g = tokio::select! {
                 biased;
@@ -336,24 +348,76 @@ impl Session {
             };
             // Everything the kernel has queued, then back to waiting.
             loop {
-                match nix::unistd::read(&self.dev, &mut buf) {
+                let r = match nix::unistd::read(&self.dev, &mut buf) {
                     Ok(0) => return handoff::UNMOUNTED.into(),
                     Ok(n) => {
-                        if let Err(why) = self.request(&buf[..n]).await {
-                            return why;
+                        let next = self.as_read(&buf[..n]);
+                        match (&mut held, next) {
+                            (Some(h), Some(r)) if h.joins(&r) => {
+                                h.join(r);
+                                continue;
+                            }
+                            (_, Some(r)) => match held.replace(r) {
+                                Some(h) => self.submit_read(h).await,
+                                None => Ok(()),
+                            },
+                            (_, None) => match held.take() {
+                                Some(h) => self.submit_read(h).await,
+                                None => Ok(()),
+                            }
+                            .and(self.request(&buf[..n]).await),
                         }
                     }
                     Err(nix::Error::EAGAIN) => {
                         g.clear_ready();
+                        if let Some(h) = held.take() {
+                            if let Err(why) = self.submit_read(h).await {
+                                return why;
+                            }
+                        }
                         break;
                     }
                     // Interrupted, or a request the kernel gave up on.
-                    Err(nix::Error::EINTR | nix::Error::ENOENT) => {}
+                    Err(nix::Error::EINTR | nix::Error::ENOENT) => Ok(()),
                     Err(nix::Error::ENODEV) => return handoff::UNMOUNTED.into(),
                     Err(e) => return format!("read /dev/fuse: {e}"),
+                };
+                // A read still held when the session ends is answered by the
+                // next server (the kernel sends it again).
+                if let Err(why) = r {
+                    return why;
                 }
             }
         }
+    }
+
+    /// A READ of the file, as a read to merge with its neighbours; `None`
+    /// for anything else (and for reads `request` answers without the store).
+    fn as_read(&self, req: &[u8]) -> Option<Held> {
+        let h = InHeader::parse(req)?;
+        if h.opcode != READ || h.nodeid != DISK || h.len as usize != req.len() {
+            return None;
+        }
+        let body = &req[IN_HEADER..];
+        let (offset, size) = (u64_at(body, 8)?, u32_at(body, 16)?);
+        let end = self.size.load(Ordering::Relaxed);
+        let len = u64::from(size).min(end.saturating_sub(offset));
+        if len == 0 || len > u64::from(MERGE_MAX) {
+            return None;
+        }
+        Some(Held {
+            unique: h.unique,
+            offset,
+            len: len as u32,
+            first_len: len as u32,
+            more: Vec::new(),
+        })
+    }
+
+    async fn submit_read(self: &Arc<Self>, h: Held) -> Result<(), String> {
+        let (offset, len) = (h.offset, h.len);
+        let parts = (h.unique, h.first_len, h.more);
+        self.submit(parts, READ, offset, len, None, &[]).await
     }
 
     /// The descriptor in this thread's reactor, for reading.
@@ -542,7 +606,6 @@ impl Session {
 
     /// A request for the store: admitted as an NBD request is, then submitted.
     async fn data(self: &Arc<Self>, h: InHeader, body: &[u8]) -> Result<(), String> {
-        let started = Instant::now();
         let target = self.export.target;
         let writes = matches!(h.opcode, WRITE | FALLOCATE);
         if h.nodeid != DISK {
@@ -633,6 +696,23 @@ impl Session {
                 )
             }
         };
+        self.submit((h.unique, len, Vec::new()), h.opcode, offset, len, op, body)
+            .await
+    }
+
+    /// Admits a request as an NBD request is admitted, then submits it.
+    /// `parts`: the request's unique and bytes, and reads merged after it.
+    async fn submit(
+        self: &Arc<Self>,
+        parts: (u64, u32, Vec<(u64, u32)>),
+        opcode: u32,
+        offset: u64,
+        len: u32,
+        op: Option<Op>,
+        body: &[u8],
+    ) -> Result<(), String> {
+        let started = Instant::now();
+        let target = self.export.target;
         // Backpressure: requests and payload in flight, per session and for
         // the whole node.
         let closing = |_| "closing".to_string();
@@ -650,7 +730,7 @@ impl Session {
                 .forget();
             self.node.budget.take(units).await.map_err(closing)?;
         }
-        let op = match (h.opcode, op) {
+        let op = match (opcode, op) {
             (_, Some(op)) => op,
             (READ, None) => Op::Read {
                 target,
@@ -671,8 +751,10 @@ impl Session {
             }
         };
         let mut pending = Pending {
-            unique: h.unique,
-            opcode: h.opcode,
+            unique: parts.0,
+            first_len: parts.1,
+            more: parts.2,
+            opcode,
             len,
             offset,
             started,
@@ -690,7 +772,7 @@ impl Session {
                 return Ok(());
             }
         }
-        rt.admit(if matches!(h.opcode, READ | WRITE) {
+        rt.admit(if matches!(opcode, READ | WRITE) {
             u64::from(len)
         } else {
             0
@@ -721,8 +803,16 @@ impl Session {
         }];
         let error = match outcome {
             Outcome::Read(Ok(data)) => {
-                self.reply_parts(p.unique, 0, &[data.bytes()]);
-                self.counters.read_ops.fetch_add(1, Ordering::Relaxed);
+                let bytes = data.bytes();
+                let mut at = p.first_len as usize;
+                self.reply_parts(p.unique, 0, &[&bytes[..at]]);
+                for &(unique, len) in &p.more {
+                    self.reply_parts(unique, 0, &[&bytes[at..at + len as usize]]);
+                    at += len as usize;
+                }
+                self.counters
+                    .read_ops
+                    .fetch_add(1 + p.more.len() as u64, Ordering::Relaxed);
                 self.counters
                     .read_bytes
                     .fetch_add(u64::from(p.len), Ordering::Relaxed);
@@ -755,6 +845,9 @@ impl Session {
                     _ => e.errno(),
                 };
                 self.reply(p.unique, -errno, &[]);
+                for &(unique, _) in &p.more {
+                    self.reply(unique, -errno, &[]);
+                }
                 errno
             }
         };
@@ -794,6 +887,27 @@ impl Session {
 impl Reply for Session {
     fn reply(&self, tag: u64, outcome: Outcome) {
         self.finish(tag, outcome);
+    }
+}
+
+/// A read held back for the next one to join.
+struct Held {
+    unique: u64,
+    offset: u64,
+    /// All the merged reads' bytes.
+    len: u32,
+    first_len: u32,
+    more: Vec<(u64, u32)>,
+}
+
+impl Held {
+    fn joins(&self, next: &Held) -> bool {
+        self.offset + u64::from(self.len) == next.offset && self.len + next.len <= MERGE_MAX
+    }
+
+    fn join(&mut self, next: Held) {
+        self.len += next.len;
+        self.more.push((next.unique, next.len));
     }
 }
 
