@@ -121,6 +121,8 @@ fn fio(dev: &str, args: &[&str]) -> (bool, String) {
             "--direct=1",
             "--verify=crc32c",
             "--verify_fatal=1",
+            // No state file left in the working folder.
+            "--verify_state_save=0",
         ])
         .arg(format!("--filename={dev}"))
         .args(args)
