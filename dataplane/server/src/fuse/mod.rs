@@ -44,6 +44,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::{Notify, Semaphore};
+use tracing::Instrument;
 
 use crate::audit::AuditEvent;
 use crate::nbd::server::{audit, audit_refusal};
@@ -121,9 +122,26 @@ pub async fn serve(
         return;
     };
     admitted.handshake_done();
+    let span = tracing::info_span!("fuse", volume = %export.grant.name, client = %export.grant.client);
+    serve_mount(node, ctl, hello, dev, export, conn_id, cancel, counters)
+        .instrument(span)
+        .await;
+}
+
+/// Serves a mount handed over and accepted, until it ends.
+#[allow(clippy::too_many_arguments)]
+async fn serve_mount(
+    node: Arc<Node>,
+    mut ctl: UnixStream,
+    hello: Hello,
+    dev: OwnedFd,
+    export: Resolved,
+    conn_id: u64,
+    cancel: tokio_util::sync::CancellationToken,
+    counters: Arc<ConnCounters>,
+) {
+    let peer = Peer::Unix;
     let g = export.grant.clone();
-    let span = tracing::info_span!("fuse", volume = %g.name, client = %g.client);
-    let _entered = span.enter();
     let unit_cap = node.budget.per_connection_units(MAX_INFLIGHT_UNITS) as u32;
     let session = Arc::new(Session {
         node: node.clone(),
