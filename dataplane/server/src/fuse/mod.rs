@@ -122,7 +122,8 @@ pub async fn serve(
         return;
     };
     admitted.handshake_done();
-    let span = tracing::info_span!("fuse", volume = %export.grant.name, client = %export.grant.client);
+    let span =
+        tracing::info_span!("fuse", volume = %export.grant.name, client = %export.grant.client);
     serve_mount(node, ctl, hello, dev, export, conn_id, cancel, counters)
         .instrument(span)
         .await;
