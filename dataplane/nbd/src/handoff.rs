@@ -230,7 +230,7 @@ mod tests {
     fn a_descriptor_crosses_with_its_hello() {
         use std::io::{Read, Write};
         let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
-        let (mut r, mut w) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let (mut r, w) = std::os::unix::net::UnixStream::pair().expect("pair");
         let h = Hello {
             resume: false,
             export: "v@t".into(),
@@ -245,7 +245,7 @@ mod tests {
         let mut four = [0u8; 4];
         r.read_exact(&mut four).expect("read");
         assert_eq!(&four, b"ping");
-        w.write_all(b"pong").expect("write");
+        r.write_all(b"pong").expect("write");
         passed.read_exact(&mut four).expect("read");
         assert_eq!(&four, b"pong");
         // Without a descriptor: refused.

@@ -46,8 +46,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{Notify, Semaphore};
 use tracing::Instrument;
 
-use crate::audit::AuditEvent;
-use crate::nbd::server::{audit, audit_refusal};
+use crate::nbd::server::{audit, audit_refusal, connect_event, disconnect_event};
 use crate::node::{ConnCounters, FenceCheck, FenceGuard, Node, Peer, Refusal, Resolved};
 use abi::*;
 
@@ -159,24 +158,12 @@ async fn serve_mount(
         failures: Mutex::new(None),
     });
     let read_only = session.export.read_only;
-    audit(
-        &node,
-        AuditEvent {
-            action: "connect".into(),
-            client: g.client.clone(),
-            target: g.name.clone(),
-            result: "ok".into(),
-            peer: peer.to_string(),
-            detail: format!(
-                "{} {}, fuse{}",
-                g.kind.as_str(),
-                if read_only { "read-only" } else { "read-write" },
-                if hello.resume { ", resumed" } else { "" }
-            ),
-            ..Default::default()
-        },
-    )
-    .await;
+    let how = if hello.resume {
+        ", fuse, resumed"
+    } else {
+        ", fuse"
+    };
+    audit(&node, connect_event(&g, read_only, &peer, how)).await;
     let why = match session.start(&hello, &mut ctl).await {
         Ok(()) => session.run(&mut ctl, &cancel).await,
         Err(why) => why,
@@ -196,20 +183,7 @@ async fn serve_mount(
     }
     let _ = answer(&mut ctl, Answer::End(why.clone())).await;
     node.unregister_conn(conn_id, &session.export);
-    let c = &session.counters;
-    let ev = AuditEvent {
-        action: "disconnect".into(),
-        client: g.client.clone(),
-        target: g.name.clone(),
-        result: why.clone(),
-        peer: peer.to_string(),
-        read_ops: c.read_ops.load(Ordering::Relaxed),
-        read_bytes: c.read_bytes.load(Ordering::Relaxed),
-        write_ops: c.write_ops.load(Ordering::Relaxed),
-        write_bytes: c.write_bytes.load(Ordering::Relaxed),
-        detail: "fuse".into(),
-        ..Default::default()
-    };
+    let ev = disconnect_event(&g, &peer, &why, &session.counters, "fuse");
     tracing::info!(reason = %why, read_bytes = ev.read_bytes, write_bytes = ev.write_bytes, "FUSE session ended");
     // The last reference closes this server's copy of the descriptor: with
     // the attach process gone too, the kernel ends the mount. One kept

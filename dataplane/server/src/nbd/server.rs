@@ -272,6 +272,49 @@ const MAX_REFUSALS: u32 = 4;
 
 /// Appends an audit event (an fdatasync) on a blocking thread, and waits for it
 /// so events stay in order without stalling the async workers.
+/// The audit event of a client connecting to an export (`how`: what the
+/// detail adds after the kind and mode, such as ", tls").
+pub(crate) fn connect_event(
+    g: &crate::state::Grant,
+    read_only: bool,
+    peer: &Peer,
+    how: &str,
+) -> AuditEvent {
+    let mode = if read_only { "read-only" } else { "read-write" };
+    AuditEvent {
+        action: "connect".into(),
+        client: g.client.clone(),
+        target: g.name.clone(),
+        result: "ok".into(),
+        peer: peer.to_string(),
+        detail: format!("{} {mode}{how}", g.kind.as_str()),
+        ..Default::default()
+    }
+}
+
+/// The audit event of a connection's end: why, and what it read and wrote.
+pub(crate) fn disconnect_event(
+    g: &crate::state::Grant,
+    peer: &Peer,
+    why: &str,
+    c: &ConnCounters,
+    detail: &str,
+) -> AuditEvent {
+    AuditEvent {
+        action: "disconnect".into(),
+        client: g.client.clone(),
+        target: g.name.clone(),
+        result: why.to_string(),
+        peer: peer.to_string(),
+        read_ops: c.read_ops.load(Ordering::Relaxed),
+        read_bytes: c.read_bytes.load(Ordering::Relaxed),
+        write_ops: c.write_ops.load(Ordering::Relaxed),
+        write_bytes: c.write_bytes.load(Ordering::Relaxed),
+        detail: detail.to_string(),
+        ..Default::default()
+    }
+}
+
 pub(crate) async fn audit(node: &Arc<Node>, ev: AuditEvent) {
     let n = node.clone();
     if let Err(e) = tokio::task::spawn_blocking(move || n.audit.record(ev)).await {
@@ -733,28 +776,8 @@ where
     let g = &s.export.grant;
     let span = tracing::info_span!("nbd", volume = %g.name, client = %g.client, peer = %peer);
     tracing::info!(parent: &span, kind = g.kind.as_str(), read_only = s.export.read_only, "export connected");
-    audit(
-        &node,
-        AuditEvent {
-            action: "connect".into(),
-            client: g.client.clone(),
-            target: g.name.clone(),
-            result: "ok".into(),
-            peer: peer.to_string(),
-            detail: format!(
-                "{} {}{}",
-                g.kind.as_str(),
-                if s.export.read_only {
-                    "read-only"
-                } else {
-                    "read-write"
-                },
-                if tls { ", tls" } else { "" }
-            ),
-            ..Default::default()
-        },
-    )
-    .await;
+    let how = if tls { ", tls" } else { "" };
+    audit(&node, connect_event(g, s.export.read_only, &peer, how)).await;
     let unit_cap = node.budget.per_connection_units(MAX_INFLIGHT_UNITS) as u32;
     let conn = Arc::new(Conn {
         node: node.clone(),
@@ -788,19 +811,7 @@ where
     conn.done.ready.notify_one();
     let _ = writer.await;
     node.unregister_conn(conn_id, &conn.export);
-    let c = &conn.counters;
-    let ev = AuditEvent {
-        action: "disconnect".into(),
-        client: conn.export.grant.client.clone(),
-        target: conn.export.grant.name.clone(),
-        result: why.clone(),
-        peer: peer.to_string(),
-        read_ops: c.read_ops.load(Ordering::Relaxed),
-        read_bytes: c.read_bytes.load(Ordering::Relaxed),
-        write_ops: c.write_ops.load(Ordering::Relaxed),
-        write_bytes: c.write_bytes.load(Ordering::Relaxed),
-        ..Default::default()
-    };
+    let ev = disconnect_event(&conn.export.grant, &peer, &why, &conn.counters, "");
     tracing::info!(parent: &span, reason = %why, read_bytes = ev.read_bytes, write_bytes = ev.write_bytes, "export disconnected");
     audit(&node, ev).await;
 }
