@@ -92,7 +92,12 @@ pub struct InHeader {
 }
 
 impl InHeader {
+    /// `None` for fewer bytes than a whole header: whatever follows may
+    /// then slice the body at [`IN_HEADER`].
     pub fn parse(b: &[u8]) -> Option<InHeader> {
+        if b.len() < IN_HEADER {
+            return None;
+        }
         Some(InHeader {
             len: u32_at(b, 0)?,
             opcode: u32_at(b, 4)?,
@@ -247,7 +252,7 @@ mod tests {
         let mut d = Vec::new();
         assert!(put_dirent(&mut d, 64, DISK, 3, 8, "disk"));
         assert_eq!(d.len(), 32);
-        assert!(!put_dirent(&mut d, 64, DISK, 4, 8, "disk-two"));
+        assert!(!put_dirent(&mut d, 64, DISK, 4, 8, "disk-number-two"));
         assert_eq!(out_header(16, -2, 7)[4..8], (-2i32).to_le_bytes());
         assert!(InHeader::parse(&[0u8; 39]).is_none());
     }
