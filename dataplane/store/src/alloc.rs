@@ -128,16 +128,22 @@ impl Allocator {
             need = self.next_fit(need, out, start_len, false);
         }
         if need > 0 {
-            // Cannot happen while `free` is right; undo to stay all-or-nothing.
-            for (first, len) in out.drain(start_len..) {
-                for x in first..first + len {
-                    self.set(x, false);
-                    self.free += 1;
-                }
-            }
+            self.undo(out, start_len);
             return false;
         }
         true
+    }
+
+    /// Gives back what an allocation that failed took (`out` from
+    /// `start_len`): cannot happen while `free` is right, and keeps every
+    /// allocation all or nothing.
+    fn undo(&mut self, out: &mut Vec<(u64, u64)>, start_len: usize) {
+        for (first, len) in out.drain(start_len..) {
+            for x in first..first + len {
+                self.set(x, false);
+                self.free += 1;
+            }
+        }
     }
 
     /// One next-fit pass from the cursor; returns how many blocks it could
@@ -211,13 +217,7 @@ impl Allocator {
         if need == 0 || self.alloc(need, out) {
             return true;
         }
-        // Cannot happen while `free` is right; undo to stay all-or-nothing.
-        for (first, len) in out.drain(start_len..) {
-            for x in first..first + len {
-                self.set(x, false);
-                self.free += 1;
-            }
-        }
+        self.undo(out, start_len);
         false
     }
 

@@ -1006,8 +1006,7 @@ impl Loop {
         }));
         let need = s.values.iter().filter(|v| v.is_none()).count() as u64;
         let mut runs = std::mem::take(&mut s.runs);
-        let hint = self.old_copy(i);
-        let ok = need == 0 || self.allocate(need, &mut runs, hint);
+        let ok = need == 0 || self.allocate(i, need, &mut runs);
         if !ok {
             let free = self.sh.inner.lock().alloc.free_blocks();
             let s = self.slot(i);
@@ -1040,30 +1039,13 @@ impl Loop {
         }
     }
 
-    /// Where the old copy of the first block a write puts data in is (a
-    /// write's new blocks go to the same allocation group, so an overwritten
-    /// volume keeps its layout; see `alloc`). For a small write a head the
-    /// cache lacks is read from RocksDB into it: the commit needs it next
-    /// (`stage`), so the lookup only comes earlier. A large write asks the
-    /// cache alone.
-    fn old_copy(&self, i: usize) -> Option<u64> {
-        let s = self.slots[i].as_ref()?;
-        let k = s.values.iter().position(|v| v.is_none())?;
-        let (tree, lba) = (s.layers.first()?.tree, s.first_lba + k as u64);
+    /// Allocates `need` blocks for the write in slot `i`, near the old copy
+    /// of its first data block (see [`old_copy`]).
+    fn allocate(&mut self, i: usize, need: u64, runs: &mut Vec<(u64, u64)>) -> bool {
         let mut inner = self.sh.inner.lock();
-        let head = if s.blocks <= 16 {
-            inner.cache.get(&self.sh.db, tree, lba).ok()?
-        } else {
-            inner.cache.peek(tree, lba)?
-        };
-        match head?.value {
-            BlockValue::Data { block, .. } => Some(block),
-            BlockValue::Zero => None,
-        }
-    }
-
-    fn allocate(&mut self, need: u64, runs: &mut Vec<(u64, u64)>, hint: Option<u64>) -> bool {
-        let mut inner = self.sh.inner.lock();
+        let hint = self.slots[i]
+            .as_ref()
+            .and_then(|s| old_copy(&self.sh.db, &mut inner, s));
         let alloc = |inner: &mut crate::store::Inner, runs: &mut Vec<(u64, u64)>| match hint {
             Some(h) => inner.alloc.alloc_near(h, need, runs),
             None => inner.alloc.alloc(need, runs),
@@ -1486,6 +1468,25 @@ impl Loop {
         if let Some(reply) = reply {
             reply.reply(tag, outcome);
         }
+    }
+}
+
+/// Where the old copy of the first block the write in `s` puts data in is (a
+/// write's new blocks go to the same allocation group, so an overwritten
+/// volume keeps its layout; see `alloc`). For a small write a head the cache
+/// lacks is read from RocksDB into it: the commit needs it next (`stage`), so
+/// the lookup only comes earlier. A large write asks the cache alone.
+fn old_copy(db: &rocksdb::DB, inner: &mut Inner, s: &Slot) -> Option<u64> {
+    let k = s.values.iter().position(|v| v.is_none())?;
+    let (tree, lba) = (s.layers.first()?.tree, s.first_lba + k as u64);
+    let head = if s.blocks <= 16 {
+        inner.cache.get(db, tree, lba).ok()?
+    } else {
+        inner.cache.peek(tree, lba)?
+    };
+    match head?.value {
+        BlockValue::Data { block, .. } => Some(block),
+        BlockValue::Zero => None,
     }
 }
 

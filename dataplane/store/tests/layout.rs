@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use berth_store::{Store, StoreConfig, StoreError, BLOCK_SIZE};
+use berth_store::{Store, StoreConfig, StoreError, Target, BLOCK_SIZE};
 
 mod common;
 use common::{block, BS};
@@ -35,31 +35,36 @@ fn placement(pool: &std::path::Path) -> HashMap<String, u64> {
         .collect()
 }
 
-#[test]
-fn overwritten_blocks_stay_near_their_neighbours_and_read_back_gathered() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = StoreConfig::new(dir.path(), 64 << 20);
-    let store = Store::create(&cfg).expect("create");
-    let v = store
-        .volume_target(
-            &store
-                .create_volume("db", (PIECES * PIECE) as u64)
-                .expect("volume")
-                .name,
-        )
-        .expect("target");
-    let mut model: Vec<String> = Vec::new();
-    for p in 0..PIECES {
+fn volume(store: &Store, name: &str, bytes: usize) -> Target {
+    let info = store.create_volume(name, bytes as u64).expect("volume");
+    store.volume_target(&info.name).expect("target")
+}
+
+/// Writes `pieces` pieces of 1 MiB, each block tagged `p{piece}b{block}`;
+/// the tags, in block order.
+fn write_pieces(store: &Store, v: Target, pieces: usize) -> Vec<String> {
+    let mut tags = Vec::new();
+    for p in 0..pieces {
         let mut data = Vec::with_capacity(PIECE);
         for k in 0..BLOCKS_PER_PIECE {
             let tag = format!("p{p}b{k}");
             data.extend_from_slice(&block(&tag));
-            model.push(tag);
+            tags.push(tag);
         }
         store
             .write(v, (p * PIECE) as u64, &data, false)
             .expect("write");
     }
+    tags
+}
+
+#[test]
+fn overwritten_blocks_stay_near_their_neighbours_and_read_back_gathered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = StoreConfig::new(dir.path(), 64 << 20);
+    let store = Store::create(&cfg).expect("create");
+    let v = volume(&store, "db", PIECES * PIECE);
+    let mut model = write_pieces(&store, v, PIECES);
     // 2,000 random overwrites (half a pass), with the flushes a filesystem
     // or a database would make now and then.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -157,23 +162,8 @@ fn concurrent_overwrites_without_flushes_keep_the_layout() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = StoreConfig::new(dir.path(), 256 << 20);
     let store = std::sync::Arc::new(Store::create(&cfg).expect("create"));
-    let v = store
-        .volume_target(
-            &store
-                .create_volume("db", (N * PIECE) as u64)
-                .expect("volume")
-                .name,
-        )
-        .expect("target");
-    for p in 0..N {
-        let mut data = Vec::with_capacity(PIECE);
-        for k in 0..BLOCKS_PER_PIECE {
-            data.extend_from_slice(&block(&format!("p{p}b{k}")));
-        }
-        store
-            .write(v, (p * PIECE) as u64, &data, false)
-            .expect("write");
-    }
+    let v = volume(&store, "db", N * PIECE);
+    write_pieces(&store, v, N);
     // One pass: every block once, from 32 threads at a time, no flush.
     let blocks = N * BLOCKS_PER_PIECE;
     let mut order: Vec<usize> = (0..blocks).collect();
@@ -222,12 +212,8 @@ fn a_read_across_a_groups_slack_is_one_gathered_read() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = StoreConfig::new(dir.path(), 64 << 20);
     let store = Store::create(&cfg).expect("create");
-    let a = store
-        .volume_target(&store.create_volume("a", 1 << 20).expect("a").name)
-        .expect("a");
-    let v = store
-        .volume_target(&store.create_volume("v", 8 << 20).expect("v").name)
-        .expect("v");
+    let a = volume(&store, "a", PIECE);
+    let v = volume(&store, "v", 8 * PIECE);
     // 40 blocks of another volume first: v's pieces straddle groups.
     store
         .write(a, 0, &vec![7u8; 40 * BS], false)

@@ -209,13 +209,33 @@ fn is_fuse_device(fd: &OwnedFd) -> Result<(), String> {
     }
 }
 
+/// Who a store request answers: the FUSE request, and the reads merged
+/// after it.
+struct Replies {
+    unique: u64,
+    /// Bytes the first request wants (of the store request's).
+    first_len: u32,
+    /// (unique, bytes) of each read merged after it, in order.
+    more: Vec<(u64, u32)>,
+}
+
+impl Replies {
+    fn one(unique: u64, len: u32) -> Replies {
+        Replies {
+            unique,
+            first_len: len,
+            more: Vec::new(),
+        }
+    }
+
+    fn uniques(&self) -> impl Iterator<Item = u64> + '_ {
+        std::iter::once(self.unique).chain(self.more.iter().map(|m| m.0))
+    }
+}
+
 /// A request in the store.
 struct Pending {
-    unique: u64,
-    /// Bytes the first request wants (of `len`), and the reads merged after
-    /// it: (unique, bytes), in order.
-    first_len: u32,
-    more: Vec<(u64, u32)>,
+    replies: Replies,
     opcode: u32,
     len: u32,
     offset: u64,
@@ -343,30 +363,11 @@ impl Session {
             loop {
                 let r = match nix::unistd::read(&self.dev, &mut buf) {
                     Ok(0) => return handoff::UNMOUNTED.into(),
-                    Ok(n) => {
-                        let next = self.as_read(&buf[..n]);
-                        match (&mut held, next) {
-                            (Some(h), Some(r)) if h.joins(&r) => {
-                                h.join(r);
-                                continue;
-                            }
-                            (_, Some(r)) => match held.replace(r) {
-                                Some(h) => self.submit_read(h).await,
-                                None => Ok(()),
-                            },
-                            (_, None) => match held.take() {
-                                Some(h) => self.submit_read(h).await,
-                                None => Ok(()),
-                            }
-                            .and(self.request(&buf[..n]).await),
-                        }
-                    }
+                    Ok(n) => self.next_request(&mut held, &buf[..n]).await,
                     Err(nix::Error::EAGAIN) => {
                         g.clear_ready();
-                        if let Some(h) = held.take() {
-                            if let Err(why) = self.submit_read(h).await {
-                                return why;
-                            }
+                        if let Err(why) = self.submit_held(&mut held).await {
+                            return why;
                         }
                         break;
                     }
@@ -384,8 +385,31 @@ impl Session {
         }
     }
 
-    /// A READ of the file, as a read to merge with its neighbours; `None`
-    /// for anything else (and for reads `request` answers without the store).
+    /// One request read: a read joins the read held back, or is held back
+    /// itself once that one is submitted; anything else is served after it.
+    async fn next_request(
+        self: &Arc<Self>,
+        held: &mut Option<Held>,
+        req: &[u8],
+    ) -> Result<(), String> {
+        let next = match (held.as_mut(), self.as_read(req)) {
+            (Some(h), Some(r)) if h.joins(&r) => {
+                h.join(r);
+                return Ok(());
+            }
+            (_, next) => next,
+        };
+        self.submit_held(held).await?;
+        match next {
+            Some(r) => *held = Some(r),
+            None => self.request(req).await?,
+        }
+        Ok(())
+    }
+
+    /// A READ of the file with bytes to read, as a read to merge with its
+    /// neighbours; `None` for anything else (and for the reads `data`
+    /// answers without the store).
     fn as_read(&self, req: &[u8]) -> Option<Held> {
         let h = InHeader::parse(req)?;
         if h.opcode != READ || h.nodeid != DISK || h.len as usize != req.len() {
@@ -395,22 +419,28 @@ impl Session {
         let (offset, size) = (u64_at(body, 8)?, u32_at(body, 16)?);
         let end = self.size.load(Ordering::Relaxed);
         let len = u64::from(size).min(end.saturating_sub(offset));
-        if len == 0 || len > u64::from(MERGE_MAX) {
+        if len == 0 || len > MAX_REQUEST_BYTES {
             return None;
         }
         Some(Held {
-            unique: h.unique,
             offset,
             len: len as u32,
-            first_len: len as u32,
-            more: Vec::new(),
+            replies: Replies::one(h.unique, len as u32),
         })
     }
 
-    async fn submit_read(self: &Arc<Self>, h: Held) -> Result<(), String> {
-        let (offset, len) = (h.offset, h.len);
-        let parts = (h.unique, h.first_len, h.more);
-        self.submit(parts, READ, offset, len, None, &[]).await
+    /// Submits the read held back, if any.
+    async fn submit_held(self: &Arc<Self>, held: &mut Option<Held>) -> Result<(), String> {
+        let Some(h) = held.take() else {
+            return Ok(());
+        };
+        let op = Op::Read {
+            target: self.export.target,
+            offset: h.offset,
+            len: h.len as usize,
+        };
+        self.submit(h.replies, READ, h.offset, h.len, Some(op), &[])
+            .await
     }
 
     /// The descriptor in this thread's reactor, for reading.
@@ -434,16 +464,8 @@ impl Session {
     /// Writes one reply (`error` 0 or a negated errno). A request the kernel
     /// gave up on meanwhile (ENOENT) needs none.
     fn reply(&self, unique: u64, error: i32, body: &[u8]) {
-        self.reply_parts(unique, error, &[body]);
-    }
-
-    fn reply_parts(&self, unique: u64, error: i32, parts: &[&[u8]]) {
-        let len = OUT_HEADER + parts.iter().map(|p| p.len()).sum::<usize>();
-        let h = out_header(len, error, unique);
-        let mut iov = Vec::with_capacity(1 + parts.len());
-        iov.push(IoSlice::new(&h));
-        iov.extend(parts.iter().map(|p| IoSlice::new(p)));
-        match nix::sys::uio::writev(&self.dev, &iov) {
+        let h = out_header(OUT_HEADER + body.len(), error, unique);
+        match nix::sys::uio::writev(&self.dev, &[IoSlice::new(&h), IoSlice::new(body)]) {
             Ok(_) | Err(nix::Error::ENOENT) => {}
             // The mount is gone: the reader sees it too and ends the session.
             Err(nix::Error::ENODEV) => {}
@@ -614,17 +636,11 @@ impl Session {
                 let (Some(offset), Some(size)) = (u64_at(body, 8), u32_at(body, 16)) else {
                     return Err("short FUSE READ".into());
                 };
-                let end = self.size.load(Ordering::Relaxed);
-                let len = u64::from(size).min(end.saturating_sub(offset));
-                if len == 0 {
-                    self.reply(h.unique, 0, &[]);
-                    return Ok(());
-                }
-                if len > MAX_REQUEST_BYTES {
-                    self.reply(h.unique, -libc::EINVAL, &[]);
-                    return Ok(());
-                }
-                (offset, len as u32, None)
+                // `run` submits every read with bytes to read (`as_read`):
+                // this one is past the end, or longer than any request.
+                let nothing = size == 0 || offset >= self.size.load(Ordering::Relaxed);
+                self.reply(h.unique, if nothing { 0 } else { -libc::EINVAL }, &[]);
+                return Ok(());
             }
             WRITE => {
                 let (Some(offset), Some(size)) = (u64_at(body, 8), u32_at(body, 16)) else {
@@ -637,10 +653,7 @@ impl Session {
                         data.len()
                     ));
                 }
-                if offset.saturating_add(u64::from(size)) > self.current_size() {
-                    self.reply(h.unique, -libc::EFBIG, &[]);
-                    return Ok(());
-                }
+                // Past the end: the store refuses it (EFBIG, in `finish`).
                 (offset, size, None)
             }
             FLUSH | FSYNC => {
@@ -689,15 +702,15 @@ impl Session {
                 )
             }
         };
-        self.submit((h.unique, len, Vec::new()), h.opcode, offset, len, op, body)
+        self.submit(Replies::one(h.unique, len), h.opcode, offset, len, op, body)
             .await
     }
 
-    /// Admits a request as an NBD request is admitted, then submits it.
-    /// `parts`: the request's unique and bytes, and reads merged after it.
+    /// Admits a request as an NBD request is admitted, then submits it
+    /// (`op`, or without one a write of `body`'s payload).
     async fn submit(
         self: &Arc<Self>,
-        parts: (u64, u32, Vec<(u64, u32)>),
+        replies: Replies,
         opcode: u32,
         offset: u64,
         len: u32,
@@ -723,14 +736,9 @@ impl Session {
                 .forget();
             self.node.budget.take(units).await.map_err(closing)?;
         }
-        let op = match (opcode, op) {
-            (_, Some(op)) => op,
-            (READ, None) => Op::Read {
-                target,
-                offset,
-                len: len as usize,
-            },
-            (_, None) => {
+        let op = match op {
+            Some(op) => op,
+            None => {
                 let (mut buf, start) = self.node.store.write_buffer(offset, len as usize);
                 buf.as_mut_slice()[start..start + len as usize]
                     .copy_from_slice(&body[40..40 + len as usize]);
@@ -744,9 +752,7 @@ impl Session {
             }
         };
         let mut pending = Pending {
-            unique: parts.0,
-            first_len: parts.1,
-            more: parts.2,
+            replies,
             opcode,
             len,
             offset,
@@ -796,16 +802,16 @@ impl Session {
         }];
         let error = match outcome {
             Outcome::Read(Ok(data)) => {
-                let bytes = data.bytes();
-                let mut at = p.first_len as usize;
-                self.reply_parts(p.unique, 0, &[&bytes[..at]]);
-                for &(unique, len) in &p.more {
-                    self.reply_parts(unique, 0, &[&bytes[at..at + len as usize]]);
+                let (bytes, r) = (data.bytes(), &p.replies);
+                let mut at = r.first_len as usize;
+                self.reply(r.unique, 0, &bytes[..at]);
+                for &(unique, len) in &r.more {
+                    self.reply(unique, 0, &bytes[at..at + len as usize]);
                     at += len as usize;
                 }
                 self.counters
                     .read_ops
-                    .fetch_add(1 + p.more.len() as u64, Ordering::Relaxed);
+                    .fetch_add(1 + r.more.len() as u64, Ordering::Relaxed);
                 self.counters
                     .read_bytes
                     .fetch_add(u64::from(p.len), Ordering::Relaxed);
@@ -815,13 +821,13 @@ impl Session {
                 if p.opcode == WRITE {
                     let mut w = [0u8; 8];
                     w[..4].copy_from_slice(&p.len.to_le_bytes());
-                    self.reply(p.unique, 0, &w);
+                    self.reply(p.replies.unique, 0, &w);
                     self.counters.write_ops.fetch_add(1, Ordering::Relaxed);
                     self.counters
                         .write_bytes
                         .fetch_add(u64::from(p.len), Ordering::Relaxed);
                 } else {
-                    self.reply(p.unique, 0, &[]);
+                    self.reply(p.replies.unique, 0, &[]);
                 }
                 0
             }
@@ -837,8 +843,7 @@ impl Session {
                     (StoreError::OutOfRange { .. }, WRITE) => libc::EFBIG,
                     _ => e.errno(),
                 };
-                self.reply(p.unique, -errno, &[]);
-                for &(unique, _) in &p.more {
+                for unique in p.replies.uniques() {
                     self.reply(unique, -errno, &[]);
                 }
                 errno
@@ -885,12 +890,10 @@ impl Reply for Session {
 
 /// A read held back for the next one to join.
 struct Held {
-    unique: u64,
     offset: u64,
     /// All the merged reads' bytes.
     len: u32,
-    first_len: u32,
-    more: Vec<(u64, u32)>,
+    replies: Replies,
 }
 
 impl Held {
@@ -900,7 +903,7 @@ impl Held {
 
     fn join(&mut self, next: Held) {
         self.len += next.len;
-        self.more.push((next.unique, next.len));
+        self.replies.more.push((next.replies.unique, next.len));
     }
 }
 
