@@ -331,6 +331,12 @@ struct NodeArgs {
     /// memory (one connection: a quarter of it).
     #[arg(long, env = "BERTH_NBD_BUFFER_SIZE", default_value = "512M", value_parser = berth_cli::parse_size)]
     nbd_buffer_size: u64,
+    /// Microseconds the store's I/O thread keeps polling for work after its
+    /// last request or completion before it sleeps: a busy node answers
+    /// sooner (no wake-up, which is slow on virtual machines), an idle node
+    /// costs nothing; 0 always sleeps (see docs/pod-path.md).
+    #[arg(long, env = "BERTH_POLL_US", default_value_t = berth_volume::DEFAULT_POLL.as_micros() as u64, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    poll_us: u64,
 }
 
 impl NodeArgs {
@@ -423,6 +429,7 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     cfg.drain_timeout = Duration::from_secs(a.drain_seconds);
     cfg.nbd_threads = a.node.nbd_threads;
     cfg.nbd_buffer_bytes = a.node.nbd_buffer_size;
+    cfg.poll = Duration::from_micros(a.node.poll_us);
     cfg.tls = a.tls.load()?;
     cfg.tls_allow = a.allow.tls_allow;
     cfg.insecure_tcp = a.tls.insecure_plaintext_tcp;
@@ -640,6 +647,7 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     cfg.metrics_listen = addr("metrics-listen", &a.metrics_listen)?;
     cfg.nbd_threads = a.node.nbd_threads;
     cfg.nbd_buffer_bytes = a.node.nbd_buffer_size;
+    cfg.poll = Duration::from_micros(a.node.poll_us);
     cfg.tls = tls;
     cfg.tls_allow = a.allow.tls_allow;
     let drain = cfg.drain_timeout;

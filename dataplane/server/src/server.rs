@@ -68,6 +68,8 @@ pub struct ServerConfig {
     pub nbd_connection_limits: Option<crate::nbd::limits::ConnLimits>,
     /// Payload bytes all NBD connections together may hold in memory.
     pub nbd_buffer_bytes: u64,
+    /// The store's polling window ([`berth_store::StoreConfig::poll`]).
+    pub poll: Duration,
 }
 
 impl ServerConfig {
@@ -93,6 +95,7 @@ impl ServerConfig {
             nbd_tls_optional: false,
             nbd_connection_limits: None,
             nbd_buffer_bytes: crate::node::NbdLimits::default().buffer_bytes,
+            poll: berth_store::DEFAULT_POLL,
         }
     }
 }
@@ -159,6 +162,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
     let mut scfg = StoreConfig::new(&cfg.data_dir, cfg.pool_size_bytes);
     scfg.pool_path = cfg.pool_path.clone();
     scfg.faults = faults;
+    scfg.poll = cfg.poll;
     let store = tokio::task::spawn_blocking(move || Store::open_or_create(&scfg))
         .await
         .map_err(|e| ServerError::FailedPrecondition(format!("store open task: {e}")))??;

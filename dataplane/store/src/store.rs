@@ -66,12 +66,19 @@ pub struct StoreConfig {
     pub lock_wait: std::time::Duration,
     /// Block-map entries kept in memory in front of RocksDB (about 90 bytes each).
     pub map_cache_entries: usize,
+    /// How long the I/O thread keeps polling for work after its last request
+    /// or completion before it sleeps (zero: it sleeps at once). See
+    /// `io_loop`'s module documentation.
+    pub poll: std::time::Duration,
     /// Faults to inject into pool I/O (tests; the volume server sets it from
     /// `BERTH_FAULTS` for fault drills); `None` in normal operation.
     pub faults: Option<Arc<berth_io::fault::FaultPlan>>,
     /// Points where tests hold control work (see [`Pauses`]).
     pub pauses: Option<Arc<Pauses>>,
 }
+
+/// The I/O thread's default polling window, [`StoreConfig::poll`].
+pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_micros(100);
 
 impl StoreConfig {
     pub fn new(data_dir: impl Into<PathBuf>, pool_size_bytes: u64) -> Self {
@@ -88,6 +95,7 @@ impl StoreConfig {
             queue_depth: 256,
             lock_wait: std::time::Duration::from_secs(10),
             map_cache_entries: 512 << 10,
+            poll: DEFAULT_POLL,
             faults: None,
             pauses: None,
         }
@@ -202,6 +210,9 @@ pub struct Counters {
     /// Pool reads that fetched a window of scattered blocks at once (an
     /// overwritten layout; see `alloc`).
     pub gathered_reads: AtomicU64,
+    /// Times the I/O thread found work while polling, where it would
+    /// otherwise have slept and been woken (see `io_loop`).
+    pub polled_work: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -582,6 +593,7 @@ pub struct Store {
     collector: Option<std::thread::JoinHandle<()>>,
     engine_name: &'static str,
     registered_buffer_bytes: usize,
+    poll: std::time::Duration,
 }
 
 impl std::fmt::Debug for Store {
@@ -707,6 +719,7 @@ impl Store {
             shared.clone(),
             cfg.engine,
             cfg.queue_depth,
+            cfg.poll,
             cfg.faults.clone(),
         )?;
         let gsh = shared.clone();
@@ -717,6 +730,7 @@ impl Store {
             collector: None,
             engine_name,
             registered_buffer_bytes,
+            poll: cfg.poll,
         };
         // On failure, dropping the store stops the I/O thread.
         store.collector = Some(collector.map_err(|source| StoreError::Io {
@@ -736,6 +750,12 @@ impl Store {
     /// or when RLIMIT_MEMLOCK allowed none).
     pub fn registered_buffer_bytes(&self) -> usize {
         self.registered_buffer_bytes
+    }
+
+    /// The polling window ([`StoreConfig::poll`]); the frontends that feed
+    /// the store poll for their next request as long.
+    pub fn poll(&self) -> std::time::Duration {
+        self.poll
     }
 
     pub fn arena(&self) -> &Arc<Arena> {
