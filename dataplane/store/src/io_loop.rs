@@ -12,7 +12,7 @@
 //! virtual machines Berth is measured on (a halted vCPU must be woken by the
 //! host; `perf bench sched pipe`: 38 µs a round trip across CPUs, 5 µs on
 //! one), and a request at queue depth 1 crosses several. So while the load is
-//! shallow (see [`SHALLOW_LIVE`]) the loop does not sleep for
+//! shallow (see [`Shallow`]) the loop does not sleep for
 //! [`StoreConfig::poll`](crate::StoreConfig::poll) after its last request or
 //! completion: it yields the CPU and looks again, and submitters need not
 //! signal it either. An idle store sleeps as before, and a deep queue never
@@ -58,13 +58,6 @@ const PIECE_BITS: u32 = 20;
 /// batches, so the device is fed steadily instead of in bursts (measured: 4 KiB
 /// QD32 reads went from ~60% to ~90% of fio's IOPS).
 const REAP_MAX: usize = 4;
-/// The I/O thread polls (see the module documentation) only while the load is
-/// shallow: at most this many requests were in flight at once during the last
-/// [`SHALLOW_WINDOW`]. Under a deep queue completions come often enough that
-/// it seldom sleeps, and the CPU a poll takes is better left to the threads
-/// that feed it (measured: 4 KiB QD32 reads lost 10% when it polled).
-const SHALLOW_LIVE: usize = 2;
-const SHALLOW_WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
 /// Most writes committed in one metadata batch.
 const GROUP_MAX: usize = 64;
 /// A read whose blocks are not contiguous in the pool but lie close together
@@ -111,6 +104,49 @@ pub enum Zeroing {
     /// NO_HOLE): zero blocks are written to the pool like data. At most
     /// [`MAX_REQUEST_BYTES`] per request, like a write.
     Allocate,
+}
+
+/// Whether a load is shallow enough to poll for: at most [`Shallow::LIVE`]
+/// requests were in flight at once during the last [`Shallow::WINDOW`] and
+/// so far in this one. Under a deep queue completions come often enough that
+/// a thread seldom sleeps, and the CPU a poll takes is better left to the
+/// threads that feed it (measured: 4 KiB QD32 reads lost 10% when the I/O
+/// thread polled regardless).
+#[derive(Debug)]
+pub struct Shallow {
+    peak: usize,
+    since: std::time::Instant,
+    was: bool,
+}
+
+impl Shallow {
+    pub const LIVE: usize = 2;
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_millis(2);
+
+    pub fn new() -> Self {
+        Shallow {
+            peak: 0,
+            since: std::time::Instant::now(),
+            was: false,
+        }
+    }
+
+    /// Notes `live` requests in flight now; true if the load is shallow.
+    pub fn observe(&mut self, live: usize) -> bool {
+        self.peak = self.peak.max(live);
+        if self.since.elapsed() >= Self::WINDOW {
+            self.was = self.peak <= Self::LIVE;
+            self.peak = live;
+            self.since = std::time::Instant::now();
+        }
+        self.was && self.peak <= Self::LIVE
+    }
+}
+
+impl Default for Shallow {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// A finished read: `bytes()` is the data asked for.
@@ -378,11 +414,7 @@ pub(crate) struct Loop {
     /// The polling window after the last work, and when that work was.
     poll: std::time::Duration,
     last_work: std::time::Instant,
-    /// The most requests in flight at once since `peak_since`, and whether
-    /// the window before it was shallow (see [`SHALLOW_LIVE`]).
-    peak_live: usize,
-    peak_since: std::time::Instant,
-    was_shallow: bool,
+    shallow: Shallow,
 }
 
 impl Loop {
@@ -414,27 +446,12 @@ impl Loop {
             wal_synced: None,
             poll,
             last_work: std::time::Instant::now(),
-            peak_live: 0,
-            peak_since: std::time::Instant::now(),
-            was_shallow: false,
+            shallow: Shallow::new(),
         }
     }
 
     fn live(&self) -> usize {
         self.slots.len() - self.free_slots.len()
-    }
-
-    /// Whether the load has been shallow (see [`SHALLOW_LIVE`]): the peak
-    /// of requests in flight over the last window, and this one so far.
-    fn shallow(&mut self) -> bool {
-        let live = self.live();
-        self.peak_live = self.peak_live.max(live);
-        if self.peak_since.elapsed() >= SHALLOW_WINDOW {
-            self.was_shallow = self.peak_live <= SHALLOW_LIVE;
-            self.peak_live = live;
-            self.peak_since = std::time::Instant::now();
-        }
-        self.was_shallow && self.peak_live <= SHALLOW_LIVE
     }
 
     /// Something for the loop to take: a request, a landed commit or WAL sync,
@@ -521,7 +538,8 @@ impl Loop {
             let idle = self.commit.is_empty() || !self.committing.is_empty();
             // Poll instead, shortly after work under a shallow load: see the
             // module documentation.
-            let polling = idle && self.shallow() && self.last_work.elapsed() < self.poll;
+            let polling =
+                idle && self.shallow.observe(self.live()) && self.last_work.elapsed() < self.poll;
             if idle && !polling {
                 self.sh.parked.store(true, Ordering::SeqCst);
                 if self.work_waiting() {

@@ -64,7 +64,7 @@ pub use berth_io::fault::{Effect, Fault, FaultPlan};
 pub use berth_io::{AbortOnPanic, EngineChoice};
 pub use error::{Result, StoreError};
 pub use gc::Pauses;
-pub use io_loop::{Op, Outcome, ReadDone, Reply, Zeroing, MAX_REQUEST_BYTES};
+pub use io_loop::{Op, Outcome, ReadDone, Reply, Shallow, Zeroing, MAX_REQUEST_BYTES};
 pub use pool::BLOCK_SIZE;
 pub use store::{
     block_crc, validate_name, Changes, Counters, Extent, PoolStats, ScrubError, ScrubReport,

@@ -343,6 +343,8 @@ impl Session {
         // A read kept back for the next one to join (only while more
         // requests are queued: never across a wait).
         let mut held: Option<Held> = None;
+        let mut last = std::time::Instant::now();
+        let mut shallow = berth_store::Shallow::new();
         loop {
             let mut g = tokio::select! {
                 biased;
@@ -363,12 +365,23 @@ impl Session {
             loop {
                 let r = match nix::unistd::read(&self.dev, &mut buf) {
                     Ok(0) => return handoff::UNMOUNTED.into(),
-                    Ok(n) => self.next_request(&mut held, &buf[..n]).await,
+                    Ok(n) => {
+                        last = std::time::Instant::now();
+                        self.next_request(&mut held, &buf[..n]).await
+                    }
                     Err(nix::Error::EAGAIN) => {
-                        g.clear_ready();
                         if let Err(why) = self.submit_held(&mut held).await {
                             return why;
                         }
+                        // Shortly after a request, under a shallow load, look
+                        // again (this thread's other tasks run in between)
+                        // rather than sleep: see `berth_store::Shallow`.
+                        let live = self.inflight.load(Ordering::Acquire);
+                        if shallow.observe(live) && last.elapsed() < self.node.store.poll() {
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                        g.clear_ready();
                         break;
                     }
                     // Interrupted, or a request the kernel gave up on.
