@@ -325,6 +325,50 @@ fn a_read_only_export_is_attached_read_only_and_refuses_writes() {
     );
 }
 
+#[test]
+fn a_revoked_grant_ends_a_session_polled_under_a_steady_load() {
+    require!();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = ServerProc::start(&dir.path().join("data"), "1G");
+    let e = srv.volume_export("v", "64M", "node-1");
+    let pod = Pod::attach(dir.path(), "pod", &s(&e, "unix_uri"), false).expect("attach");
+    assert!(holds_fuse(srv.pid()));
+    // Queue depth 1, without a pause: the session polls for each next request
+    // (berth_store::Shallow) and must still see the revoke between two.
+    let mut reader = Command::new("fio")
+        .args(["--name=steady", "--ioengine=io_uring", "--direct=1"])
+        .args(["--rw=randread", "--bs=4k", "--iodepth=1", "--time_based"])
+        .args(["--runtime=30", "--output=/dev/null"])
+        .arg(format!("--filename={}", pod.dev))
+        .spawn()
+        .expect("fio");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        reader.try_wait().expect("fio").is_none(),
+        "fio reads steadily until the revoke"
+    );
+    srv.ctl_json(&["export", "revoke", &s(&e, "export_name")]);
+    wait_for(
+        "the session to end on the revoke",
+        Duration::from_secs(5),
+        || !holds_fuse(srv.pid()),
+    );
+    // The attach process is refused the next handoff: I/O fails, fio ends.
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = reader.try_wait().expect("fio") {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "fio ends on I/O errors"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "fio saw its reads fail after the revoke");
+    drop(pod);
+}
+
 /// Connects to `fuse.sock` and sends `hello` with `fd`; the server's answer.
 fn hand_over(sock: &Path, hello: &Hello, fd: std::os::fd::BorrowedFd<'_>) -> Answer {
     use std::io::BufRead;

@@ -345,7 +345,9 @@ impl Session {
         let mut held: Option<Held> = None;
         let mut last = std::time::Instant::now();
         let mut shallow = berth_store::Shallow::new();
+        let mut poll_until: Option<std::time::Instant> = None;
         loop {
+            let polling = poll_until.is_some_and(|t| std::time::Instant::now() < t);
             let mut g = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
@@ -360,6 +362,9 @@ impl Session {
                     Ok(g) => g,
                     Err(e) => return format!("poll /dev/fuse: {e}"),
                 },
+                // Polling: the thread's other tasks and its reactor run, then
+                // this looks again (the cancellation first).
+                _ = tokio::task::yield_now(), if polling => continue,
             };
             // Everything the kernel has queued, then back to waiting.
             loop {
@@ -370,18 +375,15 @@ impl Session {
                         self.next_request(&mut held, &buf[..n]).await
                     }
                     Err(nix::Error::EAGAIN) => {
+                        g.clear_ready();
                         if let Err(why) = self.submit_held(&mut held).await {
                             return why;
                         }
-                        // Shortly after a request, under a shallow load, look
-                        // again (this thread's other tasks run in between)
-                        // rather than sleep: see `berth_store::Shallow`.
+                        // Shortly after a request, under a shallow load, poll
+                        // for the next one rather than sleep: see
+                        // `berth_store::Shallow`.
                         let live = self.inflight.load(Ordering::Acquire);
-                        if shallow.observe(live) && last.elapsed() < self.node.store.poll() {
-                            tokio::task::yield_now().await;
-                            continue;
-                        }
-                        g.clear_ready();
+                        poll_until = shallow.observe(live).then(|| last + self.node.store.poll());
                         break;
                     }
                     // Interrupted, or a request the kernel gave up on.
