@@ -17,8 +17,8 @@
 //! completion: it yields the CPU and looks again, and submitters need not
 //! signal it either. An idle store sleeps as before, and a deep queue never
 //! polls. Measured (release, 4 KiB, 100 µs): queue-depth-1 reads and writes
-//! 26-42% faster over NBD and about 30% on the pod path, QD32 unchanged;
-//! docs/pod-path.md has the figures.
+//! 26-42% faster over NBD and 30-46% on the pod path (where the FUSE session
+//! polls too), QD32 unchanged; docs/pod-path.md has the figures.
 //!
 //! Writes overlapping an unfinished write or zeroing of the same volume wait for
 //! it, so concurrent overlapping writes resolve to one of them whole per 4 KiB
