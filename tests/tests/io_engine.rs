@@ -73,6 +73,10 @@ fn under_a_containers_memlock_limit_the_server_registers_what_fits_and_says_so()
         return;
     }
     assert_eq!(uring, Some(1.0), "{text}");
+    // What the store counts is exported beside it.
+    for name in ["berth_io_polled_work", "berth_pool_gathered_reads"] {
+        assert!(metric(&text, name).is_some(), "{name} in {text}");
+    }
     let whole = registered.expect("berth_io_registered_buffer_bytes");
     assert!(whole >= 16.0 * MIB, "whole arena registered: {whole}");
 

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub volumes: IntGauge,
     pub snapshots: IntGauge,
     pub pool_checksum_errors: IntGauge,
+    /// Pool reads that fetched a window of scattered blocks at once.
+    pub pool_gathered_reads: IntGauge,
+    /// Times the store's I/O thread found work while polling.
+    pub io_polled_work: IntGauge,
     /// 1 for the I/O engine in use (`io_uring` or `sync`, the fallback where the
     /// kernel or a seccomp profile refuses io_uring).
     pub io_engine: IntGaugeVec,
@@ -153,6 +157,14 @@ impl Metrics {
                 "pool_checksum_errors",
                 "Checksum mismatches seen by reads and scrubs since start",
             ),
+            pool_gathered_reads: g(
+                "pool_gathered_reads",
+                "Pool reads that fetched a window of scattered blocks with one I/O (an overwritten layout) since start",
+            ),
+            io_polled_work: g(
+                "io_polled_work",
+                "Times the store's I/O thread found work while polling instead of sleeping (--poll-us) since start",
+            ),
             io_engine,
             io_registered_buffer_bytes: g(
                 "io_registered_buffer_bytes",
@@ -185,6 +197,8 @@ impl Metrics {
             &m.volumes,
             &m.snapshots,
             &m.pool_checksum_errors,
+            &m.pool_gathered_reads,
+            &m.io_polled_work,
             &m.io_registered_buffer_bytes,
             &m.nbd_buffered_bytes,
             &m.nbd_handshakes,

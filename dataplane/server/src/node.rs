@@ -875,12 +875,13 @@ impl Node {
             .set(1);
         m.io_registered_buffer_bytes
             .set(self.store.registered_buffer_bytes() as i64);
-        m.pool_checksum_errors.set(
-            self.store
-                .counters()
-                .checksum_errors
-                .load(Ordering::Relaxed) as i64,
-        );
+        let c = self.store.counters();
+        m.pool_checksum_errors
+            .set(c.checksum_errors.load(Ordering::Relaxed) as i64);
+        m.pool_gathered_reads
+            .set(c.gathered_reads.load(Ordering::Relaxed) as i64);
+        m.io_polled_work
+            .set(c.polled_work.load(Ordering::Relaxed) as i64);
         m.nbd_buffered_bytes.set(self.budget.held_bytes() as i64);
         let (handshakes, connections) = self.admission.counts();
         m.nbd_handshakes.set(handshakes as i64);
