@@ -537,9 +537,9 @@ impl Loop {
             // Sleep only with nothing to stage, or while the committer has a group.
             let idle = self.commit.is_empty() || !self.committing.is_empty();
             // Poll instead, shortly after work under a shallow load: see the
-            // module documentation.
-            let polling =
-                idle && self.shallow.observe(self.live()) && self.last_work.elapsed() < self.poll;
+            // module documentation. Every turn counts towards the load's peak.
+            let shallow = self.shallow.observe(self.live());
+            let polling = idle && shallow && self.last_work.elapsed() < self.poll;
             if idle && !polling {
                 self.sh.parked.store(true, Ordering::SeqCst);
                 if self.work_waiting() {

@@ -270,8 +270,6 @@ async fn send_reply<W: AsyncWrite + Unpin>(
 /// Refused export lookups one connection may make before it is closed.
 const MAX_REFUSALS: u32 = 4;
 
-/// Appends an audit event (an fdatasync) on a blocking thread, and waits for it
-/// so events stay in order without stalling the async workers.
 /// The audit event of a client connecting to an export (`how`: what the
 /// detail adds after the kind and mode, such as ", tls").
 pub(crate) fn connect_event(
@@ -315,6 +313,8 @@ pub(crate) fn disconnect_event(
     }
 }
 
+/// Appends an audit event (an fdatasync) on a blocking thread, and waits for it
+/// so events stay in order without stalling the async workers.
 pub(crate) async fn audit(node: &Arc<Node>, ev: AuditEvent) {
     let n = node.clone();
     if let Err(e) = tokio::task::spawn_blocking(move || n.audit.record(ev)).await {
