@@ -192,7 +192,13 @@ fn walk(sh: &Shared, tree: u64) -> Result<bool> {
                 if let Some(t) = inner.trees.get_mut(&tree) {
                     t.owned_blocks = t.owned_blocks.saturating_sub(freed.len() as u64);
                 }
-                inner.free_blocks(&freed);
+                if inner.free_blocks(&freed) {
+                    // The I/O thread deletes their records, then frees them.
+                    sh.deferred_freed.store(true, Ordering::SeqCst);
+                    if let Some(w) = sh.waker.get() {
+                        w.wake();
+                    }
+                }
             }
             unsynced += 1;
             if unsynced == SYNC_EVERY || !more {

@@ -30,7 +30,7 @@
 //! snapshotted wait until the snapshot is recorded (`Tree::frozen`); other
 //! volumes never wait for it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -39,7 +39,7 @@ use rocksdb::WriteBatch;
 
 use crate::error::{Result, StoreError};
 use crate::map::{self, HeadUpdate, Layer};
-use crate::meta::{BlockValue, MapEntry};
+use crate::meta::{self, cf, BlockValue, MapEntry, CF_DEFERRED};
 use crate::pool::BLOCK_SIZE;
 use crate::store::{block_crc, Inner, Shared, Target};
 
@@ -65,6 +65,13 @@ const GROUP_MAX: usize = 64;
 /// in with one I/O when the window is at most 5/4 of the blocks wanted and at
 /// most this many blocks (4 MiB).
 const GATHER_MAX_BLOCKS: u64 = 1024;
+/// Most blocks of deferred writes not yet in the pool (16 MiB of buffers, a
+/// quarter of the default arena); beyond it writes go the direct way.
+const DEFER_MAX_BLOCKS: u64 = 4096;
+/// Deferred blocks in the pool whose records wait for a pool sync before
+/// they are deleted; at this many the loop syncs on its own, so the records
+/// leave the memtable before it is flushed.
+const APPLIED_SYNC_BLOCKS: usize = 2048;
 
 #[derive(Debug)]
 pub enum Op {
@@ -215,6 +222,7 @@ pub(crate) fn spawn(
     choice: EngineChoice,
     depth: u32,
     poll: std::time::Duration,
+    defer_max: u64,
     faults: Option<Arc<berth_io::fault::FaultPlan>>,
 ) -> Result<(std::thread::JoinHandle<()>, &'static str, usize)> {
     use std::os::fd::AsRawFd;
@@ -249,13 +257,73 @@ pub(crate) fn spawn(
     let wal_syncer =
         berth_io::spawn_critical("berth-walsync", move || sync_wals(&wsh, &wal_rx)).map_err(io)?;
     let thread = berth_io::spawn_critical("berth-io", move || {
-        Loop::new(sh, engine, tx, wal_tx, poll).run();
+        Loop::new(sh, engine, tx, wal_tx, poll, defer_max).run();
         // The loop dropped its senders: the helpers end after their last job.
         let _ = committer.join();
         let _ = wal_syncer.join();
     })
     .map_err(io)?;
     Ok((thread, name, registered))
+}
+
+/// Writes the deferred writes a stopped process left in the catalog to the
+/// pool, syncs it, and deletes their records; returns how many there were.
+/// Runs at open, before anything reads the pool. A record is rewritten even
+/// if its data reached the pool before the stop (the same bytes again), and
+/// even if its block was freed since: a freed block with a record is not
+/// reused until the record is gone, so nothing else lives there.
+pub(crate) fn replay_deferred(db: &rocksdb::DB, pool: &crate::pool::Pool) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let family = cf(db, CF_DEFERRED);
+    let mut batch = WriteBatch::default();
+    let mut buf = IoBuf::heap(BS);
+    let mut n = 0u64;
+    for item in db.iterator_cf(family, rocksdb::IteratorMode::Start) {
+        let (k, v) = item?;
+        let block = <[u8; 8]>::try_from(&k[..])
+            .map(u64::from_be_bytes)
+            .ok()
+            .filter(|&b| b < pool.sb.blocks)
+            .ok_or_else(|| StoreError::Corrupt {
+                what: "deferred write record".into(),
+                detail: format!("key {k:?} is not a pool block"),
+            })?;
+        let (crc, data) = meta::deferred_decode(&v, BS)?;
+        if block_crc(block, data) != crc {
+            // RocksDB checks its own records, so this is not a torn write;
+            // the map's checksum will fail reads of the block, naming it.
+            tracing::error!(
+                pool_block = block,
+                "deferred write record fails its checksum; not written"
+            );
+        } else {
+            buf.as_mut_slice().copy_from_slice(data);
+            pool.file
+                .write_all_at(buf.as_slice(), pool.block_offset(block))
+                .map_err(|source| StoreError::Io {
+                    op: "write a deferred block",
+                    offset: block * BLOCK_SIZE,
+                    source,
+                })?;
+        }
+        batch.single_delete_cf(family, k);
+        n += 1;
+    }
+    if n > 0 {
+        pool.file.sync_data().map_err(|source| StoreError::Io {
+            op: "fdatasync",
+            offset: 0,
+            source,
+        })?;
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        db.write_opt(batch, &wo)?;
+        tracing::info!(
+            blocks = n,
+            "wrote the deferred writes the last run left to the pool"
+        );
+    }
+    Ok(n)
 }
 
 /// One group commit on its way to RocksDB.
@@ -300,7 +368,9 @@ fn write_group(sh: &Shared, g: Group) -> Result<()> {
                     t.owned_blocks = t.owned_blocks.saturating_add_signed(delta);
                 }
             }
-            inner.free_blocks(&g.freed);
+            if inner.free_blocks(&g.freed) {
+                sh.deferred_freed.store(true, Ordering::SeqCst);
+            }
         }
         inner.groups_in_flight -= 1;
     }
@@ -333,6 +403,8 @@ enum Phase {
     Commit,
     /// Waiting for a pool fdatasync (flush, or a FUA write after its commit).
     Sync,
+    /// A deferred write, answered already, writing its data to the pool.
+    Applying,
 }
 
 /// A request in flight. Slots are reused, so their vectors keep their capacity.
@@ -370,6 +442,11 @@ struct Slot {
     /// Pool runs allocated for a write, returned if it fails.
     runs: Vec<(u64, u64)>,
     layers: Vec<Layer>,
+    /// A deferred write: its data goes into the commit (see the module
+    /// documentation), then to the pool.
+    deferred: bool,
+    /// A deferred write's place in the order applies started.
+    apply_seq: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -415,6 +492,52 @@ pub(crate) struct Loop {
     poll: std::time::Duration,
     last_work: std::time::Instant,
     shallow: Shallow,
+    /// Largest write deferred (0: none).
+    defer_max: u64,
+    /// Pool blocks of deferred writes whose data is not in the pool yet:
+    /// reads of them wait in `held`.
+    unapplied: BTreeSet<u64>,
+    held: Vec<IoOp>,
+    /// Applies in flight, by `apply_seq`, and the last one started.
+    applying: BTreeSet<u64>,
+    apply_next: u64,
+    /// A flush waits for the applies started before it (the writes it
+    /// covers were answered), so it leaves their data in the pool.
+    flush_barrier: u64,
+    /// Deferred blocks in the pool since the last pool sync began, and those
+    /// the sync in flight covers: their records go when it is done.
+    applied_unsynced: Vec<u64>,
+    sync_covers: Vec<u64>,
+    /// Some deferred block was freed while its apply was in flight.
+    freed_waiting: bool,
+    no_reply: Arc<dyn Reply>,
+}
+
+/// The reply of the loop's own flushes.
+struct NoReply;
+
+impl Reply for NoReply {
+    fn reply(&self, _tag: u64, _outcome: Outcome) {}
+}
+
+/// Pushes an I/O, unless it reads a pool block a deferred write has not
+/// written yet: that one waits in `held` until the block is applied.
+fn push_io(
+    engine: &mut Box<dyn IoEngine>,
+    unapplied: &BTreeSet<u64>,
+    held: &mut Vec<IoOp>,
+    data_offset: u64,
+    op: IoOp,
+) {
+    if op.kind == OpKind::Read && !unapplied.is_empty() {
+        let first = (op.offset - data_offset) / BLOCK_SIZE;
+        let n = op.buf.as_ref().map_or(1, |b| b.len().div_ceil(BS)) as u64;
+        if unapplied.range(first..first + n).next().is_some() {
+            held.push(op);
+            return;
+        }
+    }
+    engine.push(op);
 }
 
 impl Loop {
@@ -424,6 +547,7 @@ impl Loop {
         committer: std::sync::mpsc::Sender<Group>,
         wal_syncer: std::sync::mpsc::Sender<u64>,
         poll: std::time::Duration,
+        defer_max: u64,
     ) -> Self {
         Loop {
             sh,
@@ -447,6 +571,16 @@ impl Loop {
             poll,
             last_work: std::time::Instant::now(),
             shallow: Shallow::new(),
+            defer_max,
+            unapplied: BTreeSet::new(),
+            held: Vec::new(),
+            applying: BTreeSet::new(),
+            apply_next: 0,
+            flush_barrier: 0,
+            applied_unsynced: Vec::new(),
+            sync_covers: Vec::new(),
+            freed_waiting: false,
+            no_reply: Arc::new(NoReply),
         }
     }
 
@@ -461,6 +595,7 @@ impl Loop {
             || self.sh.committed.lock().is_some()
             || self.sh.wal_synced.lock().is_some()
             || self.sh.thaw_pending.load(Ordering::SeqCst)
+            || self.sh.deferred_freed.load(Ordering::SeqCst)
             || self.sh.shutdown.load(Ordering::SeqCst)
     }
 
@@ -516,6 +651,9 @@ impl Loop {
                     self.accept_write(req);
                 }
             }
+            if self.sh.deferred_freed.swap(false, Ordering::SeqCst) {
+                self.free_deferred();
+            }
             if stopping {
                 // A snapshot cannot finish any more: its waiting writes fail.
                 for (_, reqs) in self.frozen.drain() {
@@ -532,6 +670,15 @@ impl Loop {
             // (up to a bound) rather than writing a RocksDB batch per few writes.
             if self.commit.len() >= GROUP_MAX || !self.engine.has_completions() {
                 self.start_group();
+            }
+            if self.applied_unsynced.len() >= APPLIED_SYNC_BLOCKS
+                && self.syncing.is_empty()
+                && self.sync_batch.is_empty()
+            {
+                // Deferred records wait for a pool sync: start one.
+                let i = self.new_slot(0, self.no_reply.clone(), Kind::Flush);
+                self.slot(i).phase = Phase::Sync;
+                self.syncing.push(i);
             }
             self.start_sync();
             // Sleep only with nothing to stage, or while the committer has a group.
@@ -590,7 +737,10 @@ impl Loop {
             values: Vec::new(),
             runs: Vec::new(),
             layers: Vec::new(),
+            deferred: false,
+            apply_seq: 0,
         });
+        s.deferred = false;
         s.tag = tag;
         s.reply = Some(reply);
         s.kind = kind;
@@ -665,6 +815,7 @@ impl Loop {
     fn accept(&mut self, req: Request) {
         match req.op {
             Op::Flush => {
+                self.flush_barrier = self.apply_next;
                 let i = self.new_slot(req.tag, req.reply, Kind::Flush);
                 self.slot(i).phase = Phase::Sync;
                 self.syncing.push(i);
@@ -831,24 +982,38 @@ impl Loop {
                         .counters
                         .gathered_reads
                         .fetch_add(1, Ordering::Relaxed);
-                    self.engine.push(IoOp {
+                    let op = IoOp {
                         kind,
                         file: 0,
                         offset: pool_offset + lo * BLOCK_SIZE,
                         buf: Some(self.sh.arena.alloc_uninit((hi - lo + 1) as usize * BS)),
                         user_data: ((i as u64) << PIECE_BITS) | idx as u64,
-                    });
+                    };
+                    push_io(
+                        &mut self.engine,
+                        &self.unapplied,
+                        &mut self.held,
+                        pool_offset,
+                        op,
+                    );
                 }
                 Some(BlockValue::Data { block, .. }) => {
                     s.ops_left += 1;
                     s.pieces.push(None);
-                    self.engine.push(IoOp {
+                    let op = IoOp {
                         kind,
                         file: 0,
                         offset: pool_offset + block * BLOCK_SIZE,
                         buf: Some(piece),
                         user_data: ((i as u64) << PIECE_BITS) | idx as u64,
-                    });
+                    };
+                    push_io(
+                        &mut self.engine,
+                        &self.unapplied,
+                        &mut self.held,
+                        pool_offset,
+                        op,
+                    );
                 }
                 _ => {
                     if kind == OpKind::Read {
@@ -1049,13 +1214,20 @@ impl Loop {
                     s.values.push(found.ok().flatten());
                     s.ops_left += 1;
                     let tmp = self.sh.arena.alloc_uninit(BS);
-                    self.engine.push(IoOp {
+                    let op = IoOp {
                         kind: OpKind::Read,
                         file: 0,
                         offset: pool_offset + block * BLOCK_SIZE,
                         buf: Some(tmp),
                         user_data: ((i as u64) << PIECE_BITS) | idx as u64,
-                    });
+                    };
+                    push_io(
+                        &mut self.engine,
+                        &self.unapplied,
+                        &mut self.held,
+                        pool_offset,
+                        op,
+                    );
                 }
                 Ok(_) => {
                     // Never written or zero: the untouched bytes are zeros.
@@ -1126,6 +1298,26 @@ impl Loop {
             }
         }
         s.runs = runs;
+        if self.defer_max > 0
+            && s.kind == Kind::Write
+            && !s.fua
+            && s.len <= self.defer_max
+            && need > 0
+            && self.unapplied.len() as u64 + need <= DEFER_MAX_BLOCKS
+        {
+            // Deferred: the data rides in the commit, and the pool is
+            // written once the write is answered (`start_apply`).
+            s.deferred = true;
+            for v in &s.values {
+                if let Some(BlockValue::Data { block, .. }) = v {
+                    self.unapplied.insert(*block);
+                }
+            }
+            s.pieces.push(Some(buf));
+            s.phase = Phase::Commit;
+            self.commit.push(i);
+            return;
+        }
         self.submit_runs(i, buf, OpKind::Write);
         let s = self.slot(i);
         // Zero pieces were not written; only their buffers remain.
@@ -1133,6 +1325,142 @@ impl Loop {
         if s.ops_left == 0 {
             s.phase = Phase::Commit;
             self.commit.push(i);
+        }
+    }
+
+    /// Answers a deferred write whose commit landed and writes its data to
+    /// the pool.
+    fn start_apply(&mut self, i: usize) {
+        self.sh
+            .counters
+            .deferred_writes
+            .fetch_add(1, Ordering::Relaxed);
+        self.apply_next += 1;
+        let seq = self.apply_next;
+        self.applying.insert(seq);
+        let s = self.slot(i);
+        if let Some(reply) = s.reply.take() {
+            reply.reply(s.tag, Outcome::Done(Ok(())));
+        }
+        s.phase = Phase::Applying;
+        s.apply_seq = seq;
+        let buf = s.pieces.pop().flatten().expect("a deferred write keeps its data");
+        s.pieces.clear();
+        s.piece_start.clear();
+        self.submit_runs(i, buf, OpKind::Write);
+        let s = self.slot(i);
+        s.pieces.clear();
+        if s.ops_left == 0 {
+            self.apply_done(i);
+        }
+    }
+
+    /// A deferred write's data is in the pool (or failed to get there):
+    /// reads of its blocks may go, and its records wait for the next sync.
+    fn apply_done(&mut self, i: usize) {
+        let s = self.slots[i].as_mut().expect("live slot");
+        self.applying.remove(&s.apply_seq);
+        let failed = s.error.take();
+        for v in &s.values {
+            if let Some(BlockValue::Data { block, .. }) = v {
+                self.unapplied.remove(block);
+                if failed.is_none() {
+                    self.applied_unsynced.push(*block);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            // The record stays: the next start writes it again. Until then a
+            // read of these blocks fails its checksum rather than return what
+            // the pool held before.
+            tracing::error!(error = %e, offset = s.offset, "a deferred write did not reach the pool; it is written again at the next start");
+        }
+        s.deferred = false;
+        self.finish(i);
+        if !self.held.is_empty() {
+            let pool_offset = self.sh.pool.sb.data_offset;
+            for op in std::mem::take(&mut self.held) {
+                push_io(
+                    &mut self.engine,
+                    &self.unapplied,
+                    &mut self.held,
+                    pool_offset,
+                    op,
+                );
+            }
+        }
+        if self.freed_waiting {
+            self.free_deferred();
+        }
+    }
+
+    /// Deletes the records of deferred blocks that were freed (their
+    /// writes' data is in the pool, or no one wants it any more), then
+    /// gives the blocks back.
+    fn free_deferred(&mut self) {
+        self.freed_waiting = false;
+        let mut inner = self.sh.inner.lock();
+        if inner.deferred_freed.is_empty() {
+            return;
+        }
+        let mut batch = WriteBatch::default();
+        let mut now = Vec::new();
+        for b in std::mem::take(&mut inner.deferred_freed) {
+            if self.unapplied.contains(&b) {
+                // Its apply is in flight: the block is not free before it ends.
+                inner.deferred_freed.push(b);
+                self.freed_waiting = true;
+            } else {
+                batch.single_delete_cf(cf(&self.sh.db, CF_DEFERRED), b.to_be_bytes());
+                now.push(b);
+            }
+        }
+        if now.is_empty() {
+            return;
+        }
+        match self.sh.db.write(batch) {
+            Ok(()) => {
+                for b in &now {
+                    inner.deferred.remove(b);
+                }
+                inner.free_blocks(&now);
+            }
+            Err(e) => {
+                // Kept (and not reused) until a later attempt succeeds.
+                tracing::error!(error = %e, "deleting deferred write records failed");
+                inner.deferred_freed.extend(now);
+                self.freed_waiting = true;
+            }
+        }
+    }
+
+    /// After a pool sync: the deferred blocks applied before it began are
+    /// durable in the pool, so their records go.
+    fn drop_records(&mut self, covers: Vec<u64>) {
+        let mut inner = self.sh.inner.lock();
+        let mut batch = WriteBatch::default();
+        let mut gone = Vec::new();
+        for b in covers {
+            // A block freed meanwhile lost its record already.
+            if inner.deferred.contains(&b) {
+                batch.single_delete_cf(cf(&self.sh.db, CF_DEFERRED), b.to_be_bytes());
+                gone.push(b);
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        match self.sh.db.write(batch) {
+            Ok(()) => {
+                for b in gone {
+                    inner.deferred.remove(&b);
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "deleting deferred write records failed");
+                drop(inner);
+                self.applied_unsynced.extend(gone);
+            }
         }
     }
 
@@ -1185,7 +1513,7 @@ impl Loop {
         if let Err(source) = res {
             self.sh.counters.io_errors.fetch_add(1, Ordering::Relaxed);
             let op = match s.phase {
-                Phase::Writing => "write",
+                Phase::Writing | Phase::Applying => "write",
                 Phase::Sync => "fdatasync",
                 _ => "read",
             };
@@ -1245,6 +1573,11 @@ impl Loop {
                 let err = self.slot(i).error.take();
                 self.pool_synced = Some(err);
                 self.sync_done();
+            }
+            Phase::Applying => {
+                if s.ops_left == 0 {
+                    self.apply_done(i);
+                }
             }
             Phase::Commit => {}
         }
@@ -1352,6 +1685,9 @@ impl Loop {
                 if staging.is_err() {
                     break;
                 }
+                if s.deferred {
+                    stage_deferred(&self.sh, &mut inner, s, &mut batch);
+                }
                 // Every new data entry is this tree's block; every block freed
                 // was one of its own (shared ones move to its history).
                 let added = staged[s0..]
@@ -1419,6 +1755,16 @@ impl Loop {
                 for (f, l) in s.runs.drain(..) {
                     inner.alloc.unalloc(f, l);
                 }
+                if s.deferred {
+                    // No record was written, and the blocks are free again.
+                    s.deferred = false;
+                    for v in &s.values {
+                        if let Some(BlockValue::Data { block, .. }) = v {
+                            inner.deferred.remove(block);
+                            self.unapplied.remove(block);
+                        }
+                    }
+                }
             }
             s.runs.clear();
             release_range(&mut self.busy, &self.sh, &mut inner, s, &mut again);
@@ -1432,6 +1778,8 @@ impl Loop {
             if s.fua && s.error.is_none() {
                 s.phase = Phase::Sync;
                 self.syncing.push(i);
+            } else if s.deferred {
+                self.start_apply(i);
             } else {
                 self.finish(i);
             }
@@ -1454,6 +1802,15 @@ impl Loop {
         if self.syncing.is_empty() || !self.sync_batch.is_empty() {
             return;
         }
+        if self
+            .applying
+            .first()
+            .is_some_and(|&a| a <= self.flush_barrier)
+        {
+            // A flush waits for the applies of the writes it covers.
+            return;
+        }
+        self.sync_covers = std::mem::take(&mut self.applied_unsynced);
         self.sync_batch = std::mem::take(&mut self.syncing);
         let first = self.sync_batch[0];
         self.slot(first).ops_left += 1;
@@ -1485,8 +1842,12 @@ impl Loop {
             return;
         };
         let waiters = std::mem::take(&mut self.sync_batch);
+        let covers = std::mem::take(&mut self.sync_covers);
         if wal.is_ok() && pool_err.is_none() {
             self.sh.inner.lock().synced(seq);
+            self.drop_records(covers);
+        } else {
+            self.applied_unsynced.extend(covers);
         }
         self.sh.counters.flushes.fetch_add(1, Ordering::Relaxed);
         for i in waiters {
@@ -1663,6 +2024,25 @@ fn writable(inner: &Inner, s: &Slot) -> bool {
 }
 
 /// Stages one finished write or zeroing into the group's batch.
+/// Puts a deferred write's data into the batch, one record per pool block,
+/// and notes the blocks as deferred (not freed before their record goes).
+fn stage_deferred(sh: &Shared, inner: &mut Inner, s: &Slot, batch: &mut WriteBatch) {
+    let Some(Some(buf)) = s.pieces.last() else {
+        return;
+    };
+    let data = buf.as_slice();
+    for (k, v) in s.values.iter().enumerate() {
+        if let Some(BlockValue::Data { block, crc }) = v {
+            batch.put_cf(
+                cf(&sh.db, CF_DEFERRED),
+                block.to_be_bytes(),
+                meta::deferred_encode(*crc, &data[k * BS..(k + 1) * BS]),
+            );
+            inner.deferred.insert(*block);
+        }
+    }
+}
+
 fn stage(
     sh: &Shared,
     inner: &mut Inner,

@@ -9,6 +9,7 @@
 //! | `snapshots`   | snapshot id                 | tree, epoch, size, time, hidden, name |
 //! | `head`        | tree, lba                   | the block's newest mapping         |
 //! | `history`     | tree, lba, !epoch           | older mappings snapshots still see |
+//! | `deferred`    | pool block                  | a deferred write's data and checksum, until it is in the pool |
 //!
 //! Every change is one `WriteBatch`. See `map` for what the two map families mean.
 
@@ -24,13 +25,15 @@ pub const CF_VOLUMES: &str = "volumes";
 pub const CF_SNAPSHOTS: &str = "snapshots";
 pub const CF_HEAD: &str = "head";
 pub const CF_HISTORY: &str = "history";
-const ALL_CFS: [&str; 6] = [
+pub const CF_DEFERRED: &str = "deferred";
+const ALL_CFS: [&str; 7] = [
     CF_META,
     CF_TREES,
     CF_VOLUMES,
     CF_SNAPSHOTS,
     CF_HEAD,
     CF_HISTORY,
+    CF_DEFERRED,
 ];
 
 const VERSION: u8 = 1;
@@ -38,7 +41,8 @@ const VERSION: u8 = 1;
 pub fn open_db(dir: &Path, create: bool) -> Result<DB> {
     let mut opts = Options::default();
     opts.create_if_missing(create);
-    opts.create_missing_column_families(create);
+    // A store made before a family existed (`deferred`) gains it at open.
+    opts.create_missing_column_families(true);
     opts.set_max_background_jobs(2);
     opts.set_bytes_per_sync(1 << 20);
     let mut block = rocksdb::BlockBasedOptions::default();
@@ -60,6 +64,27 @@ pub fn open_db(dir: &Path, create: bool) -> Result<DB> {
         ColumnFamilyDescriptor::new(*name, o)
     });
     Ok(DB::open_cf_descriptors(&opts, dir, cfs)?)
+}
+
+/// A deferred write's record: the checksum and the block's data.
+pub fn deferred_encode(crc: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(5 + data.len());
+    v.push(VERSION);
+    v.extend_from_slice(&crc.to_le_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// The checksum and data of a deferred write's record of `block_bytes`.
+pub fn deferred_decode(v: &[u8], block_bytes: usize) -> Result<(u32, &[u8])> {
+    if v.len() != 5 + block_bytes || v[0] != VERSION {
+        return Err(StoreError::Corrupt {
+            what: "deferred write record".into(),
+            detail: format!("{} bytes, version {}", v.len(), v.first().unwrap_or(&0)),
+        });
+    }
+    let crc = u32::from_le_bytes([v[1], v[2], v[3], v[4]]);
+    Ok((crc, &v[5..]))
 }
 
 pub fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {

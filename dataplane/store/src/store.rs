@@ -11,7 +11,7 @@
 //! its new writes wait while the writes in flight land and the pool syncs,
 //! so the snapshot holds every write acknowledged before it, durably.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -70,12 +70,20 @@ pub struct StoreConfig {
     /// or completion before it sleeps (zero: it sleeps at once). See
     /// `io_loop`'s module documentation.
     pub poll: std::time::Duration,
+    /// Writes of at most this many bytes (and not FUA) are deferred: their
+    /// data goes into the metadata commit, the write is answered when that
+    /// lands, and the pool is written afterwards (zero: never). See
+    /// `io_loop`'s module documentation.
+    pub defer_max_bytes: u64,
     /// Faults to inject into pool I/O (tests; the volume server sets it from
     /// `BERTH_FAULTS` for fault drills); `None` in normal operation.
     pub faults: Option<Arc<berth_io::fault::FaultPlan>>,
     /// Points where tests hold control work (see [`Pauses`]).
     pub pauses: Option<Arc<Pauses>>,
 }
+
+/// The default for [`StoreConfig::defer_max_bytes`]: the small writes.
+pub const DEFAULT_DEFER_MAX_BYTES: u64 = 64 << 10;
 
 /// The I/O thread's default polling window, [`StoreConfig::poll`].
 pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_micros(100);
@@ -96,6 +104,7 @@ impl StoreConfig {
             lock_wait: std::time::Duration::from_secs(10),
             map_cache_entries: 512 << 10,
             poll: DEFAULT_POLL,
+            defer_max_bytes: DEFAULT_DEFER_MAX_BYTES,
             faults: None,
             pauses: None,
         }
@@ -143,6 +152,10 @@ pub struct PoolStats {
     pub used_blocks: u64,
     /// Freed blocks waiting for a durable commit before reuse.
     pub pending_free_blocks: u64,
+    /// Blocks of deferred writes whose records are still in the catalog:
+    /// their data reaches the pool shortly after the write is answered, and
+    /// the record goes at the next pool sync after that.
+    pub deferred_blocks: u64,
     pub volumes: u64,
     pub snapshots: u64,
 }
@@ -213,6 +226,12 @@ pub struct Counters {
     /// Times the I/O thread found work while polling, where it would
     /// otherwise have slept and been woken (see `io_loop`).
     pub polled_work: AtomicU64,
+    /// Writes answered once their data was in the metadata commit, before
+    /// it reached the pool (see `io_loop`).
+    pub deferred_writes: AtomicU64,
+    /// Deferred writes found in the catalog at open and written to the pool
+    /// then (their process stopped before it had written them).
+    pub deferred_replayed: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -269,6 +288,13 @@ pub(crate) struct Inner {
     pub cache: map::HeadCache,
     /// Group commits staged and not yet written (0 or 1).
     pub groups_in_flight: u32,
+    /// Pool blocks with a deferred write's record in the catalog: such a
+    /// block is not given back to the allocator until the I/O thread has
+    /// deleted its record (else a replay at open could overwrite the block's
+    /// next owner).
+    pub deferred: HashSet<u64>,
+    /// Deferred blocks freed meanwhile, for the I/O thread.
+    pub deferred_freed: Vec<u64>,
 }
 
 impl Inner {
@@ -346,15 +372,24 @@ impl Inner {
         self.release_frees();
     }
 
-    /// Queues blocks freed by a commit that is now in the WAL.
-    pub fn free_blocks(&mut self, blocks: &[u64]) {
+    /// Queues blocks freed by a commit that is now in the WAL. A block with
+    /// a deferred write's record waits for the I/O thread instead; true if
+    /// any does.
+    pub fn free_blocks(&mut self, blocks: &[u64]) -> bool {
         if blocks.is_empty() {
-            return;
+            return false;
         }
         self.seq += 1;
+        let mut deferred = false;
         for &b in blocks {
-            self.alloc.free_later(self.seq, b);
+            if self.deferred.contains(&b) {
+                self.deferred_freed.push(b);
+                deferred = true;
+            } else {
+                self.alloc.free_later(self.seq, b);
+            }
         }
+        deferred
     }
 
     /// A WAL sync that started when `seq` was current has finished.
@@ -505,6 +540,8 @@ pub(crate) struct Shared {
     pub thawed: Mutex<Vec<u64>>,
     /// Set when `thawed` gains a tree.
     pub thaw_pending: AtomicBool,
+    /// Set when a deferred block was freed (`Inner::deferred_freed`).
+    pub deferred_freed: AtomicBool,
     /// Trees with garbage to collect (see `gc`).
     pub gc: Mutex<GcQueue>,
     /// Signalled when a tree is queued and when a walk ends.
@@ -680,6 +717,7 @@ impl Store {
     }
 
     fn start(cfg: &StoreConfig, pool: Pool, db: DB) -> Result<Store> {
+        let replayed = io_loop::replay_deferred(&db, &pool)?;
         let inner = load(&db, &pool, cfg.map_cache_entries)?;
         // Walks a crash interrupted, and (to be safe) every dead tree.
         let mut gc_queue = GcQueue::default();
@@ -711,6 +749,7 @@ impl Store {
             commit_idle: Condvar::new(),
             thawed: Mutex::new(Vec::new()),
             thaw_pending: AtomicBool::new(false),
+            deferred_freed: AtomicBool::new(false),
             gc: Mutex::new(gc_queue),
             gc_wake: Condvar::new(),
             pauses: cfg.pauses.clone(),
@@ -720,8 +759,13 @@ impl Store {
             cfg.engine,
             cfg.queue_depth,
             cfg.poll,
+            cfg.defer_max_bytes,
             cfg.faults.clone(),
         )?;
+        shared
+            .counters
+            .deferred_replayed
+            .store(replayed, Ordering::Relaxed);
         let gsh = shared.clone();
         let collector = berth_io::spawn_critical("berth-gc", move || gc::run(&gsh));
         let mut store = Store {
@@ -1201,6 +1245,7 @@ impl Store {
             total_blocks: a.blocks(),
             used_blocks: a.blocks() - a.free_blocks() - a.pending_blocks(),
             pending_free_blocks: a.pending_blocks(),
+            deferred_blocks: inner.deferred.len() as u64,
             volumes: inner.volumes.len() as u64,
             snapshots: inner.snap_names.len() as u64,
         }
@@ -1295,6 +1340,24 @@ impl Store {
         report.blocks_checked += batch.len() as u64;
         let mut bad = bad.into_inner();
         bad.sort_unstable();
+        // A deferred write's block may not be in the pool yet: its data is
+        // in its record. Once the record is gone the data is in the pool, so
+        // a block whose record went meanwhile is read again.
+        bad.retain(|&i| {
+            let item = &batch[i];
+            let record = sh
+                .db
+                .get_cf(cf(&sh.db, meta::CF_DEFERRED), item.block.to_be_bytes())
+                .ok()
+                .flatten();
+            if let Some(v) = record {
+                return !matches!(meta::deferred_decode(&v, BLOCK_SIZE as usize), Ok((crc, d)) if crc == item.crc && block_crc(item.block, d) == crc);
+            }
+            let mut b = IoBuf::heap(BLOCK_SIZE as usize);
+            let off = sh.pool.block_offset(item.block);
+            sh.pool.file.read_exact_at(b.as_mut_slice(), off).is_err()
+                || block_crc(item.block, b.as_slice()) != item.crc
+        });
         for i in bad {
             let item = &batch[i];
             let (tree, lba, history) = meta::parse_key(&item.key).unwrap_or((0, 0, None));
@@ -1684,6 +1747,8 @@ fn load(db: &DB, pool: &Pool, cache_entries: usize) -> Result<Inner> {
         synced_seq: 0,
         cache: map::HeadCache::new(cache_entries),
         groups_in_flight: 0,
+        deferred: HashSet::new(),
+        deferred_freed: Vec::new(),
     };
     for item in db.iterator_cf(cf(db, CF_TREES), rocksdb::IteratorMode::Start) {
         let (k, v) = item?;

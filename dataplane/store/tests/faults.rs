@@ -16,8 +16,11 @@ use common::{block, find_in_pool, BS};
 
 fn store(dir: &std::path::Path) -> (Store, StoreConfig, Arc<FaultPlan>) {
     let plan = FaultPlan::new();
+    // Writes go the direct way here: a deferred write is answered before
+    // its pool write (tests/deferred.rs has what its faults do).
     let cfg = StoreConfig {
         faults: Some(plan.clone()),
+        defer_max_bytes: 0,
         ..StoreConfig::new(dir, 32 << 20)
     };
     (Store::create(&cfg).expect("create"), cfg, plan)
