@@ -74,7 +74,12 @@ fn under_a_containers_memlock_limit_the_server_registers_what_fits_and_says_so()
     }
     assert_eq!(uring, Some(1.0), "{text}");
     // What the store counts is exported beside it.
-    for name in ["berth_io_polled_work", "berth_pool_gathered_reads"] {
+    for name in [
+        "berth_io_polled_work",
+        "berth_pool_gathered_reads",
+        "berth_pool_deferred_writes",
+        "berth_pool_deferred_bytes",
+    ] {
         assert!(metric(&text, name).is_some(), "{name} in {text}");
     }
     let whole = registered.expect("berth_io_registered_buffer_bytes");

@@ -338,6 +338,22 @@ struct NodeArgs {
     /// idle node are unchanged; 0 always sleeps (see docs/pod-path.md).
     #[arg(long, env = "BERTH_POLL_US", default_value_t = berth_volume::DEFAULT_POLL.as_micros() as u64, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     poll_us: u64,
+    /// Writes of at most this size (not FUA) are deferred: answered once
+    /// their data is in the metadata commit (durable against a crash of the
+    /// process, and against power loss after a flush, as any write), and
+    /// written to the pool right after. Small writes then do not wait for
+    /// the disk; 0 writes everything to the pool first (see
+    /// docs/pod-path.md). At most 1M.
+    #[arg(long, env = "BERTH_DEFER_MAX", default_value = "64K", value_parser = parse_defer)]
+    defer_max: u64,
+}
+
+fn parse_defer(s: &str) -> Result<u64, String> {
+    let n = berth_cli::parse_size(s)?;
+    if n > 1 << 20 {
+        return Err(format!("{s} is more than 1M"));
+    }
+    Ok(n)
 }
 
 impl NodeArgs {
@@ -431,6 +447,7 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     cfg.nbd_threads = a.node.nbd_threads;
     cfg.nbd_buffer_bytes = a.node.nbd_buffer_size;
     cfg.poll = Duration::from_micros(a.node.poll_us);
+    cfg.defer_max_bytes = a.node.defer_max;
     cfg.tls = a.tls.load()?;
     cfg.tls_allow = a.allow.tls_allow;
     cfg.insecure_tcp = a.tls.insecure_plaintext_tcp;
@@ -649,6 +666,7 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     cfg.nbd_threads = a.node.nbd_threads;
     cfg.nbd_buffer_bytes = a.node.nbd_buffer_size;
     cfg.poll = Duration::from_micros(a.node.poll_us);
+    cfg.defer_max_bytes = a.node.defer_max;
     cfg.tls = tls;
     cfg.tls_allow = a.allow.tls_allow;
     let drain = cfg.drain_timeout;

@@ -44,6 +44,10 @@ pub struct Metrics {
     pub pool_gathered_reads: IntGauge,
     /// Times the store's I/O thread found work while polling.
     pub io_polled_work: IntGauge,
+    /// Writes answered before their data reached the pool (deferred).
+    pub pool_deferred_writes: IntGauge,
+    /// Deferred writes' data whose records are still in the catalog.
+    pub pool_deferred_bytes: IntGauge,
     /// 1 for the I/O engine in use (`io_uring` or `sync`, the fallback where the
     /// kernel or a seccomp profile refuses io_uring).
     pub io_engine: IntGaugeVec,
@@ -165,6 +169,14 @@ impl Metrics {
                 "io_polled_work",
                 "Times the store's I/O thread found work while polling instead of sleeping (--poll-us) since start",
             ),
+            pool_deferred_writes: g(
+                "pool_deferred_writes",
+                "Writes answered once their data was in the metadata commit, before it reached the pool (--defer-max), since start",
+            ),
+            pool_deferred_bytes: g(
+                "pool_deferred_bytes",
+                "Deferred writes' bytes whose records are still in the catalog (in the pool once the next pool sync is done)",
+            ),
             io_engine,
             io_registered_buffer_bytes: g(
                 "io_registered_buffer_bytes",
@@ -199,6 +211,8 @@ impl Metrics {
             &m.pool_checksum_errors,
             &m.pool_gathered_reads,
             &m.io_polled_work,
+            &m.pool_deferred_writes,
+            &m.pool_deferred_bytes,
             &m.io_registered_buffer_bytes,
             &m.nbd_buffered_bytes,
             &m.nbd_handshakes,

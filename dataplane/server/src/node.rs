@@ -868,6 +868,8 @@ impl Node {
         m.pool_used_bytes.set((s.used_blocks * s.block_size) as i64);
         m.pool_pending_free_bytes
             .set((s.pending_free_blocks * s.block_size) as i64);
+        m.pool_deferred_bytes
+            .set((s.deferred_blocks * s.block_size) as i64);
         m.volumes.set(s.volumes as i64);
         m.snapshots.set(s.snapshots as i64);
         m.io_engine
@@ -882,6 +884,8 @@ impl Node {
             .set(c.gathered_reads.load(Ordering::Relaxed) as i64);
         m.io_polled_work
             .set(c.polled_work.load(Ordering::Relaxed) as i64);
+        m.pool_deferred_writes
+            .set(c.deferred_writes.load(Ordering::Relaxed) as i64);
         m.nbd_buffered_bytes.set(self.budget.held_bytes() as i64);
         let (handshakes, connections) = self.admission.counts();
         m.nbd_handshakes.set(handshakes as i64);

@@ -70,6 +70,9 @@ pub struct ServerConfig {
     pub nbd_buffer_bytes: u64,
     /// The store's polling window ([`berth_store::StoreConfig::poll`]).
     pub poll: Duration,
+    /// The largest deferred write
+    /// ([`berth_store::StoreConfig::defer_max_bytes`]; 0: none).
+    pub defer_max_bytes: u64,
 }
 
 impl ServerConfig {
@@ -96,6 +99,7 @@ impl ServerConfig {
             nbd_connection_limits: None,
             nbd_buffer_bytes: crate::node::NbdLimits::default().buffer_bytes,
             poll: berth_store::DEFAULT_POLL,
+            defer_max_bytes: berth_store::DEFAULT_DEFER_MAX_BYTES,
         }
     }
 }
@@ -163,6 +167,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
     scfg.pool_path = cfg.pool_path.clone();
     scfg.faults = faults;
     scfg.poll = cfg.poll;
+    scfg.defer_max_bytes = cfg.defer_max_bytes;
     let store = tokio::task::spawn_blocking(move || Store::open_or_create(&scfg))
         .await
         .map_err(|e| ServerError::FailedPrecondition(format!("store open task: {e}")))??;

@@ -69,5 +69,5 @@ pub use pool::BLOCK_SIZE;
 pub use store::{
     block_crc, validate_name, Changes, Counters, Extent, PoolStats, ScrubError, ScrubReport,
     SnapshotInfo, Store, StoreConfig, Submitter, Target, VolumeInfo, BLOCK_STATUS_MAX_BLOCKS,
-    DEFAULT_POLL, MAX_NAME_BYTES, MAX_VOLUME_BYTES,
+    DEFAULT_DEFER_MAX_BYTES, DEFAULT_POLL, MAX_NAME_BYTES, MAX_VOLUME_BYTES,
 };

@@ -9,7 +9,7 @@
 //! | `snapshots`   | snapshot id                 | tree, epoch, size, time, hidden, name |
 //! | `head`        | tree, lba                   | the block's newest mapping         |
 //! | `history`     | tree, lba, !epoch           | older mappings snapshots still see |
-//! | `deferred`    | pool block                  | a deferred write's data and checksum, until it is in the pool |
+//! | `deferred`    | sequence number             | a deferred write's pool block, checksum and data, until they are in the pool |
 //!
 //! Every change is one `WriteBatch`. See `map` for what the two map families mean.
 
@@ -66,25 +66,30 @@ pub fn open_db(dir: &Path, create: bool) -> Result<DB> {
     Ok(DB::open_cf_descriptors(&opts, dir, cfs)?)
 }
 
-/// A deferred write's record: the checksum and the block's data.
-pub fn deferred_encode(crc: u32, data: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(5 + data.len());
+/// A deferred write's record (keyed by a sequence number, so records go in
+/// at the end of the memtable): its pool block, checksum and data.
+pub fn deferred_encode(block: u64, crc: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(13 + data.len());
     v.push(VERSION);
+    v.extend_from_slice(&block.to_le_bytes());
     v.extend_from_slice(&crc.to_le_bytes());
     v.extend_from_slice(data);
     v
 }
 
-/// The checksum and data of a deferred write's record of `block_bytes`.
-pub fn deferred_decode(v: &[u8], block_bytes: usize) -> Result<(u32, &[u8])> {
-    if v.len() != 5 + block_bytes || v[0] != VERSION {
+/// The pool block, checksum and data of a deferred write's record of
+/// `block_bytes`.
+pub fn deferred_decode(v: &[u8], block_bytes: usize) -> Result<(u64, u32, &[u8])> {
+    if v.len() != 13 + block_bytes || v[0] != VERSION {
         return Err(StoreError::Corrupt {
             what: "deferred write record".into(),
             detail: format!("{} bytes, version {}", v.len(), v.first().unwrap_or(&0)),
         });
     }
-    let crc = u32::from_le_bytes([v[1], v[2], v[3], v[4]]);
-    Ok((crc, &v[5..]))
+    let mut d = Dec(&v[1..13]);
+    let block = d.u64();
+    let crc = d.u32();
+    Ok((block, crc, &v[13..]))
 }
 
 pub fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {

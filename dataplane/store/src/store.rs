@@ -11,7 +11,7 @@
 //! its new writes wait while the writes in flight land and the pool syncs,
 //! so the snapshot holds every write acknowledged before it, durably.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -288,11 +288,13 @@ pub(crate) struct Inner {
     pub cache: map::HeadCache,
     /// Group commits staged and not yet written (0 or 1).
     pub groups_in_flight: u32,
-    /// Pool blocks with a deferred write's record in the catalog: such a
-    /// block is not given back to the allocator until the I/O thread has
-    /// deleted its record (else a replay at open could overwrite the block's
-    /// next owner).
-    pub deferred: HashSet<u64>,
+    /// Pool blocks with a deferred write's record in the catalog, and the
+    /// record's key: such a block is not given back to the allocator until
+    /// the I/O thread has deleted its record (else a replay at open could
+    /// overwrite the block's next owner).
+    pub deferred: HashMap<u64, u64>,
+    /// The next deferred record's key.
+    pub deferred_next: u64,
     /// Deferred blocks freed meanwhile, for the I/O thread.
     pub deferred_freed: Vec<u64>,
 }
@@ -382,7 +384,7 @@ impl Inner {
         self.seq += 1;
         let mut deferred = false;
         for &b in blocks {
-            if self.deferred.contains(&b) {
+            if self.deferred.contains_key(&b) {
                 self.deferred_freed.push(b);
                 deferred = true;
             } else {
@@ -717,8 +719,9 @@ impl Store {
     }
 
     fn start(cfg: &StoreConfig, pool: Pool, db: DB) -> Result<Store> {
-        let replayed = io_loop::replay_deferred(&db, &pool)?;
-        let inner = load(&db, &pool, cfg.map_cache_entries)?;
+        let (replayed, deferred_next) = io_loop::replay_deferred(&db, &pool)?;
+        let mut inner = load(&db, &pool, cfg.map_cache_entries)?;
+        inner.deferred_next = deferred_next;
         // Walks a crash interrupted, and (to be safe) every dead tree.
         let mut gc_queue = GcQueue::default();
         gc_queue.pending.extend(gc::pending_at_open(&db)?);
@@ -1345,13 +1348,16 @@ impl Store {
         // a block whose record went meanwhile is read again.
         bad.retain(|&i| {
             let item = &batch[i];
-            let record = sh
-                .db
-                .get_cf(cf(&sh.db, meta::CF_DEFERRED), item.block.to_be_bytes())
-                .ok()
-                .flatten();
+            let key = sh.inner.lock().deferred.get(&item.block).copied();
+            let record = key.and_then(|k| {
+                sh.db
+                    .get_cf(cf(&sh.db, meta::CF_DEFERRED), k.to_be_bytes())
+                    .ok()
+                    .flatten()
+            });
             if let Some(v) = record {
-                return !matches!(meta::deferred_decode(&v, BLOCK_SIZE as usize), Ok((crc, d)) if crc == item.crc && block_crc(item.block, d) == crc);
+                return !matches!(meta::deferred_decode(&v, BLOCK_SIZE as usize),
+                    Ok((b, crc, d)) if b == item.block && crc == item.crc && block_crc(b, d) == crc);
             }
             let mut b = IoBuf::heap(BLOCK_SIZE as usize);
             let off = sh.pool.block_offset(item.block);
@@ -1747,7 +1753,8 @@ fn load(db: &DB, pool: &Pool, cache_entries: usize) -> Result<Inner> {
         synced_seq: 0,
         cache: map::HeadCache::new(cache_entries),
         groups_in_flight: 0,
-        deferred: HashSet::new(),
+        deferred: HashMap::new(),
+        deferred_next: 0,
         deferred_freed: Vec::new(),
     };
     for item in db.iterator_cf(cf(db, CF_TREES), rocksdb::IteratorMode::Start) {

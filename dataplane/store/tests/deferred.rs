@@ -48,7 +48,10 @@ fn a_deferred_write_is_answered_before_its_pool_write_and_reads_wait_for_it() {
     s.write(v, 0, &block("old"), false).expect("write");
     s.flush().expect("flush");
     assert_eq!(deferred_writes(&s), 1);
-    assert!(in_pool(&cfg, &block("old")), "a flush leaves the data in the pool");
+    assert!(
+        in_pool(&cfg, &block("old")),
+        "a flush leaves the data in the pool"
+    );
     assert_eq!(s.stats().deferred_blocks, 0, "and its record gone");
 
     let delay = Duration::from_millis(600);
@@ -64,7 +67,10 @@ fn a_deferred_write_is_answered_before_its_pool_write_and_reads_wait_for_it() {
     // Another volume is served while that pool write is outstanding.
     s.write(w, 0, &block("w"), false).expect("write w");
     assert_eq!(s.read(w, 0, BS).expect("read w"), block("w"));
-    assert!(t0.elapsed() < delay, "another volume waited for the pool write");
+    assert!(
+        t0.elapsed() < delay,
+        "another volume waited for the pool write"
+    );
     // A read of the block waits until its data is in the pool.
     assert_eq!(s.read(v, 0, BS).expect("read"), block("new"));
     assert!(
@@ -118,7 +124,8 @@ fn overwrites_of_a_block_whose_pool_write_is_outstanding_free_every_copy() {
     for w in writers {
         w.join().expect("writer");
     }
-    s.write(v, BLOCK_SIZE, &block("last"), false).expect("write");
+    s.write(v, BLOCK_SIZE, &block("last"), false)
+        .expect("write");
     s.flush().expect("flush");
     let first = s.read(v, 0, BS).expect("read");
     assert!(
@@ -127,7 +134,10 @@ fn overwrites_of_a_block_whose_pool_write_is_outstanding_free_every_copy() {
     );
     assert_eq!(s.read(v, BLOCK_SIZE, BS).expect("read"), block("last"));
     let st = s.stats();
-    assert_eq!(st.used_blocks, 2, "every overwritten copy was freed: {st:?}");
+    assert_eq!(
+        st.used_blocks, 2,
+        "every overwritten copy was freed: {st:?}"
+    );
     assert_eq!(st.deferred_blocks, 0, "{st:?}");
     assert_eq!(deferred_writes(&s), 201);
 }
@@ -146,7 +156,10 @@ fn a_deferred_write_whose_pool_write_failed_is_written_at_the_next_open() {
     s.write(v, 0, &block("kept"), false).expect("write");
     let t0 = Instant::now();
     while s.counters().io_errors.load(Ordering::Relaxed) == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(10), "no pool write failed");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no pool write failed"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     // Until it is written, a read of it fails rather than return stale data.
@@ -155,10 +168,7 @@ fn a_deferred_write_whose_pool_write_failed_is_written_at_the_next_open() {
         Ok(_) => panic!("a read of a block not written returned data"),
         Err(e) => panic!("a read of a block not written failed with {e}"),
     }
-    assert_eq!(
-        s.read(v, BLOCK_SIZE, BS).expect("read"),
-        block("neighbour")
-    );
+    assert_eq!(s.read(v, BLOCK_SIZE, BS).expect("read"), block("neighbour"));
     s.flush().expect("flush");
     assert_eq!(s.stats().deferred_blocks, 1, "the record stays");
     assert!(!in_pool(&cfg, &block("kept")));
