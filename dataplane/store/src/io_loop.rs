@@ -98,7 +98,7 @@ const DEFER_MAX_BLOCKS: u64 = 4096;
 /// Deferred blocks in the pool whose records wait for a pool sync before
 /// they are deleted; at this many the loop syncs on its own, so the records
 /// leave the memtable before it is flushed.
-const APPLIED_SYNC_BLOCKS: usize = 2048;
+const APPLIED_SYNC_BLOCKS: usize = 256;
 
 #[derive(Debug)]
 pub enum Op {
@@ -1743,10 +1743,12 @@ impl Loop {
                     freed,
                     owned,
                 };
-                if self.live() == ready.len() {
-                    // Nothing else is in flight, so nothing waits behind this
-                    // group on the I/O thread: write it here and spare the two
-                    // thread hand-offs (what a lone, queue-depth-1 write pays).
+                if self.live() - self.applying.len() == ready.len() {
+                    // Nothing else is in flight (but applies, which need no
+                    // turn of the loop until they complete), so nothing waits
+                    // behind this group on the I/O thread: write it here and
+                    // spare the two thread hand-offs (what a lone,
+                    // queue-depth-1 write pays).
                     let result = write_group(&self.sh, group);
                     self.end_group(ready, result);
                     return;
