@@ -1156,8 +1156,13 @@ fn a_grant_that_raises_the_fence_waits_for_the_requests_it_fences() {
         dir.path(),
         "256M",
         &[],
-        // The first data write (past the pool's 1 MiB header) is held.
-        &[("BERTH_FAULTS", "write:delay=800ms:1@1048576-268435456")],
+        // The first data write (past the pool's 1 MiB header) is held. Not
+        // deferred: a deferred write is answered before its pool write, so
+        // the pool could not hold it in flight.
+        &[
+            ("BERTH_FAULTS", "write:delay=800ms:1@1048576-268435456"),
+            ("BERTH_DEFER_MAX", "0"),
+        ],
     );
     srv.ctl_json(&["volume", "create", "v", "--size", "16M"]);
     let grant = |client: &str, g: u64| grant_at(&srv, "v", client, g);

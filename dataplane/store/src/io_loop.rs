@@ -41,8 +41,10 @@
 //! - a block with a record is not freed until the record is deleted (else a
 //!   replay could overwrite its next owner): `Inner::free_blocks` hands such
 //!   blocks to the loop, which deletes their records, then frees them;
-//! - an apply that fails keeps its record (replayed at the next open); reads
-//!   of the block fail their checksum until then.
+//! - an apply that fails keeps its record (replayed at the next open); until
+//!   then a read of the block finds the pool's copy fails its checksum and
+//!   takes the record's (`from_record`), so an answered write reads back
+//!   whatever the pool did.
 //!
 //! Larger writes, FUA writes and all writes beyond [`DEFER_MAX_BLOCKS`] not
 //! yet applied go the direct way: pool write, then commit.
@@ -1403,9 +1405,9 @@ impl Loop {
         }
         if let Some(e) = failed {
             // The record stays: the next start writes it again. Until then a
-            // read of these blocks fails its checksum rather than return what
-            // the pool held before.
-            tracing::error!(error = %e, offset = s.offset, "a deferred write did not reach the pool; it is written again at the next start");
+            // read of these blocks finds the pool's copy fails its checksum
+            // and takes the record's (`from_record`).
+            tracing::error!(error = %e, offset = s.offset, "a deferred write did not reach the pool; reads take its record's copy, and the next start writes it again");
         }
         s.deferred = false;
         self.finish(i);
@@ -1570,8 +1572,8 @@ impl Loop {
                 if let (Some(window), Some((_, dest, lo))) = (&c.buf, gathered) {
                     let dest = self.pick_gathered(i, piece, window, dest, lo);
                     self.slot(i).pieces[piece] = Some(dest);
-                } else if let Some(buf) = c.buf {
-                    self.verify_piece(i, piece, &buf);
+                } else if let Some(mut buf) = c.buf {
+                    self.verify_piece(i, piece, &mut buf);
                     let s = self.slot(i);
                     if s.phase == Phase::Edges {
                         let rel = s.piece_start[piece];
@@ -1618,24 +1620,45 @@ impl Loop {
     }
 
     /// Checks the checksum of every block in a completed read piece.
-    fn verify_piece(&mut self, i: usize, piece: usize, buf: &IoBuf) {
-        let s = self.slots[i].as_mut().expect("live slot");
+    fn verify_piece(&mut self, i: usize, piece: usize, buf: &mut IoBuf) {
+        let s = self.slots[i].as_ref().expect("live slot");
         if s.error.is_some() {
             return;
         }
         let start = s.piece_start[piece] as usize;
-        let values: &[Option<BlockValue>] = if s.phase == Phase::Edges {
-            std::slice::from_ref(&s.values[piece])
-        } else {
-            &s.values[start..start + buf.len() / BS]
-        };
-        for (k, v) in values.iter().enumerate() {
-            if let Some(BlockValue::Data { block, crc }) = *v {
-                if block_crc(block, &buf.as_slice()[k * BS..(k + 1) * BS]) != crc {
-                    return self.checksum_mismatch(i, start + k, block);
+        let edges = s.phase == Phase::Edges;
+        let n = if edges { 1 } else { buf.len() / BS };
+        for k in 0..n {
+            let s = self.slots[i].as_ref().expect("live slot");
+            let v = if edges {
+                s.values[piece]
+            } else {
+                s.values[start + k]
+            };
+            if let Some(BlockValue::Data { block, crc }) = v {
+                let data = &mut buf.as_mut_slice()[k * BS..(k + 1) * BS];
+                if block_crc(block, data) != crc {
+                    match self.from_record(block, crc) {
+                        Some(d) => data.copy_from_slice(&d),
+                        None => return self.checksum_mismatch(i, start + k, block),
+                    }
                 }
             }
         }
+    }
+
+    /// The data of `block` from its deferred write's record, if it has one
+    /// that matches `crc`: what a block whose pool write failed is read from
+    /// until the next start writes it (see the module documentation).
+    fn from_record(&self, block: u64, crc: u32) -> Option<Vec<u8>> {
+        let key = self.sh.inner.lock().deferred.get(&block).copied()?;
+        let v = self
+            .sh
+            .db
+            .get_cf(cf(&self.sh.db, CF_DEFERRED), key.to_be_bytes())
+            .ok()??;
+        let (b, c, d) = meta::deferred_decode(&v, BS).ok()?;
+        (b == block && c == crc && block_crc(block, d) == crc).then(|| d.to_vec())
     }
 
     /// Records a block of slot `i` (by its index in `values`) whose data
@@ -1671,18 +1694,28 @@ impl Loop {
         mut dest: IoBuf,
         lo: u64,
     ) -> IoBuf {
-        let s = self.slots[i].as_mut().expect("live slot");
+        let s = self.slots[i].as_ref().expect("live slot");
         if s.error.is_some() {
             return dest;
         }
         let start = s.piece_start[piece] as usize;
         for k in 0..dest.len() / BS {
-            if let Some(BlockValue::Data { block, crc }) = s.values[start + k] {
+            let v = self.slots[i].as_ref().expect("live slot").values[start + k];
+            if let Some(BlockValue::Data { block, crc }) = v {
                 let at = (block - lo) as usize * BS;
-                let data = &window.as_slice()[at..at + BS];
+                let mut data = &window.as_slice()[at..at + BS];
+                let record;
                 if block_crc(block, data) != crc {
-                    self.checksum_mismatch(i, start + k, block);
-                    return dest;
+                    match self.from_record(block, crc) {
+                        Some(d) => {
+                            record = d;
+                            data = &record;
+                        }
+                        None => {
+                            self.checksum_mismatch(i, start + k, block);
+                            return dest;
+                        }
+                    }
                 }
                 dest.as_mut_slice()[k * BS..(k + 1) * BS].copy_from_slice(data);
             }

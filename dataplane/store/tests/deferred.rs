@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use berth_io::fault::{Effect, Fault, FaultPlan};
 use berth_io::OpKind;
-use berth_store::{Store, StoreConfig, StoreError, Target, BLOCK_SIZE};
+use berth_store::{Store, StoreConfig, Target, BLOCK_SIZE};
 
 mod common;
 use common::{block, BS};
@@ -162,12 +162,17 @@ fn a_deferred_write_whose_pool_write_failed_is_written_at_the_next_open() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    // Until it is written, a read of it fails rather than return stale data.
-    match s.read(v, 0, BS) {
-        Err(StoreError::Integrity { offset: 0, .. }) => {}
-        Ok(_) => panic!("a read of a block not written returned data"),
-        Err(e) => panic!("a read of a block not written failed with {e}"),
-    }
+    // Until it is written, a read finds the pool's copy wrong and takes the
+    // record's: no error, no stale data.
+    assert_eq!(s.read(v, 0, BS).expect("read"), block("kept"));
+    // And so does a read of a larger range.
+    let both: Vec<u8> = [block("kept"), block("neighbour")].concat();
+    assert_eq!(s.read(v, 0, 2 * BS).expect("read"), both);
+    assert_eq!(
+        s.counters().checksum_errors.load(Ordering::Relaxed),
+        0,
+        "a block read from its record is no checksum error"
+    );
     assert_eq!(s.read(v, BLOCK_SIZE, BS).expect("read"), block("neighbour"));
     s.flush().expect("flush");
     assert_eq!(s.stats().deferred_blocks, 1, "the record stays");
@@ -185,6 +190,34 @@ fn a_deferred_write_whose_pool_write_failed_is_written_at_the_next_open() {
     let report = s.scrub().expect("scrub");
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(s.stats().deferred_blocks, 0);
+}
+
+#[test]
+fn a_partial_write_over_a_block_whose_pool_write_failed_keeps_its_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (s, _cfg, plan) = faulty(dir.path());
+    let v = volume(&s, "v");
+    plan.arm(Fault::new(Some(OpKind::Write), Effect::Error(libc::EIO)).times(1));
+    s.write(v, 0, &block("old"), false).expect("write");
+    let t0 = Instant::now();
+    while s.counters().io_errors.load(Ordering::Relaxed) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no pool write failed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The edge read of this write finds the old block's record.
+    s.write(v, 100, b"edge", false).expect("partial write");
+    let mut want = block("old");
+    want[100..104].copy_from_slice(b"edge");
+    assert_eq!(s.read(v, 0, BS).expect("read"), want);
+    s.flush().expect("flush");
+    assert_eq!(s.read(v, 0, BS).expect("read"), want);
+    assert_eq!(s.counters().checksum_errors.load(Ordering::Relaxed), 0);
+    // The failed block was freed by the overwrite, and its record with it.
+    assert_eq!(s.stats().deferred_blocks, 0);
+    assert_eq!(s.stats().used_blocks, 1);
 }
 
 /// How many blocks the killed child writes.
