@@ -43,7 +43,7 @@
 //!   blocks to the loop, which deletes their records, then frees them;
 //! - an apply that fails keeps its record (replayed at the next open); until
 //!   then a read of the block finds the pool's copy fails its checksum and
-//!   takes the record's (`from_record`), so an answered write reads back
+//!   takes the record's (`record_copy`), so an answered write reads back
 //!   whatever the pool did.
 //!
 //! Larger writes, FUA writes and all writes beyond [`DEFER_MAX_BLOCKS`] not
@@ -1406,7 +1406,7 @@ impl Loop {
         if let Some(e) = failed {
             // The record stays: the next start writes it again. Until then a
             // read of these blocks finds the pool's copy fails its checksum
-            // and takes the record's (`from_record`).
+            // and takes the record's (`record_copy`).
             tracing::error!(error = %e, offset = s.offset, "a deferred write did not reach the pool; reads take its record's copy, and the next start writes it again");
         }
         s.deferred = false;
@@ -1437,7 +1437,6 @@ impl Loop {
         if inner.deferred_freed.is_empty() {
             return;
         }
-        let mut batch = WriteBatch::default();
         let mut now = Vec::new();
         for b in std::mem::take(&mut inner.deferred_freed) {
             if self.unapplied.contains(&b) {
@@ -1445,20 +1444,14 @@ impl Loop {
                 inner.deferred_freed.push(b);
                 self.freed_waiting = true;
             } else {
-                if let Some(key) = inner.deferred.get(&b) {
-                    batch.single_delete_cf(cf(&self.sh.db, CF_DEFERRED), key.to_be_bytes());
-                }
                 now.push(b);
             }
         }
         if now.is_empty() {
             return;
         }
-        match self.sh.db.write(batch) {
+        match delete_records(&self.sh, &mut inner, &now) {
             Ok(()) => {
-                for b in &now {
-                    inner.deferred.remove(b);
-                }
                 inner.free_blocks(&now);
             }
             Err(e) => {
@@ -1474,29 +1467,10 @@ impl Loop {
     /// durable in the pool, so their records go.
     fn drop_records(&mut self, covers: Vec<u64>) {
         let mut inner = self.sh.inner.lock();
-        let mut batch = WriteBatch::default();
-        let mut gone = Vec::new();
-        for b in covers {
-            // A block freed meanwhile lost its record already.
-            if let Some(key) = inner.deferred.get(&b) {
-                batch.single_delete_cf(cf(&self.sh.db, CF_DEFERRED), key.to_be_bytes());
-                gone.push(b);
-            }
-        }
-        if gone.is_empty() {
-            return;
-        }
-        match self.sh.db.write(batch) {
-            Ok(()) => {
-                for b in gone {
-                    inner.deferred.remove(&b);
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "deleting deferred write records failed");
-                drop(inner);
-                self.applied_unsynced.extend(gone);
-            }
+        if let Err(e) = delete_records(&self.sh, &mut inner, &covers) {
+            tracing::error!(error = %e, "deleting deferred write records failed");
+            drop(inner);
+            self.applied_unsynced.extend(covers);
         }
     }
 
@@ -1638,7 +1612,7 @@ impl Loop {
             if let Some(BlockValue::Data { block, crc }) = v {
                 let data = &mut buf.as_mut_slice()[k * BS..(k + 1) * BS];
                 if block_crc(block, data) != crc {
-                    match self.from_record(block, crc) {
+                    match self.record_copy(block, crc) {
                         Some(d) => data.copy_from_slice(&d),
                         None => return self.checksum_mismatch(i, start + k, block),
                     }
@@ -1650,7 +1624,7 @@ impl Loop {
     /// The data of `block` from its deferred write's record, if it has one
     /// that matches `crc`: what a block whose pool write failed is read from
     /// until the next start writes it (see the module documentation).
-    fn from_record(&self, block: u64, crc: u32) -> Option<Vec<u8>> {
+    fn record_copy(&self, block: u64, crc: u32) -> Option<Vec<u8>> {
         let key = self.sh.inner.lock().deferred.get(&block).copied()?;
         let v = self
             .sh
@@ -1706,7 +1680,7 @@ impl Loop {
                 let mut data = &window.as_slice()[at..at + BS];
                 let record;
                 if block_crc(block, data) != crc {
-                    match self.from_record(block, crc) {
+                    match self.record_copy(block, crc) {
                         Some(d) => {
                             record = d;
                             data = &record;
@@ -2093,6 +2067,26 @@ fn writable(inner: &Inner, s: &Slot) -> bool {
 }
 
 /// Stages one finished write or zeroing into the group's batch.
+/// Deletes the records of those of `blocks` that have one (a block freed
+/// meanwhile lost its record already), in one batch; on success they are
+/// no longer deferred.
+fn delete_records(sh: &Shared, inner: &mut Inner, blocks: &[u64]) -> Result<()> {
+    let mut batch = WriteBatch::default();
+    for b in blocks {
+        if let Some(key) = inner.deferred.get(b) {
+            batch.single_delete_cf(cf(&sh.db, CF_DEFERRED), key.to_be_bytes());
+        }
+    }
+    if batch.is_empty() {
+        return Ok(());
+    }
+    sh.db.write(batch)?;
+    for b in blocks {
+        inner.deferred.remove(b);
+    }
+    Ok(())
+}
+
 /// Puts a deferred write's data into the batch, one record per pool block,
 /// and notes the blocks as deferred (not freed before their record goes).
 fn stage_deferred(sh: &Shared, inner: &mut Inner, s: &Slot, batch: &mut WriteBatch) {

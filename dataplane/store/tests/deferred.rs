@@ -34,6 +34,19 @@ fn deferred_writes(s: &Store) -> u64 {
     s.counters().deferred_writes.load(Ordering::Relaxed)
 }
 
+/// Waits until the store has seen a pool write fail (a deferred write's,
+/// after it was answered).
+fn wait_for_a_failed_pool_write(s: &Store) {
+    let t0 = Instant::now();
+    while s.counters().io_errors.load(Ordering::Relaxed) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no pool write failed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Whether the pool file holds `data` in some block.
 fn in_pool(cfg: &StoreConfig, data: &[u8]) -> bool {
     let pool = std::fs::read(cfg.pool_path()).expect("read pool");
@@ -154,14 +167,7 @@ fn a_deferred_write_whose_pool_write_failed_is_written_at_the_next_open() {
     plan.arm(Fault::new(Some(OpKind::Write), Effect::Error(libc::EIO)).times(1));
     // Answered: the data is in the commit, whatever the pool does next.
     s.write(v, 0, &block("kept"), false).expect("write");
-    let t0 = Instant::now();
-    while s.counters().io_errors.load(Ordering::Relaxed) == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no pool write failed"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_a_failed_pool_write(&s);
     // Until it is written, a read finds the pool's copy wrong and takes the
     // record's: no error, no stale data.
     assert_eq!(s.read(v, 0, BS).expect("read"), block("kept"));
@@ -199,14 +205,7 @@ fn a_partial_write_over_a_block_whose_pool_write_failed_keeps_its_bytes() {
     let v = volume(&s, "v");
     plan.arm(Fault::new(Some(OpKind::Write), Effect::Error(libc::EIO)).times(1));
     s.write(v, 0, &block("old"), false).expect("write");
-    let t0 = Instant::now();
-    while s.counters().io_errors.load(Ordering::Relaxed) == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no pool write failed"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_a_failed_pool_write(&s);
     // The edge read of this write finds the old block's record.
     s.write(v, 100, b"edge", false).expect("partial write");
     let mut want = block("old");
