@@ -79,6 +79,7 @@ fn under_a_containers_memlock_limit_the_server_registers_what_fits_and_says_so()
         "berth_pool_gathered_reads",
         "berth_pool_deferred_writes",
         "berth_pool_deferred_bytes",
+        "berth_pool_io_errors",
     ] {
         assert!(metric(&text, name).is_some(), "{name} in {text}");
     }

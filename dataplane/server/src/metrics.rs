@@ -48,6 +48,8 @@ pub struct Metrics {
     pub pool_deferred_writes: IntGauge,
     /// Deferred writes' data whose records are still in the catalog.
     pub pool_deferred_bytes: IntGauge,
+    /// Pool reads, writes and syncs the disk failed.
+    pub pool_io_errors: IntGauge,
     /// 1 for the I/O engine in use (`io_uring` or `sync`, the fallback where the
     /// kernel or a seccomp profile refuses io_uring).
     pub io_engine: IntGaugeVec,
@@ -177,6 +179,10 @@ impl Metrics {
                 "pool_deferred_bytes",
                 "Deferred writes' bytes whose records are still in the catalog (in the pool once the next pool sync is done)",
             ),
+            pool_io_errors: g(
+                "pool_io_errors",
+                "Pool reads, writes and syncs the disk failed since start (a deferred write's pool write among them: its data is read from its record until the next start writes it)",
+            ),
             io_engine,
             io_registered_buffer_bytes: g(
                 "io_registered_buffer_bytes",
@@ -213,6 +219,7 @@ impl Metrics {
             &m.io_polled_work,
             &m.pool_deferred_writes,
             &m.pool_deferred_bytes,
+            &m.pool_io_errors,
             &m.io_registered_buffer_bytes,
             &m.nbd_buffered_bytes,
             &m.nbd_handshakes,

@@ -886,6 +886,8 @@ impl Node {
             .set(c.polled_work.load(Ordering::Relaxed) as i64);
         m.pool_deferred_writes
             .set(c.deferred_writes.load(Ordering::Relaxed) as i64);
+        m.pool_io_errors
+            .set(c.io_errors.load(Ordering::Relaxed) as i64);
         m.nbd_buffered_bytes.set(self.budget.held_bytes() as i64);
         let (handshakes, connections) = self.admission.counts();
         m.nbd_handshakes.set(handshakes as i64);
