@@ -531,13 +531,15 @@ pub(crate) struct Loop {
     /// Applies in flight, by `apply_seq`, and the last one started.
     applying: BTreeSet<u64>,
     apply_next: u64,
-    /// A flush waits for the applies started before it (the writes it
-    /// covers were answered), so it leaves their data in the pool.
-    flush_barrier: u64,
     /// Deferred blocks in the pool since the last pool sync began, and those
-    /// the sync in flight covers: their records go when it is done.
-    applied_unsynced: Vec<u64>,
-    sync_covers: Vec<u64>,
+    /// the sync in flight covers, with their record keys: their records go
+    /// when it is done (unless the block was freed, and perhaps deferred
+    /// again, meanwhile: the key tells).
+    applied_unsynced: Vec<(u64, u64)>,
+    sync_covers: Vec<(u64, u64)>,
+    /// When a sync of the loop's own last failed: it waits a while before
+    /// the next (a failing disk must not make the loop spin).
+    own_sync_failed: Option<std::time::Instant>,
     /// Some deferred block was freed while its apply was in flight.
     freed_waiting: bool,
     no_reply: Arc<dyn Reply>,
@@ -606,9 +608,9 @@ impl Loop {
             held: Vec::new(),
             applying: BTreeSet::new(),
             apply_next: 0,
-            flush_barrier: 0,
             applied_unsynced: Vec::new(),
             sync_covers: Vec::new(),
+            own_sync_failed: None,
             freed_waiting: false,
             no_reply: Arc::new(NoReply),
         }
@@ -704,6 +706,9 @@ impl Loop {
             if self.applied_unsynced.len() >= APPLIED_SYNC_BLOCKS
                 && self.syncing.is_empty()
                 && self.sync_batch.is_empty()
+                && self
+                    .own_sync_failed
+                    .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1))
             {
                 // Deferred records wait for a pool sync: start one.
                 let i = self.new_slot(0, self.no_reply.clone(), Kind::Flush);
@@ -771,6 +776,7 @@ impl Loop {
             apply_seq: 0,
         });
         s.deferred = false;
+        s.apply_seq = 0;
         s.tag = tag;
         s.reply = Some(reply);
         s.kind = kind;
@@ -845,8 +851,11 @@ impl Loop {
     fn accept(&mut self, req: Request) {
         match req.op {
             Op::Flush => {
-                self.flush_barrier = self.apply_next;
+                let barrier = self.apply_next;
                 let i = self.new_slot(req.tag, req.reply, Kind::Flush);
+                // It waits for the applies started before it (the writes it
+                // covers were answered), so it leaves their data in the pool.
+                self.slot(i).apply_seq = barrier;
                 self.slot(i).phase = Phase::Sync;
                 self.syncing.push(i);
             }
@@ -1395,14 +1404,16 @@ impl Loop {
         let s = self.slots[i].as_mut().expect("live slot");
         self.applying.remove(&s.apply_seq);
         let failed = s.error.take();
+        let inner = self.sh.inner.lock();
         for v in &s.values {
             if let Some(BlockValue::Data { block, .. }) = v {
                 self.unapplied.remove(block);
-                if failed.is_none() {
-                    self.applied_unsynced.push(*block);
+                if let (None, Some(&key)) = (&failed, inner.deferred.get(block)) {
+                    self.applied_unsynced.push((*block, key));
                 }
             }
         }
+        drop(inner);
         if let Some(e) = failed {
             // The record stays: the next start writes it again. Until then a
             // read of these blocks finds the pool's copy fails its checksum
@@ -1411,20 +1422,27 @@ impl Loop {
         }
         s.deferred = false;
         self.finish(i);
-        if !self.held.is_empty() {
-            let pool_offset = self.sh.pool.sb.data_offset;
-            for op in std::mem::take(&mut self.held) {
-                push_io(
-                    &mut self.engine,
-                    &self.unapplied,
-                    &mut self.held,
-                    pool_offset,
-                    op,
-                );
-            }
-        }
+        self.release_held();
         if self.freed_waiting {
             self.free_deferred();
+        }
+    }
+
+    /// Pushes the held reads whose blocks are all in the pool now (call
+    /// wherever `unapplied` shrinks).
+    fn release_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let pool_offset = self.sh.pool.sb.data_offset;
+        for op in std::mem::take(&mut self.held) {
+            push_io(
+                &mut self.engine,
+                &self.unapplied,
+                &mut self.held,
+                pool_offset,
+                op,
+            );
         }
     }
 
@@ -1450,7 +1468,11 @@ impl Loop {
         if now.is_empty() {
             return;
         }
-        match delete_records(&self.sh, &mut inner, &now) {
+        let records: Vec<(u64, u64)> = now
+            .iter()
+            .filter_map(|b| inner.deferred.get(b).map(|&k| (*b, k)))
+            .collect();
+        match delete_records(&self.sh, &mut inner, &records) {
             Ok(()) => {
                 inner.free_blocks(&now);
             }
@@ -1465,7 +1487,7 @@ impl Loop {
 
     /// After a pool sync: the deferred blocks applied before it began are
     /// durable in the pool, so their records go.
-    fn drop_records(&mut self, covers: Vec<u64>) {
+    fn drop_records(&mut self, covers: Vec<(u64, u64)>) {
         let mut inner = self.sh.inner.lock();
         if let Err(e) = delete_records(&self.sh, &mut inner, &covers) {
             tracing::error!(error = %e, "deleting deferred write records failed");
@@ -1786,6 +1808,7 @@ impl Loop {
         }
         let mut inner = self.sh.inner.lock();
         let mut again = Vec::new();
+        let mut unheld = false;
         for &i in &ready {
             let s = self.slots[i].as_mut().expect("live slot");
             if let Err(e) = &result {
@@ -1805,6 +1828,7 @@ impl Loop {
                         if let Some(BlockValue::Data { block, .. }) = v {
                             inner.deferred.remove(block);
                             self.unapplied.remove(block);
+                            unheld = true;
                         }
                     }
                 }
@@ -1816,6 +1840,11 @@ impl Loop {
         let sync_needed = pending > PENDING_FREE_SYNC.min(inner.alloc.blocks() / 64)
             || (pending > PENDING_FREE_SYNC_NEAR && inner.alloc.take_near_misses() > 0);
         drop(inner);
+        if unheld {
+            // A failed deferred write's blocks will never be applied: reads
+            // held on them (a gathered window may span them) go.
+            self.release_held();
+        }
         for i in ready {
             let s = self.slot(i);
             if s.fua && s.error.is_none() {
@@ -1845,16 +1874,19 @@ impl Loop {
         if self.syncing.is_empty() || !self.sync_batch.is_empty() {
             return;
         }
-        if self
-            .applying
-            .first()
-            .is_some_and(|&a| a <= self.flush_barrier)
-        {
-            // A flush waits for the applies of the writes it covers.
+        // A flush waits for the applies of the writes it covers (those
+        // started before it); flushes whose applies are done go now, the
+        // others with a later sync.
+        let oldest = self.applying.first().copied().unwrap_or(u64::MAX);
+        let (ready, waiting): (Vec<usize>, Vec<usize>) = std::mem::take(&mut self.syncing)
+            .into_iter()
+            .partition(|&i| self.slots[i].as_ref().is_some_and(|s| s.apply_seq < oldest));
+        self.syncing = waiting;
+        if ready.is_empty() {
             return;
         }
         self.sync_covers = std::mem::take(&mut self.applied_unsynced);
-        self.sync_batch = std::mem::take(&mut self.syncing);
+        self.sync_batch = ready;
         let first = self.sync_batch[0];
         self.slot(first).ops_left += 1;
         self.engine.push(IoOp {
@@ -1889,8 +1921,13 @@ impl Loop {
         if wal.is_ok() && pool_err.is_none() {
             self.sh.inner.lock().synced(seq);
             self.drop_records(covers);
+            self.own_sync_failed = None;
         } else {
             self.applied_unsynced.extend(covers);
+            self.own_sync_failed = Some(std::time::Instant::now());
+        }
+        if self.freed_waiting {
+            self.free_deferred();
         }
         self.sh.counters.flushes.fetch_add(1, Ordering::Relaxed);
         for i in waiters {
@@ -2067,22 +2104,24 @@ fn writable(inner: &Inner, s: &Slot) -> bool {
 }
 
 /// Stages one finished write or zeroing into the group's batch.
-/// Deletes the records of those of `blocks` that have one (a block freed
-/// meanwhile lost its record already), in one batch; on success they are
-/// no longer deferred.
-fn delete_records(sh: &Shared, inner: &mut Inner, blocks: &[u64]) -> Result<()> {
+/// Deletes the records `(block, key)` that are still the blocks' records
+/// (a block freed meanwhile lost its record already, and may have a newer
+/// one since), in one batch; on success those blocks are no longer deferred.
+fn delete_records(sh: &Shared, inner: &mut Inner, records: &[(u64, u64)]) -> Result<()> {
     let mut batch = WriteBatch::default();
-    for b in blocks {
-        if let Some(key) = inner.deferred.get(b) {
+    let mut gone = Vec::new();
+    for &(block, key) in records {
+        if inner.deferred.get(&block) == Some(&key) {
             batch.single_delete_cf(cf(&sh.db, CF_DEFERRED), key.to_be_bytes());
+            gone.push((block, key));
         }
     }
-    if batch.is_empty() {
+    if gone.is_empty() {
         return Ok(());
     }
     sh.db.write(batch)?;
-    for b in blocks {
-        inner.deferred.remove(b);
+    for (block, _) in gone {
+        inner.deferred.remove(&block);
     }
     Ok(())
 }

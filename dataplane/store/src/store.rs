@@ -1098,7 +1098,8 @@ impl Store {
                 sh.commit_idle.wait(&mut inner);
             }
         }
-        // Acknowledged writes are in the pool; make them durable before the
+        // Acknowledged writes are in the pool, or in their deferred records
+        // until they are; make them durable (pool, then WAL) before the
         // snapshot that captures them is. Off the lock: a slow disk delays
         // this volume only.
         sh.sync_pool()?;
