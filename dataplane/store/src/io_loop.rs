@@ -477,6 +477,9 @@ struct Slot {
     deferred: bool,
     /// A deferred write's place in the order applies started.
     apply_seq: u64,
+    /// A deferred write's first record key (its data blocks' are
+    /// consecutive).
+    record_key: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -524,10 +527,7 @@ pub(crate) struct Loop {
     shallow: Shallow,
     /// Largest write deferred (0: none).
     defer_max: u64,
-    /// Pool blocks of deferred writes whose data is not in the pool yet:
-    /// reads of them wait in `held`.
-    unapplied: BTreeSet<u64>,
-    held: Vec<IoOp>,
+    unapplied: Unapplied,
     /// Applies in flight, by `apply_seq`, and the last one started.
     applying: BTreeSet<u64>,
     apply_next: u64,
@@ -552,24 +552,37 @@ impl Reply for NoReply {
     fn reply(&self, _tag: u64, _outcome: Outcome) {}
 }
 
-/// Pushes an I/O, unless it reads a pool block a deferred write has not
-/// written yet: that one waits in `held` until the block is applied.
-fn push_io(
-    engine: &mut Box<dyn IoEngine>,
-    unapplied: &BTreeSet<u64>,
-    held: &mut Vec<IoOp>,
+/// Pool blocks of deferred writes whose data is not in the pool yet, and
+/// the reads of them, held until it is.
+struct Unapplied {
+    blocks: BTreeSet<u64>,
+    held: Vec<IoOp>,
+    /// Where block 0 is in the pool file.
     data_offset: u64,
-    op: IoOp,
-) {
-    if op.kind == OpKind::Read && !unapplied.is_empty() {
-        let first = (op.offset - data_offset) / BLOCK_SIZE;
-        let n = op.buf.as_ref().map_or(1, |b| b.len().div_ceil(BS)) as u64;
-        if unapplied.range(first..first + n).next().is_some() {
-            held.push(op);
-            return;
+}
+
+impl Unapplied {
+    /// Pushes an I/O, unless it reads a block not yet applied: that one
+    /// waits until the block is.
+    fn push(&mut self, engine: &mut dyn IoEngine, op: IoOp) {
+        if op.kind == OpKind::Read && !self.blocks.is_empty() {
+            let first = (op.offset - self.data_offset) / BLOCK_SIZE;
+            let n = op.buf.as_ref().map_or(1, |b| b.len().div_ceil(BS)) as u64;
+            if self.blocks.range(first..first + n).next().is_some() {
+                self.held.push(op);
+                return;
+            }
+        }
+        engine.push(op);
+    }
+
+    /// Pushes the held reads whose blocks are all in the pool now (call
+    /// wherever `blocks` shrinks).
+    fn release(&mut self, engine: &mut dyn IoEngine) {
+        for op in std::mem::take(&mut self.held) {
+            self.push(engine, op);
         }
     }
-    engine.push(op);
 }
 
 impl Loop {
@@ -581,6 +594,7 @@ impl Loop {
         poll: std::time::Duration,
         defer_max: u64,
     ) -> Self {
+        let data_offset = sh.pool.sb.data_offset;
         Loop {
             sh,
             engine,
@@ -604,8 +618,11 @@ impl Loop {
             last_work: std::time::Instant::now(),
             shallow: Shallow::new(),
             defer_max,
-            unapplied: BTreeSet::new(),
-            held: Vec::new(),
+            unapplied: Unapplied {
+                blocks: BTreeSet::new(),
+                held: Vec::new(),
+                data_offset,
+            },
             applying: BTreeSet::new(),
             apply_next: 0,
             applied_unsynced: Vec::new(),
@@ -774,6 +791,7 @@ impl Loop {
             layers: Vec::new(),
             deferred: false,
             apply_seq: 0,
+            record_key: 0,
         });
         s.deferred = false;
         s.apply_seq = 0;
@@ -1028,13 +1046,7 @@ impl Loop {
                         buf: Some(self.sh.arena.alloc_uninit((hi - lo + 1) as usize * BS)),
                         user_data: ((i as u64) << PIECE_BITS) | idx as u64,
                     };
-                    push_io(
-                        &mut self.engine,
-                        &self.unapplied,
-                        &mut self.held,
-                        pool_offset,
-                        op,
-                    );
+                    self.unapplied.push(self.engine.as_mut(), op);
                 }
                 Some(BlockValue::Data { block, .. }) => {
                     s.ops_left += 1;
@@ -1046,13 +1058,7 @@ impl Loop {
                         buf: Some(piece),
                         user_data: ((i as u64) << PIECE_BITS) | idx as u64,
                     };
-                    push_io(
-                        &mut self.engine,
-                        &self.unapplied,
-                        &mut self.held,
-                        pool_offset,
-                        op,
-                    );
+                    self.unapplied.push(self.engine.as_mut(), op);
                 }
                 _ => {
                     if kind == OpKind::Read {
@@ -1260,13 +1266,7 @@ impl Loop {
                         buf: Some(tmp),
                         user_data: ((i as u64) << PIECE_BITS) | idx as u64,
                     };
-                    push_io(
-                        &mut self.engine,
-                        &self.unapplied,
-                        &mut self.held,
-                        pool_offset,
-                        op,
-                    );
+                    self.unapplied.push(self.engine.as_mut(), op);
                 }
                 Ok(_) => {
                     // Never written or zero: the untouched bytes are zeros.
@@ -1342,14 +1342,14 @@ impl Loop {
             && !s.fua
             && s.len <= self.defer_max
             && need > 0
-            && self.unapplied.len() as u64 + need <= DEFER_MAX_BLOCKS
+            && self.unapplied.blocks.len() as u64 + need <= DEFER_MAX_BLOCKS
         {
             // Deferred: the data rides in the commit, and the pool is
             // written once the write is answered (`start_apply`).
             s.deferred = true;
             for v in &s.values {
                 if let Some(BlockValue::Data { block, .. }) = v {
-                    self.unapplied.insert(*block);
+                    self.unapplied.blocks.insert(*block);
                 }
             }
             s.pieces.push(Some(buf));
@@ -1404,16 +1404,16 @@ impl Loop {
         let s = self.slots[i].as_mut().expect("live slot");
         self.applying.remove(&s.apply_seq);
         let failed = s.error.take();
-        let inner = self.sh.inner.lock();
-        for v in &s.values {
-            if let Some(BlockValue::Data { block, .. }) = v {
-                self.unapplied.remove(block);
-                if let (None, Some(&key)) = (&failed, inner.deferred.get(block)) {
-                    self.applied_unsynced.push((*block, key));
-                }
+        let data = s.values.iter().filter_map(|v| match v {
+            Some(BlockValue::Data { block, .. }) => Some(*block),
+            _ => None,
+        });
+        for (key, block) in (s.record_key..).zip(data) {
+            self.unapplied.blocks.remove(&block);
+            if failed.is_none() {
+                self.applied_unsynced.push((block, key));
             }
         }
-        drop(inner);
         if let Some(e) = failed {
             // The record stays: the next start writes it again. Until then a
             // read of these blocks finds the pool's copy fails its checksum
@@ -1422,27 +1422,9 @@ impl Loop {
         }
         s.deferred = false;
         self.finish(i);
-        self.release_held();
+        self.unapplied.release(self.engine.as_mut());
         if self.freed_waiting {
             self.free_deferred();
-        }
-    }
-
-    /// Pushes the held reads whose blocks are all in the pool now (call
-    /// wherever `unapplied` shrinks).
-    fn release_held(&mut self) {
-        if self.held.is_empty() {
-            return;
-        }
-        let pool_offset = self.sh.pool.sb.data_offset;
-        for op in std::mem::take(&mut self.held) {
-            push_io(
-                &mut self.engine,
-                &self.unapplied,
-                &mut self.held,
-                pool_offset,
-                op,
-            );
         }
     }
 
@@ -1457,7 +1439,7 @@ impl Loop {
         }
         let mut now = Vec::new();
         for b in std::mem::take(&mut inner.deferred_freed) {
-            if self.unapplied.contains(&b) {
+            if self.unapplied.blocks.contains(&b) {
                 // Its apply is in flight: the block is not free before it ends.
                 inner.deferred_freed.push(b);
                 self.freed_waiting = true;
@@ -1647,14 +1629,7 @@ impl Loop {
     /// that matches `crc`: what a block whose pool write failed is read from
     /// until the next start writes it (see the module documentation).
     fn record_copy(&self, block: u64, crc: u32) -> Option<Vec<u8>> {
-        let key = self.sh.inner.lock().deferred.get(&block).copied()?;
-        let v = self
-            .sh
-            .db
-            .get_cf(cf(&self.sh.db, CF_DEFERRED), key.to_be_bytes())
-            .ok()??;
-        let (b, c, d) = meta::deferred_decode(&v, BS).ok()?;
-        (b == block && c == crc && block_crc(block, d) == crc).then(|| d.to_vec())
+        record_copy(&self.sh, block, crc)
     }
 
     /// Records a block of slot `i` (by its index in `values`) whose data
@@ -1749,7 +1724,7 @@ impl Loop {
                     break;
                 }
                 if s.deferred {
-                    stage_deferred(&self.sh, &mut inner, s, &mut batch);
+                    s.record_key = stage_deferred(&self.sh, &mut inner, s, &mut batch);
                 }
                 // Every new data entry is this tree's block; every block freed
                 // was one of its own (shared ones move to its history).
@@ -1827,7 +1802,7 @@ impl Loop {
                     for v in &s.values {
                         if let Some(BlockValue::Data { block, .. }) = v {
                             inner.deferred.remove(block);
-                            self.unapplied.remove(block);
+                            self.unapplied.blocks.remove(block);
                             unheld = true;
                         }
                     }
@@ -1843,7 +1818,7 @@ impl Loop {
         if unheld {
             // A failed deferred write's blocks will never be applied: reads
             // held on them (a gathered window may span them) go.
-            self.release_held();
+            self.unapplied.release(self.engine.as_mut());
         }
         for i in ready {
             let s = self.slot(i);
@@ -2104,6 +2079,19 @@ fn writable(inner: &Inner, s: &Slot) -> bool {
 }
 
 /// Stages one finished write or zeroing into the group's batch.
+/// The data of `block` from its deferred write's record, if it has one that
+/// matches `crc` (the I/O thread's reads and the scrub look there when the
+/// pool's copy fails its checksum).
+pub(crate) fn record_copy(sh: &Shared, block: u64, crc: u32) -> Option<Vec<u8>> {
+    let key = sh.inner.lock().deferred.get(&block).copied()?;
+    let v = sh
+        .db
+        .get_cf(cf(&sh.db, CF_DEFERRED), key.to_be_bytes())
+        .ok()??;
+    let (b, c, d) = meta::deferred_decode(&v, BS).ok()?;
+    (b == block && c == crc && block_crc(block, d) == crc).then(|| d.to_vec())
+}
+
 /// Deletes the records `(block, key)` that are still the blocks' records
 /// (a block freed meanwhile lost its record already, and may have a newer
 /// one since), in one batch; on success those blocks are no longer deferred.
@@ -2126,11 +2114,13 @@ fn delete_records(sh: &Shared, inner: &mut Inner, records: &[(u64, u64)]) -> Res
     Ok(())
 }
 
-/// Puts a deferred write's data into the batch, one record per pool block,
-/// and notes the blocks as deferred (not freed before their record goes).
-fn stage_deferred(sh: &Shared, inner: &mut Inner, s: &Slot, batch: &mut WriteBatch) {
+/// Puts a deferred write's data into the batch, one record per pool block
+/// under consecutive keys, and notes the blocks as deferred (not freed
+/// before their record goes); returns the first key.
+fn stage_deferred(sh: &Shared, inner: &mut Inner, s: &Slot, batch: &mut WriteBatch) -> u64 {
+    let first = inner.deferred_next;
     let Some(Some(buf)) = s.pieces.last() else {
-        return;
+        return first;
     };
     let data = buf.as_slice();
     for (k, v) in s.values.iter().enumerate() {
@@ -2145,6 +2135,7 @@ fn stage_deferred(sh: &Shared, inner: &mut Inner, s: &Slot, batch: &mut WriteBat
             inner.deferred.insert(*block, key);
         }
     }
+    first
 }
 
 fn stage(

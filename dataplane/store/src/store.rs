@@ -1349,16 +1349,8 @@ impl Store {
         // a block whose record went meanwhile is read again.
         bad.retain(|&i| {
             let item = &batch[i];
-            let key = sh.inner.lock().deferred.get(&item.block).copied();
-            let record = key.and_then(|k| {
-                sh.db
-                    .get_cf(cf(&sh.db, meta::CF_DEFERRED), k.to_be_bytes())
-                    .ok()
-                    .flatten()
-            });
-            if let Some(v) = record {
-                return !matches!(meta::deferred_decode(&v, BLOCK_SIZE as usize),
-                    Ok((b, crc, d)) if b == item.block && crc == item.crc && block_crc(b, d) == crc);
+            if io_loop::record_copy(sh, item.block, item.crc).is_some() {
+                return false;
             }
             let mut b = IoBuf::heap(BLOCK_SIZE as usize);
             let off = sh.pool.block_offset(item.block);
