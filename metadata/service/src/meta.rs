@@ -341,13 +341,16 @@ fn server_overrides(q: &records::QosRecord) -> vpb::QosOverrides {
 
 impl Meta {
     pub fn new(store: Arc<dyn CatalogStore>, cfg: MetaConfig) -> Result<Arc<Self>> {
-        let now = Instant::now();
+        // A node that was up gets one timeout to report before it is marked
+        // down, counted from when it can have noticed: the service, not the
+        // node, was away, and a node may still be waiting on a paused
+        // predecessor for up to REGISTER_ANSWER_WITHIN. (An instant in the
+        // future has elapsed nothing until then.)
+        let heard = Instant::now() + berth_proto::REGISTER_ANSWER_WITHIN;
         let mut live = HashMap::new();
         for n in records::list::<NodeRecord>(&*store, None, 0)? {
-            // A node that was up gets one timeout to report before it is
-            // marked down: the service, not the node, was away.
             if n.state == NodeState::Up {
-                live.insert(n.name, now);
+                live.insert(n.name, heard);
             }
         }
         let pools = records::list::<PoolRecord>(&*store, None, 0)?
@@ -983,6 +986,50 @@ mod tests {
             HashMap::from([("pool-a".to_string(), 1 << 20)]),
             "healed"
         );
+    }
+
+    /// A new leader (or a restarted service) does not count a node down
+    /// for the silence of the service's own absence: a node that was up gets
+    /// its timeout from when it can have moved off a paused predecessor. A
+    /// node that was down stays down.
+    #[test]
+    fn a_new_leader_gives_nodes_that_were_up_time_to_find_it() {
+        let store = Arc::new(berth_catalog::MemStore::new());
+        for (name, state) in [("up", NodeState::Up), ("down", NodeState::Down)] {
+            let n = NodeRecord {
+                name: name.into(),
+                control_endpoint: String::new(),
+                nbd_address: String::new(),
+                nbd_socket: String::new(),
+                labels: BTreeMap::new(),
+                version: String::new(),
+                pool_id: String::new(),
+                state,
+                registered_ms: 0,
+                last_heartbeat_ms: 0,
+                audit_cursor: 0,
+                audit_pool_id: String::new(),
+                cordoned: false,
+            };
+            store.commit(n.create()).expect("node");
+        }
+        let meta = Meta::new(
+            store,
+            MetaConfig {
+                node_timeout: Duration::from_millis(20),
+                ..meta_on(Arc::new(berth_catalog::MemStore::new()))
+                    .cfg
+                    .clone()
+            },
+        )
+        .expect("meta");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            meta.is_up("up"),
+            "up past the node timeout, within the grace"
+        );
+        assert!(!meta.is_up("down"));
+        assert!(!meta.is_up("unknown"));
     }
 
     #[tokio::test]
