@@ -363,8 +363,14 @@ impl Session {
                     Err(e) => return format!("poll /dev/fuse: {e}"),
                 },
                 // Polling: the thread's other tasks and its reactor run, then
-                // this looks again (the cancellation first).
-                _ = tokio::task::yield_now(), if polling => continue,
+                // this looks again (the cancellation first). The CPU is
+                // yielded too: a thread woken on it (the client, the loop
+                // device's worker) runs now, not when the scheduler would
+                // preempt this one.
+                _ = async {
+                    std::thread::yield_now();
+                    tokio::task::yield_now().await;
+                }, if polling => continue,
             };
             // Everything the kernel has queued, then back to waiting.
             loop {
