@@ -1597,39 +1597,38 @@ impl Loop {
         }
     }
 
-    /// Checks the checksum of every block in a completed read piece.
+    /// Checks the checksum of every block in a completed read piece; a block
+    /// whose pool copy fails it is taken from its deferred write's record
+    /// if it has one (`record_copy`).
     fn verify_piece(&mut self, i: usize, piece: usize, buf: &mut IoBuf) {
         let s = self.slots[i].as_ref().expect("live slot");
         if s.error.is_some() {
             return;
         }
         let start = s.piece_start[piece] as usize;
-        let edges = s.phase == Phase::Edges;
-        let n = if edges { 1 } else { buf.len() / BS };
-        for k in 0..n {
-            let s = self.slots[i].as_ref().expect("live slot");
-            let v = if edges {
-                s.values[piece]
-            } else {
-                s.values[start + k]
-            };
-            if let Some(BlockValue::Data { block, crc }) = v {
+        let values: &[Option<BlockValue>] = if s.phase == Phase::Edges {
+            std::slice::from_ref(&s.values[piece])
+        } else {
+            &s.values[start..start + buf.len() / BS]
+        };
+        let mut bad = None;
+        for (k, v) in values.iter().enumerate() {
+            if let Some(BlockValue::Data { block, crc }) = *v {
                 let data = &mut buf.as_mut_slice()[k * BS..(k + 1) * BS];
                 if block_crc(block, data) != crc {
-                    match self.record_copy(block, crc) {
+                    match record_copy(&self.sh, block, crc) {
                         Some(d) => data.copy_from_slice(&d),
-                        None => return self.checksum_mismatch(i, start + k, block),
+                        None => {
+                            bad = Some((start + k, block));
+                            break;
+                        }
                     }
                 }
             }
         }
-    }
-
-    /// The data of `block` from its deferred write's record, if it has one
-    /// that matches `crc`: what a block whose pool write failed is read from
-    /// until the next start writes it (see the module documentation).
-    fn record_copy(&self, block: u64, crc: u32) -> Option<Vec<u8>> {
-        record_copy(&self.sh, block, crc)
+        if let Some((k, block)) = bad {
+            self.checksum_mismatch(i, k, block);
+        }
     }
 
     /// Records a block of slot `i` (by its index in `values`) whose data
@@ -1670,26 +1669,25 @@ impl Loop {
             return dest;
         }
         let start = s.piece_start[piece] as usize;
-        for k in 0..dest.len() / BS {
-            let v = self.slots[i].as_ref().expect("live slot").values[start + k];
-            if let Some(BlockValue::Data { block, crc }) = v {
+        let mut bad = None;
+        for (k, v) in s.values[start..start + dest.len() / BS].iter().enumerate() {
+            if let Some(BlockValue::Data { block, crc }) = *v {
                 let at = (block - lo) as usize * BS;
-                let mut data = &window.as_slice()[at..at + BS];
-                let record;
-                if block_crc(block, data) != crc {
-                    match self.record_copy(block, crc) {
-                        Some(d) => {
-                            record = d;
-                            data = &record;
-                        }
+                let to = &mut dest.as_mut_slice()[k * BS..(k + 1) * BS];
+                to.copy_from_slice(&window.as_slice()[at..at + BS]);
+                if block_crc(block, to) != crc {
+                    match record_copy(&self.sh, block, crc) {
+                        Some(d) => to.copy_from_slice(&d),
                         None => {
-                            self.checksum_mismatch(i, start + k, block);
-                            return dest;
+                            bad = Some((start + k, block));
+                            break;
                         }
                     }
                 }
-                dest.as_mut_slice()[k * BS..(k + 1) * BS].copy_from_slice(data);
             }
+        }
+        if let Some((k, block)) = bad {
+            self.checksum_mismatch(i, k, block);
         }
         dest
     }
@@ -2078,7 +2076,6 @@ fn writable(inner: &Inner, s: &Slot) -> bool {
         && inner.trees.contains_key(&s.tree)
 }
 
-/// Stages one finished write or zeroing into the group's batch.
 /// The data of `block` from its deferred write's record, if it has one that
 /// matches `crc` (the I/O thread's reads and the scrub look there when the
 /// pool's copy fails its checksum).
@@ -2138,6 +2135,7 @@ fn stage_deferred(sh: &Shared, inner: &mut Inner, s: &Slot, batch: &mut WriteBat
     first
 }
 
+/// Stages one finished write or zeroing into the group's batch.
 fn stage(
     sh: &Shared,
     inner: &mut Inner,

@@ -925,20 +925,20 @@ mod tests {
         assert!(check_name("volume", &"a".repeat(129)).is_err());
     }
 
+    fn test_cfg() -> MetaConfig {
+        MetaConfig {
+            heartbeat_interval: Duration::from_secs(1),
+            node_timeout: Duration::from_secs(5),
+            reconcile_interval: Duration::from_secs(30),
+            replica_grace: None,
+            overcommit: 1.0,
+            tiers: tiers::default_tiers(),
+            volume_tls: None,
+        }
+    }
+
     fn meta_on(store: Arc<berth_catalog::MemStore>) -> Arc<Meta> {
-        Meta::new(
-            store,
-            MetaConfig {
-                heartbeat_interval: Duration::from_secs(1),
-                node_timeout: Duration::from_secs(5),
-                reconcile_interval: Duration::from_secs(30),
-                replica_grace: None,
-                overcommit: 1.0,
-                tiers: tiers::default_tiers(),
-                volume_tls: None,
-            },
-        )
-        .expect("meta")
+        Meta::new(store, test_cfg()).expect("meta")
     }
 
     /// A pool whose volumes were all deleted is counted at 0 bytes, the
@@ -1017,9 +1017,7 @@ mod tests {
             store,
             MetaConfig {
                 node_timeout: Duration::from_millis(20),
-                ..meta_on(Arc::new(berth_catalog::MemStore::new()))
-                    .cfg
-                    .clone()
+                ..test_cfg()
             },
         )
         .expect("meta");
