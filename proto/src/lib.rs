@@ -36,12 +36,13 @@ pub use endpoints::{meta_client, LeaderChannel, MetaClient};
 pub use peer::{plaintext_tcp, Allow, INSECURE_TCP_FLAG};
 pub use tls::{TlsDir, TlsError};
 
-/// How long a volume server waits for the metadata service to answer its
-/// registration before it asks the next instance: a paused leader holds
-/// calls without refusing them, and a registration starts a reconcile pass.
-/// (A heartbeat waits three intervals, at least a second.) A newly elected
-/// leader gives every node it finds up this much beyond its node timeout to
-/// report, so a node still waiting on the old leader is not counted down.
+/// How long (at least) a volume server waits for the metadata service to
+/// answer a registration or a heartbeat before it asks the next instance: a
+/// paused leader holds calls without refusing them, a registration starts a
+/// reconcile pass, and a heartbeat may write the catalog (which waits out a
+/// lost etcd member). A newly elected leader gives every node it finds up this
+/// much beyond its node timeout to report, so a node still waiting on the
+/// old leader is not counted down.
 pub const REGISTER_ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The request header a caller names itself with ("berthctl:alice",

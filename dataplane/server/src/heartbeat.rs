@@ -68,14 +68,11 @@ pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationTo
     let mut interval = Duration::from_secs(1);
     let mut last_warning: Option<Instant> = None;
     loop {
-        // A paused service holds a call without refusing it: past three
-        // intervals (a registration: at least 5 s, it starts a reconcile
-        // pass), ask the next one.
-        let answer_within = if registered {
-            (interval * 3).max(Duration::from_secs(1))
-        } else {
-            (interval * 2).max(berth_proto::REGISTER_ANSWER_WITHIN)
-        };
+        // A paused service holds a call without refusing it: past twice the
+        // interval (at least 5 s: a registration starts a reconcile pass,
+        // and a heartbeat may write the catalog, which waits out an etcd
+        // member lost under it), ask the next one.
+        let answer_within = (interval * 2).max(berth_proto::REGISTER_ANSWER_WITHIN);
         let answered = tokio::time::timeout(answer_within, async {
             let c = match &mut client {
                 Some(c) => c,
@@ -147,7 +144,7 @@ pub async fn run(node: Arc<Node>, mut cfg: HeartbeatConfig, stop: CancellationTo
         // A call that failed or went unanswered does not mean the service
         // forgot the node (a new leader knows it from the catalog and answers
         // heartbeats; NOT_FOUND is what asks for a registration): keep
-        // heartbeating, whose window is the short one.
+        // heartbeating.
         if let Err(e) = outcome {
             if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                 tracing::warn!(node = %cfg.node_name, error = %e, "metadata service unreachable; retrying");
