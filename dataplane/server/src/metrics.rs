@@ -50,6 +50,11 @@ pub struct Metrics {
     pub pool_deferred_bytes: IntGauge,
     /// Pool reads, writes and syncs the disk failed.
     pub pool_io_errors: IntGauge,
+    /// The block-map cache: entries, capacity, hits and misses.
+    pub map_cache_entries: IntGauge,
+    pub map_cache_capacity: IntGauge,
+    pub map_cache_hits: IntGauge,
+    pub map_cache_misses: IntGauge,
     /// 1 for the I/O engine in use (`io_uring` or `sync`, the fallback where the
     /// kernel or a seccomp profile refuses io_uring).
     pub io_engine: IntGaugeVec,
@@ -183,6 +188,22 @@ impl Metrics {
                 "pool_io_errors",
                 "Pool reads, writes and syncs the disk failed since start (a deferred write's pool write among them: its data is read from its record until the next start writes it)",
             ),
+            map_cache_entries: g(
+                "map_cache_entries",
+                "Block-map entries cached in front of the catalog",
+            ),
+            map_cache_capacity: g(
+                "map_cache_capacity_entries",
+                "Block-map entries the cache holds at most (--map-cache-size)",
+            ),
+            map_cache_hits: g(
+                "map_cache_hits",
+                "Block-map lookups the cache answered since start",
+            ),
+            map_cache_misses: g(
+                "map_cache_misses",
+                "Block-map lookups that went to the catalog (RocksDB) since start: many against hits means the cache is smaller than the hot data",
+            ),
             io_engine,
             io_registered_buffer_bytes: g(
                 "io_registered_buffer_bytes",
@@ -220,6 +241,10 @@ impl Metrics {
             &m.pool_deferred_writes,
             &m.pool_deferred_bytes,
             &m.pool_io_errors,
+            &m.map_cache_entries,
+            &m.map_cache_capacity,
+            &m.map_cache_hits,
+            &m.map_cache_misses,
             &m.io_registered_buffer_bytes,
             &m.nbd_buffered_bytes,
             &m.nbd_handshakes,

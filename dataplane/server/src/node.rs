@@ -872,6 +872,10 @@ impl Node {
             .set((s.deferred_blocks * s.block_size) as i64);
         m.volumes.set(s.volumes as i64);
         m.snapshots.set(s.snapshots as i64);
+        m.map_cache_entries.set(s.map_cache_entries as i64);
+        m.map_cache_capacity.set(s.map_cache_capacity as i64);
+        m.map_cache_hits.set(s.map_cache_hits as i64);
+        m.map_cache_misses.set(s.map_cache_misses as i64);
         m.io_engine
             .with_label_values(&[self.store.engine_name()])
             .set(1);

@@ -73,6 +73,9 @@ pub struct ServerConfig {
     /// The largest deferred write
     /// ([`berth_store::StoreConfig::defer_max_bytes`]; 0: none).
     pub defer_max_bytes: u64,
+    /// Memory for the block-map cache
+    /// ([`berth_store::StoreConfig::map_cache_entries`]).
+    pub map_cache_bytes: u64,
 }
 
 impl ServerConfig {
@@ -100,6 +103,7 @@ impl ServerConfig {
             nbd_buffer_bytes: crate::node::NbdLimits::default().buffer_bytes,
             poll: berth_store::DEFAULT_POLL,
             defer_max_bytes: berth_store::DEFAULT_DEFER_MAX_BYTES,
+            map_cache_bytes: berth_store::DEFAULT_MAP_CACHE_BYTES,
         }
     }
 }
@@ -168,6 +172,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
     scfg.faults = faults;
     scfg.poll = cfg.poll;
     scfg.defer_max_bytes = cfg.defer_max_bytes;
+    scfg.map_cache_entries = berth_store::map_cache_entries_for(cfg.map_cache_bytes);
     let store = tokio::task::spawn_blocking(move || Store::open_or_create(&scfg))
         .await
         .map_err(|e| ServerError::FailedPrecondition(format!("store open task: {e}")))??;

@@ -144,12 +144,24 @@ async fn reads_writes_trims_zeroes_and_block_status_over_unix_and_tcp() {
         m.contains("berth_volume_requests_total{op=\"write\",volume=\"vol\"}"),
         "{m}"
     );
-    let cap: u64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("berth_pool_capacity_bytes "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("pool capacity gauge");
+    let gauge = |name: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no gauge {name}: {m}"))
+    };
+    let cap = gauge("berth_pool_capacity_bytes");
     assert_eq!(cap, 256 << 20, "the pool holds the size asked for");
+    // The reads above found the blocks the writes had mapped in the cache.
+    let (entries, capacity) = (
+        gauge("berth_map_cache_entries"),
+        gauge("berth_map_cache_capacity_entries"),
+    );
+    assert!(
+        entries > 0 && entries <= capacity,
+        "{entries} of {capacity}"
+    );
+    assert!(gauge("berth_map_cache_hits") > 0, "{m}");
     f.stop().await;
 }
 

@@ -67,7 +67,8 @@ pub use gc::Pauses;
 pub use io_loop::{Op, Outcome, ReadDone, Reply, Shallow, Zeroing, MAX_REQUEST_BYTES};
 pub use pool::BLOCK_SIZE;
 pub use store::{
-    block_crc, validate_name, Changes, Counters, Extent, PoolStats, ScrubError, ScrubReport,
-    SnapshotInfo, Store, StoreConfig, Submitter, Target, VolumeInfo, BLOCK_STATUS_MAX_BLOCKS,
-    DEFAULT_DEFER_MAX_BYTES, DEFAULT_POLL, MAX_NAME_BYTES, MAX_VOLUME_BYTES,
+    block_crc, map_cache_entries_for, validate_name, Changes, Counters, Extent, PoolStats,
+    ScrubError, ScrubReport, SnapshotInfo, Store, StoreConfig, Submitter, Target, VolumeInfo,
+    BLOCK_STATUS_MAX_BLOCKS, DEFAULT_DEFER_MAX_BYTES, DEFAULT_MAP_CACHE_BYTES, DEFAULT_POLL,
+    MAX_NAME_BYTES, MAX_VOLUME_BYTES,
 };

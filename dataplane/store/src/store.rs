@@ -64,7 +64,9 @@ pub struct StoreConfig {
     /// How long to wait for the pool's lock: a crashed previous owner holds it
     /// until the kernel has drained its in-flight I/O.
     pub lock_wait: std::time::Duration,
-    /// Block-map entries kept in memory in front of RocksDB (about 90 bytes each).
+    /// Block-map entries kept in memory in front of RocksDB
+    /// ([`crate::map::HEAD_CACHE_ENTRY_BYTES`] each; see
+    /// [`map_cache_entries_for`]).
     pub map_cache_entries: usize,
     /// How long the I/O thread keeps polling for work after its last request
     /// or completion before it sleeps (zero: it sleeps at once). See
@@ -85,6 +87,15 @@ pub struct StoreConfig {
 /// The default for [`StoreConfig::defer_max_bytes`]: the small writes.
 pub const DEFAULT_DEFER_MAX_BYTES: u64 = 64 << 10;
 
+/// The default memory for the block-map cache, [`StoreConfig::map_cache_entries`]:
+/// 2.5 million entries, the blocks of 10 GiB of hot data.
+pub const DEFAULT_MAP_CACHE_BYTES: u64 = 128 << 20;
+
+/// The block-map cache entries `bytes` of memory hold.
+pub fn map_cache_entries_for(bytes: u64) -> usize {
+    (bytes / crate::map::HEAD_CACHE_ENTRY_BYTES as u64).max(1) as usize
+}
+
 /// The I/O thread's default polling window, [`StoreConfig::poll`].
 pub const DEFAULT_POLL: std::time::Duration = std::time::Duration::from_micros(100);
 
@@ -102,7 +113,7 @@ impl StoreConfig {
             arena_bytes: 64 << 20,
             queue_depth: 256,
             lock_wait: std::time::Duration::from_secs(10),
-            map_cache_entries: 512 << 10,
+            map_cache_entries: map_cache_entries_for(DEFAULT_MAP_CACHE_BYTES),
             poll: DEFAULT_POLL,
             defer_max_bytes: DEFAULT_DEFER_MAX_BYTES,
             faults: None,
@@ -158,6 +169,13 @@ pub struct PoolStats {
     pub deferred_blocks: u64,
     pub volumes: u64,
     pub snapshots: u64,
+    /// Block-map entries cached, and how many the cache holds at most.
+    pub map_cache_entries: u64,
+    pub map_cache_capacity: u64,
+    /// Block-map lookups the cache answered, and those that went to RocksDB,
+    /// since the store opened.
+    pub map_cache_hits: u64,
+    pub map_cache_misses: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1252,6 +1270,10 @@ impl Store {
             deferred_blocks: inner.deferred.len() as u64,
             volumes: inner.volumes.len() as u64,
             snapshots: inner.snap_names.len() as u64,
+            map_cache_entries: inner.cache.len() as u64,
+            map_cache_capacity: inner.cache.capacity() as u64,
+            map_cache_hits: inner.cache.hits,
+            map_cache_misses: inner.cache.misses,
         }
     }
 
