@@ -680,25 +680,43 @@ mod tests {
         }
     }
 
+    type Model = HashMap<(u64, u64), Option<MapEntry>>;
+
+    /// Applies operation `n` to the cache and to its model; returns whether
+    /// it was a peek, what the cache then answers for its key and what the
+    /// model holds.
+    fn step(
+        c: &mut HeadCache,
+        m: &mut Model,
+        n: usize,
+        o: Op,
+    ) -> (bool, Option<Option<MapEntry>>, Option<Option<MapEntry>>) {
+        let (peek, key) = match o {
+            Op::Set(t, l, v) => {
+                let e = value(v, n as u64);
+                c.set(t, l, e);
+                m.insert((t, l), e);
+                (false, (t, l))
+            }
+            Op::Invalidate(t, l) => {
+                c.invalidate(t, l);
+                m.remove(&(t, l));
+                (false, (t, l))
+            }
+            Op::Peek(t, l) => (true, (t, l)),
+        };
+        (peek, c.peek(key.0, key.1), m.get(&key).copied())
+    }
+
     proptest! {
         /// With room for every key, the cache is exactly the map it mirrors.
         #[test]
         fn without_evictions_it_answers_as_a_map(ops in prop::collection::vec(op(), 1..600)) {
             let mut c = HeadCache::new(1000);
-            let mut m: HashMap<(u64, u64), Option<MapEntry>> = HashMap::new();
+            let mut m = Model::new();
             for (n, o) in ops.into_iter().enumerate() {
-                match o {
-                    Op::Set(t, l, v) => {
-                        let e = value(v, n as u64);
-                        c.set(t, l, e);
-                        m.insert((t, l), e);
-                    }
-                    Op::Invalidate(t, l) => {
-                        c.invalidate(t, l);
-                        m.remove(&(t, l));
-                    }
-                    Op::Peek(t, l) => prop_assert_eq!(c.peek(t, l), m.get(&(t, l)).copied()),
-                }
+                let (_, cached, model) = step(&mut c, &mut m, n, o);
+                prop_assert_eq!(cached, model);
                 prop_assert_eq!(c.len(), m.len());
             }
             for (&(t, l), &e) in &m {
@@ -707,30 +725,17 @@ mod tests {
         }
 
         /// Full, it forgets entries but never answers wrongly: whatever it
-        /// still knows is the latest value, and it stays within its size.
+        /// still knows is the latest value, what was just written or
+        /// invalidated is answered exactly, and it stays within its size.
         #[test]
         fn evicting_never_answers_a_stale_value(ops in prop::collection::vec(op(), 1..800), cap in 1usize..40) {
             let mut c = HeadCache::new(cap);
-            let mut m: HashMap<(u64, u64), Option<MapEntry>> = HashMap::new();
+            let mut m = Model::new();
             for (n, o) in ops.into_iter().enumerate() {
-                match o {
-                    Op::Set(t, l, v) => {
-                        let e = value(v, n as u64);
-                        c.set(t, l, e);
-                        m.insert((t, l), e);
-                        // What was just written is always there.
-                        prop_assert_eq!(c.peek(t, l), Some(e));
-                    }
-                    Op::Invalidate(t, l) => {
-                        c.invalidate(t, l);
-                        m.remove(&(t, l));
-                        prop_assert_eq!(c.peek(t, l), None);
-                    }
-                    Op::Peek(t, l) => {
-                        if let Some(got) = c.peek(t, l) {
-                            prop_assert_eq!(Some(got), m.get(&(t, l)).copied());
-                        }
-                    }
+                match step(&mut c, &mut m, n, o) {
+                    (true, Some(got), model) => prop_assert_eq!(Some(got), model),
+                    (true, None, _) => {}
+                    (false, cached, model) => prop_assert_eq!(cached, model),
                 }
                 prop_assert!(c.len() <= cap);
             }
