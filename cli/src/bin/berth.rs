@@ -350,7 +350,7 @@ struct NodeArgs {
     /// (about 53 bytes an entry: the default holds the blocks of 10 GiB of
     /// hot data). A read whose entry is not cached looks it up in RocksDB
     /// first, which costs the store's I/O thread several microseconds.
-    #[arg(long, env = "BERTH_MAP_CACHE_SIZE", default_value_t = berth_volume::DEFAULT_MAP_CACHE_BYTES, value_parser = berth_cli::parse_size)]
+    #[arg(long, env = "BERTH_MAP_CACHE_SIZE", default_value = "128M", value_parser = berth_cli::parse_size)]
     map_cache_size: u64,
 }
 
