@@ -442,10 +442,12 @@ fn etcd_member_loss_is_served_and_majority_loss_is_unavailable_until_it_returns(
     // etcd may elect a new leader of its own first: allow the call to be
     // asked again for a few seconds.
     let until = Instant::now() + Duration::from_secs(20);
-    let mut o = ha.ctl(&["volume", "create", "b", "--size", "16M"]);
-    while o.code != 0 && Instant::now() < until {
-        o = ha.ctl(&["volume", "create", "b", "--size", "16M"]);
-    }
+    let o = loop {
+        let o = ha.ctl(&["volume", "create", "b", "--size", "16M"]);
+        if o.code == 0 || Instant::now() >= until {
+            break o;
+        }
+    };
     assert_eq!(
         o.code, 0,
         "one etcd member down must not stop the service: {}",

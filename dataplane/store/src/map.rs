@@ -79,89 +79,55 @@ const EVICT_SCAN: usize = 32;
 /// (an empty slot is all zeros) and its memory is backed only as it is used.
 type Raw = [u64; 5];
 
-/// A slot, unpacked. `kind`: [`EMPTY`], [`HOLE`] (the head is known absent),
-/// [`ZERO`] or [`DATA`] (`block` and `crc`).
-#[derive(Clone, Copy, Debug)]
-struct Slot {
-    tree: u64,
-    lba: u64,
-    epoch: u64,
-    block: u64,
-    crc: u32,
-    kind: u8,
-    /// Used since the CLOCK hand last passed.
-    referenced: bool,
-}
-
+/// A slot's `kind`: [`EMPTY`], [`HOLE`] (the head is known absent), [`ZERO`]
+/// or [`DATA`] (`block` and `crc`).
 const EMPTY: u8 = 0;
 const HOLE: u8 = 1;
 const ZERO: u8 = 2;
 const DATA: u8 = 3;
 
+/// The bit of `r[4]` set while the entry is used since the CLOCK hand last
+/// passed.
+const REFERENCED: u64 = 1;
+
 fn kind(r: &Raw) -> u8 {
     (r[4] >> 8) as u8
 }
 
-impl Slot {
-    fn load(r: &Raw) -> Slot {
-        Slot {
-            tree: r[0],
-            lba: r[1],
-            epoch: r[2],
+/// The head a used slot holds (`None`: a known hole).
+fn entry(r: &Raw) -> Option<MapEntry> {
+    let value = match kind(r) {
+        ZERO => BlockValue::Zero,
+        DATA => BlockValue::Data {
             block: r[3],
             crc: (r[4] >> 32) as u32,
-            kind: kind(r),
-            referenced: r[4] & 1 == 1,
-        }
-    }
+        },
+        _ => return None,
+    };
+    Some(MapEntry { epoch: r[2], value })
+}
 
-    fn raw(&self) -> Raw {
-        [
-            self.tree,
-            self.lba,
-            self.epoch,
-            self.block,
-            u64::from(self.crc) << 32 | u64::from(self.kind) << 8 | u64::from(self.referenced),
-        ]
-    }
-
-    fn entry(&self) -> Option<MapEntry> {
-        let value = match self.kind {
-            ZERO => BlockValue::Zero,
-            DATA => BlockValue::Data {
-                block: self.block,
-                crc: self.crc,
-            },
-            _ => return None,
-        };
+/// The slot holding head `e` of (tree, lba).
+fn pack(tree: u64, lba: u64, e: Option<MapEntry>, referenced: bool) -> Raw {
+    let (kind, epoch, block, crc) = match e {
+        None => (HOLE, 0, 0, 0),
         Some(MapEntry {
-            epoch: self.epoch,
-            value,
-        })
-    }
-
-    fn new(tree: u64, lba: u64, e: Option<MapEntry>, referenced: bool) -> Slot {
-        let (kind, epoch, block, crc) = match e {
-            None => (HOLE, 0, 0, 0),
-            Some(MapEntry {
-                epoch,
-                value: BlockValue::Zero,
-            }) => (ZERO, epoch, 0, 0),
-            Some(MapEntry {
-                epoch,
-                value: BlockValue::Data { block, crc },
-            }) => (DATA, epoch, block, crc),
-        };
-        Slot {
-            tree,
-            lba,
             epoch,
-            block,
-            crc,
-            kind,
-            referenced,
-        }
-    }
+            value: BlockValue::Zero,
+        }) => (ZERO, epoch, 0, 0),
+        Some(MapEntry {
+            epoch,
+            value: BlockValue::Data { block, crc },
+        }) => (DATA, epoch, block, crc),
+    };
+    let tag = u64::from(crc) << 32 | u64::from(kind) << 8;
+    [
+        tree,
+        lba,
+        epoch,
+        block,
+        tag | if referenced { REFERENCED } else { 0 },
+    ]
 }
 
 impl std::fmt::Debug for HeadCache {
@@ -227,9 +193,9 @@ impl HeadCache {
         match self.find(tree, lba) {
             (i, true) => {
                 let r = &mut self.slots[i];
-                r[4] |= 1;
+                r[4] |= REFERENCED;
                 self.hits += 1;
-                Some(Slot::load(r).entry())
+                Some(entry(r))
             }
             (_, false) => {
                 self.misses += 1;
@@ -250,7 +216,7 @@ impl HeadCache {
             }
             self.len += 1;
         }
-        self.slots[i] = Slot::new(tree, lba, e, found).raw();
+        self.slots[i] = pack(tree, lba, e, found);
     }
 
     /// Takes out one entry: the first under the hand not used since the hand
@@ -261,11 +227,11 @@ impl HeadCache {
             let i = self.hand;
             let r = &mut self.slots[i];
             if kind(r) != EMPTY {
-                if r[4] & 1 == 0 || seen == EVICT_SCAN {
+                if r[4] & REFERENCED == 0 || seen == EVICT_SCAN {
                     self.remove_at(i);
                     return;
                 }
-                r[4] &= !1;
+                r[4] &= !REFERENCED;
                 seen += 1;
             }
             self.hand = self.next(i);
@@ -740,10 +706,10 @@ mod tests {
                 prop_assert!(c.len() <= cap);
             }
             // Every entry it holds is still findable (deletion kept probe chains whole).
-            let held: Vec<Slot> = c.slots.iter().filter(|r| kind(r) != EMPTY).map(Slot::load).collect();
+            let held: Vec<Raw> = c.slots.iter().filter(|r| kind(r) != EMPTY).copied().collect();
             prop_assert_eq!(held.len(), c.len());
-            for s in held {
-                prop_assert_eq!(c.peek(s.tree, s.lba), Some(m[&(s.tree, s.lba)]));
+            for r in held {
+                prop_assert_eq!(c.peek(r[0], r[1]), Some(m[&(r[0], r[1])]));
             }
         }
     }
