@@ -165,6 +165,87 @@ async fn reads_writes_trims_zeroes_and_block_status_over_unix_and_tcp() {
     f.stop().await;
 }
 
+/// Replies that back up in the socket arrive whole, once each and in frame.
+/// Small replies are sent by the store's I/O thread itself while the wire is
+/// free; a client that sends many requests before reading any replies fills
+/// the socket, so sends are cut short and the writer task finishes them, with
+/// replies of three kinds interleaved: 64 KiB reads, 4 KiB writes, and 256
+/// KiB reads (which only the writer sends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_that_back_up_in_the_socket_arrive_whole_over_unix_and_tcp() {
+    let mut f = start().await;
+    f.volume("v", 16 * MIB).await;
+    let e = f.grant(pb::TargetKind::Volume, "v", "n").await;
+    let data = pattern_blocks(16 * MIB / CHUNK, CHUNK as usize);
+    let mut w = f.unix(&e.export_name).await;
+    for (i, part) in data.chunks(MIB as usize).enumerate() {
+        w.write(i as u64 * MIB, part, false).await.unwrap();
+    }
+    w.disconnect().await.unwrap();
+    backed_up_replies(f.unix(&e.export_name).await, &data).await;
+    backed_up_replies(f.tcp(&e.export_name).await, &data).await;
+    f.stop().await;
+}
+
+const CHUNK: u64 = 64 << 10;
+
+async fn backed_up_replies<S>(mut c: Client<S>, data: &[u8])
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut want = std::collections::HashMap::new();
+    for k in 0..300u64 {
+        // Scattered offsets, each request within the volume.
+        let at = (k * 37 % 256) * CHUNK;
+        let (h, w) = match k % 10 {
+            // A rewrite of what is there: the reads stay predictable.
+            3 | 7 => {
+                let at = at + 4096 * (k % 16);
+                let d = &data[at as usize..at as usize + 4096];
+                (c.send(CMD_WRITE, 0, at, 4096, d).await, None)
+            }
+            5 => {
+                let at = at.min(16 * MIB - 4 * CHUNK);
+                let len = 4 * CHUNK as u32;
+                (
+                    c.send(CMD_READ, 0, at, len, &[]).await,
+                    Some((at, 4 * CHUNK)),
+                )
+            }
+            _ => (
+                c.send(CMD_READ, 0, at, CHUNK as u32, &[]).await,
+                Some((at, CHUNK)),
+            ),
+        };
+        want.insert(h.unwrap(), w);
+    }
+    // Let the replies pile up against the unread socket.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for _ in 0..want.len() {
+        let r = c.recv().await.unwrap();
+        assert_eq!(r.error, 0, "handle {}", r.handle);
+        let Some(w) = want.remove(&r.handle) else {
+            panic!("a reply for handle {} not asked for, or twice", r.handle)
+        };
+        match w {
+            None => assert!(r.data.is_empty()),
+            Some((at, len)) => assert!(
+                r.data == data[at as usize..(at + len) as usize],
+                "handle {}: {} bytes at {at} differ",
+                r.handle,
+                r.data.len()
+            ),
+        }
+    }
+    assert!(want.is_empty());
+    // Still in frame: a plain call works.
+    assert_eq!(
+        c.read(CHUNK, 4096).await.unwrap(),
+        data[CHUNK as usize..][..4096]
+    );
+    c.disconnect().await.unwrap();
+}
+
 /// What the 64 writes of 8 KiB above left in the first 512 KiB.
 fn pattern_blocks(n: u64, each: usize) -> Vec<u8> {
     (0..n).flat_map(|i| pattern(i as u8, each)).collect()

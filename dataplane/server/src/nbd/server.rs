@@ -19,6 +19,7 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -96,6 +97,8 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type R: AsyncRead + Unpin + Send + 'static;
     type W: AsyncWrite + Unpin + Send + 'static;
     fn halves(self) -> (Self::R, Self::W);
+    /// The socket under the writer's half (replies may be sent on it directly).
+    fn socket(w: &Self::W) -> RawFd;
 }
 
 impl Transport for tokio::net::TcpStream {
@@ -104,6 +107,9 @@ impl Transport for tokio::net::TcpStream {
     fn halves(self) -> (Self::R, Self::W) {
         self.into_split()
     }
+    fn socket(w: &Self::W) -> RawFd {
+        w.as_ref().as_raw_fd()
+    }
 }
 
 impl Transport for tokio::net::UnixStream {
@@ -111,6 +117,9 @@ impl Transport for tokio::net::UnixStream {
     type W = tokio::net::unix::OwnedWriteHalf;
     fn halves(self) -> (Self::R, Self::W) {
         self.into_split()
+    }
+    fn socket(w: &Self::W) -> RawFd {
+        w.as_ref().as_raw_fd()
     }
 }
 
@@ -177,11 +186,12 @@ pub async fn serve<S: Transport>(
     match hs {
         Ok(Ok(Negotiated::Plain(s, stream))) => {
             let (rd, wr) = stream.halves();
-            transmission(node, s, rd, wr, peer, false).await
+            let fd = S::socket(&wr);
+            transmission(node, s, rd, wr, peer, Some(fd)).await
         }
         Ok(Ok(Negotiated::Tls(s, stream))) => {
             let (rd, wr) = tokio::io::split(*stream);
-            transmission(node, s, rd, wr, peer, true).await
+            transmission(node, s, rd, wr, peer, None).await
         }
         Ok(Ok(Negotiated::Closed)) => {}
         Ok(Err(e)) => tracing::info!(peer = %peer, error = %e, "nbd handshake ended"),
@@ -700,9 +710,11 @@ impl Completions {
     }
 }
 
-impl Reply for Completions {
+impl Reply for Conn {
     fn reply(&self, tag: u64, outcome: Outcome) {
-        self.push(Completion::Store(tag, outcome));
+        if let Some(outcome) = self.send_direct(tag, outcome) {
+            self.done.push(Completion::Store(tag, outcome));
+        }
     }
 }
 
@@ -724,9 +736,117 @@ struct Conn {
     broken: tokio_util::sync::CancellationToken,
     /// When a failed request was last logged, and how many were not since.
     failure_log: Mutex<(Option<Instant>, u64)>,
+    /// The socket, where the store's I/O thread sends replies itself (plain
+    /// sockets only: a TLS stream's state belongs to the writer).
+    direct_fd: Option<RawFd>,
+    /// Who sends on the socket now: see [`Wire`].
+    wire: Mutex<Wire>,
 }
 
+/// Replies the store's I/O thread sends itself, without waking the writer.
+///
+/// A request's reply is sent by the thread that finishes it, the moment it
+/// finishes, when nothing else is on the wire: the writer task is not
+/// sending, nothing waits in its queue, and no earlier direct reply is
+/// half-sent. The send never blocks (`MSG_DONTWAIT`): whatever the socket does
+/// not take right away is kept here and the writer sends it first, so a client
+/// that stops reading holds no thread, and other volumes on the same I/O
+/// thread never wait for it. Read payloads above [`DIRECT_MAX_BYTES`] are left
+/// to the writer, so the I/O thread copies little. Saves a thread wake-up per
+/// request: see `docs/pod-path.md`, "Replies from the I/O thread".
+struct Wire {
+    /// The writer task is sending: replies go to its queue.
+    busy: bool,
+    /// No more direct replies: the writer has ended, or the client stopped
+    /// taking replies.
+    closed: bool,
+    /// The end of a reply that a direct send left unsent.
+    rest: Vec<u8>,
+    /// Scratch for encoding one reply.
+    scratch: Batch,
+}
+
+/// The largest read payload the I/O thread sends itself.
+const DIRECT_MAX_BYTES: usize = 128 << 10;
+
 impl Conn {
+    /// Sends a finished request's reply on the calling thread if the wire is
+    /// free (see [`Wire`]); gives the outcome back if the writer must.
+    fn send_direct(&self, tag: u64, outcome: Outcome) -> Option<Outcome> {
+        let Some(fd) = self.direct_fd else {
+            return Some(outcome);
+        };
+        if matches!(&outcome, Outcome::Read(Ok(d)) if d.len > DIRECT_MAX_BYTES) {
+            return Some(outcome);
+        }
+        let mut wire = self.wire.lock();
+        let w = &mut *wire;
+        if w.busy || w.closed || !w.rest.is_empty() || !self.done.queue.lock().is_empty() {
+            return Some(outcome);
+        }
+        let b = &mut w.scratch;
+        b.headers.clear();
+        b.data_at.clear();
+        encode(
+            self,
+            &mut self.done.pending.lock(),
+            Completion::Store(tag, outcome),
+            b,
+        );
+        // Its header, its payload if it is a read's, and (for a structured
+        // read that failed) nothing after: at most three pieces.
+        let split = b.data_at.first().copied().unwrap_or(b.headers.len());
+        let payload = b.reads.first().map_or(&[][..], ReadDone::bytes);
+        let parts = [&b.headers[..split], payload, &b.headers[split..]];
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let iov = parts.map(IoSlice::new);
+        let flags =
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
+        // The descriptor is open: the writer closes the socket only after
+        // setting `closed` under this lock, which is held.
+        let sent = loop {
+            match nix::sys::socket::sendmsg::<()>(fd, &iov, &[], flags, None) {
+                Err(nix::Error::EINTR) => continue,
+                Err(nix::Error::EAGAIN) => break Ok(0),
+                r => break r,
+            }
+        };
+        match sent {
+            Ok(n) if n == total => {}
+            Ok(mut n) => {
+                // The socket is full: the writer sends the rest, first.
+                for p in parts {
+                    let skip = n.min(p.len());
+                    w.rest.extend_from_slice(&p[skip..]);
+                    n -= skip;
+                }
+                self.done.ready.notify_one();
+            }
+            Err(e) => {
+                // The client is gone: the reader notices too and ends the
+                // connection; the replies still to come are dropped.
+                tracing::warn!(error = %e, "reply send failed: client gone; dropping its replies");
+                w.closed = true;
+                self.broken.cancel();
+            }
+        }
+        b.reads.clear();
+        self.release(b);
+        None
+    }
+
+    /// Gives back the budgets a batch's requests held, once their replies are
+    /// sent (or dropped).
+    fn release(&self, b: &mut Batch) {
+        if b.release_units > 0 {
+            self.units.add_permits(b.release_units as usize);
+            self.node.budget.give(b.release_units);
+        }
+        self.slots.add_permits(b.release_slots as usize);
+        b.release_units = 0;
+        b.release_slots = 0;
+    }
+
     /// At most one failure line per second per connection (an ENOSPC storm must
     /// not flood the log; the error metrics count every one). Checksum errors
     /// are always logged. Returns how many were left out since the last line.
@@ -758,8 +878,16 @@ fn op_index(command: u16) -> usize {
     }
 }
 
-async fn transmission<R, W>(node: Arc<Node>, s: Session, rd: R, wr: W, peer: Peer, tls: bool)
-where
+/// Serves requests until the connection ends; `direct_fd` is the socket
+/// under `wr` if it is a plain one (not TLS).
+async fn transmission<R, W>(
+    node: Arc<Node>,
+    s: Session,
+    rd: R,
+    wr: W,
+    peer: Peer,
+    direct_fd: Option<RawFd>,
+) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -776,7 +904,7 @@ where
     let g = &s.export.grant;
     let span = tracing::info_span!("nbd", volume = %g.name, client = %g.client, peer = %peer);
     tracing::info!(parent: &span, kind = g.kind.as_str(), read_only = s.export.read_only, "export connected");
-    let how = if tls { ", tls" } else { "" };
+    let how = if direct_fd.is_none() { ", tls" } else { "" };
     audit(&node, connect_event(g, s.export.read_only, &peer, how)).await;
     let unit_cap = node.budget.per_connection_units(MAX_INFLIGHT_UNITS) as u32;
     let conn = Arc::new(Conn {
@@ -797,6 +925,13 @@ where
         reader_done: false.into(),
         broken: tokio_util::sync::CancellationToken::new(),
         failure_log: Mutex::new((None, 0)),
+        direct_fd,
+        wire: Mutex::new(Wire {
+            busy: false,
+            closed: false,
+            rest: Vec::new(),
+            scratch: Batch::new(1),
+        }),
     });
     let writer = tokio::spawn(writer(conn.clone(), wr));
     // A buffer of exactly one request header: `fill_buf` gives the reader a
@@ -1123,7 +1258,7 @@ async fn handle<R: AsyncRead + Unpin>(
             len,
             fua,
         ),
-        op => store.submit(op, tag, conn.done.clone()),
+        op => store.submit(op, tag, conn.clone()),
     }
     Ok(())
 }
@@ -1248,30 +1383,47 @@ struct Batch {
     release_slots: u32,
 }
 
+impl Batch {
+    /// Room for `n` replies.
+    fn new(n: usize) -> Batch {
+        Batch {
+            headers: Vec::with_capacity(n * 128),
+            data_at: Vec::with_capacity(n),
+            reads: Vec::with_capacity(n),
+            local: VecDeque::with_capacity(n),
+            release_units: 0,
+            release_slots: 0,
+        }
+    }
+}
+
 async fn writer<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut wr: W) {
-    let mut b = Batch {
-        headers: Vec::with_capacity(64 << 10),
-        data_at: Vec::with_capacity(MAX_INFLIGHT),
-        reads: Vec::with_capacity(MAX_INFLIGHT),
-        local: VecDeque::with_capacity(MAX_INFLIGHT),
-        release_units: 0,
-        release_slots: 0,
-    };
+    let mut b = Batch::new(MAX_INFLIGHT);
     let mut broken = false;
     loop {
-        {
-            let mut q = conn.done.queue.lock();
-            std::mem::swap(&mut *q, &mut b.local);
-        }
-        if b.local.is_empty() {
-            if conn.reader_done.load(Ordering::SeqCst) && conn.done.pending.lock().is_empty() {
+        b.headers.clear();
+        b.data_at.clear();
+        let idle = {
+            let mut w = conn.wire.lock();
+            std::mem::swap(&mut *conn.done.queue.lock(), &mut b.local);
+            let idle = b.local.is_empty() && w.rest.is_empty();
+            if !idle {
+                // The end of a half-sent direct reply leaves first.
+                b.headers.append(&mut w.rest);
+                w.busy = true;
+            } else if conn.reader_done.load(Ordering::SeqCst) && conn.done.pending.lock().is_empty()
+            {
+                // No direct reply is being sent either (they hold the wire),
+                // so an empty table means every request is answered.
+                w.closed = true;
                 break;
             }
+            idle
+        };
+        if idle {
             conn.done.ready.notified().await;
             continue;
         }
-        b.headers.clear();
-        b.data_at.clear();
         {
             // One lock of the in-flight table for the whole batch.
             let mut pending = conn.done.pending.lock();
@@ -1279,6 +1431,8 @@ async fn writer<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut wr: W) {
                 encode(&conn, &mut pending, c, &mut b);
             }
         }
+        // A direct send may have found the client gone.
+        broken |= conn.broken.is_cancelled();
         if !broken {
             // A client that stops reading its replies must not hold the
             // connection (and a shutdown) forever.
@@ -1295,14 +1449,13 @@ async fn writer<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut wr: W) {
                 conn.broken.cancel();
             }
         }
-        b.reads.clear();
-        if b.release_units > 0 {
-            conn.units.add_permits(b.release_units as usize);
-            conn.node.budget.give(b.release_units);
+        {
+            let mut w = conn.wire.lock();
+            w.busy = false;
+            w.closed |= broken;
         }
-        conn.slots.add_permits(b.release_slots as usize);
-        b.release_units = 0;
-        b.release_slots = 0;
+        b.reads.clear();
+        conn.release(&mut b);
     }
     let _ = wr.flush().await;
     let _ = wr.shutdown().await;
