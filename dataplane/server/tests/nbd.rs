@@ -574,6 +574,38 @@ async fn malformed_frames_get_errors_or_a_closed_connection_and_the_server_keeps
     transmission(|r| r.truncate(10)).await; // truncated header, then gone
     transmission(|r| r.extend_from_slice(&[1; 100])).await; // payload cut short, then gone
 
+    // A read in the store when the next frame is bad: it is answered, then
+    // the connection closes (that answer, sent by the store's own thread,
+    // may be the last thing the connection waits for). Several times: the
+    // two can finish in either order.
+    for _ in 0..20 {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut s = Client::connect(s, &e.export_name)
+            .await
+            .unwrap()
+            .into_inner();
+        let mut bytes = encode_request(&Request {
+            flags: 0,
+            command: CMD_READ,
+            handle: 7,
+            offset: 0,
+            len: 4096,
+        })
+        .to_vec();
+        let mut bad = bytes.clone();
+        bad[0] = 0;
+        bytes.extend_from_slice(&bad);
+        s.write_all(&bytes).await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .expect("the connection closes once the read is answered")
+            .unwrap();
+        // One structured chunk: its header, the offset, the data.
+        assert_eq!(rest.len(), 20 + 8 + 4096);
+        assert_eq!(&rest[28..], &pattern(3, 8192)[..4096]);
+    }
+
     // The long-lived good connection never noticed.
     assert_eq!(good.read(0, 8192).await.unwrap(), pattern(3, 8192));
     good.disconnect().await.unwrap();

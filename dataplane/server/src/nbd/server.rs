@@ -832,6 +832,11 @@ impl Conn {
         }
         b.reads.clear();
         self.release(b);
+        // The writer ends once the reader has and every request is
+        // answered: it must look again after the last answer.
+        if self.reader_done.load(Ordering::SeqCst) {
+            self.done.ready.notify_one();
+        }
         None
     }
 
@@ -961,7 +966,10 @@ async fn reader<R: AsyncBufRead + Unpin>(
     cancel: &tokio_util::sync::CancellationToken,
 ) -> String {
     let mut hdr = [0u8; REQUEST_BYTES];
+    let mut shallow = berth_store::Shallow::new();
+    let mut poll_until: Option<Instant> = None;
     loop {
+        let polling = poll_until.is_some_and(|t| Instant::now() < t);
         // `fill_buf` consumes nothing, so dropping it on cancellation loses nothing.
         tokio::select! {
             biased;
@@ -980,6 +988,16 @@ async fn reader<R: AsyncBufRead + Unpin>(
                 Ok(_) => {}
                 Err(e) => return format!("read failed: {e}"),
             },
+            // Shortly after a request, under a shallow load, poll for the
+            // next one rather than sleep (a sleeping thread woken from
+            // another CPU costs tens of µs on a VM): the thread's other tasks
+            // and its reactor run, and the CPU is yielded (the client may be
+            // waiting for it), then this looks again. See
+            // `berth_store::Shallow` and docs/pod-path.md.
+            _ = async {
+                std::thread::yield_now();
+                tokio::task::yield_now().await;
+            }, if polling => continue,
         }
         // A frame that has started must finish in reasonable time, or a client
         // could hold a revoke or a shutdown open with half a header.
@@ -1004,6 +1022,10 @@ async fn reader<R: AsyncBufRead + Unpin>(
         if let Err(why) = handle(conn, rd, req).await {
             return why;
         }
+        let live = MAX_INFLIGHT - conn.slots.available_permits();
+        poll_until = shallow
+            .observe(live)
+            .then(|| Instant::now() + conn.node.store.poll());
     }
 }
 
