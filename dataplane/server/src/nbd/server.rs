@@ -4,12 +4,15 @@
 //! Each connection has a reader task and a writer task. The reader parses
 //! request headers, receives WRITE payloads straight into the store's aligned
 //! (registered) buffers, admits the request against the volume's QoS and the
-//! pool's tier priority, and submits it to the store's I/O thread. The I/O
-//! thread hands outcomes back through the connection's [`Completions`] queue;
+//! pool's tier priority, and submits it to the store's I/O thread; shortly
+//! after a request, under a shallow load, it polls for the next one instead
+//! of sleeping. On a plain socket the I/O thread sends a finished request's
+//! reply itself when nothing else is on the wire (see [`Wire`]); otherwise it
+//! hands the outcome back through the connection's [`Completions`] queue, and
 //! the writer takes everything queued at once and sends the replies with one
 //! vectored write (headers and read payloads from the store's buffers, no
 //! copies). Steady state allocates nothing per request: the in-flight table,
-//! the queues and the header buffer are reused.
+//! the queues and the header buffers are reused.
 //!
 //! Bad input never takes the server down: a malformed option gets the
 //! protocol's error, a bad request magic or an oversized WRITE closes that
@@ -753,7 +756,8 @@ struct Conn {
 /// that stops reading holds no thread, and other volumes on the same I/O
 /// thread never wait for it. Read payloads above [`DIRECT_MAX_BYTES`] are left
 /// to the writer, so the I/O thread copies little. Saves a thread wake-up per
-/// request: see `docs/pod-path.md`, "Replies from the I/O thread".
+/// request: see `docs/pod-path.md`, "NBD: replies from the I/O thread, and a
+/// polling reader".
 struct Wire {
     /// The writer task is sending: replies go to its queue.
     busy: bool,
