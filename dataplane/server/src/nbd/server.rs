@@ -713,10 +713,19 @@ impl Completions {
     }
 }
 
-impl Reply for Conn {
+/// What the store answers a connection's requests into. It holds the
+/// connection weakly: a request the store holds (a disk that stopped
+/// answering) must not keep the connection, and through it the node and the
+/// store itself, alive once the connection is gone.
+struct ConnReply(std::sync::Weak<Conn>);
+
+impl Reply for ConnReply {
     fn reply(&self, tag: u64, outcome: Outcome) {
-        if let Some(outcome) = self.send_direct(tag, outcome) {
-            self.done.push(Completion::Store(tag, outcome));
+        let Some(conn) = self.0.upgrade() else {
+            return;
+        };
+        if let Some(outcome) = conn.send_direct(tag, outcome) {
+            conn.done.push(Completion::Store(tag, outcome));
         }
     }
 }
@@ -744,6 +753,8 @@ struct Conn {
     direct_fd: Option<RawFd>,
     /// Who sends on the socket now: see [`Wire`].
     wire: Mutex<Wire>,
+    /// Given to the store with every request.
+    replier: Arc<ConnReply>,
 }
 
 /// Replies the store's I/O thread sends itself, without waking the writer.
@@ -916,7 +927,7 @@ async fn transmission<R, W>(
     let how = if direct_fd.is_none() { ", tls" } else { "" };
     audit(&node, connect_event(g, s.export.read_only, &peer, how)).await;
     let unit_cap = node.budget.per_connection_units(MAX_INFLIGHT_UNITS) as u32;
-    let conn = Arc::new(Conn {
+    let conn = Arc::new_cyclic(|me| Conn {
         node: node.clone(),
         export: s.export,
         done: Arc::new(Completions {
@@ -941,6 +952,7 @@ async fn transmission<R, W>(
             rest: Vec::new(),
             scratch: Batch::new(1),
         }),
+        replier: Arc::new(ConnReply(me.clone())),
     });
     let writer = tokio::spawn(writer(conn.clone(), wr));
     // A buffer of exactly one request header: `fill_buf` gives the reader a
@@ -1284,7 +1296,7 @@ async fn handle<R: AsyncRead + Unpin>(
             len,
             fua,
         ),
-        op => store.submit(op, tag, conn.clone()),
+        op => store.submit(op, tag, conn.replier.clone()),
     }
     Ok(())
 }
