@@ -182,8 +182,20 @@ async fn replies_that_back_up_in_the_socket_arrive_whole_over_unix_and_tcp() {
         w.write(i as u64 * MIB, part, false).await.unwrap();
     }
     w.disconnect().await.unwrap();
-    backed_up_replies(f.unix(&e.export_name).await, &data).await;
-    backed_up_replies(f.tcp(&e.export_name).await, &data).await;
+    let node = f.node().clone();
+    for tcp in [false, true] {
+        if tcp {
+            backed_up_replies(f.tcp(&e.export_name).await, &data).await;
+        } else {
+            backed_up_replies(f.unix(&e.export_name).await, &data).await;
+        }
+        // Every reply's payload budget came back, a half-sent one's too.
+        let t = std::time::Instant::now();
+        while node.budget.held_bytes() > 0 && t.elapsed() < std::time::Duration::from_secs(5) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(node.budget.held_bytes(), 0, "tcp: {tcp}");
+    }
     f.stop().await;
 }
 
