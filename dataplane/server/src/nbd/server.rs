@@ -777,11 +777,10 @@ struct Wire {
     closed: bool,
     /// The end of a reply that a direct send left unsent.
     rest: Vec<u8>,
-    /// The payload units and the slot that reply held: they stay counted
-    /// against the connection's and the node's budgets until it is sent, as
-    /// any reply the client has not taken yet.
+    /// The payload units that reply held (and its slot, while `rest` is not
+    /// empty): they stay counted against the connection's and the node's
+    /// budgets until it is sent, as any reply the client has not taken yet.
     rest_units: u32,
-    rest_slots: u32,
     /// Scratch for encoding one reply.
     scratch: Batch,
 }
@@ -841,7 +840,7 @@ impl Conn {
                     n -= skip;
                 }
                 w.rest_units = std::mem::take(&mut b.release_units);
-                w.rest_slots = std::mem::take(&mut b.release_slots);
+                b.release_slots = 0;
                 self.done.ready.notify_one();
             }
             Err(e) => {
@@ -958,7 +957,6 @@ async fn transmission<R, W>(
             closed: false,
             rest: Vec::new(),
             rest_units: 0,
-            rest_slots: 0,
             scratch: Batch::new(1),
         }),
         replier: Arc::new(ConnReply(me.clone())),
@@ -1456,9 +1454,11 @@ async fn writer<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut wr: W) {
             let idle = b.local.is_empty() && w.rest.is_empty();
             if !idle {
                 // The end of a half-sent direct reply leaves first.
-                b.headers.append(&mut w.rest);
-                b.release_units += std::mem::take(&mut w.rest_units);
-                b.release_slots += std::mem::take(&mut w.rest_slots);
+                if !w.rest.is_empty() {
+                    b.headers.append(&mut w.rest);
+                    b.release_units += std::mem::take(&mut w.rest_units);
+                    b.release_slots += 1;
+                }
                 w.busy = true;
             } else if conn.reader_done.load(Ordering::SeqCst) && conn.done.pending.lock().is_empty()
             {
