@@ -339,6 +339,13 @@ struct NodeArgs {
     /// (see docs/pod-path.md).
     #[arg(long, env = "BERTH_POLL_US", default_value_t = berth_volume::DEFAULT_POLL.as_micros() as u64, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     poll_us: u64,
+    /// How many pool reads the disk is given at once: `auto` finds the
+    /// depth that completes the most reads per second and follows it (a
+    /// disk that answers in batches, as virtual disks do, turns a deeper
+    /// queue into a convoy); `off` gives it every read at once; a number
+    /// fixes the limit (see docs/pod-path.md).
+    #[arg(long, env = "BERTH_READ_DEPTH", default_value = "auto")]
+    read_depth: berth_volume::ReadDepthMode,
     /// Writes of at most this size (not FUA) are deferred: answered once
     /// their data is in the metadata commit (durable against a crash of the
     /// process, and against power loss after a flush, as any write), and
@@ -454,6 +461,7 @@ async fn volume_server(a: VolumeServerArgs) -> Result<(), String> {
     cfg.nbd_threads = a.node.nbd_threads;
     cfg.nbd_buffer_bytes = a.node.nbd_buffer_size;
     cfg.poll = Duration::from_micros(a.node.poll_us);
+    cfg.read_depth = a.node.read_depth;
     cfg.defer_max_bytes = a.node.defer_max;
     cfg.map_cache_bytes = a.node.map_cache_size;
     cfg.tls = a.tls.load()?;
@@ -674,6 +682,7 @@ async fn standalone(a: StandaloneArgs) -> Result<(), String> {
     cfg.nbd_threads = a.node.nbd_threads;
     cfg.nbd_buffer_bytes = a.node.nbd_buffer_size;
     cfg.poll = Duration::from_micros(a.node.poll_us);
+    cfg.read_depth = a.node.read_depth;
     cfg.defer_max_bytes = a.node.defer_max;
     cfg.map_cache_bytes = a.node.map_cache_size;
     cfg.tls = tls;

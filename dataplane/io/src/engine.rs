@@ -80,6 +80,23 @@ pub trait IoEngine: Send {
     fn registered_bytes(&self) -> usize {
         0
     }
+
+    /// Where the engine limits the reads at the device ([`crate::depth`]):
+    /// the limit now, and how many reads have waited for it.
+    fn read_depth(&self) -> Option<ReadDepthStats> {
+        None
+    }
+}
+
+/// What [`IoEngine::read_depth`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadDepthStats {
+    /// Reads the device may hold now.
+    pub limit: usize,
+    /// Reads the device holds now.
+    pub at_device: usize,
+    /// Reads that waited for the limit since the engine started.
+    pub held_total: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,19 +123,20 @@ impl EngineChoice {
 }
 
 /// Builds the engine for one I/O thread over `files` with room for `depth`
-/// operations in flight.
+/// operations in flight, limiting the reads at the device as `read_depth`
+/// says (io_uring only: the thread pool's depth is its threads).
 pub fn open_engine(
     choice: EngineChoice,
     files: &[RawFd],
     arena: &Arc<Arena>,
     depth: u32,
+    read_depth: crate::depth::ReadDepthMode,
 ) -> io::Result<Box<dyn IoEngine>> {
+    let uring = || crate::uring::UringEngine::new(files, arena, depth, read_depth);
     match choice {
         EngineChoice::Sync => Ok(Box::new(crate::sync::SyncEngine::new(files, depth)?)),
-        EngineChoice::Uring => Ok(Box::new(crate::uring::UringEngine::new(
-            files, arena, depth,
-        )?)),
-        EngineChoice::Auto => match crate::uring::UringEngine::new(files, arena, depth) {
+        EngineChoice::Uring => Ok(Box::new(uring()?)),
+        EngineChoice::Auto => match uring() {
             Ok(e) => Ok(Box::new(e)),
             Err(e) => {
                 tracing::warn!(

@@ -344,6 +344,10 @@ impl IoEngine for FaultEngine {
     fn registered_bytes(&self) -> usize {
         self.inner.registered_bytes()
     }
+
+    fn read_depth(&self) -> Option<crate::engine::ReadDepthStats> {
+        self.inner.read_depth()
+    }
 }
 
 #[cfg(test)]

@@ -5,12 +5,15 @@
 //! - [`engine`]: the [`IoEngine`] trait (push tagged operations, submit in batches,
 //!   sleep until completions), and [`open_engine`] which picks io_uring or, where
 //!   io_uring is refused, the [`sync`] thread-pool fallback.
+//! - [`depth`]: how many reads an engine keeps at the device, found by
+//!   hill climbing on the rate of completed reads (a convoy's cure).
 //! - [`fault`]: an engine that wraps another and injects errors, short
 //!   transfers and slow completions into the operations a plan picks.
 //!
 //! This crate knows nothing of volumes, tokio or gRPC.
 
 pub mod buf;
+pub mod depth;
 pub mod engine;
 pub mod fault;
 pub mod private;
@@ -19,7 +22,8 @@ pub mod uring;
 
 pub use buf::{Arena, IoBuf, PAGE};
 pub use engine::{
-    open_engine, EngineChoice, FileId, IoCompletion, IoEngine, IoOp, OpKind, Wake, Waker,
+    open_engine, EngineChoice, FileId, IoCompletion, IoEngine, IoOp, OpKind, ReadDepthStats, Wake,
+    Waker,
 };
 
 use std::fs::File;
@@ -108,7 +112,7 @@ mod tests {
         let file = open_direct(&dir.path().join("pool"), true).expect("open");
         file.set_len(1 << 20).expect("size");
         let arena = Arena::new(1 << 20).expect("arena");
-        let e = open_engine(choice, &[file.as_raw_fd()], &arena, 64).expect("engine");
+        let e = open_engine(choice, &[file.as_raw_fd()], &arena, 64, Default::default()).expect("engine");
         ((dir, file), arena, e)
     }
 
@@ -249,7 +253,7 @@ mod tests {
     fn an_idle_engine_sleeps_until_woken() {
         for choice in engines() {
             let arena = Arena::new(1 << 16).expect("arena");
-            let mut e = open_engine(choice, &[], &arena, 8).expect("engine");
+            let mut e = open_engine(choice, &[], &arena, 8, Default::default()).expect("engine");
             let waker = e.waker();
             let t = std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(100));

@@ -1,6 +1,8 @@
 //! The io_uring engine: registered files, the arena registered as fixed buffer 0,
 //! batched submission, and an eventfd read kept armed in the ring so one
-//! `io_uring_enter` sleeps on both completions and wake-ups.
+//! `io_uring_enter` sleeps on both completions and wake-ups. Reads beyond the
+//! limit [`ReadDepth`] finds wait here, in order, and go to the kernel one per
+//! completed read.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -9,7 +11,10 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::buf::{Arena, IoBuf};
-use crate::engine::{FileId, IoCompletion, IoEngine, IoOp, OpKind, Wake, Waker};
+use crate::depth::{ReadDepth, ReadDepthMode};
+use crate::engine::{
+    FileId, IoCompletion, IoEngine, IoOp, OpKind, ReadDepthStats, Wake, Waker,
+};
 
 const WAKE_TAG: u64 = u64::MAX;
 
@@ -38,6 +43,7 @@ impl Drop for EventFd {
 struct Slot {
     user_data: u64,
     buf: Option<IoBuf>,
+    read: bool,
 }
 
 pub struct UringEngine {
@@ -54,6 +60,12 @@ pub struct UringEngine {
     wake_armed: bool,
     /// Operations that failed before reaching the kernel, reported on the next reap.
     failed: Vec<IoCompletion>,
+    /// Reads in the kernel, against the limit `depth` keeps.
+    reads_at_device: usize,
+    depth: ReadDepth,
+    /// Reads waiting for the limit (slot index and entry), oldest first.
+    held: std::collections::VecDeque<(u32, squeue::Entry)>,
+    reads_held: u64,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -137,7 +149,12 @@ fn register_arena(ring: &IoUring, arena: &Arena) -> Option<(usize, usize)> {
 }
 
 impl UringEngine {
-    pub fn new(files: &[RawFd], arena: &Arc<Arena>, depth: u32) -> io::Result<Self> {
+    pub fn new(
+        files: &[RawFd],
+        arena: &Arc<Arena>,
+        depth: u32,
+        read_depth: ReadDepthMode,
+    ) -> io::Result<Self> {
         let entries = depth.clamp(8, 4096).next_power_of_two();
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
@@ -161,6 +178,10 @@ impl UringEngine {
             wake_buf: Box::new(0),
             wake_armed: false,
             failed: Vec::new(),
+            reads_at_device: 0,
+            depth: ReadDepth::new(read_depth),
+            held: std::collections::VecDeque::new(),
+            reads_held: 0,
         })
     }
 
@@ -195,10 +216,42 @@ impl UringEngine {
         Ok(())
     }
 
+    /// Hands the kernel the reads that waited, as far as the limit allows.
+    fn release_held(&mut self) {
+        while !self.held.is_empty() && self.depth.admit(self.reads_at_device) {
+            let Some((idx, sqe)) = self.held.pop_front() else {
+                break;
+            };
+            self.reads_at_device += 1;
+            if let Err(e) = self.push_sqe(&sqe) {
+                tracing::error!(error = %e, "io_uring submit failed");
+                self.reads_at_device -= 1;
+                self.fail_slot(idx as usize, e);
+            }
+        }
+        // A read waits only behind reads in the kernel, whose completions
+        // release it: nothing can wait forever.
+        debug_assert!(self.held.is_empty() || self.reads_at_device > 0);
+    }
+
+    /// Completes an operation that never reached the kernel with `e`.
+    fn fail_slot(&mut self, idx: usize, e: io::Error) {
+        if let Some(slot) = self.slots[idx].take() {
+            self.free_slots.push(idx as u32);
+            self.in_flight -= 1;
+            self.failed.push(IoCompletion {
+                user_data: slot.user_data,
+                result: Err(e),
+                buf: slot.buf,
+            });
+        }
+    }
+
     /// Moves up to `max` completions to `out`; true if a wake-up was among them.
     fn reap(&mut self, max: usize, out: &mut Vec<IoCompletion>) -> bool {
         out.append(&mut self.failed);
         let mut woke = false;
+        let mut reads = 0;
         for cqe in self.ring.completion().take(max) {
             if cqe.user_data() == WAKE_TAG {
                 self.wake_armed = false;
@@ -212,6 +265,10 @@ impl UringEngine {
             };
             self.free_slots.push(idx as u32);
             self.in_flight -= 1;
+            if slot.read {
+                self.reads_at_device -= 1;
+                reads += 1;
+            }
             let res = cqe.result();
             out.push(IoCompletion {
                 user_data: slot.user_data,
@@ -222,6 +279,10 @@ impl UringEngine {
                 },
                 buf: slot.buf,
             });
+        }
+        if reads > 0 {
+            self.depth.completed(reads, std::time::Instant::now());
+            self.release_held();
         }
         woke
     }
@@ -241,6 +302,7 @@ impl UringEngine {
 
 impl IoEngine for UringEngine {
     fn push(&mut self, mut op: IoOp) {
+        let read = op.kind == OpKind::Read;
         let fd = types::Fixed(op.file as FileId);
         let sqe = match (op.kind, op.buf.as_mut()) {
             (OpKind::DataSync, _) => opcode::Fsync::new(fd)
@@ -284,21 +346,27 @@ impl IoEngine for UringEngine {
         self.slots[idx] = Some(Slot {
             user_data: op.user_data,
             buf: op.buf,
+            read,
         });
         self.in_flight += 1;
+        if read {
+            // In order: behind the reads already waiting, if any.
+            if !self.held.is_empty() || !self.depth.admit(self.reads_at_device) {
+                self.depth.hold();
+                self.held.push_back((idx as u32, sqe));
+                self.reads_held += 1;
+                return;
+            }
+            self.reads_at_device += 1;
+        }
         if let Err(e) = self.push_sqe(&sqe) {
             // The kernel refused the batch: complete this op with the error; the
             // buffer was never handed over.
             tracing::error!(error = %e, "io_uring submit failed");
-            if let Some(slot) = self.slots[idx].take() {
-                self.free_slots.push(idx as u32);
-                self.in_flight -= 1;
-                self.failed.push(IoCompletion {
-                    user_data: slot.user_data,
-                    result: Err(e),
-                    buf: slot.buf,
-                });
+            if read {
+                self.reads_at_device -= 1;
             }
+            self.fail_slot(idx, e);
         }
     }
 
@@ -343,6 +411,14 @@ impl IoEngine for UringEngine {
 
     fn registered_bytes(&self) -> usize {
         self.fixed.map_or(0, |(_, len)| len)
+    }
+
+    fn read_depth(&self) -> Option<ReadDepthStats> {
+        Some(ReadDepthStats {
+            limit: self.depth.limit(),
+            at_device: self.reads_at_device,
+            held_total: self.reads_held,
+        })
     }
 }
 

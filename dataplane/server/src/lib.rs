@@ -23,6 +23,6 @@ pub mod qos;
 pub mod server;
 pub mod state;
 
-pub use berth_store::DEFAULT_POLL;
+pub use berth_store::{ReadDepthMode, DEFAULT_POLL};
 pub use error::{Result, ServerError};
 pub use server::{start, Bound, Running, ServerConfig};

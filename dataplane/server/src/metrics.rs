@@ -44,6 +44,9 @@ pub struct Metrics {
     pub pool_gathered_reads: IntGauge,
     /// Times the store's I/O thread found work while polling.
     pub io_polled_work: IntGauge,
+    /// Reads the I/O engine lets the device hold at once, and how many waited.
+    pub io_read_depth_limit: IntGauge,
+    pub io_reads_held: IntGauge,
     /// Writes answered before their data reached the pool (deferred).
     pub pool_deferred_writes: IntGauge,
     /// Deferred writes' data whose records are still in the catalog.
@@ -176,6 +179,14 @@ impl Metrics {
                 "io_polled_work",
                 "Times the store's I/O thread found work while polling instead of sleeping (--poll-us) since start",
             ),
+            io_read_depth_limit: g(
+                "io_read_depth_limit",
+                "Reads the I/O engine lets the disk hold at once, found by measuring the rate of completed reads (0: not limited)",
+            ),
+            io_reads_held: g(
+                "io_reads_held",
+                "Reads that waited in the I/O engine for that limit since start",
+            ),
             pool_deferred_writes: g(
                 "pool_deferred_writes",
                 "Writes answered once their data was in the metadata commit, before it reached the pool (--defer-max), since start",
@@ -238,6 +249,8 @@ impl Metrics {
             &m.pool_checksum_errors,
             &m.pool_gathered_reads,
             &m.io_polled_work,
+            &m.io_read_depth_limit,
+            &m.io_reads_held,
             &m.pool_deferred_writes,
             &m.pool_deferred_bytes,
             &m.pool_io_errors,

@@ -888,6 +888,10 @@ impl Node {
             .set(c.gathered_reads.load(Ordering::Relaxed) as i64);
         m.io_polled_work
             .set(c.polled_work.load(Ordering::Relaxed) as i64);
+        m.io_read_depth_limit
+            .set(c.read_depth_limit.load(Ordering::Relaxed) as i64);
+        m.io_reads_held
+            .set(c.reads_held.load(Ordering::Relaxed) as i64);
         m.pool_deferred_writes
             .set(c.deferred_writes.load(Ordering::Relaxed) as i64);
         m.pool_io_errors

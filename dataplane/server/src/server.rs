@@ -70,6 +70,9 @@ pub struct ServerConfig {
     pub nbd_buffer_bytes: u64,
     /// The store's polling window ([`berth_store::StoreConfig::poll`]).
     pub poll: Duration,
+    /// Pool reads the disk may hold at once
+    /// ([`berth_store::StoreConfig::read_depth`]).
+    pub read_depth: berth_store::ReadDepthMode,
     /// The largest deferred write
     /// ([`berth_store::StoreConfig::defer_max_bytes`]; 0: none).
     pub defer_max_bytes: u64,
@@ -102,6 +105,7 @@ impl ServerConfig {
             nbd_connection_limits: None,
             nbd_buffer_bytes: crate::node::NbdLimits::default().buffer_bytes,
             poll: berth_store::DEFAULT_POLL,
+            read_depth: berth_store::ReadDepthMode::Auto,
             defer_max_bytes: berth_store::DEFAULT_DEFER_MAX_BYTES,
             map_cache_bytes: berth_store::DEFAULT_MAP_CACHE_BYTES,
         }
@@ -171,6 +175,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
     scfg.pool_path = cfg.pool_path.clone();
     scfg.faults = faults;
     scfg.poll = cfg.poll;
+    scfg.read_depth = cfg.read_depth;
     scfg.defer_max_bytes = cfg.defer_max_bytes;
     scfg.map_cache_entries = berth_store::map_cache_entries_for(cfg.map_cache_bytes);
     let store = tokio::task::spawn_blocking(move || Store::open_or_create(&scfg))

@@ -250,6 +250,7 @@ pub(crate) fn spawn(
     sh: Arc<Shared>,
     choice: EngineChoice,
     depth: u32,
+    read_depth: berth_io::depth::ReadDepthMode,
     poll: std::time::Duration,
     defer_max: u64,
     faults: Option<Arc<berth_io::fault::FaultPlan>>,
@@ -261,7 +262,14 @@ pub(crate) fn spawn(
         source,
     };
     let mut engine =
-        open_engine(choice, &[sh.pool.file.as_raw_fd()], &sh.arena, depth).map_err(io)?;
+        open_engine(
+        choice,
+        &[sh.pool.file.as_raw_fd()],
+        &sh.arena,
+        depth,
+        read_depth,
+    )
+    .map_err(io)?;
     if let Some(plan) = faults {
         tracing::warn!(?plan, "injecting faults into pool I/O");
         engine = Box::new(berth_io::fault::FaultEngine::new(engine, plan));
@@ -751,6 +759,11 @@ impl Loop {
                 tracing::error!(error = %e, "I/O engine failed");
             }
             self.sh.parked.store(false, Ordering::SeqCst);
+            if let Some(d) = self.engine.read_depth() {
+                let c = &self.sh.counters;
+                c.read_depth_limit.store(d.limit as u64, Ordering::Relaxed);
+                c.reads_held.store(d.held_total, Ordering::Relaxed);
+            }
             if polling && done.is_empty() {
                 self.spin();
             }

@@ -61,6 +61,7 @@ pub mod pool;
 mod store;
 
 pub use berth_io::fault::{Effect, Fault, FaultPlan};
+pub use berth_io::depth::ReadDepthMode;
 pub use berth_io::{AbortOnPanic, EngineChoice};
 pub use error::{Result, StoreError};
 pub use gc::Pauses;

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use berth_io::depth::ReadDepthMode;
 use berth_io::{Arena, EngineChoice, IoBuf, Waker};
 use parking_lot::{Condvar, Mutex};
 use rocksdb::{WriteBatch, WriteOptions, DB};
@@ -72,6 +73,9 @@ pub struct StoreConfig {
     /// or completion before it sleeps (zero: it sleeps at once). See
     /// `io_loop`'s module documentation.
     pub poll: std::time::Duration,
+    /// How many pool reads the engine lets the disk hold at once (found by
+    /// measuring unless fixed or off; see `berth_io::depth`).
+    pub read_depth: ReadDepthMode,
     /// Writes of at most this many bytes (and not FUA) are deferred: their
     /// data goes into the metadata commit, the write is answered when that
     /// lands, and the pool is written afterwards (zero: never). See
@@ -115,6 +119,7 @@ impl StoreConfig {
             lock_wait: std::time::Duration::from_secs(10),
             map_cache_entries: map_cache_entries_for(DEFAULT_MAP_CACHE_BYTES),
             poll: DEFAULT_POLL,
+            read_depth: ReadDepthMode::Auto,
             defer_max_bytes: DEFAULT_DEFER_MAX_BYTES,
             faults: None,
             pauses: None,
@@ -244,6 +249,11 @@ pub struct Counters {
     /// Times the I/O thread found work while polling, where it would
     /// otherwise have slept and been woken (see `io_loop`).
     pub polled_work: AtomicU64,
+    /// Reads the I/O engine lets the device hold at once now (0: no limit,
+    /// the thread-pool engine), found by measuring (`berth_io::depth`).
+    pub read_depth_limit: AtomicU64,
+    /// Reads that waited in the engine for that limit.
+    pub reads_held: AtomicU64,
     /// Writes answered once their data was in the metadata commit, before
     /// it reached the pool (see `io_loop`).
     pub deferred_writes: AtomicU64,
@@ -779,6 +789,7 @@ impl Store {
             shared.clone(),
             cfg.engine,
             cfg.queue_depth,
+            cfg.read_depth,
             cfg.poll,
             cfg.defer_max_bytes,
             cfg.faults.clone(),
