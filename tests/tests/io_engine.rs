@@ -83,6 +83,11 @@ fn under_a_containers_memlock_limit_the_server_registers_what_fits_and_says_so()
     ] {
         assert!(metric(&text, name).is_some(), "{name} in {text}");
     }
+    // The reads the disk may hold (found by measuring; docs/pod-path.md):
+    // a limit in force, and a count of the reads that waited for it.
+    let limit = metric(&text, "berth_io_read_depth_limit").expect("read depth limit");
+    assert!((4.0..=4096.0).contains(&limit), "read depth limit {limit}");
+    assert!(metric(&text, "berth_io_reads_held").is_some(), "{text}");
     let whole = registered.expect("berth_io_registered_buffer_bytes");
     assert!(whole >= 16.0 * MIB, "whole arena registered: {whole}");
 
@@ -116,4 +121,23 @@ fn under_a_containers_memlock_limit_the_server_registers_what_fits_and_says_so()
         matches!((uring, sync), (Some(1.0), None) | (None, Some(1.0))),
         "exactly one engine is reported: {text}"
     );
+}
+
+#[test]
+fn a_read_depth_that_means_nothing_is_refused_with_what_it_takes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for bad in ["lots", "-3", "5000"] {
+        let out = std::process::Command::new(berth_tests::server::binary("berth"))
+            .args(["volume-server", "--data"])
+            .arg(tmp.path())
+            .args(["--pool-size", "64M", &format!("--read-depth={bad}")])
+            .output()
+            .expect("run berth");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad}: {err}");
+        assert!(
+            err.contains("--read-depth") && err.contains("expected auto, off"),
+            "{bad}: {err}"
+        );
+    }
 }

@@ -293,7 +293,10 @@ mod tests {
     fn a_shallow_load_is_not_held_back() {
         let (limits, depths) = drive(&mut auto(), 6, 400, |d| d as f64 * 5000.0);
         assert!(mean(&depths[100..]) >= 0.97 * 6.0, "{depths:?}");
-        assert!(limits[100..].iter().all(|l| (5..=6).contains(l)), "{limits:?}");
+        assert!(
+            limits[100..].iter().all(|l| (5..=6).contains(l)),
+            "{limits:?}"
+        );
         let (limits, depths) = drive(&mut auto(), 1, 20, |_| 10_000.0);
         assert_eq!(limits.last(), Some(&MIN_LIMIT), "{limits:?}");
         assert!(depths.iter().all(|&d| d == 1));

@@ -112,7 +112,8 @@ mod tests {
         let file = open_direct(&dir.path().join("pool"), true).expect("open");
         file.set_len(1 << 20).expect("size");
         let arena = Arena::new(1 << 20).expect("arena");
-        let e = open_engine(choice, &[file.as_raw_fd()], &arena, 64, Default::default()).expect("engine");
+        let e = open_engine(choice, &[file.as_raw_fd()], &arena, 64, Default::default())
+            .expect("engine");
         ((dir, file), arena, e)
     }
 
@@ -175,6 +176,72 @@ mod tests {
             }
             assert_eq!(e.in_flight(), 0);
         }
+    }
+
+    #[test]
+    fn reads_beyond_the_depth_limit_wait_and_all_complete_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = open_direct(&dir.path().join("pool"), true).expect("open");
+        file.set_len(1 << 20).expect("size");
+        let arena = Arena::new(1 << 20).expect("arena");
+        let fixed = depth::ReadDepthMode::Fixed(3);
+        let mut e = open_engine(EngineChoice::Uring, &[file.as_raw_fd()], &arena, 64, fixed)
+            .expect("engine");
+        for i in 0..32u64 {
+            let mut b = arena.alloc(PAGE);
+            b.as_mut_slice().fill(i as u8 + 1);
+            e.push(IoOp {
+                kind: OpKind::Write,
+                file: 0,
+                offset: i * PAGE as u64,
+                buf: Some(b),
+                user_data: i,
+            });
+        }
+        // Writes are not limited: all 32 are at the device at once.
+        assert_eq!(e.read_depth().map(|d| d.at_device), Some(0));
+        wait_all(e.as_mut(), 32);
+        for i in 0..32u64 {
+            e.push(IoOp {
+                kind: OpKind::Read,
+                file: 0,
+                offset: i * PAGE as u64,
+                buf: Some(arena.alloc_uninit(PAGE)),
+                user_data: 1000 + i,
+            });
+        }
+        let d = e.read_depth().expect("io_uring reports its read depth");
+        assert_eq!((d.limit, d.at_device, d.held_total), (3, 3, 29));
+        let mut done = Vec::new();
+        while done.len() < 32 {
+            e.submit_and_wait(true, 1, &mut done).expect("submit");
+            let d = e.read_depth().expect("depth");
+            assert!(d.at_device <= 3, "{d:?}");
+        }
+        done.sort_by_key(|c| c.user_data);
+        for (i, c) in done.iter().enumerate() {
+            assert_eq!(c.user_data, 1000 + i as u64);
+            let buf = c.buf.as_ref().expect("buffer comes back");
+            assert!(
+                buf.as_slice().iter().all(|&x| x == i as u8 + 1),
+                "block {i}"
+            );
+        }
+        assert_eq!(e.in_flight(), 0);
+        // Dropped with reads still waiting for the limit: the drop drains
+        // them (the kernel may write into their buffers until then).
+        for i in 0..32u64 {
+            e.push(IoOp {
+                kind: OpKind::Read,
+                file: 0,
+                offset: i * PAGE as u64,
+                buf: Some(arena.alloc_uninit(PAGE)),
+                user_data: i,
+            });
+        }
+        e.submit_and_wait(false, 0, &mut Vec::new())
+            .expect("submit");
+        drop(e);
     }
 
     #[test]

@@ -12,9 +12,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::buf::{Arena, IoBuf};
 use crate::depth::{ReadDepth, ReadDepthMode};
-use crate::engine::{
-    FileId, IoCompletion, IoEngine, IoOp, OpKind, ReadDepthStats, Wake, Waker,
-};
+use crate::engine::{FileId, IoCompletion, IoEngine, IoOp, OpKind, ReadDepthStats, Wake, Waker};
 
 const WAKE_TAG: u64 = u64::MAX;
 

@@ -261,8 +261,7 @@ pub(crate) fn spawn(
         offset: 0,
         source,
     };
-    let mut engine =
-        open_engine(
+    let mut engine = open_engine(
         choice,
         &[sh.pool.file.as_raw_fd()],
         &sh.arena,

@@ -60,8 +60,8 @@ mod meta;
 pub mod pool;
 mod store;
 
-pub use berth_io::fault::{Effect, Fault, FaultPlan};
 pub use berth_io::depth::ReadDepthMode;
+pub use berth_io::fault::{Effect, Fault, FaultPlan};
 pub use berth_io::{AbortOnPanic, EngineChoice};
 pub use error::{Result, StoreError};
 pub use gc::Pauses;
