@@ -11,7 +11,7 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types, IoUring};
 
 use crate::buf::{Arena, IoBuf};
-use crate::depth::{ReadDepth, ReadDepthMode};
+use crate::depth::{ReadDepth, ReadDepthMode, SMALL_READ_MAX};
 use crate::engine::{FileId, IoCompletion, IoEngine, IoOp, OpKind, ReadDepthStats, Wake, Waker};
 
 const WAKE_TAG: u64 = u64::MAX;
@@ -58,7 +58,8 @@ pub struct UringEngine {
     wake_armed: bool,
     /// Operations that failed before reaching the kernel, reported on the next reap.
     failed: Vec<IoCompletion>,
-    /// Reads in the kernel, against the limit `depth` keeps.
+    /// Reads in the kernel, against the limit `depth` keeps (small ones:
+    /// see [`SMALL_READ_MAX`]).
     reads_at_device: usize,
     depth: ReadDepth,
     /// Reads waiting for the limit (slot index and entry), oldest first.
@@ -300,7 +301,8 @@ impl UringEngine {
 
 impl IoEngine for UringEngine {
     fn push(&mut self, mut op: IoOp) {
-        let read = op.kind == OpKind::Read;
+        let read = op.kind == OpKind::Read
+            && op.buf.as_ref().is_some_and(|b| b.len() <= SMALL_READ_MAX);
         let fd = types::Fixed(op.file as FileId);
         let sqe = match (op.kind, op.buf.as_mut()) {
             (OpKind::DataSync, _) => opcode::Fsync::new(fd)
