@@ -323,28 +323,22 @@ mod tests {
     }
 
     #[test]
-    fn an_epoch_shorter_than_its_length_moves_nothing() {
-        let mut d = ReadDepth::new(ReadDepthMode::Auto);
-        let now = Instant::now();
-        d.completed(0, now);
-        assert!(!d.admit(START_LIMIT));
-        d.completed(1000, now + EPOCH / 2);
-        assert_eq!(d.limit(), START_LIMIT);
-        d.completed(1000, now + EPOCH);
-        assert_eq!(d.limit(), START_LIMIT + START_LIMIT / 4);
-    }
-
-    #[test]
-    fn an_epoch_waits_for_enough_reads_to_say_something() {
-        let mut d = ReadDepth::new(ReadDepthMode::Auto);
-        let now = Instant::now();
-        d.completed(0, now);
-        assert!(!d.admit(START_LIMIT));
-        // A second of a slow stream: too few reads to compare rates.
-        d.completed(MIN_EPOCH_READS as usize - 1, now + EPOCH * 20);
-        assert_eq!(d.limit(), START_LIMIT);
-        d.completed(1, now + EPOCH * 21);
-        assert_eq!(d.limit(), START_LIMIT + START_LIMIT / 4);
+    fn an_epoch_ends_after_its_length_and_enough_reads() {
+        for (first, then) in [
+            // Many reads, too soon.
+            ((1000, EPOCH / 2), (1000, EPOCH)),
+            // A second of a slow stream: too few reads to compare rates.
+            ((MIN_EPOCH_READS as usize - 1, EPOCH * 20), (1, EPOCH * 21)),
+        ] {
+            let mut d = ReadDepth::new(ReadDepthMode::Auto);
+            let now = Instant::now();
+            d.completed(0, now);
+            assert!(!d.admit(START_LIMIT));
+            d.completed(first.0, now + first.1);
+            assert_eq!(d.limit(), START_LIMIT);
+            d.completed(then.0, now + then.1);
+            assert_eq!(d.limit(), START_LIMIT + START_LIMIT / 4);
+        }
     }
 
     #[test]
@@ -370,8 +364,11 @@ mod tests {
         assert_eq!("0".parse(), Ok(ReadDepthMode::Off));
         assert_eq!("24".parse(), Ok(ReadDepthMode::Fixed(24)));
         for bad in ["", "-1", "4097", "lots"] {
-            let e = bad.parse::<ReadDepthMode>().unwrap_err();
-            assert!(e.contains("expected auto, off"), "{bad}: {e}");
+            let r = bad.parse::<ReadDepthMode>();
+            assert!(
+                r.as_ref().is_err_and(|e| e.contains("expected auto, off")),
+                "{bad}: {r:?}"
+            );
         }
     }
 }

@@ -100,21 +100,39 @@ mod tests {
         vec![EngineChoice::Uring, EngineChoice::Sync]
     }
 
-    /// A 1 MiB file opened for direct I/O, an arena, and an engine over them.
-    fn fixture(
-        choice: EngineChoice,
-    ) -> (
+    type Fixture = (
         (tempfile::TempDir, std::fs::File),
         Arc<Arena>,
         Box<dyn IoEngine>,
-    ) {
+    );
+
+    /// A 1 MiB file opened for direct I/O, an arena, and an engine over them.
+    fn fixture(choice: EngineChoice) -> Fixture {
+        fixture_limited(choice, Default::default())
+    }
+
+    fn fixture_limited(choice: EngineChoice, reads: depth::ReadDepthMode) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = open_direct(&dir.path().join("pool"), true).expect("open");
         file.set_len(1 << 20).expect("size");
         let arena = Arena::new(1 << 20).expect("arena");
-        let e = open_engine(choice, &[file.as_raw_fd()], &arena, 64, Default::default())
-            .expect("engine");
+        let e = open_engine(choice, &[file.as_raw_fd()], &arena, 64, reads).expect("engine");
         ((dir, file), arena, e)
+    }
+
+    /// Writes block `i` (of `n`) full of the byte `i + 1`, all at once.
+    fn push_pattern(e: &mut dyn IoEngine, arena: &Arc<Arena>, n: u64) {
+        for i in 0..n {
+            let mut b = arena.alloc(PAGE);
+            b.as_mut_slice().fill(i as u8 + 1);
+            e.push(IoOp {
+                kind: OpKind::Write,
+                file: 0,
+                offset: i * PAGE as u64,
+                buf: Some(b),
+                user_data: i,
+            });
+        }
     }
 
     fn wait_all(e: &mut dyn IoEngine, n: usize) -> Vec<IoCompletion> {
@@ -130,17 +148,7 @@ mod tests {
     fn batched_writes_then_reads_round_trip_on_both_engines() {
         for choice in engines() {
             let (_dir, arena, mut e) = fixture(choice);
-            for i in 0..32u64 {
-                let mut b = arena.alloc(PAGE);
-                b.as_mut_slice().fill(i as u8 + 1);
-                e.push(IoOp {
-                    kind: OpKind::Write,
-                    file: 0,
-                    offset: i * PAGE as u64,
-                    buf: Some(b),
-                    user_data: i,
-                });
-            }
+            push_pattern(e.as_mut(), &arena, 32);
             let done = wait_all(e.as_mut(), 32);
             assert!(
                 done.iter().all(|c| matches!(c.result, Ok(n) if n == PAGE)),
@@ -180,24 +188,9 @@ mod tests {
 
     #[test]
     fn reads_beyond_the_depth_limit_wait_and_all_complete_whole() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = open_direct(&dir.path().join("pool"), true).expect("open");
-        file.set_len(1 << 20).expect("size");
-        let arena = Arena::new(1 << 20).expect("arena");
-        let fixed = depth::ReadDepthMode::Fixed(3);
-        let mut e = open_engine(EngineChoice::Uring, &[file.as_raw_fd()], &arena, 64, fixed)
-            .expect("engine");
-        for i in 0..32u64 {
-            let mut b = arena.alloc(PAGE);
-            b.as_mut_slice().fill(i as u8 + 1);
-            e.push(IoOp {
-                kind: OpKind::Write,
-                file: 0,
-                offset: i * PAGE as u64,
-                buf: Some(b),
-                user_data: i,
-            });
-        }
+        let (_dir, arena, mut e) =
+            fixture_limited(EngineChoice::Uring, depth::ReadDepthMode::Fixed(3));
+        push_pattern(e.as_mut(), &arena, 32);
         // Writes are not limited: all 32 are at the device at once.
         assert_eq!(e.read_depth().map(|d| d.at_device), Some(0));
         wait_all(e.as_mut(), 32);

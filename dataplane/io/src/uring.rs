@@ -301,8 +301,8 @@ impl UringEngine {
 
 impl IoEngine for UringEngine {
     fn push(&mut self, mut op: IoOp) {
-        let read = op.kind == OpKind::Read
-            && op.buf.as_ref().is_some_and(|b| b.len() <= SMALL_READ_MAX);
+        let read =
+            op.kind == OpKind::Read && op.buf.as_ref().is_some_and(|b| b.len() <= SMALL_READ_MAX);
         let fd = types::Fixed(op.file as FileId);
         let sqe = match (op.kind, op.buf.as_mut()) {
             (OpKind::DataSync, _) => opcode::Fsync::new(fd)
