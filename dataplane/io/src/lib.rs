@@ -120,6 +120,19 @@ mod tests {
         ((dir, file), arena, e)
     }
 
+    /// Reads blocks 0 to `n`, all at once, tagged `tag + i`.
+    fn push_reads(e: &mut dyn IoEngine, arena: &Arc<Arena>, n: u64, tag: u64) {
+        for i in 0..n {
+            e.push(IoOp {
+                kind: OpKind::Read,
+                file: 0,
+                offset: i * PAGE as u64,
+                buf: Some(arena.alloc_uninit(PAGE)),
+                user_data: tag + i,
+            });
+        }
+    }
+
     /// Writes block `i` (of `n`) full of the byte `i + 1`, all at once.
     fn push_pattern(e: &mut dyn IoEngine, arena: &Arc<Arena>, n: u64) {
         for i in 0..n {
@@ -164,15 +177,7 @@ mod tests {
             let done = wait_all(e.as_mut(), 1);
             assert_eq!(done[0].user_data, 99);
             assert!(done[0].result.is_ok());
-            for i in 0..32u64 {
-                e.push(IoOp {
-                    kind: OpKind::Read,
-                    file: 0,
-                    offset: i * PAGE as u64,
-                    buf: Some(arena.alloc_uninit(PAGE)),
-                    user_data: 1000 + i,
-                });
-            }
+            push_reads(e.as_mut(), &arena, 32, 1000);
             let mut done = wait_all(e.as_mut(), 32);
             done.sort_by_key(|c| c.user_data);
             for (i, c) in done.iter().enumerate() {
@@ -194,15 +199,7 @@ mod tests {
         // Writes are not limited: all 32 are at the device at once.
         assert_eq!(e.read_depth().map(|d| d.at_device), Some(0));
         wait_all(e.as_mut(), 32);
-        for i in 0..32u64 {
-            e.push(IoOp {
-                kind: OpKind::Read,
-                file: 0,
-                offset: i * PAGE as u64,
-                buf: Some(arena.alloc_uninit(PAGE)),
-                user_data: 1000 + i,
-            });
-        }
+        push_reads(e.as_mut(), &arena, 32, 1000);
         let d = e.read_depth().expect("io_uring reports its read depth");
         assert_eq!((d.limit, d.at_device, d.held_total), (3, 3, 29));
         let mut done = Vec::new();
@@ -223,15 +220,7 @@ mod tests {
         assert_eq!(e.in_flight(), 0);
         // Dropped with reads still waiting for the limit: the drop drains
         // them (the kernel may write into their buffers until then).
-        for i in 0..32u64 {
-            e.push(IoOp {
-                kind: OpKind::Read,
-                file: 0,
-                offset: i * PAGE as u64,
-                buf: Some(arena.alloc_uninit(PAGE)),
-                user_data: i,
-            });
-        }
+        push_reads(e.as_mut(), &arena, 32, 0);
         e.submit_and_wait(false, 0, &mut Vec::new())
             .expect("submit");
         drop(e);
