@@ -428,21 +428,40 @@ impl Meta {
         node: &str,
     ) -> Result<Vec<(String, String, String)>> {
         check_name("node", node)?;
-        let rec: NodeRecord = self
-            .get(node)?
-            .ok_or_else(|| MetaError::NotFound(format!("node {node} is not registered")))?;
-        if !rec.cordoned {
+        // The node's heartbeats and the audit puller move its record
+        // concurrently: cordon by compare-and-swap, and read it again if it
+        // moved (as registration does).
+        let mut tries = 0;
+        loop {
+            let rec: NodeRecord = self
+                .get(node)?
+                .ok_or_else(|| MetaError::NotFound(format!("node {node} is not registered")))?;
+            if rec.cordoned {
+                break;
+            }
             let cordoned = NodeRecord {
                 cordoned: true,
                 ..rec.clone()
             };
-            self.commit(
-                call,
-                cordoned.replace(&rec),
-                node,
-                "cordoned: no new volumes".into(),
-            )
-            .await?;
+            match self
+                .commit(
+                    call,
+                    cordoned.replace(&rec),
+                    node,
+                    "cordoned: no new volumes".into(),
+                )
+                .await
+            {
+                Err(MetaError::Catalog(berth_catalog::CatalogError::Conflict { .. }))
+                    if tries < 4 =>
+                {
+                    tries += 1;
+                }
+                other => {
+                    other?;
+                    break;
+                }
+            }
         }
         let mut out = Vec::new();
         for v in records::list::<VolumeRecord>(&*self.store, None, 0)? {
