@@ -339,11 +339,11 @@ struct NodeArgs {
     /// (see docs/pod-path.md).
     #[arg(long, env = "BERTH_POLL_US", default_value_t = berth_volume::DEFAULT_POLL.as_micros() as u64, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     poll_us: u64,
-    /// How many pool reads the disk is given at once: `auto` finds the
-    /// depth that completes the most reads per second and follows it (a
-    /// disk that answers in batches, as virtual disks do, turns a deeper
-    /// queue into a convoy); `off` gives it every read at once; a number
-    /// fixes the limit (see docs/pod-path.md).
+    /// How many pool reads of up to 128 KiB the disk is given at once:
+    /// `auto` finds the depth that completes the most reads per second and
+    /// follows it (a disk that answers in batches, as virtual disks do,
+    /// turns a deeper queue into a convoy); `off` gives it every read at
+    /// once; a number fixes the limit (see docs/pod-path.md).
     #[arg(long, env = "BERTH_READ_DEPTH", default_value = "auto")]
     read_depth: berth_volume::ReadDepthMode,
     /// Writes of at most this size (not FUA) are deferred: answered once
