@@ -574,18 +574,9 @@ impl Meta {
                 )));
             }
         }
-        // The audit puller moves the node's cursor concurrently: write by
-        // compare-and-swap and start over if it moved.
-        for _ in 0..5 {
-            match self.try_register(actor, &r).await {
-                Err(MetaError::Catalog(berth_catalog::CatalogError::Conflict { .. })) => continue,
-                other => return other.map(|()| self.cfg.heartbeat_interval.as_millis() as u32),
-            }
-        }
-        Err(MetaError::Aborted(format!(
-            "node {}: its record kept changing; retry",
-            r.name
-        )))
+        // The audit puller moves the node's cursor concurrently.
+        node_cas(&r.name, || self.try_register(actor, &r)).await?;
+        Ok(self.cfg.heartbeat_interval.as_millis() as u32)
     }
 
     async fn try_register(&self, actor: &str, r: &Registration) -> Result<()> {
@@ -804,6 +795,25 @@ impl Meta {
         }
         Ok((total, max))
     }
+}
+
+/// Runs `attempt`, a read and a compare-and-swap of node `node`'s record,
+/// again (up to 5 times) while a concurrent change to the record (its
+/// heartbeats, the audit puller moving its cursor) makes the swap lose.
+async fn node_cas<F, Fut>(node: &str, mut attempt: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    for _ in 0..5 {
+        match attempt().await {
+            Err(MetaError::Catalog(berth_catalog::CatalogError::Conflict { .. })) => continue,
+            other => return other,
+        }
+    }
+    Err(MetaError::Aborted(format!(
+        "node {node}: its record kept changing; retry"
+    )))
 }
 
 /// A compare-and-swap that lost to a concurrent change that did the same

@@ -428,41 +428,26 @@ impl Meta {
         node: &str,
     ) -> Result<Vec<(String, String, String)>> {
         check_name("node", node)?;
-        // The node's heartbeats and the audit puller move its record
-        // concurrently: cordon by compare-and-swap, and read it again if it
-        // moved (as registration does).
-        let mut tries = 0;
-        loop {
+        super::node_cas(node, || async {
             let rec: NodeRecord = self
                 .get(node)?
                 .ok_or_else(|| MetaError::NotFound(format!("node {node} is not registered")))?;
             if rec.cordoned {
-                break;
+                return Ok(());
             }
             let cordoned = NodeRecord {
                 cordoned: true,
                 ..rec.clone()
             };
-            match self
-                .commit(
-                    call,
-                    cordoned.replace(&rec),
-                    node,
-                    "cordoned: no new volumes".into(),
-                )
-                .await
-            {
-                Err(MetaError::Catalog(berth_catalog::CatalogError::Conflict { .. }))
-                    if tries < 4 =>
-                {
-                    tries += 1;
-                }
-                other => {
-                    other?;
-                    break;
-                }
-            }
-        }
+            self.commit(
+                call,
+                cordoned.replace(&rec),
+                node,
+                "cordoned: no new volumes".into(),
+            )
+            .await
+        })
+        .await?;
         let mut out = Vec::new();
         for v in records::list::<VolumeRecord>(&*self.store, None, 0)? {
             let on_it = v.nodes().iter().any(|(n, _)| n == node);
