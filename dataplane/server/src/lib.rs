@@ -19,6 +19,7 @@ pub mod heartbeat;
 pub mod metrics;
 pub mod nbd;
 pub mod node;
+mod poll;
 pub mod qos;
 pub mod server;
 pub mod state;

@@ -344,10 +344,9 @@ impl Session {
         // requests are queued: never across a wait).
         let mut held: Option<Held> = None;
         let mut last = std::time::Instant::now();
-        let mut shallow = berth_store::Shallow::new();
-        let mut poll_until: Option<std::time::Instant> = None;
+        let mut poll = crate::poll::ReaderPoll::new();
         loop {
-            let polling = poll_until.is_some_and(|t| std::time::Instant::now() < t);
+            let polling = poll.polling();
             let mut g = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
@@ -362,15 +361,8 @@ impl Session {
                     Ok(g) => g,
                     Err(e) => return format!("poll /dev/fuse: {e}"),
                 },
-                // Polling: the thread's other tasks and its reactor run, then
-                // this looks again (the cancellation first). The CPU is
-                // yielded too: a thread woken on it (the client, the loop
-                // device's worker) runs now, not when the scheduler would
-                // preempt this one.
-                _ = async {
-                    std::thread::yield_now();
-                    tokio::task::yield_now().await;
-                }, if polling => continue,
+                // Polling: look again (`crate::poll`).
+                _ = crate::poll::ReaderPoll::pause(), if polling => continue,
             };
             // Everything the kernel has queued, then back to waiting.
             loop {
@@ -389,7 +381,7 @@ impl Session {
                         // for the next one rather than sleep: see
                         // `berth_store::Shallow`.
                         let live = self.inflight.load(Ordering::Acquire);
-                        poll_until = shallow.observe(live).then(|| last + self.node.store.poll());
+                        poll.after(live, last, self.node.store.poll());
                         break;
                     }
                     // Interrupted, or a request the kernel gave up on.

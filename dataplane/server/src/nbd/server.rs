@@ -989,10 +989,9 @@ async fn reader<R: AsyncBufRead + Unpin>(
     cancel: &tokio_util::sync::CancellationToken,
 ) -> String {
     let mut hdr = [0u8; REQUEST_BYTES];
-    let mut shallow = berth_store::Shallow::new();
-    let mut poll_until: Option<Instant> = None;
+    let mut poll = crate::poll::ReaderPoll::new();
     loop {
-        let polling = poll_until.is_some_and(|t| Instant::now() < t);
+        let polling = poll.polling();
         // `fill_buf` consumes nothing, so dropping it on cancellation loses nothing.
         tokio::select! {
             biased;
@@ -1011,16 +1010,9 @@ async fn reader<R: AsyncBufRead + Unpin>(
                 Ok(_) => {}
                 Err(e) => return format!("read failed: {e}"),
             },
-            // Shortly after a request, under a shallow load, poll for the
-            // next one rather than sleep (a sleeping thread woken from
-            // another CPU costs tens of µs on a VM): the thread's other tasks
-            // and its reactor run, and the CPU is yielded (the client may be
-            // waiting for it), then this looks again. See
-            // `berth_store::Shallow` and docs/pod-path.md.
-            _ = async {
-                std::thread::yield_now();
-                tokio::task::yield_now().await;
-            }, if polling => continue,
+            // Shortly after a request, under a shallow load, look again
+            // rather than sleep (`crate::poll`).
+            _ = crate::poll::ReaderPoll::pause(), if polling => continue,
         }
         // A frame that has started must finish in reasonable time, or a client
         // could hold a revoke or a shutdown open with half a header.
@@ -1046,9 +1038,7 @@ async fn reader<R: AsyncBufRead + Unpin>(
             return why;
         }
         let live = MAX_INFLIGHT - conn.slots.available_permits();
-        poll_until = shallow
-            .observe(live)
-            .then(|| Instant::now() + conn.node.store.poll());
+        poll.after(live, Instant::now(), conn.node.store.poll());
     }
 }
 
