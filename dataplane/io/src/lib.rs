@@ -230,15 +230,7 @@ mod tests {
     fn completions_are_handed_out_at_most_max_at_a_time() {
         for choice in engines() {
             let (_dir, arena, mut e) = fixture(choice);
-            for i in 0..16u64 {
-                e.push(IoOp {
-                    kind: OpKind::Read,
-                    file: 0,
-                    offset: i * PAGE as u64,
-                    buf: Some(arena.alloc_uninit(PAGE)),
-                    user_data: i,
-                });
-            }
+            push_reads(e.as_mut(), &arena, 16, 0);
             let mut seen = 0;
             while seen < 16 {
                 let mut out = Vec::new();
