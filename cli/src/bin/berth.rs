@@ -331,12 +331,12 @@ struct NodeArgs {
     /// memory (one connection: a quarter of it).
     #[arg(long, env = "BERTH_NBD_BUFFER_SIZE", default_value = "512M", value_parser = berth_cli::parse_size)]
     nbd_buffer_size: u64,
-    /// Microseconds the store's I/O thread (and an NBD connection's reader,
-    /// and a local attachment's FUSE session) keeps polling for work after
-    /// its last request before it sleeps, while the load is shallow:
-    /// queue-depth-1 I/O answers sooner (no wake-up, which is slow on virtual
-    /// machines), deep queues and an idle node are unchanged; 0 always sleeps
-    /// (see docs/pod-path.md).
+    /// Microseconds the store's I/O thread keeps polling for work after its
+    /// last request or completion before it sleeps (and, while the load is
+    /// shallow, an NBD connection's reader and a local attachment's FUSE
+    /// session after their last request): I/O answers sooner (no wake-up,
+    /// which is slow on virtual machines), an idle node is unchanged; 0
+    /// always sleeps (see docs/pod-path.md).
     #[arg(long, env = "BERTH_POLL_US", default_value_t = berth_volume::DEFAULT_POLL.as_micros() as u64, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     poll_us: u64,
     /// How many pool reads of up to 128 KiB the disk is given at once:

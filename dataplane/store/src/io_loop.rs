@@ -11,14 +11,18 @@
 //! Polling. A thread woken on another CPU costs about 19 µs on the 2-vCPU
 //! virtual machines Berth is measured on (a halted vCPU must be woken by the
 //! host; `perf bench sched pipe`: 38 µs a round trip across CPUs, 5 µs on
-//! one), and a request at queue depth 1 crosses several. So while the load is
-//! shallow (see [`Shallow`]) the loop does not sleep for
-//! [`StoreConfig::poll`](crate::StoreConfig::poll) after its last request or
-//! completion: it yields the CPU and looks again, and submitters need not
-//! signal it either. An idle store sleeps as before, and a deep queue never
-//! polls. Measured (release, 4 KiB, 100 µs): queue-depth-1 reads and writes
-//! 26-42% faster over NBD and 30-46% on the pod path (where the FUSE session
-//! polls too), QD32 unchanged; docs/pod-path.md has the figures.
+//! one), and a request at queue depth 1 crosses several. So the loop does not
+//! sleep for [`StoreConfig::poll`](crate::StoreConfig::poll) after its last
+//! request or completion: it yields the CPU and looks again, and submitters
+//! need not signal it either. An idle store sleeps as before. Measured
+//! (release, 4 KiB, 100 µs): queue-depth-1 reads and writes 26-42% faster
+//! over NBD and 30-46% on the pod path (where the FUSE session polls too).
+//! Deep queues poll too since the engine holds reads back to the disk's best
+//! depth (`berth_io::ReadDepth`): completions then come one by one rather
+//! than in convoys, and each would wake the thread; polling through them
+//! made QD8 reads 28-36% and QD32 reads 10-23% faster, for 1-4 µs more of
+//! the thread's CPU a read (before that limit, polling a deep queue cost
+//! QD32 reads 10%). docs/pod-path.md has the figures.
 //!
 //! Deferred writes. A small write (at most
 //! [`StoreConfig::defer_max_bytes`](crate::StoreConfig::defer_max_bytes), not
@@ -142,12 +146,14 @@ pub enum Zeroing {
     Allocate,
 }
 
-/// Whether a load is shallow enough to poll for: at most [`Shallow::LIVE`]
-/// requests were in flight at once during the last [`Shallow::WINDOW`] and
-/// so far in this one. Under a deep queue completions come often enough that
-/// a thread seldom sleeps, and the CPU a poll takes is better left to the
-/// threads that feed it (measured: 4 KiB QD32 reads lost 10% when the I/O
-/// thread polled regardless).
+/// Whether a load is shallow enough for a frontend's reader to poll for its
+/// next request: at most [`Shallow::LIVE`] requests were in flight at once
+/// during the last [`Shallow::WINDOW`] and so far in this one. Under a deep
+/// queue requests come often enough that a reader seldom sleeps, and the CPU
+/// a poll takes is better left to the other threads (measured: with the NBD
+/// and FUSE readers polling at QD32 as well, reads were no faster and the
+/// server took 5-7 µs more CPU a read). The store's I/O thread polls at any
+/// depth (see the module documentation).
 #[derive(Debug)]
 pub struct Shallow {
     peak: usize,
@@ -208,6 +214,35 @@ pub enum Outcome {
 /// Receives outcomes on the I/O thread; must not block.
 pub trait Reply: Send + Sync {
     fn reply(&self, tag: u64, outcome: Outcome);
+
+    /// Called after a batch of replies: once at the end of each turn of the
+    /// I/O loop for every `Reply` answered in it, and right after an answer
+    /// given outside the loop. A frontend may gather a turn's replies and
+    /// send them together here (one system call, one wake-up of the client,
+    /// instead of one per reply); it must not keep them past this call.
+    fn flush(&self) {}
+}
+
+/// The replies given in one turn of the I/O loop, to flush at its end.
+#[derive(Default)]
+struct Answers {
+    touched: Vec<Arc<dyn Reply>>,
+}
+
+impl Answers {
+    fn send(&mut self, reply: Arc<dyn Reply>, tag: u64, outcome: Outcome) {
+        reply.reply(tag, outcome);
+        // A turn's replies mostly go to a few connections: a short scan.
+        if !self.touched.iter().any(|r| Arc::ptr_eq(r, &reply)) {
+            self.touched.push(reply);
+        }
+    }
+
+    fn flush(&mut self) {
+        for r in self.touched.drain(..) {
+            r.flush();
+        }
+    }
 }
 
 pub struct Request {
@@ -229,6 +264,7 @@ pub(crate) fn submit(sh: &Shared, req: Request) {
     if sh.shutdown.load(Ordering::SeqCst) {
         req.reply
             .reply(req.tag, fail(&req.op, StoreError::ShuttingDown));
+        req.reply.flush();
         return;
     }
     sh.queue.lock().push(req);
@@ -531,7 +567,6 @@ pub(crate) struct Loop {
     /// The polling window after the last work, and when that work was.
     poll: std::time::Duration,
     last_work: std::time::Instant,
-    shallow: Shallow,
     /// Largest write deferred (0: none).
     defer_max: u64,
     unapplied: Unapplied,
@@ -550,6 +585,9 @@ pub(crate) struct Loop {
     /// Some deferred block was freed while its apply was in flight.
     freed_waiting: bool,
     no_reply: Arc<dyn Reply>,
+    /// This turn's replies, flushed before the loop waits and at the end of
+    /// the turn.
+    answers: Answers,
 }
 
 /// The reply of the loop's own flushes.
@@ -623,7 +661,6 @@ impl Loop {
             wal_synced: None,
             poll,
             last_work: std::time::Instant::now(),
-            shallow: Shallow::new(),
             defer_max,
             unapplied: Unapplied {
                 blocks: BTreeSet::new(),
@@ -637,6 +674,7 @@ impl Loop {
             own_sync_failed: None,
             freed_waiting: false,
             no_reply: Arc::new(NoReply),
+            answers: Answers::default(),
         }
     }
 
@@ -681,7 +719,7 @@ impl Loop {
             for req in incoming.drain(..) {
                 if stopping {
                     let out = fail(&req.op, StoreError::ShuttingDown);
-                    req.reply.reply(req.tag, out);
+                    self.answers.send(req.reply, req.tag, out);
                 } else {
                     self.accept(req);
                 }
@@ -715,11 +753,12 @@ impl Loop {
                 for (_, reqs) in self.frozen.drain() {
                     for req in reqs {
                         let out = fail(&req.op, StoreError::ShuttingDown);
-                        req.reply.reply(req.tag, out);
+                        self.answers.send(req.reply, req.tag, out);
                     }
                 }
             }
             if stopping && self.live() == 0 {
+                self.answers.flush();
                 return;
             }
             // Group commit: while more completions are ready, let the group grow
@@ -742,10 +781,8 @@ impl Loop {
             self.start_sync();
             // Sleep only with nothing to stage, or while the committer has a group.
             let idle = self.commit.is_empty() || !self.committing.is_empty();
-            // Poll instead, shortly after work under a shallow load: see the
-            // module documentation. Every turn counts towards the load's peak.
-            let shallow = self.shallow.observe(self.live());
-            let polling = idle && shallow && self.last_work.elapsed() < self.poll;
+            // Poll instead, shortly after work: see the module documentation.
+            let polling = idle && self.last_work.elapsed() < self.poll;
             if idle && !polling {
                 self.sh.parked.store(true, Ordering::SeqCst);
                 if self.work_waiting() {
@@ -753,6 +790,8 @@ impl Loop {
                 }
             }
             let wait = idle && !polling && self.sh.parked.load(Ordering::SeqCst);
+            // What this turn answered goes out before the loop may sleep.
+            self.answers.flush();
             let mut done = std::mem::take(&mut self.completions);
             if let Err(e) = self.engine.submit_and_wait(wait, REAP_MAX, &mut done) {
                 tracing::error!(error = %e, "I/O engine failed");
@@ -773,6 +812,7 @@ impl Loop {
                 self.complete(c);
             }
             self.completions = done;
+            self.answers.flush();
         }
     }
 
@@ -1108,7 +1148,7 @@ impl Loop {
                     Self::resolve(&inner, target, offset, len, true, "zero", &mut layers)
                 };
                 if let Err(e) = checked {
-                    return req.reply.reply(req.tag, Outcome::Done(Err(e)));
+                    return self.answers.send(req.reply, req.tag, Outcome::Done(Err(e)));
                 }
                 // In range, so below 2^60: no overflow from here on.
                 let (lo, hi) = (
@@ -1118,7 +1158,7 @@ impl Loop {
                 if trim {
                     // A trim is advisory: free the whole blocks inside the range.
                     if hi <= lo {
-                        return req.reply.reply(req.tag, Outcome::Done(Ok(())));
+                        return self.answers.send(req.reply, req.tag, Outcome::Done(Ok(())));
                     }
                     req.op = Op::Zero {
                         target,
@@ -1147,7 +1187,7 @@ impl Loop {
                     } else {
                         format!("write-zeroes of {len} bytes at {offset} is not 4096-byte aligned; unaligned zeroing is limited to {MAX_REQUEST_BYTES} bytes")
                     });
-                    return req.reply.reply(req.tag, Outcome::Done(Err(e)));
+                    return self.answers.send(req.reply, req.tag, Outcome::Done(Err(e)));
                 }
             }
         }
@@ -1181,7 +1221,7 @@ impl Loop {
                 Ok(t) => t,
                 Err(e) => {
                     self.scratch_layers = layers;
-                    return req.reply.reply(req.tag, Outcome::Done(Err(e)));
+                    return self.answers.send(req.reply, req.tag, Outcome::Done(Err(e)));
                 }
             };
             let end_lba = (offset + len).div_ceil(BLOCK_SIZE);
@@ -1391,8 +1431,10 @@ impl Loop {
         self.applying.insert(seq);
         let s = self.slot(i);
         if let Some(reply) = s.reply.take() {
-            reply.reply(s.tag, Outcome::Done(Ok(())));
+            let tag = s.tag;
+            self.answers.send(reply, tag, Outcome::Done(Ok(())));
         }
+        let s = self.slot(i);
         s.phase = Phase::Applying;
         s.apply_seq = seq;
         let buf = s
@@ -1989,7 +2031,7 @@ impl Loop {
         let tag = s.tag;
         self.spare.push(s);
         if let Some(reply) = reply {
-            reply.reply(tag, outcome);
+            self.answers.send(reply, tag, outcome);
         }
     }
 }

@@ -1,5 +1,5 @@
-//! The I/O thread polls under a shallow load and sleeps when idle (see
-//! `io_loop`'s module documentation). One test in its own process, so the
+//! The I/O thread polls under shallow and deep loads and sleeps when idle
+//! (see `io_loop`'s module documentation). One test in its own process, so the
 //! only `berth-io` thread is the store's under test.
 
 use std::sync::atomic::Ordering;
@@ -26,32 +26,47 @@ fn thread_ticks(name: &str) -> u64 {
     total
 }
 
-/// Writes and reads back 4 KiB blocks one at a time (queue depth 1); the
-/// store's `polled_work` counter afterwards.
-fn shallow_load(poll: Duration) -> (tempfile::TempDir, Store, u64) {
+/// Writes and reads back 4 KiB blocks, one at a time in each of `clients`
+/// threads (queue depth `clients`); the store's `polled_work` counter
+/// afterwards.
+fn load(poll: Duration, clients: u64) -> (tempfile::TempDir, Store, u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = StoreConfig::new(dir.path(), 64 << 20);
     cfg.poll = poll;
     let store = Store::create(&cfg).expect("store");
     let info = store.create_volume("v", 16 << 20).expect("volume");
     let v = store.volume_target(&info.name).expect("target");
-    for i in 0..400u64 {
-        let data = vec![(i % 251) as u8 + 1; BLOCK_SIZE as usize];
-        let offset = (i % 4096) * BLOCK_SIZE;
-        store.write(v, offset, &data, false).expect("write");
-        assert_eq!(store.read(v, offset, data.len()).expect("read"), data);
-    }
+    std::thread::scope(|s| {
+        for c in 0..clients {
+            let store = &store;
+            s.spawn(move || {
+                for i in (c..400).step_by(clients as usize) {
+                    let data = vec![(i % 251) as u8 + 1; BLOCK_SIZE as usize];
+                    let offset = i * BLOCK_SIZE;
+                    store.write(v, offset, &data, false).expect("write");
+                    assert_eq!(store.read(v, offset, data.len()).expect("read"), data);
+                }
+            });
+        }
+    });
     let polled = store.counters().polled_work.load(Ordering::Relaxed);
     (dir, store, polled)
 }
 
 #[test]
-fn a_shallow_load_is_polled_and_an_idle_store_sleeps() {
-    let (_dir, store, polled) = shallow_load(Duration::ZERO);
+fn shallow_and_deep_loads_are_polled_and_an_idle_store_sleeps() {
+    let (_dir, store, polled) = load(Duration::ZERO, 1);
     assert_eq!(polled, 0, "a zero window never polls");
     drop(store);
 
-    let (_dir, store, polled) = shallow_load(berth_store::DEFAULT_POLL);
+    let (_dir, store, polled) = load(berth_store::DEFAULT_POLL, 8);
+    assert!(
+        polled > 0,
+        "800 requests from 8 threads at once: the loop should have found some while polling"
+    );
+    drop(store);
+
+    let (_dir, store, polled) = load(berth_store::DEFAULT_POLL, 1);
     assert!(
         polled > 0,
         "800 requests one at a time: the loop should have found some while polling"

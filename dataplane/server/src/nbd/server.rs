@@ -728,6 +728,12 @@ impl Reply for ConnReply {
             conn.done.push(Completion::Store(tag, outcome));
         }
     }
+
+    fn flush(&self) {
+        if let Some(conn) = self.0.upgrade() {
+            conn.flush_direct();
+        }
+    }
 }
 
 struct Conn {
@@ -759,16 +765,19 @@ struct Conn {
 
 /// Replies the store's I/O thread sends itself, without waking the writer.
 ///
-/// A request's reply is sent by the thread that finishes it, the moment it
-/// finishes, when nothing else is on the wire: the writer task is not
-/// sending, nothing waits in its queue, and no earlier direct reply is
-/// half-sent. The send never blocks (`MSG_DONTWAIT`): whatever the socket does
-/// not take right away is kept here and the writer sends it first, so a client
-/// that stops reading holds no thread, and other volumes on the same I/O
-/// thread never wait for it. Read payloads above [`DIRECT_MAX_BYTES`] are left
-/// to the writer, so the I/O thread copies little. Saves a thread wake-up per
-/// request: see `docs/pod-path.md`, "NBD: replies from the I/O thread, and a
-/// polling reader".
+/// A request's reply is sent by the thread that finishes it when nothing
+/// else is on the wire: the writer task is not sending, nothing waits in its
+/// queue, and no earlier direct reply is half-sent. The thread stages the
+/// replies of one turn of its loop here and sends them together when the
+/// store flushes the turn ([`Reply::flush`]): one `sendmsg`, and one wake-up
+/// of the client, for the turn rather than one per reply. The send never
+/// blocks (`MSG_DONTWAIT`): whatever the socket does not take right away is
+/// kept here and the writer sends it first, so a client that stops reading
+/// holds no thread, and other volumes on the same I/O thread never wait for
+/// it. Read payloads above [`DIRECT_MAX_BYTES`] are left to the writer, so
+/// the I/O thread copies little. Saves a thread wake-up per request: see
+/// `docs/pod-path.md`, "NBD: replies from the I/O thread, and a polling
+/// reader".
 struct Wire {
     /// The writer task is sending: replies go to its queue.
     busy: bool,
@@ -777,20 +786,28 @@ struct Wire {
     closed: bool,
     /// The end of a reply that a direct send left unsent.
     rest: Vec<u8>,
-    /// The payload units that reply held (and its slot, while `rest` is not
-    /// empty): they stay counted against the connection's and the node's
-    /// budgets until it is sent, as any reply the client has not taken yet.
+    /// The payload units and slots the replies in `rest` held: they stay
+    /// counted against the connection's and the node's budgets until they
+    /// are sent, as any reply the client has not taken yet.
     rest_units: u32,
-    /// Scratch for encoding one reply.
-    scratch: Batch,
+    rest_slots: u32,
+    /// Replies staged in this turn of the I/O loop, not sent yet; the writer
+    /// takes them if it starts sending first.
+    staged: Batch,
+    /// The read payload bytes in `staged`.
+    staged_bytes: usize,
 }
 
 /// The largest read payload the I/O thread sends itself.
 const DIRECT_MAX_BYTES: usize = 128 << 10;
+/// Staged read payloads past which the I/O thread sends at once rather than
+/// at the end of its turn: what the socket does not take is copied.
+const STAGED_MAX_BYTES: usize = 256 << 10;
 
 impl Conn {
-    /// Sends a finished request's reply on the calling thread if the wire is
-    /// free (see [`Wire`]); gives the outcome back if the writer must.
+    /// Stages a finished request's reply to be sent by the calling thread
+    /// if the wire is free (see [`Wire`]); gives the outcome back if the
+    /// writer must send it.
     fn send_direct(&self, tag: u64, outcome: Outcome) -> Option<Outcome> {
         let Some(fd) = self.direct_fd else {
             return Some(outcome);
@@ -803,44 +820,66 @@ impl Conn {
         if w.busy || w.closed || !w.rest.is_empty() || !self.done.queue.lock().is_empty() {
             return Some(outcome);
         }
-        let b = &mut w.scratch;
-        b.headers.clear();
-        b.data_at.clear();
+        if let Outcome::Read(Ok(d)) = &outcome {
+            w.staged_bytes += d.len;
+        }
         encode(
             self,
             &mut self.done.pending.lock(),
             Completion::Store(tag, outcome),
-            b,
+            &mut w.staged,
         );
-        // Its header, its payload if it is a read's, and (for a structured
-        // read that failed) nothing after: at most three pieces.
-        let split = b.data_at.first().copied().unwrap_or(b.headers.len());
-        let payload = b.reads.first().map_or(&[][..], ReadDone::bytes);
-        let parts = [&b.headers[..split], payload, &b.headers[split..]];
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let iov = parts.map(IoSlice::new);
+        // Staged replies are at most two pieces a read (its header run and
+        // its payload) and a last header run. Room for one more reply in a
+        // `sendmsg`, and few bytes to copy if the socket is full: otherwise
+        // it all goes now.
+        if (w.staged.reads.len() + 1) * 2 + 1 > IOVECS || w.staged_bytes >= STAGED_MAX_BYTES {
+            self.send_staged(fd, w);
+        }
+        None
+    }
+
+    /// Sends the replies the I/O thread staged (see [`Wire`]).
+    fn flush_direct(&self) {
+        if let Some(fd) = self.direct_fd {
+            self.send_staged(fd, &mut self.wire.lock());
+        }
+    }
+
+    fn send_staged(&self, fd: RawFd, w: &mut Wire) {
+        if w.staged.headers.is_empty() {
+            return;
+        }
+        let b = &mut w.staged;
+        let mut iov = [IoSlice::new(&[]); IOVECS];
+        let mut n = 0;
+        for p in b.pieces() {
+            iov[n] = IoSlice::new(p);
+            n += 1;
+        }
+        let total: usize = iov[..n].iter().map(|p| p.len()).sum();
         let flags =
             nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL;
         // The descriptor is open: the writer closes the socket only after
-        // setting `closed` under this lock, which is held.
+        // setting `closed` under the wire's lock, which is held.
         let sent = loop {
-            match nix::sys::socket::sendmsg::<()>(fd, &iov, &[], flags, None) {
+            match nix::sys::socket::sendmsg::<()>(fd, &iov[..n], &[], flags, None) {
                 Err(nix::Error::EINTR) => continue,
                 Err(nix::Error::EAGAIN) => break Ok(0),
                 r => break r,
             }
         };
         match sent {
-            Ok(n) if n == total => {}
-            Ok(mut n) => {
+            Ok(k) if k == total => {}
+            Ok(mut k) => {
                 // The socket is full: the writer sends the rest, first.
-                for p in parts {
-                    let skip = n.min(p.len());
+                for p in b.pieces() {
+                    let skip = k.min(p.len());
                     w.rest.extend_from_slice(&p[skip..]);
-                    n -= skip;
+                    k -= skip;
                 }
                 w.rest_units = std::mem::take(&mut b.release_units);
-                b.release_slots = 0;
+                w.rest_slots = std::mem::take(&mut b.release_slots);
                 self.done.ready.notify_one();
             }
             Err(e) => {
@@ -851,14 +890,14 @@ impl Conn {
                 self.broken.cancel();
             }
         }
-        b.reads.clear();
+        b.clear();
+        w.staged_bytes = 0;
         self.release(b);
         // The writer ends once the reader has and every request is
         // answered: it must look again after the last answer.
         if self.reader_done.load(Ordering::SeqCst) {
             self.done.ready.notify_one();
         }
-        None
     }
 
     /// Gives back the budgets a batch's requests held, once their replies are
@@ -957,7 +996,9 @@ async fn transmission<R, W>(
             closed: false,
             rest: Vec::new(),
             rest_units: 0,
-            scratch: Batch::new(1),
+            rest_slots: 0,
+            staged: Batch::new(IOVECS / 2),
+            staged_bytes: 0,
         }),
         replier: Arc::new(ConnReply(me.clone())),
     });
@@ -1419,6 +1460,38 @@ struct Batch {
 }
 
 impl Batch {
+    /// The batch's bytes in order: the headers, each read's payload after
+    /// the header that announces it.
+    fn pieces(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let tail = self.data_at.last().copied().unwrap_or(0);
+        (0..self.data_at.len())
+            .flat_map(move |k| {
+                let from = if k == 0 { 0 } else { self.data_at[k - 1] };
+                [&self.headers[from..self.data_at[k]], self.reads[k].bytes()]
+            })
+            .chain(std::iter::once(&self.headers[tail..]))
+            .filter(|p| !p.is_empty())
+    }
+
+    /// Moves `other`'s replies (and the budgets they hold) to the end of
+    /// this batch.
+    fn take(&mut self, other: &mut Batch) {
+        let base = self.headers.len();
+        self.headers.append(&mut other.headers);
+        self.data_at
+            .extend(other.data_at.drain(..).map(|d| d + base));
+        self.reads.append(&mut other.reads);
+        self.release_units += std::mem::take(&mut other.release_units);
+        self.release_slots += std::mem::take(&mut other.release_slots);
+    }
+
+    /// Forgets the replies (not the budgets: see [`Conn::release`]).
+    fn clear(&mut self) {
+        self.headers.clear();
+        self.data_at.clear();
+        self.reads.clear();
+    }
+
     /// Room for `n` replies.
     fn new(n: usize) -> Batch {
         Batch {
@@ -1436,19 +1509,20 @@ async fn writer<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut wr: W) {
     let mut b = Batch::new(MAX_INFLIGHT);
     let mut broken = false;
     loop {
-        b.headers.clear();
-        b.data_at.clear();
         let idle = {
             let mut w = conn.wire.lock();
             std::mem::swap(&mut *conn.done.queue.lock(), &mut b.local);
-            let idle = b.local.is_empty() && w.rest.is_empty();
+            let idle = b.local.is_empty() && w.rest.is_empty() && w.staged.headers.is_empty();
             if !idle {
                 // The end of a half-sent direct reply leaves first.
                 if !w.rest.is_empty() {
                     b.headers.append(&mut w.rest);
                     b.release_units += std::mem::take(&mut w.rest_units);
-                    b.release_slots += 1;
+                    b.release_slots += std::mem::take(&mut w.rest_slots);
                 }
+                // Replies staged but not flushed yet: the writer sends them.
+                b.take(&mut w.staged);
+                w.staged_bytes = 0;
                 w.busy = true;
             } else if conn.reader_done.load(Ordering::SeqCst) && conn.done.pending.lock().is_empty()
             {
@@ -1493,7 +1567,7 @@ async fn writer<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut wr: W) {
             w.busy = false;
             w.closed |= broken;
         }
-        b.reads.clear();
+        b.clear();
         conn.release(&mut b);
     }
     let _ = wr.flush().await;
@@ -1508,23 +1582,12 @@ const IOVECS: usize = 64;
 async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, b: &Batch) -> std::io::Result<()> {
     let mut iov = [IoSlice::new(&[]); IOVECS];
     let mut n = 0;
-    let mut start = 0;
-    for (k, &end) in b.data_at.iter().enumerate() {
-        if n + 2 > IOVECS {
-            write_all_vectored(wr, &mut iov[..n]).await?;
-            n = 0;
-        }
-        iov[n] = IoSlice::new(&b.headers[start..end]);
-        iov[n + 1] = IoSlice::new(b.reads[k].bytes());
-        n += 2;
-        start = end;
-    }
-    if start < b.headers.len() {
+    for p in b.pieces() {
         if n == IOVECS {
             write_all_vectored(wr, &mut iov[..n]).await?;
             n = 0;
         }
-        iov[n] = IoSlice::new(&b.headers[start..]);
+        iov[n] = IoSlice::new(p);
         n += 1;
     }
     write_all_vectored(wr, &mut iov[..n]).await?;
