@@ -794,8 +794,6 @@ struct Wire {
     /// Replies staged in this turn of the I/O loop, not sent yet; the writer
     /// takes them if it starts sending first.
     staged: Batch,
-    /// The read payload bytes in `staged`.
-    staged_bytes: usize,
 }
 
 /// The largest read payload the I/O thread sends itself.
@@ -820,9 +818,6 @@ impl Conn {
         if w.busy || w.closed || !w.rest.is_empty() || !self.done.queue.lock().is_empty() {
             return Some(outcome);
         }
-        if let Outcome::Read(Ok(d)) = &outcome {
-            w.staged_bytes += d.len;
-        }
         encode(
             self,
             &mut self.done.pending.lock(),
@@ -833,7 +828,10 @@ impl Conn {
         // its payload) and a last header run. Room for one more reply in a
         // `sendmsg`, and few bytes to copy if the socket is full: otherwise
         // it all goes now.
-        if (w.staged.reads.len() + 1) * 2 + 1 > IOVECS || w.staged_bytes >= STAGED_MAX_BYTES {
+        let staged = &w.staged.reads;
+        if (staged.len() + 1) * 2 + 1 > IOVECS
+            || staged.iter().map(|r| r.len).sum::<usize>() >= STAGED_MAX_BYTES
+        {
             self.send_staged(fd, w);
         }
         None
@@ -891,7 +889,6 @@ impl Conn {
             }
         }
         b.clear();
-        w.staged_bytes = 0;
         self.release(b);
         // The writer ends once the reader has and every request is
         // answered: it must look again after the last answer.
@@ -998,7 +995,6 @@ async fn transmission<R, W>(
             rest_units: 0,
             rest_slots: 0,
             staged: Batch::new(IOVECS / 2),
-            staged_bytes: 0,
         }),
         replier: Arc::new(ConnReply(me.clone())),
     });
@@ -1522,7 +1518,6 @@ async fn writer<W: AsyncWrite + Unpin>(conn: Arc<Conn>, mut wr: W) {
                 }
                 // Replies staged but not flushed yet: the writer sends them.
                 b.take(&mut w.staged);
-                w.staged_bytes = 0;
                 w.busy = true;
             } else if conn.reader_done.load(Ordering::SeqCst) && conn.done.pending.lock().is_empty()
             {
